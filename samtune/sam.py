@@ -1,0 +1,557 @@
+"""Sharpness-Aware Minimization as a `torch.optim` optimizer, and the training step that owns SAM's
+two passes, m-sharpness included.
+
+Follows Foret et al. 2020, "Sharpness-Aware Minimization for Efficiently Improving
+Generalization" (arXiv 2010.01412) and, for `adaptive=True`, Kwon et al. 2021, "ASAM" (arXiv
+2102.11600):
+
+    eps = rho * g / ||g||_2                          (SAM)
+    eps = rho * T^2 g / ||T g||_2,  T = |w| + eta    (ASAM)
+
+then the base optimizer updates `w` with the gradient taken at `w + eps`.
+
+m-sharpness (Foret et al., section 4.1): the batch is cut into disjoint groups of `m` examples,
+each group gets its own `eps` from its own gradient, and the second-pass gradients are averaged.
+Under `DistributedDataParallel` the first pass runs inside `no_sync()`, so every worker perturbs
+with its own gradient (m = per-worker batch) at no extra communication; only the second pass
+all-reduces.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+__all__ = ["SAM", "sam_step"]
+
+# Keeps eps finite when a gradient is exactly zero (e.g. a dead network); small against any real
+# gradient norm.
+_NORM_FLOOR = 1e-12
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM / ASAM around any base optimizer.
+
+    Args:
+        params: parameters or parameter groups, as for any optimizer. Groups may set their own
+            `rho` and `adaptive`; every other key is the base optimizer's (lr, momentum, ...).
+        base_optimizer: the optimizer class that takes the actual step (`torch.optim.SGD` ...).
+        rho: radius of the perturbation ball, >= 0. `rho == 0` is exactly the base optimizer.
+        adaptive: ASAM, the ball is scaled by `|w| + eta` per coordinate.
+        eta: ASAM's offset that keeps zero weights perturbable, > 0.
+        perturb_weight_decay: whether the ascent direction includes the weight-decay term
+            `weight_decay * w`. Off by default: the base optimizer applies weight decay, and the
+            perturbation follows the data loss only (as in Foret et al.'s implementation).
+        **base_kwargs: passed to `base_optimizer`.
+
+    The base optimizer shares `param_groups` with this object, so LR schedulers attached to the
+    SAM optimizer drive the base one. `state_dict()` is the base optimizer's state plus the
+    groups' `rho`/`adaptive`; the perturbation itself only lives between `first_step` and
+    `second_step` and is not saved.
+
+    Raises:
+        ValueError: `rho < 0`, or `eta <= 0` with `adaptive=True`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        perturb_weight_decay: bool = False,
+        **base_kwargs,
+    ) -> None:
+        _check_rho(rho)
+        if adaptive and not eta > 0:
+            raise ValueError(f"eta must be > 0 for adaptive SAM (ASAM), got eta={eta!r}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise ValueError(
+                f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, "
+                f"got {base_optimizer!r}"
+            )
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_rho(group["rho"])
+        self.perturb_weight_decay = perturb_weight_decay
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of dicts for both: schedulers and users edit it once.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._perturbed = False
+
+    # -- the algorithm ---------------------------------------------------------------------
+
+    @property
+    def takes_two_passes(self) -> bool:
+        """False when every group has `rho == 0`: then SAM is the base optimizer, one pass."""
+        return any(group["rho"] > 0 for group in self.param_groups)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move every parameter with a gradient from `w` to `w + eps` (global L2 norm)."""
+        groups = self._groups_with_grads()
+        if not groups:
+            return
+        directions = [self._ascent_direction(group, params) for group, params in groups]
+        # One norm over all groups, as in the paper; one device sync at most, no .item().
+        norms = [n for _, scaled in directions for n in torch._foreach_norm(scaled)]
+        device = norms[0].device
+        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        for (group, params), (raw, scaled) in zip(groups, directions):
+            saved, eps = self._buffers(params)
+            torch._foreach_copy_(saved, params)
+            # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||. A non-finite
+            # norm (fp16 overflow) gives eps = 0 so the step degrades to the base optimizer's.
+            scale = torch.where(
+                torch.isfinite(grad_norm), group["rho"] / (grad_norm + _NORM_FLOOR), 0.0
+            )
+            torch._foreach_copy_(eps, scaled)
+            if group["adaptive"]:
+                torch._foreach_mul_(eps, self._adaptive_scale(group, params))
+            torch._foreach_mul_(eps, [scale.to(p.device) for p in params])
+            torch._foreach_add_(params, eps)
+            del raw
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to `w` exactly (restored, not subtracted) and let the base optimizer step with
+        the gradient taken at `w + eps`."""
+        if self._perturbed:
+            for group, params in self._groups_with_grads(require_buffers=True):
+                saved, _ = self._buffers(params)
+                torch._foreach_copy_(params, saved)
+            self._perturbed = False
+        self.base_optimizer.step()
+        # LR schedulers check this flag, which their wrapper of `step()` sets; SAM steps through
+        # `second_step`, so it says the same thing here.
+        self._opt_called = True  # type: ignore[attr-defined]
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """The full SAM step, like any PyTorch optimizer.
+
+        `closure` must zero the gradients, compute the loss, call `backward()` and return the
+        loss; it is called at `w` and again at `w + eps`. The loss at `w` is returned. Without a
+        closure only the base step is possible, which is what `rho == 0` means.
+
+        Raises:
+            ValueError: no closure while some group has `rho > 0`.
+        """
+        if not self.takes_two_passes:
+            return self.base_optimizer_step(closure)
+        if closure is None:
+            raise ValueError(
+                "SAM.step() needs a closure (zero_grad, forward, backward, return loss) when "
+                "rho > 0: the gradient at w + eps is a second pass. Or call first_step() and "
+                "second_step() around your own second pass, or use samtune.sam_step()."
+            )
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def base_optimizer_step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One plain step of the base optimizer (the `rho == 0` path): bit-identical to it."""
+        loss = self.base_optimizer.step(closure)
+        self._opt_called = True  # type: ignore[attr-defined]
+        return loss
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        # The base optimizer rebuilt its group dicts; share them again.
+        self.param_groups = self.base_optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _groups_with_grads(self, require_buffers: bool = False) -> list[tuple[dict, list[Tensor]]]:
+        out = []
+        for group in self.param_groups:
+            if require_buffers:
+                params = [p for p in group["params"] if "sam_w" in self.state.get(p, {})]
+            else:
+                params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                out.append((group, params))
+        return out
+
+    def _ascent_direction(self, group: dict, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(g, T g): the gradient used for eps and its scaled form whose norm normalises eps."""
+        grads = [p.grad for p in params]
+        if self.perturb_weight_decay and group.get("weight_decay", 0):
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        if group["adaptive"]:
+            return grads, torch._foreach_mul(grads, self._adaptive_scale(group, params))
+        return grads, grads
+
+    @staticmethod
+    def _adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor]:
+        scale = torch._foreach_abs(params)
+        torch._foreach_add_(scale, group["eta"])
+        return scale
+
+    def _buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-parameter buffers for `w` and `eps`, allocated once and reused every step."""
+        saved, eps = [], []
+        for p in params:
+            state = self.state[p]
+            if "sam_w" not in state:
+                state["sam_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                state["sam_eps"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            saved.append(state["sam_w"])
+            eps.append(state["sam_eps"])
+        return saved, eps
+
+
+def _check_rho(rho: float) -> None:
+    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
+        raise ValueError(f"rho must be a number >= 0 (the radius of the SAM ball), got rho={rho!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step
+# ---------------------------------------------------------------------------------------------
+
+
+def sam_step(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    m: int | None = None,
+    *,
+    sync_perturbation: bool = False,
+    perturbation_group: "dist.ProcessGroup | None" = None,
+    vectorize: bool | None = None,
+    max_grad_norm: float | None = None,
+    scaler: "torch.amp.GradScaler | None" = None,
+) -> tuple[Tensor, Tensor]:
+    """One training step with SAM's two passes (or one, for a plain optimizer or `rho == 0`).
+
+    Args:
+        model: the model, possibly wrapped in `DistributedDataParallel`.
+        loss_fn: a mean-reduced loss `loss_fn(logits, targets)`.
+        inputs, targets: the local (per-worker) batch.
+        optimizer: a `SAM`, or any other optimizer (then this is a plain step).
+        m: m-sharpness group size. `None` or the local batch size: one perturbation from the
+            whole local batch. A divisor of the local batch: one perturbation per group of `m`.
+        sync_perturbation: under DDP, all-reduce the first gradient too (classic SAM with
+            m = global batch). By default each worker perturbs with its own gradient.
+        perturbation_group: under DDP, all-reduce the first gradient within this process group
+            only (m = k x per-worker batch for a group of k workers).
+        vectorize: for `m` smaller than the batch, run the groups in one batched pass with
+            `torch.func.vmap` (True), one after another (False), or try vmap and fall back (None).
+        max_grad_norm: clip the gradient that the base optimizer uses (second pass).
+        scaler: an fp16 `GradScaler`. Scaling doesn't change eps (it is normalised), and the
+            gradient is unscaled once per step, on the base optimizer, so SAM's two passes do not
+            trip "unscale_() has already been called".
+
+    Returns:
+        (loss, logits) of the first pass, detached, so the caller can log accuracy without a
+        third forward.
+
+    BatchNorm running statistics advance once per step, in the first pass. With groups, each
+    group is normalised by its own batch statistics (as a worker of size m would be), and the
+    running statistics take one update with the groups' mean statistics.
+
+    Raises:
+        ValueError: `m <= 0`, or `m` not dividing the local batch size.
+    """
+    batch = inputs.shape[0]
+    m = _check_m(m, batch)
+    is_sam = isinstance(optimizer, SAM) and optimizer.takes_two_passes
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    optimizer.zero_grad(set_to_none=True)
+
+    if not is_sam:
+        logits = model(inputs)
+        loss = loss_fn(logits, targets)
+        _backward(loss, scaler)
+        _finish_step(optimizer, base, max_grad_norm, scaler, plain=True)
+        return loss.detach(), logits.detach()
+
+    if m == batch:
+        loss, logits = _whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
+                                        sync_perturbation, perturbation_group)
+    else:
+        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize,
+                                    scaler, perturbation_group if not sync_perturbation else None,
+                                    sync_all=sync_perturbation)
+    _finish_step(optimizer, base, max_grad_norm, scaler, plain=False)
+    return loss, logits
+
+
+def _check_m(m: int | None, batch: int) -> int:
+    if m is None:
+        return batch
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ValueError(f"m (the m-sharpness group size) must be a positive integer, got m={m!r}")
+    if m > batch or batch % m:
+        raise ValueError(
+            f"m={m} must divide the local batch size {batch} (each worker's batch is cut into "
+            f"groups of m examples); choose a divisor of {batch}"
+        )
+    return m
+
+
+def _backward(loss: Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
+    """Clip and step with the gradient of the last pass; unscale exactly once."""
+    if scaler is not None:
+        scaler.unscale_(base)
+    if max_grad_norm is not None:
+        params = [p for g in base.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if isinstance(optimizer, SAM):
+        if scaler is not None:
+            # The scaler steps the base optimizer (skipping it on overflow); restore w first.
+            _restore_weights(optimizer)
+            scaler.step(base)
+            optimizer._opt_called = True  # type: ignore[attr-defined]
+        elif plain:
+            optimizer.base_optimizer_step()
+        else:
+            optimizer.second_step()
+    elif scaler is not None:
+        scaler.step(base)
+    else:
+        base.step()
+    if scaler is not None:
+        scaler.update()
+
+
+@torch.no_grad()
+def _restore_weights(optimizer: SAM) -> None:
+    if optimizer._perturbed:
+        for _, params in optimizer._groups_with_grads(require_buffers=True):
+            saved, _ = optimizer._buffers(params)
+            torch._foreach_copy_(params, saved)
+        optimizer._perturbed = False
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _whole_batch_sam(model, loss_fn, inputs, targets, optimizer: SAM, scaler,
+                     sync_perturbation: bool, perturbation_group) -> tuple[Tensor, Tensor]:
+    ddp = _is_ddp(model)
+    # The forward must sit inside no_sync() too: DDP decides at forward time whether the
+    # backward all-reduces.
+    local = model.no_sync() if ddp and not sync_perturbation else contextlib.nullcontext()
+    with local:
+        logits = model(inputs)
+        loss = loss_fn(logits, targets)
+        _backward(loss, scaler)
+    if ddp and perturbation_group is not None and not sync_perturbation:
+        _all_reduce_grads(optimizer, perturbation_group)
+    optimizer.first_step(zero_grad=True)
+    with _frozen_norm_stats(model):
+        _backward(loss_fn(model(inputs), targets), scaler)
+    return loss.detach(), logits.detach()
+
+
+# -- BatchNorm statistics ----------------------------------------------------------------------
+
+
+def _norm_buffers(module: nn.Module) -> list[Tensor]:
+    return [
+        b
+        for mod in module.modules()
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
+        for b in (mod.running_mean, mod.running_var, mod.num_batches_tracked)
+        if b is not None
+    ]
+
+
+@contextlib.contextmanager
+def _frozen_norm_stats(model: nn.Module):
+    """Run a pass without advancing BatchNorm running statistics (restored exactly after)."""
+    buffers = _norm_buffers(model)
+    if not buffers:
+        yield
+        return
+    with torch.no_grad():
+        snapshot = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, snapshot)
+
+
+# -- m-sharpness: groups of m examples --------------------------------------------------------
+
+
+def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vectorize,
+                 scaler, perturbation_group, sync_all: bool) -> tuple[Tensor, Tensor]:
+    """Each group of m gets its own eps; the base step uses the mean of the groups' gradients
+    at their own perturbed weights. Runs on the unwrapped module and all-reduces by hand under
+    DDP (one flattened round), since DDP's hooks only see its own forward."""
+    module = model.module if _is_ddp(model) else model
+    groups = inputs.shape[0] // m
+    xg = inputs.reshape(groups, m, *inputs.shape[1:])
+    yg = targets.reshape(groups, m, *targets.shape[1:])
+    loss_scale = scaler.get_scale() if scaler is not None else 1.0
+    if vectorize is not False:
+        try:
+            result = _grouped_vmap(module, loss_fn, xg, yg, optimizer, loss_scale)
+        except Exception:  # an op without a batching rule: take the sequential path
+            if vectorize:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            result = _grouped_loop(module, loss_fn, xg, yg, optimizer, loss_scale)
+    else:
+        result = _grouped_loop(module, loss_fn, xg, yg, optimizer, loss_scale)
+    if _is_ddp(model):
+        _all_reduce_grads(optimizer, None)
+    return result
+
+
+def _sam_params(optimizer: SAM, module: nn.Module) -> tuple[dict[str, Tensor], list[dict]]:
+    """The module's trainable parameters by name, and the SAM group settings for each."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) in group_of}
+    return named, [group_of[id(p)] for p in named.values()]
+
+
+def _group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
+               optimizer: SAM) -> list[Tensor]:
+    """eps per group from per-group gradients stacked on dim 0: [G, *p.shape] each."""
+    groups = grads[0].shape[0]
+    directions = []
+    for g, p, s in zip(grads, params, settings):
+        if optimizer.perturb_weight_decay and s.get("weight_decay", 0):
+            g = g + s["weight_decay"] * p.detach()
+        if s["adaptive"]:
+            t = p.detach().abs() + s["eta"]
+            directions.append((g * t, t))
+        else:
+            directions.append((g, None))
+    norm_sq = sum(d.reshape(groups, -1).pow(2).sum(1) for d, _ in directions)
+    norm = norm_sq.sqrt()
+    eps = []
+    for (d, t), s in zip(directions, settings):
+        scale = torch.where(torch.isfinite(norm), s["rho"] / (norm + _NORM_FLOOR), 0.0)
+        e = d * scale.reshape(groups, *([1] * (d.dim() - 1)))
+        eps.append(e * t if t is not None else e)
+    return eps
+
+
+def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[Tensor, Tensor]:
+    named, settings = _sam_params(optimizer, module)
+    names = list(named)
+    params = [named[n].detach() for n in names]
+    frozen = {n: p.detach() for n, p in module.named_parameters() if n not in named}
+    buffers = dict(module.named_buffers())
+    groups = xg.shape[0]
+    norm_names = [n for n, b in buffers.items() if _is_norm_stat(module, n)]
+
+    def group_loss(trainable, group_buffers, x, y):
+        out = functional_call(module, ({**trainable, **frozen}, {**buffers, **group_buffers}), (x,))
+        return loss_fn(out, y), (out, group_buffers)
+
+    # First pass: a gradient per group at w. BatchNorm buffers go in as per-group copies so each
+    # group updates its own; they are merged into one update below.
+    stacked = {n: buffers[n].unsqueeze(0).repeat(groups, *([1] * buffers[n].dim())) for n in norm_names}
+    first = vmap(grad_and_value(group_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")
+    grads, (losses, (logits, new_buffers)) = first(dict(zip(names, params)), stacked, xg, yg)
+    with torch.no_grad():
+        for n in norm_names:
+            merged = new_buffers[n].float().mean(0) if buffers[n].is_floating_point() else buffers[n] + 1
+            buffers[n].copy_(merged.to(buffers[n].dtype))
+    eps = _group_eps([grads[n] for n in names], params, settings, optimizer)
+
+    # Second pass: the summed loss of all groups at their own w + eps_g has, as gradient with
+    # respect to the shared w, the sum of the groups' gradients: one ordinary backward.
+    live = [named[n] for n in names]
+    perturbed = {n: p.unsqueeze(0) + e for n, p, e in zip(names, live, eps)}
+    throwaway = {n: buffers[n].unsqueeze(0).repeat(groups, *([1] * buffers[n].dim())) for n in norm_names}
+    second = vmap(lambda w, b, x, y: group_loss(w, b, x, y)[0], in_dims=(0, 0, 0, 0), randomness="different")
+    (second(perturbed, throwaway, xg, yg).mean() * loss_scale).backward()
+    return losses.mean().detach(), logits.reshape(-1, *logits.shape[2:]).detach()
+
+
+def _is_norm_stat(module: nn.Module, buffer_name: str) -> bool:
+    owner_name, _, leaf = buffer_name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return isinstance(owner, nn.modules.batchnorm._NormBase) and leaf in (
+        "running_mean", "running_var", "num_batches_tracked")
+
+
+def _grouped_loop(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[Tensor, Tensor]:
+    """The same computation one group at a time: for models vmap cannot batch."""
+    named, settings = _sam_params(optimizer, module)
+    live = list(named.values())
+    groups = xg.shape[0]
+    norm_stats = _norm_buffers(module)
+    with torch.no_grad():
+        start = [b.clone() for b in norm_stats]
+        stat_sum = [torch.zeros_like(b, dtype=torch.float64) for b in norm_stats]
+    per_group_grads: list[list[Tensor]] = []
+    losses, logits = [], []
+    for j in range(groups):
+        with torch.no_grad():
+            if norm_stats:
+                torch._foreach_copy_(norm_stats, start)
+        out = module(xg[j])
+        loss = loss_fn(out, yg[j])
+        g = torch.autograd.grad(loss, live, allow_unused=True)
+        per_group_grads.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, live)])
+        losses.append(loss.detach())
+        logits.append(out.detach())
+        with torch.no_grad():
+            for acc, b in zip(stat_sum, norm_stats):
+                acc += b
+    with torch.no_grad():
+        # One update of the running statistics with the groups' mean statistics.
+        for b, acc, b0 in zip(norm_stats, stat_sum, start):
+            b.copy_((acc / groups).to(b.dtype) if b.is_floating_point() else b0 + 1)
+    stacked = [torch.stack([g[i] for g in per_group_grads]) for i in range(len(live))]
+    eps = _group_eps(stacked, [p.detach() for p in live], settings, optimizer)
+    with torch.no_grad():
+        saved = [p.clone() for p in live]
+    with _frozen_norm_stats(module):
+        for j in range(groups):
+            with torch.no_grad():
+                torch._foreach_add_(live, [e[j] for e in eps])
+            (loss_fn(module(xg[j]), yg[j]) * (loss_scale / groups)).backward()
+            with torch.no_grad():
+                torch._foreach_copy_(live, saved)
+    return torch.stack(losses).mean(), torch.cat(logits)
+
+
+def _all_reduce_grads(optimizer: SAM, group) -> None:
+    """Average the gradients across a process group in one flattened all-reduce."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
