@@ -1,0 +1,204 @@
+"""Scenarios: what a trial trains on (data, splits, label noise) and where its weights start.
+
+A scenario turns a flat trial config into a `Scenario`: tensors already split, noisy where the
+study says so, with the normalisation and the starting weights that go with them.
+
+``label_noise`` (default): a fraction of the training labels is replaced, as in the label-noise
+experiments of the SAM paper (Foret et al., 2020) and of Han et al. (2018, co-teaching):
+
+- ``symmetric``: a flipped label becomes a uniformly random *other* class;
+- ``pairflip``: a flipped label ``c`` becomes ``(c + 1) mod num_classes``.
+
+Exactly ``round(rate * n)`` labels flip; which ones and to what is fixed by the seed. The
+validation split is drawn from the noisy training set (model selection sees only what a user with
+noisy data would see); the test set stays clean.
+
+Config keys read (defaults in brackets):
+``dataset``, ``data_root`` [None], ``data_subset`` [None: all training examples; else that many,
+drawn at random before the validation split], ``test_subset`` [None: whole test set],
+``scenario`` ["label_noise"], ``label_noise_rate`` [0.0], ``label_noise_kind`` ["symmetric"],
+``val_fraction`` [0.1], ``augment`` [None: on for images of 32x32 and larger], ``seed`` [0],
+``data_seed`` [``seed``: fixes the subset, the noise and the validation split; set it apart from
+``seed`` to vary model initialisation over one fixed noisy dataset].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from samtune.data import Dataset, load_dataset
+from samtune.models import build_model as _build_model
+
+__all__ = [
+    "NOISE_KINDS",
+    "SCENARIOS",
+    "apply_label_noise",
+    "Scenario",
+    "build_scenario",
+]
+
+NOISE_KINDS = ("symmetric", "pairflip")
+SCENARIOS = ("label_noise", "finetune")
+
+# Fixed offsets mixed into the data seed so the subset, the noise and the validation split draw
+# independent streams from one seed.
+_SUBSET_STREAM, _NOISE_STREAM, _VAL_STREAM, _TEST_STREAM = 101, 202, 303, 404
+
+
+def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str = "symmetric",
+                      seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Flip exactly ``round(rate * len(labels))`` labels; return ``(noisy_labels, flipped_indices)``.
+
+    ``symmetric``: each flipped label moves to a uniformly random class other than its own.
+    ``pairflip``: label ``c`` moves to ``(c + 1) % num_classes``. Either way every index in
+    ``flipped_indices`` (int64, ascending) holds a label different from the input, and every other
+    label is unchanged. Same inputs and seed, same output. ``labels`` is not modified.
+    Raises ValueError for a rate outside [0, 1], an unknown kind, fewer than 2 classes, or
+    labels outside ``0..num_classes-1``.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown label noise kind {kind!r}; expected one of {NOISE_KINDS}")
+    labels = labels.to(torch.int64)
+    n = labels.numel()
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    count = round(rate * n)
+    if count and num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
+    gen = torch.Generator().manual_seed(int(seed))
+    flipped = torch.randperm(n, generator=gen)[:count].sort().values
+    noisy = labels.clone()
+    if kind == "symmetric":
+        # An offset in 1..C-1 is uniform over the other classes and never lands on the true one.
+        offset = torch.randint(1, num_classes, (count,), generator=gen) if count else flipped
+        noisy[flipped] = (labels[flipped] + offset) % num_classes
+    else:
+        noisy[flipped] = (labels[flipped] + 1) % num_classes
+    return noisy, flipped
+
+
+@dataclass
+class Scenario:
+    """Everything a trial needs, split and on CPU.
+
+    ``train_y`` holds the (possibly noisy) labels trained on, ``train_y_true`` the clean ones;
+    ``val_*`` comes from the noisy training set, ``test_*`` is clean. Images are uint8; normalise
+    with ``samtune.data.to_float(x, mean, std)``.
+    """
+
+    name: str
+    cell: str
+    train_x: Tensor
+    train_y: Tensor
+    train_y_true: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    initial_state: dict[str, Tensor] | None = None
+    classes: list[str] = field(default_factory=list)
+    freeze_bn: bool = False
+    backbone_lr_scale: float = 1.0
+
+    def build_model(self, model: str, norm: str = "batch") -> nn.Module:
+        """Build ``model`` for this scenario's classes and input shape, starting weights loaded."""
+        return _build_model(model, self.num_classes, self.input_shape, norm)
+
+
+def _subset_indices(n: int, size: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def _cell_label(config: dict[str, Any]) -> str:
+    rate = float(config.get("label_noise_rate", 0.0) or 0.0)
+    kind = config.get("label_noise_kind", "symmetric")
+    return f"noise={rate:g}" if kind == "symmetric" else f"noise={rate:g} {kind}"
+
+
+def build_scenario(config: dict[str, Any]) -> Scenario:
+    """Build the trial's data (and starting weights) from a trial config; keys in the module doc.
+
+    Raises ValueError for an unknown scenario or out-of-range values (``val_fraction`` not in
+    [0, 1), ``data_subset`` not positive), and whatever ``load_dataset`` raises for missing data.
+    """
+    kind = config.get("scenario", "label_noise") or "label_noise"
+    if kind not in SCENARIOS:
+        raise ValueError(f"unknown scenario {kind!r}; expected one of {SCENARIOS}")
+    if "dataset" not in config:
+        raise ValueError("trial config needs a 'dataset' (e.g. 'digits', 'cifar10')")
+    dataset = load_dataset(config["dataset"], config.get("data_root"))
+    return _split(dataset, config, name=kind, cell=_cell_label(config))
+
+
+def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str,
+           initial_state: dict[str, Tensor] | None = None) -> Scenario:
+    """Subset -> label noise -> validation split, all seeded by the data seed."""
+    seed = int(config.get("seed", 0) or 0)
+    data_seed = seed if config.get("data_seed") is None else int(config["data_seed"])
+    val_fraction = 0.1 if config.get("val_fraction") is None else float(config["val_fraction"])
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+    x, y = dataset.train_x, dataset.train_y
+    subset = config.get("data_subset")
+    if subset is not None:
+        subset = int(subset)
+        if subset < 1:
+            raise ValueError(f"data_subset must be a positive number of training examples, got {subset}")
+        if subset < len(y):
+            idx = _subset_indices(len(y), subset, data_seed * 1000 + _SUBSET_STREAM)
+            x, y = x[idx], y[idx]
+    test_x, test_y = dataset.test_x, dataset.test_y
+    test_subset = config.get("test_subset")
+    if test_subset is not None and int(test_subset) < len(test_y):
+        if int(test_subset) < 1:
+            raise ValueError(f"test_subset must be positive, got {test_subset}")
+        idx = _subset_indices(len(test_y), int(test_subset), data_seed * 1000 + _TEST_STREAM)
+        test_x, test_y = test_x[idx], test_y[idx]
+
+    rate = float(config.get("label_noise_rate", 0.0) or 0.0)
+    noise_kind = config.get("label_noise_kind", "symmetric") or "symmetric"
+    noisy, _ = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
+                                 seed=data_seed * 1000 + _NOISE_STREAM)
+
+    n_val = round(val_fraction * len(y))
+    if n_val >= len(y):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {len(y)}")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed * 1000 + _VAL_STREAM))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+
+    augment = config.get("augment")
+    if augment is None:
+        # Crop+flip is the CIFAR convention; on 8x8 digits a 4-pixel shift or a mirror changes
+        # the digit, so small images train without it unless asked.
+        augment = min(dataset.input_shape[1:]) >= 32
+    return Scenario(
+        name=name,
+        cell=cell,
+        train_x=x[train_idx].contiguous(),
+        train_y=noisy[train_idx].contiguous(),
+        train_y_true=y[train_idx].contiguous(),
+        val_x=x[val_idx].contiguous(),
+        val_y=noisy[val_idx].contiguous(),
+        test_x=test_x.contiguous(),
+        test_y=test_y.contiguous(),
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        mean=dataset.mean,
+        std=dataset.std,
+        augment=bool(augment),
+        initial_state=initial_state,
+        classes=list(dataset.classes),
+    )
