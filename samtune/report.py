@@ -6,8 +6,9 @@ Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtu
 per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
 
 Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
-docstring's first line is the view's title, the rest of that paragraph its caption, and an
-optional module constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
+docstring's first line is the view's title, the first paragraph of text after it (on the next
+line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
+constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
 view; nothing else is edited. Where the views are looked for, first hit wins:
 
 1. the `dashboards_dir` argument of `build` (a user's own views),
@@ -530,13 +531,11 @@ def discover_views(dashboards_dir: str | Path | None = None) -> list[ViewSpec]:
         function = getattr(module, "view", None)
         if not callable(function):
             raise ReportError(f"view file {path} defines no function view(runs) -> View")
-        doc = (module.__doc__ or path.stem).strip()
-        paragraph = doc.split("\n\n", 1)[0]
-        title, _, caption = paragraph.partition("\n")
+        title, caption = _title_and_caption(module.__doc__ or path.stem)
         specs.append(ViewSpec(
             name=path.stem,
-            title=title.strip().rstrip("."),
-            caption=" ".join(caption.split()),
+            title=title,
+            caption=caption,
             order=int(getattr(module, "ORDER", 100)),
             path=path,
             function=function,
@@ -544,6 +543,15 @@ def discover_views(dashboards_dir: str | Path | None = None) -> list[ViewSpec]:
     if not specs:
         raise ReportError(f"views folder {folder} holds no view file (*.py)")
     return sorted(specs, key=lambda s: (s.order, s.name))
+
+
+def _title_and_caption(doc: str) -> tuple[str, str]:
+    """A view docstring's first line (its final period dropped) and the first paragraph after
+    it, joined into one line; "" where there is no such paragraph."""
+    title, _, rest = doc.strip().partition("\n")
+    paragraphs = [p for p in re.split(r"\n\s*\n", rest.strip()) if p.strip()]
+    caption = " ".join(paragraphs[0].split()) if paragraphs else ""
+    return title.strip().rstrip("."), caption
 
 
 def _load_module(path: Path) -> ModuleType:

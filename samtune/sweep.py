@@ -320,6 +320,11 @@ def _check_address(address: str) -> None:
         raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -337,8 +342,8 @@ def _start_ray(address: str | None) -> None:
     if address:
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        except ConnectionError as exc:
-            raise SweepError(f"--address {address}: {exc}") from None
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SweepError(f"--address {address}: cannot join that Ray cluster ({_first_line(exc)})") from None
     else:
         # Explicit resources: what this machine has (or the CPUs this process may use), so Ray
         # neither over- nor under-packs trials; the dashboard, if installed, stays on localhost.
@@ -418,7 +423,10 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
         trainable,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials,
                                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
-                                    scheduler=scheduler, max_concurrent_trials=concurrent),
+                                    scheduler=scheduler, max_concurrent_trials=concurrent,
+                                    # A trial process serves the next trial: no new process and no
+                                    # torch/Ray imports per trial (seconds each on 2 cores).
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
@@ -452,14 +460,16 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     import ray
 
     sweep = plan.sweep
+    # Ray first: a cluster that cannot be joined or a trial that can never fit it leaves nothing
+    # behind that a later run would mistake for a sweep to resume.
+    _start_ray(plan.address)
+    resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     state = {"sweep": _jsonable(sweep.to_dict()), "space_file": plan.space_path,
              "tracking_uri": plan.tracking_uri, "started": time.time()}
     state_file = plan.sweep_dir / "sweep.json"
     if not state_file.exists():
         state_file.write_text(json.dumps(state, indent=2))
-    _start_ray(plan.address)
-    resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
 
     tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl")
     sweep_key = sweep.name
@@ -553,6 +563,23 @@ def _load_done_cell(plan: Plan, cell: Cell, recorder: Recorder) -> None:
     recorder.ended = len(rows)
 
 
+def load_study(sweep_dir: str | os.PathLike, cell: Cell):
+    """The Optuna study of one cell as Tune last saved it (an ``optuna.Study``), e.g. for
+    ``optuna.visualization`` or ``optuna.importance``; its trials are the cell's Tune trials, in
+    order, COMPLETE / PRUNED (stopped by ASHA) / FAIL. The space file must still exist (the
+    saved searcher refers to it). Raises FileNotFoundError when the cell never started.
+    """
+    import pickle
+
+    folder = Path(sweep_dir) / cell.slug
+    saved = sorted(folder.glob("searcher-state-*.pkl"), key=lambda f: f.stat().st_mtime)
+    if not saved:
+        raise FileNotFoundError(f"no saved Optuna searcher in {folder}: cell {cell.label} never started")
+    with open(saved[-1], "rb") as fh:
+        state = pickle.load(fh)  # noqa: S301  written by this sweep's own driver
+    return state["_ot_study"]
+
+
 def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:
     """Per cell: the best SGD and best SAM-family trial by the sweep's metric, with test error."""
     sweep = plan.sweep
@@ -581,4 +608,4 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ += ["SpaceError", "Plan", "summarize", "trial_resources"]
+__all__ += ["SpaceError", "Plan", "summarize", "trial_resources", "load_study", "AshaAwareOptunaSearch"]

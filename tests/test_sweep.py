@@ -1,6 +1,8 @@
-"""`samtune sweep` end to end on the embedded data: the MLflow layout, resume after the driver is
-interrupted or killed, a worker killed mid-trial, a diverging trial. Each test runs the real
-command in a subprocess on a real local Ray instance."""
+"""`samtune sweep`: what the driver tells Optuna and MLflow (fast, no Ray), then end to end on the
+embedded data (slow): the MLflow layout, ASHA stopping trials, resume after the driver is
+interrupted or killed, a worker killed mid-trial, a diverging trial. The end-to-end tests run the
+real command in a subprocess on a real local Ray instance."""
+import json
 import os
 import signal
 import subprocess
@@ -8,12 +10,170 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import optuna
 import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from samtune.space import Sweep
+from samtune.sweep import AshaAwareOptunaSearch, Recorder, load_study, trial_resources
+from samtune.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "noisy_digits.py"
-pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------ fast
+
+
+def searcher(epochs=4):
+    def space(trial):
+        trial.suggest_float("lr", 0.01, 0.5, log=True)
+
+    return AshaAwareOptunaSearch(space=space, metric="val_error", mode="min", epochs=epochs,
+                                 sampler=optuna.samplers.TPESampler(seed=0))
+
+
+def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=False):
+    search.suggest(trial_id)
+    result = {}
+    for epoch, value in enumerate(errors, start=1):
+        result = {"val_error": value, "epoch": epoch, "training_iteration": epoch, "diverged": 0}
+        search.on_trial_result(trial_id, result)
+    if diverged:  # the trainer's last report: the epoch that went non-finite, as a bad result
+        epoch = len(errors) + 1
+        result = {"val_error": 1.0, "epoch": epoch, "training_iteration": epoch, "diverged": 1}
+        search.on_trial_result(trial_id, result)
+    search.on_trial_complete(trial_id, result=None if error else result, error=error)
+
+
+def test_optuna_sees_an_asha_stop_as_pruned_a_divergence_as_a_bad_result_and_a_crash_as_a_failure():
+    search = searcher(epochs=4)
+    run_trial(search, "full", [0.6, 0.5, 0.4, 0.3])
+    run_trial(search, "stopped", [0.5, 0.2])        # better so far, but ASHA ended it at epoch 2
+    run_trial(search, "diverged", [0.9], diverged=True)
+    run_trial(search, "crashed", [0.7], error=True)
+    study = search._ot_study
+    by_number = {t.number: t for t in study.trials}
+    full, stopped, diverged, crashed = (by_number[i] for i in range(4))
+    assert (full.state, full.value) == (TrialState.COMPLETE, 0.3)
+    assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.2)   # its last reported epoch
+    assert (diverged.state, diverged.value) == (TrialState.COMPLETE, 1.0)
+    assert crashed.state == TrialState.FAIL
+    # The best trial is the one that ran its budget, not the one stopped early on a lower value.
+    assert study.best_trial.number == full.number
+    assert [len(t.intermediate_values) for t in (full, stopped)] == [4, 2]
+
+
+def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
+    sweep = Sweep(name="s", dataset="digits", model="mlp", epochs=2, batch_size=32, trials=6)
+    assert trial_resources(sweep, {"CPU": 2.0}) == ({"cpu": 1.0, "gpu": 0.0}, 1.0, 2)
+    assert trial_resources(sweep.replace(trials=1), {"CPU": 8.0})[2] == 1
+    assert trial_resources(sweep.replace(max_concurrent=3), {"CPU": 16.0})[2] == 3
+    assert trial_resources(sweep.replace(cpus_per_trial=0.5), {"CPU": 2.0})[2] == 4
+
+
+def fake_trial(trial_id, **params):
+    return SimpleNamespace(trial_id=trial_id, config=params)
+
+
+def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
+    sweep = Sweep(name="layout", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4,
+                  label_noise_rates=(0.0, 0.4))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, sweep.name, tmp_path / "spool.jsonl")
+    tracker.declare("layout", "layout", "sweep")
+    cell = sweep.cells()[1]
+    recorder = Recorder(sweep, cell, tracker, "layout")
+    outcomes = {"finished": [0.5, 0.4, 0.3], "stopped": [0.6], "diverged": [0.7, float("nan")]}
+    for name, errors in outcomes.items():
+        trial = fake_trial(name, **sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1}))
+        recorder.trial_start(trial)
+        for epoch, value in enumerate(errors, start=1):
+            diverged = value != value
+            recorder.trial_result(trial, {"epoch": epoch, "val_error": 1.0 if diverged else value,
+                                          "train_loss": value, "diverged": int(diverged), "done": False})
+        recorder.trial_end(trial, failed=False)
+    crashed = fake_trial("failed", **sweep.trial_config(cell, {"optimizer": "sam", "lr": 0.1, "rho": 0.1}))
+    recorder.trial_start(crashed)
+    recorder.trial_end(crashed, failed=True)
+    assert tracker.close() is None
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("layout").experiment_id])
+    by_role = {}
+    for run in runs:
+        by_role.setdefault(run.data.tags["samtune.role"], []).append(run)
+    (sweep_run,), (cell_run,) = by_role["sweep"], by_role["cell"]
+    assert cell_run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+    assert cell_run.data.tags["samtune.cell"] == "noise=0.4"
+    assert cell_run.data.params == {"scenario": "label_noise", "label_noise_rate": "0.4",
+                                    "label_noise_kind": "symmetric"}
+    trials = {r.data.tags["samtune.trial_key"].rsplit("/", 1)[1]: r for r in by_role["trial"]}
+    assert set(trials) == {"finished", "stopped", "diverged", "failed"}
+    for name, run in trials.items():
+        assert run.data.tags["samtune.status"] == name
+        assert run.data.tags["mlflow.parentRunId"] == cell_run.info.run_id
+        assert run.data.tags["samtune.trial_key"] == f"layout/{cell.slug}/{name}"
+        assert run.info.status == ("FAILED" if name == "failed" else "FINISHED")
+        assert run.data.params["label_noise_rate"] == "0.4" and run.data.params["epochs"] == "3"
+    assert trials["failed"].data.params["rho"] == "0.1"
+
+    def steps(run, key):
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+    assert steps(trials["finished"], "val_error") == [(1, 0.5), (2, 0.4), (3, 0.3)]
+    # The diverged epoch: its bad val_error and diverged=1 are logged, its NaN loss is not.
+    assert steps(trials["diverged"], "val_error") == [(1, 0.7), (2, 1.0)]
+    assert steps(trials["diverged"], "train_loss") == [(1, 0.7)]
+    assert steps(trials["diverged"], "diverged") == [(1, 0.0), (2, 1.0)]
+    assert "done" not in trials["finished"].data.metrics  # Tune's bookkeeping stays out
+
+
+class Unreachable:
+    """An MlflowClient stand-in for a tracking server that is down."""
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            raise ConnectionError("tracking server unreachable")
+        return call
+
+
+def test_records_a_driver_could_not_write_are_written_by_the_next_driver(tmp_path):
+    uri, spool = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "spool.jsonl"
+    first = Tracker(uri, "exp", spool, retry_after_s=0.0)
+    first.client = Unreachable()
+    first.declare("exp", "exp", "sweep")
+    first.declare("exp/c", "noise=0", "cell", parent="exp", **{"samtune.cell": "noise=0"})
+    first.declare("exp/c/t", "t", "trial", parent="exp/c", **{"samtune.trial_key": "exp/c/t"})
+    first.log_params("exp/c/t", {"lr": 0.1})
+    for epoch in (1, 2):
+        first.log_metrics("exp/c/t", {"epoch": epoch, "val_error": 0.5 / epoch}, step=epoch)
+    first.end_open_runs()
+    message = first.close()
+    assert str(spool) in message and "could not be reached" in message
+    # A resumed sweep: a new driver, the server back, the same spool.
+    second = Tracker(uri, "exp", spool)
+    second.declare("exp/c/t", "t", "trial", parent="exp/c", **{"samtune.trial_key": "exp/c/t"})
+    second.log_metrics("exp/c/t", {"epoch": 2, "val_error": 0.25}, step=2)   # replayed: skipped
+    second.log_metrics("exp/c/t", {"epoch": 3, "val_error": 0.2}, step=3)
+    second.set_status("exp/c/t", "finished")
+    assert second.close() is None and not spool.exists()
+    client = MlflowClient(uri)
+    runs = {r.data.tags["samtune.role"]: r for r in
+            client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    assert set(runs) == {"sweep", "cell", "trial"}
+    trial = runs["trial"]
+    assert trial.data.tags["mlflow.parentRunId"] == runs["cell"].info.run_id
+    assert runs["cell"].data.tags["mlflow.parentRunId"] == runs["sweep"].info.run_id
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2, 3]
+    assert trial.data.params == {"lr": "0.1"} and trial.data.tags["samtune.status"] == "finished"
+    assert trial.info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------------ end to end (slow)
 
 
 def sweep_cmd(tmp_path, *extra, name="t"):
@@ -45,6 +205,7 @@ def epochs_logged(client, run):
     return [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
 
 
+@pytest.mark.slow
 def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
     proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=3",
                                     "--set", "label_noise_rates=0.0,0.4"),
@@ -75,6 +236,44 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
     for cell in cells:
         kids = [t for t in trials if t.data.tags["mlflow.parentRunId"] == cell.info.run_id]
         assert {"sgd", "sam"} <= {t.data.params["optimizer"] for t in kids}
+    # Each cell's Optuna study holds every trial, with the values MLflow has for it.
+    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=2, batch_size=128, trials=3,
+                  label_noise_rates=(0.0, 0.4))
+    for cell in sweep.cells():
+        study = load_study(tmp_path / "runs" / "t", cell)
+        assert len(study.trials) == 3
+        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        logged = sorted((t.data.params["optimizer"], float(t.data.params["lr"])) for t in trials
+                        if t.data.tags["samtune.cell"] == cell.label)
+        assert sorted((t.params["optimizer"], t.params["lr"]) for t in study.trials) == logged
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
+    # Trials run one at a time and alternate a working and a hopeless learning rate: each hopeless
+    # trial reaches the first rung (epoch 1) behind a recorded working one, so ASHA stops it there.
+    space = tmp_path / "asha.py"
+    space.write_text(
+        "from samtune.space import Sweep\n"
+        "def space(trial):\n"
+        "    trial.suggest_categorical('optimizer', ['sgd'])\n"
+        "    return {'lr': 0.2 if trial.number % 2 == 0 else 1e-6}\n"
+        "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=128, trials=4,\n"
+        "              grace_period=1, reduction_factor=2, max_concurrent=1,\n"
+        "              fixed={'sharpness_measures': ''})\n")
+    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, by_role = runs_of(tmp_path)
+    status = Counter((float(t.data.params["lr"]), t.data.tags["samtune.status"]) for t in by_role["trial"])
+    assert status == {(0.2, "finished"): 2, (1e-6, "stopped"): 2}
+    for t in by_role["trial"]:
+        expected = [1, 2] if t.data.tags["samtune.status"] == "finished" else [1]
+        assert epochs_logged(client, t) == expected
+    (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=2, batch_size=128, trials=4).cells()
+    study = load_study(tmp_path / "runs" / "t", cell)
+    assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 2, TrialState.PRUNED: 2}
 
 
 def wait_for_finished_trials(tmp_path, count, proc, timeout=600):
@@ -106,6 +305,7 @@ def check_complete_once(tmp_path, trials_per_cell, cells):
         assert steps == list(range(1, len(steps) + 1)), f"gap or duplicate in {steps}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, how):
     args = ("--set", "epochs=3", "--set", "trials=4", "--set", "label_noise_rates=0.0,0.4")
@@ -132,6 +332,7 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
     check_complete_once(tmp_path, trials_per_cell=4, cells=2)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path):
     proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=3", "--set", "trials=1",
                                     "--set", "label_noise_rates=0.2", "--set", "grace_period=3"),
@@ -146,6 +347,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
     assert sorted(m.step for m in history) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
     space = tmp_path / "diverge.py"
     space.write_text(

@@ -275,9 +275,23 @@ def sam_by_hand(config, world, m):
     return {k: v.detach() for k, v in model.state_dict().items()}, steps
 
 
+# All-reduce sums the workers' gradients in another order than the reference does: a few float32
+# ulps per step (measured up to 2.3e-6 on 4 gloo ranks). The settings told apart here (per-worker,
+# paired, classic eps) land 3e-4 to 1e-3 apart after these steps, 30x and more above this bound.
+SAME_WEIGHTS = {"rtol": 1e-5, "atol": 1e-5}
+
+
 def assert_same_weights(state, ref):
     for k in ref:
-        torch.testing.assert_close(state[k], ref[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[k], ref[k], **SAME_WEIGHTS)
+
+
+def distance(state, ref):
+    return max((state[k] - ref[k]).abs().max().item() for k in ref)
+
+
+def differ_somewhere(state, ref):
+    return not all(torch.allclose(state[k], ref[k], **SAME_WEIGHTS) for k in ref)
 
 
 def test_one_worker_steps_match_sam_by_hand():
@@ -405,8 +419,7 @@ def test_two_gloo_workers_per_worker_grouped_and_classic_sam(ray_cluster, tmp_pa
     assert_same_weights(classic[0]["state"], one_process)
     assert classic[0]["metrics"][-1]["m_workers"] == 2
     # ... and per-worker eps is not classic SAM: its update lands elsewhere.
-    assert not all(torch.allclose(per_worker[0]["state"][k], one_process[k], rtol=1e-5, atol=1e-6)
-                   for k in one_process)
+    assert differ_somewhere(per_worker[0]["state"], one_process)
 
     # train_loop_per_worker itself: its reported checkpoint holds the per-worker SAM weights.
     with result.checkpoint.as_directory() as folder:
@@ -434,7 +447,13 @@ def test_four_workers_share_each_eps_in_pairs(tmp_path):
 
     mp.spawn(_four_rank_worker, args=(str(tmp_path), f"file://{tmp_path}/store"), nprocs=4)
     ranks = load_probe(tmp_path, "pairs", 4)
-    assert_same_weights(ranks[0]["state"], sam_by_hand(STEPS, 4, 200)[0])
+    # Four ranks add a subgroup all-reduce to the reordered sums, and rho = 0.5 amplifies those
+    # ulps through the normalised ascent step (runs measured 2e-6 to 1.2e-5 off the reference).
+    # The claim tested: the weights sit at least 10x closer to paired eps than to per-worker eps
+    # (m = 100) or to one eps for all four ranks (m = 400).
+    state = ranks[0]["state"]
+    paired, per_worker, shared = (distance(state, sam_by_hand(STEPS, 4, m)[0]) for m in (200, 100, 400))
+    assert paired < 0.1 * min(per_worker, shared), (paired, per_worker, shared)
     for s in range(3):
         first = [r["records"][s]["first"] for r in ranks]
         torch.testing.assert_close(first[0], first[1], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,192 @@
+"""Cheaper SAM, cost against benefit in one run: SGD, SAM and each variant at its default setting.
+
+Cost: forward/backward passes per step (counted with a forward hook) and median wall time per
+epoch relative to SGD's, all measured in this run. Benefit: final-epoch test error (clean test
+set) on the embedded digits data with 40% symmetric label noise, a small CNN, several seeds
+(each seed its own noisy labels and initialisation), mean and spread (sample standard deviation).
+Optionally (`--cifar10-subset N`) the same on N CIFAR-10 training images from the shared tarball.
+
+Every method trains with the same loop, the same data order and the same cosine learning rate;
+the methods differ only in `sam_variant` (and SGD has no SAM optimizer at all). Variants run at
+their defaults from `samtune.variants` (every_k k=2, rst p=0.5, looksam k=5 alpha=0.7,
+ae_sam lambda1=-1 lambda2=1 delta=0.9).
+
+Prints a table and ends with
+`ratios: sam/sgd=... every_k/sgd=... rst/sgd=... looksam/sgd=... ae_sam/sgd=... gain_kept_best=...`
+(time-per-epoch ratios; `gain_kept_best` is, for the cheapest variant costing at most 1.3x SGD,
+the fraction (sgd_error - variant_error) / (sgd_error - sam_error) of SAM's test-error gain it
+keeps; `nan` when SAM shows no gain or no variant is that cheap). Target: >= 0.8.
+
+    python benchmarks/efficient_sam.py [--seeds 3] [--epochs 20] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from samtune.data import to_float
+from samtune.sam import SAM, sam_step
+from samtune.scenarios import build_scenario
+from samtune.variants import variant_from_config
+
+METHODS = ("sgd", "sam", "every_k", "rst", "looksam", "ae_sam")
+VARIANTS = METHODS[2:]
+CHEAP = 1.3  # a variant counts as cheap at <= 1.3x SGD's time per epoch
+
+SETTINGS = {
+    "model": "cnn",
+    "batch_size": 64,
+    "lr": 0.05,             # peak learning rate, cosine to 0 over the run
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "rho": 0.3,             # SAM radius, the same for SAM and every variant (best of 0.05/0.1/0.3
+                            # measured on this data at 40% noise)
+    "label_noise_rate": 0.4,
+}
+
+
+class Run:
+    """One method on one seed, trained an epoch at a time so methods can take turns."""
+
+    def __init__(self, dataset: dict, method: str, seed: int, epochs: int) -> None:
+        config = {**dataset, "scenario": "label_noise", "label_noise_kind": "symmetric",
+                  "label_noise_rate": SETTINGS["label_noise_rate"], "seed": seed, "val_fraction": 0.0}
+        self.scenario = scenario = build_scenario(config)
+        self.seed, self.epoch = seed, 0
+        torch.manual_seed(seed)
+        self.model = scenario.build_model(SETTINGS["model"], "batch")
+        self.passes = 0
+        self.model.register_forward_hook(self._count)
+        opt_kwargs = dict(lr=SETTINGS["lr"], momentum=SETTINGS["momentum"],
+                          weight_decay=SETTINGS["weight_decay"])
+        self.n = len(scenario.train_y)
+        self.batch = SETTINGS["batch_size"]
+        self.steps_per_epoch = self.n // self.batch
+        total = epochs * self.steps_per_epoch
+        self.variant = None
+        if method == "sgd":
+            self.optimizer = torch.optim.SGD(self.model.parameters(), **opt_kwargs)
+        else:
+            self.optimizer = SAM(self.model.parameters(), rho=SETTINGS["rho"], **opt_kwargs)
+            self.variant = variant_from_config(
+                {"sam_variant": "full" if method == "sam" else method, "seed": seed}, total_steps=total)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        self.x = to_float(scenario.train_x, scenario.mean, scenario.std)
+        self.y = scenario.train_y
+        self.epoch_times: list[float] = []
+
+    def _count(self, *_) -> None:
+        self.passes += 1
+
+    def train_epoch(self) -> None:
+        self.model.train()
+        # The same order for every method: one permutation per (seed, epoch).
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        start = time.perf_counter()
+        for s in range(self.steps_per_epoch):
+            idx = order[s * self.batch:(s + 1) * self.batch]
+            sam_step(self.model, F.cross_entropy, self.x[idx], self.y[idx], self.optimizer,
+                     variant=self.variant)
+            self.schedule.step()
+        self.epoch_times.append(time.perf_counter() - start)
+        self.epoch += 1
+
+    def result(self) -> dict:
+        """Final test error, passes per step and median seconds per epoch."""
+        self.model.eval()
+        with torch.no_grad():
+            x_test = to_float(self.scenario.test_x, self.scenario.mean, self.scenario.std)
+            error = float((self.model(x_test).argmax(1) != self.scenario.test_y).float().mean())
+        return {"error": error, "passes_per_step": self.passes / (self.epoch * self.steps_per_epoch),
+                "epoch_s": statistics.median(self.epoch_times)}
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def study(label: str, dataset: dict, seeds: int, epochs: int) -> dict[str, dict]:
+    print(f"\n== {label}: {SETTINGS['model']}, {int(SETTINGS['label_noise_rate'] * 100)}% symmetric "
+          f"label noise, {epochs} epochs, seeds 0..{seeds - 1} ==", flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for seed in range(seeds):
+        live = {method: Run(dataset, method, seed, epochs) for method in METHODS}
+        # The methods take turns epoch by epoch, so a change in machine load (a shared machine)
+        # lands on all of them alike instead of on whichever ran at that moment.
+        for _ in range(epochs):
+            for run in live.values():
+                run.train_epoch()
+        for method, run in live.items():
+            runs[method].append(run.result())
+            r = runs[method][-1]
+            print(f"  seed {seed} {method:8s} test_error={r['error']:.4f} "
+                  f"passes/step={r['passes_per_step']:.2f} epoch_s={r['epoch_s']:.3f}", flush=True)
+    # Time ratio: per seed, the method's median epoch over SGD's (same turns), then the median.
+    for method in METHODS:
+        for r, base in zip(runs[method], runs["sgd"]):
+            r["time_ratio"] = r["epoch_s"] / base["epoch_s"]
+    table = {}
+    for method in METHODS:
+        errors = [r["error"] for r in runs[method]]
+        table[method] = {
+            "error": statistics.mean(errors), "error_sd": spread(errors),
+            "passes_per_step": statistics.mean(r["passes_per_step"] for r in runs[method]),
+            "time_ratio": statistics.median(r["time_ratio"] for r in runs[method]),
+        }
+    gain = table["sgd"]["error"] - table["sam"]["error"]
+    print(f"\n{'method':9s} {'passes/step':>11s} {'time/sgd':>9s} {'test_error':>18s} {'gain_kept':>9s}")
+    for method in METHODS:
+        t = table[method]
+        kept = (table["sgd"]["error"] - t["error"]) / gain if gain > 0 else float("nan")
+        t["gain_kept"] = kept
+        print(f"{method:9s} {t['passes_per_step']:11.2f} {t['time_ratio']:9.2f} "
+              f"{t['error']:10.4f} +- {t['error_sd']:.4f} {kept:9.2f}")
+    print(f"SAM's gain over SGD: {gain:+.4f} test error "
+          f"({'a gain' if gain > 0 else 'no gain'}; seeds' spread SGD {table['sgd']['error_sd']:.4f}, "
+          f"SAM {table['sam']['error_sd']:.4f})")
+    return table
+
+
+def gain_kept_best(table: dict[str, dict]) -> tuple[str | None, float]:
+    """The cheapest variant at <= CHEAP x SGD's time, and the fraction of SAM's gain it keeps."""
+    cheap = [m for m in VARIANTS if table[m]["time_ratio"] <= CHEAP]
+    if not cheap:
+        return None, float("nan")
+    best = min(cheap, key=lambda m: table[m]["time_ratio"])
+    return best, table[best]["gain_kept"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cifar10-subset", type=int, default=0,
+                        help="also train on this many CIFAR-10 images (0: skip; slow on CPU)")
+    parser.add_argument("--data-root", default="/work/shared/data")
+    args = parser.parse_args()
+    if args.seeds < 1 or args.epochs < 1:
+        parser.error("--seeds and --epochs must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"settings: {SETTINGS}, threads={args.threads}")
+    started = time.perf_counter()
+    table = study("digits", {"dataset": "digits"}, args.seeds, args.epochs)
+    if args.cifar10_subset:
+        study(f"cifar10 subset of {args.cifar10_subset}",
+              {"dataset": "cifar10", "data_root": args.data_root, "data_subset": args.cifar10_subset,
+               "augment": False}, args.seeds, args.epochs)
+    best, kept = gain_kept_best(table)
+    print(f"\ncheapest variant at <= {CHEAP}x SGD: {best or 'none'}; "
+          f"gain kept {kept:.2f} (target >= 0.8); total {time.perf_counter() - started:.0f} s")
+    ratios = " ".join(f"{m}/sgd={table[m]['time_ratio']:.2f}" for m in ("sam",) + VARIANTS)
+    print(f"ratios: {ratios} gain_kept_best={kept:.2f}")
+
+
+if __name__ == "__main__":
+    main()
