@@ -11,7 +11,7 @@ Prints one `name: value` line per figure and ends with
 `ratios: sam/sgd=X.XX m8/sam=Y.YY sam/loop_reference=Z.ZZ` (the ResNet figures; targets:
 sam/sgd <= 2.05, m8/sam <= 1.3, sam/loop_reference <= 1.0).
 
-    python benchmarks/sam_step.py [--batch 128] [--repeats 7] [--threads 2]
+    python benchmarks/sam_step.py [--batch 128] [--repeats 5] [--threads 2]
 """
 from __future__ import annotations
 

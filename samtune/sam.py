@@ -66,8 +66,8 @@ class SAM(torch.optim.Optimizer):
     `second_step` and is not saved.
 
     Raises:
-        ValueError: `rho < 0`, or `eta <= 0` with `adaptive=True`, or a bad variant (see
-            `samtune.variants`).
+        ValueError: `rho < 0`, or `eta <= 0` with `adaptive=True` (for the defaults or any group,
+            here or in `add_param_group`), or a bad variant (see `samtune.variants`).
     """
 
     def __init__(
@@ -81,30 +81,47 @@ class SAM(torch.optim.Optimizer):
         variant: "SAMVariant | str | Mapping[str, Any] | None" = None,
         **base_kwargs,
     ) -> None:
-        _check_rho(rho)
-        if adaptive and not eta > 0:
-            raise ValueError(f"eta must be > 0 for adaptive SAM (ASAM), got eta={eta!r}")
+        _check_group_settings({"rho": rho, "adaptive": adaptive, "eta": eta}, where="")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, "
                 f"got {base_optimizer!r}"
             )
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        # Every group, the constructor's included, goes through `add_param_group`, which checks it.
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_rho(group["rho"])
         self.perturb_weight_decay = perturb_weight_decay
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of dicts for both: schedulers and users edit it once.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        self._perturbed = False
+        # (params, saved w) of each group that `first_step` moved this step: exactly these go back
+        # to w. A parameter without a gradient this step keeps whatever the base optimizer left.
+        self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []
         self.variant: SAMVariant | None = None
         # A checkpoint's variant state loaded before the variant is known (a trainer that
         # restores the optimizer first and passes the variant to sam_step afterwards).
         self._pending_variant_state: dict | None = None
         if variant is not None:
             self.use_variant(variant)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group, as for any optimizer; it may set its own `rho`, `adaptive` and `eta`.
+
+        Raises:
+            ValueError: the group's `rho < 0`, or `eta <= 0` with `adaptive=True`.
+        """
+        if not isinstance(param_group, dict):
+            raise ValueError(f"a parameter group must be a dict with 'params', got "
+                             f"{type(param_group).__name__}")
+        for key in ("rho", "adaptive", "eta"):
+            param_group.setdefault(key, self.defaults[key])
+        _check_group_settings(param_group, where=f"parameter group {len(self.param_groups)}: ")
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # still in __init__: the base optimizer adopts these groups next
+            super().add_param_group(param_group)
+        else:  # the list is shared, so the base optimizer steps the new group too
+            base.add_param_group(param_group)
 
     # -- the algorithm ---------------------------------------------------------------------
 
@@ -114,43 +131,51 @@ class SAM(torch.optim.Optimizer):
         return any(group["rho"] > 0 for group in self.param_groups)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient from `w` to `w + eps` (global L2 norm)."""
+    def first_step(self, zero_grad: bool = False, loss_scale: float | Tensor = 1.0) -> None:
+        """Move every parameter with a gradient from `w` to `w + eps` (global L2 norm).
+
+        `loss_scale`: the factor the gradients carry (a `GradScaler`'s scale, a number or a
+        0-dim tensor, when the loss was scaled). eps is normalised, so it cancels; it only matters
+        for the weight-decay term of `perturb_weight_decay=True`, added in the gradients' units.
+
+        A non-finite gradient norm (an fp16 overflow) gives eps = 0: the weights stay at `w` and
+        the step is the base optimizer's (which a `GradScaler` then skips).
+        """
         groups = self._groups_with_grads()
         if not groups:
             return
-        directions = [self._ascent_direction(group, params) for group, params in groups]
+        directions = [self._ascent_direction(group, params, loss_scale) for group, params in groups]
         # One norm over all groups, as in the paper; one device sync at most, no .item().
-        norms = [n for _, scaled in directions for n in torch._foreach_norm(scaled)]
+        norms = [n for scaled in directions for n in torch._foreach_norm(scaled)]
         device = norms[0].device
         grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-        for (group, params), (raw, scaled) in zip(groups, directions):
+        # Decided on the device, not with a host sync; `overflow` zeroes eps below, since
+        # multiplying by a zero scale would give inf * 0 = nan.
+        overflow = ~torch.isfinite(grad_norm)
+        perturbed = []
+        for (group, params), scaled in zip(groups, directions):
             saved, eps = self._buffers(params)
             torch._foreach_copy_(saved, params)
-            # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||. A non-finite
-            # norm (fp16 overflow) gives eps = 0 so the step degrades to the base optimizer's.
-            scale = torch.where(
-                torch.isfinite(grad_norm), group["rho"] / (grad_norm + _NORM_FLOOR), 0.0
-            )
+            # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||.
+            scale = group["rho"] / (grad_norm + _NORM_FLOOR)
             torch._foreach_copy_(eps, scaled)
             if group["adaptive"]:
                 torch._foreach_mul_(eps, self._adaptive_scale(group, params))
             torch._foreach_mul_(eps, [scale.to(p.device) for p in params])
+            for e in eps:
+                e.masked_fill_(overflow.to(e.device), 0.0)
             torch._foreach_add_(params, eps)
-            del raw
-        self._perturbed = True
+            perturbed.append((params, saved))
+        self._perturbed = perturbed
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to `w` exactly (restored, not subtracted) and let the base optimizer step with
-        the gradient taken at `w + eps`."""
-        if self._perturbed:
-            for group, params in self._groups_with_grads(require_buffers=True):
-                saved, _ = self._buffers(params)
-                torch._foreach_copy_(params, saved)
-            self._perturbed = False
+        the gradient taken at `w + eps`. Only the parameters that `first_step` moved are
+        restored."""
+        self._restore_weights()
         self.base_optimizer.step()
         # LR schedulers check this flag, which their wrapper of `step()` sets; SAM steps through
         # `second_step`, so it says the same thing here.
@@ -165,6 +190,11 @@ class SAM(torch.optim.Optimizer):
         loss; it is called at `w` and again at `w + eps`. The loss at `w` is returned. Without a
         closure only the base step is possible, which is what `rho == 0` means. With a variant,
         the closure is called once on the variant's one-pass steps.
+
+        The closure's forward runs in whatever mode the model is in, so on a two-pass step a
+        model in train mode advances its BatchNorm running statistics twice (once at `w`, once at
+        `w + eps`). `samtune.sam_step` runs the second pass with the statistics frozen, so they
+        advance once per step; use it for models with BatchNorm.
 
         Raises:
             ValueError: no closure while some group has `rho > 0`.
@@ -281,25 +311,36 @@ class SAM(torch.optim.Optimizer):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _groups_with_grads(self, require_buffers: bool = False) -> list[tuple[dict, list[Tensor]]]:
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        """Put back `w` for exactly the parameters the last `first_step` moved."""
+        for params, saved in self._perturbed:
+            torch._foreach_copy_(params, saved)
+        self._perturbed = []
+
+    def _groups_with_grads(self) -> list[tuple[dict, list[Tensor]]]:
         out = []
         for group in self.param_groups:
-            if require_buffers:
-                params = [p for p in group["params"] if "sam_w" in self.state.get(p, {})]
-            else:
-                params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None]
             if params:
                 out.append((group, params))
         return out
 
-    def _ascent_direction(self, group: dict, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """(g, T g): the gradient used for eps and its scaled form whose norm normalises eps."""
+    def _ascent_direction(self, group: dict, params: list[Tensor],
+                          loss_scale: float | Tensor = 1.0) -> list[Tensor]:
+        """T g: the ascent direction whose norm normalises eps (T = 1 unless adaptive)."""
         grads = [p.grad for p in params]
         if self.perturb_weight_decay and group.get("weight_decay", 0):
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            # The gradients carry `loss_scale`; the decay term must carry it too.
+            # (The scale is a float32 tensor: multiplied last, it rounds nothing in w * wd.)
+            decayed = torch._foreach_mul(params, group["weight_decay"])
+            if not (isinstance(loss_scale, float) and loss_scale == 1.0):
+                torch._foreach_mul_(decayed, loss_scale)
+            torch._foreach_add_(decayed, grads)
+            grads = decayed
         if group["adaptive"]:
-            return grads, torch._foreach_mul(grads, self._adaptive_scale(group, params))
-        return grads, grads
+            return torch._foreach_mul(grads, self._adaptive_scale(group, params))
+        return grads
 
     @staticmethod
     def _adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor]:
@@ -320,9 +361,19 @@ class SAM(torch.optim.Optimizer):
         return saved, eps
 
 
-def _check_rho(rho: float) -> None:
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
-        raise ValueError(f"rho must be a number >= 0 (the radius of the SAM ball), got rho={rho!r}")
+def _check_group_settings(group: Mapping[str, Any], where: str) -> None:
+    """SAM's own keys of a group (or of the defaults); `where` prefixes the message."""
+    rho, adaptive, eta = group["rho"], group["adaptive"], group["eta"]
+    if not _is_number(rho) or not rho >= 0:
+        raise ValueError(f"{where}rho must be a number >= 0 (the radius of the SAM ball), got rho={rho!r}")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"{where}adaptive must be True (ASAM) or False (SAM), got adaptive={adaptive!r}")
+    if adaptive and not (_is_number(eta) and eta > 0):
+        raise ValueError(f"{where}eta must be > 0 for adaptive SAM (ASAM), got eta={eta!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,17 +406,20 @@ def sam_step(
         m: m-sharpness group size. `None` or the local batch size: one perturbation from the
             whole local batch. A divisor of the local batch: one perturbation per group of `m`.
         sync_perturbation: under DDP, all-reduce the first gradient too (classic SAM with
-            m = global batch). By default each worker perturbs with its own gradient.
+            m = global batch). By default each worker perturbs with its own gradient. Not with
+            `m` smaller than the local batch (that asks for one eps per group instead).
         perturbation_group: under DDP, all-reduce the first gradient within this process group
-            only (m = k x per-worker batch for a group of k workers).
+            only (m = k x per-worker batch for a group of k workers). Not with `m` smaller than
+            the local batch either.
         vectorize: for `m` smaller than the batch, run the groups in one batched pass with
             `torch.func.vmap` (True), one after another (False), or choose by device (None):
             the sequential path on CPU, where it measured faster (benchmarks/sam_step.py), and
             vmap on accelerators, falling back to the sequential path for ops vmap can't batch.
         max_grad_norm: clip the gradient that the base optimizer uses (second pass).
-        scaler: an fp16 `GradScaler`. Scaling doesn't change eps (it is normalised), and the
-            gradient is unscaled once per step, on the base optimizer, so SAM's two passes do not
-            trip "unscale_() has already been called".
+        scaler: an fp16 `GradScaler`. Both passes backpropagate the scaled loss, so fp16
+            gradients do not underflow in either; scaling doesn't change eps (it is normalised),
+            and the gradient is unscaled once per step, on the base optimizer, so SAM's two passes
+            do not trip "unscale_() has already been called".
         variant: a cheaper SAM (`samtune.variants`): a `SAMVariant`, a variant name, or a trial
             config with ``sam_variant`` and its knobs. It is attached to the SAM optimizer on the
             first call (`SAM.use_variant`) and its state lives there; later calls may pass the
@@ -386,12 +440,20 @@ def sam_step(
     SAM steps cost two passes and their plain steps one.
 
     Raises:
-        ValueError: `m <= 0`, or `m` not dividing the local batch size; a variant other than
-            ``"full"`` with a non-SAM optimizer; ``looksam``/``ae_sam`` with `m` smaller than the
-            local batch; a variant that differs from the one the optimizer already follows.
+        ValueError: `m <= 0`, or `m` not dividing the local batch size; `m` smaller than the
+            local batch together with `sync_perturbation=True` or a `perturbation_group`; a
+            variant other than ``"full"`` with a non-SAM optimizer; ``looksam``/``ae_sam`` with
+            `m` smaller than the local batch; a variant that differs from the one the optimizer
+            already follows.
     """
     batch = inputs.shape[0]
     m = _check_m(m, batch)
+    if m != batch and (sync_perturbation or perturbation_group is not None):
+        shared = ("sync_perturbation=True (one eps from the whole global batch)" if sync_perturbation
+                  else "perturbation_group (one eps shared by a group of workers)")
+        raise ValueError(
+            f"{shared} contradicts m={m}, which gives each group of {m} examples of the local "
+            f"batch of {batch} its own eps; use m=None (or m={batch}) with it, or drop it")
     if variant is not None:
         if isinstance(optimizer, SAM):
             optimizer.use_variant(variant)
@@ -440,9 +502,7 @@ def sam_step(
         if between is not None and between.first is not None:
             chosen.store(between.first, optimizer.gradients())
     else:
-        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize,
-                                    scaler, perturbation_group if not sync_perturbation else None,
-                                    sync_all=sync_perturbation)
+        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
     _finish_step(optimizer, base, max_grad_norm, scaler, plain=not took_sam)
     if chosen is not None:
         chosen.finish(took_sam=took_sam)
@@ -514,6 +574,15 @@ def _backward(loss: Tensor, scaler) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
+def _loss_scale(scaler, device: torch.device) -> Tensor | float:
+    """The factor a scaled loss carries: a 0-dim tensor on the device (no host sync), or 1.0."""
+    if scaler is None:
+        return 1.0
+    # Scaling a one also sets up a scaler that has not scaled anything yet (the grouped path's
+    # first step), which its unscale_() requires.
+    return scaler.scale(torch.ones((), device=device))
+
+
 def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
     """Clip and step with the gradient of the last pass; unscale exactly once."""
     if scaler is not None:
@@ -524,7 +593,7 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
     if isinstance(optimizer, SAM):
         if scaler is not None:
             # The scaler steps the base optimizer (skipping it on overflow); restore w first.
-            _restore_weights(optimizer)
+            optimizer._restore_weights()
             scaler.step(base)
             optimizer._opt_called = True  # type: ignore[attr-defined]
         elif plain:
@@ -537,15 +606,6 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
         base.step()
     if scaler is not None:
         scaler.update()
-
-
-@torch.no_grad()
-def _restore_weights(optimizer: SAM) -> None:
-    if optimizer._perturbed:
-        for _, params in optimizer._groups_with_grads(require_buffers=True):
-            saved, _ = optimizer._buffers(params)
-            torch._foreach_copy_(params, saved)
-        optimizer._perturbed = False
 
 
 def _is_ddp(model: nn.Module) -> bool:
@@ -569,7 +629,7 @@ def _whole_batch_sam(model, loss_fn, inputs, targets, optimizer: SAM, scaler,
         _all_reduce_grads(optimizer, perturbation_group)
     if between is not None and not between():
         return loss.detach(), logits.detach(), False
-    optimizer.first_step(zero_grad=True)
+    optimizer.first_step(zero_grad=True, loss_scale=_loss_scale(scaler, inputs.device))
     with _frozen_norm_stats(model):
         _backward(loss_fn(model(inputs), targets), scaler)
     return loss.detach(), logits.detach(), True
@@ -607,8 +667,14 @@ def _frozen_norm_stats(model: nn.Module):
 # -- m-sharpness: groups of m examples --------------------------------------------------------
 
 
+def _vmap_by_default(device: torch.device) -> bool:
+    # On CPU the batched per-group weights cost more memory traffic than they save in kernel
+    # launches (m=16 of 128: 1.3x slower on ResNet-20, 2x on an MLP).
+    return device.type != "cpu"
+
+
 def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vectorize,
-                 scaler, perturbation_group, sync_all: bool) -> tuple[Tensor, Tensor]:
+                 scaler) -> tuple[Tensor, Tensor]:
     """Each group of m gets its own eps; the base step uses the mean of the groups' gradients
     at their own perturbed weights. Runs on the unwrapped module and all-reduces by hand under
     DDP (one flattened round), since DDP's hooks only see its own forward."""
@@ -616,10 +682,8 @@ def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vector
     groups = inputs.shape[0] // m
     xg = inputs.reshape(groups, m, *inputs.shape[1:])
     yg = targets.reshape(groups, m, *targets.shape[1:])
-    loss_scale = scaler.get_scale() if scaler is not None else 1.0
-    if vectorize is None and inputs.device.type == "cpu":
-        # On CPU the batched per-group weights cost more memory traffic than they save in
-        # kernel launches (m=16 of 128: 1.3x slower on ResNet-20, 2x on an MLP).
+    loss_scale = _loss_scale(scaler, inputs.device)
+    if vectorize is None and not _vmap_by_default(inputs.device):
         vectorize = False
     if vectorize is not False:
         try:
@@ -627,6 +691,8 @@ def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vector
         except Exception:  # an op without a batching rule: take the sequential path
             if vectorize:
                 raise
+            # _grouped_vmap changes the module's state (BatchNorm statistics) only once it has
+            # succeeded, so the loop starts from the same state; only partial gradients remain.
             optimizer.zero_grad(set_to_none=True)
             result = _grouped_loop(module, loss_fn, xg, yg, optimizer, loss_scale)
     else:
@@ -644,13 +710,14 @@ def _sam_params(optimizer: SAM, module: nn.Module) -> tuple[dict[str, Tensor], l
 
 
 def _group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
-               optimizer: SAM) -> list[Tensor]:
-    """eps per group from per-group gradients stacked on dim 0: [G, *p.shape] each."""
+               optimizer: SAM, loss_scale: float | Tensor = 1.0) -> list[Tensor]:
+    """eps per group from per-group gradients stacked on dim 0: [G, *p.shape] each. The
+    gradients may carry `loss_scale` (see `SAM.first_step`)."""
     groups = grads[0].shape[0]
     directions = []
     for g, p, s in zip(grads, params, settings):
         if optimizer.perturb_weight_decay and s.get("weight_decay", 0):
-            g = g + s["weight_decay"] * p.detach()
+            g = g + s["weight_decay"] * p.detach() * loss_scale
         if s["adaptive"]:
             t = p.detach().abs() + s["eta"]
             directions.append((g * t, t))
@@ -658,11 +725,16 @@ def _group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
             directions.append((g, None))
     norm_sq = sum(d.reshape(groups, -1).pow(2).sum(1) for d, _ in directions)
     norm = norm_sq.sqrt()
+    # A group whose norm is not finite (an fp16 overflow) gets eps = 0, chosen on the device;
+    # the where() is needed because its direction holds inf/nan, and inf * 0 = nan.
+    finite = torch.isfinite(norm)
     eps = []
     for (d, t), s in zip(directions, settings):
-        scale = torch.where(torch.isfinite(norm), s["rho"] / (norm + _NORM_FLOOR), 0.0)
-        e = d * scale.reshape(groups, *([1] * (d.dim() - 1)))
-        eps.append(e * t if t is not None else e)
+        shape = (groups, *([1] * (d.dim() - 1)))
+        e = d * (s["rho"] / (norm + _NORM_FLOOR)).reshape(shape)
+        if t is not None:
+            e = e * t
+        eps.append(torch.where(finite.reshape(shape), e, 0.0))
     return eps
 
 
@@ -679,16 +751,24 @@ def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
         out = functional_call(module, ({**trainable, **frozen}, {**buffers, **group_buffers}), (x,))
         return loss_fn(out, y), (out, group_buffers)
 
+    def scaled_group_loss(trainable, group_buffers, x, y):
+        # The gradient of the scaled loss, as the second pass's, so fp16 gradients don't
+        # underflow; eps is normalised, so the scale cancels in it.
+        loss, (out, new) = group_loss(trainable, group_buffers, x, y)
+        return loss * loss_scale, (loss, out, new)
+
     # First pass: a gradient per group at w. BatchNorm buffers go in as per-group copies so each
-    # group updates its own; they are merged into one update below.
+    # group updates its own; they are merged into one update at the end.
     stacked = {n: buffers[n].unsqueeze(0).repeat(groups, *([1] * buffers[n].dim())) for n in norm_names}
-    first = vmap(grad_and_value(group_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")
-    grads, (losses, (logits, new_buffers)) = first(dict(zip(names, params)), stacked, xg, yg)
+    first = vmap(grad_and_value(scaled_group_loss, has_aux=True), in_dims=(None, 0, 0, 0),
+                 randomness="different")
+    grads, (_, (losses, logits, new_buffers)) = first(dict(zip(names, params)), stacked, xg, yg)
     with torch.no_grad():
-        for n in norm_names:
-            merged = new_buffers[n].float().mean(0) if buffers[n].is_floating_point() else buffers[n] + 1
-            buffers[n].copy_(merged.to(buffers[n].dtype))
-    eps = _group_eps([grads[n] for n in names], params, settings, optimizer)
+        # Statistics: the groups' mean. The batch counter: any group's, as every group advanced
+        # it alike (or, for layers that hold their statistics, not at all).
+        merged = {n: new_buffers[n].float().mean(0).to(buffers[n].dtype) if buffers[n].is_floating_point()
+                  else new_buffers[n][0].clone() for n in norm_names}
+    eps = _group_eps([grads[n] for n in names], params, settings, optimizer, loss_scale)
 
     # Second pass: the summed loss of all groups at their own w + eps_g has, as gradient with
     # respect to the shared w, the sum of the groups' gradients: one ordinary backward.
@@ -697,6 +777,11 @@ def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
     throwaway = {n: buffers[n].unsqueeze(0).repeat(groups, *([1] * buffers[n].dim())) for n in norm_names}
     second = vmap(lambda w, b, x, y: group_loss(w, b, x, y)[0], in_dims=(0, 0, 0, 0), randomness="different")
     (second(perturbed, throwaway, xg, yg).mean() * loss_scale).backward()
+    # Only now, with both passes done, may the statistics move: a failure above falls back to
+    # the loop, which must start from the statistics before this step or it counts them twice.
+    with torch.no_grad():
+        for n in norm_names:
+            buffers[n].copy_(merged[n])
     return losses.mean().detach(), logits.reshape(-1, *logits.shape[2:]).detach()
 
 
@@ -726,23 +811,27 @@ def _grouped_loop(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
                 torch._foreach_copy_(norm_stats, start)
         out = module(xg[j])
         loss = loss_fn(out, yg[j])
-        grads = torch.autograd.grad(loss, live, allow_unused=True)
+        # Scaled like the second pass so fp16 gradients don't underflow (eps is normalised).
+        grads = torch.autograd.grad(loss * loss_scale, live, allow_unused=True)
         losses.append(loss.detach())
         logits.append(out.detach())
         with torch.no_grad():
             if norm_stats:
                 torch._foreach_add_(stat_sum, norm_stats)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, live)]
-            eps = _group_eps([g.unsqueeze(0) for g in grads], saved, settings, optimizer)
+            eps = _group_eps([g.unsqueeze(0) for g in grads], saved, settings, optimizer, loss_scale)
             torch._foreach_add_(live, [e.squeeze(0) for e in eps])
         with _frozen_norm_stats(module):
-            (loss_fn(module(xg[j]), yg[j]) * (loss_scale / groups)).backward()
+            # Divided in the loss's precision, then scaled (the scale is a float32 tensor).
+            (loss_fn(module(xg[j]), yg[j]) / groups * loss_scale).backward()
         with torch.no_grad():
             torch._foreach_copy_(live, saved)
     with torch.no_grad():
-        # One update of the running statistics with the groups' mean statistics.
-        for b, acc, b0 in zip(norm_stats, stat_sum, start):
-            b.copy_((acc / groups).to(b.dtype) if b.is_floating_point() else b0 + 1)
+        # One update of the running statistics with the groups' mean statistics; the batch
+        # counter keeps the last group's value, which each group advanced alike from the start.
+        for b, acc in zip(norm_stats, stat_sum):
+            if b.is_floating_point():
+                b.copy_((acc / groups).to(b.dtype))
     return torch.stack(losses).mean(), torch.cat(logits)
 
 

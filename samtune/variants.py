@@ -16,13 +16,16 @@ Steps are numbered t = 0, 1, 2, ... from the start of training; T is the planned
   Computational Efficiency in Deep Learning"): at step t a Bernoulli trial with probability p_t
   picks SAM, else a plain step. U_t is the t-th `torch.rand` draw of a CPU `torch.Generator`
   seeded with `seed`; SAM iff U_t < p_t. Schedules: ``constant`` p_t = p, or ``linear``
-  p_t = p_start + (p - p_start) * min(1, t / T).
+  p_t = p_start + (p - p_start) * min(1, t / T). This is the paper's RST with these two
+  scheduling functions only; a SAM step here is a full SAM step at the optimizer's rho. The
+  paper's G-RST (its generalised form, which also adjusts how strongly the sharpness term is
+  weighted for a given schedule) is not implemented.
 - ``looksam``: LookSAM (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware
   Minimization", Algorithm 1). Every k steps (t % k == 0) a full SAM step, which also stores the
   component of the SAM gradient g_s orthogonal to the plain gradient g,
   g_v = g_s - (<g, g_s> / ||g||^2) g. On the other steps one pass gives g and the base optimizer
   steps with g + alpha * ||g|| / ||g_v|| * g_v. Norms and inner products run over all parameters
-  together.
+  together. A non-finite g_v (an overflowing fp16 step) is not stored: the previous one stays.
 - ``ae_sam``: AE-SAM (Jiang et al., ICLR 2023, "An Adaptive Policy to Employ Sharpness-Aware
   Minimization", Algorithm 1). One pass gives g_t; with s_t = ||g_t||^2,
   mu_t = delta * mu_{t-1} + (1 - delta) * s_t and
@@ -240,7 +243,12 @@ class LookSAM(SAMVariant):
     @torch.no_grad()
     def store(self, first: list[Tensor | None], second: list[Tensor | None]) -> None:
         """From the plain gradient g (`first`) and the SAM gradient g_s (`second`), one entry per
-        optimizer parameter (None: no gradient), keep g_v = g_s - (<g, g_s> / ||g||^2) g."""
+        optimizer parameter (None: no gradient), keep g_v = g_s - (<g, g_s> / ||g||^2) g.
+
+        A g_v with an inf or nan (an fp16 step that overflowed, which the `GradScaler` skips) is
+        dropped and the previous g_v kept: reused, it would turn every plain step up to the next
+        SAM step into a skipped one. Checking costs one host sync per SAM step (every k steps).
+        """
         pairs = [(g, s) for g, s in zip(first, second) if g is not None and s is not None]
         if not pairs:
             self.direction = [None] * len(first)
@@ -248,10 +256,14 @@ class LookSAM(SAMVariant):
         dot = _total(torch._foreach_mul([g for g, _ in pairs], [s for _, s in pairs]))
         g_sq = _total(torch._foreach_mul([g for g, _ in pairs], [g for g, _ in pairs]))
         coef = dot / (g_sq + _FLOOR)
-        self.direction = [
+        direction = [
             None if s is None else (s.clone() if g is None else s - coef.to(s.device) * g)
             for g, s in zip(first, second)
         ]
+        stored = [v for v in direction if v is not None]
+        device = stored[0].device
+        if bool(torch.stack([torch.isfinite(v).all().to(device) for v in stored]).all()):
+            self.direction = direction
 
     @torch.no_grad()
     def reuse(self, grads: list[Tensor | None]) -> None:

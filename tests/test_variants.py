@@ -268,6 +268,41 @@ def test_looksam_reused_gradient_equals_its_formula(closure):
     assert_weights(model, expected)
 
 
+def test_looksam_keeps_its_previous_direction_when_the_new_one_is_not_finite():
+    v = LookSAM(k=3, alpha=0.5)
+    v.store([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 1.0])])  # g_v = (0, 1), as above
+    for g, g_s in [([3.0, 0.0], [float("inf"), 1.0]), ([float("nan"), 0.0], [1.0, 1.0]),
+                   ([0.0, 0.0], [1.0, float("inf")])]:
+        v.store([torch.tensor(g)], [torch.tensor(g_s)])
+        assert torch.equal(v.direction[0], torch.tensor([0.0, 1.0])), (g, g_s)
+    fresh = LookSAM(k=3)
+    fresh.store([torch.tensor([1.0])], [torch.tensor([float("nan")])])
+    assert fresh.direction is None and fresh.plan() == "sam"  # nothing to reuse yet
+
+
+def test_looksam_overflowing_sam_step_is_skipped_and_the_old_direction_reused():
+    data = batches(6)
+    x, y = data[3]
+    x = x.clone()
+    x[0, 0] = float("inf")  # step 3 (a SAM step) gets nan gradients, as an fp16 overflow would
+    data[3] = (x, y)
+    model = mlp()
+    class WithoutStep3(LookSAMRule):
+        def __call__(self, t, g):
+            return super().__call__(t if t < 3 else t + 1, g)
+
+    # GradScaler skips step 3; steps 4 and 5 reuse g_v from step 0.
+    expected, pattern = reference_run(copy.deepcopy(model), data[:3] + data[4:], WithoutStep3(k=3, alpha=0.6))
+    assert pattern == [2, 1, 1, 1, 1]
+    opt = sam_optimizer(model, LookSAM(k=3, alpha=0.6))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for xb, yb in data:
+        sam_step(model, F.cross_entropy, xb, yb, opt, scaler=scaler)
+    assert scaler.get_scale() == 2.0 ** 9  # exactly one skipped step
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-7, atol=1e-9)
+
+
 def test_looksam_with_alpha_0_reuses_nothing():
     data = batches(4)
     model = mlp()
