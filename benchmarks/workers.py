@@ -31,7 +31,6 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
     """In a Ray Train worker: all-reduce rounds per SAM step for each way of forming eps."""
     import ray.train.torch
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from samtune.data import to_float
     from samtune.sam import sam_step
@@ -48,7 +47,10 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
 
     def counting_hook(state, bucket):
         counts["ddp"] += int(bucket.is_last())  # one reduction = its buckets, the last closes it
-        return allreduce_hook(state, bucket)
+        # DDP's default hook, but on the unwrapped all_reduce: through `dist.all_reduce` every
+        # DDP bucket would be counted a second time as a hand-made round.
+        tensor = bucket.buffer().div_(world)
+        return plain_all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
     rounds = {}
     for name, m in (("perworker", None), ("synced", config["batch_size"]),

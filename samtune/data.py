@@ -25,12 +25,13 @@ classes (indices in the full dataset's order) are kept, relabelled ``0..k-1`` in
 of the original index. This gives transfer pairs within one dataset (pretrain on ``cifar10[0-4]``,
 finetune on ``cifar10[5-9]``).
 
-Decoded images (ImageFolder trees and tarballs) are cached as one tensor file: under
-``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that folder is writable, else under
-``~/.cache/samtune``. The file name carries a fingerprint of the source (path, size, modification
-times), and the file carries a SHA-256 of its tensors: a stale cache is never used and a corrupt
-one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10 tarball (2 shared CPU cores): first
-decode about 6 s, cached load well under 3 s; see ``benchmarks/data.py``.
+Decoded images (ImageFolder trees, and tarballs of a tree or of the pickled CIFAR files) are
+cached as one tensor file: under ``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that
+folder is writable, else under ``~/.cache/samtune``. The file name carries a fingerprint of the
+source (path, size, modification times), and the file carries a SHA-256 of its tensors: a stale
+cache is never used and a corrupt one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10
+tarball (2 shared CPU cores): first decode about 6 s, cached load well under 3 s; see
+``benchmarks/data.py``.
 """
 from __future__ import annotations
 
@@ -683,9 +684,14 @@ def _load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path |
             tensors = _load_image_tree(path, key, cache_dir)
         elif kind == "tarball" and _is_tarball(path):
             if _tar_has_pickles(path, spec["pickled"]):
-                files, _ = _read_tar(path)
-                by_base = {_norm(n).rsplit("/", 1)[-1]: b for n, b in files.items()}
-                tensors = _cifar_from_pickles(key, lambda m: by_base[m])
+                def build(path: Path = path) -> dict:
+                    files, _ = _read_tar(path)
+                    by_base = {_norm(n).rsplit("/", 1)[-1]: b for n, b in files.items()}
+                    return _cifar_from_pickles(key, lambda m: by_base[m])
+
+                # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache
+                # is read in a fraction of that, as for trees and JPEG tarballs.
+                tensors = _cached(key, path, _fingerprint(path), build, cache_dir)
             else:
                 tensors = _load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
         if tensors is not None:

@@ -7,11 +7,21 @@ study says so, with the normalisation and the starting weights that go with them
 experiments of the SAM paper (Foret et al., 2020) and of Han et al. (2018, co-teaching):
 
 - ``symmetric``: a flipped label becomes a uniformly random *other* class;
-- ``pairflip``: a flipped label ``c`` becomes ``(c + 1) mod num_classes``.
+- ``pairflip``: a flipped label ``c`` becomes ``(c + 1) mod num_classes``;
+- ``asymmetric``: class-dependent noise between visually similar classes, CIFAR-10's map of
+  Patrini et al. (2017, "Making deep neural networks robust to label noise: a loss correction
+  approach"): truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog; every other class
+  stays clean. Known for ``cifar10`` (with a class selection, the pairs whose two classes are both
+  kept); any other dataset is an error.
 
-Exactly ``round(rate * n)`` labels flip; which ones and to what is fixed by the seed. The
-validation split is drawn from the noisy training set (model selection sees only what a user with
-noisy data would see); the test set stays clean.
+``symmetric``/``pairflip``: exactly ``round(rate * n)`` of the ``n`` labels flip.
+``asymmetric``: each source class ``c`` of the map, holding ``n_c`` examples, has exactly
+``round(rate * n_c)`` of them flipped to its target, so the noise transition matrix has ``rate``
+off its diagonal in every source row (Patrini et al.'s T) up to rounding; the other classes keep
+all their labels. Which labels flip, and to what, is fixed by the seed. The validation split is
+drawn from the noisy training set (model selection sees only what a user with noisy data would
+see); the test set stays clean. The scenario keeps which examples flipped (``train_flipped``,
+``val_flipped``) and the clean validation labels (``val_y_true``).
 
 ``finetune``: the same data pipeline (subset, label noise, validation split) on the target
 ``dataset``, but the model starts from pretrained weights (SAM paper, section 3.2):
@@ -21,7 +31,8 @@ from the local torch hub cache, or an MLflow URI; see `samtune.weights`. Everyth
 classification head is loaded; the head is new, sized for the target's classes.
 ``freeze_bn`` [False] keeps BatchNorm running statistics at their pretrained values (the SAM
 paper's finetuning runs did); ``backbone_lr_scale`` [1.0] is the learning-rate multiplier for
-the pretrained layers (`samtune.models.param_groups`).
+the pretrained layers: the trainer's optimizer holds the head at ``lr`` and every other
+parameter at ``lr * backbone_lr_scale`` (`samtune.models.param_groups`).
 
 Config keys read (defaults in brackets):
 ``dataset``, ``data_root`` [None], ``data_subset`` [None: all training examples; else that many,
@@ -41,20 +52,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from samtune.data import Dataset, load_dataset
+from samtune.data import Dataset, load_dataset, parse_dataset_name
 from samtune.models import build_model as _build_model
 from samtune.models import freeze_batchnorm_stats
 from samtune.weights import load_backbone, load_source
 
 __all__ = [
+    "ASYMMETRIC_NOISE_MAPS",
     "NOISE_KINDS",
     "SCENARIOS",
     "apply_label_noise",
+    "asymmetric_class_map",
     "Scenario",
     "build_scenario",
 ]
 
-NOISE_KINDS = ("symmetric", "pairflip")
+NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
+
+#: Asymmetric (class-dependent) noise maps by base dataset name, as class name -> class name:
+#: CIFAR-10's of Patrini et al. (2017), also used by the co-teaching and DivideMix studies.
+ASYMMETRIC_NOISE_MAPS: dict[str, dict[str, str]] = {
+    "cifar10": {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"},
+}
 SCENARIOS = ("label_noise", "finetune")
 
 # Fixed offsets mixed into the data seed so the subset, the noise and the validation split draw
@@ -63,15 +82,19 @@ _SUBSET_STREAM, _NOISE_STREAM, _VAL_STREAM, _TEST_STREAM = 101, 202, 303, 404
 
 
 def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str = "symmetric",
-                      seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Flip exactly ``round(rate * len(labels))`` labels; return ``(noisy_labels, flipped_indices)``.
+                      seed: int = 0, class_map: dict[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Flip labels at ``rate``; return ``(noisy_labels, flipped_indices)``.
 
-    ``symmetric``: each flipped label moves to a uniformly random class other than its own.
-    ``pairflip``: label ``c`` moves to ``(c + 1) % num_classes``. Either way every index in
-    ``flipped_indices`` (int64, ascending) holds a label different from the input, and every other
-    label is unchanged. Same inputs and seed, same output. ``labels`` is not modified.
-    Raises ValueError for a rate outside [0, 1], an unknown kind, fewer than 2 classes, or
-    labels outside ``0..num_classes-1``.
+    ``symmetric``: exactly ``round(rate * len(labels))`` labels flip, each to a uniformly random
+    class other than its own. ``pairflip``: as many flip, label ``c`` to ``(c + 1) % num_classes``.
+    ``asymmetric``: ``class_map`` ({source class: target class}, e.g. from
+    `asymmetric_class_map`) says where each source class goes; of the ``n_c`` examples of each
+    source class exactly ``round(rate * n_c)`` flip to its target, and labels of classes not in the
+    map never change. Every index in ``flipped_indices`` (int64, ascending) holds a label different
+    from the input, and every other label is unchanged. Same inputs and seed, same output.
+    ``labels`` is not modified.
+    Raises ValueError for a rate outside [0, 1], an unknown kind, fewer than 2 classes, labels
+    outside ``0..num_classes-1``, or (asymmetric) a missing or malformed ``class_map``.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
@@ -82,10 +105,12 @@ def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str =
     if n and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range "
                          f"{int(labels.min())}..{int(labels.max())}")
+    gen = torch.Generator().manual_seed(int(seed))
+    if kind == "asymmetric":
+        return _asymmetric_noise(labels, rate, num_classes, class_map, gen)
     count = round(rate * n)
     if count and num_classes < 2:
         raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
-    gen = torch.Generator().manual_seed(int(seed))
     flipped = torch.randperm(n, generator=gen)[:count].sort().values
     noisy = labels.clone()
     if kind == "symmetric":
@@ -97,13 +122,60 @@ def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str =
     return noisy, flipped
 
 
+def _asymmetric_noise(labels: Tensor, rate: float, num_classes: int, class_map: dict[int, int] | None,
+                      gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    if not class_map:
+        raise ValueError("label_noise_kind='asymmetric' needs a class_map {source class: target class}; "
+                         "samtune.scenarios.asymmetric_class_map gives the known ones")
+    for src, dst in class_map.items():
+        if not (0 <= int(src) < num_classes and 0 <= int(dst) < num_classes) or int(src) == int(dst):
+            raise ValueError(f"asymmetric class_map entry {src} -> {dst} must join two different classes "
+                             f"in 0..{num_classes - 1}")
+    noisy = labels.clone()
+    chosen = []
+    # One class after another in ascending order, so the draws (and the result) depend only on
+    # the labels and the seed, not on the map's insertion order.
+    for src in sorted(int(c) for c in class_map):
+        members = (labels == src).nonzero().flatten()
+        count = round(rate * len(members))
+        pick = members[torch.randperm(len(members), generator=gen)[:count]]
+        noisy[pick] = int(class_map[src])
+        chosen.append(pick)
+    flipped = torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.int64)
+    return noisy, flipped
+
+
+def asymmetric_class_map(dataset: str, classes: list[str]) -> dict[int, int]:
+    """The asymmetric noise map of dataset ``dataset`` (a name as `load_dataset` takes it, class
+    selection included) as label indices, for a dataset whose label ``i`` is named ``classes[i]``.
+
+    With a class selection only the pairs whose source and target are both kept remain.
+    Raises ValueError for a dataset without a known map (only ``cifar10`` has one) or a selection
+    that keeps no pair.
+    """
+    base, _ = parse_dataset_name(dataset)
+    names = ASYMMETRIC_NOISE_MAPS.get(base.lower())
+    if names is None:
+        raise ValueError(f"label_noise_kind='asymmetric' has a class map for {sorted(ASYMMETRIC_NOISE_MAPS)} "
+                         f"only (Patrini et al. 2017), not for dataset {dataset!r}; use 'symmetric' or "
+                         "'pairflip' there")
+    index = {name: i for i, name in enumerate(classes)}
+    mapping = {index[a]: index[b] for a, b in names.items() if a in index and b in index}
+    if not mapping:
+        raise ValueError(f"dataset {dataset!r} keeps no pair of the asymmetric noise map {names} "
+                         f"(its classes: {classes}); select classes that include one, or use 'symmetric'")
+    return mapping
+
+
 @dataclass
 class Scenario:
     """Everything a trial needs, split and on CPU.
 
     ``train_y`` holds the (possibly noisy) labels trained on, ``train_y_true`` the clean ones;
-    ``val_*`` comes from the noisy training set, ``test_*`` is clean. Images are uint8; normalise
-    with ``samtune.data.to_float(x, mean, std)``.
+    ``val_*`` comes from the noisy training set (``val_y`` noisy, ``val_y_true`` clean), ``test_*``
+    is clean. ``train_flipped``/``val_flipped`` are the indices (int64, ascending, into the train
+    and validation split) whose label the noise changed: ``train_y[i] != train_y_true[i]`` exactly
+    there. Images are uint8; normalise with ``samtune.data.to_float(x, mean, std)``.
     """
 
     name: str
@@ -125,6 +197,9 @@ class Scenario:
     freeze_bn: bool = False
     backbone_lr_scale: float = 1.0
     source: str | None = None  # finetune_source, for messages and records
+    val_y_true: Tensor | None = None
+    train_flipped: Tensor | None = None
+    val_flipped: Tensor | None = None
 
     def build_model(self, model: str, norm: str = "batch") -> nn.Module:
         """Build ``model`` for this scenario's classes and input shape, starting weights loaded.
@@ -215,8 +290,13 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
 
     rate = float(config.get("label_noise_rate", 0.0) or 0.0)
     noise_kind = config.get("label_noise_kind", "symmetric") or "symmetric"
-    noisy, _ = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
-                                 seed=data_seed * 1000 + _NOISE_STREAM)
+    class_map = None
+    if noise_kind == "asymmetric":
+        class_map = asymmetric_class_map(str(config.get("dataset", dataset.name)), list(dataset.classes))
+    noisy, flipped = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
+                                       seed=data_seed * 1000 + _NOISE_STREAM, class_map=class_map)
+    is_flipped = torch.zeros(len(y), dtype=torch.bool)
+    is_flipped[flipped] = True
 
     n_val = round(val_fraction * len(y))
     if n_val >= len(y):
@@ -237,6 +317,9 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
         train_y_true=y[train_idx].contiguous(),
         val_x=x[val_idx].contiguous(),
         val_y=noisy[val_idx].contiguous(),
+        val_y_true=y[val_idx].contiguous(),
+        train_flipped=is_flipped[train_idx].nonzero().flatten(),
+        val_flipped=is_flipped[val_idx].nonzero().flatten(),
         test_x=test_x.contiguous(),
         test_y=test_y.contiguous(),
         num_classes=dataset.num_classes,

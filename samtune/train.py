@@ -33,14 +33,31 @@ continues exactly where the checkpoint left it: all randomness (data order, augm
 global torch generator used by dropout) is re-derived from (seed, epoch, rank) at every epoch
 rather than carried in a generator.
 
-Per-epoch metrics: `epoch`, `train_loss`, `train_acc_noisy` (accuracy on the labels trained on),
-`train_acc_true` (on the clean labels: memorisation of flipped labels shows as the gap between
-the two), `val_error` (held-out part of the noisy training set), `test_error` (clean test set),
-`generalization_gap` (= test_error - (1 - train_acc_noisy)), `epoch_time_s`, `samples_per_s`,
-`train_time_s` (cumulative), `lr`, `diverged` (0/1), `m_effective` and `m_workers` (SAM/ASAM),
-and `sharpness/<measure>` when measured: `samtune.sharpness.measure_sharpness` on
-`sharpness_subset` training examples (noisy labels; the first `sharpness_subset` indices of a
-permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
+Per-epoch metrics:
+
+- `epoch`; `train_loss`, `train_acc_noisy` (accuracy on the labels trained on) and
+  `train_acc_true` (on the clean labels): running means over the epoch's training steps, i.e. in
+  train mode, on augmented batches, while the weights move;
+- `train_error`: top-1 error in eval mode at the end of the epoch on a fixed training subset (the
+  first `TRAIN_EVAL_SUBSET` = 1,024 indices of a permutation seeded with `seed + 7919`, the same
+  permutation whose first `sharpness_subset` indices the sharpness measures use), against the
+  labels trained on, without augmentation;
+- `flipped_acc_noisy` / `flipped_acc_true`: on the examples of that subset whose label the noise
+  flipped (only when it holds some), eval-mode accuracy against the noisy label (memorisation)
+  and against the true label;
+- `val_error` / `val_loss` (held-out part of the noisy training set; absent with
+  `val_fraction=0`), `test_error` / `test_loss` (clean test set): eval-mode top-1 error and mean
+  cross-entropy;
+- `generalization_gap` = `test_error - train_error`;
+- `epoch_time_s`, `samples_per_s`, `train_time_s` (cumulative), `lr` (the head's, i.e. the
+  schedule's current learning rate), `lr_backbone` (finetuning: the pretrained layers' learning
+  rate, `lr x backbone_lr_scale`), `diverged` (0/1);
+- SAM/ASAM: how m-sharpness was realised: `m_effective` (examples behind one eps), `m_workers`
+  (workers sharing one eps), `m_groups_per_worker` (eps per worker per step),
+  `m_per_worker_batch`, and `m_plan` (the same in words, a string);
+- `sharpness/<measure>` when measured: `samtune.sharpness.measure_sharpness` on
+  `sharpness_subset` training examples (noisy labels; the first `sharpness_subset` indices of a
+  permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
 
 A trial whose loss goes non-finite (or above `divergence_loss`) is *diverged*: it reports one last
 result with `diverged=1` and `val_error = test_error = 1.0` (a bad result for ASHA/Optuna, not a
@@ -68,11 +85,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import augment_batch, to_float
+from .models import param_groups
 from .sam import SAM, sam_step
 from .scenarios import build_scenario
 
-__all__ = ["DEFAULTS", "Perturbation", "TrialConfigError", "fit", "perturbation_plan",
-           "resolve_config", "run_trial", "train_loop_per_worker", "worker_resources"]
+__all__ = ["DEFAULTS", "Perturbation", "TRAIN_EVAL_SUBSET", "TrialConfigError", "fit",
+           "perturbation_plan", "resolve_config", "run_trial", "train_loop_per_worker",
+           "worker_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +149,9 @@ BASE_OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant", "step")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("gloo", "nccl")
+
+#: Training examples `train_error` is measured on at the end of every epoch (see the module doc).
+TRAIN_EVAL_SUBSET = 1024
 
 
 class TrialConfigError(ValueError):
@@ -264,6 +286,7 @@ class _Session:
 
     rank = 0
     world_size = 1
+    inject_faults = True
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         raise NotImplementedError
@@ -275,10 +298,13 @@ class _Session:
 class _LocalSession(_Session):
     """This process; with an initialised `torch.distributed` group (torchrun), one rank of it."""
 
-    def __init__(self, report: Callable[[dict], None] | None, checkpoint_dir: str | None):
+    def __init__(self, report: Callable[[dict], None] | None, checkpoint_dir: str | None,
+                 alone: bool = False):
         self._report = report
         self._dir = checkpoint_dir
-        if dist.is_available() and dist.is_initialized():
+        # A pretraining stage inside a worker must not kill it for a fault meant for the trial.
+        self.inject_faults = not alone
+        if not alone and dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def report(self, metrics, state):
@@ -364,15 +390,24 @@ def _device(cfg: dict[str, Any], rank: int) -> torch.device:
     return device
 
 
-def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int,
+                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """The trial's optimizer: the plain base optimizer for `sgd`, SAM around it for `sam`/`asam`
-    (following the config's `sam_variant`, planned over `total_steps`)."""
+    (following the config's `sam_variant`, planned over `total_steps`).
+
+    `backbone_lr_scale` != 1 (finetuning): two parameter groups, the classification head at `lr`
+    (first group) and every other parameter at `lr * backbone_lr_scale`; 0 leaves the backbone
+    out of the optimizer (`samtune.models.param_groups`). The LR schedule scales both alike.
+    """
     base = torch.optim.SGD if cfg["base_optimizer"] == "sgd" else torch.optim.AdamW
     kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]}
     if base is torch.optim.SGD:
         kwargs["momentum"] = cfg["momentum"]
         kwargs["nesterov"] = False
-    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        params = param_groups(model, cfg["lr"], backbone_lr_scale)
+    except ValueError as exc:
+        raise TrialConfigError(str(exc)) from None
     if cfg["optimizer"] == "sgd":
         return base(params, **kwargs)
     variant = _variant(cfg, total_steps)
@@ -429,31 +464,61 @@ def _uses_conv(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _error(model: nn.Module, x: Tensor, y: Tensor, norm: tuple, device, rank: int, world: int,
-           autocast, channels_last: bool, batch: int = 1024) -> float:
-    """Top-1 error on (x, y); each worker takes a strided share and the counts are summed."""
+def _evaluate(model: nn.Module, x: Tensor, y: Tensor, norm: tuple, device, rank: int, world: int,
+              autocast, channels_last: bool, y_true: Tensor | None = None,
+              batch: int = 1024) -> dict[str, float]:
+    """Eval-mode top-1 `error` and mean cross-entropy `loss` of `model` on (x, y).
+
+    Each worker takes a strided share and the sums are all-reduced once, so every worker must
+    call it. `model` must be the unwrapped module: a forward through DistributedDataParallel may
+    broadcast buffers, a collective whose count would then depend on each worker's share. With
+    `y_true` also `flipped_acc_noisy` / `flipped_acc_true`: on the examples where `y != y_true`,
+    the accuracy against `y` (memorised noisy labels) and against `y_true` (NaN where none).
+    """
     was_training = model.training
     model.eval()
     xs, ys = x[rank::world], y[rank::world]
-    wrong = torch.zeros(2, dtype=torch.float64, device=device)
+    ts = y_true[rank::world] if y_true is not None else None
+    # wrong, summed loss, examples, flipped examples, flipped predicted as noisy, as true label
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     for i in range(0, len(ys), batch):
         xb = to_float(xs[i:i + batch].to(device, non_blocking=True), *norm)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = ys[i:i + batch].to(device)
         with autocast:
-            pred = model(xb).argmax(1)
-        wrong[0] += (pred != ys[i:i + batch].to(device)).sum()
-        wrong[1] += len(pred)
+            logits = model(xb)
+        logits = logits.float()
+        pred = logits.argmax(1)
+        sums[0] += (pred != yb).sum()
+        sums[1] += F.cross_entropy(logits, yb, reduction="sum")
+        sums[2] += len(yb)
+        if ts is not None:
+            tb = ts[i:i + batch].to(device)
+            flipped = yb != tb
+            sums[3] += flipped.sum()
+            sums[4] += (flipped & (pred == yb)).sum()
+            sums[5] += (flipped & (pred == tb)).sum()
     model.train(was_training)
-    wrong = _all_reduce(wrong, world)
-    return float(wrong[0] / wrong[1]) if wrong[1] > 0 else float("nan")
+    sums = _all_reduce(sums, world).tolist()
+    nan = float("nan")
+    out = {"error": sums[0] / sums[2] if sums[2] else nan, "loss": sums[1] / sums[2] if sums[2] else nan}
+    if ts is not None:
+        out["flipped_acc_noisy"] = sums[4] / sums[3] if sums[3] else nan
+        out["flipped_acc_true"] = sums[5] / sums[3] if sums[3] else nan
+    return out
+
+
+def _fixed_train_order(n: int, cfg: dict[str, Any]) -> Tensor:
+    """A permutation of the training examples seeded with `seed + 7919`, the same at every epoch:
+    its first indices are the examples `train_error` and sharpness are measured on."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + 7919))
 
 
 def _sharpness_indices(n: int, cfg: dict[str, Any]) -> Tensor:
     """The training examples sharpness is measured on: the first `sharpness_subset` of a
     permutation seeded with `seed + 7919` (the same examples at every epoch)."""
-    count = min(cfg["sharpness_subset"], n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + 7919))[:count]
+    return _fixed_train_order(n, cfg)[:min(cfg["sharpness_subset"], n)]
 
 
 def _measure_sharpness(cfg, model: nn.Module, scenario, device) -> dict[str, float]:
@@ -478,6 +543,24 @@ def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _sync_buffers(module: nn.Module, world: int) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running statistics) before evaluating.
+
+    During training each worker's statistics follow its own batches (m-sharpness groups bypass
+    DDP's buffer broadcast altogether), so without this each worker would evaluate its share
+    with slightly different statistics than the checkpoint, which holds rank 0's. One explicit
+    broadcast per buffer, called by every worker at the same point of every epoch.
+    """
+    if world == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     # The global generator (dropout, stochastic layers) restarts from (seed, epoch, rank) every
     # epoch, so a run resumed at epoch k draws what the uninterrupted run drew.
@@ -494,9 +577,11 @@ def _train(config: dict[str, Any], session: _Session,
         cfg = resolve_config({**cfg, "workers": world})
     plan = perturbation_plan(cfg)
     device = _device(cfg, rank)
-    torch.manual_seed(cfg["seed"])
 
     scenario = build_scenario(cfg)
+    # Seeded after the scenario: building it may pretrain a finetune source (which draws from the
+    # global generator), and the head's initialisation must not depend on whether it did.
+    torch.manual_seed(cfg["seed"])
     model = scenario.build_model(cfg["model"], cfg["norm"]).to(device)
     if cfg["freeze_bn"] or scenario.freeze_bn:
         from .models import freeze_batchnorm_stats
@@ -520,7 +605,8 @@ def _train(config: dict[str, Any], session: _Session,
     if steps < 1:
         raise TrialConfigError(f"batch_size={cfg['batch_size']} is larger than the {n_train} training "
                                f"examples of this scenario")
-    optimizer = build_optimizer(cfg, module, total_steps=cfg["epochs"] * steps)
+    optimizer = build_optimizer(cfg, module, total_steps=cfg["epochs"] * steps,
+                                backbone_lr_scale=scenario.backbone_lr_scale)
     schedule = build_schedule(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
     norm = (scenario.mean, scenario.std)
@@ -532,6 +618,10 @@ def _train(config: dict[str, Any], session: _Session,
     train_x = scenario.train_x.to(device)
     train_y = scenario.train_y.to(device)
     train_y_true = scenario.train_y_true.to(device)
+    # The fixed training subset `train_error` is measured on (in eval mode, without augmentation).
+    fixed = _fixed_train_order(n_train, cfg)[:TRAIN_EVAL_SUBSET].to(device)
+    fixed_x, fixed_y, fixed_y_true = train_x[fixed], train_y[fixed], train_y_true[fixed]
+    eval_model = _unwrap_ddp(model)  # no collective inside an evaluation forward
 
     start_epoch, train_time, last = 1, 0.0, {}
     state = session.load()
@@ -600,38 +690,58 @@ def _train(config: dict[str, Any], session: _Session,
             session.report(metrics, checkpoint(epoch, metrics))
             return metrics
         n_seen = float(sums[3])
+        _sync_buffers(module, world)
         evaluate = dict(norm=norm, device=device, rank=rank, world=world, autocast=autocast,
                         channels_last=channels_last)
+        on_train = _evaluate(eval_model, fixed_x, fixed_y, y_true=fixed_y_true, **evaluate)
+        on_test = _evaluate(eval_model, scenario.test_x, scenario.test_y, **evaluate)
         metrics = {
             "epoch": epoch,
             "train_loss": float(sums[0]) / n_seen,
             "train_acc_noisy": float(sums[1]) / n_seen,
             "train_acc_true": float(sums[2]) / n_seen,
-            "val_error": _error(model, scenario.val_x, scenario.val_y, **evaluate)
-            if len(scenario.val_y) else float("nan"),
-            "test_error": _error(model, scenario.test_x, scenario.test_y, **evaluate),
+            "train_error": on_train["error"],
+            "test_error": on_test["error"],
+            "test_loss": on_test["loss"],
             "epoch_time_s": epoch_time,
             "samples_per_s": n_seen / epoch_time,
             "train_time_s": train_time,
             "lr": optimizer.param_groups[0]["lr"],
             "diverged": 0,
         }
+        if len(scenario.val_y):  # else no validation split (val_fraction=0)
+            on_val = _evaluate(eval_model, scenario.val_x, scenario.val_y, **evaluate)
+            metrics["val_error"], metrics["val_loss"] = on_val["error"], on_val["loss"]
+        if not math.isnan(on_train["flipped_acc_noisy"]):  # the subset holds flipped labels
+            metrics["flipped_acc_noisy"] = on_train["flipped_acc_noisy"]
+            metrics["flipped_acc_true"] = on_train["flipped_acc_true"]
+        if scenario.initial_state is not None:
+            metrics["lr_backbone"] = _backbone_lr(optimizer, scenario.backbone_lr_scale)
         if is_sam:
-            metrics["m_effective"] = plan.m
-            metrics["m_workers"] = plan.workers_per_eps
-        if not math.isfinite(metrics["val_error"]):
-            del metrics["val_error"]  # no validation split (val_fraction=0)
-        metrics["generalization_gap"] = metrics["test_error"] - (1.0 - metrics["train_acc_noisy"])
+            metrics.update(m_effective=plan.m, m_workers=plan.workers_per_eps,
+                           m_groups_per_worker=plan.groups_per_worker,
+                           m_per_worker_batch=plan.per_worker_batch, m_plan=plan.describe())
+        metrics["generalization_gap"] = metrics["test_error"] - metrics["train_error"]
         every = cfg["sharpness_every"]
         if cfg["sharpness_measures"] and (epoch == cfg["epochs"] or (every and epoch % every == 0)):
             if rank == 0:  # on the unwrapped module: no collectives, the other workers wait at report
                 metrics.update(_measure_sharpness(cfg, module, scenario, device))
         session.report(metrics, checkpoint(epoch, metrics))
         last = metrics
-        _injected_fault(epoch)
+        if session.inject_faults:
+            _injected_fault(epoch)
     if on_end is not None:
         on_end(module)
     return last
+
+
+def _backbone_lr(optimizer, scale: float) -> float:
+    """The pretrained layers' current learning rate, read off the optimizer's groups (see
+    `build_optimizer`: the head's group first, then the backbone's)."""
+    groups = optimizer.param_groups
+    if len(groups) > 1:
+        return groups[1]["lr"]
+    return groups[0]["lr"] if scale == 1.0 else 0.0  # one group: all at lr, or a linear probe
 
 
 def _injected_fault(epoch: int) -> None:
@@ -647,13 +757,17 @@ def _injected_fault(epoch: int) -> None:
 # ----------------------------------------------------------------------------- entry points
 def fit(config: dict[str, Any], report: Callable[[dict], None] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
-        on_end: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
+        on_end: Callable[[nn.Module], None] | None = None, *, alone: bool = False) -> dict[str, Any]:
     """Train one trial in this process (one worker, no Ray) and return the last epoch's metrics.
 
     `report` receives each epoch's metrics. With `checkpoint_dir`, a checkpoint is written there
     every epoch and a later call with the same folder resumes after the last finished epoch
     (a finished or diverged run returns its last metrics without training again).
     `on_end` receives the trained model (unwrapped) after the last epoch, e.g. to save weights.
+    `alone=True` trains in this process even when it is one rank of an initialised
+    `torch.distributed` group, without any collective and without waiting for the other ranks
+    (a pretraining stage inside one worker of a data-parallel trial, `samtune.weights.pretrain`);
+    on CUDA it uses this worker's device.
     Raises `TrialConfigError` for impossible settings, and for `workers` > 1 (use `run_trial` or
     `TorchTrainer(train_loop_per_worker, ...)`).
     """
@@ -661,7 +775,7 @@ def fit(config: dict[str, Any], report: Callable[[dict], None] | None = None,
     if cfg["workers"] != 1:
         raise TrialConfigError(f"fit() trains in this process: workers must be 1, got {cfg['workers']};"
                                " run several workers through run_trial or TorchTrainer")
-    session = _LocalSession(report, None if checkpoint_dir is None else str(checkpoint_dir))
+    session = _LocalSession(report, None if checkpoint_dir is None else str(checkpoint_dir), alone=alone)
     if session.world_size != 1:
         raise TrialConfigError("fit() trains one process, but torch.distributed is initialised with "
                                f"{session.world_size} ranks; call train_loop_per_worker on every rank")
@@ -691,6 +805,9 @@ def run_trial(config: dict[str, Any]) -> None:
     workers' resources come from `worker_resources`); `TuneReportCallback` forwards every epoch's
     metrics (rank 0's, plus `checkpoint_path`) so ASHA can stop it, and the trainer's run folder
     inside the trial folder holds its checkpoints, so a restarted trial resumes there.
+    A finetuning trial whose `finetune_source` names a dataset pretrains inside its workers, each
+    alone and waiting for the first one's cached file (`samtune.weights.pretrain`), so the
+    pretraining runs where the trial's GPUs are rather than in this 1-CPU trial process.
     Raises `TrialConfigError` for impossible settings or a worker group the cluster can never hold.
     """
     import ray.tune
@@ -703,14 +820,21 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
-                     cluster_gpus: float | None = None) -> dict[str, float]:
+                     cluster_gpus: float | None = None,
+                     nodes: list[dict[str, float]] | None = None) -> dict[str, float]:
     """Ray resources of one training worker of a multi-worker trial: {"CPU": c} (+ {"GPU": g}).
 
     CPUs: `cpus_per_worker`, else what fits beside the trial driver's 1 CPU, at most 1 each, in
     steps of 0.1 (0.5 each for 2 workers on 2 cores: a driver of 1 CPU plus two 1-CPU workers
     would wait forever for its worker group). GPUs (`use_gpu`): `gpus_per_worker`, else 1 each,
-    or an equal share when the cluster has fewer GPUs than workers. The cluster totals default to
-    the connected Ray cluster's. Raises `TrialConfigError` when the request can never fit.
+    or an equal share when the cluster has fewer GPUs than workers.
+
+    The cluster totals and `nodes` (each alive node's resources, {"CPU": ..., "GPU": ...})
+    default to the connected Ray cluster's (`ray.cluster_resources()`, `ray.nodes()`); with the
+    totals given and no `nodes`, the cluster is taken as one node holding them. Raises
+    `TrialConfigError` when the request can never be placed: more than the cluster totals, one
+    worker larger than any single node, or more workers than the nodes hold one by one (a worker
+    never spans nodes; Ray Train would otherwise wait, and retry, forever).
     """
     if cluster_cpus is None or (cfg["use_gpu"] and cluster_gpus is None):
         import ray
@@ -718,6 +842,11 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
         total = ray.cluster_resources()
         cluster_cpus = float(total.get("CPU", 0.0)) if cluster_cpus is None else cluster_cpus
         cluster_gpus = float(total.get("GPU", 0.0)) if cluster_gpus is None else cluster_gpus
+        if nodes is None:
+            nodes = [{"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0))}
+                     for n in ray.nodes() if n.get("Alive")]
+    if nodes is None:
+        nodes = [{"CPU": cluster_cpus, "GPU": cluster_gpus or 0.0}]
     workers = cfg["workers"]
     per = cfg["cpus_per_worker"]
     if per is None:
@@ -729,6 +858,7 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
             f"{workers} workers x {per:g} CPU + 1 CPU for the trial need {1 + per * workers:g} CPUs, "
             f"but the Ray cluster has {cluster_cpus:g}; lower workers or cpus_per_worker")
     resources = {"CPU": per}
+    gpu = 0.0
     if cfg["use_gpu"]:
         if not cluster_gpus:
             raise TrialConfigError("use_gpu=True but the Ray cluster has no GPU")
@@ -741,7 +871,41 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
             raise TrialConfigError(f"{workers} workers x {gpu:g} GPU need {gpu * workers:g} GPUs, but the "
                                    f"Ray cluster has {cluster_gpus:g}; lower workers or gpus_per_worker")
         resources["GPU"] = gpu
+    _check_placement(workers, per, gpu, nodes)
     return resources
+
+
+def _worker_slots(node: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of (cpus, gpus) one node holds. A fractional GPU share must fit within
+    one GPU, so a node of G GPUs holds G x floor(1 / share) of them."""
+    slots = math.floor(node.get("CPU", 0.0) / cpus + 1e-9)
+    if gpus > 0:
+        whole = math.floor(node.get("GPU", 0.0) + 1e-9)
+        if gpus >= 1:
+            by_gpu = math.floor(node.get("GPU", 0.0) / gpus + 1e-9)
+        else:
+            by_gpu = whole * math.floor(1 / gpus + 1e-9)
+        slots = min(slots, by_gpu)
+    return max(0, int(slots))
+
+
+def _check_placement(workers: int, cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
+    want = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    if not nodes:
+        raise TrialConfigError("the Ray cluster has no alive node to place training workers on")
+    if not any(_worker_slots(n, cpus, gpus) for n in nodes):
+        largest_cpu = max(n.get("CPU", 0.0) for n in nodes)
+        largest_gpu = max(n.get("GPU", 0.0) for n in nodes)
+        raise TrialConfigError(
+            f"one training worker needs {want} on a single node, but the largest node has "
+            f"{largest_cpu:g} CPU" + (f" and {largest_gpu:g} GPU" if gpus else "")
+            + "; lower cpus_per_worker" + (" or gpus_per_worker" if gpus else ""))
+    slots = sum(_worker_slots(n, cpus, gpus) for n in nodes)
+    if slots < workers:
+        raise TrialConfigError(
+            f"{workers} workers of {want} each do not fit: the Ray cluster's {len(nodes)} node(s) "
+            f"hold {slots} such workers (a worker never spans nodes); lower workers, "
+            "cpus_per_worker" + (" or gpus_per_worker" if gpus else ""))
 
 
 def distributed_backend(cfg: dict[str, Any], resources: dict[str, float]) -> str:

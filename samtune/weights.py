@@ -15,8 +15,16 @@ downloaded from a model hub). Every file is read with ``torch.load(..., weights_
   the weights are cached under ``$SAMTUNE_CACHE_DIR/pretrained`` (else
   ``~/.cache/samtune/pretrained``) by a hash of the pretraining config, and a file lock makes
   parallel trials wait for one pretraining instead of each running it. Optional keys:
-  ``pretrain_epochs`` [the trial's ``epochs``], ``pretrain_lr`` [0.05], ``pretrain_subset`` [None:
-  all source examples], ``pretrain_seed`` [0].
+  ``pretrain_epochs`` [the trial's ``epochs``], ``pretrain_lr`` [0.05], ``pretrain_batch_size``
+  [128; deliberately not the trial's ``batch_size``, which a sweep may search: every trial of a
+  cell then shares one pretrained file], ``pretrain_subset`` [None: all source examples],
+  ``pretrain_seed`` [0].
+  In a multi-worker trial every worker resolves the source itself: each pretrains alone in its
+  own process (no collective, `samtune.train.fit(..., alone=True)`) on its own device, and the
+  file lock makes the workers of one node wait for the first one's file instead of training
+  again. Workers on nodes that do not share the cache folder each pretrain once per node (point
+  ``SAMTUNE_CACHE_DIR`` at shared storage to avoid that); DistributedDataParallel starts every
+  worker from rank 0's weights either way.
 - **``torchvision:<Weights>``**, e.g. ``torchvision:ResNet18_Weights.IMAGENET1K_V1``: the file
   torchvision would download for those weights, looked up in the local torch hub cache
   (``torch.hub.get_dir()/checkpoints``); for ``model="torchvision:<arch>"``.
@@ -126,8 +134,8 @@ def _is_dataset_name(source: str) -> bool:
 def resolve_source(source: str, config: dict[str, Any] | None = None) -> Path:
     """The local weights file ``source`` refers to, pretraining (once) when it names a dataset.
 
-    ``config`` is the trial config (model, norm, batch size, device and the ``pretrain_*`` keys
-    matter for a dataset source). Raises FileNotFoundError when a file, cached torchvision weights
+    ``config`` is the trial config (model, norm, epochs, device, precision and the ``pretrain_*``
+    keys matter for a dataset source). Raises FileNotFoundError when a file, cached torchvision weights
     or an MLflow artifact is absent (saying where it looked and how to supply it), ValueError for
     a source of no known form.
     """
@@ -197,8 +205,9 @@ def pretrain_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     """The trial config that pretrains ``config``'s model on dataset ``source``.
 
     Plain SGD (momentum 0.9, weight decay 5e-4, cosine schedule), clean labels, no validation
-    split, no sharpness measurement; ``pretrain_epochs``/``pretrain_lr``/``pretrain_subset``/
-    ``pretrain_seed`` override epochs (default: the trial's), lr (0.05), examples (all), seed (0).
+    split, no sharpness measurement; ``pretrain_epochs``/``pretrain_lr``/``pretrain_batch_size``/
+    ``pretrain_subset``/``pretrain_seed`` override epochs (default: the trial's), lr (0.05),
+    batch size (128, whatever the trial's ``batch_size``), examples (all), seed (0).
     """
     def get(key: str, default: Any) -> Any:
         value = config.get(key)
@@ -214,7 +223,9 @@ def pretrain_config(config: dict[str, Any], source: str) -> dict[str, Any]:
         "label_noise_rate": 0.0,
         "val_fraction": 0.0,
         "epochs": int(get("pretrain_epochs", get("epochs", 10))),
-        "batch_size": int(get("batch_size", 128)),
+        # Not the trial's batch_size: a searched setting would split one source into as many
+        # pretrainings (and cache files) as there are batch sizes.
+        "batch_size": int(get("pretrain_batch_size", 128)),
         "optimizer": "sgd",
         "base_optimizer": "sgd",
         "lr": float(get("pretrain_lr", 0.05)),
@@ -251,7 +262,9 @@ def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.P
     cached by a hash of `pretrain_config`: an existing one is returned at once, and concurrent
     callers (parallel trials of one sweep) wait on a file lock while the first one trains, so the
     source is pretrained once. A ``<file>.json`` beside the weights records the config and final
-    metrics. Raises what `samtune.train.fit` and `samtune.data.load_dataset` raise.
+    metrics. Safe inside one rank of an initialised ``torch.distributed`` group (a multi-worker
+    trial): it trains in this process alone, calling no collective. Raises what
+    `samtune.train.fit` and `samtune.data.load_dataset` raise.
     """
     from samtune import train  # train imports scenarios, which imports this module
 
@@ -264,7 +277,7 @@ def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.P
             return target
         saved: dict[str, Tensor] = {}
         metrics = train.fit(cfg, on_end=lambda model: saved.update(
-            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}), alone=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         torch.save(saved, tmp)
         os.replace(tmp, target)  # atomic: a waiting trial never reads half a file

@@ -241,6 +241,50 @@ def test_second_load_reads_the_cache_and_does_not_decode(cifar_subset, tmp_path,
     assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
 
 
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} again although a valid cache exists")
+    return refuse
+
+
+@needs_shared
+def test_second_load_of_a_jpeg_tarball_reads_the_cache(cifar_subset, tmp_path, monkeypatch):
+    root = write_tree(tmp_path / "cifar10-jpeg", cifar_subset)
+    archive = tmp_path / "subset.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="cifar10-jpeg")
+    first = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
+    monkeypatch.setattr(data_module, "_read_tar", _refuse("read the tarball"))
+    monkeypatch.setattr(data_module, "_decode_images", _refuse("decoded"))
+    again = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, key), getattr(first, key))
+
+
+@needs_shared
+def test_pickled_cifar10_tarball_is_decompressed_once_then_cached(cifar_subset, tmp_path, monkeypatch):
+    folder = tmp_path / "unpacked" / "cifar-10-batches-py"
+    write_canonical_cifar10(folder, cifar_subset)
+    archive = tmp_path / "root" / "cifar-10-python.tar.gz"  # the name cs.toronto.edu serves
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname="cifar-10-batches-py")
+    reference = load_dataset("cifar10", tmp_path / "unpacked", cache_dir=tmp_path / "unused", download=False)
+    first = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
+    assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
+    monkeypatch.setattr(data_module, "_read_tar", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_module, "_cifar_from_pickles", _refuse("unpickled"))
+    again = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(first, key), getattr(reference, key)), key
+        assert torch.equal(getattr(again, key), getattr(reference, key)), key
+    assert again.classes == reference.classes == CIFAR10_ORDER
+    # The tarball itself passed as the data root goes through the same cache.
+    assert torch.equal(load_dataset("cifar10", archive, cache_dir=tmp_path / "cache", download=False).train_x,
+                       reference.train_x)
+
+
 @needs_shared
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
 def test_corrupt_cache_is_detected_and_rebuilt(cifar_subset, tmp_path, damage):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from samtune.data import load_dataset
-from samtune.scenarios import apply_label_noise, build_scenario
+from samtune.scenarios import apply_label_noise, asymmetric_class_map, build_scenario
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
@@ -48,6 +48,92 @@ def test_label_noise_rejects_bad_arguments():
         apply_label_noise(labels, 0.5, 3, kind="uniform")
     with pytest.raises(ValueError, match="0..1"):
         apply_label_noise(labels, 0.5, 2)
+
+
+# CIFAR-10's asymmetric map (Patrini et al. 2017), by label index in CIFAR-10's class order:
+# truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PATRINI = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+
+def test_cifar10_asymmetric_map_follows_patrini_et_al():
+    assert asymmetric_class_map("cifar10", CIFAR10) == PATRINI
+    # A class selection keeps the pairs whose two classes are both kept, in the new indices.
+    assert asymmetric_class_map("cifar10[0-4]", CIFAR10[:5]) == {2: 0}
+    assert asymmetric_class_map("cifar10[3,5,9]", ["cat", "dog", "truck"]) == {0: 1, 1: 0}
+    with pytest.raises(ValueError, match="class map for \\['cifar10'\\] only .* not for dataset 'digits'"):
+        asymmetric_class_map("digits", [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match="keeps no pair"):
+        asymmetric_class_map("cifar10[6,8]", ["frog", "ship"])
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.37, 1.0])
+def test_asymmetric_noise_flips_round_rate_n_of_each_source_class_to_its_target(rate):
+    counts = [50, 61, 73, 89, 97, 101, 113, 127, 131, 139]  # unequal classes: per-class rounding shows
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    noisy, flipped = apply_label_noise(labels, rate, 10, kind="asymmetric", seed=4, class_map=PATRINI)
+    assert torch.equal((noisy != labels).nonzero().flatten(), flipped)
+    for c, n in enumerate(counts):
+        members = labels == c
+        moved = members & (noisy != labels)
+        if c in PATRINI:
+            assert int(moved.sum()) == round(rate * n), c
+            assert bool((noisy[moved] == PATRINI[c]).all())
+        else:
+            assert int(moved.sum()) == 0, c  # airplane, automobile, frog, horse, ship stay clean
+    assert len(flipped) == sum(round(rate * counts[c]) for c in PATRINI)
+    again = apply_label_noise(labels, rate, 10, kind="asymmetric", seed=4, class_map=PATRINI)
+    assert torch.equal(again[0], noisy) and torch.equal(again[1], flipped)
+    if 0 < rate < 1:
+        other = apply_label_noise(labels, rate, 10, kind="asymmetric", seed=5, class_map=PATRINI)
+        assert not torch.equal(other[1], flipped)
+
+
+def test_asymmetric_noise_needs_a_class_map():
+    with pytest.raises(ValueError, match="needs a class_map"):
+        apply_label_noise(torch.arange(10), 0.5, 10, kind="asymmetric")
+    with pytest.raises(ValueError, match="must join two different classes"):
+        apply_label_noise(torch.arange(10), 0.5, 10, kind="asymmetric", class_map={3: 3})
+
+
+def test_asymmetric_scenario_on_cifar10_and_a_clear_error_elsewhere(monkeypatch):
+    import samtune.scenarios as scenarios
+    from samtune.data import Dataset
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=gen)
+    fake = Dataset(name="cifar10", train_x=images,
+                   train_y=torch.arange(1000) % 10, test_x=torch.zeros(20, 3, 4, 4, dtype=torch.uint8),
+                   test_y=torch.arange(20) % 10, classes=list(CIFAR10))
+    monkeypatch.setattr(scenarios, "load_dataset", lambda name, root=None: fake)
+    sc = build_scenario({"dataset": "cifar10", "label_noise_rate": 0.4, "label_noise_kind": "asymmetric"})
+    assert sc.cell == "noise=0.4 asymmetric"
+    y_true = torch.cat([sc.train_y_true, sc.val_y_true])
+    y = torch.cat([sc.train_y, sc.val_y])
+    for c in range(10):  # 100 examples per class: 40 of each source class flip, all to its target
+        moved = (y_true == c) & (y != y_true)
+        assert int(moved.sum()) == (40 if c in PATRINI else 0)
+        if c in PATRINI:
+            assert bool((y[moved] == PATRINI[c]).all())
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not for dataset 'digits'"):
+        build_scenario({"dataset": "digits", "label_noise_rate": 0.2, "label_noise_kind": "asymmetric"})
+
+
+def test_scenario_keeps_the_flipped_indices_and_the_clean_validation_labels():
+    ds = load_dataset("digits")
+    sc = build_scenario({"dataset": "digits", "label_noise_rate": 0.3, "seed": 2})
+    for split in ("train", "val"):
+        y, y_true = getattr(sc, f"{split}_y"), getattr(sc, f"{split}_y_true")
+        flipped = getattr(sc, f"{split}_flipped")
+        assert flipped.dtype == torch.int64 and torch.equal(flipped, (y != y_true).nonzero().flatten())
+    assert len(sc.train_flipped) + len(sc.val_flipped) == round(0.3 * len(ds.train_y))
+    # val_y_true holds each validation image's own clean label.
+    true_by_image = {bytes(x.numpy().tobytes()): int(t) for x, t in zip(ds.train_x, ds.train_y)}
+    assert sc.val_y_true.tolist() == [true_by_image[bytes(x.numpy().tobytes())] for x in sc.val_x]
+    clean = build_scenario({"dataset": "digits", "seed": 2})
+    assert len(clean.train_flipped) == 0 and torch.equal(clean.val_y, clean.val_y_true)
 
 
 def _rows(x):
@@ -238,6 +324,51 @@ def test_a_dataset_source_is_pretrained_once_and_learns_it(tmp_path, monkeypatch
     monkeypatch.setattr(samtune.train, "fit", lambda *a, **k: pytest.fail("pretrained a second time"))
     again = build_scenario(dict(config))
     assert all(torch.equal(again.initial_state[k], v) for k, v in sc.initial_state.items())
-    # A different pretraining config is a different cache entry.
-    with pytest.raises(pytest.fail.Exception, match="pretrained a second time"):
-        build_scenario({**config, "pretrain_epochs": 4})
+    # The trial's batch size (a setting a sweep may search) does not pick the pretraining ...
+    build_scenario({**config, "batch_size": 32})
+    assert len(list((tmp_path / "cache" / "pretrained").glob("*.pt"))) == 1
+    # ... while a different pretraining config is a different cache entry.
+    for change in ({"pretrain_epochs": 4}, {"pretrain_batch_size": 32}):
+        with pytest.raises(pytest.fail.Exception, match="pretrained a second time"):
+            build_scenario({**config, **change})
+
+
+def test_a_dataset_source_pretrains_inside_one_rank_of_a_process_group(tmp_path, monkeypatch):
+    """A multi-worker finetuning trial: every worker builds its scenario inside an initialised
+    torch.distributed group. Pretraining there trains alone, without a collective."""
+    import torch.distributed as dist
+
+    from samtune.train import TrialConfigError, fit
+
+    monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    # This process plays rank 1 of 2; any collective would hang a real job, so here it fails.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+
+    def collective(*args, **kwargs):
+        raise AssertionError("pretraining called a collective")
+
+    for name in ("all_reduce", "broadcast", "barrier", "all_gather", "new_group"):
+        monkeypatch.setattr(dist, name, collective)
+    with pytest.raises(TrialConfigError, match="torch.distributed is initialised with 2 ranks"):
+        fit({"dataset": "digits", "epochs": 1})  # a plain fit() still refuses, as documented
+    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 1, "pretrain_subset": 256,
+              "epochs": 1, "batch_size": 64}
+    sc = build_scenario(config)
+    (weights,) = (tmp_path / "cache" / "pretrained").glob("*.pt")
+    state = read_state_dict(weights)
+    assert all(torch.equal(sc.initial_state[k], v) for k, v in state.items())
+    assert state["head.weight"].shape == (5, 128)  # the source task's own head
+
+
+def test_finetune_with_equal_class_counts_still_gets_a_new_head(tmp_path):
+    # Source and target both have 10 classes, so the source head would fit: it must not be used.
+    source = saved_weights(tmp_path / "w.pt", num_classes=10)
+    sc = build_scenario({**FINETUNE, "dataset": "digits", "finetune_source": str(tmp_path / "w.pt")})
+    model = sc.build_model("cnn", "batch")
+    assert model.head.weight.shape == source["head.weight"].shape
+    assert not torch.equal(model.head.weight, source["head.weight"])
+    assert not torch.equal(model.head.bias, source["head.bias"])
+    backbone = [k for k in source if not k.startswith("head.")]
+    assert all(torch.equal(model.state_dict()[k], source[k]) for k in backbone)

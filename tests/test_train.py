@@ -29,14 +29,19 @@ def test_fit_learns_digits_and_reports_every_metric():
     seen = []
     last = fit({**BASE, "epochs": 3, "optimizer": "sam"}, report=seen.append)
     assert [m["epoch"] for m in seen] == [1, 2, 3]
-    for key in ("train_loss", "train_acc_noisy", "train_acc_true", "val_error", "test_error",
-                "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s", "diverged"):
+    for key in ("train_loss", "train_acc_noisy", "train_acc_true", "train_error", "val_error",
+                "val_loss", "test_error", "test_loss", "generalization_gap", "epoch_time_s",
+                "samples_per_s", "train_time_s", "diverged"):
         assert key in last, key
     assert last["test_error"] < 0.15
     assert last["diverged"] == 0
-    assert last["generalization_gap"] == pytest.approx(last["test_error"] - (1 - last["train_acc_noisy"]))
+    assert last["generalization_gap"] == last["test_error"] - last["train_error"]
+    assert "flipped_acc_noisy" not in last  # no label noise, nothing flipped
     assert seen[2]["train_time_s"] == pytest.approx(sum(m["epoch_time_s"] for m in seen))
-    assert (last["m_effective"], last["m_workers"]) == (64, 1)  # one eps from the whole batch
+    # How m was realised: one eps from the whole batch of the single worker.
+    assert (last["m_effective"], last["m_workers"], last["m_groups_per_worker"],
+            last["m_per_worker_batch"]) == (64, 1, 1, 64)
+    assert last["m_plan"] == "m=64: one eps from the whole batch"
     # cosine schedule: after the last step of the last epoch the multiplier is cos(pi) -> 0
     assert seen[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 3)), rel=0.02)
     assert last["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -225,6 +230,146 @@ def test_sharpness_is_measured_on_the_documented_subset_without_disturbing_train
     again = measure_sharpness(model, F.cross_entropy, x, y, measures=("m_sharpness",), seed=0,
                               m_sharpness={"rho": 0.1})
     assert last["sharpness/m_sharpness"] == pytest.approx(again["sharpness/m_sharpness"], rel=1e-6)
+
+
+def test_train_error_losses_and_memorisation_are_eval_mode_measurements_of_the_final_model():
+    config = {**BASE, "epochs": 2, "optimizer": "sam", "label_noise_rate": 0.4}
+    box = {}
+    last = fit(config, on_end=lambda m: box.update(model=m))
+    model = box["model"].eval()
+    sc = build_scenario(resolve_config(config))
+
+    def logits_of(x):
+        with torch.no_grad():
+            return model(to_float(x, sc.mean, sc.std))
+
+    # The fixed subset: the first 1,024 indices of the permutation seeded with seed + 7919.
+    idx = torch.randperm(len(sc.train_y), generator=torch.Generator().manual_seed(0 + 7919))[:1024]
+    assert len(sc.train_y) > 1024
+    pred, noisy, true = logits_of(sc.train_x[idx]).argmax(1), sc.train_y[idx], sc.train_y_true[idx]
+    assert last["train_error"] == pytest.approx(float((pred != noisy).double().mean()), abs=1e-12)
+    assert last["generalization_gap"] == last["test_error"] - last["train_error"]
+    flipped = noisy != true
+    assert 300 < int(flipped.sum()) < 520  # about 40% of 1,024
+    assert last["flipped_acc_noisy"] == pytest.approx(float((pred == noisy)[flipped].double().mean()), abs=1e-12)
+    assert last["flipped_acc_true"] == pytest.approx(float((pred == true)[flipped].double().mean()), abs=1e-12)
+    for split in ("val", "test"):
+        x, y = getattr(sc, f"{split}_x"), getattr(sc, f"{split}_y")
+        logits = logits_of(x)
+        assert last[f"{split}_error"] == pytest.approx(float((logits.argmax(1) != y).double().mean()), abs=1e-12)
+        assert last[f"{split}_loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+def _save_source(path, num_classes=5):
+    from samtune.models import build_model
+
+    torch.manual_seed(5)
+    net = build_model("cnn", num_classes, (1, 8, 8))
+    torch.save(net.state_dict(), path)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_backbone_lr_scale_scales_the_pretrained_layers_step(tmp_path):
+    source = _save_source(tmp_path / "w.pt")
+    # One step (64 examples, batch 64) of SAM without momentum or weight decay: the update is
+    # -lr x gradient at w + eps, and the gradient does not depend on the learning rate, so the
+    # backbone's step at backbone_lr_scale s is exactly s times its step at scale 1.
+    config = {**BASE, "dataset": "digits[5-9]", "scenario": "finetune", "finetune_source": str(tmp_path / "w.pt"),
+              "epochs": 1, "data_subset": 64, "val_fraction": 0.0, "batch_size": 64, "optimizer": "sam",
+              "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant"}
+    full, w_full = weights_after(config)
+    slow, w_slow = weights_after({**config, "backbone_lr_scale": 0.1})
+    probe, w_probe = weights_after({**config, "backbone_lr_scale": 0.0})
+    assert (full["lr"], full["lr_backbone"]) == (0.5, 0.5)
+    assert slow["lr"] == 0.5 and slow["lr_backbone"] == pytest.approx(0.05)
+    assert probe["lr_backbone"] == 0.0
+    from samtune.models import build_model
+
+    names = {n for n, _ in build_model("cnn", 5, (1, 8, 8)).named_parameters()}
+    backbone = sorted(n for n in names if not n.startswith("head."))
+    moved = 0.0
+    for k in backbone:
+        step_full, step_slow = w_full[k] - source[k], w_slow[k] - source[k]
+        torch.testing.assert_close(step_slow, 0.1 * step_full, rtol=1e-4, atol=1e-7)
+        assert torch.equal(w_probe[k], source[k]), k  # scale 0: a linear probe, backbone untouched
+        moved = max(moved, float(step_full.abs().max()))
+    assert moved > 1e-3
+    for k in ("head.weight", "head.bias"):  # the head takes the same step at either scale
+        torch.testing.assert_close(w_slow[k], w_full[k], rtol=1e-6, atol=1e-7)
+    # (The probe's head step differs: SAM then perturbs only the head, the parameters it trains.)
+    assert not torch.equal(w_probe["head.weight"], w_full["head.weight"])
+
+
+def test_worker_resources_check_the_largest_node_not_only_the_totals(monkeypatch):
+    three = resolve_config({**BASE, "workers": 2, "cpus_per_worker": 3.0})
+    with pytest.raises(TrialConfigError, match="one training worker needs 3 CPU on a single node, but the "
+                                               "largest node has 2 CPU"):
+        worker_resources(three, cluster_cpus=8.0, nodes=[{"CPU": 2.0}] * 4)  # 8 CPUs, none holds 3
+    assert worker_resources(three, cluster_cpus=8.0, nodes=[{"CPU": 4.0}] * 2) == {"CPU": 3.0}
+    four = resolve_config({**BASE, "workers": 4, "cpus_per_worker": 1.5})
+    assert worker_resources(four, cluster_cpus=8.0, nodes=[{"CPU": 2.0}] * 4) == {"CPU": 1.5}
+    with pytest.raises(TrialConfigError, match=r"4 workers of 1.5 CPU each do not fit: the Ray cluster's 3 "
+                                               r"node\(s\) hold 3 such workers"):
+        worker_resources(four, cluster_cpus=7.5, nodes=[{"CPU": 2.5}] * 3)  # the totals would fit
+    gpu = resolve_config({**BASE, "workers": 3, "batch_size": 63, "use_gpu": True})
+    # Two one-GPU nodes and 3 workers: a 0.66 share each, and no GPU holds two of them.
+    with pytest.raises(TrialConfigError, match=r"3 workers of 1 CPU \+ 0.66 GPU each do not fit: .* hold 2 "):
+        worker_resources(gpu, cluster_cpus=16.0, cluster_gpus=2.0, nodes=[{"CPU": 8.0, "GPU": 1.0}] * 2)
+    with pytest.raises(TrialConfigError, match="needs 1 CPU \\+ 1 GPU on a single node"):
+        worker_resources(resolve_config({**BASE, "workers": 2, "use_gpu": True}), cluster_cpus=9.0,
+                         cluster_gpus=2.0, nodes=[{"CPU": 8.0, "GPU": 0.0}, {"CPU": 0.5, "GPU": 2.0}])
+    # Without explicit figures, the connected cluster's alive nodes (ray.nodes()) are checked.
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 10.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}},
+                                               {"Alive": False, "Resources": {"CPU": 8.0}}])
+    with pytest.raises(TrialConfigError, match="largest node has 2 CPU"):
+        worker_resources(three)
+
+
+def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_step():
+    from samtune.data import load_dataset
+    from samtune.models import build_model
+    from samtune.sam import SAM, sam_step
+
+    ds = load_dataset("digits")
+    x, y = to_float(ds.train_x[:192], ds.mean, ds.std), ds.train_y[:192]
+
+    def run(scaler=None, m=None, clip=0.5, dtype=None):
+        torch.manual_seed(0)
+        model = build_model("mlp", 10, (1, 8, 8), "none")
+        opt = SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        norms = []
+        for s in range(3):
+            xb, yb = x[64 * s:64 * (s + 1)], y[64 * s:64 * (s + 1)]
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                sam_step(model, F.cross_entropy, xb, yb, opt, m=m, max_grad_norm=clip, scaler=scaler)
+            norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+        return [p.detach().clone() for p in model.parameters()], norms
+
+    for m in (None, 16):  # whole-batch eps and m-sharpness groups
+        reference, norms = run(m=m)
+        assert min(norms) < 0.5 + 1e-6  # what the base optimizer stepped with was clipped
+        unclipped, raw_norms = run(m=m, clip=None)
+        assert min(raw_norms) > 0.5  # ... from gradients that were larger
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        scaled, _ = run(scaler, m=m)
+        # A power-of-two loss scale is exact in float32, eps is normalised, the gradient is
+        # unscaled once before clipping: the same update as without scaling.
+        for a, b, c in zip(reference, scaled, unclipped):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert any(not torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(reference, unclipped))
+        assert scaler.get_scale() == 2.0 ** 12  # no overflow, no skipped step
+    # fp16 autocast on CPU, where the build supports it: the scaled steps stay near fp32's.
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    except RuntimeError:
+        return
+    half, _ = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), dtype=torch.float16)
+    reference, _ = run()
+    for a, b in zip(reference, half):
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
 
 
 # ------------------------------------------------------------------------------ multi-worker
@@ -461,6 +606,51 @@ def test_four_workers_share_each_eps_in_pairs(tmp_path):
         assert (first[0] - first[2]).abs().max() > 1e-3
         assert all(torch.equal(ranks[0]["records"][s]["params"], r["records"][s]["params"]) for r in ranks)
     assert ranks[0]["metrics"][-1]["m_workers"] == 2
+
+
+FINETUNE_RANKS = {"dataset": "digits[5-9]", "scenario": "finetune", "finetune_source": "digits[0-4]",
+                  "model": "cnn", "epochs": 2, "batch_size": 64, "workers": 2, "optimizer": "sam",
+                  "pretrain_epochs": 2, "label_noise_rate": 0.2, "sharpness_measures": ()}
+
+
+def _finetune_rank_worker(rank, out, init, cache):
+    import torch.distributed as dist
+
+    from samtune.train import _LocalSession, _train
+
+    os.environ["SAMTUNE_CACHE_DIR"] = cache
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        seen, box = [], {}
+        _train(FINETUNE_RANKS, _LocalSession(seen.append, None),
+               on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}))
+        torch.save({"metrics": seen, "state": box["state"]}, os.path.join(out, f"finetune-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_finetune_from_a_dataset_source_pretrained_inside_the_workers(tmp_path):
+    """Every rank of a 2-worker finetuning trial resolves finetune_source='digits[0-4]' itself:
+    the source is pretrained once (the other rank waits on the cache's file lock, in no
+    collective), and the BatchNorm statistics are rank 0's on both ranks when evaluated."""
+    import torch.multiprocessing as mp
+
+    cache = tmp_path / "cache"
+    mp.spawn(_finetune_rank_worker, args=(str(tmp_path), f"file://{tmp_path}/store", str(cache)), nprocs=2)
+    assert len(list((cache / "pretrained").glob("*.pt"))) == 1
+    ranks = [torch.load(tmp_path / f"finetune-{r}.pt", weights_only=True) for r in range(2)]
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k
+    assert ranks[0]["metrics"] == [{**m, "epoch_time_s": ranks[0]["metrics"][i]["epoch_time_s"],
+                                    "samples_per_s": ranks[0]["metrics"][i]["samples_per_s"],
+                                    "train_time_s": ranks[0]["metrics"][i]["train_time_s"]}
+                                   for i, m in enumerate(ranks[1]["metrics"])]
+    last = ranks[0]["metrics"][-1]
+    assert last["m_workers"] == 1 and last["m_per_worker_batch"] == 32 and "per-worker eps" in last["m_plan"]
+    assert last["test_error"] < 0.2 and last["lr_backbone"] == last["lr"]
+    assert last["generalization_gap"] == last["test_error"] - last["train_error"]
 
 
 # ------------------------------------------------------------------------------ Tune
