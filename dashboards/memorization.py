@@ -1,11 +1,13 @@
 """Memorization: fitting the noisy labels against the true ones, SAM against SGD, per noise cell.
 
-Training accuracy on the noisy labels and on the true labels, by epoch. Per cell with a noise rate above zero, for each optimizer the configuration chosen as in the
-robustness view (lowest final validation error among trials that ran every epoch, seed repeats
-averaged): solid, accuracy on the labels it trained on (noisy); dashed, accuracy on the true
-labels. Once the solid line climbs above 1 - noise rate while the dashed one falls, the model is
-fitting the flipped labels; SAM's gain under label noise is resisting that (Foret et al. 2020,
-section 3.3).
+Training accuracy on the noisy labels and on the true labels, by epoch. Per cell with a noise
+rate above zero, for each optimizer the configuration chosen as in the robustness view (lowest
+final validation error among trials that ran every epoch, seed repeats averaged): solid,
+accuracy on the labels it trained on (noisy); dashed, accuracy on the true labels. Once the
+solid line climbs above 1 - noise rate while the dashed one falls, the model is fitting the
+flipped labels; SAM's gain under label noise is resisting that (Foret et al. 2020, section 3.3).
+Where trials logged no validation error (val_fraction=0) the choice is by final test error, and
+a note says so.
 """
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report import Runs, View, best_per_optimizer, cell_order, optimizer_colors
+from samtune.report import (
+    Runs,
+    View,
+    best_per_optimizer,
+    cell_order,
+    choice_metric,
+    optimizer_colors,
+)
 
 ORDER = 40
 
@@ -41,7 +50,10 @@ def view(runs: Runs) -> View:
         if pool.empty:
             notes.append(f"{cell}: no trial ran every epoch; using early-stopped ones.")
             pool = trials
-        chosen = best_per_optimizer(pool, "final_val_error")
+        chosen_by, note = choice_metric(pool, "final_val_error")
+        if note:
+            notes.append(f"{cell}: {note}")
+        chosen = best_per_optimizer(pool, chosen_by)
         for _, choice in chosen.iterrows():
             run_ids = pool.loc[pool["config_key"] == choice["config_key"], "run_id"]
             epochs = history[history["run_id"].isin(run_ids)]

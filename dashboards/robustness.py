@@ -8,14 +8,25 @@ validation error (early stopping, chosen by that validation error) - under label
 is known to depend on early stopping.
 
 Choosing by validation error, not test error, keeps the comparison honest: the test set only
-reports. Cells that are not label-noise cells (finetuning) sit on a categorical axis instead.
+reports. Where trials logged no validation error (trained with val_fraction=0), a panel chooses by
+test error instead and a note under the figure says so. Cells that are not label-noise cells
+(finetuning) sit on a categorical axis instead.
 """
 from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report import Runs, View, best_per_optimizer, cell_order, optimizer_colors
+import numpy as np
+
+from samtune.report import (
+    Runs,
+    View,
+    best_per_optimizer,
+    cell_order,
+    choice_metric,
+    optimizer_colors,
+)
 
 ORDER = 10
 
@@ -52,18 +63,25 @@ def view(runs: Runs) -> View:
     best_frames = []
     for panel, select_by, reported in PANELS:
         pool = plotted[plotted["status"] == "finished"] if panel == "final" else plotted
-        best = best_per_optimizer(pool, select_by, report=[reported])
+        chosen_by, note = choice_metric(pool, select_by)
+        if note:
+            notes.append(f"{'Final' if panel == 'final' else 'Best'}-epoch panel: {note}")
+        best = best_per_optimizer(pool, chosen_by, report=[reported])
         best.insert(0, "epoch", panel)
+        # The validation error the choice was made by; NaN where the test error made it.
+        chosen = best.pop(chosen_by)
         best = best.rename(columns={f"{reported}_mean": "test_error",
-                                    f"{reported}_std": "test_error_std",
-                                    select_by: "val_error"})
+                                    f"{reported}_std": "test_error_std"})
+        best["val_error"] = chosen if chosen_by == select_by else np.nan
+        best["chosen_by"] = chosen_by
         best_frames.append(best)
     best = pd.concat(best_frames, ignore_index=True)
     best["x"] = best["cell"].map(x_of)
     best = _with_hyperparameters(best, plotted)
 
-    points = plotted[["cell", "trial_key", "optimizer_label", "status", "final_val_error",
-                      "final_test_error", "best_val_error", "best_test_error"]].copy()
+    points = plotted.reindex(columns=["cell", "trial_key", "optimizer_label", "status",
+                                      "final_val_error", "final_test_error", "best_val_error",
+                                      "best_test_error"])
     points["x"] = points["cell"].map(x_of)
 
     gain = _gain_over_sgd(best)

@@ -1,16 +1,20 @@
 """Sensitivity: how validation error moves with rho, m and the learning rate, per cell.
 
-One row per cell. Left: the lowest final validation error reached in each (rho, m) square among
+One row per cell. First: the lowest final validation error reached in each (rho, m) square among
 SAM trials, binned where a hyperparameter takes many values (each square also gives its trial
-count). Middle: final validation error against learning rate, every trial, by optimizer. Right:
+count). Second: final validation error against learning rate, every trial, by optimizer. Third:
 hyperparameter importance for SAM's final validation error in that cell, from Optuna's fANOVA
-and PED-ANOVA evaluators.
+and PED-ANOVA evaluators. Fourth: the same across optimizers (every trial of the cell, on the
+optimizer and the hyperparameters all optimizers search). Trials that logged no validation error
+(val_fraction=0) are judged by final test error instead, as a note then says.
 
 Importance is computed on the SAM-family trials of a cell (SAM and ASAM; every trial where the
-cell has none), over the hyperparameters that vary there (seed and resources left out), by
-rebuilding an in-memory Optuna study from those trials. `m=None` counts as the per-worker batch
-it stands for. Distributions are inferred from the values seen: numbers become float (or int)
-ranges, log-scaled when positive and spanning a factor of 10 or more; anything else categorical.
+cell has none) that ran their whole budget (ASHA-stopped trials carry an earlier epoch's error,
+so they are left out), over the hyperparameters that vary there (seed and resources left out),
+by rebuilding an in-memory Optuna study from those trials. `m=None` counts as the per-worker
+batch it stands for. Distributions are inferred from the values seen: numbers become float (or
+int) ranges, log-scaled when positive and spanning a factor of 10 or more; anything else
+categorical.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from samtune.report import (
     Runs,
     View,
     cell_order,
+    choice_metric,
     effective_m,
     optimizer_colors,
     searched_hyperparameters,
@@ -42,6 +47,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 8
 # top quantile, so the quantile grows for small cells (capped at half).
 PED_ANOVA_TOP_TRIALS = 5
 SAM_FAMILY = ("sam", "asam")
+IMPORTANCE_COLUMNS = ["cell", "scope", "evaluator", "param", "importance", "n_trials"]
 
 
 def view(runs: Runs) -> View:
@@ -50,37 +56,92 @@ def view(runs: Runs) -> View:
     colors = optimizer_colors(plotted["optimizer_label"])
     heatmaps, slices, importances, notes = [], [], [], []
 
-    figure = Figure(figsize=(16, 4.3 * len(cells)), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(cells), 3, squeeze=False))
+    figure = Figure(figsize=(21, 4.3 * len(cells)), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(len(cells), 4, squeeze=False))
+    objectives = set()
     for row, cell in zip(axes, cells):
         trials = plotted[plotted["cell"] == cell]
-        sam = trials[trials["optimizer"].astype(str).str.lower().isin(SAM_FAMILY)] \
-            if "optimizer" in trials else trials.iloc[:0]
+        objective, note = choice_metric(trials, OBJECTIVE)
+        objectives.add(objective)
+        if note:
+            notes.append(f"{cell}: {note}")
+        family = _sam_family(trials)
+        sam = trials[family]
 
-        heatmap, rho_labels, m_labels = _heatmap(sam, cell)
+        heatmap, rho_labels, m_labels = _heatmap(sam, cell, objective)
         heatmaps.append(heatmap)
-        _draw_heatmap(row[0], heatmap, rho_labels, m_labels, cell, trials)
+        _draw_heatmap(row[0], heatmap, rho_labels, m_labels, cell, trials, objective)
 
         slice_ = trials[["cell", "trial_key", "optimizer_label"]].copy()
         slice_["lr"] = pd.to_numeric(trials["lr"], errors="coerce") if "lr" in trials else np.nan
-        slice_["val_error"] = pd.to_numeric(trials[OBJECTIVE], errors="coerce")
+        slice_["val_error"] = pd.to_numeric(trials[objective], errors="coerce")
+        slice_["objective"] = objective
         slices.append(slice_)
-        _draw_slice(row[1], slice_, colors, cell)
+        _draw_slice(row[1], slice_, colors, cell, objective)
 
-        pool = sam if len(sam) else trials
-        importance, note = _importance(runs, pool, cell)
+        # Importance only from trials that ran their whole budget: an ASHA-stopped trial's
+        # error is that of an earlier epoch, and fed in as a finished value it would teach the
+        # evaluators that whatever it was configured with is good (or bad) for no real reason.
+        finished = trials["status"] == "finished"
+        pool = trials[family & finished] if family.any() else trials[finished]
+        importance, note = _importance(runs, pool, cell, objective,
+                                       scope="SAM family" if family.any() else "all trials")
         importances.append(importance)
         if note:
             notes.append(note)
-        _draw_importance(row[2], importance, cell, note)
+        _draw_importance(row[2], importance, cell, note, objective,
+                         "SAM family" if family.any() else "all trials")
 
-    figure.suptitle(f"{runs.experiment}: sensitivity of validation error ({OBJECTIVE})")
+        # Across optimizers: SAM-family importance cannot say how much the optimizer itself
+        # matters, so a second importance runs over every finished trial of the cell, on the
+        # hyperparameters every optimizer has.
+        common = _common_hyperparameters(runs, trials[finished], family[finished])
+        if common:
+            importance, note = _importance(runs, trials[finished], cell, objective,
+                                           params=common, scope="all optimizers")
+        else:
+            importance, note = pd.DataFrame(columns=IMPORTANCE_COLUMNS), (
+                f"{cell}: no importance across optimizers (it needs SAM-family and other "
+                "trials, and a hyperparameter both search).")
+        importances.append(importance)
+        if note:
+            notes.append(note)
+        _draw_importance(row[3], importance, cell, note, objective, "all optimizers")
+
+    what = " / ".join(sorted(objectives)) or OBJECTIVE
+    figure.suptitle(f"{runs.experiment}: sensitivity of {what}")
     data = {
         "heatmap": _concat(heatmaps),
         "importance": _concat(importances),
         "slice": _concat(slices),
     }
     return View(figure=figure, data=data, notes=notes)
+
+
+def _label(objective: str) -> str:
+    return "val error" if "val_error" in objective else "test error"
+
+
+def _sam_family(trials: pd.DataFrame) -> pd.Series:
+    """True for the SAM and ASAM trials (whatever base optimizer they wrap)."""
+    if "optimizer" not in trials:
+        return pd.Series(False, index=trials.index)
+    return trials["optimizer"].astype(str).str.lower().isin(SAM_FAMILY)
+
+
+def _common_hyperparameters(runs: Runs, trials: pd.DataFrame, family: pd.Series) -> list[str]:
+    """What an importance across optimizers may use: the optimizer choice itself (optimizer,
+    base_optimizer) where it varies, and every hyperparameter searched both among the SAM-family
+    trials and among the others. A SAM-only knob (rho, m) is left out: for SGD it is a logged
+    default that does nothing, and it would be credited with the optimizer's effect."""
+    if not family.any() or family.all():
+        return []
+    searched = searched_hyperparameters(runs, trials)
+    in_sam = set(searched_hyperparameters(runs, trials[family]))
+    in_other = set(searched_hyperparameters(runs, trials[~family]))
+    keep = [p for p in searched
+            if p in ("optimizer", "base_optimizer") or (p in in_sam and p in in_other)]
+    return keep if any(p in ("optimizer", "base_optimizer") for p in keep) else []
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -109,17 +170,19 @@ def _bins(values: pd.Series) -> tuple[pd.Series, list[str]]:
     return binned.astype(object).where(binned.notna(), None), labels
 
 
-def _heatmap(sam: pd.DataFrame, cell: str) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Lowest and mean objective per (rho bin, m bin) among `sam` trials, with trial counts;
-    also the ordered bin labels of both axes."""
+def _heatmap(sam: pd.DataFrame, cell: str, objective: str
+             ) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Lowest and mean `objective` per (rho bin, m bin) among `sam` trials, with trial counts;
+    also the ordered bin labels of both axes. The columns keep the names `best_val_error` and
+    `mean_val_error` whichever error the objective is; `objective` says which."""
     columns = ["cell", "rho_bin", "m_bin", "rho_index", "m_index", "best_val_error",
-               "mean_val_error", "n_trials"]
+               "mean_val_error", "n_trials", "objective"]
     if sam.empty or "rho" not in sam:
         return pd.DataFrame(columns=columns), [], []
     frame = pd.DataFrame({
         "rho": pd.to_numeric(sam["rho"], errors="coerce"),
         "m": effective_m(sam),
-        "val_error": pd.to_numeric(sam[OBJECTIVE], errors="coerce"),
+        "val_error": pd.to_numeric(sam[objective], errors="coerce"),
     })
     frame = frame[np.isfinite(frame["val_error"])]
     if frame.empty:
@@ -137,14 +200,15 @@ def _heatmap(sam: pd.DataFrame, cell: str) -> tuple[pd.DataFrame, list[str], lis
             "best_val_error": float(group["val_error"].min()),
             "mean_val_error": float(group["val_error"].mean()),
             "n_trials": len(group),
+            "objective": objective,
         })
     out = pd.DataFrame(rows, columns=columns)
     return out.sort_values(["rho_index", "m_index"], ignore_index=True), rho_labels, m_labels
 
 
 def _draw_heatmap(ax, heatmap: pd.DataFrame, rho_labels: list[str], m_labels: list[str],
-                  cell: str, trials: pd.DataFrame) -> None:
-    ax.set_title(f"{cell}: best val error, SAM, rho x m", fontsize="medium")
+                  cell: str, trials: pd.DataFrame, objective: str) -> None:
+    ax.set_title(f"{cell}: best {_label(objective)}, SAM, rho x m", fontsize="medium")
     if heatmap.empty:
         ax.text(0.5, 0.5, "no SAM trial in this cell", ha="center", va="center",
                 transform=ax.transAxes)
@@ -167,16 +231,17 @@ def _draw_heatmap(ax, heatmap: pd.DataFrame, rho_labels: list[str], m_labels: li
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     sgd = trials[trials["optimizer_label"] == "SGD"]
     if len(sgd):
-        best_sgd = pd.to_numeric(sgd[OBJECTIVE], errors="coerce").min()
-        ax.set_title(f"{cell}: best val error, SAM, rho x m (SGD best {best_sgd:.3f})",
+        best_sgd = pd.to_numeric(sgd[objective], errors="coerce").min()
+        ax.set_title(f"{cell}: best {_label(objective)}, SAM, rho x m (SGD best {best_sgd:.3f})",
                      fontsize="medium")
 
 
 # -- the learning-rate slice ---------------------------------------------------------------------
 
 
-def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str) -> None:
-    ax.set_title(f"{cell}: val error vs learning rate", fontsize="medium")
+def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str,
+                objective: str) -> None:
+    ax.set_title(f"{cell}: {_label(objective)} vs learning rate", fontsize="medium")
     shown = slice_[np.isfinite(slice_["lr"]) & np.isfinite(slice_["val_error"])]
     for label, group in shown.groupby("optimizer_label"):
         ax.scatter(group["lr"], group["val_error"], s=16, alpha=0.7, color=colors[label],
@@ -184,7 +249,7 @@ def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str) -> 
     if len(shown) and shown["lr"].min() > 0 and shown["lr"].max() / shown["lr"].min() >= 10:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("final val error")
+    ax.set_ylabel(f"final {_label(objective)}")
     ax.grid(alpha=0.3)
     if len(shown):
         ax.legend(fontsize="small")
@@ -210,10 +275,15 @@ def _distribution(values: list):
     return CategoricalDistribution(choices), as_choices
 
 
-def _importance(runs: Runs, trials: pd.DataFrame, cell: str) -> tuple[pd.DataFrame, str | None]:
-    """fANOVA and PED-ANOVA importances of the searched hyperparameters for OBJECTIVE.
+def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OBJECTIVE, *,
+                params: list[str] | None = None, scope: str = "SAM family"
+                ) -> tuple[pd.DataFrame, str | None]:
+    """fANOVA and PED-ANOVA importances of `params` (default: the hyperparameters searched among
+    `trials`) for `objective`, every one of `trials` entered as a completed Optuna trial (the
+    caller passes only trials that ran their whole budget).
 
-    Returns (frame with cell, evaluator, param, importance; a note when skipped)."""
+    Returns (frame with cell, scope, evaluator, param, importance, n_trials; a note when
+    skipped)."""
     import optuna
     from optuna.importance import (
         FanovaImportanceEvaluator,
@@ -221,15 +291,18 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str) -> tuple[pd.DataFra
         get_param_importances,
     )
 
-    columns = ["cell", "evaluator", "param", "importance", "n_trials"]
-    empty = pd.DataFrame(columns=columns)
-    objective = pd.to_numeric(trials[OBJECTIVE], errors="coerce")
-    trials = trials[np.isfinite(objective)]
-    params = searched_hyperparameters(runs, trials)
+    empty = pd.DataFrame(columns=IMPORTANCE_COLUMNS)
+    values = pd.to_numeric(trials[objective], errors="coerce") if objective in trials else \
+        pd.Series(np.nan, index=trials.index)
+    trials = trials[np.isfinite(values)]
+    searched = searched_hyperparameters(runs, trials)
+    params = searched if params is None else [p for p in params if p in searched]
     if not params:
-        return empty, f"{cell}: no hyperparameter varies, so there is no importance to compute."
+        return empty, (f"{cell} ({scope}): no hyperparameter varies, so there is no importance "
+                       "to compute.")
     if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
-        return empty, (f"{cell}: importance needs at least {MIN_TRIALS_FOR_IMPORTANCE} trials, "
+        return empty, (f"{cell} ({scope}): importance needs at least "
+                       f"{MIN_TRIALS_FOR_IMPORTANCE} trials that ran their whole budget, "
                        f"found {len(trials)}.")
     columns_values = {}
     for name in params:
@@ -237,7 +310,7 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str) -> tuple[pd.DataFra
         columns_values[name] = _distribution(values)
     distributions = {name: dist for name, (dist, _) in columns_values.items()}
     study_trials = []
-    for i, value in enumerate(pd.to_numeric(trials[OBJECTIVE])):
+    for i, value in enumerate(pd.to_numeric(trials[objective])):
         study_trials.append(optuna.trial.create_trial(
             params={name: cast[i] for name, (_, cast) in columns_values.items()},
             distributions=distributions,
@@ -259,15 +332,17 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str) -> tuple[pd.DataFra
                 # Few trials by design; the note on the page says so, the console need not.
                 warnings.simplefilter("ignore")
                 result = get_param_importances(study, evaluator=evaluator, params=params)
-            rows += [{"cell": cell, "evaluator": name, "param": p, "importance": float(v),
-                      "n_trials": len(study_trials)} for p, v in result.items()]
+            rows += [{"cell": cell, "scope": scope, "evaluator": name, "param": p,
+                      "importance": float(v), "n_trials": len(study_trials)}
+                     for p, v in result.items()]
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return pd.DataFrame(rows, columns=columns), None
+    return pd.DataFrame(rows, columns=IMPORTANCE_COLUMNS), None
 
 
-def _draw_importance(ax, importance: pd.DataFrame, cell: str, note: str | None) -> None:
-    ax.set_title(f"{cell}: hyperparameter importance", fontsize="medium")
+def _draw_importance(ax, importance: pd.DataFrame, cell: str, note: str | None,
+                     objective: str, scope: str) -> None:
+    ax.set_title(f"{cell}: importance for {_label(objective)}, {scope}", fontsize="medium")
     if importance.empty:
         ax.text(0.5, 0.5, note or "no importance", ha="center", va="center", wrap=True,
                 transform=ax.transAxes, fontsize="small")

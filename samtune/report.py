@@ -20,7 +20,10 @@ view; nothing else is edited. Where the views are looked for, first hit wins:
 Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
 numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
 page, never plotted as numbers. A trial whose status says finished but whose last validation or
-test error is not finite, or whose `diverged` metric is 1, counts as diverged.
+test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
+test error counts as incomplete. The validation error is optional (a trial trained with
+`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
+missing, through `choice_metric`, and say so in a note.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ __all__ = [
     "ViewSpec",
     "best_per_optimizer",
     "build",
+    "choice_metric",
     "build_report",
     "cell_order",
     "discover_views",
@@ -80,6 +84,11 @@ PLOTTED_STATUSES = ("finished", "stopped")
 NUISANCE_KEYS = frozenset(
     {"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset"}
 )
+
+# Keys `sharpness/<key>` that samtune.sharpness.measure_sharpness logs beside the measures (its
+# SHARED_KEYS; copied, not imported, so that a report does not load torch; a test checks that
+# they agree): what was measured on, not a measure.
+SHARPNESS_SHARED_KEYS = frozenset({"subset", "seed", "batch", "num_params"})
 
 # MLflow's own run states, for trials that never set samtune.status (e.g. a crashed process).
 _MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
@@ -129,8 +138,9 @@ class Runs:
     with the same config_key are seed repeats), optimizer_label ("SGD", "SAM", "ASAM",
     "SAM(AdamW)"...), one column per trial-config key (parsed back from MLflow's strings:
     numbers, bools, None), `final_<metric>` (value at the trial's last epoch), `best_epoch` (the
-    epoch of lowest val_error) and `best_<metric>` (value at that epoch), and one column per
-    sharpness key `sharpness/<measure>` (its last measured value).
+    epoch of lowest val_error; of lowest test_error where the trial logged no val_error),
+    `best_by` (which of the two chose it) and `best_<metric>` (value at that epoch), and one
+    column per sharpness key `sharpness/<key>` (its last measured value).
 
     `history` has one row per (trial, epoch): run_id, trial_key, cell, optimizer_label,
     config_key, epoch and one column per per-epoch metric. Only plotted trials appear in it.
@@ -162,11 +172,14 @@ class Runs:
     def sharpness_measures(self) -> list[str]:
         """Measure names logged as `sharpness/<measure>` with at least one finite value.
 
-        Settings logged alongside (`sharpness/<measure>/<setting>`) are not measures.
+        Settings logged alongside (`sharpness/<measure>/<setting>`, `sharpness/params/<name>`)
+        and what the measurement was made on (`sharpness/subset`, `/seed`, `/batch`,
+        `/num_params`) are not measures.
         """
         names = []
         for col in self.trials.columns:
-            if col.startswith("sharpness/") and col.count("/") == 1:
+            if (col.startswith("sharpness/") and col.count("/") == 1
+                    and col.split("/", 1)[1] not in SHARPNESS_SHARED_KEYS):
                 values = pd.to_numeric(self.plotted[col], errors="coerce")
                 if np.isfinite(values).any():
                     names.append(col.split("/", 1)[1])
@@ -273,10 +286,14 @@ def tabulate(
                 row[key] = last
             else:
                 row[f"final_{key}"] = last
-        val = {e: v for e, v in history.get("val_error", {}).items() if math.isfinite(v)}
+        # Without a validation split (val_fraction=0) only the test error can place the best
+        # epoch; `best_by` says so, and views that choose by it say so on the page.
+        best_by = "val_error" if history.get("val_error") else "test_error"
+        val = {e: v for e, v in history.get(best_by, {}).items() if math.isfinite(v)}
         if val:
             best_epoch = min(val, key=lambda e: (val[e], e))  # earliest of equal minima
             row["best_epoch"] = best_epoch
+            row["best_by"] = best_by
             for key, series in history.items():
                 if not key.startswith("sharpness/") and best_epoch in series:
                     row[f"best_{key}"] = series[best_epoch]
@@ -286,7 +303,8 @@ def tabulate(
                 for k in ("val_error", "test_error")
             ):
                 row["status"] = status = "diverged"
-            elif "final_val_error" not in row or "final_test_error" not in row:
+            elif "final_test_error" not in row:
+                # The validation error may be absent (val_fraction=0); the test error reports.
                 row["status"] = status = "incomplete"
         rows.append(row)
         if status in PLOTTED_STATUSES:
@@ -363,6 +381,32 @@ def searched_hyperparameters(runs: Runs, trials: pd.DataFrame) -> list[str]:
         if trials[key].map(repr).nunique() > 1:
             names.append(key)
     return names
+
+
+def choice_metric(trials: pd.DataFrame, column: str) -> tuple[str, str | None]:
+    """The column to choose configurations by among `trials`, and a note when it is not `column`.
+
+    `column` is a validation-error column (`final_val_error`, `best_val_error`). Where every
+    trial has a finite value of it, it is returned with no note. Otherwise (trials trained with
+    `val_fraction=0` log no validation error) its test-error counterpart (`final_test_error`,
+    `best_test_error`) is returned for all of them, so that one ranking never mixes the two, with
+    a sentence for the page saying that the test set then takes part in the choice.
+    Raises ValueError for a column that is not a validation-error column.
+    """
+    if "val_error" not in column:
+        raise ValueError(f"choice_metric expects a validation-error column, got {column!r}")
+    fallback = column.replace("val_error", "test_error")
+    if trials.empty:
+        return column, None
+    values = pd.to_numeric(trials[column], errors="coerce") if column in trials else pd.Series(
+        np.nan, index=trials.index)
+    missing = int((~np.isfinite(values.to_numpy(dtype=float))).sum())
+    if missing == 0:
+        return column, None
+    return fallback, (f"{missing} of {len(trials)} trials logged no validation error "
+                      f"(val_fraction=0), so configurations are chosen by {fallback} instead of "
+                      f"{column}: the test set takes part in the choice and the result is "
+                      "optimistic.")
 
 
 def best_per_optimizer(

@@ -24,7 +24,8 @@ sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-B
   at most ``target`` (0.1), found by bisection.
 
 Every measure runs in train mode with BatchNorm normalising by the batch but its running
-statistics untouched (dropout off: the loss must be one deterministic function), and leaves the model exactly as found (weights, buffers, mode, gradients).
+statistics untouched (dropout off: the loss must be one deterministic function), and leaves the
+model exactly as found (weights, buffers, mode, gradients).
 A ``params`` filter (names or name prefixes) restricts any measure to one block of parameters.
 Losses over the subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are
 those of each chunk, as in training), averaged with the chunk sizes as weights.
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-__all__ = ["MEASURES", "measure_sharpness", "m_sharpness", "adaptive_sharpness", "avg_sharpness",
-           "hessian_top_eig", "hessian_trace", "pac_bayes_sigma", "FlatLoss"]
+__all__ = ["MEASURES", "DEFAULT_MEASURES", "SHARED_KEYS", "measure_sharpness", "m_sharpness",
+           "adaptive_sharpness", "avg_sharpness", "hessian_top_eig", "hessian_trace",
+           "pac_bayes_sigma", "FlatLoss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -84,6 +86,8 @@ class FlatLoss:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, params: Sequence[str] | None = None):
         self.model, self.loss_fn = model, loss_fn
+        if isinstance(params, str):  # one name or prefix, not the characters of one
+            params = [params]
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         chosen = [(n, p) for n, p in named if _selected(n, params)]
         if not chosen:
@@ -496,7 +500,8 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, 
 
 
 # ------------------------------------------------------------------------------ the trainer's entry
-# name -> (function, default settings (logged, overridable), fixed settings (the name says them))
+# name -> (function, default settings (logged, overridable), fixed settings (logged, not
+# overridable: the name says them))
 MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = {
     "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1}, {}),
     "adaptive_sharpness": (adaptive_sharpness, {"rho": 0.5, "m": 128, "steps": 1, "eta": 0.0},
@@ -506,13 +511,21 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
     "avg_sharpness": (avg_sharpness, {"sigma": 0.01, "samples": 8, "adaptive": False}, {}),
     "hessian_top_eig": (hessian_top_eig, {"k": 1, "iters": 40, "tol": 1e-3}, {}),
     "hessian_trace": (hessian_trace, {"probes": 24, "method": "hutchpp"}, {}),
-    "pac_bayes_sigma": (pac_bayes_sigma, {"target": 0.1, "samples": 8, "steps": 12}, {}),
+    "pac_bayes_sigma": (pac_bayes_sigma, {"target": 0.1, "samples": 8, "steps": 12, "low": 1e-5,
+                                          "high": 1.0}, {}),
 }
 _SEEDED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
 _CHUNKED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
 # Settings that change speed or memory only, never the value: accepted, not logged.
 _ENGINE = {"hessian_top_eig": {"mode"}, "hessian_trace": {"mode", "probe_batch"}}
-DEFAULT_MEASURES = ("m_sharpness", "adaptive_sharpness", "avg_sharpness", "hessian_top_eig", "hessian_trace")
+# Both adaptive worst-case balls (L2 and L-infinity) are in: each costs two gradient passes over
+# the subset, little next to the Hessian measures' tens of products.
+DEFAULT_MEASURES = ("m_sharpness", "adaptive_sharpness", "adaptive_sharpness_linf", "avg_sharpness",
+                    "hessian_top_eig", "hessian_trace")
+# Keys `sharpness/<key>` that measure_sharpness logs beside the measures: what was measured on,
+# not a measure. (samtune.report keeps its own copy so that it need not import torch; a test
+# checks the two agree.)
+SHARED_KEYS = ("subset", "seed", "batch", "num_params")
 
 
 def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
@@ -522,11 +535,14 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
 
     - ``"sharpness/<measure>"``: the value (``hessian_top_eig`` with ``k > 1`` adds
       ``"sharpness/hessian_top_eig_2"``, ... for the next eigenvalues);
-    - ``"sharpness/<measure>/<setting>"``: every setting the value depends on (booleans as 0/1,
-      a string setting as ``"sharpness/<measure>/<setting>/<value>" = 1``);
+    - ``"sharpness/<measure>/<setting>"``: every setting the value depends on, the fixed ones
+      included (the ball's ``norm`` of the adaptive measures); booleans as 0/1, a string
+      setting as ``"sharpness/<measure>/<setting>/<value>" = 1``;
     - ``"sharpness/subset"``, ``"sharpness/seed"``, ``"sharpness/batch"`` (examples per forward
       pass, which sets the BatchNorm statistics) and ``"sharpness/num_params"`` (parameters
-      measured, after the ``params`` filter).
+      measured, after the ``params`` filter), the names in ``SHARED_KEYS``;
+    - with a ``params`` filter, ``"sharpness/params/<name or prefix>" = 1`` for each of its
+      entries (no such key: every trainable parameter was measured).
 
     ``settings`` override per measure, e.g. ``m_sharpness={"rho": 0.1, "steps": 5}``; ``m`` larger
     than the subset uses the subset. The model (``x`` on its device, already normalised) is used
@@ -547,9 +563,15 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     for name, extra in settings.items():
         if not isinstance(extra, dict):
             raise ValueError(f"settings for {name!r} must be a dict like {{'rho': 0.1}}, got {extra!r}")
+    if isinstance(params, str):  # one name or prefix, not the characters of one
+        params = [params]
     selected = FlatLoss(model, loss_fn, params).w.numel()
-    out: dict[str, float] = {"sharpness/subset": float(len(y)), "sharpness/seed": float(seed),
-                             "sharpness/batch": float(batch), "sharpness/num_params": float(selected)}
+    shared = {"subset": len(y), "seed": seed, "batch": batch, "num_params": selected}
+    out: dict[str, float] = {f"sharpness/{key}": float(shared[key]) for key in SHARED_KEYS}
+    for entry in params or ():
+        # A metric key per entry: MLflow metrics are numbers, and the filter is part of what the
+        # value means.
+        out[f"sharpness/params/{str(entry).rstrip('.')}"] = 1.0
     for name in measures:
         fn, defaults, fixed = MEASURES[name]
         extra = settings.get(name, {})
@@ -572,7 +594,7 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
                 out[f"sharpness/{name}_{i}"] = v
             value = value[0]
         out[f"sharpness/{name}"] = float(value)
-        for key, setting in used.items():
+        for key, setting in {**used, **fixed}.items():
             if isinstance(setting, str):
                 out[f"sharpness/{name}/{key}/{setting}"] = 1.0
             else:

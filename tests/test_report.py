@@ -29,19 +29,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from samtune import cli
 from samtune.report import (
+    SHARPNESS_SHARED_KEYS,
     NoFinishedTrialsError,
     ReportError,
     TrialRecord,
     build_report,
+    choice_metric,
     discover_views,
     load_runs,
     render_views,
     tabulate,
     write_report,
 )
+from samtune.sharpness import SHARED_KEYS, measure_sharpness
 from samtune.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +73,21 @@ ACC = {
     "resisting": ((0.5, 0.55, 0.6), (0.7, 0.8, 0.9)),
     "clean": ((0.8, 0.9, 0.95), (0.8, 0.9, 0.95)),
 }
+
+
+def sharpness_bookkeeping() -> dict[str, float]:
+    """Everything measure_sharpness logs beside a measure's value (what it was measured on, the
+    parameter filter, the settings, the norm), taken from a real call on a tiny model so that a
+    key it starts logging later is logged by the synthetic sweep too."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    x, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
+    logged = measure_sharpness(model, F.cross_entropy, x, y, measures=["adaptive_sharpness"],
+                               params=["0"])
+    del logged["sharpness/adaptive_sharpness"]  # the value itself: each trial logs its own
+    return logged
+
+
+SHARPNESS_BOOKKEEPING = sharpness_bookkeeping()
 
 
 def cell_label(noise: float) -> str:
@@ -161,6 +181,26 @@ def synthetic_trials() -> list[Trial]:
     return trials
 
 
+# (optimizer, searched values, final test error) of a sweep trained with val_fraction=0.
+NO_VALIDATION = (("sgd", {"lr": 0.03}, 0.40), ("sgd", {"lr": 0.1}, 0.30),
+                 ("sam", {"lr": 0.03, "rho": 0.1, "m": 8}, 0.25),
+                 ("sam", {"lr": 0.1, "rho": 0.1, "m": 8}, 0.20))
+
+
+def no_validation_trials() -> list[Trial]:
+    """Finished trials that logged test error and no validation error at all."""
+    noise = 0.4
+    trials = []
+    for i, (optimizer, space, final) in enumerate(NO_VALIDATION):
+        offsets = MEMORIZING if optimizer == "sgd" else IMPROVING
+        acc = ACC["memorizing" if optimizer == "sgd" else "resisting"]
+        trials.append(Trial(f"no-validation/cell-0_noise-0.4/{i:05d}", cell_label(noise), noise,
+                            "finished", {**base_config(noise), "optimizer": optimizer, **space},
+                            [], [final + o for o in offsets], acc_noisy=list(acc[0]),
+                            acc_true=list(acc[1])))
+    return trials
+
+
 def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path) -> str:
     """Write `trials` the way the sweep driver does; returns the sweep run's id."""
     from mlflow.tracking import MlflowClient
@@ -184,17 +224,22 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path) ->
                         **{"samtune.cell": trial.cell, "samtune.trial_key": trial.key,
                            "samtune.status": "running"})
         tracker.log_params(trial.key, trial.config)
-        for i, (val, test) in enumerate(zip(trial.val, trial.test)):
+        for i, test in enumerate(trial.test):
             epoch = i + 1
-            metrics = {"epoch": epoch, "val_error": val, "test_error": test, "train_loss": 1.0 / epoch,
-                       "lr": trial.config["lr"] * (1 - i / EPOCHS), "diverged": int(val == 1.0)}
+            # No val list: a trial trained without a validation split (val_fraction=0).
+            val = trial.val[i] if trial.val else None
+            metrics = {"epoch": epoch, "test_error": test, "train_loss": 1.0 / epoch,
+                       "lr": trial.config["lr"] * (1 - i / EPOCHS), "diverged": int(test == 1.0)}
+            if val is not None:
+                metrics["val_error"] = val
             if trial.acc_noisy:
                 metrics.update(train_acc_noisy=trial.acc_noisy[i], train_acc_true=trial.acc_true[i],
                                generalization_gap=test - (1 - trial.acc_noisy[i]))
-            if epoch == len(trial.val) and trial.sharpness:
-                # Measured at the end of training, logged with the last epoch (as train does).
+            if epoch == len(trial.test) and trial.sharpness:
+                # Measured at the end of training, logged with the last epoch (as train does),
+                # with everything measure_sharpness logs beside the values: none is a measure.
                 metrics.update({f"sharpness/{k}": v for k, v in trial.sharpness.items()})
-                metrics["sharpness/m_sharpness/rho"] = 0.05  # a setting, not a measure
+                metrics.update(SHARPNESS_BOOKKEEPING)
             tracker.log_metrics(trial.key, metrics, step=epoch)
         if trial.status != "running":  # an interrupted sweep leaves its trial running
             tracker.set_status(trial.key, trial.status)
@@ -215,6 +260,7 @@ def store(tmp_path_factory):
     write_sweep(uri, "nothing-finished", [
         Trial(f"nothing-finished/cell-0_noise-0/{i:05d}", "noise=0", 0.0, status, config, [0.3], [0.3])
         for i, status in enumerate(("failed", "failed", "running"))], folder)
+    write_sweep(uri, "no-validation", no_validation_trials(), folder)
     return {"uri": uri, "trials": trials, "sweep_run_id": sweep_run_id, "folder": folder}
 
 
@@ -241,15 +287,27 @@ def test_runs_table_reads_the_tracking_layout_back(store, report):
     assert sorted(table.index) == sorted(t.key for t in trials)
     for t in trials:
         row = table.loc[t.key]
-        assert (row["cell"], row["status"], row["epochs_run"]) == (t.cell, t.status, len(t.val))
+        assert (row["cell"], row["status"], row["epochs_run"]) == (t.cell, t.status, len(t.test))
         assert row["lr"] == pytest.approx(t.config["lr"])
         # "None" (m = whole batch) and keys an SGD trial never had both read back as None.
         assert row["m"] == t.config["m"] if t.config.get("m") is not None else row["m"] is None
         assert row["sharpness_measures"] == json.dumps(list(MEASURES))
     assert runs.status_counts() == {"finished": 32, "failed": 2, "diverged": 2, "running": 1,
                                     "stopped": 1}
-    # Settings logged beside a measure (sharpness/<measure>/<setting>) are not measures.
+    # Settings logged beside a measure (sharpness/<measure>/<setting>) and what it was measured
+    # on (sharpness/subset, /seed, /batch, /num_params) are not measures.
+    assert {f"sharpness/{k}" for k in SHARED_KEYS} <= set(SHARPNESS_BOOKKEEPING)
+    assert {f"sharpness/{k}" for k in SHARED_KEYS} <= set(runs.trials.columns)
     assert runs.sharpness_measures == sorted(MEASURES)
+
+
+def test_the_report_knows_every_key_measure_sharpness_logs_beside_the_measures():
+    # The report keeps its own copy (so it need not import torch); it must not drift.
+    assert SHARPNESS_SHARED_KEYS == set(SHARED_KEYS)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    shared = measure_sharpness(model, F.cross_entropy, torch.zeros(4, 2),
+                               torch.zeros(4, dtype=torch.long), measures=[])
+    assert set(shared) == {f"sharpness/{k}" for k in SHARPNESS_SHARED_KEYS}
 
 
 def test_failed_diverged_and_interrupted_trials_are_counted_and_never_plotted(store, report):
@@ -347,14 +405,112 @@ def test_importance_puts_lr_first_and_m_last(report):
     _, data = report
     importance = data["sensitivity"]["importance"]
     assert set(importance["evaluator"]) == {"fANOVA", "PED-ANOVA"}
-    for (cell, evaluator), group in importance.groupby(["cell", "evaluator"]):
+    sam = importance[importance["scope"] == "SAM family"]
+    for (cell, evaluator), group in sam.groupby(["cell", "evaluator"]):
         # Only what the sweep searched among SAM trials: not the seed, not the resources.
         assert set(group["param"]) == {"lr", "rho", "m"}, (cell, evaluator)
+        # The 12 finished SAM trials; the noisy cell's ASHA-stopped one is left out.
+        assert (group["n_trials"] == 12).all()
         assert group["importance"].sum() == pytest.approx(1.0)
         ranked = list(group.sort_values("importance", ascending=False)["param"])
         assert ranked[0] == "lr", (cell, evaluator, ranked)
         if evaluator == "fANOVA":  # PED-ANOVA looks at the top trials only, where rho ~ m
             assert ranked == ["lr", "rho", "m"], (cell, ranked)
+
+
+def test_importance_across_optimizers_uses_what_every_optimizer_has(report):
+    _, data = report
+    importance = data["sensitivity"]["importance"]
+    across = importance[importance["scope"] == "all optimizers"]
+    assert set(across["cell"]) == {cell_label(n) for n in NOISE}
+    for (cell, evaluator), group in across.groupby(["cell", "evaluator"]):
+        # rho and m are SAM's alone (SGD trials never searched them): only the optimizer and lr.
+        assert set(group["param"]) == {"optimizer", "lr"}, (cell, evaluator)
+        assert (group["n_trials"] == 16).all()  # 4 SGD + 12 SAM finished trials
+        assert group["importance"].sum() == pytest.approx(1.0)
+
+
+def importance_records(extra=()):
+    """Twelve finished SAM trials where lr matters most, rho next and m barely (as in the
+    synthetic sweep), plus `extra` (status, lr, rho, m, value) trials."""
+    specs = [("finished", lr, rho, m, sam_val(0.0, lr, rho, m if m == 8 else None))
+             for lr in SAM_LRS for rho in RHOS for m in (8, 16)] + list(extra)
+    return [TrialRecord(
+        run_id=f"r{i}", tags={"samtune.cell": "noise=0", "samtune.status": status},
+        params={"optimizer": "sam", "lr": repr(lr), "rho": repr(rho), "m": str(m),
+                "batch_size": "64", "label_noise_rate": "0.0", "seed": "0"},
+        # A stopped trial's only value is that of its first epoch.
+        history={"val_error": [(1 if status == "stopped" else EPOCHS, value)],
+                 "test_error": [(1 if status == "stopped" else EPOCHS, value)]})
+        for i, (status, lr, rho, m, value) in enumerate(specs)]
+
+
+def importance_ranking(records):
+    spec = next(s for s in discover_views() if s.name == "sensitivity")
+    importance = spec.function(tabulate("importance", records)).data["importance"]
+    importance = importance[importance["scope"] == "SAM family"]
+    return {evaluator: (list(group.sort_values("importance", ascending=False)["param"]),
+                        dict(zip(group["param"], group["importance"])))
+            for evaluator, group in importance.groupby("evaluator")}
+
+
+def test_an_asha_stopped_trial_does_not_move_the_importance():
+    # Stopped after one epoch at the bad lr and an unseen rho, with an error no finished
+    # trial reaches: read as a finished value it would say "rho = 2 and lr = 0.03 are best".
+    stopped = ("stopped", 0.03, 2.0, 8, 0.0)
+    alone = importance_ranking(importance_records())
+    with_stopped = importance_ranking(importance_records([stopped]))
+    assert set(alone) == {"fANOVA", "PED-ANOVA"}
+    for evaluator, (ranking, values) in alone.items():
+        assert with_stopped[evaluator][0] == ranking, evaluator
+        assert with_stopped[evaluator][1] == pytest.approx(values), evaluator
+    # The check can fail: the same trial counted as finished does change a ranking.
+    as_finished = importance_ranking(importance_records([("finished", *stopped[1:])]))
+    assert any(as_finished[e][0] != alone[e][0] for e in alone)
+
+
+def test_trials_without_validation_error_are_reported_by_test_error(store, tmp_path):
+    # val_fraction=0: no val_error anywhere. Such trials finished; the report must be built.
+    built = build_report("no-validation", tracking_uri=store["uri"], out=tmp_path, strict=True)
+    runs = built.runs
+    assert runs.status_counts() == {"finished": len(NO_VALIDATION)}
+    assert set(runs.trials["best_by"]) == {"test_error"}
+    views = {r.spec.name: r.view for r in built.views}
+    for name in ("robustness", "sensitivity", "memorization"):
+        assert any("val_fraction=0" in note and "final_test_error" in note
+                   for note in views[name].notes), (name, views[name].notes)
+    best = views["robustness"].data["best"].set_index(["epoch", "optimizer_label"])
+    for label, optimizer in (("SGD", "sgd"), ("SAM", "sam")):
+        finals = {space["lr"]: final for opt, space, final in NO_VALIDATION if opt == optimizer}
+        lr = min(finals, key=finals.get)
+        offsets = MEMORIZING if optimizer == "sgd" else IMPROVING
+        final = best.loc[("final", label)]
+        assert (final["lr"], final["chosen_by"]) == (lr, "final_test_error")
+        assert final["test_error"] == pytest.approx(finals[lr] + offsets[-1])
+        assert np.isnan(final["val_error"])  # nothing was validated
+        early = best.loc[("best", label)]
+        assert early["chosen_by"] == "best_test_error"
+        assert early["test_error"] == pytest.approx(finals[lr] + min(offsets))
+    slice_ = views["sensitivity"].data["slice"]
+    assert set(slice_["objective"]) == {"final_test_error"}
+    by_key = {t.key: t.test[-1] for t in no_validation_trials()}
+    assert slice_.set_index("trial_key")["val_error"].to_dict() == pytest.approx(by_key)
+    assert set(views["memorization"].data["curves"]["optimizer_label"]) == {"SGD", "SAM"}
+
+
+def test_choice_metric_keeps_validation_error_where_every_trial_has_it():
+    import pandas as pd
+
+    both = pd.DataFrame({"final_val_error": [0.1, 0.2], "final_test_error": [0.3, 0.1]})
+    assert choice_metric(both, "final_val_error") == ("final_val_error", None)
+    # One trial without it: the whole ranking moves to test error, never a mix of the two.
+    mixed = both.assign(final_val_error=[0.1, float("nan")])
+    column, note = choice_metric(mixed, "final_val_error")
+    assert column == "final_test_error" and note.startswith("1 of 2 trials")
+    assert choice_metric(both.drop(columns="final_val_error"), "final_val_error")[0] == \
+        "final_test_error"
+    with pytest.raises(ValueError, match="validation-error column"):
+        choice_metric(both, "final_test_error")
 
 
 def test_learning_rate_slice_carries_every_plotted_trial(store, report):
@@ -391,6 +547,8 @@ def test_heatmap_bins_a_continuous_rho_geometrically():
 
 def test_sharpness_view_reports_the_known_kendall_tau(report):
     _, data = report
+    # One panel row per measure: none for the bookkeeping keys logged beside them.
+    assert set(data["sharpness"]["tau"]["measure"]) == set(MEASURES)
     tau = data["sharpness"]["tau"].set_index(["measure", "target", "cell"])
     n_measured = 32  # every finished trial; the stopped one was never measured
     assert tau.loc[("m_sharpness", "test error", "all"), "tau"] == pytest.approx(1.0)

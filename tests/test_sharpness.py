@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtune.sharpness import (adaptive_sharpness, avg_sharpness, hessian_top_eig, hessian_trace,
+from samtune.sharpness import (DEFAULT_MEASURES, MEASURES, FlatLoss, _HVP, _measuring,
+                               adaptive_sharpness, avg_sharpness, hessian_top_eig, hessian_trace,
                                m_sharpness, measure_sharpness, pac_bayes_sigma)
-
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +249,148 @@ def test_both_hvp_modes_agree_with_the_dense_hessian(mode):
     n = h.shape[0]
     trace = hessian_trace(model, F.cross_entropy, x, y, probes=3 * n, batch=24, mode=mode)
     assert trace == pytest.approx(float(h.trace()), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["graph", "forward", "reverse", "auto"])
+def test_hessian_vector_products_equal_the_dense_hessian_times_v(mode):
+    model = small_net()
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(8))
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(9))
+    # Chunks of 8, 8 and 4 examples, each with its own BatchNorm statistics: the function is the
+    # size-weighted mean of the chunk losses, so the reference is that mean of dense Hessians.
+    parts = [slice(0, 8), slice(8, 16), slice(16, 20)]
+    h = sum((p.stop - p.start) / 20 * dense_hessian(model, x[p], y[p]) for p in parts)
+    vs = torch.randn(7, h.shape[0], generator=torch.Generator().manual_seed(10))
+    with _measuring(model):
+        # Probe blocks of 3, 3 and 1: the batched path and the single-probe path both run.
+        hvp = _HVP(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=3)
+        out = hvp(vs)
+    # The engine asked for is the one that ran (no silent fallback), "auto" picking the graph.
+    assert hvp.mode == ("graph" if mode == "auto" else mode)
+    torch.testing.assert_close(out, vs @ h, rtol=1e-9, atol=1e-11)
+
+
+def test_hutchpp_with_fewer_probes_than_3n_is_unbiased():
+    # 10 probes on a 30-dimensional quadratic: a sketch of 3, far from spanning the space, so the
+    # projected Hutchinson remainder carries most of the trace.
+    n, runs = 30, 300
+    a = spd(n, seed=5)
+    model = Quadratic(a, torch.zeros(n))
+    x, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+    estimates = np.array([hessian_trace(model, quad_loss(a), x, y, probes=10, seed=s)
+                          for s in range(runs)])
+    se = estimates.std(ddof=1) / math.sqrt(runs)
+    assert abs(estimates.mean() - float(a.trace())) < 4 * se
+    # The estimates do vary: the branch under test ran, not the exact sketch-covers-all one.
+    assert estimates.std() > 1e-3 * float(a.trace())
+
+
+def tiny_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def one_step_rise(model, x, y, rho):
+    """SAM's one-step estimate on one batch by hand: L(w + rho g/|g|) - L(w) on a copy, with
+    the gradient from loss.backward() (floored at 0: eps = 0 is in the ball)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    loss = F.cross_entropy(clone(x), y)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in clone.parameters()))
+    with torch.no_grad():
+        for p in clone.parameters():
+            p += rho * p.grad / norm
+        rise = F.cross_entropy(clone(x), y) - loss
+    return max(float(rise), 0.0), float(norm)
+
+
+def test_m_sharpness_is_the_mean_one_step_rise_over_disjoint_batches():
+    model = tiny_mlp()
+    x = torch.randn(26, 4, generator=torch.Generator().manual_seed(11))
+    y = torch.randint(0, 3, (26,), generator=torch.Generator().manual_seed(12))
+    rho, m = 0.1, 8
+    # Batches [0:8], [8:16], [16:24]; the last 2 examples make a partial batch, dropped.
+    per_batch = [one_step_rise(model, x[i:i + m], y[i:i + m], rho) for i in (0, 8, 16)]
+    expected = float(np.mean([rise for rise, _ in per_batch]))
+    value = m_sharpness(model, F.cross_entropy, x, y, rho=rho, m=m)
+    assert value == pytest.approx(expected, rel=1e-10)
+    # To first order it is rho times the mean per-batch gradient norm.
+    first_order = rho * float(np.mean([norm for _, norm in per_batch]))
+    assert value == pytest.approx(first_order, rel=0.2)
+    # The grouping is what is measured: one batch of all 24 examples gives another number.
+    whole, _ = one_step_rise(model, x[:24], y[:24], rho)
+    assert abs(whole - expected) > 0.05 * expected
+    assert m_sharpness(model, F.cross_entropy, x[:24], y[:24], rho=rho, m=24) == \
+        pytest.approx(whole, rel=1e-10)
+
+
+def test_adaptive_average_sharpness_is_half_sigma_squared_weighted_diagonal():
+    n, sigma, samples = 12, 0.05, 4000
+    a = spd(n)
+    w = torch.linspace(0.1, 3.0, n) * torch.tensor([1.0, -1.0]).repeat(n // 2)
+    model = Quadratic(a, w)
+    x, y = torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)
+    est = avg_sharpness(model, quad_loss(a), x, y, sigma=sigma, samples=samples, adaptive=True)
+    # delta = sigma |w| z: E[0.5 delta^T A delta] = 0.5 sigma^2 sum_i w_i^2 A_ii. Each antithetic
+    # pair gives 0.5 z^T B z exactly (B = sigma^2 |w| A |w|), of variance 0.5 tr(B^2).
+    exact = 0.5 * sigma**2 * float((w**2 * torch.diag(a)).sum())
+    b = sigma**2 * torch.outer(w.abs(), w.abs()) * a
+    se = math.sqrt(0.5 * float((b @ b).trace()) / samples)
+    assert abs(est - exact) < 4 * se
+    # Not the isotropic value: the |w| scaling is what is tested.
+    assert abs(0.5 * sigma**2 * float(a.trace()) - exact) > 20 * se
+
+
+SEEDED = ("avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma")
+
+
+def test_the_seed_decides_the_seeded_measures_and_only_those():
+    model = small_net()
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(13))
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(14))
+    # Lanczos stopped before convergence and Hutch++ with a partial sketch: both depend on the
+    # random start / probes, as the Monte Carlo measures do.
+    settings = {"hessian_top_eig": {"iters": 4, "tol": 0.0}, "hessian_trace": {"probes": 10}}
+
+    def measure(seed):
+        return measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
+                                 seed=seed, **settings)
+
+    first, again, other = measure(1), measure(1), measure(2)
+    assert first == again
+    assert (first["sharpness/seed"], other["sharpness/seed"]) == (1, 2)
+    for name in MEASURES:
+        key = f"sharpness/{name}"
+        if name in SEEDED:
+            assert first[key] != other[key], name
+        else:  # the worst-case ascent is deterministic
+            assert first[key] == other[key], name
+
+
+def test_every_setting_is_logged_with_the_value_norm_and_filter_included():
+    assert "adaptive_sharpness_linf" in DEFAULT_MEASURES and "adaptive_sharpness" in DEFAULT_MEASURES
+    model = small_net()
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(15))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(16))
+    out = measure_sharpness(model, F.cross_entropy, x, y, params=["3"], batch=32)
+    for name in DEFAULT_MEASURES:
+        _, defaults, fixed = MEASURES[name]
+        assert math.isfinite(out[f"sharpness/{name}"]), name
+        for key, setting in {**defaults, **fixed}.items():
+            logged = f"sharpness/{name}/{key}/{setting}" if isinstance(setting, str) else \
+                f"sharpness/{name}/{key}"
+            assert logged in out, logged
+    assert out["sharpness/adaptive_sharpness/norm/l2"] == 1.0
+    assert out["sharpness/adaptive_sharpness_linf/norm/linf"] == 1.0
+    assert out["sharpness/params/3"] == 1.0
+    assert out["sharpness/num_params"] == sum(p.numel() for p in model[3].parameters())
+    # The logged L-infinity value is the L-infinity ball's, on the filtered block.
+    linf = adaptive_sharpness(model, F.cross_entropy, x, y, rho=0.002, m=32, norm="linf", params=["3"])
+    assert out["sharpness/adaptive_sharpness_linf"] == linf
+    assert linf != adaptive_sharpness(model, F.cross_entropy, x, y, rho=0.002, m=32, params=["3"])
+    # No filter: no params key, every parameter counted.
+    plain = measure_sharpness(model, F.cross_entropy, x, y, measures=[])
+    assert not any(k.startswith("sharpness/params/") for k in plain)
+    assert plain["sharpness/num_params"] == sum(p.numel() for p in model.parameters())
