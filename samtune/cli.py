@@ -38,22 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a study: Ray Tune + Optuna over every scenario cell")
     _sweep_flags(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--address", help="an existing Ray cluster: auto or ray://host:port")
+    p.add_argument("--address", help="an existing Ray cluster this machine is a node of: auto (or its GCS "
+                                      "host:port); Ray Client addresses (ray://) are refused, as the sweep's "
+                                      "driver must run here; on several nodes give a shared --storage-path")
     p.add_argument("--storage-path", help="where trial checkpoints and sweep state live (default ./ray_results)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not build the report at the end (build it later with `samtune report NAME`)")
 
     p = sub.add_parser("check", help="validate a search space file without running anything")
     _sweep_flags(p)
 
     p = sub.add_parser("train", help="train one trial in this process (no Ray, no MLflow)",
                        description="With FILE: the trial the sweep of FILE would run in --cell with the values "
-                                   "of --params (--set overrides SWEEP as for sweep). Without FILE: a trial "
-                                   "config from --set/--params trial settings alone, e.g. "
-                                   "--set dataset=cifar100 --set model=resnet18 --save-weights w.pt.")
+                                   "of --params (--set overrides SWEEP as for sweep), e.g. "
+                                   "samtune train search_spaces/noisy_digits.py --params rho=0.05,m=16,lr=0.1 "
+                                   "--cell 0.4. Without FILE: a trial config from --set/--params trial settings "
+                                   "alone, e.g. --set dataset=cifar100 --set model=resnet18 --save-weights w.pt. "
+                                   "Giving rho or m without optimizer means optimizer=sam.")
     _sweep_flags(p, file_optional=True)
     p.add_argument("--params", action="append", default=[], metavar="KEY=VALUE,...",
-                   help="the values the space would suggest, e.g. optimizer=sam,rho=0.05,m=16,lr=0.1; "
-                        "other trial settings are allowed too; repeatable")
+                   help="the values the space would suggest, e.g. rho=0.05,m=16,lr=0.1 (rho or m without "
+                        "optimizer means optimizer=sam); other trial settings are allowed too; repeatable")
     p.add_argument("--cell", help="label-noise rate of the cell, e.g. 0.4 (default: the first cell)")
     p.add_argument("--checkpoint-dir", help="save every epoch here and resume from it")
     p.add_argument("--save-weights", help="write the final model weights (a state_dict) to this file")
@@ -123,7 +129,52 @@ def cmd_sweep(args) -> int:
     except SweepInterrupted as exc:
         print(f"samtune: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        # Outside Tuner.fit (starting Ray, between cells, writing MLflow): once sweep.json exists
+        # there is a sweep to finish.
+        if (plan.sweep_dir / "sweep.json").exists():
+            print(f"samtune: interrupted; finish the sweep with: {plan.resume_command}", file=sys.stderr)
+        else:
+            print("samtune: interrupted before the sweep started; nothing to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_summary(console, plan, summarize(plan, results))
+    if args.no_report:
+        console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False)
+        return 0
+    return _sweep_report(console, plan)
+
+
+def _report_command(plan) -> str:
+    import shlex
+
+    return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(plan.tracking_uri)}"
+
+
+def _sweep_report(console, plan) -> int:
+    """The end of a sweep: its report, built and named. The sweep's results are in MLflow
+    whatever happens here, so a report that fails says why and how to build it again, and the
+    sweep still succeeds."""
+    from .report import build
+
+    if (plan.sweep_dir / "mlflow-unlogged.jsonl").exists():
+        # Records MLflow did not take yet (the message above names them): a report now would
+        # leave those trials out, or fail against the same unreachable server.
+        print(f"samtune: the sweep is complete but some of its records are not in MLflow yet, so no report "
+              f"was built; write them with: {plan.resume_command}, which then builds the report",
+              file=sys.stderr)
+        return 0
+    try:
+        index = build(plan.sweep.name, tracking_uri=plan.tracking_uri)
+    except KeyboardInterrupt:
+        print(f"samtune: interrupted while building the report; the sweep is complete; "
+              f"build the report with: {_report_command(plan)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  the sweep is done: any report failure is reported, not raised
+        print(f"samtune: the sweep is complete but its report could not be built "
+              f"({type(exc).__name__}: {_one_line(exc)}); build it with: {_report_command(plan)}",
+              file=sys.stderr)
+        return 0
+    console.print(f"Report written to {os.path.abspath(index)}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
@@ -171,11 +222,13 @@ def cmd_train(args) -> int:
                 params[key] = parse_trial_value(key, raw)
         if args.data_root:
             params["data_root"] = os.path.abspath(args.data_root)
+        _infer_optimizer(params, {})
         config = validate_trial_config(params)
         title = "trial"
     else:
         sweep, space = _load_with_overrides(args)
         cell = sweep.cell(args.cell) if args.cell is not None else sweep.cells()[0]
+        _infer_optimizer(params, sweep.fixed)
         config = fixed_trial_config(sweep, space, cell, params)
         title = f"{sweep.name} {cell.label}"
     if not args.json:  # --json keeps stdout to one JSON object a line
@@ -197,6 +250,13 @@ def cmd_train(args) -> int:
         torch.save(saved["model"].state_dict(), args.save_weights)
         print(f"weights written to {args.save_weights}")
     return 1 if last.get("diverged") else 0
+
+
+def _infer_optimizer(params: dict, fixed: dict) -> None:
+    """rho and m are SAM's settings: given without an optimizer they mean SAM (under the default,
+    SGD, they would be silently ignored; and a space that asks for the optimizer would refuse)."""
+    if "optimizer" not in params and "optimizer" not in fixed and params.keys() & {"rho", "m"}:
+        params["optimizer"] = "sam"
 
 
 def cmd_report(args) -> int:

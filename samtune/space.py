@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,9 +280,61 @@ STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "sce
                         "label_noise_kind", "epochs", "workers", "use_gpu", "seed"})
 
 #: Per-epoch metrics a trial reports (the metric a sweep optimises must be one of these, or a
-#: ``sharpness/<measure>``).
+#: ``sharpness/<measure>`` measured every epoch). The trainer's own list wins where it declares
+#: one (``samtune.train.METRICS``): Tune fails every trial whose result lacks the metric, so a
+#: name the trainer never reports must be refused before the sweep starts.
 METRICS = ("train_loss", "train_acc_noisy", "train_acc_true", "val_error", "val_loss", "test_error",
            "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s")
+
+
+def reported_metrics() -> tuple[str, ...]:
+    """The per-epoch metrics a trial reports: ``samtune.train.METRICS`` if the trainer declares
+    it (read when needed, so importing this module does not import torch), else `METRICS`."""
+    return _known("samtune.train", "METRICS", METRICS)
+
+
+def _train_default(key: str, default: Any) -> Any:
+    try:
+        return importlib.import_module("samtune.train").DEFAULTS.get(key, default)
+    except (ImportError, AttributeError):
+        return default
+
+
+#: What a sweep name may hold: it names the MLflow experiment, a folder and the runs' keys, and a
+#: quote or a slash would break one of them.
+_NAME_CHARS = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._ -]*[A-Za-z0-9._-])?")
+
+
+def _check_metric_reported(metric: str, config: dict[str, Any], where: str = "") -> None:
+    """Raise SpaceError when trials run with ``config`` would not report ``metric`` every epoch.
+
+    ASHA compares trials at every rung and Tune rejects a result without the metric, so a metric
+    that is missing from some epochs fails every trial instead of guiding the search.
+    """
+    if metric in ("val_error", "val_loss") and config.get("val_fraction") == 0:
+        raise SpaceError(f"{where}metric={metric!r} with val_fraction=0: there is no validation split, so "
+                         f"no trial reports {metric}; set fixed.val_fraction > 0 or metric="
+                         f"{metric.replace('val_', 'test_')!r}")
+    if not metric.startswith("sharpness/"):
+        return
+    every = config.get("sharpness_every") or 0
+    if every != 1:
+        raise SpaceError(f"{where}metric={metric!r} is measured only "
+                         f"{'at the last epoch' if every == 0 else f'every {every} epochs'} "
+                         f"(sharpness_every={every}), but ASHA needs it every epoch; "
+                         f"set sharpness_every=1 or optimise val_error")
+    measures = config.get("sharpness_measures")
+    # The trainer's reading of the setting: None or "default" is its default list, "" none.
+    if measures is None or measures == "default":
+        measures = _train_default("sharpness_measures", ())
+    if isinstance(measures, str):
+        measures = measures.split(",")
+    measures = {str(m).strip() for m in measures} - {""}
+    name = metric.split("/")[1]
+    # ``hessian_top_eig_2`` is the second eigenvalue of the ``hessian_top_eig`` measure.
+    if name not in measures and re.sub(r"_\d+$", "", name) not in measures:
+        raise SpaceError(f"{where}metric={metric!r}: {name!r} is not among the measured sharpness_measures "
+                         f"{sorted(measures) or '(none)'}; add it to fixed.sharpness_measures")
 
 
 def _merge_train_keys() -> None:
@@ -425,13 +478,14 @@ class Sweep:
     def __post_init__(self) -> None:
         for key, spec in _SWEEP_SPECS.items():
             object.__setattr__(self, key, spec.validate(key, getattr(self, key)))
-        name = self.name.strip()
-        if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-            raise SpaceError(f"name={self.name!r}: expected a non-empty name without / \\ : * ? \" < > |")
+        if not _NAME_CHARS.fullmatch(self.name):
+            raise SpaceError(f"name={self.name!r}: expected letters, digits, '.', '_', '-' and inner "
+                             f"spaces, starting with a letter or digit, e.g. name='noisy-digits'")
         object.__setattr__(self, "label_noise_rates", self._validated_rates(self.label_noise_rates))
-        if self.metric not in METRICS and not self.metric.startswith("sharpness/"):
-            raise SpaceError(f"metric={self.metric!r}: expected one of {list(METRICS)} or "
-                             f"'sharpness/<measure>'{_suggest(self.metric, METRICS)}")
+        metrics = reported_metrics()
+        if self.metric not in metrics and not self.metric.startswith("sharpness/"):
+            raise SpaceError(f"metric={self.metric!r}: not a metric trials report; expected one of {list(metrics)} or "
+                             f"'sharpness/<measure>'{_suggest(self.metric, metrics)}")
         if self.batch_size % self.workers:
             raise SpaceError(f"batch_size={self.batch_size} is not divisible by workers={self.workers}")
         if self.workers > 1 and self.gpus_per_trial not in (0.0, float(self.workers)):
@@ -448,6 +502,7 @@ class Sweep:
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).
         validate_trial_config(self.base_config(self.cells()[0]), where="")
+        _check_metric_reported(self.metric, self.base_config(self.cells()[0]))
 
     @staticmethod
     def _validated_rates(rates: Any) -> tuple[float, ...]:
@@ -907,6 +962,8 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64) ->
         for cell in cells:
             config = sweep.trial_config(cell, params)
             validate_trial_config(config, where=f"{shown}: space(trial) gave ")
+            # A space may return val_fraction or the sharpness settings itself.
+            _check_metric_reported(sweep.metric, config, where=f"{shown}: space(trial) gave ")
             for s in to_check:
                 for value in _candidates(s):
                     try:

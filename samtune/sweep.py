@@ -6,7 +6,8 @@ file's `space(trial)` with `OptunaSearch` (TPE, seeded per cell) and stops hopel
 its own baseline. The driver writes every trial to MLflow (`samtune.tracking`) and shows a live
 view; Ray's own tables are turned off.
 
-On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run, for ``--resume``),
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``),
 one Tune experiment folder per cell (trial checkpoints, searcher state) and, if the tracking server
 failed, the spool of records it did not take. ``--resume`` restores each unfinished cell's Tuner,
 so finished trials are not run again and the Optuna searcher continues from its saved state.
@@ -19,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import Cell, SpaceError, Sweep, apply_overrides, check_space, load_space
-from .tracking import Tracker, check_reachable, resolve_tracking_uri
+from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["SweepError", "SweepInterrupted", "run_sweep", "prepare", "CellResult", "TrialRow"]
 
@@ -67,11 +69,19 @@ class CellResult:
     cell: Cell
     trials: dict[str, TrialRow] = field(default_factory=dict)
 
-    def best(self, metric: str, mode: str, optimizer: str | None = None) -> TrialRow | None:
+    def best(self, metric: str, mode: str, optimizer: str | tuple[str, ...] | None = None) -> TrialRow | None:
+        """The best trial by `metric` (of `optimizer`, a name or several), among the trials that
+        ran their whole budget; among the ones ASHA stopped only when none did. A stopped
+        trial's metric is from an earlier epoch, often lower than any final value after a
+        cosine schedule's warm phase, and would otherwise win on that alone."""
         sign = 1.0 if mode == "min" else -1.0
-        rows = [r for r in self.trials.values() if r.status in ("finished", "stopped")
-                and metric in r.metrics and (optimizer is None or r.optimizer == optimizer)]
-        return min(rows, key=lambda r: sign * r.metrics[metric]) if rows else None
+        names = (optimizer,) if isinstance(optimizer, str) else optimizer
+        for status in ("finished", "stopped"):
+            rows = [r for r in self.trials.values() if r.status == status
+                    and finite(r.metrics.get(metric)) and (names is None or r.optimizer in names)]
+            if rows:
+                return min(rows, key=lambda r: sign * r.metrics[metric])
+        return None
 
 
 # ------------------------------------------------------------------------------ search space
@@ -100,6 +110,10 @@ class AshaAwareOptunaSearch(OptunaSearch):
     value), and TPE ranks pruned trials below every completed one, deeper ones first: the verdict
     ASHA already reached. A diverged trial ends by itself with ``val_error = 1.0`` and stays
     COMPLETE: a bad result, not a missing one. A trial that errored stays FAIL.
+
+    Tune does not pass the result a scheduler stops a trial on to the searcher's
+    ``on_trial_result``, only to ``on_trial_complete``; that epoch is reported here, so a pruned
+    trial's value is the one ASHA judged it by (and a trial stopped at its first epoch has one).
     """
 
     def __init__(self, *args: Any, epochs: int, **kwargs: Any):
@@ -114,7 +128,12 @@ class AshaAwareOptunaSearch(OptunaSearch):
         if not stopped_early:
             super().on_trial_complete(trial_id, result=result, error=error)
             return
-        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        ot_trial = self._ot_trials[trial_id]
+        step = result.get("training_iteration")
+        frozen = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == ot_trial.number)
+        if finite(result.get(self.metric)) and isinstance(step, int) and step not in frozen.intermediate_values:
+            ot_trial.report(result[self.metric], step)
+        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
 
@@ -232,6 +251,17 @@ class Plan:
     tracking_uri: str
     address: str | None
     resume: bool
+    # Made when the sweep starts, kept in sweep.json: part of every MLflow run key, so a new sweep
+    # of the same name starts new runs while --resume continues its own.
+    sweep_id: str = ""
+
+    @property
+    def sweep_key(self) -> str:
+        return f"{self.sweep.name}@{self.sweep_id}" if self.sweep_id else self.sweep.name
+
+    @property
+    def resume_command(self) -> str:
+        return f"samtune sweep {_shown(self.space_path)} --resume"
 
 
 def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
@@ -259,26 +289,43 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
     _check_storage(storage)
     state_file = sweep_dir / "sweep.json"
     if resume:
-        if not state_file.exists():
-            raise SweepError(f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "
-                             f"(is --storage-path the one the sweep ran with?)")
-        saved = json.loads(state_file.read_text())
+        saved = _read_state(state_file, sweep)
         if saved["sweep"] != _jsonable(sweep.to_dict()):
             changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
             raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
                              f"resume it with the same file and --set values, or start a new one with --set name=...")
         tracking_uri = tracking_uri or saved.get("tracking_uri")
+        # A sweep.json from before sweep ids: its runs are keyed by the name alone.
+        sweep_id = str(saved.get("sweep_id") or "")
     elif state_file.exists():
         raise SweepError(f"sweep {sweep.name!r} already has results in {sweep_dir}; finish it with --resume, "
                          f"or start another with --set name=... or --storage-path")
+    else:
+        sweep_id = uuid.uuid4().hex[:8]
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        check_reachable(uri)
-    except ConnectionError as exc:
+        check_tracking_uri(uri)
+    except (ConnectionError, ValueError) as exc:
         raise SweepError(f"--tracking-uri: {exc}") from None
     if address:
         _check_address(address)
-    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume)
+    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id)
+
+
+def _read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
+    """The saved sweep.json for --resume; SweepError when it is missing or unreadable."""
+    if not state_file.exists():
+        raise SweepError(f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "
+                         f"(is --storage-path the one the sweep ran with?)")
+    try:
+        saved = json.loads(state_file.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("sweep"), dict):
+            raise ValueError("no 'sweep' entry")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SweepError(f"--resume: {state_file} is damaged ({type(exc).__name__}: {_first_line(exc)}); "
+                         f"this sweep cannot be resumed; start it again with --set name=... "
+                         f"or another --storage-path") from None
+    return saved
 
 
 def _check_data(sweep: Sweep) -> None:
@@ -310,10 +357,16 @@ def _check_address(address: str) -> None:
     """Fail within seconds when a Ray cluster address does not answer (ray.init would hang)."""
     if address == "auto":
         return  # ray.init("auto") fails fast by itself when there is no local cluster
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
+    if address.startswith("ray://"):
+        # Ray Client runs Tune's driver on the cluster: the callbacks that write MLflow, draw the
+        # live view and rebuild finished trials from the local sweep folder would run there, not
+        # here, and the sweep would record nothing.
+        raise SweepError(f"--address {address}: Ray Client (ray://) is not supported, since the sweep's "
+                         f"driver must run where samtune runs; run samtune on a node of that cluster with "
+                         f"--address auto (and a --storage-path every node shares)")
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise SweepError(f"--address {address}: expected auto, host:port or ray://host:port")
+        raise SweepError(f"--address {address}: expected auto or host:port of a Ray cluster this machine is a node of")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
@@ -323,6 +376,13 @@ def _check_address(address: str) -> None:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def _shown(path: str) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -464,18 +524,14 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     # behind that a later run would mistake for a sweep to resume.
     _start_ray(plan.address)
     resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    state = {"sweep": _jsonable(sweep.to_dict()), "space_file": plan.space_path,
-             "tracking_uri": plan.tracking_uri, "started": time.time()}
-    state_file = plan.sweep_dir / "sweep.json"
-    if not state_file.exists():
-        state_file.write_text(json.dumps(state, indent=2))
-
-    tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl")
-    sweep_key = sweep.name
-    tracker.declare(sweep_key, sweep.name, "sweep", **{"samtune.space_file": plan.space_path})
-    tracker.log_params(sweep_key, {k: v for k, v in sweep.to_dict().items() if k != "fixed"}
-                       | {f"fixed.{k}": v for k, v in sweep.fixed.items()})
+    try:
+        tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
+                          replay_hint=plan.resume_command)
+    except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
+        raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({_first_line(exc)})") from None
+    # Written once the tracker exists: a sweep that cannot record is no sweep to resume.
+    write_state(plan)
+    sweep_key = declare_sweep(plan, tracker)
     results: list[CellResult] = []
     completed = False
     if view is not None:
@@ -492,8 +548,7 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
                     _tuner(plan, cell, concurrent, resources).fit()
                     if _reconcile(plan, cell, recorder) < sweep.trials:
                         raise SweepInterrupted(
-                            f"interrupted in cell {cell.label}; finish it with: samtune sweep "
-                            f"{os.path.relpath(plan.space_path)} --resume")
+                            f"interrupted in cell {cell.label}; finish it with: {plan.resume_command}")
                     _mark_done(plan, cell)
             finally:
                 _ACTIVE.pop(cell.slug, None)
@@ -512,6 +567,30 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
         if message:
             print(message)
     return results
+
+
+def write_state(plan: Plan) -> None:
+    """Write ``sweep.json`` (what --resume checks and continues) unless it exists; atomically, so
+    a driver killed mid-write leaves no half file that --resume could not read."""
+    state_file = plan.sweep_dir / "sweep.json"
+    if state_file.exists():
+        return
+    state = {"sweep": _jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
+             "tracking_uri": plan.tracking_uri, "sweep_id": plan.sweep_id, "started": time.time()}
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_name(f".sweep.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, state_file)
+
+
+def declare_sweep(plan: Plan, tracker: Tracker) -> str:
+    """Declare the sweep's MLflow run (with its settings as params); returns its key."""
+    sweep = plan.sweep
+    tracker.declare(plan.sweep_key, sweep.name, "sweep", **{"samtune.space_file": plan.space_path,
+                                                            "samtune.sweep_id": plan.sweep_id})
+    tracker.log_params(plan.sweep_key, {k: v for k, v in sweep.to_dict().items() if k != "fixed"}
+                       | {f"fixed.{k}": v for k, v in sweep.fixed.items()})
+    return plan.sweep_key
 
 
 def _reconcile(plan: Plan, cell: Cell, recorder: Recorder) -> int:
@@ -572,7 +651,10 @@ def load_study(sweep_dir: str | os.PathLike, cell: Cell):
     import pickle
 
     folder = Path(sweep_dir) / cell.slug
-    saved = sorted(folder.glob("searcher-state-*.pkl"), key=lambda f: f.stat().st_mtime)
+    # One file per driver session, named by the session's start time; the newest name is the
+    # last session's searcher. Not by mtime: Tune's sync to the storage path rewrites the older
+    # sessions' files too, so their mtimes say nothing about which is current.
+    saved = sorted(folder.glob("searcher-state-*.pkl"), key=lambda f: (f.name, f.stat().st_mtime))
     if not saved:
         raise FileNotFoundError(f"no saved Optuna searcher in {folder}: cell {cell.label} never started")
     with open(saved[-1], "rb") as fh:
@@ -589,23 +671,16 @@ def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:
                                  "failed": sum(r.status == "failed" for r in res.trials.values()),
                                  "diverged": sum(r.status == "diverged" for r in res.trials.values())}
         for family, names in (("sgd", ("sgd",)), ("sam", ("sam", "asam"))):
-            best = None
-            for name in names:
-                cand = res.best(sweep.metric, sweep.mode, name)
-                if cand is not None and (best is None or _better(cand, best, sweep)):
-                    best = cand
-            entry[family] = best
+            # One pick over the whole family, so a finished ASAM trial is not passed over for a
+            # SAM trial that ASHA stopped.
+            entry[family] = res.best(sweep.metric, sweep.mode, names)
         rows.append(entry)
     return rows
-
-
-def _better(a: TrialRow, b: TrialRow, sweep: Sweep) -> bool:
-    va, vb = a.metrics[sweep.metric], b.metrics[sweep.metric]
-    return va < vb if sweep.mode == "min" else va > vb
 
 
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ += ["SpaceError", "Plan", "summarize", "trial_resources", "load_study", "AshaAwareOptunaSearch"]
+__all__ += ["SpaceError", "Plan", "summarize", "trial_resources", "load_study", "AshaAwareOptunaSearch",
+            "write_state", "declare_sweep"]

@@ -4,7 +4,10 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
 
 - Experiment: the sweep's name (``Sweep.name``, e.g. ``noisy-digits``).
 - Sweep run (one per sweep), run name = the sweep's name. Tags: ``samtune.role=sweep``,
-  ``samtune.key=<sweep name>``, ``samtune.space_file=<absolute path>``, ``samtune.status``.
+  ``samtune.key=<sweep>`` where ``<sweep>`` is ``<sweep name>@<sweep id>`` (the id is made when
+  the sweep starts and kept in its ``sweep.json``, so a new sweep of the same name, e.g. with
+  another ``--storage-path``, gets new runs while ``--resume`` continues its own),
+  ``samtune.sweep_id``, ``samtune.space_file=<absolute path>``, ``samtune.status``.
   Params: every `Sweep` field (``label_noise_rates`` as a JSON list) and ``fixed.<key>`` for each
   fixed trial setting. Artifacts: the report (``report/``), written by `samtune.report`.
 - Cell run (one per scenario cell), run name = the cell label (``noise=0.4``; ``noise=0.4
@@ -40,6 +43,12 @@ artifacts, ``step``, ``data``). They are retried on later writes, backing off fr
 the spool when records are left in it. A later `Tracker` on the same spool (``--resume``) loads it
 and writes those records first, so nothing is lost between driver processes. Each attempt is
 bounded by short HTTP timeouts (`fail_fast_environment`): the sweep never hangs on MLflow.
+
+A write that timed out may still have reached the server, so the first metrics write to a run
+after a failure asks the server which steps it already has before writing again. A record the
+server refuses for good (an MLflow error such as ``INVALID_PARAMETER_VALUE``, e.g. a metric name
+MLflow does not allow) would block every record behind it: it is moved to
+``<spool>.rejected.jsonl`` (same format), with a warning, and the queue goes on.
 """
 from __future__ import annotations
 
@@ -99,6 +108,61 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({exc})") from None
 
 
+def check_tracking_uri(uri: str) -> None:
+    """Raise ValueError (one line) for a URI no MLflow tracking store serves, ConnectionError for
+    an http(s) server that does not answer; creates nothing.
+
+    A local store (``sqlite:``, ``file:``) is judged by its folder, without opening it: opening
+    creates it, and a sweep refused for another reason must leave no store behind. Any other
+    scheme is handed to MLflow's client, which knows the installed store plugins.
+    """
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+        return
+    if scheme in ("sqlite", "file"):
+        # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db.
+        path = uri[len("sqlite:///"):] if scheme == "sqlite" else urlparse(uri).path
+        if not uri.startswith("sqlite:///") and scheme == "sqlite" or not path:
+            raise ValueError(f"{uri}: expected sqlite:///path/to/mlflow.db (a file, not an in-memory store)")
+        folder = os.path.abspath(os.path.dirname(path) if scheme == "sqlite" else path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{uri}: cannot write in {folder}")
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except Exception as exc:  # noqa: BLE001  MLflow's registry, a missing driver, a bad host
+        if "unsupported URI" in str(exc) or "registered tracking store" in str(exc):
+            raise ValueError(f"{uri}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
+                             f"use sqlite:///path/mlflow.db, a folder, or http(s)://host:port") from None
+        raise ValueError(f"{uri}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def _quoted(value: str) -> str:
+    """`value` as an MLflow search-filter string literal (which has no escapes: pick the quote)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"run key {value!r} holds both kinds of quote; MLflow cannot search for it")
+
+
+# MLflow errors that a retry cannot fix: the record itself is refused.
+_PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"})
+
+
+def _is_permanent(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and getattr(exc, "error_code", None) in _PERMANENT
+
+
 @dataclass
 class _RunSpec:
     key: str
@@ -122,23 +186,29 @@ class Tracker:
     """The sweep's MLflow writer. Runs are named by keys; MLflow ids are resolved lazily."""
 
     def __init__(self, tracking_uri: str, experiment: str, spool_path: str | os.PathLike,
-                 retry_after_s: float = 10.0):
+                 retry_after_s: float = 10.0, replay_hint: str | None = None):
+        """`replay_hint`: the command that writes a left-over spool later, named in messages."""
         from mlflow.tracking import MlflowClient
 
         fail_fast_environment()
         self.uri = tracking_uri
         self.experiment = experiment
         self.spool_path = str(spool_path)
+        self.rejected_path = self.spool_path.removesuffix(".jsonl") + ".rejected.jsonl"
+        self.replay_hint = replay_hint
         self.client = MlflowClient(tracking_uri)
         self.retry_after_s = retry_after_s
         self._experiment_id: str | None = None
         self._runs: dict[str, _RunSpec] = {}
         self._queue: list[_Op] = []
         self._ended: set[str] = set()
+        # Runs whose last write failed: the server may hold more steps than `last_step` says.
+        self._unsure: set[str] = set()
         self._last_failure = 0.0
         self._backoff_s = retry_after_s
         self._warned = False
         self.failures = 0
+        self.rejected = 0
         self._load_spool()
 
     # -- declaring runs -------------------------------------------------------------------------
@@ -192,6 +262,10 @@ class Tracker:
             try:
                 self._apply(op)
             except Exception as exc:  # noqa: BLE001  any client/server error: keep it queued
+                self._unsure.add(op.key)
+                if _is_permanent(exc):
+                    self._reject(op, exc)
+                    continue
                 self._failed(exc)
                 return False
             self._queue.pop(0)
@@ -202,10 +276,13 @@ class Tracker:
 
     def close(self) -> str | None:
         """Flush a last time. Returns a message naming what could not be written, or None."""
+        rejected = (f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}"
+                    if self.rejected else None)
         if self.flush():
-            return None
+            return rejected
+        replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""
         return (f"MLflow at {self.uri} could not be reached: {len(self._queue)} record(s) were not "
-                f"logged; they are saved in {self.spool_path}")
+                f"logged; they are saved in {self.spool_path}{replay}" + (f"; {rejected}" if rejected else ""))
 
     @property
     def pending(self) -> int:
@@ -227,21 +304,34 @@ class Tracker:
         self._spool()
         if not self._warned:
             self._warned = True
-            log.warning("MLflow at %s failed (%s: %s); training goes on, records are kept in %s "
-                        "and retried", self.uri, type(exc).__name__, str(exc).splitlines()[0][:200],
-                        self.spool_path)
+            replay = f" (or later by `{self.replay_hint}`)" if self.replay_hint else ""
+            log.warning("MLflow at %s failed (%s); training goes on, records are kept in %s "
+                        "and retried%s", self.uri, _first_line(exc),
+                        self.spool_path, replay)
+
+    def _reject(self, op: _Op, exc: Exception) -> None:
+        """Set aside a record the server refuses for good, so the ones behind it get written."""
+        self._queue.remove(op)
+        self.rejected += 1
+        os.makedirs(os.path.dirname(os.path.abspath(self.rejected_path)), exist_ok=True)
+        with open(self.rejected_path, "a") as fh:
+            fh.write(json.dumps({**self._record(op), "error": _first_line(exc)}, default=str) + "\n")
+        log.warning("MLflow refused a %s record of run %s (%s); it is saved in %s and not retried",
+                    op.kind, op.key, _first_line(exc), self.rejected_path)
+        if os.path.exists(self.spool_path):
+            self._spool()  # the spool must not replay what was set aside
+
+    def _record(self, op: _Op) -> dict[str, Any]:
+        spec = self._runs.get(op.key)
+        return {"run": op.key, "name": spec.name if spec else op.key, "tags": spec.tags if spec else {},
+                "parent": spec.parent if spec else None, "ancestors": self._ancestors(op.key),
+                "kind": op.kind, "step": op.step, "data": op.payload}
 
     def _spool(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.spool_path)), exist_ok=True)
         with open(self.spool_path + ".tmp", "w") as fh:
             for op in self._queue:
-                spec = self._runs.get(op.key)
-                fh.write(json.dumps({"run": op.key, "name": spec.name if spec else op.key,
-                                     "tags": spec.tags if spec else {},
-                                     "parent": spec.parent if spec else None,
-                                     "ancestors": self._ancestors(op.key),
-                                     "kind": op.kind, "step": op.step, "data": op.payload},
-                                    default=str) + "\n")
+                fh.write(json.dumps(self._record(op), default=str) + "\n")
         os.replace(self.spool_path + ".tmp", self.spool_path)
 
     def _ancestors(self, key: str) -> list[dict[str, Any]]:
@@ -286,7 +376,7 @@ class Tracker:
         if spec.run_id is not None:
             return spec
         experiment = self._experiment()
-        found = self.client.search_runs([experiment], filter_string=f"tags.`samtune.key` = '{key}'",
+        found = self.client.search_runs([experiment], filter_string=f"tags.`samtune.key` = {_quoted(key)}",
                                         max_results=1)
         if found:
             spec.run_id = found[0].info.run_id
@@ -313,6 +403,14 @@ class Tracker:
             for i in range(0, len(params), 100):
                 self.client.log_batch(spec.run_id, params=params[i:i + 100])
         elif op.kind == "metrics":
+            if op.key in self._unsure:
+                # The failed attempt may have reached the server before it timed out: a step the
+                # run already has is not logged a second time. The last metric of the record is
+                # the one written last (batches go in order), so its presence means all of it.
+                last_key = list(op.payload)[-1]
+                logged = self.client.get_metric_history(spec.run_id, last_key)
+                spec.last_step = max([spec.last_step] + [m.step for m in logged])
+                self._unsure.discard(op.key)
             if op.step <= spec.last_step:
                 return
             now = int(time.time() * 1000)
@@ -330,6 +428,11 @@ class Tracker:
             self.client.log_artifacts(spec.run_id, op.payload)
         else:  # pragma: no cover - internal
             raise ValueError(op.kind)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _param_text(value: Any) -> str:

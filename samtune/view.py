@@ -108,7 +108,8 @@ class SweepView:
 
 
 def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
-    """The end of a sweep: best SGD vs best SAM per cell, and how to look at the runs."""
+    """The end of a sweep: best SGD vs best SAM per cell (trials that ran their whole budget
+    first, see `CellResult.best`), and how to look at the runs."""
     metric = plan.sweep.metric
     table = Table(title=f"{plan.sweep.name}: best configuration per cell (by {metric})")
     for col in ("cell", "SGD " + metric, "SGD test", "SAM " + metric, "SAM test", "SAM - SGD test",
@@ -129,5 +130,6 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
                       f"{r['failed']}/{r['diverged']}")
     console.print(table)
     uri = plan.tracking_uri
-    console.print(f"Browse the runs:  samtune ui --tracking-uri {uri}   (experiment {plan.sweep.name!r})")
-    console.print(f"Draw the maps:    samtune report {plan.sweep.name} --tracking-uri {uri}")
+    # The report (built next by `samtune sweep`) says where it is itself.
+    console.print(f"Browse the runs:  samtune ui --tracking-uri {uri}   (experiment {plan.sweep.name!r})",
+                  highlight=False, markup=False, soft_wrap=True)

@@ -4,6 +4,7 @@ Each case runs the real command (`samtune.cli.main`) in an empty folder and then
 MLflow store and no Ray trial folder appeared there.
 """
 import textwrap
+import time
 
 import pytest
 
@@ -59,20 +60,24 @@ CASES = [
      "Sweep has no setting 'epoch'"),
     ("wrong type", lambda t: ["check", space_file(t, GOOD.replace("epochs=2", 'epochs="two"'))], "epochs='two'"),
     ("empty range", lambda t: ["check", space_file(t, RHO_LOW="0.9")], "empty range: low=0.9 is above high=0.5"),
-    ("rho below zero", lambda t: ["check", space_file(t, RHO_LOW="-0.1")], "rho"),
+    ("rho below zero", lambda t: ["check", space_file(t, RHO_LOW="-0.1")],
+     "rho range [-0.1, 0.5] includes a bad value: rho=-0.1: expected a number >= 0"),
     ("m does not divide batch", lambda t: ["check", space_file(t, M_CHOICES="[8, 12]")],
      "m=12 does not divide the per-worker batch 32"),
     ("noise rate 1", lambda t: ["check", space_file(t, RATES="(0.0, 1.0)")], "expected a number >= 0 and < 1"),
     ("empty noise rates", lambda t: ["check", space_file(t, RATES="()")], "label_noise_rates is empty"),
-    ("unknown dataset", lambda t: ["check", space_file(t, DATASET='"digitz"')], "digitz"),
-    ("unknown model", lambda t: ["check", space_file(t, MODEL='"resnet7"')], "resnet7"),
+    ("unknown dataset", lambda t: ["check", space_file(t, DATASET='"digitz"')],
+     "unknown dataset 'digitz'; expected one of"),
+    ("unknown model", lambda t: ["check", space_file(t, MODEL='"resnet7"')],
+     "unknown model 'resnet7'; expected one of"),
     ("space raises", lambda t: ["check", space_file(t, GOOD.replace("    optimizer =", "    1 / 0\n    optimizer ="))],
      "ZeroDivisionError"),
     ("unknown --set key", lambda t: ["sweep", space_file(t), "--set", "epoch=3"], "Sweep has no setting 'epoch'"),
     ("--set wrong type", lambda t: ["sweep", space_file(t), "--set", "epochs=abc"], "epochs=abc"),
     ("--set without =", lambda t: ["sweep", space_file(t), "--set", "epochs"], "expects key=value"),
     ("--set trials=0", lambda t: ["sweep", space_file(t), "--set", "trials=0"], "trials=0"),
-    ("--set unknown trial key", lambda t: ["sweep", space_file(t), "--set", "fixed.lrr=0.1"], "lrr"),
+    ("--set unknown trial key", lambda t: ["sweep", space_file(t), "--set", "fixed.lrr=0.1"],
+     "unknown trial setting 'lrr' (did you mean 'lr'?)"),
     ("--resume with nothing", lambda t: ["sweep", space_file(t), "--resume", "--storage-path", str(t / "runs")],
      "nothing to resume"),
     ("unreachable --address", lambda t: ["sweep", space_file(t), "--address", "127.0.0.1:9"],
@@ -81,10 +86,45 @@ CASES = [
      "is not reachable"),
     ("missing --data-root", lambda t: ["sweep", space_file(t), "--data-root", str(t / "nodata")], "no such folder"),
     ("missing dataset offline", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
-                                           "--data-root", str(t)], "cifar10"),
+                                           "--data-root", str(t)], "CIFAR-10 not found, and downloads are off"),
     ("empty image class", lambda t: ["sweep", space_file(t, DATASET=image_tree(t))], "class folder train/b/ holds no images"),
     ("unwritable storage", lambda t: ["sweep", space_file(t), "--storage-path", "/proc/samtune"], "cannot write"),
+    # Ray Client runs Tune's driver on the cluster, away from the MLflow writer and the live view.
+    ("ray client --address", lambda t: ["sweep", space_file(t), "--address", "ray://127.0.0.1:10001"],
+     "Ray Client (ray://) is not supported"),
+    ("tracking URI of no store", lambda t: ["sweep", space_file(t), "--tracking-uri", "foo://x"],
+     "--tracking-uri: foo://x: not an MLflow tracking URI"),
+    ("in-memory sqlite store", lambda t: ["sweep", space_file(t), "--tracking-uri", "sqlite://"],
+     "not an in-memory store"),
+    ("damaged sweep.json on --resume", lambda t: ["sweep", damaged_state(t), "--resume",
+                                                  "--storage-path", str(t / "runs")], "sweep.json is damaged"),
+    # A quote in the name would end the string of the MLflow filter that finds the runs again.
+    ("quote in the sweep name", lambda t: ["sweep", space_file(t), "--set", "name=it's"],
+     "name=\"it's\": expected letters, digits"),
+    ("slash in the sweep name", lambda t: ["check", space_file(t, GOOD.replace('name="t"', 'name="a/b"'))],
+     "name='a/b': expected letters, digits"),
+    # Metrics no trial reports every epoch: ASHA and Tune would fail every trial on its first result.
+    ("metric trials do not report", lambda t: ["sweep", space_file(t), "--set", "metric=val_accuracy"],
+     "metric='val_accuracy': not a metric trials report"),
+    ("val_error without a validation split", lambda t: ["sweep", space_file(t), "--set", "fixed.val_fraction=0"],
+     "metric='val_error' with val_fraction=0: there is no validation split"),
+    ("sharpness metric measured at the end only",
+     lambda t: ["sweep", space_file(t), "--set", "metric=sharpness/m_sharpness"],
+     "metric='sharpness/m_sharpness' is measured only at the last epoch (sharpness_every=0)"),
+    ("sharpness metric not measured",
+     lambda t: ["check", space_file(t), "--set", "metric=sharpness/m_sharpness", "--set", "sharpness_every=1",
+                "--set", "fixed.sharpness_measures=hessian_trace"],
+     "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']"),
 ]
+# Cases that reach a network address: refused within seconds, not after a connection timeout.
+FAST = {"unreachable --address", "unreachable --tracking-uri", "ray client --address"}
+
+
+def damaged_state(t):
+    """A sweep folder whose sweep.json was cut short (e.g. the disk filled up mid-write)."""
+    (t / "runs" / "t").mkdir(parents=True)
+    (t / "runs" / "t" / "sweep.json").write_text('{"sweep": {"name": "t", "data')
+    return space_file(t)
 
 
 @pytest.mark.parametrize("name, argv, fragment", CASES, ids=[c[0] for c in CASES])
@@ -93,9 +133,14 @@ def test_user_mistake_is_one_clear_line_and_exit_2(name, argv, fragment, tmp_pat
     monkeypatch.setenv("SAMTUNE_OFFLINE", "1")
     monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = argv(tmp_path)
+    started = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(main(argv(tmp_path)))
+        raise SystemExit(main(args))
+    took = time.monotonic() - started
     assert exit_info.value.code == 2
+    if name in FAST:
+        assert took < 10, f"{name} took {took:.1f} s to fail"
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("samtune: error: ")

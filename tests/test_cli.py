@@ -40,12 +40,15 @@ def test_check_applies_overrides_before_judging(capsys):
 
 
 def test_train_runs_the_trial_a_sweep_would_run_in_the_chosen_cell(capsys):
-    code = cli.main(["train", DIGITS, "--params", "optimizer=sam,rho=0.05,m=16,lr=0.1", "--cell", "0.4",
+    # The documented example: rho and m without an optimizer mean SAM (the space asks for one).
+    code = cli.main(["train", DIGITS, "--params", "rho=0.05,m=16,lr=0.1", "--cell", "0.4",
                      "--set", "model=mlp", "--set", "epochs=2", "--set", "fixed.sharpness_measures=",
                      "--json"])
     assert code == 0
     epochs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
+    # Only SAM trials report how many examples one perturbation came from.
+    assert all(e["m_effective"] == 16 for e in epochs)
     last = epochs[-1]
     assert 0.0 <= last["val_error"] <= 1.0 and 0.0 <= last["test_error"] <= 1.0
     # The cell's 40% symmetric noise is in the labels trained on: a model that learned the digits
@@ -57,6 +60,89 @@ def test_train_names_what_the_space_still_needs(capsys):
     assert cli.main(["train", DIGITS, "--params", "optimizer=sam,lr=0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "samtune: error: --params: the space asks for 'rho' in this branch; add it, e.g. --params rho=..."
+
+
+def test_train_says_which_optimizer_rho_alone_implies(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("samtune.train.fit", lambda config, **kw: seen.append(config) or {})
+    assert cli.main(["train", "--params", "rho=0.1,lr=0.1", "--set", "epochs=1"]) == 0
+    assert cli.main(["train", "--params", "optimizer=asam,rho=0.1"]) == 0  # an explicit choice stands
+    assert [c["optimizer"] for c in seen] == ["sam", "asam"]
+    assert capsys.readouterr().out.startswith("trial: epochs=1 lr=0.1 optimizer=sam rho=0.1")
+
+
+def fake_sweep(monkeypatch, tmp_path, outcome=None):
+    """`samtune sweep` up to the end of its trials, without Ray: a plan for `DIGITS` whose
+    run_sweep returns no cells (or raises `outcome`)."""
+    import samtune.sweep
+    from samtune.space import load_space
+    from samtune.sweep import Plan
+
+    sweep, space = load_space(DIGITS)
+    plan = Plan(sweep, space, DIGITS, tmp_path / "runs" / sweep.name, f"sqlite:///{tmp_path}/mlflow.db",
+                None, False, "abc123")
+
+    def run_sweep(plan, view=None):
+        plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+        (plan.sweep_dir / "sweep.json").write_text("{}")
+        if outcome is not None:
+            raise outcome
+        return []
+
+    monkeypatch.setattr(samtune.sweep, "prepare", lambda *a, **k: plan)
+    monkeypatch.setattr(samtune.sweep, "run_sweep", run_sweep)
+    return plan
+
+
+def test_a_sweep_ends_by_building_its_report_and_saying_where_it_is(monkeypatch, tmp_path, capsys):
+    plan = fake_sweep(monkeypatch, tmp_path)
+    calls = []
+
+    def build(experiment, tracking_uri=None, out=None, **kwargs):
+        calls.append((experiment, tracking_uri, out))
+        return Path("reports") / experiment / "index.html"
+
+    monkeypatch.setattr("samtune.report.build", build)
+    assert cli.main(["sweep", DIGITS]) == 0
+    assert calls == [("noisy-digits", plan.tracking_uri, None)]
+    out = capsys.readouterr().out
+    assert f"Report written to {tmp_path}/reports/noisy-digits/index.html" in out
+    # --no-report: no report, and the command that draws it later.
+    assert cli.main(["sweep", DIGITS, "--no-report"]) == 0 and len(calls) == 1
+    assert f"samtune report noisy-digits --tracking-uri {plan.tracking_uri}" in capsys.readouterr().out
+
+
+def test_a_report_that_fails_leaves_the_sweep_a_success_and_says_how_to_retry(monkeypatch, tmp_path, capsys):
+    from samtune.report import ReportError
+
+    plan = fake_sweep(monkeypatch, tmp_path)
+
+    def build(*args, **kwargs):
+        raise ReportError("no views folder")
+
+    monkeypatch.setattr("samtune.report.build", build)
+    assert cli.main(["sweep", DIGITS]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == ("samtune: the sweep is complete but its report could not be built (ReportError: no views "
+                   f"folder); build it with: samtune report noisy-digits --tracking-uri {plan.tracking_uri}")
+
+
+def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_path, capsys):
+    plan = fake_sweep(monkeypatch, tmp_path)
+    plan.sweep_dir.mkdir(parents=True)
+    (plan.sweep_dir / "mlflow-unlogged.jsonl").write_text("{}\n")
+    monkeypatch.setattr("samtune.report.build", lambda *a, **k: pytest.fail("report built from a partial store"))
+    assert cli.main(["sweep", DIGITS]) == 0
+    err = capsys.readouterr().err
+    assert "not in MLflow yet, so no report was built" in err
+    assert f"samtune sweep {os.path.relpath(DIGITS)} --resume" in err
+
+
+def test_ctrl_c_after_the_sweep_started_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    fake_sweep(monkeypatch, tmp_path, outcome=KeyboardInterrupt())
+    assert cli.main(["sweep", DIGITS]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"samtune: interrupted; finish the sweep with: samtune sweep {os.path.relpath(DIGITS)} --resume"
 
 
 def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatch, tmp_path, capsys):

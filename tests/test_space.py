@@ -179,3 +179,34 @@ def test_a_trial_by_hand_gets_the_config_the_sweep_would_run(tmp_path):
         fixed_trial_config(sweep, space, cell, {"optimizer": "sgd", "lr": 0.1, "epochs": 2})
     with pytest.raises(SpaceError, match="this sweep has no such cell"):
         sweep.cell(0.3)
+
+
+@pytest.mark.parametrize("name, ok", [("noisy-digits", True), ("run 2.b_c", True), ("it's", False),
+                                      ("a/b", False), ('q"', False), (" lead", False), ("trail ", False),
+                                      (".hidden", False), ("", False)])
+def test_a_sweep_name_is_one_an_mlflow_filter_and_a_folder_can_hold(name, ok):
+    if ok:
+        assert small_sweep(name=name).name == name
+    else:
+        with pytest.raises(SpaceError, match="expected letters, digits"):
+            small_sweep(name=name)
+
+
+def test_the_metric_must_be_one_every_trial_reports_every_epoch(tmp_path):
+    # Reported every epoch: accepted.
+    assert small_sweep(metric="test_error", fixed={"val_fraction": 0.0}).metric == "test_error"
+    assert small_sweep(metric="sharpness/m_sharpness", sharpness_every=1).sharpness_every == 1
+    assert small_sweep(metric="sharpness/hessian_top_eig_2", sharpness_every=1,
+                       fixed={"sharpness_measures": "hessian_top_eig"}).metric == "sharpness/hessian_top_eig_2"
+    # Never, or not every epoch: refused before anything runs.
+    with pytest.raises(SpaceError, match="val_loss' with val_fraction=0"):
+        small_sweep(metric="val_loss", fixed={"val_fraction": 0.0})
+    with pytest.raises(SpaceError, match=r"measured only every 2 epochs \(sharpness_every=2\)"):
+        small_sweep(metric="sharpness/m_sharpness", sharpness_every=2)
+    with pytest.raises(SpaceError, match="not among the measured sharpness_measures"):
+        small_sweep(metric="sharpness/m_sharpness", sharpness_every=1, fixed={"sharpness_measures": ""})
+    # A space that returns val_fraction=0 itself is caught by the check of what it produces.
+    sweep, space = load_space(write(tmp_path, SPACE.replace('{"weight_decay": 1e-4}',
+                                                            '{"weight_decay": 1e-4, "val_fraction": 0.0}')))
+    with pytest.raises(SpaceError, match="space.py: space\\(trial\\) gave metric='val_error' with val_fraction=0"):
+        check_space(sweep, space, samples=2)

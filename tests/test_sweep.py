@@ -4,6 +4,7 @@ interrupted or killed, a worker killed mid-trial, a diverging trial. The end-to-
 real command in a subprocess on a real local Ray instance."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+import samtune.sweep
 from samtune.space import Sweep
-from samtune.sweep import AshaAwareOptunaSearch, Recorder, load_study, trial_resources
+from samtune.sweep import (AshaAwareOptunaSearch, CellResult, Recorder, SweepError, TrialRow, declare_sweep,
+                           load_study, prepare, run_sweep, summarize, trial_resources, write_state)
 from samtune.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +39,15 @@ def searcher(epochs=4):
                                  sampler=optuna.samplers.TPESampler(seed=0))
 
 
-def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=False):
+def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=False, asha_stops=False):
+    """Feed `search` one trial as Tune does. `asha_stops`: ASHA ends the trial on its last result
+    (at a rung, or at max_t), and Tune then hands that result to on_trial_complete only."""
     search.suggest(trial_id)
     result = {}
     for epoch, value in enumerate(errors, start=1):
         result = {"val_error": value, "epoch": epoch, "training_iteration": epoch, "diverged": 0}
-        search.on_trial_result(trial_id, result)
+        if not (asha_stops and epoch == len(errors)):
+            search.on_trial_result(trial_id, result)
     if diverged:  # the trainer's last report: the epoch that went non-finite, as a bad result
         epoch = len(errors) + 1
         result = {"val_error": 1.0, "epoch": epoch, "training_iteration": epoch, "diverged": 1}
@@ -51,20 +57,24 @@ def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=F
 
 def test_optuna_sees_an_asha_stop_as_pruned_a_divergence_as_a_bad_result_and_a_crash_as_a_failure():
     search = searcher(epochs=4)
-    run_trial(search, "full", [0.6, 0.5, 0.4, 0.3])
-    run_trial(search, "stopped", [0.5, 0.2])        # better so far, but ASHA ended it at epoch 2
+    run_trial(search, "full", [0.6, 0.5, 0.4, 0.3], asha_stops=True)    # max_t reached
+    run_trial(search, "stopped", [0.5, 0.2], asha_stops=True)  # better so far, but ASHA ended it at epoch 2
     run_trial(search, "diverged", [0.9], diverged=True)
     run_trial(search, "crashed", [0.7], error=True)
+    run_trial(search, "first-rung", [0.8], asha_stops=True)   # stopped on its only result
     study = search._ot_study
     by_number = {t.number: t for t in study.trials}
-    full, stopped, diverged, crashed = (by_number[i] for i in range(4))
+    full, stopped, diverged, crashed, first_rung = (by_number[i] for i in range(5))
     assert (full.state, full.value) == (TrialState.COMPLETE, 0.3)
-    assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.2)   # its last reported epoch
+    # A pruned trial's value is the epoch ASHA stopped it on, though Tune passed that result to
+    # on_trial_complete alone.
+    assert (stopped.state, stopped.value) == (TrialState.PRUNED, 0.2)
+    assert stopped.intermediate_values == {1: 0.5, 2: 0.2}
+    assert (first_rung.state, first_rung.value) == (TrialState.PRUNED, 0.8)
     assert (diverged.state, diverged.value) == (TrialState.COMPLETE, 1.0)
     assert crashed.state == TrialState.FAIL
     # The best trial is the one that ran its budget, not the one stopped early on a lower value.
     assert study.best_trial.number == full.number
-    assert [len(t.intermediate_values) for t in (full, stopped)] == [4, 2]
 
 
 def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
@@ -173,6 +183,96 @@ def test_records_a_driver_could_not_write_are_written_by_the_next_driver(tmp_pat
     assert trial.info.status == "FINISHED"
 
 
+def test_the_best_of_a_cell_ran_its_whole_budget_when_any_trial_did():
+    sweep = Sweep(name="s", dataset="digits", model="mlp", epochs=4, batch_size=32, trials=4)
+    (cell,) = sweep.cells()
+    res = CellResult(cell)
+
+    def row(tid, optimizer, status, value):
+        res.trials[tid] = TrialRow(tid, {"optimizer": optimizer}, status, 4 if status == "finished" else 1,
+                                   {"val_error": value, "test_error": value})
+
+    # ASHA stopped the SAM trial after one epoch on a value no finished trial reached; the ASAM
+    # trial ran all four epochs. The SGD family has only a stopped trial: that one stands.
+    row("sam-stopped", "sam", "stopped", 0.05)
+    row("asam-finished", "asam", "finished", 0.20)
+    row("sam-failed", "sam", "failed", 0.01)
+    row("sgd-stopped", "sgd", "stopped", 0.30)
+    plan = SimpleNamespace(sweep=sweep)
+    (entry,) = summarize(plan, [res])
+    assert entry["sam"].trial_id == "asam-finished"
+    assert entry["sgd"].trial_id == "sgd-stopped"
+    assert res.best("val_error", "min").trial_id == "asam-finished"
+    assert res.best("val_error", "min", "sam").trial_id == "sam-stopped"
+
+
+def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
+                    tracking_uri=uri)
+    write_state(first)
+    second = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "b"),
+                     tracking_uri=uri)
+    resumed = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
+                      resume=True)
+    assert first.sweep_id and second.sweep_id != first.sweep_id
+    # --resume reads the id (and the store) back from sweep.json.
+    assert (resumed.sweep_id, resumed.tracking_uri) == (first.sweep_id, uri)
+
+    (cell,) = first.sweep.cells()
+    for plan, epochs in ((first, (1,)), (second, (1, 2)), (resumed, (2,))):
+        tracker = Tracker(uri, plan.sweep.name, tmp_path / "spool.jsonl")
+        recorder = Recorder(plan.sweep, cell, tracker, declare_sweep(plan, tracker))
+        trial = fake_trial("same_00000", **plan.sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1}))
+        recorder.trial_start(trial)
+        for epoch in epochs:  # Tune numbers trials per experiment: the same id in both sweeps
+            recorder.trial_result(trial, {"epoch": epoch, "val_error": 0.5})
+        assert tracker.close() is None
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("same").experiment_id])
+    by_sweep = {}
+    for run in runs:
+        by_sweep.setdefault(run.data.tags["samtune.key"].split("/")[0], []).append(run)
+    assert set(by_sweep) == {f"same@{first.sweep_id}", f"same@{second.sweep_id}"}
+    for key, plan in ((f"same@{first.sweep_id}", first), (f"same@{second.sweep_id}", second)):
+        roles = Counter(r.data.tags["samtune.role"] for r in by_sweep[key])
+        assert roles == {"sweep": 1, "cell": 1, "trial": 1}
+        (sweep_run,) = [r for r in by_sweep[key] if r.data.tags["samtune.role"] == "sweep"]
+        assert sweep_run.data.tags["samtune.sweep_id"] == plan.sweep_id
+        (trial_run,) = [r for r in by_sweep[key] if r.data.tags["samtune.role"] == "trial"]
+        # The resumed driver continued the first sweep's trial run, not the second's.
+        assert epochs_logged(client, trial_run) == [1, 2]
+
+
+def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_path, monkeypatch):
+    plan = prepare(str(SPACE), ["name=nostore"], storage_path=str(tmp_path / "runs"),
+                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(samtune.sweep, "_start_ray", lambda address: None)
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(samtune.sweep, "Tracker", broken)
+    with pytest.raises(SweepError, match="MLflow cannot open it .*database is locked"):
+        run_sweep(plan)
+    # Nothing that a later run would take for a sweep to resume.
+    assert not (plan.sweep_dir / "sweep.json").exists()
+
+
+def test_sweep_json_is_replaced_whole_and_never_overwritten(tmp_path):
+    plan = prepare(str(SPACE), ["name=state"], storage_path=str(tmp_path / "runs"),
+                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    write_state(plan)
+    saved = json.loads((plan.sweep_dir / "sweep.json").read_text())
+    assert saved["sweep_id"] == plan.sweep_id and saved["sweep"]["name"] == "state"
+    assert [p.name for p in plan.sweep_dir.iterdir()] == ["sweep.json"]  # no temp file left
+    plan.sweep_id = "other"
+    write_state(plan)  # a resumed driver keeps what the sweep started with
+    assert json.loads((plan.sweep_dir / "sweep.json").read_text())["sweep_id"] == saved["sweep_id"]
+
+
 # ------------------------------------------------------------------------------ end to end (slow)
 
 
@@ -212,6 +312,9 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "best configuration per cell" in proc.stdout and "samtune ui" in proc.stdout
+    # The sweep ends by building its report and saying where it is.
+    (index,) = re.findall(r"^Report written to (.+index\.html)$", proc.stdout, flags=re.M)
+    assert Path(index).is_file() and Path(index).is_relative_to(tmp_path / "reports")
     client, by_role = runs_of(tmp_path)
     (sweep,) = by_role["sweep"]
     cells = by_role["cell"]
@@ -274,6 +377,10 @@ def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
     (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=2, batch_size=128, trials=4).cells()
     study = load_study(tmp_path / "runs" / "t", cell)
     assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 2, TrialState.PRUNED: 2}
+    # A pruned trial carries the value of the epoch ASHA stopped it at, for TPE to rank it by.
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert list(t.intermediate_values) == [1] and t.value == t.intermediate_values[1]
 
 
 def wait_for_finished_trials(tmp_path, count, proc, timeout=600):
@@ -326,10 +433,22 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     if how == "SIGKILL":
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume"), cwd=tmp_path, env=env(),
+    resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume", "--no-report"), cwd=tmp_path, env=env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     check_complete_once(tmp_path, trials_per_cell=4, cells=2)
+    # The Optuna searcher continued where it stopped: each cell's study holds the budget's trials,
+    # numbered in order, all ended, and the SGD/SAM starting points (points_to_evaluate) were
+    # asked once, not again by the resumed driver.
+    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=4,
+                  label_noise_rates=(0.0, 0.4))
+    for cell in sweep.cells():
+        study = load_study(tmp_path / "runs" / "t", cell)
+        assert [t.number for t in study.trials] == [0, 1, 2, 3]
+        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        enqueued = [(t.number, t.system_attrs["fixed_params"]) for t in study.trials
+                    if "fixed_params" in t.system_attrs]
+        assert enqueued == [(0, {"optimizer": "sgd"}), (1, {"optimizer": "sam"})]
 
 
 @pytest.mark.slow
@@ -339,6 +458,14 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
                           cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="2"), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from ray.tune import ExperimentAnalysis
+
+    # The fault happened: Tune saw the trial's process die once and restarted it. Had it trained
+    # from scratch it would have reached epoch 2 again and been killed until its restarts ran out.
+    (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=1,
+                    label_noise_rates=(0.2,)).cells()
+    (tune_trial,) = ExperimentAnalysis(str(tmp_path / "runs" / "t" / cell.slug)).trials
+    assert tune_trial.status == "TERMINATED" and tune_trial.num_failures == 1
     client, by_role = runs_of(tmp_path)
     (trial,) = by_role["trial"]
     assert trial.data.tags["samtune.status"] == "finished"
@@ -370,3 +497,11 @@ def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_pat
     assert "train_loss" not in status["sam"].data.metrics or all(
         m.value == m.value for m in client.get_metric_history(status["sam"].info.run_id, "train_loss"))
     assert status["sgd"].data.tags["samtune.status"] == "finished"
+    # It ended by itself, before its budget of 3 epochs, and ASHA did not stop it (grace_period=3).
+    steps = epochs_logged(client, status["sam"])
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 3
+    # Optuna saw a bad result, not a pruned or failed trial: TPE learns to avoid that region.
+    (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=2).cells()
+    by_optimizer = {t.params["optimizer"]: t for t in load_study(tmp_path / "runs" / "t", cell).trials}
+    assert (by_optimizer["sam"].state, by_optimizer["sam"].value) == (TrialState.COMPLETE, 1.0)
+    assert by_optimizer["sgd"].state == TrialState.COMPLETE and by_optimizer["sgd"].value < 1.0

@@ -98,6 +98,83 @@ def test_non_finite_values_are_never_logged(tmp_path):
     assert set(run.data.metrics) == {"epoch", "test_error"}
 
 
+class TimesOutAfterWriting(FlakyClient):
+    """A client whose next `log_batch` reaches the server, then fails as a timed-out request does."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.writes_then_fails = 0
+
+    def log_batch(self, *args, **kwargs):
+        self.client.log_batch(*args, **kwargs)
+        if self.writes_then_fails:
+            self.writes_then_fails -= 1
+            raise ConnectionError("read timed out")
+
+
+def test_a_write_that_reached_the_server_before_timing_out_is_not_logged_twice(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", tmp_path / "s.jsonl", retry_after_s=0.0)
+    tracker.client = client = TimesOutAfterWriting(tracker.client)
+    tracker.declare("exp/t1", "t1", "trial")
+    tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
+    client.writes_then_fails = 1
+    tracker.log_metrics("exp/t1", {"epoch": 2, "val_error": 0.4}, step=2)   # written, then "timed out"
+    assert tracker.pending == 1
+    tracker.log_metrics("exp/t1", {"epoch": 3, "val_error": 0.3}, step=3)   # the retry goes first
+    assert tracker.close() is None
+    mlflow = MlflowClient(uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    assert history(mlflow, run.info.run_id) == [1, 2, 3]
+    assert history(mlflow, run.info.run_id, "val_error") == [1, 2, 3]
+
+
+def test_a_record_the_server_refuses_is_set_aside_and_the_rest_is_written(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spool = tmp_path / "unlogged.jsonl"
+    tracker = Tracker(uri, "exp", spool, retry_after_s=0.0)
+    tracker.declare("exp/t1", "t1", "trial")
+    tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
+    # MLflow refuses this metric name (INVALID_PARAMETER_VALUE): retrying can never succeed.
+    tracker.log_metrics("exp/t1", {"epoch": 2, "bad?name": 1.0}, step=2)
+    tracker.log_metrics("exp/t1", {"epoch": 3, "val_error": 0.3}, step=3)
+    tracker.set_status("exp/t1", "finished")
+    assert tracker.pending == 0
+    message = tracker.close()
+    rejected = tmp_path / "unlogged.rejected.jsonl"
+    assert message == f"1 record(s) MLflow refused are in {rejected}"
+    (record,) = [json.loads(line) for line in rejected.read_text().splitlines()]
+    assert (record["run"], record["kind"], record["step"]) == ("exp/t1", "metrics", 2)
+    assert "INVALID_PARAMETER_VALUE" in record["error"] or "Invalid value" in record["error"]
+    assert any("MLflow refused a metrics record of run exp/t1" in r.getMessage() for r in caplog.records)
+    mlflow = MlflowClient(uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    assert history(mlflow, run.info.run_id, "val_error") == [1, 3]
+    assert run.data.tags["samtune.status"] == "finished" and not spool.exists()
+
+
+def test_the_spool_message_names_the_command_that_replays_it(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "s.jsonl",
+                      replay_hint="samtune sweep space.py --resume")
+    tracker.client = FlakyClient(tracker.client)
+    tracker.client.down = True
+    tracker.declare("exp", "exp", "sweep")
+    tracker.log_params("exp", {"a": 1})
+    assert tracker.close().endswith(f"saved in {tmp_path / 's.jsonl'}; `samtune sweep space.py --resume` writes them")
+
+
+def test_a_run_key_with_a_quote_is_found_again(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for epoch in (1, 2):  # two drivers, one run
+        tracker = Tracker(uri, "exp", tmp_path / "s.jsonl")
+        tracker.declare("it's/t1", "t1", "trial")
+        tracker.log_metrics("it's/t1", {"epoch": epoch}, step=epoch)
+        assert tracker.close() is None
+    mlflow = MlflowClient(uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    assert history(mlflow, run.info.run_id) == [1, 2]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
