@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", help="output folder (default reports/<experiment>/)")
+    p.add_argument("--all-sweeps", action="store_true",
+                   help="every sweep run under this name, not only the newest")
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the sweep runs")
     p.add_argument("--tracking-uri", help="the store the sweeps wrote to (default: as for sweep)")
@@ -263,7 +265,8 @@ def cmd_report(args) -> int:
     from .report import build
     from .tracking import resolve_tracking_uri
 
-    out = build(args.experiment, tracking_uri=resolve_tracking_uri(args.tracking_uri), out=args.out)
+    out = build(args.experiment, tracking_uri=resolve_tracking_uri(args.tracking_uri), out=args.out,
+                all_sweeps=args.all_sweeps)
     print(f"report written to {out}")
     return 0
 

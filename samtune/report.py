@@ -451,9 +451,13 @@ def best_per_optimizer(
 # -- reading MLflow ------------------------------------------------------------------------------
 
 
-def load_runs(experiment: str, tracking_uri: str | None = None) -> Runs:
-    """Read every trial run of `experiment` from MLflow into a `Runs` table.
+def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: bool = False) -> Runs:
+    """Read the trial runs of `experiment`'s newest sweep from MLflow into a `Runs` table.
 
+    A sweep run again under the same name (a new ``--storage-path``) gets a sweep run of its
+    own; only the trials nested under the newest one (through its cell runs) are read, unless
+    `all_sweeps=True` reads every trial of the experiment. An experiment with no sweep run
+    (trials logged some other way) is read whole.
     `tracking_uri=None` follows MLflow's own resolution (MLFLOW_TRACKING_URI, else its local
     default). Raises `ReportError` if there is no experiment of that name; an experiment with
     no trial runs gives an empty table.
@@ -483,8 +487,15 @@ def load_runs(experiment: str, tracking_uri: str | None = None) -> Runs:
             if not token:
                 return found
 
+    sweeps = sorted(search("sweep"), key=lambda r: r.info.start_time or 0)
+    trials = search("trial")
+    if sweeps and not all_sweeps:
+        parents = {sweeps[-1].info.run_id} | {
+            cell.info.run_id for cell in search("cell")
+            if cell.data.tags.get("mlflow.parentRunId") == sweeps[-1].info.run_id}
+        trials = [t for t in trials if t.data.tags.get("mlflow.parentRunId") in parents]
     records = []
-    for run in search("trial"):
+    for run in trials:
         history = {}
         for key in run.data.metrics:
             points = client.get_metric_history(run.info.run_id, key)
@@ -499,7 +510,6 @@ def load_runs(experiment: str, tracking_uri: str | None = None) -> Runs:
             run_status=run.info.status,
             start_time=run.info.start_time,
         ))
-    sweeps = sorted(search("sweep"), key=lambda r: r.info.start_time or 0)
     return tabulate(
         experiment,
         records,
@@ -772,11 +782,12 @@ def build_report(
     dashboards_dir: str | Path | None = None,
     log_artifacts: bool = True,
     strict: bool = False,
+    all_sweeps: bool = False,
 ) -> Report:
     """Build the report of one sweep; `build` does the same and returns only the page's path.
 
-    Reads every trial run of MLflow experiment `experiment` (`tracking_uri=None`: MLflow's own
-    resolution), runs every view (see the module docstring for where views are found), writes
+    Reads the trial runs of MLflow experiment `experiment`'s newest sweep (every sweep of that
+    name with `all_sweeps=True`; see `load_runs`; `tracking_uri=None`: MLflow's own resolution), runs every view (see the module docstring for where views are found), writes
     index.html, one PNG per view with a figure and the tidy tables (trials.csv, history.csv)
     into `out` (default `reports/<experiment>/`), and logs those files, and nothing else of
     `out`, under `report/` as artifacts of the sweep's parent run (the newest run tagged
@@ -792,7 +803,7 @@ def build_report(
 
     # Headless: a report is often built on a server or in CI with no display.
     matplotlib.use("Agg")
-    runs = load_runs(experiment, tracking_uri)
+    runs = load_runs(experiment, tracking_uri, all_sweeps=all_sweeps)
     if runs.plotted.empty:
         counts = runs.status_counts()
         what = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trial runs yet"
@@ -831,10 +842,11 @@ def build(
     dashboards_dir: str | Path | None = None,
     log_artifacts: bool = True,
     strict: bool = False,
+    all_sweeps: bool = False,
 ) -> Path:
     """Build the report of one sweep and return the path of its index.html.
 
     Same arguments, behaviour and errors as `build_report`.
     """
     return build_report(experiment, tracking_uri, out, dashboards_dir=dashboards_dir,
-                        log_artifacts=log_artifacts, strict=strict).index
+                        log_artifacts=log_artifacts, strict=strict, all_sweeps=all_sweeps).index

@@ -211,7 +211,7 @@ def _choice(*options: str, doc: str = "") -> _Spec:
 
 
 _NORMS = lambda: _known("samtune.models", "NORMS", ("batch", "group", "none"))  # noqa: E731
-_NOISE_KINDS = lambda: _known("samtune.scenarios", "NOISE_KINDS", ("symmetric", "pairflip"))  # noqa: E731
+_NOISE_KINDS = lambda: _known("samtune.scenarios", "NOISE_KINDS", ("symmetric", "pairflip", "asymmetric"))  # noqa: E731
 _SCENARIOS = lambda: _known("samtune.scenarios", "SCENARIOS", ("label_noise", "finetune"))  # noqa: E731
 
 #: Every key of a trial config, what it accepts and what it means. `samtune.train.fit` reads these.
@@ -225,7 +225,8 @@ TRIAL_KEYS: dict[str, _Spec] = {
     "norm": _Spec("str", choices=_NORMS, doc="normalisation layers"),
     "scenario": _Spec("str", choices=_SCENARIOS, doc="label_noise | finetune"),
     "label_noise_rate": _Spec("float", low=0.0, high=1.0, high_open=True, doc="fraction of flipped labels"),
-    "label_noise_kind": _Spec("str", choices=_NOISE_KINDS, doc="symmetric | pairflip"),
+    "label_noise_kind": _Spec("str", choices=_NOISE_KINDS,
+                              doc="symmetric | pairflip | asymmetric (CIFAR-10 class map)"),
     "val_fraction": _Spec("float", low=0.0, high=1.0, high_open=True, doc="validation share of training set"),
     "epochs": _Spec("int", low=1, doc="training epochs"),
     "batch_size": _Spec("int", low=1, doc="global batch size (all workers together)"),
@@ -257,6 +258,7 @@ TRIAL_KEYS: dict[str, _Spec] = {
     "pretrain_lr": _Spec("float", optional=True, low=0.0, low_open=True, doc="finetune: pretraining lr"),
     "pretrain_subset": _Spec("int", optional=True, low=1, doc="finetune: source examples pretrained on"),
     "pretrain_seed": _Spec("int", optional=True, low=0, doc="finetune: pretraining seed"),
+    "pretrain_batch_size": _Spec("int", optional=True, low=1, doc="finetune: pretraining batch size (None: 128)"),
     "cpus_per_worker": _Spec("float", optional=True, low=0.0, low_open=True,
                              doc="CPUs per Ray Train worker (None: what fits beside the trial)"),
     "max_grad_norm": _Spec("float", optional=True, low=0.0, low_open=True, doc="gradient clipping"),
@@ -283,8 +285,8 @@ STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "sce
 #: ``sharpness/<measure>`` measured every epoch). The trainer's own list wins where it declares
 #: one (``samtune.train.METRICS``): Tune fails every trial whose result lacks the metric, so a
 #: name the trainer never reports must be refused before the sweep starts.
-METRICS = ("train_loss", "train_acc_noisy", "train_acc_true", "val_error", "val_loss", "test_error",
-           "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s")
+METRICS = ("train_loss", "train_acc_noisy", "train_acc_true", "train_error", "val_error", "val_loss",
+           "test_error", "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s")
 
 
 def reported_metrics() -> tuple[str, ...]:

@@ -35,9 +35,11 @@ from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 __all__ = ["SweepError", "SweepInterrupted", "run_sweep", "prepare", "CellResult", "TrialRow"]
 
 # What a trial reports that is worth a metric series in MLflow (Tune adds its own bookkeeping).
-TRIAL_METRICS = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "val_error", "val_loss",
-                 "test_error", "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s",
-                 "train_time_s", "lr", "diverged")
+TRIAL_METRICS = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "train_error",
+                 "flipped_acc_noisy", "flipped_acc_true", "val_error", "val_loss", "test_error",
+                 "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s",
+                 "lr", "lr_backbone", "diverged", "m_effective", "m_workers", "m_groups_per_worker",
+                 "m_per_worker_batch")
 MIN_FREE_BYTES = 200 * 2**20
 
 
@@ -491,7 +493,8 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
             name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
             callbacks=[SweepCallback(cell.slug), CSVLoggerCallback()],
-            failure_config=tune.FailureConfig(max_failures=2),
+            # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
+            failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )

@@ -60,8 +60,9 @@ Per-epoch metrics:
   permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
 
 A trial whose loss goes non-finite (or above `divergence_loss`) is *diverged*: it reports one last
-result with `diverged=1` and `val_error = test_error = 1.0` (a bad result for ASHA/Optuna, not a
-crash), leaves the non-finite values out, and ends.
+result with `diverged=1` and the worst value of every metric a sweep can optimise (errors and
+the gap 1.0, accuracies 0.0, losses `divergence_loss`): a bad result for ASHA/Optuna whatever the
+sweep's metric, not a crash. It leaves the non-finite values out, and ends.
 
 GPU path (`use_gpu=True`): CUDA device per worker, NCCL when every worker has a GPU of its own and
 gloo when workers share one (NCCL refuses two ranks on one device), `precision="bf16"` autocast
@@ -134,8 +135,8 @@ DEFAULTS: dict[str, Any] = {
     "max_grad_norm": None,
     "sharpness_every": 0,
     "sharpness_subset": 1024,
-    "sharpness_measures": ("m_sharpness", "adaptive_sharpness", "avg_sharpness",
-                           "hessian_top_eig", "hessian_trace"),
+    "sharpness_measures": ("m_sharpness", "adaptive_sharpness", "adaptive_sharpness_linf",
+                           "avg_sharpness", "hessian_top_eig", "hessian_trace"),
     "sharpness_settings": None,   # per-measure overrides, e.g. {"m_sharpness": {"rho": 0.1}}
     "sam_variant": "full",
     "finetune_source": None,
@@ -685,7 +686,13 @@ def _train(config: dict[str, Any], session: _Session,
         epoch_time = time.perf_counter() - started
         train_time += epoch_time
         if diverged:
+            # Every metric a sweep may optimise, at its worst: Tune refuses a result that lacks
+            # the sweep's metric, and a finite worst value keeps the trial a bad result.
+            worst_loss = float(cfg["divergence_loss"])
             metrics = {"epoch": epoch, "diverged": 1, "val_error": 1.0, "test_error": 1.0,
+                       "train_error": 1.0, "generalization_gap": 1.0, "train_acc_noisy": 0.0,
+                       "train_acc_true": 0.0, "train_loss": worst_loss, "val_loss": worst_loss,
+                       "test_loss": worst_loss, "samples_per_s": 0.0,
                        "epoch_time_s": epoch_time, "train_time_s": train_time}
             session.report(metrics, checkpoint(epoch, metrics))
             return metrics

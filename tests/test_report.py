@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -201,22 +202,27 @@ def no_validation_trials() -> list[Trial]:
     return trials
 
 
-def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path) -> str:
-    """Write `trials` the way the sweep driver does; returns the sweep run's id."""
+def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path,
+                sweep_key: str | None = None) -> str:
+    """Write `trials` the way the sweep driver does; returns the sweep run's id. `sweep_key`
+    (trial keys start with it) names a further sweep under the same experiment name."""
     from mlflow.tracking import MlflowClient
 
-    # Artifacts under the test's folder, not ./mlruns of wherever pytest runs.
-    MlflowClient(uri).create_experiment(experiment, artifact_location=(folder / experiment).as_uri())
-    tracker = Tracker(uri, experiment, folder / f"{experiment}-unlogged.jsonl")
-    tracker.declare(experiment, experiment, "sweep", **{"samtune.space_file": "/spaces/synthetic.py"})
-    tracker.log_params(experiment, {"name": experiment, "epochs": EPOCHS,
+    sweep_key = sweep_key or experiment
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(experiment) is None:
+        # Artifacts under the test's folder, not ./mlruns of wherever pytest runs.
+        client.create_experiment(experiment, artifact_location=(folder / experiment).as_uri())
+    tracker = Tracker(uri, experiment, folder / f"{sweep_key}-unlogged.jsonl")
+    tracker.declare(sweep_key, experiment, "sweep", **{"samtune.space_file": "/spaces/synthetic.py"})
+    tracker.log_params(sweep_key, {"name": experiment, "epochs": EPOCHS,
                                     "label_noise_rates": sorted({t.noise for t in trials})})
     cells = {}
     for trial in trials:
         cell_key = trial.key.rsplit("/", 1)[0]
         if cell_key not in cells:
             cells[cell_key] = trial.cell
-            tracker.declare(cell_key, trial.cell, "cell", parent=experiment,
+            tracker.declare(cell_key, trial.cell, "cell", parent=sweep_key,
                             **{"samtune.cell": trial.cell})
             tracker.log_params(cell_key, {"scenario": "label_noise", "label_noise_rate": trial.noise,
                                           "label_noise_kind": "symmetric"})
@@ -233,8 +239,10 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path) ->
             if val is not None:
                 metrics["val_error"] = val
             if trial.acc_noisy:
+                # As train reports it: the gap is taken from the eval-mode training error.
+                train_error = 1 - trial.acc_noisy[i]
                 metrics.update(train_acc_noisy=trial.acc_noisy[i], train_acc_true=trial.acc_true[i],
-                               generalization_gap=test - (1 - trial.acc_noisy[i]))
+                               train_error=train_error, generalization_gap=test - train_error)
             if epoch == len(trial.test) and trial.sharpness:
                 # Measured at the end of training, logged with the last epoch (as train does),
                 # with everything measure_sharpness logs beside the values: none is a measure.
@@ -245,9 +253,9 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path) ->
             tracker.set_status(trial.key, trial.status)
     for cell_key in cells:
         tracker.set_status(cell_key, "finished")
-    tracker.set_status(experiment, "finished")
+    tracker.set_status(sweep_key, "finished")
     assert tracker.close() is None
-    return tracker.run_id(experiment)
+    return tracker.run_id(sweep_key)
 
 
 @pytest.fixture(scope="module")
@@ -716,6 +724,23 @@ def test_an_experiment_with_no_finished_trial_is_a_clear_error(store, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("samtune: error: experiment 'nothing-finished' has no finished trial")
+
+
+def test_a_sweep_run_again_under_its_name_is_reported_alone(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = {**base_config(0.0), "optimizer": "sgd"}
+
+    def one_trial(sweep_key, lr, error):
+        return Trial(f"{sweep_key}/cell-0_noise-0/00000", "noise=0", 0.0, "finished",
+                     {**config, "lr": lr}, [error], [error])
+
+    write_sweep(uri, "again", [one_trial("again@first", 0.1, 0.3)], tmp_path, sweep_key="again@first")
+    time.sleep(0.01)  # the newer sweep run starts later
+    write_sweep(uri, "again", [one_trial("again@second", 0.2, 0.2)], tmp_path, sweep_key="again@second")
+    newest = load_runs("again", uri).trials
+    assert list(newest["lr"].astype(float)) == [0.2]
+    both = load_runs("again", uri, all_sweeps=True).trials
+    assert sorted(both["lr"].astype(float)) == [0.1, 0.2]
 
 
 def test_an_unknown_experiment_exits_2_with_one_line(store, tmp_path, capsys):

@@ -107,6 +107,11 @@ def test_divergence_is_a_bad_result_not_a_crash(tmp_path):
     last = fit(config, report=seen.append, checkpoint_dir=tmp_path)
     assert last["diverged"] == 1
     assert last["val_error"] == 1.0 and last["test_error"] == 1.0
+    # Whatever metric the sweep optimises, the diverged result carries it, at its worst.
+    from samtune.space import METRICS
+    assert set(METRICS) <= set(last)
+    assert last["train_error"] == 1.0 and last["train_acc_noisy"] == 0.0
+    assert last["val_loss"] == last["train_loss"] == BASE.get("divergence_loss", 1e3)
     assert len(seen) < 5  # stopped early
     assert all(math.isfinite(v) for m in seen for v in m.values() if isinstance(v, float))
     # Resuming a diverged run does not train again: it ends with the same bad result.
