@@ -178,7 +178,7 @@ def test_ui_serves_the_default_store_on_localhost_only(monkeypatch, tmp_path):
 def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     calls = []
-    monkeypatch.setattr("samtune.report.build", lambda e, tracking_uri=None, out=None: calls.append(tracking_uri)
+    monkeypatch.setattr("samtune.report.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
                         or tmp_path)
     assert cli.main(["report", "x"]) == 0 and calls == ["http://127.0.0.1:5999"]
     assert not os.path.exists(tmp_path / "mlflow.db")
