@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -248,6 +249,8 @@ def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str,
                    label=label)
     if len(shown) and shown["lr"].min() > 0 and shown["lr"].max() / shown["lr"].min() >= 10:
         ax.set_xscale("log")
+        # Over about one decade matplotlib labels the minor ticks too, and they overlap.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {_label(objective)}")
     ax.grid(alpha=0.3)
@@ -303,7 +306,7 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OB
     if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
         return empty, (f"{cell} ({scope}): importance needs at least "
                        f"{MIN_TRIALS_FOR_IMPORTANCE} trials that ran their whole budget, "
-                       f"found {len(trials)}.")
+                       f"found {len(trials)} (more trials per cell: --set trials=N).")
     columns_values = {}
     for name in params:
         values = list(effective_m(trials)) if name == "m" else list(trials[name])

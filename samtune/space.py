@@ -286,7 +286,8 @@ STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "sce
 #: one (``samtune.train.METRICS``): Tune fails every trial whose result lacks the metric, so a
 #: name the trainer never reports must be refused before the sweep starts.
 METRICS = ("train_loss", "train_acc_noisy", "train_acc_true", "train_error", "val_error", "val_loss",
-           "test_error", "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s")
+           "test_error", "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s",
+           "compute_time_s")
 
 
 def reported_metrics() -> tuple[str, ...]:

@@ -38,6 +38,7 @@ __all__ = ["SweepError", "SweepInterrupted", "run_sweep", "prepare", "CellResult
 TRIAL_METRICS = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "train_error",
                  "flipped_acc_noisy", "flipped_acc_true", "val_error", "val_loss", "test_error",
                  "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s",
+                 "compute_time_s",
                  "lr", "lr_backbone", "diverged", "m_effective", "m_workers", "m_groups_per_worker",
                  "m_per_worker_batch")
 MIN_FREE_BYTES = 200 * 2**20

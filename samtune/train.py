@@ -49,7 +49,9 @@ Per-epoch metrics:
   `val_fraction=0`), `test_error` / `test_loss` (clean test set): eval-mode top-1 error and mean
   cross-entropy;
 - `generalization_gap` = `test_error - train_error`;
-- `epoch_time_s`, `samples_per_s`, `train_time_s` (cumulative), `lr` (the head's, i.e. the
+- `epoch_time_s`, `samples_per_s`, `train_time_s` (cumulative), `compute_time_s` (cumulative
+  seconds of the trial's own epochs: training, evaluation and sharpness; what it costs without
+  process start, data loading, reporting and checkpointing), `lr` (the head's, i.e. the
   schedule's current learning rate), `lr_backbone` (finetuning: the pretrained layers' learning
   rate, `lr x backbone_lr_scale`), `diverged` (0/1);
 - SAM/ASAM: how m-sharpness was realised: `m_effective` (examples behind one eps), `m_workers`
@@ -624,7 +626,7 @@ def _train(config: dict[str, Any], session: _Session,
     fixed_x, fixed_y, fixed_y_true = train_x[fixed], train_y[fixed], train_y_true[fixed]
     eval_model = _unwrap_ddp(model)  # no collective inside an evaluation forward
 
-    start_epoch, train_time, last = 1, 0.0, {}
+    start_epoch, train_time, compute_time, last = 1, 0.0, 0.0, {}
     state = session.load()
     if state is not None:
         module.load_state_dict(state["model"])
@@ -633,6 +635,7 @@ def _train(config: dict[str, Any], session: _Session,
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, train_time, last = state["epoch"] + 1, state["train_time_s"], state["metrics"]
+        compute_time = state.get("compute_time_s", train_time)
         if last.get("diverged"):
             return last
 
@@ -646,7 +649,8 @@ def _train(config: dict[str, Any], session: _Session,
         return {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
-                "epoch": epoch, "train_time_s": train_time, "metrics": dict(metrics)}
+                "epoch": epoch, "train_time_s": train_time, "compute_time_s": compute_time,
+                "metrics": dict(metrics)}
 
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         model.train()
@@ -694,6 +698,8 @@ def _train(config: dict[str, Any], session: _Session,
                        "train_acc_true": 0.0, "train_loss": worst_loss, "val_loss": worst_loss,
                        "test_loss": worst_loss, "samples_per_s": 0.0,
                        "epoch_time_s": epoch_time, "train_time_s": train_time}
+            compute_time += time.perf_counter() - started
+            metrics["compute_time_s"] = compute_time
             session.report(metrics, checkpoint(epoch, metrics))
             return metrics
         n_seen = float(sums[3])
@@ -733,6 +739,8 @@ def _train(config: dict[str, Any], session: _Session,
         if cfg["sharpness_measures"] and (epoch == cfg["epochs"] or (every and epoch % every == 0)):
             if rank == 0:  # on the unwrapped module: no collectives, the other workers wait at report
                 metrics.update(_measure_sharpness(cfg, module, scenario, device))
+        compute_time += time.perf_counter() - started
+        metrics["compute_time_s"] = compute_time
         session.report(metrics, checkpoint(epoch, metrics))
         last = metrics
         if session.inject_faults:

@@ -115,6 +115,7 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
     for col in ("cell", "SGD " + metric, "SGD test", "SAM " + metric, "SAM test", "SAM - SGD test",
                 "best SAM settings", "failed/diverged"):
         table.add_column(col)
+    early = False
     for r in rows:
         sgd, sam = r["sgd"], r["sam"]
         delta = "-"
@@ -123,12 +124,21 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
             delta = f"[{'green' if d < 0 else 'red'}]{d:+.3f}[/]"
         settings = " ".join(f"{k}={fmt(sam.params.get(k))}" for k in ("optimizer", "lr", "rho", "m")
                             if sam is not None and k in sam.params) if sam is not None else "-"
-        table.add_row(r["cell"], fmt(sgd.metrics.get(metric)) if sgd else "-",
-                      fmt(sgd.metrics.get("test_error")) if sgd else "-",
-                      fmt(sam.metrics.get(metric)) if sam else "-",
-                      fmt(sam.metrics.get("test_error")) if sam else "-", delta, settings,
-                      f"{r['failed']}/{r['diverged']}")
+
+        def value(pick, key):
+            if pick is None:
+                return "-"
+            # A pick ASHA stopped early: its numbers are from an earlier epoch than the rest.
+            return fmt(pick.metrics.get(key)) + (f" (ep {pick.epoch})*"
+                                                 if pick.status != "finished" else "")
+
+        early |= any(p is not None and p.status != "finished" for p in (sgd, sam))
+        table.add_row(r["cell"], value(sgd, metric), value(sgd, "test_error"), value(sam, metric),
+                      value(sam, "test_error"), delta, settings, f"{r['failed']}/{r['diverged']}")
     console.print(table)
+    if early:
+        console.print("* no trial of that optimizer ran the whole budget in that cell; the best one "
+                      "ASHA stopped is shown, with its last epoch.", highlight=False, markup=False)
     uri = plan.tracking_uri
     # The report (built next by `samtune sweep`) says where it is itself.
     console.print(f"Browse the runs:  samtune ui --tracking-uri {uri}   (experiment {plan.sweep.name!r})",

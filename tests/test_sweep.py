@@ -505,3 +505,30 @@ def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_pat
     by_optimizer = {t.params["optimizer"]: t for t in load_study(tmp_path / "runs" / "t", cell).trials}
     assert (by_optimizer["sam"].state, by_optimizer["sam"].value) == (TrialState.COMPLETE, 1.0)
     assert by_optimizer["sgd"].state == TrialState.COMPLETE and by_optimizer["sgd"].value < 1.0
+
+
+def test_the_summary_marks_a_best_pick_that_asha_stopped():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from samtune.sweep import TrialRow
+    from samtune.view import print_summary
+
+    def row(optimizer, status, epoch, val, test):
+        return TrialRow("t", {"optimizer": optimizer, "lr": 0.1}, status=status, epoch=epoch,
+                        metrics={"val_error": val, "test_error": test, "epoch": epoch})
+
+    rows = [{"cell": "noise=0.4", "sgd": row("sgd", "finished", 16, 0.5, 0.3),
+             "sam": row("sam", "finished", 16, 0.4, 0.1), "failed": 0, "diverged": 0},
+            {"cell": "noise=0.8", "sgd": row("sgd", "finished", 16, 0.8, 0.6),
+             "sam": row("sam", "stopped", 4, 0.9, 0.9), "failed": 0, "diverged": 0}]
+    plan = SimpleNamespace(sweep=SimpleNamespace(name="s", metric="val_error"), tracking_uri="sqlite:///x.db")
+    out = StringIO()
+    print_summary(Console(file=out, width=250, color_system=None), plan, rows)
+    lines = out.getvalue().splitlines()
+    (finished,) = [line for line in lines if "noise=0.4" in line]
+    (stopped,) = [line for line in lines if "noise=0.8" in line]
+    assert "*" not in finished and "-0.200" in finished
+    assert "0.9 (ep 4)*" in stopped and "0.6" in stopped and "(ep" not in stopped.split("0.9 (ep 4)*")[0]
+    assert any(line.startswith("* no trial of that optimizer ran the whole budget") for line in lines)

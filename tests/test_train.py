@@ -38,6 +38,9 @@ def test_fit_learns_digits_and_reports_every_metric():
     assert last["generalization_gap"] == last["test_error"] - last["train_error"]
     assert "flipped_acc_noisy" not in last  # no label noise, nothing flipped
     assert seen[2]["train_time_s"] == pytest.approx(sum(m["epoch_time_s"] for m in seen))
+    # The trial's own compute: its training epochs plus evaluation, cumulative.
+    compute = [m["compute_time_s"] for m in seen]
+    assert compute == sorted(compute) and all(c > t for c, t in zip(compute, (m["train_time_s"] for m in seen)))
     # How m was realised: one eps from the whole batch of the single worker.
     assert (last["m_effective"], last["m_workers"], last["m_groups_per_worker"],
             last["m_per_worker_batch"]) == (64, 1, 1, 64)
@@ -650,7 +653,8 @@ def test_two_ranks_finetune_from_a_dataset_source_pretrained_inside_the_workers(
         assert torch.equal(v, ranks[1]["state"][k]), k
     assert ranks[0]["metrics"] == [{**m, "epoch_time_s": ranks[0]["metrics"][i]["epoch_time_s"],
                                     "samples_per_s": ranks[0]["metrics"][i]["samples_per_s"],
-                                    "train_time_s": ranks[0]["metrics"][i]["train_time_s"]}
+                                    "train_time_s": ranks[0]["metrics"][i]["train_time_s"],
+                                    "compute_time_s": ranks[0]["metrics"][i]["compute_time_s"]}
                                    for i, m in enumerate(ranks[1]["metrics"])]
     last = ranks[0]["metrics"][-1]
     assert last["m_workers"] == 1 and last["m_per_worker_batch"] == 32 and "per-worker eps" in last["m_plan"]
