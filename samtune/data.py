@@ -42,6 +42,7 @@ import os
 import pickle
 import re
 import socket
+import stat
 import tarfile
 import threading
 import warnings
@@ -267,7 +268,9 @@ def cache_dir_for(source: Path) -> Path:
     if env:
         return Path(env).expanduser()
     parent = source.parent
-    if os.access(parent, os.W_OK):
+    # The owner's write bit too: root passes os.access on any folder, and a folder someone made
+    # read-only (a shared dataset copy) should not grow a cache file.
+    if os.access(parent, os.W_OK) and parent.stat().st_mode & stat.S_IWUSR:
         return parent
     return _samtune_home()
 

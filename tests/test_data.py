@@ -415,3 +415,19 @@ def test_whole_shared_cifar10_copy_loads_with_cifar_labels(cifar_subset, tmp_pat
             assert int(getattr(ds, f"{split}_y")[i]) == c
     again = load_dataset("cifar10", SHARED_TARBALL.parent, download=False)
     assert torch.equal(again.train_x, ds.train_x)
+
+
+def test_a_read_only_data_folder_gets_no_cache_file_even_for_root(tmp_path, monkeypatch):
+    from samtune import data
+
+    monkeypatch.delenv("SAMTUNE_CACHE_DIR", raising=False)
+    writable, locked = tmp_path / "mine", tmp_path / "shared"
+    for folder in (writable, locked):
+        folder.mkdir()
+        (folder / "data.tar.gz").write_bytes(b"")
+    locked.chmod(0o555)
+    try:
+        assert data.cache_dir_for(writable / "data.tar.gz") == writable
+        assert data.cache_dir_for(locked / "data.tar.gz") == data._samtune_home()
+    finally:
+        locked.chmod(0o755)
