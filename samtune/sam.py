@@ -149,21 +149,23 @@ class SAM(torch.optim.Optimizer):
         norms = [n for scaled in directions for n in torch._foreach_norm(scaled)]
         device = norms[0].device
         grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-        # Decided on the device, not with a host sync; `overflow` zeroes eps below, since
-        # multiplying by a zero scale would give inf * 0 = nan.
-        overflow = ~torch.isfinite(grad_norm)
+        # Decided on the device, not with a host sync: a non-finite norm makes the scale 0, and
+        # nan_to_num_ below turns the inf * 0 = nan that leaves into 0. With a finite norm every
+        # entry is finite and nan_to_num_ changes nothing. (A masked_fill_ with the 0-dim mask
+        # measured 10x slower: it added a fifth to a SAM step's optimizer work on an MLP.)
+        finite = torch.isfinite(grad_norm)
         perturbed = []
         for (group, params), scaled in zip(groups, directions):
             saved, eps = self._buffers(params)
             torch._foreach_copy_(saved, params)
             # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||.
-            scale = group["rho"] / (grad_norm + _NORM_FLOOR)
+            scale = torch.where(finite, group["rho"] / (grad_norm + _NORM_FLOOR), 0.0)
             torch._foreach_copy_(eps, scaled)
             if group["adaptive"]:
                 torch._foreach_mul_(eps, self._adaptive_scale(group, params))
             torch._foreach_mul_(eps, [scale.to(p.device) for p in params])
             for e in eps:
-                e.masked_fill_(overflow.to(e.device), 0.0)
+                e.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_add_(params, eps)
             perturbed.append((params, saved))
         self._perturbed = perturbed
