@@ -6,6 +6,9 @@ Baselines, all measured in this run on the same model, batch and thread count:
   batched `torch.func.vmap` path (the default on accelerators);
 - `loop_reference`: SAM as popular single-file implementations write it: a Python loop over
   parameters with a `clone()` of every weight each step and `p.add_(e)` / `p.data = old`.
+  `optimizer_work` times the part where the two differ alone (first step, restore, base step
+  on fixed gradients), since on a ResNet it is under 1% of a step and the whole-step ratio
+  moves by more than that from run to run.
 
 Prints one `name: value` line per figure and ends with
 `ratios: sam/sgd=X.XX m8/sam=Y.YY sam/loop_reference=Z.ZZ` (the ResNet figures; targets:
@@ -76,6 +79,35 @@ def time_steps(step, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def optimizer_work(model_name: str, shape, batch: int, repeats: int) -> dict[str, float]:
+    """Seconds of one SAM step's optimizer work alone (first step, restore, base step) for
+    samtune's SAM and the loop reference, on fixed gradients: the part of a step the two
+    implementations differ in, without the two passes' forward/backward noise around it."""
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    out = {}
+    for name, make in (("sam", lambda ps: SAM(ps, rho=0.05, **kwargs)),
+                       ("loop_reference", lambda ps: LoopReferenceSAM(ps, torch.optim.SGD, rho=0.05, **kwargs))):
+        torch.manual_seed(0)
+        model = build_model(model_name, 10, shape)
+        opt = make(model.parameters())
+        F.cross_entropy(model(x), y).backward()
+        params = list(model.parameters())
+        grads = [p.grad.clone() for p in params]
+
+        def step():
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.first_step()
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.second_step()
+
+        out[name] = min(time_steps(step, repeats * 20) for _ in range(3))
+    return out
+
+
 def measure(model_name: str, shape, batch: int, repeats: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=g)
@@ -127,6 +159,10 @@ def main() -> None:
         print(f"{model_name}/m8/sam: {t['m8'] / t['sam']:.2f}")
         print(f"{model_name}/m8_vmap/m8: {t['m8_vmap'] / t['m8']:.2f}")
         print(f"{model_name}/sam/loop_reference: {t['sam'] / t['loop_reference']:.2f}")
+        work = optimizer_work(model_name, shape, args.batch, args.repeats)
+        print(f"{model_name}/optimizer_work_ms: sam={work['sam'] * 1e3:.3f} "
+              f"loop_reference={work['loop_reference'] * 1e3:.3f}")
+        print(f"{model_name}/optimizer_work/loop_reference: {work['sam'] / work['loop_reference']:.2f}")
     r = results["resnet20"]
     print(f"ratios: sam/sgd={r['sam'] / r['sgd']:.2f} m8/sam={r['m8'] / r['sam']:.2f} "
           f"sam/loop_reference={r['sam'] / r['loop_reference']:.2f}")
