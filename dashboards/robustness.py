@@ -14,10 +14,9 @@ test error instead and a note under the figure says so. Cells that are not label
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-
-import numpy as np
 
 from samtune.report import (
     Runs,

@@ -242,6 +242,42 @@ class SweepCallback(Callback):
             r.trial_end(trial, failed=True)
 
 
+class CheckpointPruner(Callback):
+    """Keeps every trial checkpoint that a resumed driver may be sent back to, and no more.
+
+    Tune's experiment state names each trial's latest checkpoint. Left to Tune (`num_to_keep=1`),
+    a checkpoint is deleted as soon as the next one is registered, before the state that names
+    the new one is written: a driver killed in between leaves a state naming a deleted
+    checkpoint, and the resumed trial fails to restore (seen under SIGKILL). Tune therefore keeps
+    all of them and writes its state at every step of its loop (`EXPERIMENT_STATE_PERIOD_S` = 0),
+    and this deletes, as each new checkpoint arrives, the trial's older ones once they are
+    `grace_s` old: far older than any state on disk can be.
+    """
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        fs = getattr(checkpoint, "filesystem", None)
+        if fs is not None and getattr(fs, "type_name", "local") != "local":
+            return  # remote storage: left to its own lifecycle rules
+        current = Path(checkpoint.path)
+        cutoff = time.time() - self.grace_s
+        for old in current.parent.glob("checkpoint_*"):
+            try:
+                if old != current and old.is_dir() and old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:  # pruning is housekeeping: never a reason to stop a sweep
+                continue
+
+
+# How often Tune writes its experiment state: every step of its loop, so that a resumed driver
+# knows every trial and checkpoint the killed one had (a small file; Tune's own default wrote it
+# after every checkpoint). How long a superseded checkpoint is kept: far longer than a step.
+EXPERIMENT_STATE_PERIOD_S = 0
+CHECKPOINT_GRACE_S = 120
+
+
 # ------------------------------------------------------------------------------ preparing
 @dataclass
 class Plan:
@@ -467,6 +503,8 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
     from .train import run_trial
 
     sweep = plan.sweep
+    # See CheckpointPruner. Read by the Tuner's controller, so set before it exists.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
     trainable = tune.with_resources(run_trial, resources)
     path = plan.sweep_dir / cell.slug
     # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
@@ -493,10 +531,11 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
         run_config=tune.RunConfig(
             name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback()],
+            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner(CHECKPOINT_GRACE_S)],
             # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
             failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # All kept by Tune; CheckpointPruner removes those no resume can need.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         ),
     )
 

@@ -532,3 +532,28 @@ def test_the_summary_marks_a_best_pick_that_asha_stopped():
     assert "*" not in finished and "-0.200" in finished
     assert "0.9 (ep 4)*" in stopped and "0.6" in stopped and "(ep" not in stopped.split("0.9 (ep 4)*")[0]
     assert any(line.startswith("* no trial of that optimizer ran the whole budget") for line in lines)
+
+
+def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_path):
+    from samtune.sweep import CHECKPOINT_GRACE_S, EXPERIMENT_STATE_PERIOD_S, CheckpointPruner
+
+    assert CHECKPOINT_GRACE_S >= max(60, 5 * EXPERIMENT_STATE_PERIOD_S)
+    now = time.time()
+    ages = {"checkpoint_000000": 3600, "checkpoint_000001": CHECKPOINT_GRACE_S + 5,
+            "checkpoint_000002": CHECKPOINT_GRACE_S - 30, "checkpoint_000003": 1, "checkpoint_000004": 0}
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trial.pt").write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / "progress.csv").write_text("epoch\n")
+    newest = SimpleNamespace(path=str(tmp_path / "checkpoint_000004"),
+                             filesystem=SimpleNamespace(type_name="local"))
+    CheckpointPruner(CHECKPOINT_GRACE_S).on_checkpoint(0, [], None, newest)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # Older than the grace: gone. Younger (a saved experiment state may still name them): kept.
+    assert left == ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004", "progress.csv"]
+    # Remote storage is left alone.
+    remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000004"), filesystem=SimpleNamespace(type_name="s3"))
+    os.utime(tmp_path / "checkpoint_000002", (0, 0))
+    CheckpointPruner(CHECKPOINT_GRACE_S).on_checkpoint(0, [], None, remote)
+    assert (tmp_path / "checkpoint_000002").exists()
