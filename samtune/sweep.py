@@ -242,6 +242,18 @@ class SweepCallback(Callback):
             r.trial_end(trial, failed=True)
 
 
+def resumable(cell_dir: Path) -> bool:
+    """Whether Tune can pick a cell up where it stopped: its Tuner and an experiment state.
+
+    A driver killed just as a cell's Tuner started leaves the Tuner (``tuner.pkl``) but no
+    experiment state; Tune then refuses to restore, and since no trial of that cell was
+    recorded, the cell starts afresh instead.
+    """
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(cell_dir)) and any(cell_dir.glob("experiment_state-*.json"))
+
+
 class CheckpointPruner(Callback):
     """Keeps every trial checkpoint that a resumed driver may be sent back to, and no more.
 
@@ -509,7 +521,7 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
     path = plan.sweep_dir / cell.slug
     # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if plan.resume and tune.Tuner.can_restore(str(path)):
+    if plan.resume and resumable(path):
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)

@@ -557,3 +557,15 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
     os.utime(tmp_path / "checkpoint_000002", (0, 0))
     CheckpointPruner(CHECKPOINT_GRACE_S).on_checkpoint(0, [], None, remote)
     assert (tmp_path / "checkpoint_000002").exists()
+
+
+def test_a_cell_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
+    from samtune.sweep import resumable
+
+    cell = tmp_path / "cell-0_noise-0"
+    cell.mkdir()
+    assert not resumable(cell)
+    (cell / "tuner.pkl").write_bytes(b"")
+    assert not resumable(cell)   # Tune would refuse: no experiment state yet
+    (cell / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    assert resumable(cell)
