@@ -288,6 +288,17 @@ def env(**extra):
     return e
 
 
+def sweep_space(tmp_path, filename, text):
+    """Write a search space file and run `samtune sweep` on it to the end (exit status 0)."""
+    space = tmp_path / filename
+    space.write_text(text)
+    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def runs_of(tmp_path, experiment="t"):
     from mlflow.tracking import MlflowClient
 
@@ -355,8 +366,7 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
 def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
     # Trials run one at a time and alternate a working and a hopeless learning rate: each hopeless
     # trial reaches the first rung (epoch 1) behind a recorded working one, so ASHA stops it there.
-    space = tmp_path / "asha.py"
-    space.write_text(
+    sweep_space(tmp_path, "asha.py",
         "from samtune.space import Sweep\n"
         "def space(trial):\n"
         "    trial.suggest_categorical('optimizer', ['sgd'])\n"
@@ -364,10 +374,6 @@ def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
         "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=128, trials=4,\n"
         "              grace_period=1, reduction_factor=2, max_concurrent=1,\n"
         "              fixed={'sharpness_measures': ''})\n")
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / "runs"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, by_role = runs_of(tmp_path)
     status = Counter((float(t.data.params["lr"]), t.data.tags["samtune.status"]) for t in by_role["trial"])
     assert status == {(0.2, "finished"): 2, (1e-6, "stopped"): 2}
@@ -476,8 +482,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
 
 @pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
-    space = tmp_path / "diverge.py"
-    space.write_text(
+    sweep_space(tmp_path, "diverge.py",
         "from samtune.space import Sweep\n"
         "def space(trial):\n"
         "    opt = trial.suggest_categorical('optimizer', ['sgd', 'sam'])\n"
@@ -486,10 +491,6 @@ def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_pat
         "    return {'lr': 0.05}\n"
         "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=3, batch_size=128, trials=2,\n"
         "              grace_period=3, fixed={'sharpness_measures': ''})\n")
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / "runs"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, by_role = runs_of(tmp_path)
     status = {t.data.params["optimizer"]: t for t in by_role["trial"]}
     assert status["sam"].data.tags["samtune.status"] == "diverged"
