@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from .interrupts import InterruptWatch
 from .space import Cell, SpaceError, Sweep, apply_overrides, check_space, load_space
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
@@ -591,7 +592,9 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     completed = False
     if view is not None:
         view.start(plan, sweep.cells())
+    watch = InterruptWatch()
     try:
+        watch.__enter__()
         for cell in sweep.cells():
             recorder = Recorder(sweep, cell, tracker, sweep_key,
                                 on_change=(lambda r=None: view.update(_ACTIVE[cell.slug])) if view else None)
@@ -600,7 +603,8 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
                 if _cell_done(plan, cell):
                     _load_done_cell(plan, cell, recorder)
                 else:
-                    _tuner(plan, cell, concurrent, resources).fit()
+                    with watch.tune_fit():
+                        _tuner(plan, cell, concurrent, resources).fit()
                     if _reconcile(plan, cell, recorder) < sweep.trials:
                         raise SweepInterrupted(
                             f"interrupted in cell {cell.label}; finish it with: {plan.resume_command}")
@@ -611,9 +615,15 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
             results.append(recorder.result)
             if view is not None:
                 view.cell_done(recorder)
+            if watch.interrupted:
+                # Ctrl-C came as the cell's last trial ended: the cell is whole and recorded,
+                # the sweep stops here all the same.
+                raise SweepInterrupted(f"interrupted after cell {cell.label}; finish the sweep with: "
+                                       f"{plan.resume_command}")
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
+        watch.__exit__(None, None, None)
         if not completed:
             tracker.end_open_runs()
         message = tracker.close()

@@ -1,0 +1,63 @@
+"""Ctrl-C during a sweep, wherever it lands.
+
+Inside ``Tuner.fit()`` Tune installs its own SIGINT handler: it sets an event that ends its loop
+after saving the experiment state, and puts back the handler that was there before. Two gaps
+follow from that, and both lost a Ctrl-C: Tune never puts the old handler back when no signal
+came, so after the first cell a stale Tune handler catches a Ctrl-C between cells and sets an
+event nobody reads; and a Ctrl-C after Tune's loop ended but before ``fit()`` returned is
+swallowed the same way. `InterruptWatch` closes both: outside ``fit()`` its own handler raises
+`KeyboardInterrupt` as Python's default does, and after each ``fit()`` it reads whether Tune's
+handler fired (it then has put ours back) and says so.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+__all__ = ["InterruptWatch"]
+
+
+class InterruptWatch:
+    """Installed for the length of a sweep (a context manager); `interrupted` is set once a
+    SIGINT arrived, whether Tune or this watch caught it."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous = None
+        self._active = False
+
+    def _handle(self, signum, frame) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "InterruptWatch":
+        # Signals go to the main thread only; elsewhere (a notebook's worker thread) there is
+        # nothing to install and Python's own behaviour stays.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
+            self._active = False
+
+    @contextmanager
+    def tune_fit(self):
+        """Around one ``Tuner.fit()``: afterwards, `interrupted` tells whether a SIGINT came
+        while Tune's handler was installed, and this watch's handler is back in place."""
+        try:
+            yield self
+        finally:
+            # With TUNE_DISABLE_SIGINT_HANDLER Tune leaves ours in place, and ours raises.
+            tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+            if self._active:
+                if tune_catches and signal.getsignal(signal.SIGINT) == self._handle:
+                    # Tune's handler ran: it restores the handler it found, which was ours.
+                    self.interrupted = True
+                else:
+                    signal.signal(signal.SIGINT, self._handle)
