@@ -256,39 +256,42 @@ def resumable(cell_dir: Path) -> bool:
 
 
 class CheckpointPruner(Callback):
-    """Keeps every trial checkpoint that a resumed driver may be sent back to, and no more.
+    """Keeps a trial's two newest checkpoints, on disk and in Tune's experiment state.
 
-    Tune's experiment state names each trial's latest checkpoint. Left to Tune (`num_to_keep=1`),
-    a checkpoint is deleted as soon as the next one is registered, before the state that names
-    the new one is written: a driver killed in between leaves a state naming a deleted
-    checkpoint, and the resumed trial fails to restore (seen under SIGKILL). Tune therefore keeps
-    all of them and writes its state at every step of its loop (`EXPERIMENT_STATE_PERIOD_S` = 0),
-    and this deletes, as each new checkpoint arrives, the trial's older ones once they are
-    `grace_s` old: far older than any state on disk can be.
+    Tune's experiment state names each trial's checkpoints and its latest one. Left to Tune
+    (`num_to_keep=1`), a checkpoint is deleted as soon as the next one is registered, before the
+    state that names the new one is written: a driver killed in between leaves a state naming a
+    deleted checkpoint, and the resumed trial fails to restore (seen under SIGKILL). With
+    `num_to_keep=2`, a resumed Tune fails instead on deleting a checkpoint its state still
+    lists. Tune therefore keeps them all (`num_to_keep=None`) and writes its state at every step
+    of its loop (`EXPERIMENT_STATE_PERIOD_S` = 0), one result a step; and this, as checkpoint N+1
+    arrives (before Tune registers it), deletes everything older than N and drops it from the
+    trial's list, so the state on disk, whose latest is N, never names a deleted one as latest.
+    Dropping them from the list matters as much: Tune pickles every listed checkpoint into the
+    state at every step, which grew with the epochs (75 kB a trial after 16 epochs, about 0.6 MB
+    after 200, rewritten at every step for every trial).
     """
-
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         fs = getattr(checkpoint, "filesystem", None)
         if fs is not None and getattr(fs, "type_name", "local") != "local":
             return  # remote storage: left to its own lifecycle rules
-        current = Path(checkpoint.path)
-        cutoff = time.time() - self.grace_s
-        for old in current.parent.glob("checkpoint_*"):
-            try:
-                if old != current and old.is_dir() and old.stat().st_mtime < cutoff:
-                    shutil.rmtree(old, ignore_errors=True)
-            except OSError:  # pruning is housekeeping: never a reason to stop a sweep
-                continue
+        manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
+        listed = getattr(manager, "_checkpoint_results", None)
+        if not isinstance(listed, list):
+            return  # a Tune whose bookkeeping differs: keep everything rather than guess
+        newest = Path(checkpoint.path)
+        for old in listed[:-1]:
+            path = Path(old.checkpoint.path)
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)  # housekeeping: never a reason to stop
+        del listed[:-1]
 
 
 # How often Tune writes its experiment state: every step of its loop, so that a resumed driver
-# knows every trial and checkpoint the killed one had (a small file; Tune's own default wrote it
-# after every checkpoint). How long a superseded checkpoint is kept: far longer than a step.
+# knows every trial and checkpoint the killed one had (see CheckpointPruner: it keeps the state
+# small enough for that).
 EXPERIMENT_STATE_PERIOD_S = 0
-CHECKPOINT_GRACE_S = 120
 
 
 # ------------------------------------------------------------------------------ preparing
@@ -544,7 +547,7 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
         run_config=tune.RunConfig(
             name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner(CHECKPOINT_GRACE_S)],
+            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner()],
             # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
             failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
             # All kept by Tune; CheckpointPruner removes those no resume can need.
@@ -576,15 +579,25 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     import ray
 
     sweep = plan.sweep
-    # Ray first: a cluster that cannot be joined or a trial that can never fit it leaves nothing
-    # behind that a later run would mistake for a sweep to resume.
-    _start_ray(plan.address)
-    resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
+    # The store opens in the tracker's thread while Ray starts (each takes seconds). A cluster
+    # that cannot be joined, a trial that can never fit it or a store MLflow cannot open leaves
+    # nothing behind that a later run would mistake for a sweep to resume, not even a new store.
     try:
         tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
-                          replay_hint=plan.resume_command)
+                          replay_hint=plan.resume_command, background=True)
     except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
         raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({_first_line(exc)})") from None
+    try:
+        _start_ray(plan.address)
+        resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
+        try:
+            tracker.wait_open()
+        except Exception as exc:  # noqa: BLE001
+            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it "
+                             f"({_first_line(exc)})") from None
+    except BaseException:
+        tracker.discard()
+        raise
     # Written once the tracker exists: a sweep that cannot record is no sweep to resume.
     write_state(plan)
     sweep_key = declare_sweep(plan, tracker)

@@ -35,7 +35,11 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
 continues its run instead of starting a second one, and a step already logged is never logged
 twice (the run's ``epoch`` history says which steps exist).
 
-Writes go through a queue. When the tracking server fails, training goes on: the pending records
+Writes go through a queue that a background thread drains (``background=True``, what a sweep
+uses), so the Tune loop never waits on MLflow: each trial's report waits for the driver to take
+the previous one, and a SQLite write costs about 15 ms per result (opening a new store about
+2.5 s, which now overlaps Ray's start). `flush()` and `close()` write from the calling thread and
+return once the queue is empty or a write failed. When the tracking server fails, training goes on: the pending records
 stay queued and are written to a JSON-lines spool file named in the warning (one record a line:
 ``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` = params | metrics | status |
 artifacts, ``step``, ``data``). They are retried on later writes, backing off from
@@ -56,6 +60,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,17 +191,28 @@ class Tracker:
     """The sweep's MLflow writer. Runs are named by keys; MLflow ids are resolved lazily."""
 
     def __init__(self, tracking_uri: str, experiment: str, spool_path: str | os.PathLike,
-                 retry_after_s: float = 10.0, replay_hint: str | None = None):
-        """`replay_hint`: the command that writes a left-over spool later, named in messages."""
-        from mlflow.tracking import MlflowClient
-
+                 retry_after_s: float = 10.0, replay_hint: str | None = None, background: bool = False):
+        """`replay_hint`: the command that writes a left-over spool later, named in messages.
+        `background`: write from a thread of this tracker's own (the store is opened there too:
+        `wait_open` says whether it could be)."""
         fail_fast_environment()
         self.uri = tracking_uri
         self.experiment = experiment
         self.spool_path = str(spool_path)
         self.rejected_path = self.spool_path.removesuffix(".jsonl") + ".rejected.jsonl"
         self.replay_hint = replay_hint
-        self.client = MlflowClient(tracking_uri)
+        self._client = None
+        # The SQLite file opening the store will create, if it does not exist yet (`discard`).
+        db = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
+        self._created_file = db if db and not os.path.exists(db) else None
+        self._open_error: BaseException | None = None
+        self._opened = threading.Event()
+        # `_lock` guards the queue and the failure state; `_writing` lets one drainer at a time
+        # write, so records reach MLflow in the order they were submitted.
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
         self.retry_after_s = retry_after_s
         self._experiment_id: str | None = None
         self._runs: dict[str, _RunSpec] = {}
@@ -210,6 +226,77 @@ class Tracker:
         self.failures = 0
         self.rejected = 0
         self._load_spool()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._background, name="samtune-mlflow", daemon=True)
+            self._thread.start()
+        else:
+            self._open()
+
+    # -- the store ------------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self._opened.is_set():
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        except BaseException as exc:  # noqa: BLE001  re-raised where the client is needed
+            self._open_error = exc
+        finally:
+            self._opened.set()
+        if self._open_error is not None and not self._thread:
+            raise self._open_error
+
+    def discard(self) -> None:
+        """Give up before anything was written (the sweep could not start): stop the writer and
+        remove the SQLite file opening the store created, so a refused sweep leaves no store."""
+        if self._thread is not None:
+            with self._wake:
+                self._closing = True
+                self._wake.notify_all()
+            self._thread.join()
+            self._thread = None
+        if self._created_file and not self._queue and os.path.exists(self._created_file):
+            self._client = None
+            os.remove(self._created_file)
+
+    def wait_open(self, timeout: float | None = None) -> None:
+        """Wait until the store is open; raise what opening it raised."""
+        self._opened.wait(timeout)
+        if self._open_error is not None:
+            raise self._open_error
+
+    @property
+    def client(self):
+        self.wait_open()
+        return self._client
+
+    @client.setter
+    def client(self, value) -> None:
+        self.wait_open()
+        self._client = value
+
+    def _background(self) -> None:
+        self._open()
+        if self._open_error is not None:
+            return  # `wait_open` raises it to the sweep; nothing can be written
+        while True:
+            with self._wake:
+                while not self._closing and (not self._queue or self._backing_off()):
+                    # During a back-off, wait it out (or until close() asks for the end).
+                    self._wake.wait(timeout=self._backoff_left() if self._queue else None)
+                if self._closing:
+                    return  # close() writes what is left, from its own thread
+            self.flush()
+
+    def _backing_off(self) -> bool:
+        return self._backoff_left() > 0
+
+    def _backoff_left(self) -> float:
+        if not self.failures or not self._last_failure:
+            return 0.0
+        return max(0.0, self._backoff_s - (time.monotonic() - self._last_failure))
 
     # -- declaring runs -------------------------------------------------------------------------
     def declare(self, key: str, name: str, role: str, parent: str | None = None,
@@ -250,34 +337,55 @@ class Tracker:
     def end_open_runs(self) -> None:
         """Mark KILLED every run created here that got no final status (the sweep was
         interrupted), so none stays RUNNING in the UI; a resumed sweep reopens them."""
-        for key, spec in self._runs.items():
-            if key not in self._ended and (spec.run_id is not None or
-                                           any(op.key == key for op in self._queue)):
+        with self._lock:
+            queued = {op.key for op in self._queue}
+        for key, spec in list(self._runs.items()):
+            if key not in self._ended and (spec.run_id is not None or key in queued):
                 self._submit(_Op("end", key, "KILLED"))
 
     def flush(self) -> bool:
-        """Try to write everything queued; True when nothing is left."""
-        while self._queue:
-            op = self._queue[0]
-            try:
-                self._apply(op)
-            except Exception as exc:  # noqa: BLE001  any client/server error: keep it queued
-                self._unsure.add(op.key)
-                if _is_permanent(exc):
-                    self._reject(op, exc)
-                    continue
-                self._failed(exc)
-                return False
-            self._queue.pop(0)
-        self._backoff_s = self.retry_after_s
-        if os.path.exists(self.spool_path):
-            os.remove(self.spool_path)  # everything reached the server after all
+        """Try to write everything queued, from this thread; True when nothing is left."""
+        if self._open_error is not None:
+            return False
+        with self._writing:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        break
+                    op = self._queue[0]
+                try:
+                    self._apply(op)
+                except Exception as exc:  # noqa: BLE001  any client/server error: keep it queued
+                    self._unsure.add(op.key)
+                    with self._lock:
+                        if _is_permanent(exc):
+                            self._reject(op, exc)
+                            continue
+                        self._failed(exc)
+                    return False
+                with self._lock:
+                    self._queue.pop(0)
+            with self._lock:
+                self._backoff_s = self.retry_after_s
+                self._last_failure = 0.0  # no back-off once the server took everything
+                if os.path.exists(self.spool_path):
+                    os.remove(self.spool_path)  # everything reached the server after all
         return True
 
     def close(self) -> str | None:
-        """Flush a last time. Returns a message naming what could not be written, or None."""
+        """Stop the writer thread and flush a last time. Returns a message naming what could not
+        be written, or None."""
+        if self._thread is not None:
+            with self._wake:
+                self._closing = True
+                self._wake.notify_all()
+            self._thread.join()
+            self._thread = None
         rejected = (f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}"
                     if self.rejected else None)
+        if self._open_error is not None:
+            return (f"MLflow at {self.uri} could not be opened ({_first_line(self._open_error)}): "
+                    f"{len(self._queue)} record(s) were not logged")
         if self.flush():
             return rejected
         replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""
@@ -290,11 +398,17 @@ class Tracker:
 
     # -- internals ------------------------------------------------------------------------------
     def _submit(self, op: _Op) -> None:
-        self._queue.append(op)
-        if len(self._queue) > 1 and time.monotonic() - self._last_failure < self._backoff_s:
-            self._spool()  # the server failed a moment ago: don't stall the driver on every write
-            return
-        self.flush()
+        with self._lock:
+            self._queue.append(op)
+            failed_lately = len(self._queue) > 1 and time.monotonic() - self._last_failure < self._backoff_s
+            if failed_lately:
+                self._spool()  # the server failed a moment ago: don't stall the driver on every write
+            if self._thread is not None:
+                if not failed_lately:
+                    self._wake.notify()
+                return
+        if not failed_lately:
+            self.flush()
 
     def _failed(self, exc: Exception) -> None:
         if self.failures:  # failing again: wait longer before the next attempt

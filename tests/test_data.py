@@ -30,6 +30,30 @@ def test_digits_is_uint8_scaled_with_fixed_stratified_split():
     assert torch.equal(again.train_x, ds.train_x) and torch.equal(again.test_y, ds.test_y)
 
 
+def test_digits_are_cached_once_and_read_back_without_importing_scikit_learn(tmp_path):
+    import subprocess
+    import sys
+
+    from samtune.data import _build_digits
+
+    ds = load_dataset("digits", cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("digits-*.samtune.pt")
+    fresh = _build_digits()  # straight from scikit-learn, no cache involved
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(ds, key), fresh[key]), key
+    # A trial process: the cache is read, scikit-learn (about 1.2 s to import) is not loaded.
+    code = ("import sys; from samtune.data import load_dataset; "
+            f"ds = load_dataset('digits', cache_dir={str(tmp_path)!r}); "
+            "print(len(ds.train_y), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1437", "False"]
+    # A damaged cache is rebuilt, with a warning, never trusted.
+    cached.write_bytes(b"not a cache")
+    with pytest.warns(UserWarning, match="unusable"):
+        again = load_dataset("digits", cache_dir=tmp_path)
+    assert torch.equal(again.test_y, fresh["test_y"])
+
+
 def test_to_float_normalises_each_channel():
     x = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)

@@ -536,28 +536,37 @@ def test_the_summary_marks_a_best_pick_that_asha_stopped():
 
 
 def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_path):
-    from samtune.sweep import CHECKPOINT_GRACE_S, EXPERIMENT_STATE_PERIOD_S, CheckpointPruner
+    """Against Tune's own checkpoint bookkeeping, driven as its controller drives it: the
+    callback sees checkpoint N+1 first, then Tune registers it."""
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
 
-    assert CHECKPOINT_GRACE_S >= max(60, 5 * EXPERIMENT_STATE_PERIOD_S)
-    now = time.time()
-    ages = {"checkpoint_000000": 3600, "checkpoint_000001": CHECKPOINT_GRACE_S + 5,
-            "checkpoint_000002": CHECKPOINT_GRACE_S - 30, "checkpoint_000003": 1, "checkpoint_000004": 0}
-    for name, age in ages.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "trial.pt").write_bytes(b"x")
-        os.utime(tmp_path / name, (now - age, now - age))
+    from samtune.sweep import CheckpointPruner
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=None))
+    trial = SimpleNamespace(run_metadata=SimpleNamespace(checkpoint_manager=manager))
     (tmp_path / "progress.csv").write_text("epoch\n")
-    newest = SimpleNamespace(path=str(tmp_path / "checkpoint_000004"),
-                             filesystem=SimpleNamespace(type_name="local"))
-    CheckpointPruner(CHECKPOINT_GRACE_S).on_checkpoint(0, [], None, newest)
+    for n in range(6):
+        folder = tmp_path / f"checkpoint_{n:06d}"
+        folder.mkdir()
+        (folder / "trial.pt").write_bytes(b"x")
+        checkpoint = Checkpoint.from_directory(str(folder))
+        # What the state on disk lists at this moment: it was written after the last registration.
+        on_disk = [Path(r.checkpoint.path).name for r in manager._checkpoint_results]
+        CheckpointPruner().on_checkpoint(n, [], trial, checkpoint)
+        if on_disk:  # the state's latest checkpoint is still there to resume from
+            assert (tmp_path / on_disk[-1]).exists()
+        manager.register_checkpoint(_TrainingResult(checkpoint=checkpoint, metrics={"epoch": n + 1}))
+        listed = [Path(r.checkpoint.path).name for r in manager._checkpoint_results]
+        assert listed == [f"checkpoint_{k:06d}" for k in range(max(0, n - 1), n + 1)]
+        assert Path(manager.latest_checkpoint_result.checkpoint.path) == folder
     left = sorted(p.name for p in tmp_path.iterdir())
-    # Older than the grace: gone. Younger (a saved experiment state may still name them): kept.
-    assert left == ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004", "progress.csv"]
-    # Remote storage is left alone.
-    remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000004"), filesystem=SimpleNamespace(type_name="s3"))
-    os.utime(tmp_path / "checkpoint_000002", (0, 0))
-    CheckpointPruner(CHECKPOINT_GRACE_S).on_checkpoint(0, [], None, remote)
-    assert (tmp_path / "checkpoint_000002").exists()
+    assert left == ["checkpoint_000004", "checkpoint_000005", "progress.csv"]
+    # Remote storage is left to its own rules.
+    remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000006"), filesystem=SimpleNamespace(type_name="s3"))
+    CheckpointPruner().on_checkpoint(6, [], trial, remote)
+    assert (tmp_path / "checkpoint_000004").exists()
 
 
 def test_a_cell_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,16 +39,18 @@ def history(client, run_id, key="epoch"):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-def test_records_are_kept_while_the_server_is_down_and_written_once_it_is_back(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_records_are_kept_while_the_server_is_down_and_written_once_it_is_back(tmp_path, background):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spool = tmp_path / "unlogged.jsonl"
-    tracker = Tracker(uri, "exp", spool, retry_after_s=0.0)
+    tracker = Tracker(uri, "exp", spool, retry_after_s=0.0, background=background)
     flaky = FlakyClient(tracker.client)
     tracker.client = flaky
     tracker.declare("exp", "exp", "sweep")
     tracker.declare("exp/t1", "t1", "trial", parent="exp", **{"samtune.trial_key": "exp/t1"})
     tracker.log_params("exp/t1", {"lr": 0.1})
     tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
+    tracker.flush()  # epoch 1 is in before the server goes away
     flaky.down = True
     for epoch in (2, 3):
         tracker.log_metrics("exp/t1", {"epoch": epoch, "val_error": 0.5 / epoch}, step=epoch)
@@ -129,17 +132,18 @@ def test_a_write_that_reached_the_server_before_timing_out_is_not_logged_twice(t
     assert history(mlflow, run.info.run_id, "val_error") == [1, 2, 3]
 
 
-def test_a_record_the_server_refuses_is_set_aside_and_the_rest_is_written(tmp_path, caplog):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_a_record_the_server_refuses_is_set_aside_and_the_rest_is_written(tmp_path, caplog, background):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spool = tmp_path / "unlogged.jsonl"
-    tracker = Tracker(uri, "exp", spool, retry_after_s=0.0)
+    tracker = Tracker(uri, "exp", spool, retry_after_s=0.0, background=background)
     tracker.declare("exp/t1", "t1", "trial")
     tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
     # MLflow refuses this metric name (INVALID_PARAMETER_VALUE): retrying can never succeed.
     tracker.log_metrics("exp/t1", {"epoch": 2, "bad?name": 1.0}, step=2)
     tracker.log_metrics("exp/t1", {"epoch": 3, "val_error": 0.3}, step=3)
     tracker.set_status("exp/t1", "finished")
-    assert tracker.pending == 0
+    assert tracker.flush() and tracker.pending == 0
     message = tracker.close()
     rejected = tmp_path / "unlogged.rejected.jsonl"
     assert message == f"1 record(s) MLflow refused are in {rejected}"
@@ -151,6 +155,65 @@ def test_a_record_the_server_refuses_is_set_aside_and_the_rest_is_written(tmp_pa
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
     assert history(mlflow, run.info.run_id, "val_error") == [1, 3]
     assert run.data.tags["samtune.status"] == "finished" and not spool.exists()
+
+
+class BlockedClient(FlakyClient):
+    """A client whose `log_batch` waits until released, like a store busy with another writer."""
+
+    def __init__(self, client):
+        super().__init__(client)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def log_batch(self, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        return self.client.log_batch(*args, **kwargs)
+
+
+def test_a_background_tracker_never_makes_the_caller_wait_and_keeps_the_order(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", tmp_path / "s.jsonl", background=True)
+    tracker.client = client = BlockedClient(tracker.client)
+    tracker.declare("exp/t1", "t1", "trial")
+    tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
+    assert client.entered.wait(30)  # the writer thread is stuck inside MLflow...
+    for epoch in (2, 3):  # ...and the caller goes on: had these waited, the test would hang
+        tracker.log_metrics("exp/t1", {"epoch": epoch, "val_error": 0.5 / epoch}, step=epoch)
+    tracker.set_status("exp/t1", "finished")
+    assert tracker.pending >= 3
+    client.release.set()
+    assert tracker.close() is None and tracker.pending == 0
+    mlflow = MlflowClient(uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    assert history(mlflow, run.info.run_id) == [1, 2, 3]
+    assert [m.value for m in sorted(mlflow.get_metric_history(run.info.run_id, "val_error"),
+                                    key=lambda m: m.step)] == [0.5, 0.25, 0.5 / 3]
+    assert run.data.tags["samtune.status"] == "finished" and run.info.status == "FINISHED"
+
+
+def test_discard_removes_the_store_it_created_and_only_that(tmp_path):
+    new = tmp_path / "new.db"
+    tracker = Tracker(f"sqlite:///{new}", "exp", tmp_path / "s.jsonl", background=True)
+    tracker.wait_open()
+    assert new.exists()
+    tracker.discard()
+    assert not new.exists()
+    existing = tmp_path / "existing.db"
+    Tracker(f"sqlite:///{existing}", "exp", tmp_path / "s.jsonl").close()
+    again = Tracker(f"sqlite:///{existing}", "exp", tmp_path / "s.jsonl", background=True)
+    again.wait_open()
+    again.discard()
+    assert existing.exists()
+
+
+def test_a_store_that_cannot_be_opened_is_raised_by_wait_open(tmp_path):
+    bad = tmp_path / "not-a-db"
+    bad.write_text("this is not SQLite")
+    tracker = Tracker(f"sqlite:///{bad}", "exp", tmp_path / "s.jsonl", background=True)
+    with pytest.raises(Exception):
+        tracker.wait_open()
+    tracker.discard()
+    assert bad.read_text() == "this is not SQLite"
 
 
 def test_the_spool_message_names_the_command_that_replays_it(tmp_path):
@@ -230,9 +293,18 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
     spool = tmp_path / "runs" / "away" / "mlflow-unlogged.jsonl"
     assert f"could not be reached" in out and str(spool) in out
     records = [json.loads(line) for line in spool.read_text().splitlines()]
-    steps = {(r["run"], r["step"]) for r in records if r["kind"] == "metrics"}
-    # Both trials trained to the end: their last epochs are in the spool, nothing was lost.
-    trial_keys = {r["run"] for r in records if r["tags"].get("samtune.role") == "trial"}
+    spooled = {(r["run"], r["step"]) for r in records if r["kind"] == "metrics"}
+    assert spooled, "the server went away before the trials ended, yet nothing was spooled"
+    # Both trials trained to the end and nothing was lost: every epoch of each is on the server
+    # (read from its store, now that it is stopped) or in the spool, the last ones in the spool.
+    stored = MlflowClient(f"sqlite:///{tmp_path}/server.db")
+    (exp,) = [e for e in stored.search_experiments() if e.name == "away"]
+    on_server = {run.data.tags["samtune.trial_key"]: {m.step for m in stored.get_metric_history(run.info.run_id, "epoch")}
+                 for run in stored.search_runs([exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'")}
+    trial_keys = set(on_server) | {r["run"] for r in records if r["tags"].get("samtune.role") == "trial"}
     assert len(trial_keys) == 2
-    assert all((key, 6) in steps for key in trial_keys)
+    for key in trial_keys:
+        in_spool = {step for run_key, step in spooled if run_key == key}
+        assert on_server.get(key, set()) | in_spool == set(range(1, 7)), (key, on_server.get(key), in_spool)
+    assert max(step for _, step in spooled) == 6
     assert "best configuration per cell" in out
