@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--model", default="cnn")
+    parser.add_argument("--noise-rates", default="0.4",
+                        help="the cells, e.g. 0.0,0.2,0.4,0.6,0.8 as in the embedded study (trials is per cell)")
     args = parser.parse_args()
 
     from samtune.sweep import prepare, run_sweep
@@ -41,7 +43,7 @@ def main() -> None:
         os.chdir(tmp)
         plan = prepare(str(ROOT / "search_spaces" / "noisy_digits.py"),
                        [f"name=bench", f"model={args.model}", f"epochs={args.epochs}",
-                        f"trials={args.trials}", "label_noise_rates=0.4",
+                        f"trials={args.trials}", f"label_noise_rates={args.noise_rates}",
                         # ASHA would end trials early and measure scheduling, not overhead.
                         f"grace_period={args.epochs}", "fixed.sharpness_measures="],
                        tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage_path=f"{tmp}/runs")
@@ -61,18 +63,20 @@ def main() -> None:
 
         samtune.sweep._start_ray = timed_start
         start = time.perf_counter()
-        (cell,) = run_sweep(plan)
+        cells = run_sweep(plan)
         wall = time.perf_counter() - start
         ray_start = sum(ray_times)
 
         _, _, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
         ray.shutdown()
 
-    compute = [row.metrics["compute_time_s"] for row in cell.trials.values() if "compute_time_s" in row.metrics]
-    if len(compute) != args.trials:
-        sys.exit(f"only {len(compute)} of {args.trials} trials reported compute_time_s")
+    compute = [row.metrics["compute_time_s"] for cell in cells for row in cell.trials.values()
+               if "compute_time_s" in row.metrics]
+    if len(compute) != args.trials * len(cells):
+        sys.exit(f"only {len(compute)} of {args.trials * len(cells)} trials reported compute_time_s")
+    # Cells run one after the other, each with up to `concurrent` trials at once.
     ideal = sum(compute) / concurrent
-    print(f"trials: {len(compute)} x {args.epochs} epochs of {args.model}, {concurrent} at once")
+    print(f"trials: {len(cells)} cell(s) x {args.trials} x {args.epochs} epochs of {args.model}, {concurrent} at once")
     print(f"trial_compute_sum_s: {sum(compute):.1f}")
     print(f"trial_compute_packed_s: {ideal:.1f}")
     print(f"sweep_wall_s: {wall:.1f}")

@@ -15,6 +15,7 @@ so finished trials are not run again and the Optuna searcher continues from its 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,7 @@ TRIAL_METRICS = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "tr
                  "lr", "lr_backbone", "diverged", "m_effective", "m_workers", "m_groups_per_worker",
                  "m_per_worker_batch")
 MIN_FREE_BYTES = 200 * 2**20
+log = logging.getLogger("samtune.sweep")
 
 
 class SweepError(ValueError):
@@ -697,6 +699,11 @@ def _reconcile(plan: Plan, cell: Cell, recorder: Recorder) -> int:
         for result in ([] if frame is None else frame.to_dict("records")) or [trial.last_result or {}]:
             recorder.trial_result(trial, result)
         recorder.trial_end(trial, failed=trial.status == "ERROR")
+    if plan.resume and len(ended) >= plan.sweep.trials:
+        lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, {t.trial_id for t in analysis.trials})
+        for key in lost:
+            log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran another "
+                        "trial in its place, and its MLflow run is tagged samtune.role=lost", key)
     return len(ended)
 
 

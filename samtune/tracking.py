@@ -27,6 +27,10 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   ``generalization_gap``, ``epoch_time_s``, ``samples_per_s``, ``train_time_s``, ``lr``,
   ``diverged`` and ``sharpness/<measure>[/<setting>]`` at the epochs they were measured.
   Non-finite values are never logged.
+- Lost trial run: a trial run whose trial a resumed Tune never heard of (the driver was killed
+  between the trial's start and the next save of Tune's state; another trial ran in its place)
+  gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs
+  kept, so a cell's trial runs are its budget.
 - MLflow run status: FINISHED for ``finished``/``stopped``/``diverged``, FAILED for ``failed``;
   KILLED for runs left open when a sweep is interrupted (``samtune.status`` stays ``running``; a
   resumed sweep reopens the same runs and finishes them).
@@ -333,6 +337,38 @@ class Tracker:
 
     def log_artifacts(self, key: str, folder: str | os.PathLike) -> None:
         self._submit(_Op("artifacts", key, str(folder)))
+
+    def retire_unknown_trials(self, cell_key: str, known: set[str]) -> list[str]:
+        """Mark as lost every trial run under `cell_key` whose trial id is not in `known`.
+
+        A driver killed in the moment between a trial's start (its run is created then) and the
+        next save of Tune's state leaves a run for a trial the resumed Tune never heard of; Tune
+        runs another trial in its place. That run is kept, for its epochs, but with
+        ``samtune.role=lost`` (``samtune.status=lost``, MLflow KILLED), so the trials of a cell
+        are its budget, each once. Returns the trial keys retired; writes synchronously (this
+        is a resumed sweep finishing a cell, not the Tune loop).
+        """
+        if not self.flush():
+            return []  # the store is away: left for the next --resume
+        experiment = self._experiment()
+        runs = self.client.search_runs(
+            [experiment], filter_string=f"tags.`samtune.role` = 'trial' and tags.`samtune.key` LIKE "
+                                        f"{_quoted(cell_key + '/%')}", max_results=10_000)
+        retired = []
+        for run in runs:
+            key = run.data.tags.get("samtune.key", "")
+            if not key.startswith(cell_key + "/") or key.rsplit("/", 1)[-1] in known:
+                continue
+            self.client.set_tag(run.info.run_id, "samtune.role", "lost")
+            self.client.set_tag(run.info.run_id, "samtune.status", "lost")
+            self.client.set_tag(run.info.run_id, "samtune.note",
+                                "started by a sweep driver that was killed before Tune saved it; "
+                                "another trial ran in its place")
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+            self._runs.pop(key, None)
+            retired.append(key)
+        return retired
 
     def end_open_runs(self) -> None:
         """Mark KILLED every run created here that got no final status (the sweep was

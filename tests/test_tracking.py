@@ -216,6 +216,28 @@ def test_a_store_that_cannot_be_opened_is_raised_by_wait_open(tmp_path):
     assert bad.read_text() == "this is not SQLite"
 
 
+def test_a_trial_run_tune_never_heard_of_is_retired_not_counted(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", tmp_path / "s.jsonl")
+    tracker.declare("sw", "sw", "sweep")
+    for cell in ("sw/cell-0", "sw/cell-1"):
+        tracker.declare(cell, cell, "cell", parent="sw")
+        for tid in ("aaa", "bbb", "ccc"):
+            key = f"{cell}/{tid}"
+            tracker.declare(key, tid, "trial", parent=cell, **{"samtune.trial_key": key, "samtune.status": "running"})
+            tracker.log_metrics(key, {"epoch": 1}, step=1)
+    # Tune restored cell-0 knowing aaa and ccc: bbb was started by the killed driver only.
+    assert tracker.retire_unknown_trials("sw/cell-0", {"aaa", "ccc"}) == ["sw/cell-0/bbb"]
+    assert tracker.close() is None
+    mlflow = MlflowClient(uri)
+    runs = {r.data.tags["samtune.key"]: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])}
+    lost = runs["sw/cell-0/bbb"]
+    assert lost.data.tags["samtune.role"] == "lost" and lost.data.tags["samtune.status"] == "lost"
+    assert lost.info.status == "KILLED" and history(mlflow, lost.info.run_id) == [1]  # its epochs are kept
+    trials = sorted(k for k, r in runs.items() if r.data.tags["samtune.role"] == "trial")
+    assert trials == ["sw/cell-0/aaa", "sw/cell-0/ccc", "sw/cell-1/aaa", "sw/cell-1/bbb", "sw/cell-1/ccc"]
+
+
 def test_the_spool_message_names_the_command_that_replays_it(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "s.jsonl",
                       replay_hint="samtune sweep space.py --resume")
