@@ -411,11 +411,13 @@ def check_complete_once(tmp_path, trials_per_cell, cells):
     keys = [t.data.tags["samtune.trial_key"] for t in trials]
     assert len(keys) == len(set(keys)), "a trial appears twice in MLflow"
     assert len(by_role["cell"]) == cells and len(by_role["sweep"]) == 1
-    assert len(trials) == trials_per_cell * cells
+    assert len(trials) == trials_per_cell * cells, sorted(keys)
     for t in trials:
-        assert t.data.tags["samtune.status"] in ("finished", "stopped", "diverged")
+        assert t.data.tags["samtune.status"] in ("finished", "stopped", "diverged"), t.data.tags
         steps = epochs_logged(client, t)
         assert steps == list(range(1, len(steps) + 1)), f"gap or duplicate in {steps}"
+    rejected = list(tmp_path.rglob("*.rejected.jsonl"))
+    assert not rejected, rejected[0].read_text()[:2000]
 
 
 @pytest.mark.slow
@@ -450,8 +452,9 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
                   label_noise_rates=(0.0, 0.4))
     for cell in sweep.cells():
         study = load_study(tmp_path / "runs" / "t", cell)
-        assert [t.number for t in study.trials] == [0, 1, 2, 3]
-        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        assert [t.number for t in study.trials] == [0, 1, 2, 3], [(t.number, t.state) for t in study.trials]
+        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, \
+            [(t.number, t.state) for t in study.trials]
         enqueued = [(t.number, t.system_attrs["fixed_params"]) for t in study.trials
                     if "fixed_params" in t.system_attrs]
         assert enqueued == [(0, {"optimizer": "sgd"}), (1, {"optimizer": "sam"})]
