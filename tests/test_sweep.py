@@ -423,7 +423,8 @@ def check_complete_once(tmp_path, trials_per_cell, cells):
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, how):
-    args = ("--set", "epochs=3", "--set", "trials=4", "--set", "label_noise_rates=0.0,0.4")
+    # Epochs enough that the signal, sent once 2 of the 8 trials ended, always lands mid-sweep.
+    args = ("--set", "epochs=5", "--set", "trials=4", "--set", "label_noise_rates=0.0,0.4")
     proc = subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -448,7 +449,7 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
     # The Optuna searcher continued where it stopped: each cell's study holds the budget's trials,
     # numbered in order, all ended, and the SGD/SAM starting points (points_to_evaluate) were
     # asked once, not again by the resumed driver.
-    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=4,
+    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=5, batch_size=128, trials=4,
                   label_noise_rates=(0.0, 0.4))
     for cell in sweep.cells():
         study = load_study(tmp_path / "runs" / "t", cell)
