@@ -439,7 +439,9 @@ class Tracker:
             failed_lately = len(self._queue) > 1 and time.monotonic() - self._last_failure < self._backoff_s
             if failed_lately:
                 self._spool()  # the server failed a moment ago: don't stall the driver on every write
-            if self._thread is not None:
+            # A writer thread that died (a bug, a full disk while spooling) leaves the writes to
+            # the caller, as without one.
+            if self._thread is not None and self._thread.is_alive():
                 if not failed_lately:
                     self._wake.notify()
                 return
