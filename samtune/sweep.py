@@ -246,15 +246,73 @@ class SweepCallback(Callback):
 
 
 def resumable(cell_dir: Path) -> bool:
-    """Whether Tune can pick a cell up where it stopped: its Tuner and an experiment state.
+    """Whether Tune can pick a cell up where it stopped: its Tuner and a whole experiment state.
 
     A driver killed just as a cell's Tuner started leaves the Tuner (``tuner.pkl``) but no
     experiment state; Tune then refuses to restore, and since no trial of that cell was
-    recorded, the cell starts afresh instead.
+    recorded, the cell starts afresh instead. A driver killed while Tune was writing its state
+    (Tune writes it in place, at every step) leaves it cut short: it is put back from the copy
+    `StateBackup` took before that step (see there), or, with no copy, the cell starts afresh.
     """
     from ray import tune
 
-    return tune.Tuner.can_restore(str(cell_dir)) and any(cell_dir.glob("experiment_state-*.json"))
+    if not tune.Tuner.can_restore(str(cell_dir)):
+        return False
+    states = sorted(cell_dir.glob("experiment_state-*.json"))  # Tune's own order: by session time
+    if not states:
+        return False
+    newest = states[-1]
+    if _whole_json(newest):
+        return True
+    backup = cell_dir / STATE_BACKUP
+    if backup.exists() and _whole_json(backup):
+        log.warning("Tune's experiment state %s was cut short when the driver was killed; it is put "
+                    "back from the copy taken one step earlier", newest)
+        tmp = newest.with_name(f".{newest.name}.tmp")
+        shutil.copyfile(backup, tmp)
+        os.replace(tmp, newest)
+        return True
+    newest.unlink()  # cut short in the first step of the first session: nothing to resume
+    return False
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+STATE_BACKUP = "samtune-experiment-state.backup.json"
+
+
+class StateBackup(Callback):
+    """Copies Tune's experiment state aside at the start of each step of its loop.
+
+    Tune writes the state in place at the end of every step, then the searcher's state (that
+    one atomically). A driver killed in the middle of the first write leaves an empty or cut
+    JSON file that Tune cannot restore. The copy taken at the start of that step is the state
+    the step began from, and the searcher's state on disk is from the same moment, since the
+    killed step never reached it. Its latest checkpoints still exist: `CheckpointPruner`
+    keeps the one before the newest.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_step_begin(self, iteration, trials, **info):
+        folder = Path(self.folder)
+        states = list(folder.glob("experiment_state-*.json"))
+        if not states:
+            return
+        newest = max(states)
+        tmp = folder / f".{STATE_BACKUP}.tmp"
+        try:
+            shutil.copyfile(newest, tmp)
+            os.replace(tmp, folder / STATE_BACKUP)
+        except OSError:  # a backup is a precaution: never a reason to stop a sweep
+            pass
 
 
 class CheckpointPruner(Callback):
@@ -549,7 +607,8 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
         run_config=tune.RunConfig(
             name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner()],
+            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner(),
+                       StateBackup(str(path))],
             # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
             failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
             # All kept by Tune; CheckpointPruner removes those no resume can need.

@@ -392,7 +392,9 @@ def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
 def wait_for_finished_trials(tmp_path, count, proc, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before it could be interrupted:\n"
+                                 + (proc.stdout.read() if proc.stdout else "")[-3000:])
         if (tmp_path / "mlflow.db").exists():
             try:
                 _, by_role = runs_of(tmp_path)
@@ -571,6 +573,27 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
     remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000006"), filesystem=SimpleNamespace(type_name="s3"))
     CheckpointPruner().on_checkpoint(6, [], trial, remote)
     assert (tmp_path / "checkpoint_000004").exists()
+
+
+def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_before(tmp_path):
+    from samtune.sweep import STATE_BACKUP, StateBackup, resumable
+
+    cell = tmp_path / "cell-0_noise-0"
+    cell.mkdir()
+    (cell / "tuner.pkl").write_bytes(b"")
+    older = cell / "experiment_state-2026-01-01_00-00-00.json"
+    older.write_text('{"session": 1}')
+    state = cell / "experiment_state-2026-01-02_00-00-00.json"
+    state.write_text('{"step": 41}')
+    StateBackup(str(cell)).on_step_begin(41, [])   # the copy of the newest, as the step begins
+    assert (cell / STATE_BACKUP).read_text() == '{"step": 41}'
+    state.write_text('{"trial_data": [["{\\"trial_id')  # the write of step 41, cut short
+    assert resumable(cell)
+    assert json.loads(state.read_text()) == {"step": 41}
+    # Cut short with no copy yet (the very first step): nothing to resume, the cell starts afresh.
+    (cell / STATE_BACKUP).unlink()
+    state.write_text("")
+    assert not resumable(cell) and not state.exists() and older.exists()
 
 
 def test_a_cell_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
