@@ -241,10 +241,16 @@ class Tracker:
     def _open(self) -> None:
         if self._opened.is_set():
             return
-        try:
-            from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self.uri)
+        try:
+            try:
+                self._client = MlflowClient(self.uri)
+            except Exception:  # noqa: BLE001
+                # Two processes creating one new SQLite store at once (a sweep and `samtune ui`,
+                # say) race through its table migrations; the loser finds it made a moment later.
+                time.sleep(1.0)
+                self._client = MlflowClient(self.uri)
         except BaseException as exc:  # noqa: BLE001  re-raised where the client is needed
             self._open_error = exc
         finally:

@@ -395,7 +395,9 @@ def wait_for_finished_trials(tmp_path, count, proc, timeout=600):
         if proc.poll() is not None:
             raise AssertionError(f"the sweep ended (exit {proc.returncode}) before it could be interrupted:\n"
                                  + (proc.stdout.read() if proc.stdout else "")[-3000:])
-        if (tmp_path / "mlflow.db").exists():
+        # Once sweep.json is written the sweep's store exists whole: opening a store that is
+        # still being created would race its table migrations.
+        if (tmp_path / "runs" / "t" / "sweep.json").exists():
             try:
                 _, by_role = runs_of(tmp_path)
             except Exception:  # noqa: BLE001  the sweep is still creating its store: look again
