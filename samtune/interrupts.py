@@ -32,7 +32,7 @@ class InterruptWatch:
         self.interrupted = True
         raise KeyboardInterrupt
 
-    def __enter__(self) -> "InterruptWatch":
+    def install(self) -> "InterruptWatch":
         # Signals go to the main thread only; elsewhere (a notebook's worker thread) there is
         # nothing to install and Python's own behaviour stays.
         if threading.current_thread() is threading.main_thread():
@@ -41,10 +41,17 @@ class InterruptWatch:
             self._active = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def remove(self) -> None:
+        """Put back the handler found at `install`."""
         if self._active:
             signal.signal(signal.SIGINT, self._previous)
             self._active = False
+
+    def __enter__(self) -> "InterruptWatch":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     @contextmanager
     def tune_fit(self):

@@ -666,9 +666,8 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     completed = False
     if view is not None:
         view.start(plan, sweep.cells())
-    watch = InterruptWatch()
+    watch = InterruptWatch().install()
     try:
-        watch.__enter__()
         for cell in sweep.cells():
             recorder = Recorder(sweep, cell, tracker, sweep_key,
                                 on_change=(lambda r=None: view.update(_ACTIVE[cell.slug])) if view else None)
@@ -697,7 +696,7 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
-        watch.__exit__(None, None, None)
+        watch.remove()
         if not completed:
             tracker.end_open_runs()
         message = tracker.close()

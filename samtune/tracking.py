@@ -42,9 +42,9 @@ twice (the run's ``epoch`` history says which steps exist).
 Writes go through a queue that a background thread drains (``background=True``, what a sweep
 uses), so the Tune loop never waits on MLflow: each trial's report waits for the driver to take
 the previous one, and a SQLite write costs about 15 ms per result (opening a new store about
-2.5 s, which now overlaps Ray's start). `flush()` and `close()` write from the calling thread and
-return once the queue is empty or a write failed. When the tracking server fails, training goes on: the pending records
-stay queued and are written to a JSON-lines spool file named in the warning (one record a line:
+2.5 s, which now overlaps Ray's start). `flush()` and `close()` write from the calling thread
+and return once the queue is empty or a write failed. When the tracking server fails, training
+goes on: the pending records stay queued and are written to a JSON-lines spool file named in the warning (one record a line:
 ``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` = params | metrics | status |
 artifacts, ``step``, ``data``). They are retried on later writes, backing off from
 ``retry_after_s`` up to two minutes between attempts, and once more at the end; `close()` names
@@ -261,15 +261,18 @@ class Tracker:
     def discard(self) -> None:
         """Give up before anything was written (the sweep could not start): stop the writer and
         remove the SQLite file opening the store created, so a refused sweep leaves no store."""
+        self._stop_writer()
+        if self._created_file and not self._queue and os.path.exists(self._created_file):
+            self._client = None
+            os.remove(self._created_file)
+
+    def _stop_writer(self) -> None:
         if self._thread is not None:
             with self._wake:
                 self._closing = True
                 self._wake.notify_all()
             self._thread.join()
             self._thread = None
-        if self._created_file and not self._queue and os.path.exists(self._created_file):
-            self._client = None
-            os.remove(self._created_file)
 
     def wait_open(self, timeout: float | None = None) -> None:
         """Wait until the store is open; raise what opening it raised."""
@@ -293,15 +296,12 @@ class Tracker:
             return  # `wait_open` raises it to the sweep; nothing can be written
         while True:
             with self._wake:
-                while not self._closing and (not self._queue or self._backing_off()):
+                while not self._closing and (not self._queue or self._backoff_left() > 0):
                     # During a back-off, wait it out (or until close() asks for the end).
                     self._wake.wait(timeout=self._backoff_left() if self._queue else None)
                 if self._closing:
                     return  # close() writes what is left, from its own thread
             self.flush()
-
-    def _backing_off(self) -> bool:
-        return self._backoff_left() > 0
 
     def _backoff_left(self) -> float:
         if not self.failures or not self._last_failure:
@@ -417,17 +417,15 @@ class Tracker:
     def close(self) -> str | None:
         """Stop the writer thread and flush a last time. Returns a message naming what could not
         be written, or None."""
-        if self._thread is not None:
-            with self._wake:
-                self._closing = True
-                self._wake.notify_all()
-            self._thread.join()
-            self._thread = None
+        self._stop_writer()
         rejected = (f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}"
                     if self.rejected else None)
         if self._open_error is not None:
+            with self._lock:
+                if self._queue:
+                    self._spool()
             return (f"MLflow at {self.uri} could not be opened ({_first_line(self._open_error)}): "
-                    f"{len(self._queue)} record(s) were not logged")
+                    f"{len(self._queue)} record(s) were not logged; they are saved in {self.spool_path}")
         if self.flush():
             return rejected
         replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""

@@ -212,6 +212,13 @@ def test_a_store_that_cannot_be_opened_is_raised_by_wait_open(tmp_path):
     tracker = Tracker(f"sqlite:///{bad}", "exp", tmp_path / "s.jsonl", background=True)
     with pytest.raises(Exception):
         tracker.wait_open()
+    # What a caller logs anyway is not lost: it is spooled, and the message names the spool.
+    tracker.declare("exp", "exp", "sweep")
+    tracker.log_params("exp", {"a": 1})
+    message = tracker.close()
+    assert "could not be opened" in message and str(tmp_path / "s.jsonl") in message
+    (record,) = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert (record["run"], record["kind"], record["data"]) == ("exp", "params", {"a": "1"})
     tracker.discard()
     assert bad.read_text() == "this is not SQLite"
 
