@@ -1,6 +1,7 @@
 """The training function: learning, exact resume, divergence, config errors, the sharpness hook,
 and the multi-worker SAM step (per-worker, grouped, k-worker and classic perturbations) checked
 against SAM computed by hand on the same examples."""
+import gc
 import math
 import os
 import sys
@@ -589,6 +590,7 @@ def _four_rank_worker(rank, out, init):
     try:
         probe_workers({"runs": {"pairs": {**STEPS, "workers": 4, "m": 200}}, "out": out})
     finally:
+        gc.collect()  # no DDP module may outlive its process group (gloo aborts at teardown)
         dist.destroy_process_group()
 
 
@@ -635,6 +637,7 @@ def _finetune_rank_worker(rank, out, init, cache):
                on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}))
         torch.save({"metrics": seen, "state": box["state"]}, os.path.join(out, f"finetune-{rank}.pt"))
     finally:
+        gc.collect()  # no DDP module may outlive its process group (gloo aborts at teardown)
         dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """Cheaper SAM variants: which steps take two passes, and what each step computes, checked
 against the papers' rules written out by hand in this file."""
 import copy
+import gc
 import math
 
 import pytest
@@ -520,16 +521,21 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        results = []
-        for config in DDP_CONFIGS:
-            model = nn.parallel.DistributedDataParallel(mlp(bn=True))
-            opt = SAM(model.parameters(), rho=RHO, lr=LR, momentum=MOMENTUM, weight_decay=WD)
-            data = batches(8, seed=100 + rank)  # each worker its own shard
-            pattern = run(model, opt, data, variant=config)
-            results.append({"pattern": pattern, "weights": [p.detach() for p in model.parameters()]})
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        torch.save([_ddp_run(rank, config) for config in DDP_CONFIGS], f"{out_dir}/rank{rank}.pt")
     finally:
+        # No DDP module may outlive its process group: one still alive here keeps gloo's
+        # threads and their pending work until interpreter teardown, which can abort the
+        # process (SIGABRT, "terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _ddp_run(rank, config):
+    model = nn.parallel.DistributedDataParallel(mlp(bn=True))
+    opt = SAM(model.parameters(), rho=RHO, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    data = batches(8, seed=100 + rank)  # each worker its own shard
+    pattern = run(model, opt, data, variant=config)
+    return {"pattern": pattern, "weights": [p.detach().clone() for p in model.parameters()]}
 
 
 @pytest.mark.slow
