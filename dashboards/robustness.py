@@ -5,7 +5,9 @@ repeats) is drawn as a line, with +-1 standard deviation over seeds as error bar
 repeat; every trial is a faint point behind. Left: test error at the final epoch (trials that ran
 to the end, chosen by final validation error). Right: test error at the epoch of lowest
 validation error (early stopping, chosen by that validation error) - under label noise SAM's gain
-is known to depend on early stopping.
+is known to depend on early stopping. That panel also weighs trials ASHA stopped; where its choice
+is a configuration no trial of which ran the whole budget, the point is hollow and a note says how
+many epochs it ran.
 
 Choosing by validation error, not test error, keeps the comparison honest: the test set only
 reports. Where trials logged no validation error (trained with val_fraction=0), a panel chooses by
@@ -77,6 +79,11 @@ def view(runs: Runs) -> View:
     best = pd.concat(best_frames, ignore_index=True)
     best["x"] = best["cell"].map(x_of)
     best = _with_hyperparameters(best, plotted)
+    best = _with_stopped_early(best, plotted)
+    for row in best[best["stopped_early"]].itertuples():
+        notes.append(f"Best-epoch panel, {row.cell}: the best {row.optimizer_label} configuration "
+                     f"ran {int(row.epochs_run)} epoch(s) only (ASHA stopped it); drawn hollow. "
+                     "No trial of it ran the whole budget.")
 
     points = plotted.reindex(columns=["cell", "trial_key", "optimizer_label", "status",
                                       "final_val_error", "final_test_error", "best_val_error",
@@ -108,6 +115,9 @@ def view(runs: Runs) -> View:
             ax.errorbar(chosen["x"] + offsets[label], chosen["test_error"],
                         yerr=chosen["test_error_std"].fillna(0.0), color=colors[label],
                         marker="o", capsize=3, label=f"best {label}")
+            short = chosen[chosen["stopped_early"]]
+            ax.scatter(short["x"] + offsets[label], short["test_error"], s=40, zorder=3,
+                       facecolors="white", edgecolors=colors[label], linewidths=1.5)
         ax.set_title("final epoch" if panel == "final" else "best epoch (early stopping)")
         ax.set_xlabel("label-noise rate" if numeric else "cell")
         if not numeric:
@@ -115,6 +125,10 @@ def view(runs: Runs) -> View:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test error")
     axes[0].legend(loc="best", fontsize="small")
+    if best["stopped_early"].any():
+        axes[1].scatter([], [], s=40, facecolors="white", edgecolors="gray", linewidths=1.5,
+                        label="choice ASHA stopped early")
+        axes[1].legend(loc="best", fontsize="small")
     figure.suptitle(f"{runs.experiment}: test error, best configuration per optimizer")
     return View(figure=figure, data={"best": best, "gain": gain, "trials": points}, notes=notes)
 
@@ -125,6 +139,21 @@ def _with_hyperparameters(best: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFr
     for key in ("lr", "rho", "m"):
         if key in first:
             best[key] = best["config_key"].map(first[key])
+    return best
+
+
+def _with_stopped_early(best: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Add whether no trial of the chosen configuration ran the whole budget (only the
+    best-epoch panel can choose such a one) and the most epochs one of its trials ran: a
+    4-epoch trial next to 16-epoch ones must not read as a like-for-like point."""
+    runs = trials.groupby(["cell", "config_key"])
+    finished = runs["status"].agg(lambda s: bool((s == "finished").any()))
+    epochs = runs["epochs_run"].max()
+    keys = list(zip(best["cell"], best["config_key"]))
+    best["stopped_early"] = pd.Series([not finished.get(k, True) for k in keys], index=best.index,
+                                      dtype=bool)
+    best["epochs_run"] = pd.Series([float(epochs.get(k, np.nan)) for k in keys], index=best.index,
+                                   dtype=float)
     return best
 
 

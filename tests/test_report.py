@@ -389,6 +389,35 @@ def test_robustness_is_best_sam_against_best_sgd_per_cell_final_and_best_epoch(s
     assert gain[("final", clean)] == pytest.approx(gain[("best", clean)])
 
 
+def test_a_best_epoch_choice_that_asha_stopped_is_drawn_hollow_and_named(tmp_path):
+    """At high noise the best-epoch panel may pick a configuration ASHA stopped after one epoch;
+    next to full-budget points it must say so, not pass for a like-for-like comparison."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    noise, cell = 0.8, cell_label(0.8)
+    prefix = f"short-best/cell-0_noise-{noise}"
+    sam = {"optimizer": "sam", "rho": 0.1, "m": 8}
+    trials = [
+        Trial(f"{prefix}/00000", cell, noise, "finished", {**base_config(noise), "optimizer": "sgd",
+              "lr": 0.1}, [0.80, 0.85, 0.90], [0.60, 0.65, 0.70]),
+        # Its one epoch validates better than any SGD epoch: the best-epoch panel chooses it.
+        Trial(f"{prefix}/00001", cell, noise, "stopped", {**base_config(noise), **sam, "lr": 0.3},
+              [0.70], [0.50]),
+        Trial(f"{prefix}/00002", cell, noise, "finished", {**base_config(noise), **sam, "lr": 0.03},
+              [0.88, 0.86, 0.84], [0.66, 0.64, 0.62]),
+    ]
+    write_sweep(uri, "short-best", trials, tmp_path)
+    built = build_report("short-best", tracking_uri=uri, out=tmp_path / "out", strict=True)
+    view = {r.spec.name: r.view for r in built.views}["robustness"]
+    best = view.data["best"].set_index(["epoch", "optimizer_label"])
+    assert best.loc[("best", "SAM"), "lr"] == 0.3 and best.loc[("best", "SAM"), "stopped_early"]
+    assert best.loc[("best", "SAM"), "epochs_run"] == 1
+    assert best.loc[("final", "SAM"), "lr"] == 0.03  # the final panel only weighs whole runs
+    assert not best.loc[("final", "SAM"), "stopped_early"]
+    assert not best.loc[("best", "SGD"), "stopped_early"]
+    notes = [n for n in view.notes if "hollow" in n]
+    assert len(notes) == 1 and cell in notes[0] and "SAM" in notes[0] and "1 epoch" in notes[0]
+
+
 # -- sensitivity ---------------------------------------------------------------------------------
 
 
