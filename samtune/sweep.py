@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import socket
 import time
@@ -369,6 +370,9 @@ class Plan:
     # Made when the sweep starts, kept in sweep.json: part of every MLflow run key, so a new sweep
     # of the same name starts new runs while --resume continues its own.
     sweep_id: str = ""
+    # The flags that made this sweep what it is (--set, --trials, --data-root, --storage-path,
+    # --address): --resume must be given them again, so the command it prints repeats them.
+    flags: tuple[str, ...] = ()
 
     @property
     def sweep_key(self) -> str:
@@ -376,7 +380,9 @@ class Plan:
 
     @property
     def resume_command(self) -> str:
-        return f"samtune sweep {_shown(self.space_path)} --resume"
+        """The command that finishes this sweep, ready to paste."""
+        return " ".join(["samtune", "sweep", shlex.quote(_shown(self.space_path)),
+                         *(shlex.quote(f) for f in self.flags), "--resume"])
 
 
 def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
@@ -424,7 +430,17 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
         raise SweepError(f"--tracking-uri: {exc}") from None
     if address:
         _check_address(address)
-    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id)
+    flags = [f for value in overrides for f in ("--set", value)]
+    if trials is not None:
+        flags += ["--trials", str(trials)]
+    if data_root is not None:
+        flags += ["--data-root", os.path.abspath(data_root)]
+    if storage_path is not None:
+        flags += ["--storage-path", str(storage)]
+    if address:
+        flags += ["--address", address]
+    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
+                tuple(flags))
 
 
 def _read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
@@ -494,10 +510,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _shown(path: str) -> str:
+    """`path` relative to here when it lies below here, else absolute: short, and pasteable."""
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:  # another drive (Windows)
         return path
+    return path if relative.startswith(os.pardir) else relative
 
 
 def _jsonable(value: Any) -> Any:

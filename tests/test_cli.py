@@ -135,14 +135,49 @@ def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_pat
     assert cli.main(["sweep", DIGITS]) == 0
     err = capsys.readouterr().err
     assert "not in MLflow yet, so no report was built" in err
-    assert f"samtune sweep {os.path.relpath(DIGITS)} --resume" in err
+    # The file lies outside the working folder: shown by its absolute path, not by ../../..
+    assert f"samtune sweep {DIGITS} --resume" in err
 
 
 def test_ctrl_c_after_the_sweep_started_says_how_to_resume(monkeypatch, tmp_path, capsys):
     fake_sweep(monkeypatch, tmp_path, outcome=KeyboardInterrupt())
     assert cli.main(["sweep", DIGITS]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == f"samtune: interrupted; finish the sweep with: samtune sweep {os.path.relpath(DIGITS)} --resume"
+    assert err == f"samtune: interrupted; finish the sweep with: samtune sweep {DIGITS} --resume"
+
+
+def test_the_resume_command_it_prints_resumes_the_sweep_as_it_was_started(tmp_path):
+    """A sweep started with --set, --trials, --data-root and --storage-path can only be resumed
+    with them again: the printed command must carry them, pasteable as it stands."""
+    import shlex
+
+    from samtune.sweep import SweepError, prepare, write_state
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "sub").mkdir()
+    space = tmp_path / "sub" / "my space.py"  # a space in the name: the command quotes it
+    space.write_text(Path(DIGITS).read_text())
+    argv = ["sweep", "sub/my space.py", "--set", "epochs=2", "--set", "label_noise_rates=0.0,0.4",
+            "--trials", "3", "--data-root", "data", "--storage-path", str(tmp_path / "runs")]
+
+    def plan_of(words, resume=False):
+        args = cli.build_parser().parse_args(words)
+        return prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
+                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=args.storage_path,
+                       resume=resume)
+
+    started = plan_of(argv)
+    write_state(started)
+    command = shlex.split(started.resume_command)
+    assert command[:2] == ["samtune", "sweep"] and command[-1] == "--resume"
+    assert command[2] == "sub/my space.py"
+    resumed = plan_of(command[1:-1], resume=True)
+    assert resumed.sweep == started.sweep and resumed.sweep_dir == started.sweep_dir
+    assert resumed.sweep.trials == 3 and resumed.sweep.epochs == 2
+    assert resumed.resume_command == started.resume_command
+    # Without the flags the sweep is another one, and --resume says so.
+    with pytest.raises(SweepError, match="the sweep changed since it started"):
+        plan_of(["sweep", "sub/my space.py", "--storage-path", str(tmp_path / "runs")], resume=True)
 
 
 def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatch, tmp_path, capsys):

@@ -5,6 +5,7 @@ real command in a subprocess on a real local Ray instance."""
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -437,7 +438,11 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 130, out[-3000:]
-            assert "--resume" in out
+            # Resumed below with the very command it printed (the store comes from sweep.json).
+            hint = [line for line in out.splitlines() if line.rstrip().endswith("--resume")][-1]
+            printed = shlex.split(hint.split("with: ", 1)[1])
+            assert printed[:2] == ["samtune", "sweep"], hint
+            resume_cmd = [sys.executable, "-m", "samtune.cli", *printed[1:], "--no-report"]
         else:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
@@ -446,8 +451,9 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     if how == "SIGKILL":
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume", "--no-report"), cwd=tmp_path, env=env(),
-                             capture_output=True, text=True, timeout=900)
+    if how == "SIGKILL":
+        resume_cmd = sweep_cmd(tmp_path, *args, "--resume", "--no-report")
+    resumed = subprocess.run(resume_cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     check_complete_once(tmp_path, trials_per_cell=4, cells=2)
     # The Optuna searcher continued where it stopped: each cell's study holds the budget's trials,
