@@ -169,16 +169,20 @@ class _HVP:
       ``<grad f, v>``) the first time an op lacks forward-mode support, and to one probe at a time
       where an op has no batching rule.
     - ``"auto"``: ``"graph"`` when the kept graphs, counted while the first chunk's is built, fit in
-      half the free memory; otherwise ``"forward"``. Probe blocks in graph mode shrink so that the
+      half of this process's share of the free memory (``memory_share``: processes that measure
+      at once on one machine must not each count on all of it); otherwise ``"forward"``. Probe blocks in graph mode shrink so that the
       batched backward's transient memory fits too.
     """
 
     def __init__(self, f: FlatLoss, x: Tensor, y: Tensor, batch: int = 512, mode: str = "auto",
-                 probe_batch: int = 8):
+                 probe_batch: int = 8, memory_share: float = 1.0):
         if mode not in ("auto", "graph", "forward", "reverse"):
             raise ValueError(f"hvp mode must be 'auto', 'graph', 'forward' or 'reverse', got {mode!r}")
         if batch < 1 or probe_batch < 1:
             raise ValueError(f"need batch >= 1 and probe_batch >= 1, got {batch}, {probe_batch}")
+        if not 0 < memory_share <= 1:
+            raise ValueError(f"memory_share must be in (0, 1], got {memory_share}")
+        self.memory_share = memory_share
         self.f, self.x, self.y = f, x, y
         self.parts = _chunks(len(y), batch)
         self.weights = [(p.stop - p.start) / len(y) for p in self.parts]
@@ -211,7 +215,7 @@ class _HVP:
             self.graphs = [first]
             return
         per_chunk = max(counter.total, 1)
-        budget = _available_bytes(self.f.w.device) // 2 - per_chunk * len(self.parts)
+        budget = int(_available_bytes(self.f.w.device) * self.memory_share) // 2 - per_chunk * len(self.parts)
         # The batched backward holds about one chunk's graph per probe in flight (measured).
         fits = budget // per_chunk
         if fits < 1 and not required:
@@ -407,20 +411,22 @@ def _tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
 
 def hessian_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, k: int = 1,
                     iters: int = 40, tol: float = 1e-3, seed: int = 0, batch: int = 512,
-                    mode: str = "auto", params: Sequence[str] | None = None) -> list[float]:
+                    mode: str = "auto", params: Sequence[str] | None = None,
+                    memory_share: float = 1.0) -> list[float]:
     """The k largest (algebraic) Hessian eigenvalues, descending, of the mean loss on (x, y).
 
     Lanczos from a seeded Gaussian start, at most ``iters`` Hessian-vector products, stopping
     when each of the top k Ritz values is within ``tol`` (relative) of a true eigenvalue
     (``tol=0``: always ``iters`` products). ``mode`` picks the Hessian-vector engine (see
-    ``_HVP``: "auto", "graph", "forward", "reverse"); the value does not depend on it.
+    ``_HVP``: "auto", "graph", "forward", "reverse"; "auto" weighs ``memory_share`` of the free
+    memory); the value does not depend on either.
     Raises ValueError unless ``1 <= k <= iters`` and ``tol >= 0``.
     """
     if k < 1 or iters < k or tol < 0:
         raise ValueError(f"need 1 <= k <= iters and tol >= 0, got k={k}, iters={iters}, tol={tol}")
     with _measuring(model):
         f = FlatLoss(model, loss_fn, params)
-        hvp = _HVP(f, x, y, batch, mode, probe_batch=1)
+        hvp = _HVP(f, x, y, batch, mode, probe_batch=1, memory_share=memory_share)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
         ritz = _lanczos(hvp, f.w.numel(), k, iters, tol, gen, f.w.device, f.w.dtype)
     return [float(v) for v in ritz.flip(0)[:k]]
@@ -428,7 +434,8 @@ def hessian_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, probes: int = 24,
                   method: str = "hutchpp", probe_batch: int | None = None, seed: int = 0, batch: int = 512,
-                  mode: str = "auto", params: Sequence[str] | None = None) -> float:
+                  mode: str = "auto", params: Sequence[str] | None = None,
+                  memory_share: float = 1.0) -> float:
     """Trace of the Hessian of the mean loss on (x, y) from ``probes`` Hessian-vector products
     with Rademacher probes: Hutch++ (``"hutchpp"``, Meyer et al. 2021) or plain Hutchinson.
 
@@ -449,7 +456,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, pr
         n = f.w.numel()
         if probe_batch is None:
             probe_batch = 1 if f.w.device.type == "cpu" else 8
-        hvp = _HVP(f, x, y, batch, mode, probe_batch=probe_batch)
+        hvp = _HVP(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
 
         def rademacher(count: int) -> Tensor:
@@ -526,7 +533,8 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
 _SEEDED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
 _CHUNKED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
 # Settings that change speed or memory only, never the value: accepted, not logged.
-_ENGINE = {"hessian_top_eig": {"mode"}, "hessian_trace": {"mode", "probe_batch"}}
+_ENGINE = {"hessian_top_eig": {"mode", "memory_share"},
+           "hessian_trace": {"mode", "probe_batch", "memory_share"}}
 # Both adaptive worst-case balls (L2 and L-infinity) are in: each costs two gradient passes over
 # the subset, little next to the Hessian measures' tens of products.
 DEFAULT_MEASURES = ("m_sharpness", "adaptive_sharpness", "adaptive_sharpness_linf", "avg_sharpness",

@@ -530,8 +530,43 @@ def _measure_sharpness(cfg, model: nn.Module, scenario, device) -> dict[str, flo
     idx = _sharpness_indices(len(scenario.train_y), cfg)
     x = to_float(scenario.train_x[idx].to(device), scenario.mean, scenario.std)
     y = scenario.train_y[idx].to(device)
+    settings = {name: dict(extra) for name, extra in (cfg["sharpness_settings"] or {}).items()}
+    share = _memory_share(device)
+    for name in ("hessian_top_eig", "hessian_trace"):
+        if name in cfg["sharpness_measures"]:
+            settings.setdefault(name, {}).setdefault("memory_share", share)
     return measure_sharpness(model, F.cross_entropy, x, y, measures=cfg["sharpness_measures"],
-                             seed=cfg["seed"], **(cfg["sharpness_settings"] or {}))
+                             seed=cfg["seed"], **settings)
+
+
+def _memory_share(device: torch.device) -> float:
+    """The share of its machine's free memory this process may plan on (its CPU RAM, or its GPU's).
+
+    Trials side by side on a machine reach their end-of-training sharpness measurement at about
+    the same time; each counting on all the free memory for its Hessian graphs would together
+    take more than there is (ResNet-32 on 1,024 examples kept 10 GB). So a Ray task gets the
+    fraction of the machine's CPUs it holds (of one GPU, on a GPU); outside Ray, all of it."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 1.0
+    try:
+        context = ray.get_runtime_context()
+        held = context.get_assigned_resources()
+        node = next(n for n in ray.nodes() if n.get("NodeID") == context.get_node_id())
+        total = node.get("Resources", {})
+    except Exception:  # noqa: BLE001  no runtime context (a driver): plan on the whole machine
+        return 1.0
+    return resource_share(held, total, "GPU" if device.type == "cuda" else "CPU")
+
+
+def resource_share(held: dict[str, float], total: dict[str, float], kind: str) -> float:
+    """``held[kind]`` over the machine's ``total[kind]`` CPUs, or of one GPU for "GPU" (a GPU's
+    memory is per device), in (0, 1]; 1 where nothing is held or known."""
+    amount = float(held.get(kind, 0.0))
+    whole = 1.0 if kind == "GPU" else float(total.get(kind, 0.0))
+    if amount <= 0 or whole <= 0:
+        return 1.0
+    return min(1.0, amount / whole)
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:

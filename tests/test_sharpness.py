@@ -270,6 +270,43 @@ def test_hessian_vector_products_equal_the_dense_hessian_times_v(mode):
     torch.testing.assert_close(out, vs @ h, rtol=1e-9, atol=1e-11)
 
 
+def test_auto_keeps_graphs_only_within_this_process_share_of_free_memory(monkeypatch):
+    """'auto' keeps the graphs when they fit in half of memory_share x the free memory: with the
+    free memory fixed just above what the graphs need, a share of a half sends it to forward mode."""
+    import samtune.sharpness as sharpness
+
+    model = small_net()
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(8))
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(9))
+    totals = []
+
+    class Recording(sharpness._SavedBytes):
+        @property
+        def total(self):
+            totals.append(super().total)
+            return totals[-1]
+
+    monkeypatch.setattr(sharpness, "_SavedBytes", Recording)
+    with _measuring(model):
+        f = FlatLoss(model, F.cross_entropy)
+        assert _HVP(f, x, y, batch=8, mode="auto").mode == "graph"  # this machine's real memory
+        # What auto needs: the kept graphs of 3 chunks plus one chunk's in flight per probe.
+        need = 4 * totals[-1]
+        monkeypatch.setattr(sharpness, "_available_bytes", lambda device: int(2 * need * 1.2))
+        kept = _HVP(f, x, y, batch=8, mode="auto")
+        halved = _HVP(f, x, y, batch=8, mode="auto", memory_share=0.5)
+        assert kept.mode == "graph" and halved.mode == "forward"
+        with pytest.raises(ValueError, match="memory_share"):
+            _HVP(f, x, y, batch=8, mode="auto", memory_share=0.0)
+    # The setting is accepted from measure_sharpness, is not logged, and changes the value only by
+    # rounding (the free memory is still the patched one: the half share runs forward mode).
+    common = dict(measures=["hessian_top_eig"], batch=8)
+    whole = measure_sharpness(model, F.cross_entropy, x, y, **common)
+    half = measure_sharpness(model, F.cross_entropy, x, y, hessian_top_eig={"memory_share": 0.5}, **common)
+    assert whole.keys() == half.keys()
+    assert half == pytest.approx(whole, rel=1e-9)
+
+
 def test_hutchpp_with_fewer_probes_than_3n_is_unbiased():
     # 10 probes on a 30-dimensional quadratic: a sketch of 3, far from spanning the space, so the
     # projected Hutchinson remainder carries most of the trace.

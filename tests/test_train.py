@@ -541,6 +541,30 @@ def ray_cluster():
     ray.shutdown()
 
 
+def test_resource_share_is_the_held_fraction_of_the_machine():
+    from samtune.train import resource_share
+
+    assert resource_share({"CPU": 1.0}, {"CPU": 4.0}, "CPU") == 0.25
+    assert resource_share({"CPU": 8.0}, {"CPU": 4.0}, "CPU") == 1.0
+    # A GPU's memory is its own: half a GPU plans on half of it, a whole one or more on all.
+    assert resource_share({"GPU": 0.5, "CPU": 1.0}, {"GPU": 8.0, "CPU": 64.0}, "GPU") == 0.5
+    assert resource_share({"GPU": 2.0}, {"GPU": 8.0}, "GPU") == 1.0
+    assert resource_share({}, {"CPU": 4.0}, "CPU") == 1.0
+    assert resource_share({"CPU": 1.0}, {}, "CPU") == 1.0
+
+
+@pytest.mark.slow
+def test_a_ray_task_plans_on_its_share_of_the_machine_memory(ray_cluster):
+    """Inside Ray a trial counts on the fraction of the node's CPUs it holds (2 here), so trials
+    measuring side by side do not each plan on all the free memory; the driver plans on all."""
+    from samtune.train import _memory_share
+
+    share = ray_cluster.remote(lambda: _memory_share(torch.device("cpu")))
+    assert ray_cluster.get(share.options(num_cpus=1).remote()) == 0.5
+    assert ray_cluster.get(share.options(num_cpus=2).remote()) == 1.0
+    assert _memory_share(torch.device("cpu")) == 1.0
+
+
 @pytest.mark.slow
 def test_two_gloo_workers_per_worker_grouped_and_classic_sam(ray_cluster, tmp_path):
     """Under TorchTrainer with 2 gloo workers: per-worker eps (first pass inside no_sync), groups
