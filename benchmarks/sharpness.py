@@ -22,7 +22,8 @@ samtune: Lanczos stopped when the Ritz residual bound is below the same ``tol``,
 with ``--probes`` products (default 24; batched on an accelerator, one at a time on CPU). The
 function is the same for both: BatchNorm normalises by the batch statistics of all examples at
 once (the model's BatchNorm layers stop tracking running statistics, so PyHessian's
-``model.eval()`` keeps batch statistics too), dropout absent. The model is a CIFAR ResNet-20 after ``--warmup`` SGD steps on the examples.
+``model.eval()`` keeps batch statistics too), dropout absent. The model is a CIFAR ResNet-20
+after ``--warmup`` SGD steps on the examples.
 Data: CIFAR-10 training images from ``load_dataset("cifar10", --data-root)``; ``--data-root``
 defaults to the shared JPEG tarball ``../shared/data/cifar10-jpeg.tar.gz`` next to the project
 where it exists. Where no CIFAR-10 can be loaded, seeded random images (said in the output).

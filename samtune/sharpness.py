@@ -170,8 +170,8 @@ class _HVP:
       where an op has no batching rule.
     - ``"auto"``: ``"graph"`` when the kept graphs, counted while the first chunk's is built, fit in
       half of this process's share of the free memory (``memory_share``: processes that measure
-      at once on one machine must not each count on all of it); otherwise ``"forward"``. Probe blocks in graph mode shrink so that the
-      batched backward's transient memory fits too.
+      at once on one machine must not each count on all of it); otherwise ``"forward"``. Probe
+      blocks in graph mode shrink so that the batched backward's transient memory fits too.
     """
 
     def __init__(self, f: FlatLoss, x: Tensor, y: Tensor, batch: int = 512, mode: str = "auto",
@@ -215,7 +215,8 @@ class _HVP:
             self.graphs = [first]
             return
         per_chunk = max(counter.total, 1)
-        budget = int(_available_bytes(self.f.w.device) * self.memory_share) // 2 - per_chunk * len(self.parts)
+        share = int(_available_bytes(self.f.w.device) * self.memory_share)
+        budget = share // 2 - per_chunk * len(self.parts)
         # The batched backward holds about one chunk's graph per probe in flight (measured).
         fits = budget // per_chunk
         if fits < 1 and not required:
@@ -433,8 +434,8 @@ def hessian_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, 
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, probes: int = 24,
-                  method: str = "hutchpp", probe_batch: int | None = None, seed: int = 0, batch: int = 512,
-                  mode: str = "auto", params: Sequence[str] | None = None,
+                  method: str = "hutchpp", probe_batch: int | None = None, seed: int = 0,
+                  batch: int = 512, mode: str = "auto", params: Sequence[str] | None = None,
                   memory_share: float = 1.0) -> float:
     """Trace of the Hessian of the mean loss on (x, y) from ``probes`` Hessian-vector products
     with Rademacher probes: Hutch++ (``"hutchpp"``, Meyer et al. 2021) or plain Hutchinson.
