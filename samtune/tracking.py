@@ -44,11 +44,11 @@ uses), so the Tune loop never waits on MLflow: each trial's report waits for the
 the previous one, and a SQLite write costs about 15 ms per result (opening a new store about
 2.5 s, which now overlaps Ray's start). `flush()` and `close()` write from the calling thread
 and return once the queue is empty or a write failed. When the tracking server fails, training
-goes on: the pending records stay queued and are written to a JSON-lines spool file named in the warning (one record a line:
-``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` = params | metrics | status |
-artifacts, ``step``, ``data``). They are retried on later writes, backing off from
-``retry_after_s`` up to two minutes between attempts, and once more at the end; `close()` names
-the spool when records are left in it. A later `Tracker` on the same spool (``--resume``) loads it
+goes on: the pending records stay queued and are written to a JSON-lines spool file named in the
+warning (one record a line: ``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` =
+params | metrics | status | artifacts, ``step``, ``data``). They are retried on later writes,
+backing off from ``retry_after_s`` up to two minutes between attempts, and once more at the end;
+`close()` names the spool when records are left in it. A later `Tracker` on the same spool (``--resume``) loads it
 and writes those records first, so nothing is lost between driver processes. Each attempt is
 bounded by short HTTP timeouts (`fail_fast_environment`): the sweep never hangs on MLflow.
 
