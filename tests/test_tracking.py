@@ -282,6 +282,7 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
          "--default-artifact-root", (tmp_path / "artifacts").as_uri()],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
+    sweep = None
     try:
         deadline = time.time() + 120
         while True:
@@ -304,19 +305,26 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
             start_new_session=True)
         client = MlflowClient(uri)
         deadline = time.time() + 300
-        while True:  # wait for the first epoch to reach the server, then take the server away
+        while True:  # wait for a trial's run to reach the server, then take the server away
             exp = client.get_experiment_by_name("away")
-            if exp is not None and any(r.data.metrics for r in client.search_runs(
-                    [exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'")):
+            if exp is not None and client.search_runs(
+                    [exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'"):
                 break
-            assert time.time() < deadline and sweep.poll() is None, "no trial result reached the server"
-            time.sleep(0.5)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+            assert time.time() < deadline and sweep.poll() is None, "no trial reached the server"
+            time.sleep(0.2)
+        # The driver (the only process that writes to MLflow) is held still while the server
+        # stops, so the server is gone before the trial's later epochs can be written however
+        # fast this machine trains; its trials keep running meanwhile.
+        os.kill(sweep.pid, signal.SIGSTOP)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+        finally:
+            os.kill(sweep.pid, signal.SIGCONT)
         out, _ = sweep.communicate(timeout=600)
     finally:
-        for proc in (server,):
-            if proc.poll() is None:
+        for proc in (server, sweep):
+            if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert sweep.returncode == 0, out[-4000:]
     spool = tmp_path / "runs" / "away" / "mlflow-unlogged.jsonl"
