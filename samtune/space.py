@@ -404,7 +404,7 @@ def validate_trial_config(config: dict[str, Any], where: str = "", whole: bool =
 
 @dataclass(frozen=True)
 class Cell:
-    """One scenario cell of a sweep: its own Tuner, Optuna study and MLflow parent run."""
+    """One scenario cell of a sweep: its own Optuna study, ASHA brackets and MLflow parent run."""
 
     index: int
     label_noise_rate: float

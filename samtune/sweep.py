@@ -1,16 +1,18 @@
-"""Running a sweep: per scenario cell, a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial`.
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
 
-For each cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) one `Tuner` searches the space
-file's `space(trial)` with `OptunaSearch` (TPE, seeded per cell) and stops hopeless trials with
-`ASHAScheduler` on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
-its own baseline. The driver writes every trial to MLflow (`samtune.tracking`) and shows a live
-view; Ray's own tables are turned off.
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
 
 On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
-MLflow runs are keyed by, for ``--resume``),
-one Tune experiment folder per cell (trial checkpoints, searcher state) and, if the tracking server
-failed, the spool of records it did not take. ``--resume`` restores each unfinished cell's Tuner,
-so finished trials are not run again and the Optuna searcher continues from its saved state.
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
 """
 from __future__ import annotations
 
@@ -18,17 +20,21 @@ import json
 import logging
 import math
 import os
+import pickle
 import shlex
 import shutil
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from optuna.trial import TrialState
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .interrupts import InterruptWatch
@@ -144,6 +150,104 @@ class AshaAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def cell_index(rates: tuple[float, ...] | list[float], config: dict[str, Any]) -> int | None:
+    """The cell a trial config belongs to: the index of its label-noise rate (unique per sweep)."""
+    rate = config.get("label_noise_rate")
+    if not finite(rate):
+        return None
+    for index, other in enumerate(rates):
+        if math.isclose(other, rate, abs_tol=1e-12):
+            return index
+    return None
+
+
+class CellSearch(Searcher):
+    """The cells' Optuna studies behind the one searcher of a sweep's Tuner.
+
+    Each cell keeps its own seeded TPE study (so its own SGD baseline, and its own verdicts on
+    what works at its noise rate); this only deals trials out, cell after cell, each its budget.
+    All cells running under one Tuner is what makes a sweep of several cells cheap: a trial
+    process that served one cell serves the next (Tune reuses it, torch already imported), and
+    once a cell's last trial has started a freed slot starts the next cell's first trial instead
+    of idling until that trial ends. A Tuner per cell paid both at every cell.
+    """
+
+    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.searchers = list(searchers)
+        self.trials = trials
+        self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        issued = Counter(self.cell_of.values())
+        for index, searcher in enumerate(self.searchers):
+            if issued[index] < self.trials:
+                config = searcher.suggest(trial_id)
+                if isinstance(config, dict):
+                    self.cell_of[trial_id] = index
+                return config
+        return Searcher.FINISHED
+
+    def _owner(self, trial_id: str) -> Searcher | None:
+        index = self.cell_of.get(trial_id)
+        return None if index is None else self.searchers[index]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if (searcher := self._owner(trial_id)) is not None:
+            searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if (searcher := self._owner(trial_id)) is not None:
+            searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__.copy(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
+
+
+class CellScheduler(FIFOScheduler):
+    """One ASHA per cell behind a sweep's one Tuner: a trial is judged only against the trials of
+    its own cell, whose errors share its noise rate. Trials start in the order they were added."""
+
+    def __init__(self, rates: tuple[float, ...], schedulers: list):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.schedulers = list(schedulers)
+
+    def _of(self, trial):
+        index = cell_index(self.rates, trial.config)
+        if index is None:
+            raise ValueError(f"trial {trial.trial_id} belongs to no cell of this sweep "
+                             f"(label_noise_rate={trial.config.get('label_noise_rate')!r})")
+        return self.schedulers[index]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric, self._mode = metric, mode
+        return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(s.debug_string() for s in self.schedulers)
+
+
 # ------------------------------------------------------------------------------ recording
 # The recorder a Tuner's callback talks to, by cell folder. Tune pickles its callbacks with the
 # experiment; a restored callback finds the live recorder of this driver process here.
@@ -154,12 +258,15 @@ class Recorder:
     """Driver-side bookkeeping of one cell: MLflow records and the live view's rows."""
 
     def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None):
+        """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended."""
         self.sweep, self.cell, self.tracker = sweep, cell, tracker
         self.cell_key = f"{sweep_key}/{cell.slug}"
         self.result = CellResult(cell)
         self.on_change = on_change or (lambda: None)
+        self.on_done = on_done or (lambda: None)
         self.ended = 0
+        self.done = False
         tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key,
                         **{"samtune.cell": cell.label})
         tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
@@ -220,52 +327,63 @@ class Recorder:
         self.tracker.set_status(self._key(trial), status)
         self.ended += 1
         self.on_change()
+        if not self.done and self.ended >= self.sweep.trials:
+            # The cell's budget has ended while the sweep's next cells may still be running.
+            self.done = True
+            self.tracker.set_status(self.cell_key, "finished")
+            self.on_done()
 
 
 class SweepCallback(Callback):
-    """Forwards Tune's trial events to this driver's `Recorder` of the cell (found by folder name,
-    so the pickled copy Tune keeps for ``--resume`` holds no live state)."""
+    """Forwards Tune's trial events to this driver's `Recorder` of the trial's cell (found by
+    the cell's folder name, so the pickled copy Tune keeps for ``--resume`` holds no live state)."""
 
-    def __init__(self, slug: str):
-        self.slug = slug
+    def __init__(self, cells: list[Cell]):
+        self.rates = tuple(c.label_noise_rate for c in cells)
+        self.slugs = tuple(c.slug for c in cells)
+
+    def _recorder(self, trial) -> "Recorder | None":
+        index = cell_index(self.rates, trial.config)
+        return None if index is None else _ACTIVE.get(self.slugs[index])
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if (r := _ACTIVE.get(self.slug)) is not None:
+        if (r := self._recorder(trial)) is not None:
             r.trial_start(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if (r := _ACTIVE.get(self.slug)) is not None:
+        if (r := self._recorder(trial)) is not None:
             r.trial_result(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if (r := _ACTIVE.get(self.slug)) is not None:
+        if (r := self._recorder(trial)) is not None:
             r.trial_end(trial, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if (r := _ACTIVE.get(self.slug)) is not None:
+        if (r := self._recorder(trial)) is not None:
             r.trial_end(trial, failed=True)
 
 
-def resumable(cell_dir: Path) -> bool:
-    """Whether Tune can pick a cell up where it stopped: its Tuner and a whole experiment state.
+def resumable(folder: Path) -> bool:
+    """Whether Tune can pick the sweep's trials up where they stopped: its Tuner and a whole
+    experiment state in `folder`.
 
-    A driver killed just as a cell's Tuner started leaves the Tuner (``tuner.pkl``) but no
-    experiment state; Tune then refuses to restore, and since no trial of that cell was
-    recorded, the cell starts afresh instead. A driver killed while Tune was writing its state
-    (Tune writes it in place, at every step) leaves it cut short: it is put back from the copy
-    `StateBackup` took before that step (see there), or, with no copy, the cell starts afresh.
+    A driver killed just as the Tuner started leaves the Tuner (``tuner.pkl``) but no experiment
+    state; Tune then refuses to restore, and since no trial was recorded, the trials start afresh
+    instead. A driver killed while Tune was writing its state (Tune writes it in place, at every
+    step) leaves it cut short: it is put back from the copy `StateBackup` took before that step
+    (see there), or, with no copy, the trials start afresh.
     """
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(cell_dir)):
+    if not tune.Tuner.can_restore(str(folder)):
         return False
-    states = sorted(cell_dir.glob("experiment_state-*.json"))  # Tune's own order: by session time
+    states = sorted(folder.glob("experiment_state-*.json"))  # Tune's own order: by session time
     if not states:
         return False
     newest = states[-1]
     if _whole_json(newest):
         return True
-    backup = cell_dir / STATE_BACKUP
+    backup = folder / STATE_BACKUP
     if backup.exists() and _whole_json(backup):
         log.warning("Tune's experiment state %s was cut short when the driver was killed; it is put "
                     "back from the copy taken one step earlier", newest)
@@ -587,7 +705,14 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
     return tune_res, need, concurrent
 
 
-def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float]):
+# The one Tune experiment folder of a sweep, under its folder: every cell's trials, checkpoints
+# and searcher state.
+TUNE_DIR = "trials"
+
+
+def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
+    import copy
+
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback
@@ -597,36 +722,43 @@ def _tuner(plan: Plan, cell: Cell, concurrent: int, resources: dict[str, float])
     from .train import run_trial
 
     sweep = plan.sweep
+    cells = sweep.cells()
     # See CheckpointPruner. Read by the Tuner's controller, so set before it exists.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
     trainable = tune.with_resources(run_trial, resources)
-    path = plan.sweep_dir / cell.slug
+    path = plan.sweep_dir / TUNE_DIR
     # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if plan.resume and resumable(path):
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
-    sampler = optuna.samplers.TPESampler(seed=sweep.seed * 1009 + cell.index,
-                                         n_startup_trials=max(2, min(10, sweep.trials // 3)))
-    searcher = AshaAwareOptunaSearch(
-        space=CellSpace(plan.space, sweep.base_config(cell)), metric=sweep.metric, mode=sweep.mode,
-        sampler=sampler, points_to_evaluate=baseline_points(plan), epochs=sweep.epochs)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
-                              reduction_factor=sweep.reduction_factor)
+    points = baseline_points(plan)
+    searchers = [
+        AshaAwareOptunaSearch(
+            space=CellSpace(plan.space, sweep.base_config(cell)), metric=sweep.metric, mode=sweep.mode,
+            sampler=optuna.samplers.TPESampler(seed=sweep.seed * 1009 + cell.index,
+                                               n_startup_trials=max(2, min(10, sweep.trials // 3))),
+            points_to_evaluate=copy.deepcopy(points), epochs=sweep.epochs)
+        for cell in cells]
+    scheduler = CellScheduler(
+        [c.label_noise_rate for c in cells],
+        [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
+                       reduction_factor=sweep.reduction_factor) for _ in cells])
+    search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials,
-                                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
+                                    search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
                                     scheduler=scheduler, max_concurrent_trials=concurrent,
-                                    # A trial process serves the next trial: no new process and no
-                                    # torch/Ray imports per trial (seconds each on 2 cores).
+                                    # A trial process serves the next trial, of any cell: no new
+                                    # process and no torch/Ray imports per trial (seconds each on
+                                    # 2 cores).
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=cell.slug, storage_path=str(plan.sweep_dir), verbose=0,
+            name=TUNE_DIR, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-            callbacks=[SweepCallback(cell.slug), CSVLoggerCallback(), CheckpointPruner(),
-                       StateBackup(str(path))],
+            callbacks=[SweepCallback(cells), CSVLoggerCallback(), CheckpointPruner(), StateBackup(str(path))],
             # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
             failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
             # All kept by Tune; CheckpointPruner removes those no resume can need.
@@ -686,31 +818,26 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
         view.start(plan, sweep.cells())
     watch = InterruptWatch().install()
     try:
-        for cell in sweep.cells():
-            recorder = Recorder(sweep, cell, tracker, sweep_key,
-                                on_change=(lambda r=None: view.update(_ACTIVE[cell.slug])) if view else None)
-            _ACTIVE[cell.slug] = recorder
-            try:
-                if _cell_done(plan, cell):
-                    _load_done_cell(plan, cell, recorder)
-                else:
-                    with watch.tune_fit():
-                        _tuner(plan, cell, concurrent, resources).fit()
-                    if _reconcile(plan, cell, recorder) < sweep.trials:
-                        raise SweepInterrupted(
-                            f"interrupted in cell {cell.label}; finish it with: {plan.resume_command}")
-                    _mark_done(plan, cell)
-            finally:
-                _ACTIVE.pop(cell.slug, None)
-            tracker.set_status(recorder.cell_key, "finished")
-            results.append(recorder.result)
+        cells = sweep.cells()
+        recorders: dict[str, Recorder] = {}
+        for cell in cells:
+            recorder = Recorder(sweep, cell, tracker, sweep_key)
             if view is not None:
-                view.cell_done(recorder)
-            if watch.interrupted:
-                # Ctrl-C came as the cell's last trial ended: the cell is whole and recorded,
-                # the sweep stops here all the same.
-                raise SweepInterrupted(f"interrupted after cell {cell.label}; finish the sweep with: "
-                                       f"{plan.resume_command}")
+                recorder.on_change = lambda r=recorder: view.update(r)
+                recorder.on_done = lambda r=recorder: view.cell_done(r)
+            recorders[cell.slug] = _ACTIVE[cell.slug] = recorder
+        try:
+            with watch.tune_fit():
+                _tuner(plan, concurrent, resources).fit()
+            ended = _reconcile(plan, recorders)
+        finally:
+            for cell in cells:
+                _ACTIVE.pop(cell.slug, None)
+        unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]
+        if unfinished:
+            raise SweepInterrupted(f"interrupted in cell {unfinished[0].label}; finish the sweep with: "
+                                   f"{plan.resume_command}")
+        results = [recorders[cell.slug].result for cell in cells]
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
@@ -749,8 +876,9 @@ def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     return plan.sweep_key
 
 
-def _reconcile(plan: Plan, cell: Cell, recorder: Recorder) -> int:
-    """Bring the cell's records up to Tune's saved state; return how many trials have ended.
+def _reconcile(plan: Plan, recorders: dict[str, Recorder]) -> dict[str, int]:
+    """Bring each cell's records up to Tune's saved state; return how many trials of each cell
+    (by slug) have ended.
 
     A trial that ended while an earlier driver ran (the sweep is resumed) produces no callback in
     this one: its row is rebuilt from Tune's per-trial progress table, and its MLflow run is found
@@ -759,13 +887,25 @@ def _reconcile(plan: Plan, cell: Cell, recorder: Recorder) -> int:
     """
     from ray.tune import ExperimentAnalysis
 
+    ended = {slug: 0 for slug in recorders}
     try:
-        analysis = ExperimentAnalysis(str(plan.sweep_dir / cell.slug))
+        analysis = ExperimentAnalysis(str(plan.sweep_dir / TUNE_DIR))
     except Exception:  # noqa: BLE001  no state written: nothing ended
-        return 0
-    ended = [t for t in analysis.trials if t.status in ("TERMINATED", "ERROR")]
+        return ended
+    cells = plan.sweep.cells()
+    rates = [c.label_noise_rate for c in cells]
+    known: dict[str, set[str]] = {slug: set() for slug in recorders}
     frames = None
-    for trial in ended:
+    for trial in analysis.trials:
+        index = cell_index(rates, trial.config)
+        if index is None:
+            continue
+        slug = cells[index].slug
+        known[slug].add(trial.trial_id)
+        if trial.status not in ("TERMINATED", "ERROR"):
+            continue
+        ended[slug] += 1
+        recorder = recorders[slug]
         if recorder.seen_ending(trial.trial_id):
             continue
         if frames is None:
@@ -775,52 +915,34 @@ def _reconcile(plan: Plan, cell: Cell, recorder: Recorder) -> int:
         for result in ([] if frame is None else frame.to_dict("records")) or [trial.last_result or {}]:
             recorder.trial_result(trial, result)
         recorder.trial_end(trial, failed=trial.status == "ERROR")
-    if plan.resume and len(ended) >= plan.sweep.trials:
-        lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, {t.trial_id for t in analysis.trials})
-        for key in lost:
-            log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran another "
-                        "trial in its place, and its MLflow run is tagged samtune.role=lost", key)
-    return len(ended)
-
-
-def _done_marker(plan: Plan, cell: Cell) -> Path:
-    return plan.sweep_dir / cell.slug / "samtune-cell-done.json"
-
-
-def _cell_done(plan: Plan, cell: Cell) -> bool:
-    return plan.resume and _done_marker(plan, cell).exists()
-
-
-def _mark_done(plan: Plan, cell: Cell) -> None:
-    rows = {tid: row.__dict__ for tid, row in _ACTIVE[cell.slug].result.trials.items()}
-    _done_marker(plan, cell).write_text(json.dumps(rows, default=str))
-
-
-def _load_done_cell(plan: Plan, cell: Cell, recorder: Recorder) -> None:
-    rows = json.loads(_done_marker(plan, cell).read_text())
-    for tid, row in rows.items():
-        recorder.result.trials[tid] = TrialRow(**row)
-    recorder.ended = len(rows)
+    for slug, recorder in recorders.items():
+        if plan.resume and ended[slug] >= plan.sweep.trials:
+            lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, known[slug])
+            for key in lost:
+                log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran "
+                            "another trial in its place, and its MLflow run is tagged samtune.role=lost", key)
+    return ended
 
 
 def load_study(sweep_dir: str | os.PathLike, cell: Cell):
     """The Optuna study of one cell as Tune last saved it (an ``optuna.Study``), e.g. for
     ``optuna.visualization`` or ``optuna.importance``; its trials are the cell's Tune trials, in
     order, COMPLETE / PRUNED (stopped by ASHA) / FAIL. The space file must still exist (the
-    saved searcher refers to it). Raises FileNotFoundError when the cell never started.
+    saved searcher refers to it). Raises FileNotFoundError when the sweep never started.
     """
-    import pickle
-
-    folder = Path(sweep_dir) / cell.slug
+    folder = Path(sweep_dir) / TUNE_DIR
     # One file per driver session, named by the session's start time; the newest name is the
     # last session's searcher. Not by mtime: Tune's sync to the storage path rewrites the older
     # sessions' files too, so their mtimes say nothing about which is current.
     saved = sorted(folder.glob("searcher-state-*.pkl"), key=lambda f: (f.name, f.stat().st_mtime))
     if not saved:
-        raise FileNotFoundError(f"no saved Optuna searcher in {folder}: cell {cell.label} never started")
+        raise FileNotFoundError(f"no saved Optuna searcher in {folder}: the sweep never started")
     with open(saved[-1], "rb") as fh:
         state = pickle.load(fh)  # noqa: S301  written by this sweep's own driver
-    return state["_ot_study"]
+    searchers = state.get("searchers", [])
+    if cell.index >= len(searchers):
+        raise FileNotFoundError(f"the searcher saved in {folder} has no cell {cell.label}")
+    return searchers[cell.index]._ot_study
 
 
 def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:

@@ -52,7 +52,9 @@ class SweepView:
             self.live.start()
 
     def update(self, recorder) -> None:
-        self.recorder = recorder
+        # The table follows the newest cell: as one cell's last trials end, the next has started.
+        if self.recorder is None or recorder.cell.index >= self.recorder.cell.index:
+            self.recorder = recorder
         self.progress.update(self.tasks[recorder.cell.slug], completed=recorder.ended)
         if self.live is not None:
             self.live.update(self._render())

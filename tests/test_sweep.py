@@ -484,7 +484,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
     # from scratch it would have reached epoch 2 again and been killed until its restarts ran out.
     (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=1,
                     label_noise_rates=(0.2,)).cells()
-    (tune_trial,) = ExperimentAnalysis(str(tmp_path / "runs" / "t" / cell.slug)).trials
+    (tune_trial,) = ExperimentAnalysis(str(tmp_path / "runs" / "t" / "trials")).trials
     assert tune_trial.status == "TERMINATED" and tune_trial.num_failures == 1
     client, by_role = runs_of(tmp_path)
     (trial,) = by_role["trial"]
@@ -586,7 +586,7 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
 def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_before(tmp_path):
     from samtune.sweep import STATE_BACKUP, StateBackup, resumable
 
-    cell = tmp_path / "cell-0_noise-0"
+    cell = tmp_path / "trials"
     cell.mkdir()
     (cell / "tuner.pkl").write_bytes(b"")
     older = cell / "experiment_state-2026-01-01_00-00-00.json"
@@ -598,16 +598,16 @@ def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_befor
     state.write_text('{"trial_data": [["{\\"trial_id')  # the write of step 41, cut short
     assert resumable(cell)
     assert json.loads(state.read_text()) == {"step": 41}
-    # Cut short with no copy yet (the very first step): nothing to resume, the cell starts afresh.
+    # Cut short with no copy yet (the very first step): nothing to resume, the trials start afresh.
     (cell / STATE_BACKUP).unlink()
     state.write_text("")
     assert not resumable(cell) and not state.exists() and older.exists()
 
 
-def test_a_cell_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
+def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
     from samtune.sweep import resumable
 
-    cell = tmp_path / "cell-0_noise-0"
+    cell = tmp_path / "trials"
     cell.mkdir()
     assert not resumable(cell)
     (cell / "tuner.pkl").write_bytes(b"")
