@@ -32,11 +32,12 @@ SPACE = ROOT / "search_spaces" / "noisy_digits.py"
 # ------------------------------------------------------------------------------ fast
 
 
-def searcher(epochs=4):
-    def space(trial):
-        trial.suggest_float("lr", 0.01, 0.5, log=True)
+def lr_space(trial):  # at module level: a saved searcher pickles its space
+    trial.suggest_float("lr", 0.01, 0.5, log=True)
 
-    return AshaAwareOptunaSearch(space=space, metric="val_error", mode="min", epochs=epochs,
+
+def searcher(epochs=4):
+    return AshaAwareOptunaSearch(space=lr_space, metric="val_error", mode="min", epochs=epochs,
                                  sampler=optuna.samplers.TPESampler(seed=0))
 
 
@@ -76,6 +77,77 @@ def test_optuna_sees_an_asha_stop_as_pruned_a_divergence_as_a_bad_result_and_a_c
     assert crashed.state == TrialState.FAIL
     # The best trial is the one that ran its budget, not the one stopped early on a lower value.
     assert study.best_trial.number == full.number
+
+
+def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_survive_a_restore(tmp_path):
+    from ray.tune.search import Searcher
+
+    from samtune.sweep import CellSearch
+
+    def cells_search():
+        return CellSearch([searcher(), searcher()], trials=3, metric="val_error", mode="min")
+
+    search = cells_search()
+    dealt = []
+    for n in range(4):  # the 4th trial is cell 1's first, dealt while cell 0's trials still run
+        assert isinstance(search.suggest(f"t{n}"), dict)
+        dealt.append(search.cell_of[f"t{n}"])
+    assert dealt == [0, 0, 0, 1]
+    search.on_trial_result("t3", {"val_error": 0.9, "epoch": 1, "training_iteration": 1, "diverged": 0})
+    search.on_trial_complete("t0", {"val_error": 0.2, "epoch": 4, "training_iteration": 4, "diverged": 0})
+    search.on_trial_complete("ghost", {"val_error": 0.1})  # a trial no cell dealt: ignored
+    search.save(str(tmp_path / "state.pkl"))
+    restored = cells_search()
+    restored.restore(str(tmp_path / "state.pkl"))
+    for s in (search, restored):
+        assert [s.suggest(f"t{n}") is not None for n in (4, 5)] == [True, True]
+        assert s.suggest("t6") == Searcher.FINISHED
+        assert Counter(s.cell_of.values()) == {0: 3, 1: 3}
+        first, second = (sub._ot_study for sub in s.searchers)
+        assert len(first.trials) == 3 and len(second.trials) == 3
+        # Results reached only the study of the trial's own cell.
+        assert [t.state for t in first.trials][0] == TrialState.COMPLETE and first.trials[0].value == 0.2
+        assert second.trials[0].intermediate_values == {1: 0.9}
+        assert all(not t.intermediate_values for t in first.trials)
+    # The same seed, the same suggestions, restored or not.
+    assert [t.params for t in restored.searchers[1]._ot_study.trials] == \
+        [t.params for t in search.searchers[1]._ot_study.trials]
+
+
+def test_asha_judges_a_trial_only_against_its_own_cell():
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from samtune.sweep import CellScheduler
+
+    def asha():
+        s = ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+        s.set_search_properties("val_error", "min")
+        return s
+
+    # Cell 0.0 (clean labels) reaches low errors, cell 0.6 high ones. Results in the order a sweep
+    # running both cells would give them.
+    events = [("a", 0.0, 0.10), ("b", 0.0, 0.05), ("x", 0.6, 0.50), ("y", 0.6, 0.45), ("z", 0.6, 0.40),
+              ("c", 0.0, 0.30)]
+    trials = {tid: SimpleNamespace(trial_id=tid, config={"label_noise_rate": rate}) for tid, rate, _ in events}
+    cells = CellScheduler([0.0, 0.6], [asha(), asha()])
+    cells.set_search_properties("val_error", "min")
+    alone = {0.0: asha(), 0.6: asha()}    # the reference: one ASHA fed only its cell's trials
+    shared = asha()                      # and what one ASHA for every cell would decide
+    for t in trials.values():
+        cells.on_trial_add(None, t)
+        alone[t.config["label_noise_rate"]].on_trial_add(None, t)
+        shared.on_trial_add(None, t)
+    decided, reference, mixed = [], [], []
+    for tid, rate, error in events:
+        result = {"epoch": 1, "val_error": error}
+        decided.append(cells.on_trial_result(None, trials[tid], result))
+        reference.append(alone[rate].on_trial_result(None, trials[tid], result))
+        mixed.append(shared.on_trial_result(None, trials[tid], result))
+    assert decided == reference
+    # Against the clean cell's errors every noisy trial would look hopeless.
+    assert decided[2:5] != mixed[2:5] and TrialScheduler.STOP in mixed[2:5]
+    with pytest.raises(ValueError, match="belongs to no cell"):
+        cells.on_trial_add(None, SimpleNamespace(trial_id="q", config={"label_noise_rate": 0.3}))
 
 
 def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
@@ -361,6 +433,15 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
         logged = sorted((t.data.params["optimizer"], float(t.data.params["lr"])) for t in trials
                         if t.data.tags["samtune.cell"] == cell.label)
         assert sorted((t.params["optimizer"], t.params["lr"]) for t in study.trials) == logged
+    # One Tuner runs both cells: the trial processes that served the first cell serve the second
+    # (Tune reports each result's process id), so no cell pays for new processes importing torch.
+    from ray.tune import ExperimentAnalysis
+
+    pids = {}
+    for trial in ExperimentAnalysis(str(tmp_path / "runs" / "t" / "trials")).trials:
+        pids.setdefault(trial.config["label_noise_rate"], set()).add(trial.last_result["pid"])
+    assert pids[0.0] & pids[0.4], pids
+    assert len(pids[0.0] | pids[0.4]) <= 2, pids
 
 
 @pytest.mark.slow
