@@ -80,9 +80,10 @@ TRIAL_KEY_TAG = "samtune.trial_key"
 PLOTTED_STATUSES = ("finished", "stopped")
 
 # Config keys that vary between trials without being a hyperparameter of the study: the seed is
-# noise to average over, the rest are resources and bookkeeping.
+# noise to average over, the rest are resources and bookkeeping (`baseline` marks a cell's
+# baseline trials, which ASHA lets run their budget).
 NUISANCE_KEYS = frozenset(
-    {"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset"}
+    {"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset", "baseline"}
 )
 
 # Keys `sharpness/<key>` that samtune.sharpness.measure_sharpness logs beside the measures (its

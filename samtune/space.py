@@ -233,6 +233,7 @@ TRIAL_KEYS: dict[str, _Spec] = {
     "seed": _Spec("int", low=0, doc="model initialisation and data order"),
     "workers": _Spec("int", low=1, doc="data-parallel workers per trial"),
     "use_gpu": _Spec("bool", doc="train on GPUs"),
+    "baseline": _Spec("bool", doc="one of its cell's baseline trials (set by the sweep): ASHA never stops it"),
     "optimizer": _Spec("str", choices=lambda: _known("samtune.train", "OPTIMIZERS", ("sgd", "sam", "asam")),
                        doc="sgd | sam | asam (adaptive SAM)"),
     "base_optimizer": _Spec("str", choices=lambda: _known("samtune.train", "BASE_OPTIMIZERS", ("sgd", "adamw")),
@@ -279,7 +280,7 @@ TRIAL_KEYS: dict[str, _Spec] = {
 
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
 STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
-                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed"})
+                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline"})
 
 #: Per-epoch metrics a trial reports (the metric a sweep optimises must be one of these, or a
 #: ``sharpness/<measure>`` measured every epoch). The trainer's own list wins where it declares
@@ -501,6 +502,9 @@ class Sweep:
                 raise SpaceError(f"fixed has a non-string key {key!r}")
             if key in _SWEEP_OWNED:
                 raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({_SWEEP_OWNED[key]}=...)")
+            if key == "baseline":
+                raise SpaceError("fixed sets 'baseline', which the sweep sets per trial (its first SGD and "
+                                 "SAM trial of each cell)")
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).

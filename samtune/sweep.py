@@ -172,10 +172,13 @@ class CellSearch(Searcher):
     of idling until that trial ends. A Tuner per cell paid both at every cell.
     """
 
-    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str):
+    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str, baselines: int = 0):
+        """`baselines`: how many of each cell's first trials are its baselines (its searcher's
+        points to evaluate, one per optimizer); their configs carry ``baseline=True``."""
         super().__init__(metric=metric, mode=mode)
         self.searchers = list(searchers)
         self.trials = trials
+        self.baselines = baselines
         self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
 
     def suggest(self, trial_id: str) -> dict | str | None:
@@ -185,6 +188,7 @@ class CellSearch(Searcher):
                 config = searcher.suggest(trial_id)
                 if isinstance(config, dict):
                     self.cell_of[trial_id] = index
+                    config = {**config, "baseline": issued[index] < self.baselines}
                 return config
         return Searcher.FINISHED
 
@@ -211,12 +215,21 @@ class CellSearch(Searcher):
 
 class CellScheduler(FIFOScheduler):
     """One ASHA per cell behind a sweep's one Tuner: a trial is judged only against the trials of
-    its own cell, whose errors share its noise rate. Trials start in the order they were added."""
+    its own cell, whose errors share its noise rate. Trials start in the order they were added.
 
-    def __init__(self, rates: tuple[float, ...], schedulers: list):
+    A cell's baseline trials (``baseline=True``: its first SGD and first SAM trial) are never
+    stopped. Their results still set the cell's rungs, but a comparison of SAM with SGD needs
+    both at full length, and asynchronous ASHA judges a trial by whoever reached its rung
+    first: under label noise SGD's early epochs look good, then it memorizes the flipped labels,
+    so a SAM baseline reaching epoch 4 after a few SGD trials could be stopped on errors SGD
+    never keeps.
+    """
+
+    def __init__(self, rates: tuple[float, ...], schedulers: list, max_t: int):
         super().__init__()
         self.rates = tuple(rates)
         self.schedulers = list(schedulers)
+        self.max_t = max_t
 
     def _of(self, trial):
         index = cell_index(self.rates, trial.config)
@@ -236,7 +249,10 @@ class CellScheduler(FIFOScheduler):
         self._of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._of(trial).on_trial_result(tune_controller, trial, result)
+        action = self._of(trial).on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and trial.config.get("baseline") and result.get("epoch", 0) < self.max_t:
+            return self.CONTINUE  # recorded at its rung above, but a baseline runs its budget
+        return action
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._of(trial).on_trial_complete(tune_controller, trial, result)
@@ -284,7 +300,8 @@ class Recorder:
 
     @property
     def _cell_keys(self) -> set[str]:
-        return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed)
+        # What every trial of the cell shares, and the baseline mark: not settings worth a column.
+        return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed) | {"baseline"}
 
     def trial_start(self, trial) -> None:
         key = self._key(trial)
@@ -744,8 +761,10 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
     scheduler = CellScheduler(
         [c.label_noise_rate for c in cells],
         [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
-                       reduction_factor=sweep.reduction_factor) for _ in cells])
-    search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode)
+                       reduction_factor=sweep.reduction_factor) for _ in cells],
+        max_t=sweep.epochs)
+    search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
+                        baselines=len(points or ()))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),

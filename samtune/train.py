@@ -115,6 +115,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "workers": 1,
     "use_gpu": False,
+    "baseline": False,            # a cell's baseline trial (the sweep sets it): ASHA never stops it
     "cpus_per_worker": None,      # None: what fits beside the trial driver (worker_resources)
     "gpus_per_worker": None,      # None: 1 each, or a share when workers outnumber the GPUs
     "backend": None,              # torch.distributed backend; None: nccl on own GPUs, else gloo

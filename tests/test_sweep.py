@@ -85,14 +85,16 @@ def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_sur
     from samtune.sweep import CellSearch
 
     def cells_search():
-        return CellSearch([searcher(), searcher()], trials=3, metric="val_error", mode="min")
+        return CellSearch([searcher(), searcher()], trials=3, metric="val_error", mode="min", baselines=2)
 
     search = cells_search()
-    dealt = []
+    dealt, marked = [], []
     for n in range(4):  # the 4th trial is cell 1's first, dealt while cell 0's trials still run
-        assert isinstance(search.suggest(f"t{n}"), dict)
+        config = search.suggest(f"t{n}")
         dealt.append(search.cell_of[f"t{n}"])
+        marked.append(config["baseline"])
     assert dealt == [0, 0, 0, 1]
+    assert marked == [True, True, False, True]   # each cell's first two trials are its baselines
     search.on_trial_result("t3", {"val_error": 0.9, "epoch": 1, "training_iteration": 1, "diverged": 0})
     search.on_trial_complete("t0", {"val_error": 0.2, "epoch": 4, "training_iteration": 4, "diverged": 0})
     search.on_trial_complete("ghost", {"val_error": 0.1})  # a trial no cell dealt: ignored
@@ -129,7 +131,7 @@ def test_asha_judges_a_trial_only_against_its_own_cell():
     events = [("a", 0.0, 0.10), ("b", 0.0, 0.05), ("x", 0.6, 0.50), ("y", 0.6, 0.45), ("z", 0.6, 0.40),
               ("c", 0.0, 0.30)]
     trials = {tid: SimpleNamespace(trial_id=tid, config={"label_noise_rate": rate}) for tid, rate, _ in events}
-    cells = CellScheduler([0.0, 0.6], [asha(), asha()])
+    cells = CellScheduler([0.0, 0.6], [asha(), asha()], max_t=4)
     cells.set_search_properties("val_error", "min")
     alone = {0.0: asha(), 0.6: asha()}    # the reference: one ASHA fed only its cell's trials
     shared = asha()                      # and what one ASHA for every cell would decide
@@ -148,6 +150,27 @@ def test_asha_judges_a_trial_only_against_its_own_cell():
     assert decided[2:5] != mixed[2:5] and TrialScheduler.STOP in mixed[2:5]
     with pytest.raises(ValueError, match="belongs to no cell"):
         cells.on_trial_add(None, SimpleNamespace(trial_id="q", config={"label_noise_rate": 0.3}))
+    # A cell's baseline is never stopped before its budget's end, yet its result counts at its
+    # rung as it would in plain ASHA: the next trial there is judged against it.
+    first, base, third = (SimpleNamespace(trial_id=tid, config={"label_noise_rate": 0.0, "baseline": tid == "base"})
+                          for tid in ("first", "base", "third"))
+    cells, plain = CellScheduler([0.0], [asha()], max_t=4), asha()
+    for t in (first, base, third):
+        cells.on_trial_add(None, t)
+        plain.on_trial_add(None, t)
+    for t, error in ((first, 0.1), (base, 0.9), (third, 0.45)):
+        got = cells.on_trial_result(None, t, {"epoch": 1, "val_error": error})
+        expected = plain.on_trial_result(None, t, {"epoch": 1, "val_error": error})
+        if t is base:
+            assert (got, expected) == (TrialScheduler.CONTINUE, TrialScheduler.STOP)
+        else:
+            assert got == expected == TrialScheduler.CONTINUE  # 0.45 passes only beside base's 0.9
+    without = asha()
+    for t, error in ((first, 0.1), (third, 0.45)):
+        without.on_trial_add(None, t)
+        decision = without.on_trial_result(None, t, {"epoch": 1, "val_error": error})
+    assert decision == TrialScheduler.STOP
+    assert cells.on_trial_result(None, base, {"epoch": 4, "val_error": 0.9}) == TrialScheduler.STOP  # its end
 
 
 def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
