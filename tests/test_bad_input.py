@@ -58,6 +58,11 @@ CASES = [
      "defines no space(trial)"),
     ("unknown Sweep key", lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, epoch=3)"))],
      "Sweep has no setting 'epoch'"),
+    ("space suggests baseline", lambda t: ["check", space_file(t, GOOD.replace(
+        'trial.suggest_float("rho"', 'trial.suggest_categorical("baseline", [True]); trial.suggest_float("rho"'))],
+     "space suggests 'baseline', which the sweep sets per trial"),
+    ("fixed sets baseline", lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, fixed={'baseline': True})"))],
+     "fixed sets 'baseline', which the sweep sets per trial"),
     ("wrong type", lambda t: ["check", space_file(t, GOOD.replace("epochs=2", 'epochs="two"'))], "epochs='two'"),
     ("empty range", lambda t: ["check", space_file(t, RHO_LOW="0.9")], "empty range: low=0.9 is above high=0.5"),
     ("rho below zero", lambda t: ["check", space_file(t, RHO_LOW="-0.1")],
