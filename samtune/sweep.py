@@ -718,7 +718,8 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
     fit = int(cpus // need + 1e-9)
     if sweep.gpus_per_trial > 0:
         fit = min(fit, int(gpus // sweep.gpus_per_trial + 1e-9))
-    concurrent = max(1, min(fit, sweep.max_concurrent or fit, sweep.trials))
+    # The cells share one Tuner, so the whole sweep's trials can run at once.
+    concurrent = max(1, min(fit, sweep.max_concurrent or fit, sweep.trials * len(sweep.cells())))
     return tune_res, need, concurrent
 
 

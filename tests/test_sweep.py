@@ -177,6 +177,8 @@ def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
     sweep = Sweep(name="s", dataset="digits", model="mlp", epochs=2, batch_size=32, trials=6)
     assert trial_resources(sweep, {"CPU": 2.0}) == ({"cpu": 1.0, "gpu": 0.0}, 1.0, 2)
     assert trial_resources(sweep.replace(trials=1), {"CPU": 8.0})[2] == 1
+    # Cells share one Tuner: two cells of one trial each run side by side.
+    assert trial_resources(sweep.replace(trials=1, label_noise_rates=(0.0, 0.4)), {"CPU": 8.0})[2] == 2
     assert trial_resources(sweep.replace(max_concurrent=3), {"CPU": 16.0})[2] == 3
     assert trial_resources(sweep.replace(cpus_per_trial=0.5), {"CPU": 2.0})[2] == 4
 
