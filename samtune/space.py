@@ -281,8 +281,19 @@ TRIAL_KEYS: dict[str, _Spec] = {
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
 STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
                         "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline"})
-#: Why `baseline` can be set by no one but the sweep.
-_BASELINE_SET = "which the sweep sets per trial (a cell's first SGD and SAM trials are its baselines)"
+
+
+def _study_key_error(key: str, what: str) -> SpaceError | None:
+    """The error for `what` (e.g. "space suggests 'epochs'") touching a key the study sets, with
+    where it is set instead; None for a key anyone may set."""
+    if key == "baseline":
+        return SpaceError(f"{what}, which the sweep sets per trial (a cell's first SGD and SAM trials "
+                          "are its baselines)")
+    if key in STUDY_KEYS:
+        owner = _SWEEP_OWNED.get(key, key)
+        return SpaceError(f"{what}, which the Sweep fixes per cell; use --set {owner}=... "
+                          f"(or Sweep({owner}=...) in the file)")
+    return None
 
 #: Per-epoch metrics a trial reports (the metric a sweep optimises must be one of these, or a
 #: ``sharpness/<measure>`` measured every epoch). The trainer's own list wins where it declares
@@ -504,8 +515,8 @@ class Sweep:
                 raise SpaceError(f"fixed has a non-string key {key!r}")
             if key in _SWEEP_OWNED:
                 raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({_SWEEP_OWNED[key]}=...)")
-            if key == "baseline":
-                raise SpaceError(f"fixed sets 'baseline', {_BASELINE_SET}")
+            if key == "baseline":  # a study key fixed may not set (data_root, say, it may)
+                raise _study_key_error(key, "fixed sets 'baseline'")
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).
@@ -854,11 +865,8 @@ class _CheckingTrial:
         if not isinstance(name, str):
             raise SpaceError(f"{line}parameter name {name!r} is not a string")
         _trial_spec(name, line)
-        if name == "baseline":
-            raise SpaceError(f"{line}space suggests 'baseline', {_BASELINE_SET}")
-        if name in STUDY_KEYS:
-            raise SpaceError(f"{line}space suggests {name!r}, which the Sweep fixes per cell; "
-                             "set it in SWEEP instead")
+        if (error := _study_key_error(name, f"{line}space suggests {name!r}")) is not None:
+            raise error
 
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
                       log: bool = False) -> float:
@@ -989,10 +997,8 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64) ->
 
 def _check_returned_key(key: str, shown: str) -> None:
     _trial_spec(key, f"{shown}: space(trial) returned ")
-    if key == "baseline":
-        raise SpaceError(f"{shown}: space(trial) returned 'baseline', {_BASELINE_SET}")
-    if key in STUDY_KEYS:
-        raise SpaceError(f"{shown}: space(trial) returned {key!r}, which the Sweep fixes per cell; set it in SWEEP")
+    if (error := _study_key_error(key, f"{shown}: space(trial) returned {key!r}")) is not None:
+        raise error
 
 
 # --------------------------------------------------------------------------------------------
@@ -1013,11 +1019,8 @@ def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell,
 
     for key in params:
         _trial_spec(key, "--params: ")
-        if key == "baseline":
-            raise SpaceError(f"--params baseline=...: 'baseline' is a mark {_BASELINE_SET}")
-        if key in STUDY_KEYS:
-            owner = _SWEEP_OWNED.get(key, key)
-            raise SpaceError(f"--params {key}=...: {key!r} is set by the Sweep; use --set {owner}=...")
+        if (error := _study_key_error(key, f"--params {key}=...")) is not None:
+            raise error
     trial = optuna.trial.FixedTrial(dict(params))
     try:
         returned = space(trial) or {}
