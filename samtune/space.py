@@ -264,6 +264,8 @@ TRIAL_KEYS: dict[str, _Spec] = {
                              doc="CPUs per Ray Train worker (None: what fits beside the trial)"),
     "max_grad_norm": _Spec("float", optional=True, low=0.0, low_open=True, doc="gradient clipping"),
     "max_failures": _Spec("int", low=0, doc="worker-group restarts from the last checkpoint"),
+    "placement_timeout_s": _Spec("float", low=0.0, low_open=True,
+                                 doc="workers > 1: seconds a worker group may wait for its resources"),
     "sharpness_measures": _Spec("any", optional=True,
                                 doc="sharpness measures: a tuple of names or 'a,b'; '' for none, 'default'"),
     "warmup_epochs": _Spec("int", low=0, doc="linear warm-up epochs"),

@@ -771,10 +771,7 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
                                     search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
                                     scheduler=scheduler, max_concurrent_trials=concurrent,
-                                    # A trial process serves the next trial, of any cell: no new
-                                    # process and no torch/Ray imports per trial (seconds each on
-                                    # 2 cores).
-                                    reuse_actors=True),
+                                    reuse_actors=reuse_trial_processes(sweep)),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=str(plan.sweep_dir), verbose=0,
             # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
@@ -785,6 +782,18 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         ),
     )
+
+
+def reuse_trial_processes(sweep: Sweep) -> bool:
+    """Whether a trial process serves the next trial, of any cell.
+
+    With one worker, yes: no new process and no torch/Ray imports per trial (seconds each on 2
+    cores). With several, no: the trial's thread is still inside `TorchTrainer.fit()`, tearing
+    down its worker group, when Tune asks the process to take the next trial; Tune gives that
+    thread 2 s, then fails the next trial ("Could not re-use actor"). A fresh process per trial
+    costs little beside starting a worker group, and the old process's end frees its workers.
+    """
+    return sweep.workers == 1
 
 
 def baseline_points(plan: Plan) -> list[dict[str, Any]] | None:

@@ -146,6 +146,7 @@ DEFAULTS: dict[str, Any] = {
     "freeze_bn": False,
     "divergence_loss": 1e3,
     "max_failures": 2,
+    "placement_timeout_s": 300.0,  # workers > 1: longest wait for the worker group's resources
 }
 
 OPTIMIZERS = ("sgd", "sam", "asam")
@@ -248,6 +249,8 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
             raise TrialConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if not cfg["lr"] > 0:
         raise TrialConfigError(f"lr must be > 0, got {cfg['lr']!r}")
+    if not (isinstance(cfg["placement_timeout_s"], (int, float)) and cfg["placement_timeout_s"] > 0):
+        raise TrialConfigError(f"placement_timeout_s must be > 0 seconds, got {cfg['placement_timeout_s']!r}")
     if not cfg["rho"] >= 0:
         raise TrialConfigError(f"rho must be >= 0, got {cfg['rho']!r}")
     if cfg["batch_size"] % cfg["workers"]:
@@ -975,6 +978,14 @@ def _run_workers(cfg: dict[str, Any]) -> None:
 
     resources = worker_resources(cfg)
     trial_dir = ray.tune.get_context().get_trial_dir()
+    failure = FailureConfig(max_failures=cfg["max_failures"])
+    # Ray Train retries a worker group it cannot place without end by default; a trial whose
+    # workers do not fit (a node gone, resources held elsewhere) fails after one bounded wait,
+    # which Ray Train reads from this variable in the trial process (it hands it to its
+    # controller). A worker lost mid-trial still restarts the group up to `max_failures` times.
+    os.environ[_START_TIMEOUT_VAR] = f"{cfg['placement_timeout_s']:g}"
+    if hasattr(failure, "controller_failure_limit"):
+        failure.controller_failure_limit = 0
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
@@ -985,9 +996,38 @@ def _run_workers(cfg: dict[str, Any]) -> None:
             name="workers",
             # Inside the trial folder: the same trial restarted finds its run and resumes it.
             storage_path=os.path.abspath(trial_dir),
-            failure_config=FailureConfig(max_failures=cfg["max_failures"]),
+            failure_config=failure,
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # resuming needs the latest only
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if type(getattr(exc, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+            raise WorkerPlacementError(_placement_message(cfg, resources)) from None
+        raise
+
+
+_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class WorkerPlacementError(RuntimeError):
+    """A trial's worker group could not be placed on the Ray cluster in the time allowed."""
+
+
+def _placement_message(cfg: dict[str, Any], resources: dict[str, float]) -> str:
+    import ray
+
+    per = " + ".join(f"{v:g} {k}" for k, v in resources.items())
+    wait = cfg["placement_timeout_s"]
+    try:
+        free = ", ".join(f"{v:g} {k}" for k, v in sorted(ray.available_resources().items())
+                         if k in ("CPU", "GPU")) or "nothing"
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001  the cluster itself is gone: say what was asked
+        free, nodes = "unknown", 0
+    return (f"{cfg['workers']} training workers of {per} each could not be placed within "
+            f"placement_timeout_s={wait:g} s: "
+            f"the Ray cluster has {nodes} alive node(s) and {free} free; bring the missing capacity "
+            "back, or lower workers, cpus_per_worker or gpus_per_worker")
