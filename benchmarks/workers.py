@@ -113,7 +113,7 @@ def main() -> None:
     one = fit(config)
     print(f"samples_per_s_1w: {one['samples_per_s']:.1f}")
 
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rounds_file = os.path.join(tmp, "rounds.json")

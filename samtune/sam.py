@@ -843,11 +843,19 @@ def _all_reduce_grads(optimizer: SAM, group) -> None:
                      group)
 
 
+#: All-reduce rounds this process's SAM steps made themselves (beside DDP's own), for the
+#: trainer's `allreduce_per_step`: a count, so a change of communication pattern shows up in
+#: every multi-worker trial's metrics.
+own_all_reduces = 0
+
+
 def _all_reduce_mean(tensors: list[Tensor], group) -> list[Tensor]:
     """Average `tensors` in place across a process group in one flattened all-reduce."""
+    global own_all_reduces
     if not tensors:
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
+    own_all_reduces += 1
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)
     torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])

@@ -49,7 +49,7 @@ TRIAL_METRICS = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "tr
                  "test_loss", "generalization_gap", "epoch_time_s", "samples_per_s", "train_time_s",
                  "compute_time_s",
                  "lr", "lr_backbone", "diverged", "m_effective", "m_workers", "m_groups_per_worker",
-                 "m_per_worker_batch")
+                 "m_per_worker_batch", "nodes", "allreduce_per_step")
 MIN_FREE_BYTES = 200 * 2**20
 log = logging.getLogger("samtune.sweep")
 
@@ -283,6 +283,7 @@ class Recorder:
         self.on_done = on_done or (lambda: None)
         self.ended = 0
         self.done = False
+        self._placements: dict[str, str] = {}
         tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key,
                         **{"samtune.cell": cell.label})
         tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
@@ -320,6 +321,11 @@ class Recorder:
                    if (k in TRIAL_METRICS or k.startswith("sharpness/")) and finite(v)}
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_metrics(self._key(trial), metrics, step=epoch)
+        placement = result.get("placement")
+        if isinstance(placement, str) and self._placements.get(trial.trial_id) != placement:
+            # Where the workers ran (a restarted trial may run elsewhere: the tag holds the latest).
+            self._placements[trial.trial_id] = placement
+            self.tracker.set_tags(self._key(trial), {"samtune.placement": placement})
         row.epoch = max(row.epoch, epoch)
         row.metrics.update(metrics)
         if metrics.get("diverged"):
@@ -619,6 +625,59 @@ def _check_storage(storage: Path) -> None:
                          f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
 
 
+def check_shared_storage(storage: Path) -> None:
+    """Refuse a storage folder that some node of the connected Ray cluster cannot reach.
+
+    Trials write their checkpoints there and a trial restarted on another node resumes from
+    them, so on a cluster of several nodes the folder must be one every node mounts. Each alive
+    node is asked, by a task pinned to it, to read a file written here; raises SweepError naming
+    the nodes that could not.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    probe = storage / f".samtune-shared-{token[:8]}"
+    probe.write_text(token)
+    try:
+        blind = [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+                 for n, seen in zip(nodes, _read_on_every_node(nodes, str(probe), token)) if not seen]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise SweepError(f"--storage-path {storage}: {len(blind)} of the Ray cluster's {len(nodes)} nodes cannot "
+                         f"reach it ({', '.join(blind)}); every node must reach the same path, so put it on a "
+                         f"file system all nodes mount")
+
+
+def _read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: float = 120.0) -> list[bool]:
+    """Whether each node's processes read `token` from `path` (False: a node that cannot, or
+    does not answer in time)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_reads_token)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(path, token) for n in nodes]
+    seen = []
+    for ref in refs:
+        try:
+            seen.append(bool(ray.get(ref, timeout=timeout_s)))
+        except Exception:  # noqa: BLE001  a node that cannot run the probe cannot be relied on either
+            seen.append(False)
+    return seen
+
+
+def _reads_token(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
 def _check_address(address: str) -> None:
     """Fail within seconds when a Ray cluster address does not answer (ray.init would hang)."""
     if address == "auto":
@@ -658,25 +717,41 @@ def _jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ running
+# Read where trials run (Ray Train's generation inside a trial) or by this driver (output).
+# Handed to the job's workers too: on a cluster started by `ray start` they do not inherit this
+# process's environment.
+RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1",
+           # Tune's own progress tables and the driver's copy of every worker log would bury the view.
+           "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
 def _start_ray(address: str | None) -> None:
+    """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
+    the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
+    even when another runs here: its resources are this sweep's alone."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Tune's own progress tables and the driver's copy of every worker log would bury the view.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    source = f"--address {address}"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        source = f"RAY_ADDRESS={address}"
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    runtime_env = {"env_vars": {key: os.environ[key] for key in RAY_ENV}}
     if address:
         try:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SweepError(f"--address {address}: cannot join that Ray cluster ({_first_line(exc)})") from None
+            raise SweepError(f"{source}: cannot join that Ray cluster ({_first_line(exc)})") from None
     else:
         # Explicit resources: what this machine has (or the CPUs this process may use), so Ray
-        # neither over- nor under-packs trials; the dashboard, if installed, stays on localhost.
+        # neither over- nor under-packs trials. "local" starts a new instance where a bare
+        # ray.init() would join a `ray start` cluster (and refuse these resources).
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, num_gpus=_local_gpus(), log_to_driver=False, logging_level="ERROR",
+        ray.init(address="local", num_cpus=cpus, num_gpus=_local_gpus(), runtime_env=runtime_env,
+                 log_to_driver=False, logging_level="ERROR",
                  dashboard_host="127.0.0.1")
 
 
@@ -692,11 +767,11 @@ def _local_gpus() -> int:
 def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, float], float, int]:
     """(Tune resources of one trial, CPUs it really takes, trials that fit at once).
 
-    With several workers the trial's driver holds 1 CPU and its Ray Train workers hold their own
-    (`train.worker_resources`), so concurrency counts both. Raises SweepError when one trial can
+    With several workers the trial's driver holds a token share (`train.TRIAL_DRIVER_CPU`) and
+    its Ray Train workers hold their own (`train.worker_resources`), so concurrency counts both. Raises SweepError when one trial can
     never fit the cluster.
     """
-    from .train import TrialConfigError, resolve_config, worker_resources
+    from .train import TRIAL_DRIVER_CPU, TrialConfigError, resolve_config, worker_resources
 
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     if sweep.workers == 1:
@@ -708,8 +783,8 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
             per = worker_resources(cfg, cpus)["CPU"]
         except TrialConfigError as exc:
             raise SweepError(str(exc)) from None
-        tune_res = {"cpu": 1.0, "gpu": 0.0}
-        need = 1.0 + per * sweep.workers
+        tune_res = {"cpu": TRIAL_DRIVER_CPU, "gpu": 0.0}
+        need = TRIAL_DRIVER_CPU + per * sweep.workers
     if need > cpus + 1e-9:
         raise SweepError(f"one trial needs {need:g} CPUs but the Ray cluster has {cpus:g}; "
                          f"lower cpus_per_trial or workers")
@@ -829,6 +904,7 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
         raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({_first_line(exc)})") from None
     try:
         _start_ray(plan.address)
+        check_shared_storage(plan.sweep_dir.parent)
         resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
         try:
             tracker.wait_open()

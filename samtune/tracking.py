@@ -25,8 +25,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   ``step = epoch`` (1-based), one value per step: ``epoch``, ``train_loss``, ``train_acc_noisy``,
   ``train_acc_true``, ``val_error``, ``val_loss``, ``test_error``, ``test_loss``,
   ``generalization_gap``, ``epoch_time_s``, ``samples_per_s``, ``train_time_s``, ``lr``,
-  ``diverged`` and ``sharpness/<measure>[/<setting>]`` at the epochs they were measured.
-  Non-finite values are never logged.
+  ``diverged``, ``nodes`` (Ray nodes its workers ran on), ``allreduce_per_step`` and ``sharpness/<measure>[/<setting>]``
+  at the epochs they were measured. Non-finite values are never logged. Tag
+  ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's).
 - Lost trial run: a trial run whose trial a resumed Tune never heard of (the driver was killed
   between the trial's start and the next save of Tune's state; another trial ran in its place)
   gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs
@@ -46,7 +47,7 @@ the previous one, and a SQLite write costs about 15 ms per result (opening a new
 and return once the queue is empty or a write failed. When the tracking server fails, training
 goes on: the pending records stay queued and are written to a JSON-lines spool file named in the
 warning (one record a line: ``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` =
-params | metrics | status | artifacts, ``step``, ``data``). They are retried on later writes,
+params | metrics | tags | status | artifacts, ``step``, ``data``). They are retried on later writes,
 backing off from ``retry_after_s`` up to two minutes between attempts, and once more at the end;
 `close()` names the spool when records are left in it. A later `Tracker` on the same spool (``--resume``) loads it
 and writes those records first, so nothing is lost between driver processes. Each attempt is
@@ -184,7 +185,7 @@ class _RunSpec:
 
 @dataclass
 class _Op:
-    kind: str                # "params" | "metrics" | "status" | "end" | "artifacts"
+    kind: str                # "params" | "metrics" | "tags" | "status" | "end" | "artifacts"
     key: str
     payload: Any
     step: int | None = None
@@ -331,6 +332,9 @@ class Tracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if clean:
             self._submit(_Op("metrics", key, clean, step=int(step)))
+
+    def set_tags(self, key: str, tags: dict[str, Any]) -> None:
+        self._submit(_Op("tags", key, {k: str(v) for k, v in tags.items()}))
 
     def set_status(self, key: str, status: str) -> None:
         if status not in STATUSES:
@@ -578,6 +582,9 @@ class Tracker:
             self.client.set_tag(spec.run_id, "samtune.status", op.payload)
             if op.payload in _MLFLOW_STATUS:
                 self.client.set_terminated(spec.run_id, status=_MLFLOW_STATUS[op.payload])
+        elif op.kind == "tags":
+            for name, value in op.payload.items():
+                self.client.set_tag(spec.run_id, name, value)
         elif op.kind == "end":
             self.client.set_terminated(spec.run_id, status=op.payload)
         elif op.kind == "artifacts":

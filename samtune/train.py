@@ -57,6 +57,10 @@ Per-epoch metrics:
 - SAM/ASAM: how m-sharpness was realised: `m_effective` (examples behind one eps), `m_workers`
   (workers sharing one eps), `m_groups_per_worker` (eps per worker per step),
   `m_per_worker_batch`, and `m_plan` (the same in words, a string);
+- `nodes` (distinct Ray nodes the trial's workers run on) and `placement` (a string: the Ray
+  node id of each worker, in rank order), under Ray only; `allreduce_per_step` (gradient
+  all-reduce rounds per training step, several workers only: 1 for SGD and per-worker SAM, 2 for
+  classic SAM's synced perturbation);
 - `sharpness/<measure>` when measured: `samtune.sharpness.measure_sharpness` on
   `sharpness_subset` training examples (noisy labels; the first `sharpness_subset` indices of a
   permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
@@ -89,6 +93,7 @@ from torch import Tensor, nn
 
 from .data import augment_batch, to_float
 from .models import param_groups
+from . import sam as _sam
 from .sam import SAM, sam_step
 from .scenarios import build_scenario
 
@@ -585,6 +590,31 @@ def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+class _RoundCounter:
+    """Gradient all-reduce rounds of this worker's training steps: DDP's (one per reduction; its
+    last bucket closes it) plus those SAM steps make themselves (`sam.own_all_reduces`). The
+    metric sums and divergence checks are not counted: they are the same whatever SAM does."""
+
+    def __init__(self, model: nn.Module):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        self._ddp = 0
+        self._own_at_start = 0
+
+        def counting(state, bucket):
+            self._ddp += int(bucket.is_last())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model.register_comm_hook(None, counting)
+
+    def start(self) -> None:
+        self._ddp, self._own_at_start = 0, _sam.own_all_reduces
+
+    def count(self) -> int:
+        return self._ddp + _sam.own_all_reduces - self._own_at_start
+
+
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -639,6 +669,7 @@ def _train(config: dict[str, Any], session: _Session,
         # Compiled before DDP wraps it, so sam_step still sees a DDP model (no_sync) around it.
         model = torch.compile(model, backend=cfg["compile_backend"])
     model = _wrap_ddp(model, device, world)
+    rounds = _RoundCounter(model) if world > 1 else None
     perturbation_group = _perturbation_groups(plan, rank) if world > 1 else None
 
     local_batch = plan.per_worker_batch
@@ -665,6 +696,7 @@ def _train(config: dict[str, Any], session: _Session,
     fixed_x, fixed_y, fixed_y_true = train_x[fixed], train_y[fixed], train_y_true[fixed]
     eval_model = _unwrap_ddp(model)  # no collective inside an evaluation forward
 
+    placement = _placement(world)
     start_epoch, train_time, compute_time, last = 1, 0.0, 0.0, {}
     state = session.load()
     if state is not None:
@@ -700,6 +732,8 @@ def _train(config: dict[str, Any], session: _Session,
         gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch * 1009 + rank)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct noisy, true, n
         diverged = False
+        if rounds is not None:
+            rounds.start()
         for step in range(steps):
             idx = order[step * local_batch:(step + 1) * local_batch]
             xb = train_x[idx]
@@ -774,6 +808,10 @@ def _train(config: dict[str, Any], session: _Session,
                            m_groups_per_worker=plan.groups_per_worker,
                            m_per_worker_batch=plan.per_worker_batch, m_plan=plan.describe())
         metrics["generalization_gap"] = metrics["test_error"] - metrics["train_error"]
+        if placement:
+            metrics.update(nodes=len(set(placement)), placement=",".join(placement))
+        if rounds is not None:
+            metrics["allreduce_per_step"] = rounds.count() / steps
         every = cfg["sharpness_every"]
         if cfg["sharpness_measures"] and (epoch == cfg["epochs"] or (every and epoch % every == 0)):
             if rank == 0:  # on the unwrapped module: no collectives, the other workers wait at report
@@ -787,6 +825,23 @@ def _train(config: dict[str, Any], session: _Session,
     if on_end is not None:
         on_end(module)
     return last
+
+
+def _placement(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order; empty outside Ray. A collective: every rank
+    calls it (each decides by the same test, so none waits alone)."""
+    node = ""
+    if "ray" in sys.modules:
+        try:
+            ray = sys.modules["ray"]
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        except Exception:  # noqa: BLE001  not a Ray process after all
+            node = ""
+    nodes = [node]
+    if world > 1:
+        nodes = [""] * world
+        dist.all_gather_object(nodes, node)
+    return nodes if all(nodes) else []
 
 
 def _backbone_lr(optimizer, scale: float) -> float:
@@ -855,7 +910,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     `workers == 1`: the loop runs in the trial process, reporting metrics and a checkpoint to Tune
     (a restarted trial resumes from `tune.get_checkpoint()`). `workers > 1`: a `TorchTrainer` with
-    that many workers runs inside the trial (the trial itself holds the 1 CPU Tune gave it; the
+    that many workers runs inside the trial (the trial itself holds `TRIAL_DRIVER_CPU`; the
     workers' resources come from `worker_resources`); `TuneReportCallback` forwards every epoch's
     metrics (rank 0's, plus `checkpoint_path`) so ASHA can stop it, and the trainer's run folder
     inside the trial folder holds its checkpoints, so a restarted trial resumes there.
@@ -873,14 +928,20 @@ def run_trial(config: dict[str, Any]) -> None:
     _run_workers(cfg)
 
 
+# The CPU share a multi-worker trial's own process holds. It only waits on its workers (as Ray
+# Train's controller, which holds none), and Tune cannot place a trial that asks for nothing; a
+# whole CPU would keep a worker off every node the trial lands on.
+TRIAL_DRIVER_CPU = 0.01
+
+
 def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
                      cluster_gpus: float | None = None,
                      nodes: list[dict[str, float]] | None = None) -> dict[str, float]:
     """Ray resources of one training worker of a multi-worker trial: {"CPU": c} (+ {"GPU": g}).
 
-    CPUs: `cpus_per_worker`, else what fits beside the trial driver's 1 CPU, at most 1 each, in
-    steps of 0.1 (0.5 each for 2 workers on 2 cores: a driver of 1 CPU plus two 1-CPU workers
-    would wait forever for its worker group). GPUs (`use_gpu`): `gpus_per_worker`, else 1 each,
+    CPUs: `cpus_per_worker`, else what fits beside the trial's driver (`TRIAL_DRIVER_CPU`), at
+    most 1 each, in steps of 0.1 (0.9 each for 2 workers on 2 cores, or on two 1-CPU nodes, one
+    worker per node: the driver's token share and a worker fit on one node, two workers do not). GPUs (`use_gpu`): `gpus_per_worker`, else 1 each,
     or an equal share when the cluster has fewer GPUs than workers.
 
     The cluster totals and `nodes` (each alive node's resources, {"CPU": ..., "GPU": ...})
@@ -904,13 +965,13 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
     workers = cfg["workers"]
     per = cfg["cpus_per_worker"]
     if per is None:
-        per = math.floor(max(0.1, min(1.0, (cluster_cpus - 1.0) / workers)) * 10) / 10
+        per = math.floor(max(0.1, min(1.0, (cluster_cpus - TRIAL_DRIVER_CPU) / workers)) * 10 + 1e-9) / 10
     if not per > 0:
         raise TrialConfigError(f"cpus_per_worker must be > 0, got {per!r}")
-    if 1.0 + per * workers > cluster_cpus + 1e-9:
+    if TRIAL_DRIVER_CPU + per * workers > cluster_cpus + 1e-9:
         raise TrialConfigError(
-            f"{workers} workers x {per:g} CPU + 1 CPU for the trial need {1 + per * workers:g} CPUs, "
-            f"but the Ray cluster has {cluster_cpus:g}; lower workers or cpus_per_worker")
+            f"{workers} workers x {per:g} CPU need {per * workers:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
+            f"trial's driver), but the Ray cluster has {cluster_cpus:g}; lower workers or cpus_per_worker")
     resources = {"CPU": per}
     gpu = 0.0
     if cfg["use_gpu"]:

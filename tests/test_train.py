@@ -175,10 +175,13 @@ def test_fit_refuses_several_workers_in_process():
 
 def test_worker_resources_fit_beside_the_trial_and_refuse_impossible_requests():
     cfg = resolve_config({**BASE, "workers": 2})
-    assert worker_resources(cfg, cluster_cpus=2.0) == {"CPU": 0.5}
+    # The trial's driver holds 0.01 CPU: two workers on 2 cores (or two 1-CPU nodes) get 0.9 each.
+    assert worker_resources(cfg, cluster_cpus=2.0) == {"CPU": 0.9}
+    assert worker_resources(cfg, cluster_cpus=2.0, nodes=[{"CPU": 1.0}] * 2) == {"CPU": 0.9}
     assert worker_resources(cfg, cluster_cpus=16.0) == {"CPU": 1.0}
-    assert worker_resources(resolve_config({**BASE, "workers": 4}), cluster_cpus=2.0) == {"CPU": 0.2}
-    with pytest.raises(TrialConfigError, match="need 5 CPUs, but the Ray cluster has 2"):
+    assert worker_resources(resolve_config({**BASE, "workers": 4}), cluster_cpus=2.0) == {"CPU": 0.4}
+    with pytest.raises(TrialConfigError, match=r"need 4 CPUs \(and 0.01 for the trial's driver\), but the "
+                                               "Ray cluster has 2"):
         worker_resources(resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0)
     assert distributed_backend(cfg, {"CPU": 0.5}) == "gloo"
 
@@ -536,7 +539,7 @@ def ray_cluster():
 
     # The probe functions live in this test module, which Ray workers cannot import: ship them.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -585,17 +588,22 @@ def test_two_gloo_workers_per_worker_grouped_and_classic_sam(ray_cluster, tmp_pa
     assert_same_weights(per_worker[0]["state"], sam_by_hand(STEPS, 2, 200)[0])
     assert per_worker[0]["metrics"][-1]["m_effective"] == 200
     assert per_worker[0]["metrics"][-1]["m_workers"] == 1
+    # Communication, counted by the trainer: per-worker eps needs one gradient all-reduce per
+    # step (the second pass's), groups one, classic SAM two (both passes' gradients).
+    assert per_worker[0]["metrics"][-1]["allreduce_per_step"] == 1
 
     groups = load_probe(tmp_path, "groups", 2)
     check_replicas(groups, first_pass_shared=None)  # groups take their first passes outside DDP
     assert_same_weights(groups[0]["state"], sam_by_hand(STEPS, 2, 50)[0])
     assert torch.equal(_flat(groups[0]["state"].values()), _flat(groups[1]["state"].values()))
+    assert groups[0]["metrics"][-1]["allreduce_per_step"] == 1
 
     classic = load_probe(tmp_path, "classic", 2)
     check_replicas(classic, first_pass_shared=True)
     _, one_process = weights_after(STEPS)  # the same global batches in one process, m = 400
     assert_same_weights(classic[0]["state"], one_process)
     assert classic[0]["metrics"][-1]["m_workers"] == 2
+    assert classic[0]["metrics"][-1]["allreduce_per_step"] == 2
     # ... and per-worker eps is not classic SAM: its update lands elsewhere.
     assert differ_somewhere(per_worker[0]["state"], one_process)
 
