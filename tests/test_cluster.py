@@ -1,7 +1,10 @@
 """Sweeps with Ray Train workers: several cells and workers in one sweep, and worker groups that
 cannot be placed."""
+import json
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -160,3 +163,135 @@ def test_two_workers_on_two_nodes_train_as_on_one_node(tmp_path, two_nodes):
         single = [m.value for m in one_client.get_metric_history(one.info.run_id, name)]
         assert len(two) == len(single) == 2
         assert two == pytest.approx(single, rel=1e-5, abs=1e-6), name
+
+
+# ------------------------------------------------------------------------------ a cluster already here
+PROBE = (
+    "import json, sys, ray\n"
+    "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+    "print(json.dumps({'total': ray.cluster_resources(), 'free': ray.available_resources(),\n"
+    "                  'nodes': [n['NodeID'] for n in ray.nodes() if n['Alive']]}))\n")
+
+
+def probe():
+    """The resources of the cluster `ray start` runs here, read by a driver of its own (found as
+    `--address auto` finds it: Ray's token authentication admits a driver that way)."""
+    out = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True,
+                         timeout=120, env=env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_and_outside(resources):
+    return {k: resources.get(k) for k in ("CPU", "outside")}
+
+
+@pytest.fixture
+def ray_start_cluster(tmp_path):
+    """`ray start --head`, as a user's own workstation cluster; `--block` keeps its process in
+    front, so stopping that process (by PID) stops the cluster."""
+    import socket
+
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_bytes() if current.exists() else None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    log = open(tmp_path / "ray-start.log", "w")
+    proc = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}",
+                             "--num-cpus=1", '--resources={"outside": 1}',
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env())
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in (tmp_path / "ray-start.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "ray-start.log").read_text()
+            time.sleep(0.5)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        log.close()
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_bytes(before)
+
+
+def digits_sweep(tmp_path, *extra):
+    return [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "model=mlp",
+            "--set", "epochs=3", "--set", "trials=1", "--set", "label_noise_rates=0.0",
+            "--set", "fixed.sharpness_measures=", "--storage-path", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/runs.db", *extra]
+
+
+@pytest.mark.slow
+def test_without_address_a_sweep_runs_on_its_own_ray_beside_a_running_cluster(tmp_path, ray_start_cluster):
+    outside = probe()
+    assert cpu_and_outside(outside["total"]) == {"CPU": 1.0, "outside": 1.0}
+    proc = subprocess.Popen(digits_sweep(tmp_path), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        # While its trial trains, the other cluster has all its resources free.
+        deadline = time.time() + 300
+        while not list((tmp_path / "runs").glob("t/trials/*/progress.csv")):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        during = probe()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    assert cpu_and_outside(during["free"]) == cpu_and_outside(during["total"]) == cpu_and_outside(outside["total"])
+    after = probe()
+    assert cpu_and_outside(after["free"]) == cpu_and_outside(outside["total"])
+    assert after["nodes"] == outside["nodes"]
+    _, (trial,) = trial_runs(tmp_path)
+    assert trial.data.tags["samtune.status"] == "finished"
+    assert trial.data.tags["samtune.placement"] not in outside["nodes"]
+
+
+@pytest.mark.slow
+def test_with_address_auto_a_sweep_runs_its_trials_on_the_running_cluster(tmp_path, ray_start_cluster):
+    (node,) = probe()["nodes"]
+    proc = subprocess.run(digits_sweep(tmp_path, "--address", "auto"), cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    _, (trial,) = trial_runs(tmp_path)
+    assert trial.data.tags["samtune.status"] == "finished"
+    assert trial.data.tags["samtune.placement"] == node
+
+
+def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_path, monkeypatch):
+    """Decided from each node's answer (a pinned task reading a file written here); the real
+    answers, all yes, come from the two-node sweep above."""
+    import ray
+
+    from samtune import sweep as sweep_module
+
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
+             {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
+             {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3"}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    asked = []
+
+    def answers(alive, path, token):
+        asked.append((len(alive), Path(path).read_text() == token))
+        return [True, False]
+
+    monkeypatch.setattr(sweep_module, "_read_on_every_node", answers)
+    with pytest.raises(sweep_module.SweepError, match=r"--storage-path .*: 1 of the Ray cluster's 2 nodes cannot "
+                                                      r"reach it \(10\.0\.0\.2 \(bbbbbbbb\)\); every node must"):
+        sweep_module.check_shared_storage(tmp_path)
+    assert asked == [(2, True)]  # only alive nodes are asked, and the file was there to read
+    assert not list(tmp_path.iterdir())  # the probe file is gone
+    monkeypatch.setattr(sweep_module, "_read_on_every_node", lambda alive, path, token: [True] * len(alive))
+    sweep_module.check_shared_storage(tmp_path)
+    # One node: nothing to ask.
+    monkeypatch.setattr(ray, "nodes", lambda: nodes[:1])
+    monkeypatch.setattr(sweep_module, "_read_on_every_node", None)
+    sweep_module.check_shared_storage(tmp_path)

@@ -389,6 +389,7 @@ def sweep_cmd(tmp_path, *extra, name="t"):
 def env(**extra):
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
     e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("RAY_ADDRESS", None)  # a sweep without --address must start its own Ray
     return e
 
 
