@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a study: Ray Tune + Optuna over every scenario cell")
     _sweep_flags(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--address", help="an existing Ray cluster this machine is a node of: auto (or its GCS "
-                                      "host:port); Ray Client addresses (ray://) are refused, as the sweep's "
-                                      "driver must run here; on several nodes give a shared --storage-path")
+    p.add_argument("--address", help="an existing Ray cluster this machine is a node of: auto (the one "
+                                      "`ray start` runs here, or $RAY_ADDRESS) or its GCS host:port; without it "
+                                      "the sweep starts a private Ray instance of its own. Ray Client addresses "
+                                      "(ray://) are refused, as the sweep's driver must run here; on several "
+                                      "nodes give a --storage-path every node mounts")
     p.add_argument("--storage-path", help="where trial checkpoints and sweep state live (default ./ray_results)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
     p.add_argument("--no-report", action="store_true",

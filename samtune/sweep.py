@@ -38,6 +38,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .interrupts import InterruptWatch
+from .ray_env import apply_ray_env
 from .space import Cell, SpaceError, Sweep, apply_overrides, check_space, load_space
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
@@ -71,6 +72,7 @@ class TrialRow:
     status: str = "pending"
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # why a failed trial failed: its exception's last line
 
     @property
     def optimizer(self) -> str:
@@ -340,6 +342,11 @@ class Recorder:
         row = self._row(trial)
         if failed:
             status = "failed"
+            row.error = trial_error(trial)
+            if row.error and getattr(trial, "error_file", None):
+                row.error += f" (traceback: {_shown(trial.error_file)})"
+            if row.error:
+                self.tracker.set_tags(self._key(trial), {"samtune.error": row.error[:5000]})
         elif row.metrics.get("diverged"):
             status = "diverged"
         elif row.epoch < self.sweep.epochs:
@@ -355,6 +362,18 @@ class Recorder:
             self.done = True
             self.tracker.set_status(self.cell_key, "finished")
             self.on_done()
+
+
+def trial_error(trial) -> str:
+    """The last line of the error a failed Tune trial left (its exception, type and message)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines() if path else []
+    except OSError:
+        return ""
+    # Tune writes each failure's traceback; the exception is its last unindented line.
+    return next((line.strip() for line in reversed(lines) if line.strip() and not line[0].isspace()
+                 and not line.startswith("Failure #")), "")
 
 
 class SweepCallback(Callback):
@@ -384,6 +403,31 @@ class SweepCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         if (r := self._recorder(trial)) is not None:
             r.trial_end(trial, failed=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if (r := self._recorder(trial)) is not None:
+            log.warning("%s trial %s failed and restarts from its last checkpoint: %s",
+                        r.cell.label, trial.trial_id, trial_error(trial) or "(no error recorded)")
+
+
+class TrialFailureFilter(logging.Filter):
+    """Drops Tune's own reports of a failed trial (a traceback each, and a closing list): the
+    sweep says in one line why a trial failed, or that it restarts, and the full traceback stays
+    in the trial's ``error.txt``."""
+
+    LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
+
+    def install(self) -> "TrialFailureFilter":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def resumable(folder: Path) -> bool:
@@ -717,14 +761,6 @@ def _jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ running
-# Read where trials run (Ray Train's generation inside a trial) or by this driver (output).
-# Handed to the job's workers too: on a cluster started by `ray start` they do not inherit this
-# process's environment.
-RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1",
-           # Tune's own progress tables and the driver's copy of every worker log would bury the view.
-           "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
-
-
 def _start_ray(address: str | None) -> None:
     """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
     the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
@@ -737,9 +773,7 @@ def _start_ray(address: str | None) -> None:
     if not address and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
         source = f"RAY_ADDRESS={address}"
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": {key: os.environ[key] for key in RAY_ENV}}
+    runtime_env = apply_ray_env()
     if address:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
@@ -767,11 +801,11 @@ def _local_gpus() -> int:
 def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, float], float, int]:
     """(Tune resources of one trial, CPUs it really takes, trials that fit at once).
 
-    With several workers the trial's driver holds a token share (`train.TRIAL_DRIVER_CPU`) and
-    its Ray Train workers hold their own (`train.worker_resources`), so concurrency counts both. Raises SweepError when one trial can
-    never fit the cluster.
+    With several workers the trial's own process holds `train.trial_driver_resources` (no CPU,
+    on the head node) and its Ray Train workers hold their own (`train.worker_resources`), so
+    concurrency counts both. Raises SweepError when one trial can never fit the cluster.
     """
-    from .train import TRIAL_DRIVER_CPU, TrialConfigError, resolve_config, worker_resources
+    from .train import TrialConfigError, resolve_config, trial_driver_resources, worker_resources
 
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     if sweep.workers == 1:
@@ -779,12 +813,12 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
         need = sweep.cpus_per_trial
     else:
         cfg = resolve_config({**sweep.base_config(sweep.cells()[0])})
+        tune_res = trial_driver_resources(cluster)
         try:
-            per = worker_resources(cfg, cpus)["CPU"]
+            per = worker_resources(cfg, cpus, driver_cpu=tune_res["cpu"])["CPU"]
         except TrialConfigError as exc:
             raise SweepError(str(exc)) from None
-        tune_res = {"cpu": TRIAL_DRIVER_CPU, "gpu": 0.0}
-        need = TRIAL_DRIVER_CPU + per * sweep.workers
+        need = tune_res["cpu"] + per * sweep.workers
     if need > cpus + 1e-9:
         raise SweepError(f"one trial needs {need:g} CPUs but the Ray cluster has {cpus:g}; "
                          f"lower cpus_per_trial or workers")
@@ -931,11 +965,13 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
                 recorder.on_change = lambda r=recorder: view.update(r)
                 recorder.on_done = lambda r=recorder: view.cell_done(r)
             recorders[cell.slug] = _ACTIVE[cell.slug] = recorder
+        quiet = TrialFailureFilter().install()
         try:
             with watch.tune_fit():
                 _tuner(plan, concurrent, resources).fit()
             ended = _reconcile(plan, recorders)
         finally:
+            quiet.remove()
             for cell in cells:
                 _ACTIVE.pop(cell.slug, None)
         unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]

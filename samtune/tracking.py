@@ -26,8 +26,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   ``train_acc_true``, ``val_error``, ``val_loss``, ``test_error``, ``test_loss``,
   ``generalization_gap``, ``epoch_time_s``, ``samples_per_s``, ``train_time_s``, ``lr``,
   ``diverged``, ``nodes`` (Ray nodes its workers ran on), ``allreduce_per_step`` and ``sharpness/<measure>[/<setting>]``
-  at the epochs they were measured. Non-finite values are never logged. Tag
-  ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's).
+  at the epochs they were measured. Non-finite values are never logged. Tags
+  ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's);
+  ``samtune.error`` on a failed trial: its exception's last line.
 - Lost trial run: a trial run whose trial a resumed Tune never heard of (the driver was killed
   between the trial's start and the next save of Tune's state; another trial ran in its place)
   gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs

@@ -682,7 +682,9 @@ def _train(config: dict[str, Any], session: _Session,
                                 backbone_lr_scale=scenario.backbone_lr_scale)
     schedule = build_schedule(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
-    norm = (scenario.mean, scenario.std)
+    # On the device once: built from tuples per batch, each would be a host-to-device copy that
+    # waits for the GPU's queue.
+    norm = tuple(torch.as_tensor(v, dtype=torch.float32, device=device) for v in (scenario.mean, scenario.std))
     is_sam = cfg["optimizer"] != "sgd"
     if is_sam and rank == 0:
         log.info("SAM perturbation %s", plan.describe())
@@ -710,6 +712,9 @@ def _train(config: dict[str, Any], session: _Session,
         if last.get("diverged"):
             return last
 
+    # Every batch holds local_batch examples (the epoch's order is cut to whole batches); a
+    # tensor made once, not a host-to-device copy per step.
+    batch_n = torch.tensor(float(local_batch), dtype=torch.float64, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["precision"])
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     step_kwargs = {"m": plan.m if plan.groups_per_worker > 1 else None,
@@ -749,7 +754,7 @@ def _train(config: dict[str, Any], session: _Session,
             pred = logits.argmax(1)
             sums += torch.stack([loss.double() * len(yb), (pred == yb).sum().double(),
                                  (pred == train_y_true[idx]).sum().double(),
-                                 torch.tensor(float(len(yb)), dtype=torch.float64, device=device)])
+                                 batch_n])
             # A cheap divergence check every few steps (one host sync), always at the end; every
             # worker takes the same decision, so none is left waiting in a collective.
             if step % 16 == 15 or step == steps - 1:
@@ -910,8 +915,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     `workers == 1`: the loop runs in the trial process, reporting metrics and a checkpoint to Tune
     (a restarted trial resumes from `tune.get_checkpoint()`). `workers > 1`: a `TorchTrainer` with
-    that many workers runs inside the trial (the trial itself holds `TRIAL_DRIVER_CPU`; the
-    workers' resources come from `worker_resources`); `TuneReportCallback` forwards every epoch's
+    that many workers runs inside the trial (the trial itself holds `trial_driver_resources`;
+    the workers' resources come from `worker_resources`); `TuneReportCallback` forwards every epoch's
     metrics (rank 0's, plus `checkpoint_path`) so ASHA can stop it, and the trainer's run folder
     inside the trial folder holds its checkpoints, so a restarted trial resumes there.
     A finetuning trial whose `finetune_source` names a dataset pretrains inside its workers, each
@@ -928,21 +933,35 @@ def run_trial(config: dict[str, Any]) -> None:
     _run_workers(cfg)
 
 
-# The CPU share a multi-worker trial's own process holds. It only waits on its workers (as Ray
-# Train's controller, which holds none), and Tune cannot place a trial that asks for nothing; a
-# whole CPU would keep a worker off every node the trial lands on.
-TRIAL_DRIVER_CPU = 0.01
+# Ray's marker of the head node, a resource of 1 only that node has.
+HEAD_NODE = "node:__internal_head__"
+
+
+def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:
+    """Tune resources of a multi-worker trial's own process, on a cluster of these totals.
+
+    It only waits on its workers (as Ray Train's controller, which holds no CPU either), so it
+    holds no CPU and is pinned to the head node: the one node whose loss ends the cluster anyway.
+    A trial process lost with a worker node would leave its worker group's placement group held
+    (Ray ties it to the sweep's job, not to that process), and the restarted trial could never
+    place its workers. A cluster without the head marker gets a token CPU share instead (Tune
+    places nothing that asks for nothing).
+    """
+    if cluster.get(HEAD_NODE):
+        return {"cpu": 0.0, "gpu": 0.0, HEAD_NODE: 0.001}
+    return {"cpu": 0.01, "gpu": 0.0}
 
 
 def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
                      cluster_gpus: float | None = None,
-                     nodes: list[dict[str, float]] | None = None) -> dict[str, float]:
+                     nodes: list[dict[str, float]] | None = None,
+                     driver_cpu: float = 0.0) -> dict[str, float]:
     """Ray resources of one training worker of a multi-worker trial: {"CPU": c} (+ {"GPU": g}).
 
-    CPUs: `cpus_per_worker`, else what fits beside the trial's driver (`TRIAL_DRIVER_CPU`), at
-    most 1 each, in steps of 0.1 (0.9 each for 2 workers on 2 cores, or on two 1-CPU nodes, one
-    worker per node: the driver's token share and a worker fit on one node, two workers do not). GPUs (`use_gpu`): `gpus_per_worker`, else 1 each,
-    or an equal share when the cluster has fewer GPUs than workers.
+    CPUs: `cpus_per_worker`, else what fits beside the trial's driver (`driver_cpu`, see
+    `trial_driver_resources`), at most 1 each, in steps of 0.1 (1 each for 2 workers on 2 cores,
+    or one per node on two 1-CPU nodes). GPUs (`use_gpu`): `gpus_per_worker`, else 1 each, or an
+    equal share when the cluster has fewer GPUs than workers.
 
     The cluster totals and `nodes` (each alive node's resources, {"CPU": ..., "GPU": ...})
     default to the connected Ray cluster's (`ray.cluster_resources()`, `ray.nodes()`); with the
@@ -965,13 +984,14 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
     workers = cfg["workers"]
     per = cfg["cpus_per_worker"]
     if per is None:
-        per = math.floor(max(0.1, min(1.0, (cluster_cpus - TRIAL_DRIVER_CPU) / workers)) * 10 + 1e-9) / 10
+        per = math.floor(max(0.1, min(1.0, (cluster_cpus - driver_cpu) / workers)) * 10 + 1e-9) / 10
     if not per > 0:
         raise TrialConfigError(f"cpus_per_worker must be > 0, got {per!r}")
-    if TRIAL_DRIVER_CPU + per * workers > cluster_cpus + 1e-9:
+    if driver_cpu + per * workers > cluster_cpus + 1e-9:
+        held = f" (and {driver_cpu:g} for the trial's driver)" if driver_cpu else ""
         raise TrialConfigError(
-            f"{workers} workers x {per:g} CPU need {per * workers:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
-            f"trial's driver), but the Ray cluster has {cluster_cpus:g}; lower workers or cpus_per_worker")
+            f"{workers} workers x {per:g} CPU need {per * workers:g} CPUs{held}, but the Ray cluster has "
+            f"{cluster_cpus:g}; lower workers or cpus_per_worker")
     resources = {"CPU": per}
     gpu = 0.0
     if cfg["use_gpu"]:
@@ -1037,8 +1057,8 @@ def _run_workers(cfg: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    resources = worker_resources(cfg)
     trial_dir = ray.tune.get_context().get_trial_dir()
+    resources = _trial_worker_resources(cfg, trial_dir)
     failure = FailureConfig(max_failures=cfg["max_failures"])
     # Ray Train retries a worker group it cannot place without end by default; a trial whose
     # workers do not fit (a node gone, resources held elsewhere) fails after one bounded wait,
@@ -1071,6 +1091,27 @@ def _run_workers(cfg: dict[str, Any]) -> None:
 
 
 _START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def _trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, float]:
+    """The trial's worker resources: sized to the cluster when it first starts, then kept in its
+    folder. A trial restarted after a node loss asks for what it first ran with: sized again to a
+    smaller cluster it would shrink its workers' CPUs, or share GPUs over gloo instead of NCCL,
+    and its speed (and backend) would change with the cluster it happened to find."""
+    import json
+
+    import ray
+
+    path = os.path.join(trial_dir, "worker_resources.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    resources = worker_resources(cfg, driver_cpu=trial_driver_resources(ray.cluster_resources())["cpu"])
+    os.makedirs(trial_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(resources, f)
+    os.replace(path + ".tmp", path)
+    return resources
 
 
 class WorkerPlacementError(RuntimeError):

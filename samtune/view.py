@@ -66,6 +66,8 @@ class SweepView:
                 self.console.print(f"{recorder.cell.label:<10} {row.trial_id:<12} {row.status:<9} "
                                    f"epoch {row.epoch:>3}  {self._params(row)}  {self._metrics(row)}",
                                    highlight=False)
+                if row.error:
+                    self.console.print(f"{'':<23} {row.error}", highlight=False, markup=False)
 
     def cell_done(self, recorder) -> None:
         self.update(recorder)

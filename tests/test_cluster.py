@@ -1,5 +1,6 @@
 """Sweeps with Ray Train workers: several cells and workers in one sweep, and worker groups that
 cannot be placed."""
+import csv
 import json
 import signal
 import subprocess
@@ -87,14 +88,15 @@ PER_WORKER_SAM = (
     "def space(trial):\n"
     "    trial.suggest_categorical('optimizer', ['sam'])\n"
     "    return {{'lr': 0.1, 'rho': 0.05}}\n"
-    "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs={epochs}, batch_size=64, trials=1,\n"
+    "SWEEP = Sweep(name='t', dataset='digits', model='{model}', epochs={epochs}, batch_size=64, trials=1,\n"
     "              workers=2, label_noise_rates=(0.2,), seed=3,\n"
-    "              fixed={{'sharpness_measures': '', 'placement_timeout_s': {timeout}}})\n")
+    "              fixed={{'sharpness_measures': '', 'placement_timeout_s': {timeout},\n"
+    "                     'max_failures': {max_failures}}})\n")
 
 
-def space_file(tmp_path, epochs=2, timeout=300):
+def space_file(tmp_path, epochs=2, timeout=300, model="mlp", max_failures=2):
     path = tmp_path / "space.py"
-    path.write_text(PER_WORKER_SAM.format(epochs=epochs, timeout=timeout))
+    path.write_text(PER_WORKER_SAM.format(epochs=epochs, timeout=timeout, model=model, max_failures=max_failures))
     return path
 
 
@@ -163,6 +165,81 @@ def test_two_workers_on_two_nodes_train_as_on_one_node(tmp_path, two_nodes):
         single = [m.value for m in one_client.get_metric_history(one.info.run_id, name)]
         assert len(two) == len(single) == 2
         assert two == pytest.approx(single, rel=1e-5, abs=1e-6), name
+
+
+def wait_for_epoch(tmp_path, proc, epoch, timeout=300):
+    """Wait until the sweep's one trial has logged `epoch` to MLflow."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if (tmp_path / "runs" / "t" / "sweep.json").exists():  # the store exists whole
+            try:
+                client, trials = trial_runs(tmp_path)
+            except Exception:  # noqa: BLE001  the store is still being created
+                trials = []
+            if trials and epoch in epochs_logged(client, trials[0]):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"epoch {epoch} never reached MLflow")
+
+
+@pytest.mark.slow
+def test_a_trial_that_loses_a_node_resumes_from_its_checkpoint_when_a_node_comes_back(tmp_path, two_nodes):
+    space = space_file(tmp_path, epochs=10, model="cnn", timeout=120)
+    proc = subprocess.Popen(sweep_at(tmp_path, space, "--address", two_nodes.address), cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_epoch(tmp_path, proc, 2)
+        (lost,) = two_nodes.worker_nodes
+        two_nodes.remove_node(lost, allow_graceful=False)  # the node dies: its raylet and workers
+        time.sleep(5)
+        back = two_nodes.add_node(num_cpus=1)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    client, trials = trial_runs(tmp_path)
+    (trial,) = trials  # the sweep's budget, once: the restarted trial kept its run
+    assert trial.data.tags["samtune.status"] == "finished"
+    assert epochs_logged(client, trial) == list(range(1, 11))
+    # The latest placement is the one after the loss: one worker on the node that came back.
+    assert back.node_id in trial.data.tags["samtune.placement"].split(",")
+    assert lost.node_id not in trial.data.tags["samtune.placement"]
+    # It went on from its checkpoint: Tune saw each epoch once (a restart from scratch would have
+    # reported the first epochs again; MLflow alone would not show it, as it skips logged steps).
+    (progress,) = (tmp_path / "runs" / "t" / "trials").glob("*/progress.csv")
+    with progress.open() as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_a_trial_whose_lost_node_does_not_come_back_fails_naming_the_missing_resources(tmp_path, two_nodes):
+    space = space_file(tmp_path, epochs=10, model="cnn", timeout=10, max_failures=1)
+    proc = subprocess.Popen(sweep_at(tmp_path, space, "--address", two_nodes.address), cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_epoch(tmp_path, proc, 2)
+        (lost,) = two_nodes.worker_nodes
+        two_nodes.remove_node(lost, allow_graceful=False)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Its worker group waited placement_timeout_s, then the trial failed; restarted once
+    # (max_failures=1), it asked for what it first ran with (not half a CPU per worker on the one
+    # node left) and failed again; the sweep then ended, saying why.
+    client, (trial,) = trial_runs(tmp_path)
+    assert trial.data.tags["samtune.status"] == "failed"
+    reason = ("WorkerPlacementError: 2 training workers of 1 CPU each could not be placed within "
+              "placement_timeout_s=10 s: the Ray cluster has 1 alive node(s)")
+    assert reason in trial.data.tags["samtune.error"]
+    assert reason in out
+    assert f"trial {trial.data.tags['samtune.trial_key'].rsplit('/', 1)[1]} failed and restarts from its last " \
+           f"checkpoint: samtune.train.{reason}" in out
+    epochs = epochs_logged(client, trial)
+    assert epochs == list(range(1, len(epochs) + 1)) and 2 <= len(epochs) < 10
+    assert "Traceback" not in out, out
 
 
 # ------------------------------------------------------------------------------ a cluster already here
@@ -245,7 +322,7 @@ def test_without_address_a_sweep_runs_on_its_own_ray_beside_a_running_cluster(tm
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-4000:]
-    assert "Traceback" not in out
+    assert "Traceback" not in out, out
     assert cpu_and_outside(during["free"]) == cpu_and_outside(during["total"]) == cpu_and_outside(outside["total"])
     after = probe()
     assert cpu_and_outside(after["free"]) == cpu_and_outside(outside["total"])

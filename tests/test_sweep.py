@@ -181,12 +181,17 @@ def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
     assert trial_resources(sweep.replace(trials=1, label_noise_rates=(0.0, 0.4)), {"CPU": 8.0})[2] == 2
     assert trial_resources(sweep.replace(max_concurrent=3), {"CPU": 16.0})[2] == 3
     assert trial_resources(sweep.replace(cpus_per_trial=0.5), {"CPU": 2.0})[2] == 4
-    # Several workers: the trial's driver holds a token share, its workers the rest; 2 workers of
-    # 0.9 CPU on 2 cores run one trial at a time, on 16 CPUs (1 each) seven.
+    # Several workers: the trial's own process holds no CPU, pinned to the head node, and its
+    # workers a CPU each: one trial at a time on 2 cores, eight on 16 CPUs.
     two = sweep.replace(workers=2)
+    head = {"node:__internal_head__": 1.0}
+    tune_res, need, at_once = trial_resources(two, {"CPU": 2.0, **head})
+    assert tune_res == {"cpu": 0.0, "gpu": 0.0, "node:__internal_head__": 0.001}
+    assert need == 2.0 and at_once == 1
+    assert trial_resources(two.replace(trials=20), {"CPU": 16.0, **head})[2] == 8
+    # A cluster without Ray's head marker: a token CPU share, the workers 0.9 each.
     tune_res, need, at_once = trial_resources(two, {"CPU": 2.0})
     assert tune_res == {"cpu": 0.01, "gpu": 0.0} and need == pytest.approx(1.81) and at_once == 1
-    assert trial_resources(two.replace(trials=20), {"CPU": 16.0})[2] == 7
 
 
 def fake_trial(trial_id, **params):

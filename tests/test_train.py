@@ -175,13 +175,18 @@ def test_fit_refuses_several_workers_in_process():
 
 def test_worker_resources_fit_beside_the_trial_and_refuse_impossible_requests():
     cfg = resolve_config({**BASE, "workers": 2})
-    # The trial's driver holds 0.01 CPU: two workers on 2 cores (or two 1-CPU nodes) get 0.9 each.
-    assert worker_resources(cfg, cluster_cpus=2.0) == {"CPU": 0.9}
-    assert worker_resources(cfg, cluster_cpus=2.0, nodes=[{"CPU": 1.0}] * 2) == {"CPU": 0.9}
+    # The trial's own process holds no CPU (it sits on the head node): two workers on 2 cores,
+    # or on two 1-CPU nodes, get a whole CPU each; where it holds a token share, 0.9 each.
+    assert worker_resources(cfg, cluster_cpus=2.0) == {"CPU": 1.0}
+    assert worker_resources(cfg, cluster_cpus=2.0, nodes=[{"CPU": 1.0}] * 2) == {"CPU": 1.0}
+    assert worker_resources(cfg, cluster_cpus=2.0, driver_cpu=0.01) == {"CPU": 0.9}
     assert worker_resources(cfg, cluster_cpus=16.0) == {"CPU": 1.0}
-    assert worker_resources(resolve_config({**BASE, "workers": 4}), cluster_cpus=2.0) == {"CPU": 0.4}
+    assert worker_resources(resolve_config({**BASE, "workers": 4}), cluster_cpus=2.0) == {"CPU": 0.5}
     with pytest.raises(TrialConfigError, match=r"need 4 CPUs \(and 0.01 for the trial's driver\), but the "
                                                "Ray cluster has 2"):
+        worker_resources(resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0,
+                         driver_cpu=0.01)
+    with pytest.raises(TrialConfigError, match=r"need 4 CPUs, but the Ray cluster has 2"):
         worker_resources(resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0)
     assert distributed_backend(cfg, {"CPU": 0.5}) == "gloo"
 
