@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Sequence
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -107,14 +108,11 @@ def _is_user_error(exc: BaseException) -> bool:
     from .sweep import SweepError
     from .train import TrialConfigError
 
-    try:
-        from .data import DataNotFoundError
-    except ImportError:  # pragma: no cover
-        DataNotFoundError = FileNotFoundError  # noqa: N806
+    from .data import DataNotFoundError, DataUnreadableError
     from .report import ReportError
 
     return isinstance(exc, (SpaceError, SweepError, TrialConfigError, UsageError, DataNotFoundError,
-                            ReportError))
+                            DataUnreadableError, ReportError))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,6 +145,12 @@ def cmd_sweep(args) -> int:
             print("samtune: interrupted before the sweep started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     print_summary(console, plan, summarize(plan, results))
+    rows = [row for cell in results for row in cell.trials.values()]
+    if rows and all(row.status == "failed" for row in rows):
+        # Nothing to compare or report: a sweep that trained nothing has not succeeded.
+        first = next((row.error for row in rows if row.error), "no error was recorded")
+        print(f"samtune: every trial of the sweep failed; the first: {first}", file=sys.stderr)
+        return EXIT_FAILED
     if args.no_report:
         console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False)
         return 0
@@ -188,14 +192,28 @@ def _sweep_report(console, plan) -> int:
 
 
 def cmd_check(args) -> int:
+    from .data import DataNotFoundError
+    from .preflight import PreflightError, check_cells
     from .space import check_space
 
     sweep, space = _load_with_overrides(args)
     sampled = check_space(sweep, space)
+    unchecked = ""
+    try:
+        check_cells(sweep, check_space(sweep, space, samples=16, with_constants=True))
+    except PreflightError as exc:
+        raise UsageError(str(exc)) from None
+    except DataNotFoundError:
+        # `check` runs where the data may not be (a laptop, before a cluster run): the sweep
+        # itself checks the split sizes against the data before any trial.
+        unchecked = (f"note: {sweep.dataset} is not on this machine, so each cell's split was not sized "
+                     f"against it; the sweep does that before its first trial")
     names = sorted({k for p in sampled for k in p})
     print(f"{args.file}: ok: sweep {sweep.name!r}, {len(sweep.cells())} cell(s) "
           f"({', '.join(c.label for c in sweep.cells())}), {sweep.trials} trials each, "
           f"searching {', '.join(names) or 'nothing'}")
+    if unchecked:
+        print(unchecked, file=sys.stderr)
     return 0
 
 
@@ -219,6 +237,7 @@ def cmd_train(args) -> int:
     from .space import fixed_trial_config, parse_assignments, parse_trial_value, validate_trial_config
     from .train import fit
 
+    _check_outputs(args)
     params = {}
     for item in args.params:
         for key, raw in parse_assignments(item, what="--params"):
@@ -268,12 +287,34 @@ def _infer_optimizer(params: dict, fixed: dict) -> None:
         params["optimizer"] = "sam"
 
 
+def _check_outputs(args) -> None:
+    """Where `samtune train` will write, checked before it trains: a run whose weights cannot be
+    saved at its end is a run lost."""
+    if args.checkpoint_dir and os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        raise UsageError(f"--checkpoint-dir {args.checkpoint_dir}: is a file; expected a folder")
+    if args.save_weights:
+        folder = os.path.dirname(os.path.abspath(args.save_weights))
+        if os.path.isdir(args.save_weights):
+            raise UsageError(f"--save-weights {args.save_weights}: is a folder; expected a file name")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--save-weights {args.save_weights}: no folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--save-weights {args.save_weights}: cannot write in {folder}")
+
+
 def cmd_report(args) -> int:
     from .report import build
-    from .tracking import resolve_tracking_uri
+    from .tracking import check_tracking_uri, resolve_tracking_uri
 
-    out = build(args.experiment, tracking_uri=resolve_tracking_uri(args.tracking_uri), out=args.out,
-                all_sweeps=args.all_sweeps)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a file; the report is a folder (index.html and figures)")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    _existing_store(uri)
+    try:
+        check_tracking_uri(uri)  # an unreachable server: refused in seconds, not after MLflow's retries
+    except (ConnectionError, ValueError) as exc:
+        raise UsageError(f"--tracking-uri: {exc}") from None
+    out = build(args.experiment, tracking_uri=uri, out=args.out, all_sweeps=args.all_sweeps)
     print(f"report written to {out}")
     return 0
 
@@ -282,20 +323,58 @@ def cmd_ui(args) -> int:
     """Serve the MLflow UI over the store the sweeps write to (the same default as `sweep`)."""
     from .tracking import resolve_tracking_uri
 
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected a port number from 1 to 65535")
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow tracking server: its UI is at that address")
         return 0
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not os.path.exists(path):
-            # mlflow would create an empty store there and show nothing: say where the runs are not.
-            raise UsageError(f"no MLflow store at {path}; run `samtune sweep` in this folder first, "
-                             f"or pass --tracking-uri (the one the sweep printed)")
+    _existing_store(uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)")
-    return subprocess.call(cmd)
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    return _serve(cmd)
+
+
+def _existing_store(uri: str) -> None:
+    """Refuse a local store that does not exist: opening it would create an empty one, and the
+    command would show nothing. Say where the runs are not."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not os.path.isfile(path):
+            raise UsageError(f"no MLflow store at {path}; run `samtune sweep` in this folder first, "
+                             f"or pass --tracking-uri (the one the sweep printed)")
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run a server in a process group of its own and stop all of it with this process: the MLflow
+    UI starts worker processes, and a SIGTERM (or Ctrl-C) that reached this process alone would
+    leave them running and listening."""
+    import signal
+
+    server = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = server.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:  # what the server left behind (a worker that outlived its parent)
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if stopping:
+        return EXIT_INTERRUPTED if stopping[0] == signal.SIGINT else 128 + stopping[0]
+    return code
 
 
 COMMANDS = {"sweep": cmd_sweep, "check": cmd_check, "train": cmd_train, "report": cmd_report, "ui": cmd_ui}

@@ -57,6 +57,7 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "Dataset",
+    "DataUnreadableError",
     "load_dataset",
     "to_float",
     "augment_batch",
@@ -274,6 +275,10 @@ _CIFAR = {
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is not on disk and could not be downloaded; the message says where we looked."""
+
+
+class DataUnreadableError(ValueError):
+    """The dataset is on disk but cannot be read: a truncated or corrupt archive, a missing file."""
 
 
 def _samtune_home() -> Path:
@@ -698,34 +703,46 @@ def _cifar_candidates(key: str, root: Path) -> list[tuple[str, Path]]:
 
 def _load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | None,
                 download: bool | None) -> Dataset:
-    spec = _CIFAR[key]
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     tried: list[str] = []
     first_batch = "data_batch_1" if key == "cifar10" else "train"
     tensors = None
     for kind, path in _cifar_candidates(key, root):
         tried.append(f"{path} ({kind})")
-        if kind == "pickled" and (path / first_batch).is_file():
-            tensors = _cifar_from_pickles(key, lambda m, d=path: (d / m).read_bytes())
-        elif kind == "tree" and (path / "train").is_dir():
-            tensors = _load_image_tree(path, key, cache_dir)
-        elif kind == "tarball" and _is_tarball(path):
-            if _tar_has_pickles(path, spec["pickled"]):
-                def build(path: Path = path) -> dict:
-                    files, _ = _read_tar(path)
-                    by_base = {_norm(n).rsplit("/", 1)[-1]: b for n, b in files.items()}
-                    return _cifar_from_pickles(key, lambda m: by_base[m])
-
-                # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache
-                # is read in a fraction of that, as for trees and JPEG tarballs.
-                tensors = _cached(key, path, _fingerprint(path), build, cache_dir)
-            else:
-                tensors = _load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
+        try:
+            tensors = _read_cifar_candidate(key, kind, path, first_batch, cache_dir)
+        except (OSError, EOFError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError) as exc:
+            what = f"missing file {exc}" if isinstance(exc, (KeyError, FileNotFoundError)) else \
+                f"{type(exc).__name__}: {str(exc).strip() or 'truncated'}"
+            raise DataUnreadableError(f"{key} at {path} cannot be read ({what}); replace it with a whole copy "
+                                      f"or remove it") from None
         if tensors is not None:
             break
     if tensors is None:
         tensors = _download_cifar(key, root, tried, download)
     return _as_cifar_dataset(key, tensors)
+
+
+def _read_cifar_candidate(key: str, kind: str, path: Path, first_batch: str, cache_dir: Path | None) -> dict | None:
+    """One place CIFAR may be (`_cifar_candidates`): its tensors, or None when it is not there."""
+    spec = _CIFAR[key]
+    if kind == "pickled" and (path / first_batch).is_file():
+        return _cifar_from_pickles(key, lambda m, d=path: (d / m).read_bytes())
+    if kind == "tree" and (path / "train").is_dir():
+        return _load_image_tree(path, key, cache_dir)
+    if kind != "tarball" or not _is_tarball(path):
+        return None
+    if not _tar_has_pickles(path, spec["pickled"]):
+        return _load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
+
+    def build() -> dict:
+        files, _ = _read_tar(path)
+        by_base = {_norm(n).rsplit("/", 1)[-1]: b for n, b in files.items()}
+        return _cifar_from_pickles(key, lambda m: by_base[m])
+
+    # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache is read in a
+    # fraction of that, as for trees and JPEG tarballs.
+    return _cached(key, path, _fingerprint(path), build, cache_dir)
 
 
 def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:

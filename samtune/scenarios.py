@@ -64,7 +64,9 @@ __all__ = [
     "apply_label_noise",
     "asymmetric_class_map",
     "Scenario",
+    "SplitSizes",
     "build_scenario",
+    "split_sizes",
 ]
 
 NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
@@ -263,20 +265,47 @@ def _add_pretrained(scenario: Scenario, config: dict[str, Any]) -> None:
     scenario.backbone_lr_scale = scale
 
 
+@dataclass(frozen=True)
+class SplitSizes:
+    """How many examples a trial's split holds, known from the dataset's size alone."""
+
+    train: int
+    val: int
+    num_classes: int
+
+
+def split_sizes(num_train: int, num_classes: int, config: dict[str, Any]) -> SplitSizes:
+    """The sizes `build_scenario` gives a dataset of `num_train` training examples, without
+    building it (a driver checks a sweep's cells with this before any trial). Raises ValueError
+    as `build_scenario` would: `val_fraction` or `data_subset` out of range, no training example
+    left, or label noise on fewer than 2 classes."""
+    val_fraction = 0.1 if config.get("val_fraction") is None else float(config["val_fraction"])
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = num_train
+    subset = config.get("data_subset")
+    if subset is not None:
+        if int(subset) < 1:
+            raise ValueError(f"data_subset must be a positive number of training examples, got {subset}")
+        n = min(n, int(subset))
+    if float(config.get("label_noise_rate", 0.0) or 0.0) > 0 and num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
+    n_val = round(val_fraction * n)
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {n}")
+    return SplitSizes(train=n - n_val, val=n_val, num_classes=num_classes)
+
+
 def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Scenario:
     """Subset -> label noise -> validation split, all seeded by the data seed."""
     seed = int(config.get("seed", 0) or 0)
     data_seed = seed if config.get("data_seed") is None else int(config["data_seed"])
-    val_fraction = 0.1 if config.get("val_fraction") is None else float(config["val_fraction"])
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    sizes = split_sizes(len(dataset.train_y), dataset.num_classes, config)
 
     x, y = dataset.train_x, dataset.train_y
     subset = config.get("data_subset")
     if subset is not None:
         subset = int(subset)
-        if subset < 1:
-            raise ValueError(f"data_subset must be a positive number of training examples, got {subset}")
         if subset < len(y):
             idx = _subset_indices(len(y), subset, data_seed * 1000 + _SUBSET_STREAM)
             x, y = x[idx], y[idx]
@@ -298,9 +327,7 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
     is_flipped = torch.zeros(len(y), dtype=torch.bool)
     is_flipped[flipped] = True
 
-    n_val = round(val_fraction * len(y))
-    if n_val >= len(y):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {len(y)}")
+    n_val = sizes.val
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed * 1000 + _VAL_STREAM))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-__all__ = ["MEASURES", "DEFAULT_MEASURES", "SHARED_KEYS", "measure_sharpness", "m_sharpness",
+__all__ = ["MEASURES", "DEFAULT_MEASURES", "SHARED_KEYS", "check_measures", "measure_sharpness", "m_sharpness",
            "adaptive_sharpness", "avg_sharpness", "hessian_top_eig", "hessian_trace",
            "pac_bayes_sigma", "FlatLoss"]
 
@@ -546,6 +546,22 @@ DEFAULT_MEASURES = ("m_sharpness", "adaptive_sharpness", "adaptive_sharpness_lin
 SHARED_KEYS = ("subset", "seed", "batch", "num_params")
 
 
+def check_measures(measures: Iterable[str], settings: dict[str, Any] | None = None) -> None:
+    """Raise ValueError for a measure name, or a per-measure setting, `measure_sharpness` would
+    refuse: a trainer checks its config with this before training, not at its last epoch."""
+    settings = settings or {}
+    for name in list(settings) + list(measures):
+        if name not in MEASURES:
+            raise ValueError(f"unknown sharpness measure {name!r}; expected some of {sorted(MEASURES)}")
+    for name, extra in settings.items():
+        if not isinstance(extra, dict):
+            raise ValueError(f"settings for {name!r} must be a dict like {{'rho': 0.1}}, got {extra!r}")
+        known = set(MEASURES[name][1]) | _ENGINE.get(name, set())
+        unknown = set(extra) - known
+        if unknown:
+            raise ValueError(f"{name}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
 def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
                       measures: Iterable[str] = DEFAULT_MEASURES, seed: int = 0, batch: int = 512,
                       params: Sequence[str] | None = None, **settings: dict[str, Any]) -> dict[str, float]:
@@ -575,12 +591,7 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
                          f"{len(y)} labels")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    for name in list(settings) + measures:
-        if name not in MEASURES:
-            raise ValueError(f"unknown sharpness measure {name!r}; expected some of {sorted(MEASURES)}")
-    for name, extra in settings.items():
-        if not isinstance(extra, dict):
-            raise ValueError(f"settings for {name!r} must be a dict like {{'rho': 0.1}}, got {extra!r}")
+    check_measures(measures, settings)
     if isinstance(params, str):  # one name or prefix, not the characters of one
         params = [params]
     selected = FlatLoss(model, loss_fn, params).w.numel()
@@ -594,10 +605,6 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
         fn, defaults, fixed = MEASURES[name]
         extra = settings.get(name, {})
         engine = _ENGINE.get(name, set())
-        unknown = set(extra) - set(defaults) - engine
-        if unknown:
-            raise ValueError(f"{name}: unknown setting(s) {sorted(unknown)}; known: "
-                             f"{sorted(set(defaults) | engine)}")
         used = {**defaults, **{k: v for k, v in extra.items() if k not in engine}}
         if "m" in used:
             used["m"] = min(int(used["m"]), len(y))

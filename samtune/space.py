@@ -43,6 +43,8 @@ __all__ = [
     "load_space",
     "validate_trial_config",
     "check_space",
+    "space_fingerprint",
+    "fingerprint_changes",
     "apply_overrides",
     "parse_assignments",
     "parse_trial_value",
@@ -418,6 +420,9 @@ def validate_trial_config(config: dict[str, Any], where: str = "", whole: bool =
 # The Sweep
 
 
+MAX_NAME = 100  # characters of a sweep name
+
+
 @dataclass(frozen=True)
 class Cell:
     """One scenario cell of a sweep: its own Optuna study, ASHA brackets and MLflow parent run."""
@@ -500,6 +505,9 @@ class Sweep:
         if not _NAME_CHARS.fullmatch(self.name):
             raise SpaceError(f"name={self.name!r}: expected letters, digits, '.', '_', '-' and inner "
                              f"spaces, starting with a letter or digit, e.g. name='noisy-digits'")
+        if len(self.name) > MAX_NAME:
+            # It names folders and files (with suffixes), which file systems cap at 255 bytes.
+            raise SpaceError(f"name={self.name[:20]}...: {len(self.name)} characters; at most {MAX_NAME}")
         object.__setattr__(self, "label_noise_rates", self._validated_rates(self.label_noise_rates))
         metrics = reported_metrics()
         if self.metric not in metrics and not self.metric.startswith("sharpness/"):
@@ -536,6 +544,14 @@ class Sweep:
         out = tuple(TRIAL_KEYS["label_noise_rate"].validate("label noise rate", r) for r in rates)
         if len(set(out)) != len(out):
             raise SpaceError(f"label_noise_rates={list(rates)} repeats a rate")
+        # Cells are named, and found again on --resume, by the rate to 6 significant digits
+        # (`cells`): two rates that differ only beyond that would be one cell counted twice.
+        shown = [f"{r:g}" for r in out]
+        twins = sorted({label for label in shown if shown.count(label) > 1})
+        if twins:
+            raise SpaceError(f"label_noise_rates={list(rates)}: {', '.join(repr(r) for r in out if f'{r:g}' in twins)} "
+                             f"are all the cell noise={twins[0]} (rates count to 6 significant digits); "
+                             "give each rate once")
         return out
 
     def cells(self) -> list[Cell]:
@@ -937,14 +953,16 @@ def _candidates(s: _Suggestion) -> list[Any]:
     return [s.low, s.high]
 
 
-def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64) -> list[dict[str, Any]]:
+def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
+                with_constants: bool = False) -> list[dict[str, Any]]:
     """Run ``space`` on ``samples`` random Optuna trials and validate everything it can produce.
 
     Every suggest call is checked (known setting, not one the Sweep fixes, non-empty range, every
     value of a range valid for its setting, e.g. ``rho >= 0`` and each ``m`` dividing the
     per-worker batch), and so is each whole trial config in every cell. Returns the sampled
-    parameter dicts (the suggested values only; constants the space returns are validated but
-    left out). Raises SpaceError naming the first problem, with file and line.
+    parameter dicts: the suggested values only, or with ``with_constants`` also the constants
+    the space returns (what a trial gets). Raises SpaceError naming the first problem, with file
+    and line.
     """
     import optuna
 
@@ -992,9 +1010,38 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64) ->
                         rng = (f"choices {list(s.choices)}" if s.kind == "categorical"
                                else f"range [{s.low:g}, {s.high:g}]")
                         raise SpaceError(f"{s.line}{s.name} {rng} includes a bad value: {exc}") from None
-        sampled.append(suggested)
+        sampled.append(params if with_constants else suggested)
         study.tell(trial, 0.0)
     return sampled
+
+
+def space_fingerprint(sweep: Sweep, space: Callable[[Any], Any], samples: int = 32) -> dict[str, str]:
+    """What a study searches, in a form a resumed sweep compares with: each parameter's Optuna
+    distribution and each constant the space returns, from ``samples`` seeded random trials.
+
+    A resumed study that met other choices or ranges would mix two search spaces in one study
+    (and Optuna fails on a categorical value it never saw), so a change here refuses the resume.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sweep.seed))
+    seen: dict[str, str] = {}
+    for _ in range(samples):
+        trial = study.ask()
+        returned = space(trial) or {}
+        seen.update({name: repr(dist) for name, dist in trial.distributions.items()})
+        seen.update({f"returned {key}": repr(value) for key, value in returned.items()})
+        study.tell(trial, 0.0)
+    return dict(sorted(seen.items()))
+
+
+def fingerprint_changes(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """What differs between two `space_fingerprint`s, one phrase each."""
+    changes = [f"{k}: was {before[k]}, now {now[k]}" for k in before if k in now and before[k] != now[k]]
+    changes += [f"{k} is new ({now[k]})" for k in now if k not in before]
+    changes += [f"{k} is gone" for k in before if k not in now]
+    return changes
 
 
 def _check_returned_key(key: str, shown: str) -> None:

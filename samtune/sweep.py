@@ -37,9 +37,12 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .driver_lock import DriverLock, SweepBusy
 from .interrupts import InterruptWatch
+from .preflight import PreflightError, check_cells
 from .ray_env import apply_ray_env
-from .space import Cell, SpaceError, Sweep, apply_overrides, check_space, load_space
+from .space import (Cell, SpaceError, Sweep, apply_overrides, check_space, fingerprint_changes, load_space,
+                    space_fingerprint)
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["SweepError", "SweepInterrupted", "run_sweep", "prepare", "CellResult", "TrialRow"]
@@ -558,6 +561,8 @@ class Plan:
     # The flags that made this sweep what it is (--set, --trials, --data-root, --storage-path,
     # --address): --resume must be given them again, so the command it prints repeats them.
     flags: tuple[str, ...] = ()
+    # This driver's hold on the sweep (`driver_lock`), for as long as the plan lives.
+    lock: Any = field(default=None, repr=False, compare=False)
 
     @property
     def sweep_key(self) -> str:
@@ -587,12 +592,25 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
             raise SweepError(f"--data-root {data_root}: no such folder or file")
         sets.append(f"fixed.data_root={os.path.abspath(data_root)}")
     sweep = apply_overrides(sweep, sets)
-    check_space(sweep, space)
+    sampled = check_space(sweep, space, with_constants=True)
     _check_data(sweep)
+    try:
+        check_cells(sweep, sampled)
+    except PreflightError as exc:
+        raise SweepError(str(exc)) from None
 
     storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
     sweep_dir = storage / sweep.name
     _check_storage(storage)
+    try:
+        # Before the sweep's state is read: a second driver must not even look at a sweep that
+        # another one is changing.
+        lock = DriverLock.acquire(storage, sweep.name)
+    except SweepBusy as exc:
+        raise SweepError(str(exc)) from None
+    except OSError as exc:
+        raise SweepError(f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there "
+                         f"({exc.strerror or exc})") from None
     state_file = sweep_dir / "sweep.json"
     if resume:
         saved = _read_state(state_file, sweep)
@@ -600,6 +618,11 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
             changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
             raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
                              f"resume it with the same file and --set values, or start a new one with --set name=...")
+        if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
+            changes = fingerprint_changes(saved["space"], space_fingerprint(sweep, space))
+            if changes:
+                raise SweepError(f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
+                                 f"resume it with the space as it was, or start a new sweep with --set name=...")
         tracking_uri = tracking_uri or saved.get("tracking_uri")
         # A sweep.json from before sweep ids: its runs are keyed by the name alone.
         sweep_id = str(saved.get("sweep_id") or "")
@@ -625,7 +648,7 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
     if address:
         flags += ["--address", address]
     return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
-                tuple(flags))
+                tuple(flags), lock)
 
 
 def _read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
@@ -1000,8 +1023,10 @@ def write_state(plan: Plan) -> None:
     if state_file.exists():
         return
     state = {"sweep": _jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
+             "space": space_fingerprint(plan.sweep, plan.space),
              "tracking_uri": plan.tracking_uri, "sweep_id": plan.sweep_id, "started": time.time()}
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    # Its own user only: the folder holds pickles (Tune's state, the searchers') that a resume loads.
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = state_file.with_name(f".sweep.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, state_file)

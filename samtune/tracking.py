@@ -138,6 +138,9 @@ def check_tracking_uri(uri: str) -> None:
         path = uri[len("sqlite:///"):] if scheme == "sqlite" else urlparse(uri).path
         if not uri.startswith("sqlite:///") and scheme == "sqlite" or not path:
             raise ValueError(f"{uri}: expected sqlite:///path/to/mlflow.db (a file, not an in-memory store)")
+        if scheme == "sqlite" and os.path.isdir(path):
+            raise ValueError(f"{uri}: {path} is a folder; name the store's file in it, e.g. "
+                             f"sqlite:///{os.path.join(path, 'mlflow.db')}")
         folder = os.path.abspath(os.path.dirname(path) if scheme == "sqlite" else path)
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)

@@ -96,6 +96,7 @@ from .models import param_groups
 from . import sam as _sam
 from .sam import SAM, sam_step
 from .scenarios import build_scenario
+from .sharpness import check_measures, measure_sharpness
 
 __all__ = ["DEFAULTS", "Perturbation", "TRAIN_EVAL_SUBSET", "TrialConfigError", "fit",
            "perturbation_plan", "resolve_config", "run_trial", "train_loop_per_worker",
@@ -274,6 +275,10 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     if cfg["sharpness_settings"] is not None and not isinstance(cfg["sharpness_settings"], dict):
         raise TrialConfigError(f"sharpness_settings must be a dict of per-measure settings, "
                                f"got {cfg['sharpness_settings']!r}")
+    try:
+        check_measures(cfg["sharpness_measures"], cfg["sharpness_settings"])
+    except ValueError as exc:
+        raise TrialConfigError(str(exc)) from None
     if cfg["optimizer"] != "sgd":
         variant = _variant(cfg, total_steps=cfg["epochs"])
         if variant.uses_whole_batch_gradient and plan.groups_per_worker > 1:
@@ -534,8 +539,6 @@ def _sharpness_indices(n: int, cfg: dict[str, Any]) -> Tensor:
 
 
 def _measure_sharpness(cfg, model: nn.Module, scenario, device) -> dict[str, float]:
-    from .sharpness import measure_sharpness
-
     idx = _sharpness_indices(len(scenario.train_y), cfg)
     x = to_float(scenario.train_x[idx].to(device), scenario.mean, scenario.std)
     y = scenario.train_y[idx].to(device)
@@ -1093,6 +1096,19 @@ def _run_workers(cfg: dict[str, Any]) -> None:
 _START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
+def _held_cpu() -> float:
+    """The CPUs this trial's own process holds: what the sweep gives it (`trial_driver_resources`)
+    or what a user's own Tuner does, so its workers are sized to fit beside it either way."""
+    import ray.tune
+
+    try:
+        return float(ray.tune.get_context().get_trial_resources().required_resources.get("CPU", 0.0))
+    except Exception:  # noqa: BLE001  not inside a Tune trial after all
+        import ray
+
+        return trial_driver_resources(ray.cluster_resources())["cpu"]
+
+
 def _trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, float]:
     """The trial's worker resources: sized to the cluster when it first starts, then kept in its
     folder. A trial restarted after a node loss asks for what it first ran with: sized again to a
@@ -1100,13 +1116,11 @@ def _trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, fl
     and its speed (and backend) would change with the cluster it happened to find."""
     import json
 
-    import ray
-
     path = os.path.join(trial_dir, "worker_resources.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    resources = worker_resources(cfg, driver_cpu=trial_driver_resources(ray.cluster_resources())["cpu"])
+    resources = worker_resources(cfg, driver_cpu=_held_cpu())
     os.makedirs(trial_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(resources, f)

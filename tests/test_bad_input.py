@@ -36,6 +36,43 @@ def space_file(tmp_path, text=None, name="space.py", **subs):
     return str(path)
 
 
+def one_class_tree(tmp_path):
+    """An ImageFolder tree of one class: nothing for label noise to flip a label to."""
+    from PIL import Image
+
+    root = tmp_path / "one"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        for i in range(40):  # enough for a batch of 32 after the validation split
+            Image.new("RGB", (8, 8)).save(root / split / "a" / f"{i}.png")
+    return f'"imagefolder:{root}"'
+
+
+def cifar_root(tmp_path, damage):
+    """A data root whose CIFAR-10 copy is damaged: a truncated tarball, or a batch file missing."""
+    import io
+    import pickle
+    import tarfile
+
+    root = tmp_path / "data"
+    root.mkdir()
+    batch = pickle.dumps({"data": bytes(3072), "labels": [0]})
+    if damage == "truncated":
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+            for name in ("data_batch_1", "data_batch_2"):
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                noise = bytes(range(256)) * 400  # incompressible enough to span the cut
+                info.size = len(batch + noise)
+                tf.addfile(info, io.BytesIO(batch + noise))
+        data = buffer.getvalue()
+        (root / "cifar-10-python.tar.gz").write_bytes(data[: len(data) // 2])
+    else:
+        (root / "cifar-10-batches-py").mkdir()
+        (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(batch)
+    return str(root)
+
+
 def image_tree(tmp_path):
     """An ImageFolder tree whose class 'b' has no training image."""
     from PIL import Image
@@ -70,6 +107,31 @@ CASES = [
     ("m does not divide batch", lambda t: ["check", space_file(t, M_CHOICES="[8, 12]")],
      "m=12 does not divide the per-worker batch 32"),
     ("noise rate 1", lambda t: ["check", space_file(t, RATES="(0.0, 1.0)")], "expected a number >= 0 and < 1"),
+    ("rates equal to the cells' precision", lambda t: ["check", space_file(t, RATES="(0.3, 0.1 + 0.2)")],
+     "0.3, 0.30000000000000004 are all the cell noise=0.3"),
+    ("rates equal to the cells' precision, by --set",
+     lambda t: ["sweep", space_file(t), "--set", "label_noise_rates=0.3,0.30000000000001"],
+     "are all the cell noise=0.3"),
+    ("ui on no port", lambda t: ["ui", "--port", "99999"], "--port 99999: expected a port number from 1 to 65535"),
+    ("truncated CIFAR tarball", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
+                                           "--data-root", cifar_root(t, "truncated")],
+     "cannot be read ("),
+    ("CIFAR batch file missing", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
+                                            "--data-root", cifar_root(t, "missing")],
+     "cannot be read (missing file"),
+    ("report of a missing store", lambda t: ["report", "t", "--tracking-uri", f"sqlite:///{t}/none.db"],
+     "no MLflow store at"),
+    ("report from an unreachable server", lambda t: ["report", "t", "--tracking-uri", "http://127.0.0.1:9"],
+     "--tracking-uri: "),
+    ("report --out a file", lambda t: ["report", "t", "--out", space_file(t)], "is a file; the report is a folder"),
+    ("sqlite store naming a folder", lambda t: ["sweep", space_file(t), "--tracking-uri", f"sqlite:///{t}"],
+     "is a folder; name the store's file in it"),
+    ("sweep name of 300 characters", lambda t: ["check", space_file(t), "--set", "name=" + "a" * 300],
+     "300 characters; at most 100"),
+    ("train --save-weights into no folder",
+     lambda t: ["train", space_file(t), "--save-weights", str(t / "nowhere" / "w.pt")], "no folder"),
+    ("train --checkpoint-dir naming a file",
+     lambda t: ["train", space_file(t), "--checkpoint-dir", space_file(t)], "is a file; expected a folder"),
     ("empty noise rates", lambda t: ["check", space_file(t, RATES="()")], "label_noise_rates is empty"),
     ("unknown dataset", lambda t: ["check", space_file(t, DATASET='"digitz"')],
      "unknown dataset 'digitz'; expected one of"),
@@ -113,6 +175,17 @@ CASES = [
      "metric='val_accuracy': not a metric trials report"),
     ("val_error without a validation split", lambda t: ["sweep", space_file(t), "--set", "fixed.val_fraction=0"],
      "metric='val_error' with val_fraction=0: there is no validation split"),
+    # What every trial would reject, refused before any: the sweep would otherwise train fully.
+    ("unknown sharpness measure", lambda t: ["sweep", space_file(t), "--set", "fixed.sharpness_measures=m_sharpnes"],
+     "unknown sharpness measure 'm_sharpnes'"),
+    ("batch larger than the training split", lambda t: ["sweep", space_file(t), "--set", "batch_size=4096"],
+     # 1,797 digits, 360 of them the test split, a tenth of the rest for validation: 1,293.
+     "cell noise=0: batch_size=4096 is larger than the 1293 training examples 'digits' leaves after its "
+     "validation split"),
+    ("batch larger than the split, in check", lambda t: ["check", space_file(t), "--set", "batch_size=4096"],
+     "batch_size=4096 is larger than the 1293 training examples"),
+    ("label noise on one class", lambda t: ["sweep", space_file(t, DATASET=one_class_tree(t))],
+     "cell noise=0.4: label noise needs at least 2 classes, got num_classes=1"),
     ("sharpness metric measured at the end only",
      lambda t: ["sweep", space_file(t), "--set", "metric=sharpness/m_sharpness"],
      "metric='sharpness/m_sharpness' is measured only at the last epoch (sharpness_every=0)"),
@@ -122,7 +195,8 @@ CASES = [
      "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']"),
 ]
 # Cases that reach a network address: refused within seconds, not after a connection timeout.
-FAST = {"unreachable --address", "unreachable --tracking-uri", "ray client --address"}
+FAST = {"unreachable --address", "unreachable --tracking-uri", "ray client --address",
+        "report from an unreachable server"}
 
 
 def damaged_state(t):

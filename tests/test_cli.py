@@ -168,10 +168,12 @@ def test_the_resume_command_it_prints_resumes_the_sweep_as_it_was_started(tmp_pa
 
     started = plan_of(argv)
     write_state(started)
+    started.lock.release()  # that driver has ended: the next one may hold the sweep
     command = shlex.split(started.resume_command)
     assert command[:2] == ["samtune", "sweep"] and command[-1] == "--resume"
     assert command[2] == "sub/my space.py"
     resumed = plan_of(command[1:-1], resume=True)
+    resumed.lock.release()
     assert resumed.sweep == started.sweep and resumed.sweep_dir == started.sweep_dir
     assert resumed.sweep.trials == 3 and resumed.sweep.epochs == 2
     assert resumed.resume_command == started.resume_command
@@ -188,6 +190,9 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
         return tmp_path / "out" / "index.html"
 
     monkeypatch.setattr("samtune.report.build", build)
+    # A store to read (a missing one is refused), and a server taken as answering.
+    (tmp_path / "mlflow.db").touch()
+    monkeypatch.setattr("samtune.tracking.check_reachable", lambda uri: None)
     assert cli.main(["report", "noisy-digits"]) == 0
     assert cli.main(["report", "noisy-digits", "--tracking-uri", "http://127.0.0.1:5000", "--out", "maps"]) == 0
     # Default: MLflow's local SQLite store in this folder, as an absolute path (what `sweep` uses).
@@ -198,7 +203,7 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
 
 def test_ui_serves_the_default_store_on_localhost_only(monkeypatch, tmp_path):
     launched = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr("samtune.cli._serve", lambda cmd: launched.append(cmd) or 0)
     assert cli.main(["ui"]) == 2  # no store here yet: nothing to show
     assert launched == []
     (tmp_path / "mlflow.db").touch()
@@ -210,8 +215,44 @@ def test_ui_serves_the_default_store_on_localhost_only(monkeypatch, tmp_path):
                        "--port": "5123", "--workers": "1"}
 
 
+@pytest.mark.slow
+def test_sigterm_to_ui_stops_the_mlflow_server_and_its_workers(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "mlflow.db").touch()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "samtune.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # until the server answers
+            assert ui.poll() is None and time.time() < deadline, ui.stdout.read()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        server_group = os.getpgid(int(subprocess.check_output(["pgrep", "-P", str(ui.pid)]).split()[0]))
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    left = subprocess.run(["pgrep", "-g", str(server_group)], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+
+
 def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setattr("samtune.tracking.check_reachable", lambda uri: None)
     calls = []
     monkeypatch.setattr("samtune.report.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
                         or tmp_path)

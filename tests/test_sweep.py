@@ -320,6 +320,7 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
     first = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
                     tracking_uri=uri)
     write_state(first)
+    first.lock.release()  # its driver has ended (the resumed one below is the next)
     second = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "b"),
                      tracking_uri=uri)
     resumed = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
@@ -380,6 +381,31 @@ def test_sweep_json_is_replaced_whole_and_never_overwritten(tmp_path):
     plan.sweep_id = "other"
     write_state(plan)  # a resumed driver keeps what the sweep started with
     assert json.loads((plan.sweep_dir / "sweep.json").read_text())["sweep_id"] == saved["sweep_id"]
+
+
+def test_a_resume_of_a_changed_search_space_is_refused_saying_what_changed(tmp_path):
+    space = tmp_path / "space.py"
+    text = SPACE.read_text()
+    space.write_text(text)
+    where = dict(storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    plan = prepare(str(space), **where)
+    write_state(plan)
+    plan.lock.release()  # this test's next driver is the resumed one
+    # The same file again: resumable. A comment changes nothing the study searches.
+    space.write_text(text + "\n# a comment\n")
+    prepare(str(space), resume=True, **where).lock.release()
+    # Another categorical choice and another range: two search spaces in one study.
+    space.write_text(text.replace('[8, 16, None]', '[8, 32, None]').replace('0.01, 0.5, log=True)\n    if',
+                                                                          '0.001, 0.5, log=True)\n    if'))
+    with pytest.raises(SweepError) as refused:
+        prepare(str(space), resume=True, **where)
+    message = str(refused.value)
+    assert message.startswith("--resume: the search space changed since the sweep started (")
+    assert "m: was CategoricalDistribution(choices=(8, 16, None)), now CategoricalDistribution(choices=(8, 32, " \
+           "None))" in message
+    assert "lr: was FloatDistribution(high=0.5, log=True, low=0.01, step=None), now " \
+           "FloatDistribution(high=0.5, log=True, low=0.001, step=None)" in message
+    assert message.endswith("start a new sweep with --set name=...")
 
 
 # ------------------------------------------------------------------------------ end to end (slow)
@@ -552,6 +578,14 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_finished_trials(tmp_path, 2, proc)
+        # A second driver of the running sweep, new or resuming, is refused in one line, naming it.
+        for extra in ((), ("--resume",)):
+            second = subprocess.run(sweep_cmd(tmp_path, *args, *extra), cwd=tmp_path, env=env(),
+                                    capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            assert re.fullmatch(rf"samtune: error: sweep 't' is already running \(driver pid {proc.pid} on "
+                                rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
+                                rf"--resume\n", second.stderr), second.stderr
         if how == "SIGINT":
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=300)
@@ -587,6 +621,20 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
         enqueued = [(t.number, t.system_attrs["fixed_params"]) for t in study.trials
                     if "fixed_params" in t.system_attrs]
         assert enqueued == [(0, {"optimizer": "sgd"}), (1, {"optimizer": "sam"})]
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_exits_non_zero_saying_why(tmp_path):
+    # No restarts allowed, and every trial process dies after its first epoch.
+    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=2",
+                                    "--set", "label_noise_rates=0.0", "--set", "fixed.max_failures=0"),
+                          cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="1"), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "samtune: every trial of the sweep failed; the first: " in proc.stderr, proc.stderr[-3000:]
+    _, by_role = runs_of(tmp_path)
+    assert [t.data.tags["samtune.status"] for t in by_role["trial"]] == ["failed", "failed"]
+    assert all(t.data.tags.get("samtune.error") for t in by_role["trial"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,47 @@
+"""What every trial of a sweep would reject, found in the driver before any compute is spent.
+
+A sweep's space is checked value by value on sampled trials (`space.check_space`); this adds
+what only the dataset's shape decides: a batch larger than a cell's training split, label noise
+on a dataset of one class. The dataset is read once here (from its cache: a fraction of a
+second), and each cell's split sized without building it (`scenarios.split_sizes`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .data import load_dataset
+from .scenarios import split_sizes
+from .space import Sweep
+from .train import TrialConfigError, perturbation_plan, resolve_config
+
+__all__ = ["PreflightError", "check_cells"]
+
+
+class PreflightError(ValueError):
+    """A sweep whose trials would fail on its dataset."""
+
+
+def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
+    """Raise PreflightError naming the first cell whose trials could not train.
+
+    `sampled`: parameter sets the space produced (`check_space`); the batch size and worker
+    count may come from there, so each is sized against every cell.
+    """
+    dataset = load_dataset(sweep.dataset, sweep.fixed.get("data_root"))
+    variants = [dict(p) for p in sampled] or [{}]
+    for cell in sweep.cells():
+        for params in variants:
+            config = {**sweep.base_config(cell), **params}
+            try:
+                cfg = resolve_config(config)
+                sizes = split_sizes(len(dataset.train_y), dataset.num_classes, cfg)
+            except (TrialConfigError, ValueError) as exc:
+                raise PreflightError(f"cell {cell.label}: {exc}") from None
+            plan = perturbation_plan(cfg)
+            per_worker = sizes.train // cfg["workers"]
+            if per_worker < plan.per_worker_batch:
+                raise PreflightError(
+                    f"cell {cell.label}: batch_size={cfg['batch_size']} is larger than the {sizes.train} training "
+                    f"examples {sweep.dataset!r} leaves after its validation split"
+                    + (f" ({per_worker} per worker)" if cfg["workers"] > 1 else "")
+                    + "; lower batch_size or val_fraction")
