@@ -246,8 +246,16 @@ def test_sigterm_to_ui_stops_the_mlflow_server_and_its_workers(tmp_path):
             ui.kill()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    left = subprocess.run(["pgrep", "-g", str(server_group)], capture_output=True, text=True).stdout.split()
-    assert left == [], left
+    # Every process of the server's group has ended (killed ones may take a moment to be
+    # reaped; a zombie no longer runs or listens).
+    deadline = time.time() + 30
+    while True:
+        ps = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(server_group)], capture_output=True, text=True)
+        alive = [line for line in ps.stdout.splitlines() if not line.split()[1].startswith("Z")]
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert alive == [], alive
 
 
 def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypatch, tmp_path):
