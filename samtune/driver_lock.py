@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 
@@ -24,7 +25,10 @@ class DriverLock:
     """Held from `acquire` until `release` or this process's end."""
 
     def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
+        self.path = path
+        # Closing the last descriptor drops the lock: when released, when this object is
+        # collected (a refused sweep), or at exit, while `os` is still there to do it.
+        self._close = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def acquire(cls, storage: Path, name: str) -> "DriverLock":
@@ -47,12 +51,7 @@ class DriverLock:
         return cls(path, fd)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the lock
-            self._fd = None
-
-    def __del__(self):
-        self.release()
+        self._close()  # once; later calls do nothing
 
 
 def _describe(raw: bytes) -> str:

@@ -318,6 +318,8 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
     The affine weight and bias still train. State-dict keys are those of ``nn.BatchNorm2d``.
     """
 
+    frozen_stats = True  # read by the sharpness measures, which keep these statistics
+
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             training=False, momentum=0.0, eps=self.eps)
@@ -325,6 +327,8 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 
 class FrozenStatsBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d counterpart of `FrozenStatsBatchNorm2d` (the MLP's normalisation)."""
+
+    frozen_stats = True
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,

@@ -22,12 +22,16 @@ class PreflightError(ValueError):
 
 
 def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
-    """Raise PreflightError naming the first cell whose trials could not train.
+    """Raise PreflightError naming the dataset, or the first cell, whose trials could not train;
+    DataNotFoundError when the dataset is not on this machine.
 
     `sampled`: parameter sets the space produced (`check_space`); the batch size and worker
     count may come from there, so each is sized against every cell.
     """
-    dataset = load_dataset(sweep.dataset, sweep.fixed.get("data_root"))
+    try:
+        dataset = load_dataset(sweep.dataset, sweep.fixed.get("data_root"))
+    except ValueError as exc:  # a class selection the dataset does not have, unreadable files
+        raise PreflightError(f"dataset {sweep.dataset!r}: {exc}") from None
     variants = [dict(p) for p in sampled] or [{}]
     for cell in sweep.cells():
         for params in variants:

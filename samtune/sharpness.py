@@ -51,11 +51,16 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 @contextlib.contextmanager
 def _measuring(model: nn.Module):
     """Train mode with dropout off, BatchNorm on batch statistics with its running buffers
-    detached (so nothing, not even a vmapped forward, can update them); all restored on exit."""
+    detached (so nothing, not even a vmapped forward, can update them); all restored on exit.
+
+    A BatchNorm that always normalises with its running statistics (``frozen_stats``, as a
+    finetuned model's with ``freeze_bn``) keeps them: they are constants of the function it
+    trained, and it never updates them."""
     was_training = {m: m.training for m in model.modules()}
     saved = []
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                and not getattr(m, "frozen_stats", False)):
             saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
             m.running_mean = m.running_var = m.num_batches_tracked = None
     model.train()

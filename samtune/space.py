@@ -60,9 +60,6 @@ class SpaceError(ValueError):
 # Value specs: one place that knows what each setting accepts, used to validate values given in
 # Python and to parse values given on the command line (`--set`, `--params`).
 
-_DATASETS = ("digits", "cifar10", "cifar100")
-
-
 def _known_models() -> tuple[str, ...]:
     try:
         from samtune.models import MODELS
@@ -79,15 +76,23 @@ def _known(module: str, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _check_dataset(key: str, value: str) -> None:
-    datasets = _known("samtune.data", "DATASETS", _DATASETS)
-    if value in datasets:
+    """Every name the data layer reads (`samtune.data.parse_dataset_name`): a dataset, optionally
+    with a class selection such as ``digits[0-4]``. The indices are checked against the dataset
+    where it is read, before any trial (`samtune.preflight`)."""
+    from samtune.data import DATASETS, parse_dataset_name
+
+    try:
+        base, _ = parse_dataset_name(value)
+    except ValueError as exc:
+        raise SpaceError(f"{key}: {exc}") from None
+    if base in DATASETS:
         return
-    if value.startswith("imagefolder:"):
-        if not value.split(":", 1)[1].strip():
+    if base.startswith("imagefolder:"):
+        if not base.split(":", 1)[1].strip():
             raise SpaceError(f"{key}='imagefolder:' needs a path, e.g. 'imagefolder:/data/pets'")
         return
-    raise SpaceError(f"unknown {key} {value!r}; expected one of {list(datasets)} or 'imagefolder:<path>'"
-                     + _suggest(value, datasets))
+    raise SpaceError(f"unknown {key} {value!r}; expected one of {list(DATASETS)} or 'imagefolder:<path>', "
+                     f"optionally with a class selection such as [0-4]" + _suggest(base, DATASETS))
 
 
 def _check_model(key: str, value: str) -> None:

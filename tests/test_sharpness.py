@@ -431,3 +431,47 @@ def test_every_setting_is_logged_with_the_value_norm_and_filter_included():
     plain = measure_sharpness(model, F.cross_entropy, x, y, measures=[])
     assert not any(k.startswith("sharpness/params/") for k in plain)
     assert plain["sharpness/num_params"] == sum(p.numel() for p in model.parameters())
+
+
+class _FixedAffine(nn.Module):
+    """What a frozen-statistics BatchNorm computes, written out: a per-channel affine map of
+    constant statistics (no BatchNorm type, so nothing about it can be treated as one)."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.register_buffer("mean", bn.running_mean.clone())
+        self.register_buffer("scale", (bn.running_var + bn.eps).rsqrt())
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.view(shape)) * self.scale.view(shape) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def test_a_model_with_frozen_batchnorm_statistics_is_measured_as_the_function_it_trained():
+    """A finetuned model with freeze_bn normalises with its running statistics, in training too:
+    its sharpness is that of the same network with those statistics as constants."""
+    import copy
+
+    from samtune.models import build_model, freeze_batchnorm_stats
+
+    torch.manual_seed(0)
+    model = freeze_batchnorm_stats(build_model("cnn", 10, (1, 8, 8)))
+    for m in model.modules():
+        if getattr(m, "frozen_stats", False):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    written_out = copy.deepcopy(model)
+    for name, m in list(written_out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if getattr(child, "frozen_stats", False):
+                setattr(m, child_name, _FixedAffine(child))
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    before = [b.clone() for b in model.buffers()]
+    measures = ["m_sharpness", "avg_sharpness", "hessian_trace"]
+    got = measure_sharpness(model, F.cross_entropy, x, y, measures=measures, seed=3)
+    ref = measure_sharpness(written_out, F.cross_entropy, x, y, measures=measures, seed=3)
+    for name in measures:
+        key = f"sharpness/{name}"
+        assert math.isfinite(got[key]) and got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), name
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))

@@ -780,3 +780,31 @@ def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
     assert not resumable(cell)   # Tune would refuse: no experiment state yet
     (cell / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     assert resumable(cell)
+
+
+@pytest.mark.slow
+def test_the_embedded_finetuning_study_pretrains_once_and_finetunes_every_trial(tmp_path):
+    """search_spaces/finetune_digits.py shrunk: digits 5-9 finetuned from a CNN pretrained on 0-4,
+    pretrained once for all trials of both cells (and cached for the next sweep)."""
+    space = ROOT / "search_spaces" / "finetune_digits.py"
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--set", "name=t", "--set", "epochs=2",
+           "--set", "trials=2", "--set", "fixed.pretrain_epochs=2", "--set", "fixed.sharpness_measures=m_sharpness",
+           "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+           "--no-report"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(SAMTUNE_CACHE_DIR=str(cache)), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, by_role = runs_of(tmp_path)
+    trials = by_role["trial"]
+    assert len(trials) == 4
+    for t in trials:
+        assert t.data.tags["samtune.status"] in ("finished", "stopped")
+        assert t.data.params["scenario"] == "finetune" and t.data.params["dataset"] == "digits[5-9]"
+        assert t.data.params["finetune_source"] == "digits[0-4]"
+        assert "lr_backbone" in t.data.metrics  # the pretrained layers had their own learning rate
+        if t.data.tags["samtune.status"] == "finished":
+            assert "sharpness/m_sharpness" in t.data.metrics  # measured with frozen BatchNorm statistics
+    (weights,) = (cache / "pretrained").glob("*.pt")
+    meta = json.loads(weights.with_name(weights.name + ".json").read_text())
+    assert meta["config"]["dataset"] == "digits[0-4]" and meta["config"]["epochs"] == 2
