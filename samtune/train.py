@@ -864,11 +864,14 @@ def _backbone_lr(optimizer, scale: float) -> float:
 def _injected_fault(epoch: int) -> None:
     """Fault injection for resilience tests: ``SAMTUNE_FAULT_KILL_EPOCH=k`` SIGKILLs this worker
     process right after epoch k's checkpoint was reported (once per trial: a restarted worker
-    resumes after epoch k and never reports k again)."""
+    resumes after epoch k and never reports k again); ``SAMTUNE_FAULT_RAISE_EPOCH=k`` raises
+    there instead, as a bug in a trial would."""
     if os.environ.get("SAMTUNE_FAULT_KILL_EPOCH") == str(epoch):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("SAMTUNE_FAULT_RAISE_EPOCH") == str(epoch):
+        raise RuntimeError(f"injected fault after epoch {epoch} (SAMTUNE_FAULT_RAISE_EPOCH)")
 
 
 # ----------------------------------------------------------------------------- entry points

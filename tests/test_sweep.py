@@ -578,14 +578,6 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_finished_trials(tmp_path, 2, proc)
-        # A second driver of the running sweep, new or resuming, is refused in one line, naming it.
-        for extra in ((), ("--resume",)):
-            second = subprocess.run(sweep_cmd(tmp_path, *args, *extra), cwd=tmp_path, env=env(),
-                                    capture_output=True, text=True, timeout=300)
-            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-            assert re.fullmatch(rf"samtune: error: sweep 't' is already running \(driver pid {proc.pid} on "
-                                rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
-                                rf"--resume\n", second.stderr), second.stderr
         if how == "SIGINT":
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=300)
@@ -625,16 +617,51 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
 
 @pytest.mark.slow
 def test_a_sweep_whose_every_trial_failed_exits_non_zero_saying_why(tmp_path):
-    # No restarts allowed, and every trial process dies after its first epoch.
+    # No restarts allowed, and every trial raises after its first epoch.
     proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=2",
                                     "--set", "label_noise_rates=0.0", "--set", "fixed.max_failures=0"),
-                          cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="1"), capture_output=True,
+                          cwd=tmp_path, env=env(SAMTUNE_FAULT_RAISE_EPOCH="1"), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "samtune: every trial of the sweep failed; the first: " in proc.stderr, proc.stderr[-3000:]
+    assert "samtune: every trial of the sweep failed; the first: RuntimeError: injected fault after epoch 1" \
+        in proc.stderr, proc.stderr[-3000:]
     _, by_role = runs_of(tmp_path)
     assert [t.data.tags["samtune.status"] for t in by_role["trial"]] == ["failed", "failed"]
     assert all(t.data.tags.get("samtune.error") for t in by_role["trial"])
+
+
+@pytest.mark.slow
+def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_path):
+    # One trial long enough that both refusals land while it trains.
+    args = ("--set", "epochs=60", "--set", "trials=1", "--set", "label_noise_rates=0.0",
+            "--set", "fixed.sharpness_measures=")
+    proc = subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "runs" / "t" / "trials").glob("*/progress.csv")):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        # A second driver of the running sweep, new or resuming, is refused in one line, naming it.
+        for extra in ((), ("--resume",)):
+            second = subprocess.run(sweep_cmd(tmp_path, *args, *extra), cwd=tmp_path, env=env(),
+                                    capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            assert re.fullmatch(rf"samtune: error: sweep 't' is already running \(driver pid {proc.pid} on "
+                                rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
+                                rf"--resume\n", second.stderr), second.stderr
+        assert proc.poll() is None, "the sweep ended before the second drivers were refused"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    # The killed driver holds nothing: --resume finishes its sweep.
+    resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume", "--no-report"), cwd=tmp_path, env=env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    check_complete_once(tmp_path, trials_per_cell=1, cells=1)
 
 
 @pytest.mark.slow
