@@ -271,7 +271,6 @@ class SplitSizes:
 
     train: int
     val: int
-    num_classes: int
 
 
 def split_sizes(num_train: int, num_classes: int, config: dict[str, Any]) -> SplitSizes:
@@ -293,7 +292,7 @@ def split_sizes(num_train: int, num_classes: int, config: dict[str, Any]) -> Spl
     n_val = round(val_fraction * n)
     if n_val >= n:
         raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {n}")
-    return SplitSizes(train=n - n_val, val=n_val, num_classes=num_classes)
+    return SplitSizes(train=n - n_val, val=n_val)
 
 
 def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Scenario:
