@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from samtune.data import augment_batch, load_dataset, to_float
-from samtune.models import build_model
+from samtune.data.transforms import augment_batch, to_float
+from samtune.data.load import load_dataset
+from samtune.models.zoo import build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

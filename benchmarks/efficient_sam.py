@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from samtune.data import to_float
-from samtune.sam import SAM, sam_step
-from samtune.scenarios import build_scenario
-from samtune.variants import variant_from_config
+from samtune.data.transforms import to_float
+from samtune.optim.sam import SAM
+from samtune.optim.step import sam_step
+from samtune.data.scenarios import build_scenario
+from samtune.optim.variants import variant_from_config
 
 METHODS = ("sgd", "sam", "every_k", "rst", "looksam", "ae_sam")
 VARIANTS = METHODS[2:]

@@ -60,7 +60,7 @@ import time
 import traceback
 from pathlib import Path
 
-from samtune.ray_env import apply_ray_env
+from samtune.sweep.ray_env import apply_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shared data sit next to the project: <project>/../shared/data.
@@ -110,7 +110,7 @@ def sync(device) -> None:
 # ----------------------------------------------------------------------------- 1. epoch time
 def epoch_times(args, data: dict) -> dict:
     """Second-epoch training seconds of SGD and SAM through `fit`, same data, model and order."""
-    from samtune.train import fit
+    from samtune.trial.entry import fit
 
     out = {}
     for optimizer in ("sgd", "sam"):
@@ -140,7 +140,7 @@ class Stepper:
                  compile_backend: str | None = None, seed: int = 0) -> None:
         import torch
 
-        from samtune.sam import SAM
+        from samtune.optim.sam import SAM
 
         self.device, self.batch = device, args.batch
         torch.manual_seed(seed)
@@ -168,8 +168,8 @@ class Stepper:
         import torch
         import torch.nn.functional as F
 
-        from samtune.data import to_float
-        from samtune.sam import sam_step
+        from samtune.data.transforms import to_float
+        from samtune.optim.step import sam_step
 
         k = self.taken % self.per_pass
         if k == 0:  # a new pass over the data, in an order fixed by (seed, pass)
@@ -298,7 +298,7 @@ def data_parallel(args, data: dict, storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from samtune.train import train_loop_per_worker
+    from samtune.trial.entry import train_loop_per_worker
 
     start_ray(args)
     runs = []
@@ -351,7 +351,8 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
 
     from mlflow.tracking import MlflowClient
 
-    from samtune.sweep import prepare, run_sweep, summarize
+    from samtune.sweep.driver import prepare, run_sweep
+    from samtune.sweep.results import summarize
 
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -472,8 +473,9 @@ def main() -> int:
         args.precision = "fp16"
     device = torch.device("cuda", 0) if args.gpus else torch.device("cpu")
 
-    from samtune.data import DataNotFoundError, load_dataset
-    from samtune.scenarios import build_scenario
+    from samtune.data.dataset import DataNotFoundError
+    from samtune.data.load import load_dataset
+    from samtune.data.scenarios import build_scenario
 
     # CIFAR-10 from --data-root, decoded once here into the tensor cache every later load reads.
     data_root: Path | None = args.data_root.resolve()

@@ -25,8 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from samtune.models import build_model
-from samtune.sam import SAM, sam_step
+from samtune.models.zoo import build_model
+from samtune.optim.sam import SAM
+from samtune.optim.step import sam_step
 
 
 class LoopReferenceSAM(torch.optim.Optimizer):

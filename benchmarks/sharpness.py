@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from samtune import sharpness
-from samtune.models import build_model
-from samtune.sharpness import hessian_top_eig, hessian_trace
+from samtune.models.zoo import build_model
+from samtune.sharpness.curvature import hessian_top_eig, hessian_trace
 
 # The CIFAR-10 copy the project keeps beside it (../shared/data from the project's root).
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -195,7 +195,8 @@ def reference_tool(model, x, y, tol, max_iter, use_package):
 def examples(n: int, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     os.environ.setdefault("SAMTUNE_OFFLINE", "1")  # a benchmark never waits on a download
     try:
-        from samtune.data import load_dataset, to_float
+        from samtune.data.load import load_dataset
+        from samtune.data.transforms import to_float
         data = load_dataset("cifar10", data_root)
         idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
         return to_float(data.train_x[idx], data.mean, data.std), data.train_y[idx], "CIFAR-10 train"

@@ -40,7 +40,7 @@ def main() -> None:
                         help="the cells (default: the embedded study's); 0.4 alone measures one cell")
     args = parser.parse_args()
 
-    from samtune.sweep import prepare, run_sweep
+    from samtune.sweep.driver import prepare, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
         os.chdir(tmp)
@@ -52,19 +52,19 @@ def main() -> None:
                        tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage_path=f"{tmp}/runs")
         import ray
 
-        import samtune.sweep
-        from samtune.sweep import trial_resources
+        import samtune.sweep.driver
+        from samtune.sweep.driver import trial_resources
 
         # Ray starts inside run_sweep (the MLflow store opens meanwhile); timed on its own too.
         ray_times = []
-        start_ray = samtune.sweep._start_ray
+        start_ray = samtune.sweep.driver._start_ray
 
         def timed_start(address):
             t0 = time.perf_counter()
             start_ray(address)
             ray_times.append(time.perf_counter() - t0)
 
-        samtune.sweep._start_ray = timed_start
+        samtune.sweep.driver._start_ray = timed_start
         start = time.perf_counter()
         cells = run_sweep(plan)
         wall = time.perf_counter() - start

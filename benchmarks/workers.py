@@ -32,10 +32,11 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
     import ray.train.torch
     import torch.distributed as dist
 
-    from samtune.data import to_float
-    from samtune.sam import sam_step
-    from samtune.scenarios import build_scenario
-    from samtune.train import build_optimizer, perturbation_plan, resolve_config
+    from samtune.data.transforms import to_float
+    from samtune.optim.step import sam_step
+    from samtune.data.scenarios import build_scenario
+    from samtune.trial.build import build_optimizer
+    from samtune.trial.config import perturbation_plan, resolve_config
 
     rank, world = dist.get_rank(), dist.get_world_size()
     counts = {"ddp": 0, "manual": 0}
@@ -83,7 +84,7 @@ def bench_worker(config: dict) -> None:
     """Ray Train worker: count rounds, then train normally (reporting samples/s per epoch)."""
     import torch.distributed as dist
 
-    from samtune.train import train_loop_per_worker
+    from samtune.trial.entry import train_loop_per_worker
 
     rounds = count_rounds(config["train"], config["steps"])
     if dist.get_rank() == 0:
@@ -104,7 +105,7 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from samtune.train import fit
+    from samtune.trial.entry import fit
 
     config = {"dataset": "digits", "model": args.model, "epochs": args.epochs,
               "batch_size": args.batch, "optimizer": "sam", "rho": 0.05, "lr": 0.05,

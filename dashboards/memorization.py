@@ -15,14 +15,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report import (
-    Runs,
-    View,
-    best_per_optimizer,
-    cell_order,
-    choice_metric,
-    optimizer_colors,
-)
+from samtune.report.runs import Runs
+from samtune.report.views import View
+from samtune.report.table import best_per_optimizer, cell_order, choice_metric, optimizer_colors
 
 ORDER = 40
 

@@ -26,15 +26,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report import (
-    Runs,
-    View,
-    cell_order,
-    choice_metric,
-    effective_m,
-    optimizer_colors,
-    searched_hyperparameters,
-)
+from samtune.report.runs import Runs
+from samtune.report.views import View
+from samtune.report.table import cell_order, choice_metric, effective_m, optimizer_colors, searched_hyperparameters
 
 ORDER = 20
 

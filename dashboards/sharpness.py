@@ -16,7 +16,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy.stats import kendalltau
 
-from samtune.report import Runs, View, cell_order, searched_hyperparameters
+from samtune.report.runs import Runs
+from samtune.report.views import View
+from samtune.report.table import cell_order, searched_hyperparameters
 
 ORDER = 30
 

@@ -14,8 +14,29 @@ import subprocess
 import sys
 from typing import Sequence
 
+from samtune.contract.values import SpaceError
+from samtune.data.dataset import DataNotFoundError, DataUnreadableError
+from samtune.report.page import build
+from samtune.report.runs import ReportError
+from samtune.sweep.check import check_space, fixed_trial_config
+from samtune.sweep.driver import prepare, run_sweep
+from samtune.sweep.errors import SweepError, SweepInterrupted
+from samtune.sweep.preflight import PreflightError, check_cells
+from samtune.sweep.results import summarize
+from samtune.sweep.space_file import load_space
+from samtune.sweep.study import apply_overrides, parse_assignments
+from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
+from samtune.sweep.validate import parse_trial_value, validate_trial_config
+from samtune.sweep.view import SweepView, print_summary
+from samtune.trial.config import TrialConfigError
+from samtune.trial.entry import fit
+
 EXIT_FAILED = 1
+
+
 EXIT_USAGE = 2
+
+
 EXIT_INTERRUPTED = 130
 
 
@@ -104,12 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from .space import SpaceError
-    from .sweep import SweepError
-    from .train import TrialConfigError
 
-    from .data import DataNotFoundError, DataUnreadableError
-    from .report import ReportError
 
     return isinstance(exc, (SpaceError, SweepError, TrialConfigError, UsageError, DataNotFoundError,
                             DataUnreadableError, ReportError))
@@ -123,8 +139,6 @@ def _one_line(exc: BaseException) -> str:
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from .sweep import SweepInterrupted, prepare, run_sweep, summarize
-    from .view import SweepView, print_summary
 
     plan = prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
                    tracking_uri=args.tracking_uri, address=args.address, storage_path=args.storage_path,
@@ -167,7 +181,6 @@ def _sweep_report(console, plan) -> int:
     """The end of a sweep: its report, built and named. The sweep's results are in MLflow
     whatever happens here, so a report that fails says why and how to build it again, and the
     sweep still succeeds."""
-    from .report import build
 
     if (plan.sweep_dir / "mlflow-unlogged.jsonl").exists():
         # Records MLflow did not take yet (the message above names them): a report now would
@@ -192,9 +205,6 @@ def _sweep_report(console, plan) -> int:
 
 
 def cmd_check(args) -> int:
-    from .data import DataNotFoundError
-    from .preflight import PreflightError, check_cells
-    from .space import check_space
 
     sweep, space = _load_with_overrides(args)
     sampled = check_space(sweep, space)
@@ -219,7 +229,6 @@ def cmd_check(args) -> int:
 
 def _load_with_overrides(args):
     """The space file's Sweep with ``--set``/``--trials``/``--data-root`` applied, and its space."""
-    from .space import apply_overrides, load_space
 
     sweep, space = load_space(args.file)
     sets = list(args.sets) + ([f"trials={args.trials}"] if args.trials is not None else [])
@@ -234,8 +243,6 @@ def cmd_train(args) -> int:
     """One trial outside Tune, on the code path of a sweep's trial (`train.fit`)."""
     import torch
 
-    from .space import fixed_trial_config, parse_assignments, parse_trial_value, validate_trial_config
-    from .train import fit
 
     _check_outputs(args)
     params = {}
@@ -303,8 +310,6 @@ def _check_outputs(args) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import build
-    from .tracking import check_tracking_uri, resolve_tracking_uri
 
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: is a file; the report is a folder (index.html and figures)")
@@ -321,7 +326,6 @@ def cmd_report(args) -> int:
 
 def cmd_ui(args) -> int:
     """Serve the MLflow UI over the store the sweeps write to (the same default as `sweep`)."""
-    from .tracking import resolve_tracking_uri
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: expected a port number from 1 to 65535")

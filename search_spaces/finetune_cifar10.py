@@ -10,7 +10,7 @@ Budget: 2 cells x 16 trials x 30 epochs of a ResNet-18, one GPU per trial.
 Needs CIFAR-10 and CIFAR-100 on disk: ``--data-root`` or ``SAMTUNE_DATA_ROOT`` (see README).
 This file is Python and runs with your rights, like any script you run.
 """
-from samtune.space import Sweep
+from samtune.sweep import Sweep
 
 
 def space(trial):

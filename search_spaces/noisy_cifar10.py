@@ -15,7 +15,7 @@ on the default 1,024 examples alone took over 10 minutes a trial).
 Needs CIFAR-10 on disk: ``--data-root`` or ``SAMTUNE_DATA_ROOT`` (see README).
 This file is Python and runs with your rights, like any script you run.
 """
-from samtune.space import Sweep
+from samtune.sweep import Sweep
 
 
 def space(trial):

@@ -11,7 +11,7 @@ import pytest
 from samtune.cli import main
 
 GOOD = textwrap.dedent('''
-    from samtune.space import Sweep
+    from samtune.sweep.study import Sweep
 
     def space(trial):
         optimizer = trial.suggest_categorical("optimizer", ["sgd", "sam"])
@@ -248,10 +248,10 @@ def test_a_nearly_full_disk_is_refused_before_the_first_trial(tmp_path, monkeypa
     import shutil
     from collections import namedtuple
 
-    import samtune.sweep
+    import samtune.sweep.cluster
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(samtune.sweep.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(samtune.sweep.cluster.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", space_file(tmp_path), "--storage-path", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err

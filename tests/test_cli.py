@@ -64,7 +64,7 @@ def test_train_names_what_the_space_still_needs(capsys):
 
 def test_train_says_which_optimizer_rho_alone_implies(monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr("samtune.train.fit", lambda config, **kw: seen.append(config) or {})
+    monkeypatch.setattr("samtune.cli.fit", lambda config, **kw: seen.append(config) or {})
     assert cli.main(["train", "--params", "rho=0.1,lr=0.1", "--set", "epochs=1"]) == 0
     assert cli.main(["train", "--params", "optimizer=asam,rho=0.1"]) == 0  # an explicit choice stands
     assert [c["optimizer"] for c in seen] == ["sam", "asam"]
@@ -74,9 +74,9 @@ def test_train_says_which_optimizer_rho_alone_implies(monkeypatch, capsys):
 def fake_sweep(monkeypatch, tmp_path, outcome=None):
     """`samtune sweep` up to the end of its trials, without Ray: a plan for `DIGITS` whose
     run_sweep returns no cells (or raises `outcome`)."""
-    import samtune.sweep
-    from samtune.space import load_space
-    from samtune.sweep import Plan
+    import samtune.cli
+    from samtune.sweep.space_file import load_space
+    from samtune.sweep.plan import Plan
 
     sweep, space = load_space(DIGITS)
     plan = Plan(sweep, space, DIGITS, tmp_path / "runs" / sweep.name, f"sqlite:///{tmp_path}/mlflow.db",
@@ -89,8 +89,8 @@ def fake_sweep(monkeypatch, tmp_path, outcome=None):
             raise outcome
         return []
 
-    monkeypatch.setattr(samtune.sweep, "prepare", lambda *a, **k: plan)
-    monkeypatch.setattr(samtune.sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr(samtune.cli, "prepare", lambda *a, **k: plan)
+    monkeypatch.setattr(samtune.cli, "run_sweep", run_sweep)
     return plan
 
 
@@ -102,7 +102,7 @@ def test_a_sweep_ends_by_building_its_report_and_saying_where_it_is(monkeypatch,
         calls.append((experiment, tracking_uri, out))
         return Path("reports") / experiment / "index.html"
 
-    monkeypatch.setattr("samtune.report.build", build)
+    monkeypatch.setattr("samtune.cli.build", build)
     assert cli.main(["sweep", DIGITS]) == 0
     assert calls == [("noisy-digits", plan.tracking_uri, None)]
     out = capsys.readouterr().out
@@ -113,14 +113,14 @@ def test_a_sweep_ends_by_building_its_report_and_saying_where_it_is(monkeypatch,
 
 
 def test_a_report_that_fails_leaves_the_sweep_a_success_and_says_how_to_retry(monkeypatch, tmp_path, capsys):
-    from samtune.report import ReportError
+    from samtune.report.runs import ReportError
 
     plan = fake_sweep(monkeypatch, tmp_path)
 
     def build(*args, **kwargs):
         raise ReportError("no views folder")
 
-    monkeypatch.setattr("samtune.report.build", build)
+    monkeypatch.setattr("samtune.cli.build", build)
     assert cli.main(["sweep", DIGITS]) == 0
     err = capsys.readouterr().err.strip()
     assert err == ("samtune: the sweep is complete but its report could not be built (ReportError: no views "
@@ -131,7 +131,7 @@ def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_pat
     plan = fake_sweep(monkeypatch, tmp_path)
     plan.sweep_dir.mkdir(parents=True)
     (plan.sweep_dir / "mlflow-unlogged.jsonl").write_text("{}\n")
-    monkeypatch.setattr("samtune.report.build", lambda *a, **k: pytest.fail("report built from a partial store"))
+    monkeypatch.setattr("samtune.cli.build", lambda *a, **k: pytest.fail("report built from a partial store"))
     assert cli.main(["sweep", DIGITS]) == 0
     err = capsys.readouterr().err
     assert "not in MLflow yet, so no report was built" in err
@@ -151,7 +151,9 @@ def test_the_resume_command_it_prints_resumes_the_sweep_as_it_was_started(tmp_pa
     with them again: the printed command must carry them, pasteable as it stands."""
     import shlex
 
-    from samtune.sweep import SweepError, prepare, write_state
+    from samtune.sweep.errors import SweepError
+    from samtune.sweep.driver import prepare
+    from samtune.sweep.recording import write_state
 
     (tmp_path / "data").mkdir()
     (tmp_path / "sub").mkdir()
@@ -189,10 +191,10 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
         calls.append((experiment, tracking_uri, out))
         return tmp_path / "out" / "index.html"
 
-    monkeypatch.setattr("samtune.report.build", build)
+    monkeypatch.setattr("samtune.cli.build", build)
     # A store to read (a missing one is refused), and a server taken as answering.
     (tmp_path / "mlflow.db").touch()
-    monkeypatch.setattr("samtune.tracking.check_reachable", lambda uri: None)
+    monkeypatch.setattr("samtune.sweep.tracking.check_reachable", lambda uri: None)
     assert cli.main(["report", "noisy-digits"]) == 0
     assert cli.main(["report", "noisy-digits", "--tracking-uri", "http://127.0.0.1:5000", "--out", "maps"]) == 0
     # Default: MLflow's local SQLite store in this folder, as an absolute path (what `sweep` uses).
@@ -260,9 +262,9 @@ def test_sigterm_to_ui_stops_the_mlflow_server_and_its_workers(tmp_path):
 
 def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    monkeypatch.setattr("samtune.tracking.check_reachable", lambda uri: None)
+    monkeypatch.setattr("samtune.sweep.tracking.check_reachable", lambda uri: None)
     calls = []
-    monkeypatch.setattr("samtune.report.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
+    monkeypatch.setattr("samtune.cli.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
                         or tmp_path)
     assert cli.main(["report", "x"]) == 0 and calls == ["http://127.0.0.1:5999"]
     assert not os.path.exists(tmp_path / "mlflow.db")

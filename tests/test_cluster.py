@@ -61,7 +61,7 @@ def test_a_worker_group_that_cannot_be_placed_fails_its_trial_with_the_missing_r
     instead of waiting forever."""
     from ray import tune
 
-    from samtune.train import run_trial
+    from samtune.trial.ray_trial import run_trial
 
     @two_cpu_ray.remote(num_cpus=1)
     class Squatter:
@@ -84,7 +84,7 @@ def test_a_worker_group_that_cannot_be_placed_fails_its_trial_with_the_missing_r
 
 # ------------------------------------------------------------------------------ several nodes
 PER_WORKER_SAM = (
-    "from samtune.space import Sweep\n"
+    "from samtune.sweep import Sweep\n"
     "def space(trial):\n"
     "    trial.suggest_categorical('optimizer', ['sam'])\n"
     "    return {{'lr': 0.1, 'rho': 0.05}}\n"
@@ -236,7 +236,7 @@ def test_a_trial_whose_lost_node_does_not_come_back_fails_naming_the_missing_res
     assert reason in trial.data.tags["samtune.error"]
     assert reason in out
     assert f"trial {trial.data.tags['samtune.trial_key'].rsplit('/', 1)[1]} failed and restarts from its last " \
-           f"checkpoint: samtune.train.{reason}" in out
+           f"checkpoint: samtune.trial.placement.{reason}" in out
     epochs = epochs_logged(client, trial)
     assert epochs == list(range(1, len(epochs) + 1)) and 2 <= len(epochs) < 10
     assert "Traceback" not in out, out
@@ -348,7 +348,7 @@ def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_pat
     answers, all yes, come from the two-node sweep above."""
     import ray
 
-    from samtune import sweep as sweep_module
+    from samtune.sweep import cluster as sweep_module
 
     nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
              {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},

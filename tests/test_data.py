@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from samtune.data import augment_batch, channel_stats, load_dataset, to_float
+from samtune.data.transforms import augment_batch, channel_stats, to_float
+from samtune.data.load import load_dataset
 
 
 def test_digits_is_uint8_scaled_with_fixed_stratified_split():
@@ -34,7 +35,7 @@ def test_digits_are_cached_once_and_read_back_without_importing_scikit_learn(tmp
     import subprocess
     import sys
 
-    from samtune.data import _build_digits
+    from samtune.data.load import _build_digits
 
     ds = load_dataset("digits", cache_dir=tmp_path)
     (cached,) = tmp_path.glob("digits-*.samtune.pt")
@@ -123,8 +124,10 @@ import tarfile
 import warnings
 from pathlib import Path
 
-from samtune import data as data_module
-from samtune.data import DataNotFoundError, parse_dataset_name, select_classes
+from samtune.data import cifar as data_cifar
+from samtune.data import images as data_images
+from samtune.data.dataset import DataNotFoundError
+from samtune.data.load import parse_dataset_name, select_classes
 
 SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # CIFAR-10's published label order (batches.meta of the canonical copy).
@@ -260,7 +263,7 @@ def test_second_load_reads_the_cache_and_does_not_decode(cifar_subset, tmp_path,
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although a valid cache exists")
 
-    monkeypatch.setattr(data_module, "_decode_images", no_decoding)
+    monkeypatch.setattr(data_images, "_decode_images", no_decoding)
     again = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
     assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
 
@@ -279,8 +282,9 @@ def test_second_load_of_a_jpeg_tarball_reads_the_cache(cifar_subset, tmp_path, m
         tf.add(root, arcname="cifar10-jpeg")
     first = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
-    monkeypatch.setattr(data_module, "_read_tar", _refuse("read the tarball"))
-    monkeypatch.setattr(data_module, "_decode_images", _refuse("decoded"))
+    monkeypatch.setattr(data_images, "_read_tar", _refuse("read the tarball"))
+    monkeypatch.setattr(data_cifar, "_read_tar", _refuse("read the tarball"))
+    monkeypatch.setattr(data_images, "_decode_images", _refuse("decoded"))
     again = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(again, key), getattr(first, key))
@@ -297,8 +301,9 @@ def test_pickled_cifar10_tarball_is_decompressed_once_then_cached(cifar_subset, 
     reference = load_dataset("cifar10", tmp_path / "unpacked", cache_dir=tmp_path / "unused", download=False)
     first = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
-    monkeypatch.setattr(data_module, "_read_tar", _refuse("decompressed the tarball"))
-    monkeypatch.setattr(data_module, "_cifar_from_pickles", _refuse("unpickled"))
+    monkeypatch.setattr(data_images, "_read_tar", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_cifar, "_read_tar", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_cifar, "_cifar_from_pickles", _refuse("unpickled"))
     again = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(first, key), getattr(reference, key)), key
@@ -442,7 +447,7 @@ def test_whole_shared_cifar10_copy_loads_with_cifar_labels(cifar_subset, tmp_pat
 
 
 def test_a_read_only_data_folder_gets_no_cache_file_even_for_root(tmp_path, monkeypatch):
-    from samtune import data
+    from samtune.data import cache as data
 
     monkeypatch.delenv("SAMTUNE_CACHE_DIR", raising=False)
     writable, locked = tmp_path / "mine", tmp_path / "shared"

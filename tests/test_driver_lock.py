@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from samtune.driver_lock import DriverLock, SweepBusy
+from samtune.sweep.driver_lock import DriverLock, SweepBusy
 
 HOLD = ("import sys, time\n"
         "from pathlib import Path\n"
-        "from samtune.driver_lock import DriverLock\n"
+        "from samtune.sweep.driver_lock import DriverLock\n"
         "lock = DriverLock.acquire(Path(sys.argv[1]), 't')\n"
         "print('held', flush=True)\n"
         "time.sleep(600)\n")
@@ -47,7 +47,7 @@ def test_the_sweep_refuses_a_second_driver_before_reading_the_sweep(tmp_path, ca
     from samtune.cli import main
 
     space = tmp_path / "s.py"
-    space.write_text("from samtune.space import Sweep\n"
+    space.write_text("from samtune.sweep import Sweep\n"
                      "def space(trial):\n"
                      "    trial.suggest_float('lr', 0.01, 0.1)\n"
                      "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=1, batch_size=64, trials=1)\n")

@@ -6,7 +6,7 @@ import signal
 import pytest
 from ray.tune.tune import _setup_signal_catching
 
-from samtune.interrupts import InterruptWatch
+from samtune.sweep.interrupts import InterruptWatch
 
 
 def ctrl_c():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from samtune.models import (MODELS, build_model, freeze_batchnorm_stats, head_parameter_names,
-                            replace_head)
+from samtune.models.zoo import MODELS, build_model
+from samtune.models.heads import freeze_batchnorm_stats, head_parameter_names, replace_head
 
 SMALL = ["mlp", "cnn", "resnet20", "resnet18", "wrn16_8"]
 
@@ -81,7 +81,7 @@ def test_unknown_names_are_value_errors():
 
 
 def test_param_groups_split_head_and_backbone_learning_rates():
-    from samtune.models import param_groups
+    from samtune.models.heads import param_groups
 
     model = build_model("resnet20", 10, (3, 32, 32))
     everything = {id(p) for p in model.parameters()}

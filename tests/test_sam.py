@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtune.sam import SAM, sam_step
+from samtune.optim.sam import SAM
+from samtune.optim.step import sam_step
 
 
 def mlp(seed=0, bn=False):
@@ -304,7 +305,7 @@ def test_grouped_step_with_batchnorm_equals_a_per_group_reference(vectorize):
 
 
 def test_vmap_failure_falls_back_to_the_loop_with_batchnorm_advanced_once(monkeypatch):
-    import samtune.sam as sam_module
+    import samtune.optim.msharpness as sam_module
 
     x, y = batch(24)
     loop_model, auto_model = mlp(bn=True), mlp(bn=True)
@@ -338,7 +339,7 @@ def test_vmap_failure_falls_back_to_the_loop_with_batchnorm_advanced_once(monkey
 
 
 def test_grouped_step_keeps_frozen_batchnorm_counters_still():
-    from samtune.models import freeze_batchnorm_stats
+    from samtune.models.heads import freeze_batchnorm_stats
 
     x, y = batch(24)
     for vectorize in (True, False):
@@ -416,7 +417,7 @@ def test_a_non_finite_gradient_leaves_the_weights_at_w_in_first_step(adaptive, b
 
 
 def test_grouped_eps_is_zero_for_a_group_with_a_non_finite_gradient():
-    from samtune.sam import _group_eps
+    from samtune.optim.msharpness import _group_eps
 
     w = nn.Parameter(torch.zeros(2))
     opt = SAM([w], rho=0.5, lr=0.1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samtune.data import load_dataset
-from samtune.scenarios import apply_label_noise, asymmetric_class_map, build_scenario
+from samtune.data.load import load_dataset
+from samtune.data.noise import apply_label_noise, asymmetric_class_map
+from samtune.data.scenarios import build_scenario
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
@@ -98,8 +99,8 @@ def test_asymmetric_noise_needs_a_class_map():
 
 
 def test_asymmetric_scenario_on_cifar10_and_a_clear_error_elsewhere(monkeypatch):
-    import samtune.scenarios as scenarios
-    from samtune.data import Dataset
+    import samtune.data.scenarios as scenarios
+    from samtune.data.dataset import Dataset
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=gen)
@@ -190,8 +191,9 @@ from pathlib import Path
 
 from torch import nn
 
-from samtune.models import FrozenStatsBatchNorm2d, build_model, param_groups
-from samtune.weights import load_backbone, read_state_dict, resolve_source
+from samtune.models.heads import FrozenStatsBatchNorm2d, param_groups
+from samtune.models.zoo import build_model
+from samtune.models.weights import load_backbone, read_state_dict, resolve_source
 
 FINETUNE = {"dataset": "digits[5-9]", "scenario": "finetune", "model": "cnn", "norm": "batch", "seed": 0}
 
@@ -303,34 +305,41 @@ def test_weights_logged_to_mlflow_are_a_source(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(None)  # the global URI would outlive this test otherwise
 
 
+def _scenario_with_pretraining(config):
+    """The trainer's first steps: pretrain a dataset-named source (once, cached), then build."""
+    from samtune.trial.pretrain import pretrained_state
+
+    return build_scenario(config, initial_state=pretrained_state(config))
+
+
 def test_a_dataset_source_is_pretrained_once_and_learns_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
     config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 3, "batch_size": 64,
               "epochs": 1}
-    sc = build_scenario(config)
+    sc = _scenario_with_pretraining(config)
     (weights,) = (tmp_path / "cache" / "pretrained").glob("*.pt")
     # The pretrained network (with its own head) classifies the source task's test digits.
     source = load_dataset("digits[0-4]")
     net = build_model("cnn", 5, (1, 8, 8))
     net.load_state_dict(read_state_dict(weights))
-    from samtune.data import to_float
+    from samtune.data.transforms import to_float
 
     with torch.no_grad():
         pred = net.eval()(to_float(source.test_x, source.mean, source.std)).argmax(1)
     assert float((pred == source.test_y).double().mean()) > 0.9
     # A second trial of the sweep finds the cached file and does not train again.
-    import samtune.train
+    import samtune.trial.pretrain
 
-    monkeypatch.setattr(samtune.train, "fit", lambda *a, **k: pytest.fail("pretrained a second time"))
-    again = build_scenario(dict(config))
+    monkeypatch.setattr(samtune.trial.pretrain, "run", lambda *a, **k: pytest.fail("pretrained a second time"))
+    again = _scenario_with_pretraining(dict(config))
     assert all(torch.equal(again.initial_state[k], v) for k, v in sc.initial_state.items())
     # The trial's batch size (a setting a sweep may search) does not pick the pretraining ...
-    build_scenario({**config, "batch_size": 32})
+    _scenario_with_pretraining({**config, "batch_size": 32})
     assert len(list((tmp_path / "cache" / "pretrained").glob("*.pt"))) == 1
     # ... while a different pretraining config is a different cache entry.
     for change in ({"pretrain_epochs": 4}, {"pretrain_batch_size": 32}):
         with pytest.raises(pytest.fail.Exception, match="pretrained a second time"):
-            build_scenario({**config, **change})
+            _scenario_with_pretraining({**config, **change})
 
 
 def test_a_dataset_source_pretrains_inside_one_rank_of_a_process_group(tmp_path, monkeypatch):
@@ -338,7 +347,8 @@ def test_a_dataset_source_pretrains_inside_one_rank_of_a_process_group(tmp_path,
     torch.distributed group. Pretraining there trains alone, without a collective."""
     import torch.distributed as dist
 
-    from samtune.train import TrialConfigError, fit
+    from samtune.trial.config import TrialConfigError
+    from samtune.trial.entry import fit
 
     monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
     # This process plays rank 1 of 2; any collective would hang a real job, so here it fails.
@@ -355,7 +365,7 @@ def test_a_dataset_source_pretrains_inside_one_rank_of_a_process_group(tmp_path,
         fit({"dataset": "digits", "epochs": 1})  # a plain fit() still refuses, as documented
     config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 1, "pretrain_subset": 256,
               "epochs": 1, "batch_size": 64}
-    sc = build_scenario(config)
+    sc = _scenario_with_pretraining(config)
     (weights,) = (tmp_path / "cache" / "pretrained").glob("*.pt")
     state = read_state_dict(weights)
     assert all(torch.equal(sc.initial_state[k], v) for k, v in state.items())

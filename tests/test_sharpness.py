@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtune.sharpness import (DEFAULT_MEASURES, MEASURES, FlatLoss, _HVP, _measuring,
-                               adaptive_sharpness, avg_sharpness, hessian_top_eig, hessian_trace,
-                               m_sharpness, measure_sharpness, pac_bayes_sigma)
+from samtune.contract.keys import DEFAULT_MEASURES
+from samtune.sharpness.measures import MEASURES, measure_sharpness
+from samtune.sharpness.hvp import FlatLoss, _HVP, _measuring
+from samtune.sharpness.worst_case import adaptive_sharpness, avg_sharpness, m_sharpness
+from samtune.sharpness.curvature import hessian_top_eig, hessian_trace, pac_bayes_sigma
 
 
 @pytest.fixture(autouse=True)
@@ -273,7 +275,7 @@ def test_hessian_vector_products_equal_the_dense_hessian_times_v(mode):
 def test_auto_keeps_graphs_only_within_this_process_share_of_free_memory(monkeypatch):
     """'auto' keeps the graphs when they fit in half of memory_share x the free memory: with the
     free memory fixed just above what the graphs need, a share of a half sends it to forward mode."""
-    import samtune.sharpness as sharpness
+    import samtune.sharpness.hvp as sharpness
 
     model = small_net()
     x = torch.randn(20, 5, generator=torch.Generator().manual_seed(8))
@@ -453,7 +455,8 @@ def test_a_model_with_frozen_batchnorm_statistics_is_measured_as_the_function_it
     its sharpness is that of the same network with those statistics as constants."""
     import copy
 
-    from samtune.models import build_model, freeze_batchnorm_stats
+    from samtune.models.zoo import build_model
+    from samtune.models.heads import freeze_batchnorm_stats
 
     torch.manual_seed(0)
     model = freeze_batchnorm_stats(build_model("cnn", 10, (1, 8, 8)))

@@ -9,21 +9,17 @@ from pathlib import Path
 import optuna
 import pytest
 
-from samtune.space import (
-    SpaceError,
-    Sweep,
-    apply_overrides,
-    check_space,
-    fixed_trial_config,
-    load_space,
-    validate_trial_config,
-)
+from samtune.contract.values import SpaceError
+from samtune.sweep.study import Sweep, apply_overrides
+from samtune.sweep.check import check_space, fixed_trial_config
+from samtune.sweep.space_file import load_space
+from samtune.sweep.validate import validate_trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.py"))
 
 SPACE = '''
-from samtune.space import Sweep
+from samtune.sweep.study import Sweep
 
 def space(trial):
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "sam"])
@@ -145,7 +141,7 @@ def test_a_space_may_not_search_what_the_sweep_fixes_per_cell(tmp_path):
 
 
 def test_an_error_while_running_the_file_names_its_line(tmp_path):
-    path = write(tmp_path, "from samtune.space import Sweep\n\nVALUES = {}\nX = VALUES['missing']\n")
+    path = write(tmp_path, "from samtune.sweep import Sweep\n\nVALUES = {}\nX = VALUES['missing']\n")
     with pytest.raises(SpaceError, match=r"space.py:4: KeyError: 'missing'"):
         load_space(path)
 

@@ -19,11 +19,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-import samtune.sweep
-from samtune.space import Sweep
-from samtune.sweep import (AshaAwareOptunaSearch, CellResult, Recorder, SweepError, TrialRow, declare_sweep,
-                           load_study, prepare, run_sweep, summarize, trial_resources, write_state)
-from samtune.tracking import Tracker
+import samtune.sweep.driver
+from samtune.sweep.study import Sweep
+from samtune.sweep.search import AshaAwareOptunaSearch
+from samtune.sweep.results import CellResult, TrialRow, load_study, summarize
+from samtune.sweep.recording import Recorder, declare_sweep, write_state
+from samtune.sweep.errors import SweepError
+from samtune.sweep.driver import prepare, run_sweep, trial_resources
+from samtune.sweep.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "search_spaces" / "noisy_digits.py"
@@ -82,7 +85,7 @@ def test_optuna_sees_an_asha_stop_as_pruned_a_divergence_as_a_bad_result_and_a_c
 def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_survive_a_restore(tmp_path):
     from ray.tune.search import Searcher
 
-    from samtune.sweep import CellSearch
+    from samtune.sweep.search import CellSearch
 
     def cells_search():
         return CellSearch([searcher(), searcher()], trials=3, metric="val_error", mode="min", baselines=2)
@@ -119,7 +122,7 @@ def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_sur
 def test_asha_judges_a_trial_only_against_its_own_cell():
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from samtune.sweep import CellScheduler
+    from samtune.sweep.search import CellScheduler
 
     def asha():
         s = ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
@@ -358,13 +361,13 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
 def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_path, monkeypatch):
     plan = prepare(str(SPACE), ["name=nostore"], storage_path=str(tmp_path / "runs"),
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(samtune.sweep, "_start_ray", lambda address: None)
+    monkeypatch.setattr(samtune.sweep.driver, "_start_ray", lambda address: None)
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})
 
     def broken(*args, **kwargs):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(samtune.sweep, "Tracker", broken)
+    monkeypatch.setattr(samtune.sweep.driver, "Tracker", broken)
     with pytest.raises(SweepError, match="MLflow cannot open it .*database is locked"):
         run_sweep(plan)
     # Nothing that a later run would take for a sweep to resume.
@@ -512,7 +515,7 @@ def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
     # Trials run one at a time and alternate a working and a hopeless learning rate: each hopeless
     # trial reaches the first rung (epoch 1) behind a recorded working one, so ASHA stops it there.
     sweep_space(tmp_path, "asha.py",
-        "from samtune.space import Sweep\n"
+        "from samtune.sweep import Sweep\n"
         "def space(trial):\n"
         "    trial.suggest_categorical('optimizer', ['sgd'])\n"
         "    return {'lr': 0.2 if trial.number % 2 == 0 else 1e-6}\n"
@@ -690,7 +693,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
 @pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
     sweep_space(tmp_path, "diverge.py",
-        "from samtune.space import Sweep\n"
+        "from samtune.sweep import Sweep\n"
         "def space(trial):\n"
         "    opt = trial.suggest_categorical('optimizer', ['sgd', 'sam'])\n"
         "    if opt == 'sam':\n"
@@ -720,8 +723,8 @@ def test_the_summary_marks_a_best_pick_that_asha_stopped():
 
     from rich.console import Console
 
-    from samtune.sweep import TrialRow
-    from samtune.view import print_summary
+    from samtune.sweep.results import TrialRow
+    from samtune.sweep.view import print_summary
 
     def row(optimizer, status, epoch, val, test):
         return TrialRow("t", {"optimizer": optimizer, "lr": 0.1}, status=status, epoch=epoch,
@@ -749,7 +752,7 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
     from ray.train._internal.checkpoint_manager import _CheckpointManager
     from ray.train._internal.session import _TrainingResult
 
-    from samtune.sweep import CheckpointPruner
+    from samtune.sweep.recovery import CheckpointPruner
 
     manager = _CheckpointManager(CheckpointConfig(num_to_keep=None))
     trial = SimpleNamespace(run_metadata=SimpleNamespace(checkpoint_manager=manager))
@@ -777,7 +780,7 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
 
 
 def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_before(tmp_path):
-    from samtune.sweep import STATE_BACKUP, StateBackup, resumable
+    from samtune.sweep.recovery import STATE_BACKUP, StateBackup, resumable
 
     cell = tmp_path / "trials"
     cell.mkdir()
@@ -798,7 +801,7 @@ def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_befor
 
 
 def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
-    from samtune.sweep import resumable
+    from samtune.sweep.recovery import resumable
 
     cell = tmp_path / "trials"
     cell.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from samtune.tracking import Tracker
+from samtune.sweep.tracking import Tracker
 
 
 class FlakyClient:

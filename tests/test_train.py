@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samtune.data import to_float
-from samtune.scenarios import build_scenario
-from samtune.train import (TrialConfigError, distributed_backend, fit, perturbation_plan,
-                           resolve_config, worker_resources)
+from samtune.data.transforms import to_float
+from samtune.data.scenarios import build_scenario
+from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
+from samtune.trial.placement import distributed_backend, worker_resources
+from samtune.trial.entry import fit
 
 BASE = {"dataset": "digits", "model": "cnn", "epochs": 2, "batch_size": 64, "lr": 0.05,
         "sharpness_measures": ()}
@@ -112,8 +113,8 @@ def test_divergence_is_a_bad_result_not_a_crash(tmp_path):
     assert last["diverged"] == 1
     assert last["val_error"] == 1.0 and last["test_error"] == 1.0
     # Whatever metric the sweep optimises, the diverged result carries it, at its worst.
-    from samtune.space import METRICS
-    assert set(METRICS) <= set(last)
+    from samtune.contract.metrics import OPTIMISABLE
+    assert set(OPTIMISABLE) <= set(last)
     assert last["train_error"] == 1.0 and last["train_acc_noisy"] == 0.0
     assert last["val_loss"] == last["train_loss"] == BASE.get("divergence_loss", 1e3)
     assert len(seen) < 5  # stopped early
@@ -222,7 +223,7 @@ def test_bf16_autocast_trains_and_rounds_differently():
 
 
 def test_sharpness_is_measured_on_the_documented_subset_without_disturbing_training():
-    from samtune.sharpness import measure_sharpness
+    from samtune.sharpness.measures import measure_sharpness
 
     config = {**BASE, "model": "mlp", "epochs": 2, "optimizer": "sam", "data_subset": 600,
               "label_noise_rate": 0.3, "sharpness_every": 1, "sharpness_subset": 128,
@@ -278,7 +279,7 @@ def test_train_error_losses_and_memorisation_are_eval_mode_measurements_of_the_f
 
 
 def _save_source(path, num_classes=5):
-    from samtune.models import build_model
+    from samtune.models.zoo import build_model
 
     torch.manual_seed(5)
     net = build_model("cnn", num_classes, (1, 8, 8))
@@ -300,7 +301,7 @@ def test_backbone_lr_scale_scales_the_pretrained_layers_step(tmp_path):
     assert (full["lr"], full["lr_backbone"]) == (0.5, 0.5)
     assert slow["lr"] == 0.5 and slow["lr_backbone"] == pytest.approx(0.05)
     assert probe["lr_backbone"] == 0.0
-    from samtune.models import build_model
+    from samtune.models.zoo import build_model
 
     names = {n for n, _ in build_model("cnn", 5, (1, 8, 8)).named_parameters()}
     backbone = sorted(n for n in names if not n.startswith("head."))
@@ -345,9 +346,10 @@ def test_worker_resources_check_the_largest_node_not_only_the_totals(monkeypatch
 
 
 def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_step():
-    from samtune.data import load_dataset
-    from samtune.models import build_model
-    from samtune.sam import SAM, sam_step
+    from samtune.data.load import load_dataset
+    from samtune.models.zoo import build_model
+    from samtune.optim.sam import SAM
+    from samtune.optim.step import sam_step
 
     ds = load_dataset("digits")
     x, y = to_float(ds.train_x[:192], ds.mean, ds.std), ds.train_y[:192]
@@ -475,7 +477,7 @@ def _flat(tensors):
 def _record_sam_passes(records):
     """Patch SAM (in this worker process) to record every step's first-pass gradients, second-pass
     gradients and parameters after the update, flattened."""
-    from samtune.sam import SAM
+    from samtune.optim.sam import SAM
 
     first, second = SAM.first_step, SAM.second_step
 
@@ -499,7 +501,9 @@ def probe_workers(config):
     records and final weights to config["out"]."""
     import torch.distributed as dist
 
-    from samtune.train import _LocalSession, _train, train_loop_per_worker
+    from samtune.trial.session import _LocalSession
+    from samtune.trial.entry import train as _train
+    from samtune.trial.entry import train_loop_per_worker
 
     records = []
     _record_sam_passes(records)
@@ -550,7 +554,7 @@ def ray_cluster():
 
 
 def test_resource_share_is_the_held_fraction_of_the_machine():
-    from samtune.train import resource_share
+    from samtune.trial.placement import resource_share
 
     assert resource_share({"CPU": 1.0}, {"CPU": 4.0}, "CPU") == 0.25
     assert resource_share({"CPU": 8.0}, {"CPU": 4.0}, "CPU") == 1.0
@@ -565,7 +569,7 @@ def test_resource_share_is_the_held_fraction_of_the_machine():
 def test_a_ray_task_plans_on_its_share_of_the_machine_memory(ray_cluster):
     """Inside Ray a trial counts on the fraction of the node's CPUs it holds (2 here), so trials
     measuring side by side do not each plan on all the free memory; the driver plans on all."""
-    from samtune.train import _memory_share
+    from samtune.trial.placement import _memory_share
 
     share = ray_cluster.remote(lambda: _memory_share(torch.device("cpu")))
     assert ray_cluster.get(share.options(num_cpus=1).remote()) == 0.5
@@ -663,7 +667,8 @@ FINETUNE_RANKS = {"dataset": "digits[5-9]", "scenario": "finetune", "finetune_so
 def _finetune_rank_worker(rank, out, init, cache):
     import torch.distributed as dist
 
-    from samtune.train import _LocalSession, _train
+    from samtune.trial.session import _LocalSession
+    from samtune.trial.entry import train as _train
 
     os.environ["SAMTUNE_CACHE_DIR"] = cache
     torch.set_num_threads(1)
@@ -728,7 +733,7 @@ def test_asha_sees_every_epoch_through_run_trial(ray_cluster, tmp_path, workers)
     and the next trial still gets its worker group (the stopped one's resources were freed)."""
     from ray import tune
 
-    from samtune.train import run_trial
+    from samtune.trial.ray_trial import run_trial
 
     config = {**BASE, "epochs": 3, "workers": workers, "model": "mlp", "batch_size": 128,
               "optimizer": "sam", "seed": tune.grid_search([0, 1] if workers == 2 else [0])}

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samtune.sam import SAM, sam_step
-from samtune.variants import (AESAM, EveryKSAM, FullSAM, LookSAM, RandomizedSAM, make_variant,
-                              variant_from_config)
+from samtune.optim.sam import SAM
+from samtune.optim.step import sam_step
+from samtune.optim.variants import AESAM, EveryKSAM, FullSAM, LookSAM, RandomizedSAM, make_variant, variant_from_config
 
 RHO, LR, MOMENTUM, WD = 0.2, 0.1, 0.9, 1e-3
 

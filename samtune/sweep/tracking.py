@@ -71,10 +71,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("samtune.tracking")
+from samtune.contract.tags import KEY_TAG, NOTE_TAG, ROLE_TAG, STATUS_TAG
+
+log = logging.getLogger(__name__)
+
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+
+
 _MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED",
                   "failed": "FAILED"}
 
@@ -318,7 +325,7 @@ class Tracker:
                 **tags: str) -> None:
         """Declare the run `key` (created, or found again, on first write)."""
         if key not in self._runs:
-            all_tags = {"samtune.key": key, "samtune.role": role, "mlflow.runName": name, **tags}
+            all_tags = {KEY_TAG: key, ROLE_TAG: role, "mlflow.runName": name, **tags}
             self._runs[key] = _RunSpec(key, name, {k: str(v) for k, v in all_tags.items()}, parent)
 
     def run_id(self, key: str) -> str | None:
@@ -370,12 +377,12 @@ class Tracker:
                                         f"{_quoted(cell_key + '/%')}", max_results=10_000)
         retired = []
         for run in runs:
-            key = run.data.tags.get("samtune.key", "")
+            key = run.data.tags.get(KEY_TAG, "")
             if not key.startswith(cell_key + "/") or key.rsplit("/", 1)[-1] in known:
                 continue
-            self.client.set_tag(run.info.run_id, "samtune.role", "lost")
-            self.client.set_tag(run.info.run_id, "samtune.status", "lost")
-            self.client.set_tag(run.info.run_id, "samtune.note",
+            self.client.set_tag(run.info.run_id, ROLE_TAG, "lost")
+            self.client.set_tag(run.info.run_id, STATUS_TAG, "lost")
+            self.client.set_tag(run.info.run_id, NOTE_TAG,
                                 "started by a sweep driver that was killed before Tune saved it; "
                                 "another trial ran in its place")
             if run.info.status == "RUNNING":
@@ -583,7 +590,7 @@ class Tracker:
                 self.client.log_batch(spec.run_id, metrics=metrics[i:i + 500])
             spec.last_step = op.step
         elif op.kind == "status":
-            self.client.set_tag(spec.run_id, "samtune.status", op.payload)
+            self.client.set_tag(spec.run_id, STATUS_TAG, op.payload)
             if op.payload in _MLFLOW_STATUS:
                 self.client.set_terminated(spec.run_id, status=_MLFLOW_STATUS[op.payload])
         elif op.kind == "tags":

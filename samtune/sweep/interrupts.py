@@ -16,8 +16,6 @@ import signal
 import threading
 from contextlib import contextmanager
 
-__all__ = ["InterruptWatch"]
-
 
 class InterruptWatch:
     """Installed for the length of a sweep (a context manager); `interrupted` is set once a

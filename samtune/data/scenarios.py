@@ -52,121 +52,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from samtune.data import Dataset, load_dataset, parse_dataset_name
-from samtune.models import build_model as _build_model
-from samtune.models import freeze_batchnorm_stats
-from samtune.weights import load_backbone, load_source
-
-__all__ = [
-    "ASYMMETRIC_NOISE_MAPS",
-    "NOISE_KINDS",
-    "SCENARIOS",
-    "apply_label_noise",
-    "asymmetric_class_map",
-    "Scenario",
-    "SplitSizes",
-    "build_scenario",
-    "split_sizes",
-]
-
-NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
-
-#: Asymmetric (class-dependent) noise maps by base dataset name, as class name -> class name:
-#: CIFAR-10's of Patrini et al. (2017), also used by the co-teaching and DivideMix studies.
-ASYMMETRIC_NOISE_MAPS: dict[str, dict[str, str]] = {
-    "cifar10": {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog", "dog": "cat"},
-}
-SCENARIOS = ("label_noise", "finetune")
+from samtune.contract.keys import SCENARIOS
+from samtune.data.dataset import Dataset
+from samtune.data.load import load_dataset
+from samtune.data.noise import apply_label_noise, asymmetric_class_map
+from samtune.models.heads import freeze_batchnorm_stats
+from samtune.models.weights import load_backbone, load_source
+from samtune.models.zoo import build_model as _build_model
 
 # Fixed offsets mixed into the data seed so the subset, the noise and the validation split draw
 # independent streams from one seed.
 _SUBSET_STREAM, _NOISE_STREAM, _VAL_STREAM, _TEST_STREAM = 101, 202, 303, 404
-
-
-def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str = "symmetric",
-                      seed: int = 0, class_map: dict[int, int] | None = None) -> tuple[Tensor, Tensor]:
-    """Flip labels at ``rate``; return ``(noisy_labels, flipped_indices)``.
-
-    ``symmetric``: exactly ``round(rate * len(labels))`` labels flip, each to a uniformly random
-    class other than its own. ``pairflip``: as many flip, label ``c`` to ``(c + 1) % num_classes``.
-    ``asymmetric``: ``class_map`` ({source class: target class}, e.g. from
-    `asymmetric_class_map`) says where each source class goes; of the ``n_c`` examples of each
-    source class exactly ``round(rate * n_c)`` flip to its target, and labels of classes not in the
-    map never change. Every index in ``flipped_indices`` (int64, ascending) holds a label different
-    from the input, and every other label is unchanged. Same inputs and seed, same output.
-    ``labels`` is not modified.
-    Raises ValueError for a rate outside [0, 1], an unknown kind, fewer than 2 classes, labels
-    outside ``0..num_classes-1``, or (asymmetric) a missing or malformed ``class_map``.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"unknown label noise kind {kind!r}; expected one of {NOISE_KINDS}")
-    labels = labels.to(torch.int64)
-    n = labels.numel()
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range "
-                         f"{int(labels.min())}..{int(labels.max())}")
-    gen = torch.Generator().manual_seed(int(seed))
-    if kind == "asymmetric":
-        return _asymmetric_noise(labels, rate, num_classes, class_map, gen)
-    count = round(rate * n)
-    if count and num_classes < 2:
-        raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
-    flipped = torch.randperm(n, generator=gen)[:count].sort().values
-    noisy = labels.clone()
-    if kind == "symmetric":
-        # An offset in 1..C-1 is uniform over the other classes and never lands on the true one.
-        offset = torch.randint(1, num_classes, (count,), generator=gen) if count else flipped
-        noisy[flipped] = (labels[flipped] + offset) % num_classes
-    else:
-        noisy[flipped] = (labels[flipped] + 1) % num_classes
-    return noisy, flipped
-
-
-def _asymmetric_noise(labels: Tensor, rate: float, num_classes: int, class_map: dict[int, int] | None,
-                      gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    if not class_map:
-        raise ValueError("label_noise_kind='asymmetric' needs a class_map {source class: target class}; "
-                         "samtune.scenarios.asymmetric_class_map gives the known ones")
-    for src, dst in class_map.items():
-        if not (0 <= int(src) < num_classes and 0 <= int(dst) < num_classes) or int(src) == int(dst):
-            raise ValueError(f"asymmetric class_map entry {src} -> {dst} must join two different classes "
-                             f"in 0..{num_classes - 1}")
-    noisy = labels.clone()
-    chosen = []
-    # One class after another in ascending order, so the draws (and the result) depend only on
-    # the labels and the seed, not on the map's insertion order.
-    for src in sorted(int(c) for c in class_map):
-        members = (labels == src).nonzero().flatten()
-        count = round(rate * len(members))
-        pick = members[torch.randperm(len(members), generator=gen)[:count]]
-        noisy[pick] = int(class_map[src])
-        chosen.append(pick)
-    flipped = torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.int64)
-    return noisy, flipped
-
-
-def asymmetric_class_map(dataset: str, classes: list[str]) -> dict[int, int]:
-    """The asymmetric noise map of dataset ``dataset`` (a name as `load_dataset` takes it, class
-    selection included) as label indices, for a dataset whose label ``i`` is named ``classes[i]``.
-
-    With a class selection only the pairs whose source and target are both kept remain.
-    Raises ValueError for a dataset without a known map (only ``cifar10`` has one) or a selection
-    that keeps no pair.
-    """
-    base, _ = parse_dataset_name(dataset)
-    names = ASYMMETRIC_NOISE_MAPS.get(base.lower())
-    if names is None:
-        raise ValueError(f"label_noise_kind='asymmetric' has a class map for {sorted(ASYMMETRIC_NOISE_MAPS)} "
-                         f"only (Patrini et al. 2017), not for dataset {dataset!r}; use 'symmetric' or "
-                         "'pairflip' there")
-    index = {name: i for i, name in enumerate(classes)}
-    mapping = {index[a]: index[b] for a, b in names.items() if a in index and b in index}
-    if not mapping:
-        raise ValueError(f"dataset {dataset!r} keeps no pair of the asymmetric noise map {names} "
-                         f"(its classes: {classes}); select classes that include one, or use 'symmetric'")
-    return mapping
 
 
 @dataclass
@@ -230,12 +126,15 @@ def _cell_label(config: dict[str, Any]) -> str:
     return f"noise={rate:g}" if kind == "symmetric" else f"noise={rate:g} {kind}"
 
 
-def build_scenario(config: dict[str, Any]) -> Scenario:
+def build_scenario(config: dict[str, Any], initial_state: dict[str, Tensor] | None = None) -> Scenario:
     """Build the trial's data (and starting weights) from a trial config; keys in the module doc.
 
     Raises ValueError for an unknown scenario or out-of-range values (``val_fraction`` not in
     [0, 1), ``data_subset`` not positive), a finetune scenario without ``finetune_source``, and
-    whatever ``load_dataset`` (missing data) or `samtune.weights.load_source` (missing or
+    ``initial_state`` is the finetune scenario's starting weights when the caller has them already
+    (the trainer pretrains a dataset-named ``finetune_source`` first, `samtune.trial.pretrain`);
+    without it they are read from ``finetune_source``.
+    whatever ``load_dataset`` (missing data) or `samtune.models.weights.load_source` (missing or
     unreadable weights) raises.
     """
     kind = config.get("scenario", "label_noise") or "label_noise"
@@ -246,11 +145,11 @@ def build_scenario(config: dict[str, Any]) -> Scenario:
     dataset = load_dataset(config["dataset"], config.get("data_root"))
     scenario = _split(dataset, config, name=kind, cell=_cell_label(config))
     if kind == "finetune":
-        _add_pretrained(scenario, config)
+        _add_pretrained(scenario, config, initial_state)
     return scenario
 
 
-def _add_pretrained(scenario: Scenario, config: dict[str, Any]) -> None:
+def _add_pretrained(scenario: Scenario, config: dict[str, Any], state: dict[str, Tensor] | None) -> None:
     """Fill in the finetuning fields: starting weights, frozen BN, backbone learning-rate scale."""
     source = config.get("finetune_source")
     if not source:
@@ -259,7 +158,7 @@ def _add_pretrained(scenario: Scenario, config: dict[str, Any]) -> None:
     scale = 1.0 if config.get("backbone_lr_scale") is None else float(config["backbone_lr_scale"])
     if not scale >= 0.0:
         raise ValueError(f"backbone_lr_scale must be >= 0, got {config['backbone_lr_scale']!r}")
-    scenario.initial_state = load_source(str(source), config)
+    scenario.initial_state = state if state is not None else load_source(str(source))
     scenario.source = str(source)
     scenario.freeze_bn = bool(config.get("freeze_bn", False))
     scenario.backbone_lr_scale = scale

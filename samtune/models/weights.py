@@ -37,25 +37,20 @@ except the classification head must fit; the head stays freshly initialised for 
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from samtune.data import DATASETS, parse_dataset_name
-from samtune.models import head_parameter_names
-
-__all__ = ["load_source", "resolve_source", "pretrain", "pretrain_config", "read_state_dict",
-           "load_backbone", "WEIGHT_SUFFIXES"]
+from samtune.models.heads import head_parameter_names
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:")
-PRETRAIN_FORMAT = "samtune-pretrain-v1"  # part of the cache key: bump when pretraining changes
+
+
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
 
@@ -121,23 +116,13 @@ def load_backbone(model: nn.Module, state: dict[str, Tensor], source: str = "fin
     return model
 
 
-# --- resolving a source to a local file -------------------------------------------------------
+def resolve_source(source: str) -> Path:
+    """The local weights file ``source`` refers to: a file, cached torchvision weights or an
+    MLflow artifact. A dataset name is not a file: the trainer pretrains on it first
+    (`samtune.trial.pretrain`), so a trial's ``finetune_source`` may also name one.
 
-def _is_dataset_name(source: str) -> bool:
-    try:
-        base, _ = parse_dataset_name(source)
-    except ValueError:
-        return False
-    return base.lower() in DATASETS or base.lower().startswith("imagefolder:")
-
-
-def resolve_source(source: str, config: dict[str, Any] | None = None) -> Path:
-    """The local weights file ``source`` refers to, pretraining (once) when it names a dataset.
-
-    ``config`` is the trial config (model, norm, epochs, device, precision and the ``pretrain_*``
-    keys matter for a dataset source). Raises FileNotFoundError when a file, cached torchvision weights
-    or an MLflow artifact is absent (saying where it looked and how to supply it), ValueError for
-    a source of no known form.
+    Raises FileNotFoundError when a file, cached torchvision weights or an MLflow artifact is
+    absent (saying where it looked and how to supply it), ValueError for a source of no known form.
     """
     text = str(source).strip()
     if not text:
@@ -150,18 +135,16 @@ def resolve_source(source: str, config: dict[str, Any] | None = None) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    if _is_dataset_name(text):
-        return pretrain(config or {}, source=text)
     if path.suffix in WEIGHT_SUFFIXES or os.sep in text:
         raise FileNotFoundError(f"finetune_source file {path} does not exist; {_how_to_make(text)}")
     raise ValueError(f"finetune_source {text!r} is neither an existing file, a dataset to pretrain on "
-                     f"({', '.join(DATASETS)}, imagefolder:<path>, optionally with [classes]), "
+                     "(digits, cifar10, cifar100, imagefolder:<path>, optionally with [classes]), "
                      "'torchvision:<Weights>' nor an MLflow URI (runs:/..., models:/...)")
 
 
-def load_source(source: str, config: dict[str, Any] | None = None) -> dict[str, Tensor]:
+def load_source(source: str) -> dict[str, Tensor]:
     """`read_state_dict` of `resolve_source`: the pretrained state_dict a finetuning trial starts from."""
-    return read_state_dict(resolve_source(source, config))
+    return read_state_dict(resolve_source(source))
 
 
 def _from_torchvision_cache(weights_name: str) -> Path:
@@ -197,90 +180,3 @@ def _from_mlflow(uri: str) -> Path:
         raise ValueError(f"MLflow artifact {uri} is a folder with {len(found)} weights files "
                          f"({[str(p.relative_to(local)) for p in found][:5]}); point the URI at one file")
     return found[0]
-
-
-# --- pretraining on a source dataset ---------------------------------------------------------
-
-def pretrain_config(config: dict[str, Any], source: str) -> dict[str, Any]:
-    """The trial config that pretrains ``config``'s model on dataset ``source``.
-
-    Plain SGD (momentum 0.9, weight decay 5e-4, cosine schedule), clean labels, no validation
-    split, no sharpness measurement; ``pretrain_epochs``/``pretrain_lr``/``pretrain_batch_size``/
-    ``pretrain_subset``/``pretrain_seed`` override epochs (default: the trial's), lr (0.05),
-    batch size (128, whatever the trial's ``batch_size``), examples (all), seed (0).
-    """
-    def get(key: str, default: Any) -> Any:
-        value = config.get(key)
-        return default if value is None else value
-
-    return {
-        "dataset": source,
-        "data_root": config.get("data_root"),
-        "data_subset": config.get("pretrain_subset"),
-        "model": get("model", "cnn"),
-        "norm": get("norm", "batch"),
-        "scenario": "label_noise",
-        "label_noise_rate": 0.0,
-        "val_fraction": 0.0,
-        "epochs": int(get("pretrain_epochs", get("epochs", 10))),
-        # Not the trial's batch_size: a searched setting would split one source into as many
-        # pretrainings (and cache files) as there are batch sizes.
-        "batch_size": int(get("pretrain_batch_size", 128)),
-        "optimizer": "sgd",
-        "base_optimizer": "sgd",
-        "lr": float(get("pretrain_lr", 0.05)),
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "lr_schedule": "cosine",
-        "augment": None,
-        "seed": int(get("pretrain_seed", 0)),
-        "workers": 1,
-        "use_gpu": bool(config.get("use_gpu", False)),
-        "precision": get("precision", "fp32"),
-        "sharpness_measures": (),
-    }
-
-
-def _pretrain_key(cfg: dict[str, Any]) -> str:
-    # The device and precision do not define *which* weights are wanted; everything else does.
-    defining = {k: v for k, v in cfg.items() if k not in ("use_gpu", "workers", "data_root")}
-    text = json.dumps({"format": PRETRAIN_FORMAT, **defining}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _pretrain_dir() -> Path:
-    env = os.environ.get("SAMTUNE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser() / "pretrained"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samtune" / "pretrained"
-
-
-def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.PathLike | None = None) -> Path:
-    """Pretrain ``config``'s model on ``source`` (default ``config["dataset"]``) and return the file.
-
-    With ``path``, the state_dict is written there (replacing any file). Without it, the file is
-    cached by a hash of `pretrain_config`: an existing one is returned at once, and concurrent
-    callers (parallel trials of one sweep) wait on a file lock while the first one trains, so the
-    source is pretrained once. A ``<file>.json`` beside the weights records the config and final
-    metrics. Safe inside one rank of an initialised ``torch.distributed`` group (a multi-worker
-    trial): it trains in this process alone, calling no collective. Raises what
-    `samtune.train.fit` and `samtune.data.load_dataset` raise.
-    """
-    from samtune import train  # train imports scenarios, which imports this module
-
-    cfg = pretrain_config(config, source if source is not None else config["dataset"])
-    target = Path(path).expanduser() if path is not None else _pretrain_dir() / f"{_pretrain_key(cfg)}.pt"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path is None and target.is_file():
-            return target
-        saved: dict[str, Tensor] = {}
-        metrics = train.fit(cfg, on_end=lambda model: saved.update(
-            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}), alone=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        torch.save(saved, tmp)
-        os.replace(tmp, target)  # atomic: a waiting trial never reads half a file
-        meta = {"config": cfg, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        target.with_name(target.name + ".json").write_text(json.dumps(meta, indent=1, default=str))
-    return target

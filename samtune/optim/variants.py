@@ -65,29 +65,22 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-__all__ = [
-    "VARIANTS",
-    "CONFIG_KEYS",
-    "SAMVariant",
-    "FullSAM",
-    "EveryKSAM",
-    "RandomizedSAM",
-    "LookSAM",
-    "AESAM",
-    "make_variant",
-    "variant_from_config",
-]
-
 # What a variant asks for at the start of a step.
 SAM_STEP = "sam"            # two passes: gradient at w, then at w + eps
+
+
 PLAIN_STEP = "plain"        # one pass, the base optimizer's step
+
+
 ADAPTIVE_STEP = "adaptive"  # one pass, then `decide(squared gradient norm)` picks
 
-CONFIG_KEYS = ("sam_variant", "sam_k", "sam_p", "rst_schedule", "rst_p_start", "looksam_alpha",
-               "ae_sam_lambda1", "ae_sam_lambda2", "ae_sam_delta", "sam_total_steps", "sam_seed")
+
+
 
 # Keeps divisions finite when a gradient or a stored direction is exactly zero.
 _FLOOR = 1e-12
+
+
 # rst's default stream is set apart from the trial seed, which also seeds initialisation.
 _RST_STREAM = 606
 
@@ -429,3 +422,14 @@ def _total(parts: list[Tensor]) -> Tensor:
     products of a few million terms stay exact enough to reproduce the formula)."""
     device = parts[0].device
     return torch.stack([p.sum().to(device, torch.float64) for p in parts]).sum()
+
+
+def _as_variant(variant: "SAMVariant | str | Mapping[str, Any]") -> SAMVariant:
+    if isinstance(variant, SAMVariant):
+        return variant
+    if isinstance(variant, str):
+        return make_variant(variant)
+    if isinstance(variant, Mapping):
+        return variant_from_config(variant)
+    raise ValueError(f"variant must be a SAMVariant, a variant name or a trial config dict, "
+                     f"got {type(variant).__name__}")

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .data import load_dataset
-from .scenarios import split_sizes
-from .space import Sweep
-from .train import TrialConfigError, perturbation_plan, resolve_config
-
-__all__ = ["PreflightError", "check_cells"]
+from samtune.data.load import load_dataset
+from samtune.data.scenarios import split_sizes
+from samtune.sweep.study import Sweep
+from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
 
 
 class PreflightError(ValueError):

@@ -1,0 +1,75 @@
+"""Every metric a trial reports, once: its name, when it is reported, and whether a sweep may
+optimise it.
+
+The trainer reports these every epoch (`samtune.trial`), the sweep records them in MLflow and
+refuses to optimise a metric that is not reported every epoch (ASHA compares trials at every
+rung, and Tune fails a trial whose result lacks the metric), and the report reads them back.
+Sharpness measures add ``sharpness/<measure>`` (and ``sharpness/<key>`` for what they were
+measured on) at the epochs they are measured; their names belong to `samtune.sharpness`.
+
+>>> METRICS["test_error"].optimisable, METRICS["test_error"].when
+(True, 'every epoch')
+>>> "lr" in OPTIMISABLE
+False
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported metric: when it is there, whether a sweep may optimise it, what it means."""
+
+    when: str
+    optimisable: bool
+    doc: str
+
+
+_EVERY = "every epoch"
+_VAL = "every epoch, with a validation split (val_fraction > 0)"
+
+#: Every per-epoch metric, in the order the README lists them.
+METRICS: dict[str, Metric] = {
+    "epoch": Metric(_EVERY, False, "the epoch just finished (1, 2, ...)"),
+    "train_loss": Metric(_EVERY, True, "running mean of the training loss over the epoch (train mode, "
+                         "augmented batches, noisy labels)"),
+    "train_acc_noisy": Metric(_EVERY, True, "running accuracy on the labels trained on"),
+    "train_acc_true": Metric(_EVERY, True, "running accuracy on the clean labels"),
+    "train_error": Metric(_EVERY, True, "eval-mode top-1 error on a fixed 1,024-example training subset, "
+                          "against the labels trained on"),
+    "flipped_acc_noisy": Metric("every epoch, when the eval subset holds flipped labels", False,
+                                "accuracy on the flipped examples against their noisy label (memorisation)"),
+    "flipped_acc_true": Metric("every epoch, when the eval subset holds flipped labels", False,
+                               "accuracy on the flipped examples against their true label"),
+    "val_error": Metric(_VAL, True, "top-1 error on the held-out part of the noisy training set"),
+    "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set"),
+    "test_error": Metric(_EVERY, True, "top-1 error on the clean test set"),
+    "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set"),
+    "generalization_gap": Metric(_EVERY, True, "test_error - train_error"),
+    "epoch_time_s": Metric(_EVERY, True, "seconds of this epoch"),
+    "samples_per_s": Metric(_EVERY, True, "training examples per second"),
+    "train_time_s": Metric(_EVERY, True, "cumulative seconds"),
+    "compute_time_s": Metric(_EVERY, True, "cumulative seconds of training, evaluation and sharpness alone"),
+    "lr": Metric(_EVERY, False, "the head's (the schedule's) learning rate"),
+    "lr_backbone": Metric("every epoch, finetuning", False, "the pretrained layers' learning rate"),
+    "diverged": Metric(_EVERY, False, "1 when the loss went non-finite or above divergence_loss"),
+    "m_effective": Metric("every epoch, SAM/ASAM", False, "examples behind one perturbation"),
+    "m_workers": Metric("every epoch, SAM/ASAM", False, "workers sharing one perturbation"),
+    "m_groups_per_worker": Metric("every epoch, SAM/ASAM", False, "perturbations per worker per step"),
+    "m_per_worker_batch": Metric("every epoch, SAM/ASAM", False, "the per-worker batch"),
+    "nodes": Metric("every epoch, under Ray", False, "distinct Ray nodes the trial's workers run on"),
+    "allreduce_per_step": Metric("every epoch, several workers", False,
+                                 "gradient all-reduce rounds per training step"),
+}
+
+#: What a sweep may optimise (besides a ``sharpness/<measure>`` measured every epoch).
+OPTIMISABLE = tuple(name for name, metric in METRICS.items() if metric.optimisable)
+
+#: Metrics with a value of text, not a number: recorded as MLflow tags, never as metric series.
+TEXT_METRICS = ("m_plan", "placement")
+
+
+def reported_metrics() -> tuple[str, ...]:
+    """The per-epoch metrics a sweep may optimise (`OPTIMISABLE`)."""
+    return OPTIMISABLE

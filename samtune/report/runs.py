@@ -1,0 +1,149 @@
+"""The sweep report: MLflow runs -> one tidy table -> every view in `dashboards/` -> one offline
+HTML page plus a PNG per view, logged back to the sweep's MLflow run.
+
+Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtune.role=trial`
+(with `samtune.cell`, `samtune.status`, `samtune.trial_key`), params = the flat trial config,
+per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
+
+Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
+docstring's first line is the view's title, the first paragraph of text after it (on the next
+line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
+constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
+view; nothing else is edited. Where the views are looked for, first hit wins:
+
+1. the `dashboards_dir` argument of `build` (a user's own views),
+2. `<repo>/dashboards/` next to the `samtune/` package folder: a source checkout or an editable
+   install, the place where a new view is added,
+3. a `samtune.dashboards` package, if the build ships the same files as package data,
+4. otherwise `build` raises `ReportError` naming the folders it tried.
+
+Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
+numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
+page, never plotted as numbers. A trial whose status says finished but whose last validation or
+test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
+test error counts as incomplete. The validation error is optional (a trial trained with
+`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
+missing, through `choice_metric`, and say so in a note.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+pass
+
+# MLflow's own run states, for trials that never set samtune.status (e.g. a crashed process).
+_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
+                  "RUNNING": "running", "SCHEDULED": "running"}
+
+
+class ReportError(ValueError):
+    """A report cannot be built from what the user asked for; the message is one line."""
+
+
+class NoFinishedTrialsError(ReportError):
+    """The experiment exists but has no trial with numbers to plot."""
+
+
+# -- the runs table ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """One trial run as read from MLflow, before tabulation.
+
+    `params` are the logged strings, `history` maps a metric name to `(epoch, value)` pairs and
+    `run_status` is MLflow's own state (FINISHED, FAILED, ...).
+    """
+
+    run_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    history: dict[str, list[tuple[int, float]]]
+    run_status: str = "FINISHED"
+    start_time: int | None = None
+
+
+@dataclass
+class Runs:
+    """Every trial of one experiment, tidy.
+
+    `trials` has one row per trial run, every status included, with columns:
+    run_id, trial_key, cell, status, epochs_run, config_key (the config without the seed: trials
+    with the same config_key are seed repeats), optimizer_label ("SGD", "SAM", "ASAM",
+    "SAM(AdamW)"...), one column per trial-config key (parsed back from MLflow's strings:
+    numbers, bools, None), `final_<metric>` (value at the trial's last epoch), `best_epoch` (the
+    epoch of lowest val_error; of lowest test_error where the trial logged no val_error),
+    `best_by` (which of the two chose it) and `best_<metric>` (value at that epoch), and one
+    column per sharpness key `sharpness/<key>` (its last measured value).
+
+    `history` has one row per (trial, epoch): run_id, trial_key, cell, optimizer_label,
+    config_key, epoch and one column per per-epoch metric. Only plotted trials appear in it.
+    """
+
+    experiment: str
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    param_names: tuple[str, ...]
+    tracking_uri: str | None = None
+    sweep_run_id: str | None = None
+
+    @property
+    def plotted(self) -> pd.DataFrame:
+        """Trials whose numbers are plotted: status finished or stopped."""
+        return self.trials[self.trials["status"].isin(PLOTTED_STATUSES)]
+
+    @property
+    def excluded(self) -> pd.DataFrame:
+        """Trials that are counted and listed but never plotted (failed, diverged, running...)."""
+        return self.trials[~self.trials["status"].isin(PLOTTED_STATUSES)]
+
+    def status_counts(self) -> dict[str, int]:
+        """Number of trials per status, most frequent first (ties by name)."""
+        counts = self.trials["status"].value_counts()
+        return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+    @property
+    def sharpness_measures(self) -> list[str]:
+        """Measure names logged as `sharpness/<measure>` with at least one finite value.
+
+        Settings logged alongside (`sharpness/<measure>/<setting>`, `sharpness/params/<name>`)
+        and what the measurement was made on (`sharpness/subset`, `/seed`, `/batch`,
+        `/num_params`) are not measures.
+        """
+        names = []
+        for col in self.trials.columns:
+            if (col.startswith("sharpness/") and col.count("/") == 1
+                    and col.split("/", 1)[1] not in SHARPNESS_SHARED_KEYS):
+                values = pd.to_numeric(self.plotted[col], errors="coerce")
+                if np.isfinite(values).any():
+                    names.append(col.split("/", 1)[1])
+        return sorted(names)
+
+
+def _parse_param(value: str) -> Any:
+    """MLflow stores params as str(value); invert that for None, bools, ints and floats."""
+    if value == "None":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+# Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
+PLOTTED_STATUSES = ("finished", "stopped")
+
+
+# Keys `sharpness/<key>` that samtune.sharpness.measure_sharpness logs beside the measures (its
+# SHARED_KEYS; copied, not imported, so that a report does not load torch; a test checks that
+# they agree): what was measured on, not a measure.
+SHARPNESS_SHARED_KEYS = frozenset({"subset", "seed", "batch", "num_params"})

@@ -1,0 +1,167 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from samtune.contract.messages import first_line
+from samtune.data.dataset import DataNotFoundError
+from samtune.data.load import load_dataset
+from samtune.sweep.errors import SweepError
+from samtune.sweep.ray_env import apply_ray_env
+from samtune.sweep.study import Sweep
+
+MIN_FREE_BYTES = 200 * 2**20
+
+
+def _check_data(sweep: Sweep) -> None:
+    """Load the dataset once in the driver: a missing or malformed dataset is named before any
+    trial starts, and the decoded-tensor cache is built once instead of in every trial."""
+
+    try:
+        load_dataset(sweep.dataset, sweep.fixed.get("data_root"))
+    except (DataNotFoundError, ValueError) as exc:
+        raise SweepError(f"dataset {sweep.dataset!r}: {exc}") from None
+
+
+def _check_storage(storage: Path) -> None:
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".samtune-write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise SweepError(f"--storage-path {storage}: cannot write there ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(storage).free
+    if free < MIN_FREE_BYTES:
+        raise SweepError(f"--storage-path {storage}: only {free / 2**20:.0f} MiB free; a sweep needs at least "
+                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
+
+
+def check_shared_storage(storage: Path) -> None:
+    """Refuse a storage folder that some node of the connected Ray cluster cannot reach.
+
+    Trials write their checkpoints there and a trial restarted on another node resumes from
+    them, so on a cluster of several nodes the folder must be one every node mounts. Each alive
+    node is asked, by a task pinned to it, to read a file written here; raises SweepError naming
+    the nodes that could not.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    probe = storage / f".samtune-shared-{token[:8]}"
+    probe.write_text(token)
+    try:
+        blind = [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+                 for n, seen in zip(nodes, _read_on_every_node(nodes, str(probe), token)) if not seen]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise SweepError(f"--storage-path {storage}: {len(blind)} of the Ray cluster's {len(nodes)} nodes cannot "
+                         f"reach it ({', '.join(blind)}); every node must reach the same path, so put it on a "
+                         f"file system all nodes mount")
+
+
+def _read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: float = 120.0) -> list[bool]:
+    """Whether each node's processes read `token` from `path` (False: a node that cannot, or
+    does not answer in time)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_reads_token)
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(path, token) for n in nodes]
+    seen = []
+    for ref in refs:
+        try:
+            seen.append(bool(ray.get(ref, timeout=timeout_s)))
+        except Exception:  # noqa: BLE001  a node that cannot run the probe cannot be relied on either
+            seen.append(False)
+    return seen
+
+
+def _reads_token(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
+def _check_address(address: str) -> None:
+    """Fail within seconds when a Ray cluster address does not answer (ray.init would hang)."""
+    if address == "auto":
+        return  # ray.init("auto") fails fast by itself when there is no local cluster
+    if address.startswith("ray://"):
+        # Ray Client runs Tune's driver on the cluster: the callbacks that write MLflow, draw the
+        # live view and rebuild finished trials from the local sweep folder would run there, not
+        # here, and the sweep would record nothing.
+        raise SweepError(f"--address {address}: Ray Client (ray://) is not supported, since the sweep's "
+                         f"driver must run where samtune runs; run samtune on a node of that cluster with "
+                         f"--address auto (and a --storage-path every node shares)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address}: expected auto or host:port of a Ray cluster this machine is a node of")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
+# ------------------------------------------------------------------------------ running
+def _start_ray(address: str | None) -> None:
+    """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
+    the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
+    even when another runs here: its resources are this sweep's alone."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    source = f"--address {address}"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        source = f"RAY_ADDRESS={address}"
+    runtime_env = apply_ray_env()
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SweepError(f"{source}: cannot join that Ray cluster ({first_line(exc)})") from None
+    else:
+        # Explicit resources: what this machine has (or the CPUs this process may use), so Ray
+        # neither over- nor under-packs trials. "local" starts a new instance where a bare
+        # ray.init() would join a `ray start` cluster (and refuse these resources).
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ray.init(address="local", num_cpus=cpus, num_gpus=_local_gpus(), runtime_env=runtime_env,
+                 log_to_driver=False, logging_level="ERROR",
+                 dashboard_host="127.0.0.1")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001  a broken CUDA install: train on CPU
+        return 0

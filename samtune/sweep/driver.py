@@ -1,0 +1,325 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from samtune.contract.messages import first_line
+from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
+from samtune.sweep.cluster import (
+    _check_address,
+    _check_data,
+    _check_storage,
+    _start_ray,
+    check_shared_storage,
+)
+from samtune.sweep.driver_lock import DriverLock, SweepBusy
+from samtune.sweep.errors import SweepError, SweepInterrupted
+from samtune.sweep.interrupts import InterruptWatch
+from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable
+from samtune.sweep.preflight import PreflightError, check_cells
+from samtune.sweep.recording import (
+    _ACTIVE,
+    Recorder,
+    SweepCallback,
+    TrialFailureFilter,
+    _reconcile,
+    declare_sweep,
+    write_state,
+)
+from samtune.sweep.recovery import (
+    EXPERIMENT_STATE_PERIOD_S,
+    CheckpointPruner,
+    StateBackup,
+    _read_state,
+    resumable,
+)
+from samtune.sweep.results import CellResult
+from samtune.sweep.search import (
+    AshaAwareOptunaSearch,
+    CellScheduler,
+    CellSearch,
+    CellSpace,
+    baseline_points,
+)
+from samtune.sweep.space_file import load_space
+from samtune.sweep.study import Sweep, apply_overrides
+from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from samtune.trial.config import TrialConfigError, resolve_config
+from samtune.trial.placement import trial_driver_resources, worker_resources
+from samtune.trial.ray_trial import run_trial
+
+
+def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
+            data_root: str | None = None, tracking_uri: str | None = None, address: str | None = None,
+            storage_path: str | None = None, resume: bool = False) -> Plan:
+    """Load and check everything a sweep needs, creating nothing in MLflow or Ray.
+
+    Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
+    an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
+    """
+    sweep, space = load_space(path)
+    sets = list(overrides)
+    if trials is not None:
+        sets.append(f"trials={trials}")
+    if data_root is not None:
+        if not os.path.exists(data_root):
+            raise SweepError(f"--data-root {data_root}: no such folder or file")
+        sets.append(f"fixed.data_root={os.path.abspath(data_root)}")
+    sweep = apply_overrides(sweep, sets)
+    sampled = check_space(sweep, space, with_constants=True)
+    _check_data(sweep)
+    try:
+        check_cells(sweep, sampled)
+    except PreflightError as exc:
+        raise SweepError(str(exc)) from None
+
+    storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
+    sweep_dir = storage / sweep.name
+    _check_storage(storage)
+    try:
+        # Before the sweep's state is read: a second driver must not even look at a sweep that
+        # another one is changing.
+        lock = DriverLock.acquire(storage, sweep.name)
+    except SweepBusy as exc:
+        raise SweepError(str(exc)) from None
+    except OSError as exc:
+        raise SweepError(f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there "
+                         f"({exc.strerror or exc})") from None
+    state_file = sweep_dir / "sweep.json"
+    if resume:
+        saved = _read_state(state_file, sweep)
+        if saved["sweep"] != _jsonable(sweep.to_dict()):
+            changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
+            raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
+                             f"resume it with the same file and --set values, or start a new one with --set name=...")
+        if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
+            changes = fingerprint_changes(saved["space"], space_fingerprint(sweep, space))
+            if changes:
+                raise SweepError(f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
+                                 f"resume it with the space as it was, or start a new sweep with --set name=...")
+        tracking_uri = tracking_uri or saved.get("tracking_uri")
+        # A sweep.json from before sweep ids: its runs are keyed by the name alone.
+        sweep_id = str(saved.get("sweep_id") or "")
+    elif state_file.exists():
+        raise SweepError(f"sweep {sweep.name!r} already has results in {sweep_dir}; finish it with --resume, "
+                         f"or start another with --set name=... or --storage-path")
+    else:
+        sweep_id = uuid.uuid4().hex[:8]
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        check_tracking_uri(uri)
+    except (ConnectionError, ValueError) as exc:
+        raise SweepError(f"--tracking-uri: {exc}") from None
+    if address:
+        _check_address(address)
+    flags = [f for value in overrides for f in ("--set", value)]
+    if trials is not None:
+        flags += ["--trials", str(trials)]
+    if data_root is not None:
+        flags += ["--data-root", os.path.abspath(data_root)]
+    if storage_path is not None:
+        flags += ["--storage-path", str(storage)]
+    if address:
+        flags += ["--address", address]
+    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
+                tuple(flags), lock)
+
+
+
+
+
+
+
+
+def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, float], float, int]:
+    """(Tune resources of one trial, CPUs it really takes, trials that fit at once).
+
+    With several workers the trial's own process holds `train.trial_driver_resources` (no CPU,
+    on the head node) and its Ray Train workers hold their own (`train.worker_resources`), so
+    concurrency counts both. Raises SweepError when one trial can never fit the cluster.
+    """
+
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if sweep.workers == 1:
+        tune_res = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+        need = sweep.cpus_per_trial
+    else:
+        cfg = resolve_config({**sweep.base_config(sweep.cells()[0])})
+        tune_res = trial_driver_resources(cluster)
+        try:
+            per = worker_resources(cfg, cpus, driver_cpu=tune_res["cpu"])["CPU"]
+        except TrialConfigError as exc:
+            raise SweepError(str(exc)) from None
+        need = tune_res["cpu"] + per * sweep.workers
+    if need > cpus + 1e-9:
+        raise SweepError(f"one trial needs {need:g} CPUs but the Ray cluster has {cpus:g}; "
+                         f"lower cpus_per_trial or workers")
+    if sweep.gpus_per_trial > gpus:
+        raise SweepError(f"gpus_per_trial={sweep.gpus_per_trial:g} but the Ray cluster has {gpus:g} GPUs")
+    fit = int(cpus // need + 1e-9)
+    if sweep.gpus_per_trial > 0:
+        fit = min(fit, int(gpus // sweep.gpus_per_trial + 1e-9))
+    # The cells share one Tuner, so the whole sweep's trials can run at once.
+    concurrent = max(1, min(fit, sweep.max_concurrent or fit, sweep.trials * len(sweep.cells())))
+    return tune_res, need, concurrent
+
+
+
+
+def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
+    import copy
+
+    import optuna
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+
+    sweep = plan.sweep
+    cells = sweep.cells()
+    # See CheckpointPruner. Read by the Tuner's controller, so set before it exists.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
+    trainable = tune.with_resources(run_trial, resources)
+    path = plan.sweep_dir / TUNE_DIR
+    # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if plan.resume and resumable(path):
+        # A trial that failed (after its own restarts) stays failed: resuming finishes what was
+        # interrupted, it does not re-run what already ended.
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+    points = baseline_points(plan)
+    searchers = [
+        AshaAwareOptunaSearch(
+            space=CellSpace(plan.space, sweep.base_config(cell)), metric=sweep.metric, mode=sweep.mode,
+            sampler=optuna.samplers.TPESampler(seed=sweep.seed * 1009 + cell.index,
+                                               n_startup_trials=max(2, min(10, sweep.trials // 3))),
+            points_to_evaluate=copy.deepcopy(points), epochs=sweep.epochs)
+        for cell in cells]
+    scheduler = CellScheduler(
+        [c.label_noise_rate for c in cells],
+        [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
+                       reduction_factor=sweep.reduction_factor) for _ in cells],
+        max_t=sweep.epochs)
+    search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
+                        baselines=len(points or ()))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
+                                    search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
+                                    scheduler=scheduler, max_concurrent_trials=concurrent,
+                                    reuse_actors=reuse_trial_processes(sweep)),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(plan.sweep_dir), verbose=0,
+            # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
+            callbacks=[SweepCallback(cells), CSVLoggerCallback(), CheckpointPruner(), StateBackup(str(path))],
+            # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
+            failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
+            # All kept by Tune; CheckpointPruner removes those no resume can need.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        ),
+    )
+
+
+def reuse_trial_processes(sweep: Sweep) -> bool:
+    """Whether a trial process serves the next trial, of any cell.
+
+    With one worker, yes: no new process and no torch/Ray imports per trial (seconds each on 2
+    cores). With several, no: the trial's thread is still inside `TorchTrainer.fit()`, tearing
+    down its worker group, when Tune asks the process to take the next trial; Tune gives that
+    thread 2 s, then fails the next trial ("Could not re-use actor"). A fresh process per trial
+    costs little beside starting a worker group, and the old process's end frees its workers.
+    """
+    return sweep.workers == 1
+
+
+def run_sweep(plan: Plan, view=None) -> list[CellResult]:
+    """Run (or resume) every cell of `plan`; returns per-cell results.
+
+    `view` (optional) gets ``start(plan, cells)``, ``update(recorder)``, ``cell_done(recorder)``
+    and ``stop()`` calls. Raises `SweepInterrupted` when Tune was interrupted (Ctrl-C) before a
+    cell finished; the sweep then resumes with ``--resume``.
+    """
+    import ray
+
+    sweep = plan.sweep
+    # The store opens in the tracker's thread while Ray starts (each takes seconds). A cluster
+    # that cannot be joined, a trial that can never fit it or a store MLflow cannot open leaves
+    # nothing behind that a later run would mistake for a sweep to resume, not even a new store.
+    try:
+        tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
+                          replay_hint=plan.resume_command, background=True)
+    except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
+        raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
+    try:
+        _start_ray(plan.address)
+        check_shared_storage(plan.sweep_dir.parent)
+        resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
+        try:
+            tracker.wait_open()
+        except Exception as exc:  # noqa: BLE001
+            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it "
+                             f"({first_line(exc)})") from None
+    except BaseException:
+        tracker.discard()
+        raise
+    # Written once the tracker exists: a sweep that cannot record is no sweep to resume.
+    write_state(plan)
+    sweep_key = declare_sweep(plan, tracker)
+    results: list[CellResult] = []
+    completed = False
+    if view is not None:
+        view.start(plan, sweep.cells())
+    watch = InterruptWatch().install()
+    try:
+        cells = sweep.cells()
+        recorders: dict[str, Recorder] = {}
+        for cell in cells:
+            recorder = Recorder(sweep, cell, tracker, sweep_key)
+            if view is not None:
+                recorder.on_change = lambda r=recorder: view.update(r)
+                recorder.on_done = lambda r=recorder: view.cell_done(r)
+            recorders[cell.slug] = _ACTIVE[cell.slug] = recorder
+        quiet = TrialFailureFilter().install()
+        try:
+            with watch.tune_fit():
+                _tuner(plan, concurrent, resources).fit()
+            ended = _reconcile(plan, recorders)
+        finally:
+            quiet.remove()
+            for cell in cells:
+                _ACTIVE.pop(cell.slug, None)
+        unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]
+        if unfinished:
+            raise SweepInterrupted(f"interrupted in cell {unfinished[0].label}; finish the sweep with: "
+                                   f"{plan.resume_command}")
+        results = [recorders[cell.slug].result for cell in cells]
+        tracker.set_status(sweep_key, "finished")
+        completed = True
+    finally:
+        watch.remove()
+        if not completed:
+            tracker.end_open_runs()
+        message = tracker.close()
+        if view is not None:
+            view.stop()
+        if message:
+            print(message)
+    return results

@@ -1,0 +1,61 @@
+"""What a sweep is to run, decided before its first trial: the `Plan` and where its files live."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samtune.sweep.study import Sweep
+
+
+# ------------------------------------------------------------------------------ preparing
+@dataclass
+class Plan:
+    """Everything decided before the first trial: the sweep, where it lives, what it may use."""
+
+    sweep: Sweep
+    space: Any
+    space_path: str
+    sweep_dir: Path
+    tracking_uri: str
+    address: str | None
+    resume: bool
+    # Made when the sweep starts, kept in sweep.json: part of every MLflow run key, so a new sweep
+    # of the same name starts new runs while --resume continues its own.
+    sweep_id: str = ""
+    # The flags that made this sweep what it is (--set, --trials, --data-root, --storage-path,
+    # --address): --resume must be given them again, so the command it prints repeats them.
+    flags: tuple[str, ...] = ()
+    # This driver's hold on the sweep (`driver_lock`), for as long as the plan lives.
+    lock: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def sweep_key(self) -> str:
+        return f"{self.sweep.name}@{self.sweep_id}" if self.sweep_id else self.sweep.name
+
+    @property
+    def resume_command(self) -> str:
+        """The command that finishes this sweep, ready to paste."""
+        return " ".join(["samtune", "sweep", shlex.quote(_shown(self.space_path)),
+                         *(shlex.quote(f) for f in self.flags), "--resume"])
+
+
+def _shown(path: str) -> str:
+    """`path` relative to here when it lies below here, else absolute: short, and pasteable."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if relative.startswith(os.pardir) else relative
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# The one Tune experiment folder of a sweep, under its folder: every cell's trials, checkpoints
+# and searcher state.
+TUNE_DIR = "trials"

@@ -1,0 +1,283 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from samtune.contract.metrics import METRICS
+from samtune.contract.tags import (
+    CELL_TAG,
+    ERROR_TAG,
+    PLACEMENT_TAG,
+    SPACE_FILE_TAG,
+    STATUS_TAG,
+    SWEEP_ID_TAG,
+    TRIAL_KEY_TAG,
+)
+from samtune.sweep.check import space_fingerprint
+from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable, _shown
+from samtune.sweep.results import CellResult, TrialRow, finite
+from samtune.sweep.search import cell_index
+from samtune.sweep.study import Cell, Sweep
+from samtune.sweep.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ recording
+# The recorder a Tuner's callback talks to, by cell folder. Tune pickles its callbacks with the
+# experiment; a restored callback finds the live recorder of this driver process here.
+_ACTIVE: dict[str, "Recorder"] = {}
+
+
+class Recorder:
+    """Driver-side bookkeeping of one cell: MLflow records and the live view's rows."""
+
+    def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str,
+                 on_change: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None):
+        """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended."""
+        self.sweep, self.cell, self.tracker = sweep, cell, tracker
+        self.cell_key = f"{sweep_key}/{cell.slug}"
+        self.result = CellResult(cell)
+        self.on_change = on_change or (lambda: None)
+        self.on_done = on_done or (lambda: None)
+        self.ended = 0
+        self.done = False
+        self._placements: dict[str, str] = {}
+        tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key,
+                        **{CELL_TAG: cell.label})
+        tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
+                                           "label_noise_kind": sweep.label_noise_kind})
+
+    def _key(self, trial) -> str:
+        return f"{self.cell_key}/{trial.trial_id}"
+
+    def _row(self, trial) -> TrialRow:
+        row = self.result.trials.get(trial.trial_id)
+        if row is None:
+            params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
+            row = self.result.trials[trial.trial_id] = TrialRow(trial.trial_id, params)
+        return row
+
+    @property
+    def _cell_keys(self) -> set[str]:
+        # What every trial of the cell shares, and the baseline mark: not settings worth a column.
+        return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed) | {"baseline"}
+
+    def trial_start(self, trial) -> None:
+        key = self._key(trial)
+        self.tracker.declare(key, f"{self.cell.label} {trial.trial_id}", "trial", parent=self.cell_key,
+                             **{CELL_TAG: self.cell.label, TRIAL_KEY_TAG: key,
+                                STATUS_TAG: "running"})
+        self.tracker.log_params(key, trial.config)
+        self._row(trial).status = "running"
+        self.on_change()
+
+    def trial_result(self, trial, result: dict[str, Any]) -> None:
+        row = self._row(trial)
+        # Only finite numbers count: a diverged epoch's NaN, or the gaps of a progress table read
+        # back on resume, are neither logged nor shown.
+        metrics = {k: v for k, v in result.items()
+                   if (k in METRICS or k.startswith("sharpness/")) and finite(v)}
+        epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
+        self.tracker.log_metrics(self._key(trial), metrics, step=epoch)
+        placement = result.get("placement")
+        if isinstance(placement, str) and self._placements.get(trial.trial_id) != placement:
+            # Where the workers ran (a restarted trial may run elsewhere: the tag holds the latest).
+            self._placements[trial.trial_id] = placement
+            self.tracker.set_tags(self._key(trial), {PLACEMENT_TAG: placement})
+        row.epoch = max(row.epoch, epoch)
+        row.metrics.update(metrics)
+        if metrics.get("diverged"):
+            row.status = "diverged"
+        self.on_change()
+
+    def seen_ending(self, trial_id: str) -> bool:
+        row = self.result.trials.get(trial_id)
+        return row is not None and row.status in ("finished", "stopped", "diverged", "failed")
+
+    def trial_end(self, trial, failed: bool) -> None:
+        row = self._row(trial)
+        if failed:
+            status = "failed"
+            row.error = trial_error(trial)
+            if row.error and getattr(trial, "error_file", None):
+                row.error += f" (traceback: {_shown(trial.error_file)})"
+            if row.error:
+                self.tracker.set_tags(self._key(trial), {ERROR_TAG: row.error[:5000]})
+        elif row.metrics.get("diverged"):
+            status = "diverged"
+        elif row.epoch < self.sweep.epochs:
+            status = "stopped"
+        else:
+            status = "finished"
+        row.status = status
+        self.tracker.set_status(self._key(trial), status)
+        self.ended += 1
+        self.on_change()
+        if not self.done and self.ended >= self.sweep.trials:
+            # The cell's budget has ended while the sweep's next cells may still be running.
+            self.done = True
+            self.tracker.set_status(self.cell_key, "finished")
+            self.on_done()
+
+
+def trial_error(trial) -> str:
+    """The last line of the error a failed Tune trial left (its exception, type and message)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines() if path else []
+    except OSError:
+        return ""
+    # Tune writes each failure's traceback; the exception is its last unindented line.
+    return next((line.strip() for line in reversed(lines) if line.strip() and not line[0].isspace()
+                 and not line.startswith("Failure #")), "")
+
+
+class SweepCallback(Callback):
+    """Forwards Tune's trial events to this driver's `Recorder` of the trial's cell (found by
+    the cell's folder name, so the pickled copy Tune keeps for ``--resume`` holds no live state)."""
+
+    def __init__(self, cells: list[Cell]):
+        self.rates = tuple(c.label_noise_rate for c in cells)
+        self.slugs = tuple(c.slug for c in cells)
+
+    def _recorder(self, trial) -> "Recorder | None":
+        index = cell_index(self.rates, trial.config)
+        return None if index is None else _ACTIVE.get(self.slugs[index])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if (r := self._recorder(trial)) is not None:
+            r.trial_start(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (r := self._recorder(trial)) is not None:
+            r.trial_result(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (r := self._recorder(trial)) is not None:
+            r.trial_end(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if (r := self._recorder(trial)) is not None:
+            r.trial_end(trial, failed=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if (r := self._recorder(trial)) is not None:
+            log.warning("%s trial %s failed and restarts from its last checkpoint: %s",
+                        r.cell.label, trial.trial_id, trial_error(trial) or "(no error recorded)")
+
+
+class TrialFailureFilter(logging.Filter):
+    """Drops Tune's own reports of a failed trial (a traceback each, and a closing list): the
+    sweep says in one line why a trial failed, or that it restarts, and the full traceback stays
+    in the trial's ``error.txt``."""
+
+    LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
+
+    def install(self) -> "TrialFailureFilter":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+def write_state(plan: Plan) -> None:
+    """Write ``sweep.json`` (what --resume checks and continues) unless it exists; atomically, so
+    a driver killed mid-write leaves no half file that --resume could not read."""
+    state_file = plan.sweep_dir / "sweep.json"
+    if state_file.exists():
+        return
+    state = {"sweep": _jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
+             "space": space_fingerprint(plan.sweep, plan.space),
+             "tracking_uri": plan.tracking_uri, "sweep_id": plan.sweep_id, "started": time.time()}
+    # Its own user only: the folder holds pickles (Tune's state, the searchers') that a resume loads.
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = state_file.with_name(f".sweep.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, state_file)
+
+
+def declare_sweep(plan: Plan, tracker: Tracker) -> str:
+    """Declare the sweep's MLflow run (with its settings as params); returns its key."""
+    sweep = plan.sweep
+    tracker.declare(plan.sweep_key, sweep.name, "sweep", **{SPACE_FILE_TAG: plan.space_path,
+                                                            SWEEP_ID_TAG: plan.sweep_id})
+    tracker.log_params(plan.sweep_key, {k: v for k, v in sweep.to_dict().items() if k != "fixed"}
+                       | {f"fixed.{k}": v for k, v in sweep.fixed.items()})
+    return plan.sweep_key
+
+
+def _reconcile(plan: Plan, recorders: dict[str, Recorder]) -> dict[str, int]:
+    """Bring each cell's records up to Tune's saved state; return how many trials of each cell
+    (by slug) have ended.
+
+    A trial that ended while an earlier driver ran (the sweep is resumed) produces no callback in
+    this one: its row is rebuilt from Tune's per-trial progress table, and its MLflow run is found
+    by its trial key and completed. Steps already in MLflow are skipped, so an earlier driver
+    killed between a trial's result and its MLflow write leaves no gap and no duplicate.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    ended = {slug: 0 for slug in recorders}
+    try:
+        analysis = ExperimentAnalysis(str(plan.sweep_dir / TUNE_DIR))
+    except Exception:  # noqa: BLE001  no state written: nothing ended
+        return ended
+    cells = plan.sweep.cells()
+    rates = [c.label_noise_rate for c in cells]
+    known: dict[str, set[str]] = {slug: set() for slug in recorders}
+    frames = None
+    for trial in analysis.trials:
+        index = cell_index(rates, trial.config)
+        if index is None:
+            continue
+        slug = cells[index].slug
+        known[slug].add(trial.trial_id)
+        if trial.status not in ("TERMINATED", "ERROR"):
+            continue
+        ended[slug] += 1
+        recorder = recorders[slug]
+        if recorder.seen_ending(trial.trial_id):
+            continue
+        if frames is None:
+            frames = analysis.trial_dataframes
+        recorder.trial_start(trial)
+        frame = frames.get(trial.trial_id)
+        for result in ([] if frame is None else frame.to_dict("records")) or [trial.last_result or {}]:
+            recorder.trial_result(trial, result)
+        recorder.trial_end(trial, failed=trial.status == "ERROR")
+    for slug, recorder in recorders.items():
+        if plan.resume and ended[slug] >= plan.sweep.trials:
+            lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, known[slug])
+            for key in lost:
+                log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran "
+                            "another trial in its place, and its MLflow run is tagged samtune.role=lost", key)
+    return ended

@@ -1,0 +1,158 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from samtune.contract.messages import first_line
+from samtune.sweep.errors import SweepError
+from samtune.sweep.study import Sweep
+
+log = logging.getLogger(__name__)
+
+
+def resumable(folder: Path) -> bool:
+    """Whether Tune can pick the sweep's trials up where they stopped: its Tuner and a whole
+    experiment state in `folder`.
+
+    A driver killed just as the Tuner started leaves the Tuner (``tuner.pkl``) but no experiment
+    state; Tune then refuses to restore, and since no trial was recorded, the trials start afresh
+    instead. A driver killed while Tune was writing its state (Tune writes it in place, at every
+    step) leaves it cut short: it is put back from the copy `StateBackup` took before that step
+    (see there), or, with no copy, the trials start afresh.
+    """
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(folder)):
+        return False
+    states = sorted(folder.glob("experiment_state-*.json"))  # Tune's own order: by session time
+    if not states:
+        return False
+    newest = states[-1]
+    if _whole_json(newest):
+        return True
+    backup = folder / STATE_BACKUP
+    if backup.exists() and _whole_json(backup):
+        log.warning("Tune's experiment state %s was cut short when the driver was killed; it is put "
+                    "back from the copy taken one step earlier", newest)
+        tmp = newest.with_name(f".{newest.name}.tmp")
+        shutil.copyfile(backup, tmp)
+        os.replace(tmp, newest)
+        return True
+    newest.unlink()  # cut short in the first step of the first session: nothing to resume
+    return False
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+STATE_BACKUP = "samtune-experiment-state.backup.json"
+
+
+class StateBackup(Callback):
+    """Copies Tune's experiment state aside at the start of each step of its loop.
+
+    Tune writes the state in place at the end of every step, then the searcher's state (that
+    one atomically). A driver killed in the middle of the first write leaves an empty or cut
+    JSON file that Tune cannot restore. The copy taken at the start of that step is the state
+    the step began from, and the searcher's state on disk is from the same moment, since the
+    killed step never reached it. Its latest checkpoints still exist: `CheckpointPruner`
+    keeps the one before the newest.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_step_begin(self, iteration, trials, **info):
+        folder = Path(self.folder)
+        states = list(folder.glob("experiment_state-*.json"))
+        if not states:
+            return
+        newest = max(states)
+        tmp = folder / f".{STATE_BACKUP}.tmp"
+        try:
+            shutil.copyfile(newest, tmp)
+            os.replace(tmp, folder / STATE_BACKUP)
+        except OSError:  # a backup is a precaution: never a reason to stop a sweep
+            pass
+
+
+class CheckpointPruner(Callback):
+    """Keeps a trial's two newest checkpoints, on disk and in Tune's experiment state.
+
+    Tune's experiment state names each trial's checkpoints and its latest one. Left to Tune
+    (`num_to_keep=1`), a checkpoint is deleted as soon as the next one is registered, before the
+    state that names the new one is written: a driver killed in between leaves a state naming a
+    deleted checkpoint, and the resumed trial fails to restore (seen under SIGKILL). With
+    `num_to_keep=2`, a resumed Tune fails instead on deleting a checkpoint its state still
+    lists. Tune therefore keeps them all (`num_to_keep=None`) and writes its state at every step
+    of its loop (`EXPERIMENT_STATE_PERIOD_S` = 0), one result a step; and this, as checkpoint N+1
+    arrives (before Tune registers it), deletes everything older than N and drops it from the
+    trial's list, so the state on disk, whose latest is N, never names a deleted one as latest.
+    Dropping them from the list matters as much: Tune pickles every listed checkpoint into the
+    state at every step, which grew with the epochs (75 kB a trial after 16 epochs, about 0.6 MB
+    after 200, rewritten at every step for every trial).
+    """
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        fs = getattr(checkpoint, "filesystem", None)
+        if fs is not None and getattr(fs, "type_name", "local") != "local":
+            return  # remote storage: left to its own lifecycle rules
+        manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
+        listed = getattr(manager, "_checkpoint_results", None)
+        if not isinstance(listed, list):
+            return  # a Tune whose bookkeeping differs: keep everything rather than guess
+        newest = Path(checkpoint.path)
+        for old in listed[:-1]:
+            path = Path(old.checkpoint.path)
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)  # housekeeping: never a reason to stop
+        del listed[:-1]
+
+
+# How often Tune writes its experiment state: every step of its loop, so that a resumed driver
+# knows every trial and checkpoint the killed one had (see CheckpointPruner: it keeps the state
+# small enough for that).
+EXPERIMENT_STATE_PERIOD_S = 0
+
+
+def _read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
+    """The saved sweep.json for --resume; SweepError when it is missing or unreadable."""
+    if not state_file.exists():
+        raise SweepError(f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "
+                         f"(is --storage-path the one the sweep ran with?)")
+    try:
+        saved = json.loads(state_file.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("sweep"), dict):
+            raise ValueError("no 'sweep' entry")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SweepError(f"--resume: {state_file} is damaged ({type(exc).__name__}: {first_line(exc)}); "
+                         f"this sweep cannot be resumed; start it again with --set name=... "
+                         f"or another --storage-path") from None
+    return saved

@@ -1,0 +1,104 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samtune.sweep.plan import TUNE_DIR, Plan
+from samtune.sweep.study import Cell
+
+
+@dataclass
+class TrialRow:
+    """One trial as the live view and the summary see it."""
+
+    trial_id: str
+    params: dict[str, Any]
+    status: str = "pending"
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # why a failed trial failed: its exception's last line
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.params.get("optimizer", "sgd"))
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    trials: dict[str, TrialRow] = field(default_factory=dict)
+
+    def best(self, metric: str, mode: str, optimizer: str | tuple[str, ...] | None = None) -> TrialRow | None:
+        """The best trial by `metric` (of `optimizer`, a name or several), among the trials that
+        ran their whole budget; among the ones ASHA stopped only when none did. A stopped
+        trial's metric is from an earlier epoch, often lower than any final value after a
+        cosine schedule's warm phase, and would otherwise win on that alone."""
+        sign = 1.0 if mode == "min" else -1.0
+        names = (optimizer,) if isinstance(optimizer, str) else optimizer
+        for status in ("finished", "stopped"):
+            rows = [r for r in self.trials.values() if r.status == status
+                    and finite(r.metrics.get(metric)) and (names is None or r.optimizer in names)]
+            if rows:
+                return min(rows, key=lambda r: sign * r.metrics[metric])
+        return None
+
+
+def load_study(sweep_dir: str | os.PathLike, cell: Cell):
+    """The Optuna study of one cell as Tune last saved it (an ``optuna.Study``), e.g. for
+    ``optuna.visualization`` or ``optuna.importance``; its trials are the cell's Tune trials, in
+    order, COMPLETE / PRUNED (stopped by ASHA) / FAIL. The space file must still exist (the
+    saved searcher refers to it). Raises FileNotFoundError when the sweep never started.
+    """
+    folder = Path(sweep_dir) / TUNE_DIR
+    # One file per driver session, named by the session's start time; the newest name is the
+    # last session's searcher. Not by mtime: Tune's sync to the storage path rewrites the older
+    # sessions' files too, so their mtimes say nothing about which is current.
+    saved = sorted(folder.glob("searcher-state-*.pkl"), key=lambda f: (f.name, f.stat().st_mtime))
+    if not saved:
+        raise FileNotFoundError(f"no saved Optuna searcher in {folder}: the sweep never started")
+    with open(saved[-1], "rb") as fh:
+        state = pickle.load(fh)  # noqa: S301  written by this sweep's own driver
+    searchers = state.get("searchers", [])
+    if cell.index >= len(searchers):
+        raise FileNotFoundError(f"the searcher saved in {folder} has no cell {cell.label}")
+    return searchers[cell.index]._ot_study
+
+
+def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:
+    """Per cell: the best SGD and best SAM-family trial by the sweep's metric, with test error."""
+    sweep = plan.sweep
+    rows = []
+    for res in results:
+        entry: dict[str, Any] = {"cell": res.cell.label, "trials": len(res.trials),
+                                 "failed": sum(r.status == "failed" for r in res.trials.values()),
+                                 "diverged": sum(r.status == "diverged" for r in res.trials.values())}
+        for family, names in (("sgd", ("sgd",)), ("sam", ("sam", "asam"))):
+            # One pick over the whole family, so a finished ASAM trial is not passed over for a
+            # SAM trial that ASHA stopped.
+            entry[family] = res.best(sweep.metric, sweep.mode, names)
+        rows.append(entry)
+    return rows
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

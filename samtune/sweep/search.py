@@ -1,0 +1,211 @@
+"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
+seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
+hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
+its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
+`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
+writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
+turned off.
+
+On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
+MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
+checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
+records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
+each cell's Optuna searcher continues from its saved state.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from collections import Counter
+from typing import Any, Callable
+
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from samtune.sweep.check import check_space
+from samtune.sweep.plan import Plan
+from samtune.sweep.results import finite
+
+
+# ------------------------------------------------------------------------------ search space
+class CellSpace:
+    """The define-by-run function of one cell: the file's space plus the cell's fixed settings.
+
+    Picklable (the space pickles by its file path), because Tune saves the searcher for resume.
+    """
+
+    def __init__(self, space: Callable, base: dict[str, Any]):
+        self.space = space
+        self.base = dict(base)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        returned = self.space(trial) or {}
+        # Suggested values are added by OptunaSearch itself; constants come from here.
+        return {**self.base, **returned}
+
+
+class AshaAwareOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that tells Optuna a trial ASHA stopped early is PRUNED, not COMPLETE.
+
+    Ray's `OptunaSearch` records an early-stopped trial as COMPLETE with its early value, so TPE
+    would compare a 4-epoch error with 16-epoch ones as if they were the same measurement. Told
+    PRUNED, Optuna keeps the last reported value (every epoch is reported as an intermediate
+    value), and TPE ranks pruned trials below every completed one, deeper ones first: the verdict
+    ASHA already reached. A diverged trial ends by itself with ``val_error = 1.0`` and stays
+    COMPLETE: a bad result, not a missing one. A trial that errored stays FAIL.
+
+    Tune does not pass the result a scheduler stops a trial on to the searcher's
+    ``on_trial_result``, only to ``on_trial_complete``; that epoch is reported here, so a pruned
+    trial's value is the one ASHA judged it by (and a trial stopped at its first epoch has one).
+    """
+
+    def __init__(self, *args: Any, epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._epochs = epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = (not error and bool(result) and trial_id in self._ot_trials
+                         and trial_id not in self._completed_trials
+                         and not (finite(result.get("diverged")) and result["diverged"])
+                         and finite(result.get("epoch")) and result["epoch"] < self._epochs)
+        if not stopped_early:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        step = result.get("training_iteration")
+        frozen = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == ot_trial.number)
+        if finite(result.get(self.metric)) and isinstance(step, int) and step not in frozen.intermediate_values:
+            ot_trial.report(result[self.metric], step)
+        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def cell_index(rates: tuple[float, ...] | list[float], config: dict[str, Any]) -> int | None:
+    """The cell a trial config belongs to: the index of its label-noise rate (unique per sweep)."""
+    rate = config.get("label_noise_rate")
+    if not finite(rate):
+        return None
+    for index, other in enumerate(rates):
+        if math.isclose(other, rate, abs_tol=1e-12):
+            return index
+    return None
+
+
+class CellSearch(Searcher):
+    """The cells' Optuna studies behind the one searcher of a sweep's Tuner.
+
+    Each cell keeps its own seeded TPE study (so its own SGD baseline, and its own verdicts on
+    what works at its noise rate); this only deals trials out, cell after cell, each its budget.
+    All cells running under one Tuner is what makes a sweep of several cells cheap: a trial
+    process that served one cell serves the next (Tune reuses it, torch already imported), and
+    once a cell's last trial has started a freed slot starts the next cell's first trial instead
+    of idling until that trial ends. A Tuner per cell paid both at every cell.
+    """
+
+    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str, baselines: int = 0):
+        """`baselines`: how many of each cell's first trials are its baselines (its searcher's
+        points to evaluate, one per optimizer); their configs carry ``baseline=True``."""
+        super().__init__(metric=metric, mode=mode)
+        self.searchers = list(searchers)
+        self.trials = trials
+        self.baselines = baselines
+        self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        issued = Counter(self.cell_of.values())
+        for index, searcher in enumerate(self.searchers):
+            if issued[index] < self.trials:
+                config = searcher.suggest(trial_id)
+                if isinstance(config, dict):
+                    self.cell_of[trial_id] = index
+                    config = {**config, "baseline": issued[index] < self.baselines}
+                return config
+        return Searcher.FINISHED
+
+    def _owner(self, trial_id: str) -> Searcher | None:
+        index = self.cell_of.get(trial_id)
+        return None if index is None else self.searchers[index]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if (searcher := self._owner(trial_id)) is not None:
+            searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if (searcher := self._owner(trial_id)) is not None:
+            searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__.copy(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
+
+
+class CellScheduler(FIFOScheduler):
+    """One ASHA per cell behind a sweep's one Tuner: a trial is judged only against the trials of
+    its own cell, whose errors share its noise rate. Trials start in the order they were added.
+
+    A cell's baseline trials (``baseline=True``: its first SGD and first SAM trial) are never
+    stopped. Their results still set the cell's rungs, but a comparison of SAM with SGD needs
+    both at full length, and asynchronous ASHA judges a trial by whoever reached its rung
+    first: under label noise SGD's early epochs look good, then it memorizes the flipped labels,
+    so a SAM baseline reaching epoch 4 after a few SGD trials could be stopped on errors SGD
+    never keeps.
+    """
+
+    def __init__(self, rates: tuple[float, ...], schedulers: list, max_t: int):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.schedulers = list(schedulers)
+        self.max_t = max_t
+
+    def _of(self, trial):
+        index = cell_index(self.rates, trial.config)
+        if index is None:
+            raise ValueError(f"trial {trial.trial_id} belongs to no cell of this sweep "
+                             f"(label_noise_rate={trial.config.get('label_noise_rate')!r})")
+        return self.schedulers[index]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric, self._mode = metric, mode
+        return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = self._of(trial).on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and trial.config.get("baseline") and result.get("epoch", 0) < self.max_t:
+            return self.CONTINUE  # recorded at its rung above, but a baseline runs its budget
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(s.debug_string() for s in self.schedulers)
+
+
+def baseline_points(plan: Plan) -> list[dict[str, Any]] | None:
+    """First trials of every cell: one per optimizer the space offers (SGD first), the rest of
+    their settings sampled, so each cell has its own SGD baseline however TPE wanders."""
+    offered: list[str] = []
+    for params in check_space(plan.sweep, plan.space, samples=32):
+        name = params.get("optimizer")
+        if isinstance(name, str) and name not in offered:
+            offered.append(name)
+    if len(offered) < 2 or plan.sweep.trials < len(offered):
+        return None
+    return [{"optimizer": name} for name in sorted(offered, key=lambda n: n != "sgd")]
