@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Sequence
 
+from samtune.contract.metrics import PRINTED
 from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
 from samtune.report.page import build
@@ -274,8 +275,7 @@ def cmd_train(args) -> int:
             print(json.dumps(metrics), flush=True)
         else:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                             if k in ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "val_error",
-                                      "test_error", "epoch_time_s") or k.startswith("sharpness/"))
+                             if k in PRINTED or k.startswith("sharpness/"))
             print(shown, flush=True)
 
     saved = {}

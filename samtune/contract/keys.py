@@ -47,15 +47,15 @@ _UNIT = {"low": 0.0, "high": 1.0, "high_open": True}
 #: Every key of a trial config. The sweep adds the cell's keys (dataset, noise rate, ...).
 TRIAL_KEYS: dict[str, Setting] = {
     # -- data and scenario
-    "dataset": _key("str", "digits", "digits | cifar10 | cifar100 | imagefolder:<path>, optionally [classes]"),
+    "dataset": _key("str", "digits", "digits, cifar10, cifar100, imagefolder:<path>, optionally [classes]"),
     "data_root": _key("str", None, "where datasets live (None: the package default)", optional=True),
     "data_subset": _key("int", None, "training examples used (None: all)", optional=True, low=1),
     "test_subset": _key("int", None, "test examples used (None: all)", optional=True, low=1),
     "data_seed": _key("int", None, "fixes subset, noise, split (None: seed)", optional=True, low=0),
-    "scenario": _choice("label_noise", SCENARIOS, "label_noise | finetune"),
+    "scenario": _choice("label_noise", SCENARIOS, "label_noise, finetune"),
     "label_noise_rate": _key("float", 0.0, "fraction of flipped labels", **_UNIT),
     "label_noise_kind": _choice("symmetric", NOISE_KINDS,
-                                "symmetric | pairflip | asymmetric (CIFAR-10 class map)"),
+                                "symmetric, pairflip, asymmetric (CIFAR-10 class map)"),
     "val_fraction": _key("float", 0.1, "validation share of training set", **_UNIT),
     "augment": _key("bool", None, "random crop + flip (None: scenario default)", optional=True),
     # -- model
@@ -74,7 +74,7 @@ TRIAL_KEYS: dict[str, Setting] = {
                             "outnumber the GPUs)", optional=True, **_POSITIVE),
     "backend": _choice(None, BACKENDS, "torch.distributed backend (None: nccl on GPUs, else gloo)",
                        optional=True),
-    "precision": _choice("fp32", PRECISIONS, "fp32 | bf16 autocast | fp16 autocast + loss scaling (GPU)"),
+    "precision": _choice("fp32", PRECISIONS, "fp32, bf16 autocast, fp16 autocast + loss scaling (GPU)"),
     "channels_last": _key("bool", None, "channels-last memory format (None: on for CUDA convnets)",
                           optional=True),
     "compile": _key("bool", False, "torch.compile the model"),
@@ -83,7 +83,7 @@ TRIAL_KEYS: dict[str, Setting] = {
     "placement_timeout_s": _key("float", 300.0, "workers > 1: seconds a worker group may wait for its "
                                 "resources", **_POSITIVE),
     # -- optimizer
-    "optimizer": _choice("sgd", OPTIMIZERS, "sgd | sam | asam (adaptive SAM)"),
+    "optimizer": _choice("sgd", OPTIMIZERS, "sgd, sam, asam (adaptive SAM)"),
     "base_optimizer": _choice("sgd", BASE_OPTIMIZERS, "the optimizer SAM wraps"),
     "lr": _key("float", 0.05, "peak learning rate", **_POSITIVE),
     "momentum": _key("float", 0.9, "SGD momentum", **_UNIT),
@@ -143,3 +143,19 @@ DEFAULTS: dict[str, Any] = {name: key.default for name, key in TRIAL_KEYS.items(
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
 STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
                         "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline"})
+
+#: The trial keys a `Sweep` sets from its own fields, and the field that sets each: a space's
+#: ``fixed`` and ``--set fixed.KEY`` may not set them.
+SWEEP_FIELDS = {"dataset": "dataset", "model": "model", "scenario": "scenario", "epochs": "epochs",
+                "batch_size": "batch_size", "seed": "seed", "data_seed": "seed", "workers": "workers",
+                "label_noise_rate": "label_noise_rates", "label_noise_kind": "label_noise_kind",
+                "data_subset": "data_subset", "use_gpu": "gpus_per_trial", "sharpness_every": "sharpness_every"}
+
+#: Keys that vary between trials without being a hyperparameter of the study: the seed is noise to
+#: average over, the rest are resources and bookkeeping (``baseline`` marks a cell's baseline
+#: trials, which ASHA lets run their budget). The report does not rank them by importance.
+NUISANCE_KEYS = frozenset({"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset",
+                           "baseline"})
+
+#: The settings that tell trials apart at a glance: the live view shows these first.
+HEADLINE_KEYS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")

@@ -24,6 +24,8 @@ class Metric:
     when: str
     optimisable: bool
     doc: str
+    #: Its value for a diverged trial: the worst it can be ("loss": the trial's divergence_loss).
+    worst: float | str | None = None
 
 
 _EVERY = "every epoch"
@@ -33,22 +35,22 @@ _VAL = "every epoch, with a validation split (val_fraction > 0)"
 METRICS: dict[str, Metric] = {
     "epoch": Metric(_EVERY, False, "the epoch just finished (1, 2, ...)"),
     "train_loss": Metric(_EVERY, True, "running mean of the training loss over the epoch (train mode, "
-                         "augmented batches, noisy labels)"),
-    "train_acc_noisy": Metric(_EVERY, True, "running accuracy on the labels trained on"),
-    "train_acc_true": Metric(_EVERY, True, "running accuracy on the clean labels"),
+                         "augmented batches, noisy labels)", worst='loss'),
+    "train_acc_noisy": Metric(_EVERY, True, "running accuracy on the labels trained on", worst=0.0),
+    "train_acc_true": Metric(_EVERY, True, "running accuracy on the clean labels", worst=0.0),
     "train_error": Metric(_EVERY, True, "eval-mode top-1 error on a fixed 1,024-example training subset, "
-                          "against the labels trained on"),
+                          "against the labels trained on", worst=1.0),
     "flipped_acc_noisy": Metric("every epoch, when the eval subset holds flipped labels", False,
                                 "accuracy on the flipped examples against their noisy label (memorisation)"),
     "flipped_acc_true": Metric("every epoch, when the eval subset holds flipped labels", False,
                                "accuracy on the flipped examples against their true label"),
-    "val_error": Metric(_VAL, True, "top-1 error on the held-out part of the noisy training set"),
-    "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set"),
-    "test_error": Metric(_EVERY, True, "top-1 error on the clean test set"),
-    "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set"),
-    "generalization_gap": Metric(_EVERY, True, "test_error - train_error"),
+    "val_error": Metric(_VAL, True, "top-1 error on the held-out part of the noisy training set", worst=1.0),
+    "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set", worst='loss'),
+    "test_error": Metric(_EVERY, True, "top-1 error on the clean test set", worst=1.0),
+    "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set", worst='loss'),
+    "generalization_gap": Metric(_EVERY, True, "test_error - train_error", worst=1.0),
     "epoch_time_s": Metric(_EVERY, True, "seconds of this epoch"),
-    "samples_per_s": Metric(_EVERY, True, "training examples per second"),
+    "samples_per_s": Metric(_EVERY, True, "training examples per second", worst=0.0),
     "train_time_s": Metric(_EVERY, True, "cumulative seconds"),
     "compute_time_s": Metric(_EVERY, True, "cumulative seconds of training, evaluation and sharpness alone"),
     "lr": Metric(_EVERY, False, "the head's (the schedule's) learning rate"),
@@ -68,6 +70,21 @@ OPTIMISABLE = tuple(name for name, metric in METRICS.items() if metric.optimisab
 
 #: Metrics with a value of text, not a number: recorded as MLflow tags, never as metric series.
 TEXT_METRICS = ("m_plan", "placement")
+
+
+#: What `samtune train` prints every epoch (beside the sharpness measures).
+PRINTED = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "val_error", "test_error", "epoch_time_s")
+
+
+def worst_values(divergence_loss: float) -> dict[str, float]:
+    """Every metric that has a worst value, at it: what a diverged trial reports, so it stays a
+    bad (finite) result for ASHA and TPE whatever the sweep optimises.
+
+    >>> worst_values(1e3)["test_error"], worst_values(1e3)["val_loss"]
+    (1.0, 1000.0)
+    """
+    return {name: float(divergence_loss) if m.worst == "loss" else float(m.worst)
+            for name, m in METRICS.items() if m.worst is not None}
 
 
 def reported_metrics() -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from samtune.contract.keys import NUISANCE_KEYS
 from samtune.contract.tags import CELL_TAG, STATUS_TAG, TRIAL_KEY_TAG
 from samtune.report.runs import (
     _MLFLOW_STATUS,
@@ -42,16 +43,6 @@ from samtune.report.runs import (
     TrialRecord,
     _parse_param,
 )
-
-# Config keys that vary between trials without being a hyperparameter of the study: the seed is
-# noise to average over, the rest are resources and bookkeeping (`baseline` marks a cell's
-# baseline trials, which ASHA lets run their budget).
-NUISANCE_KEYS = frozenset(
-    {"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset", "baseline"}
-)
-
-
-
 
 # Fixed colours so that one optimizer looks the same in every view.
 _OPTIMIZER_COLORS = {"SGD": "#444444", "SAM": "#1f77b4", "ASAM": "#ff7f0e",

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from samtune.contract.keys import STUDY_KEYS, TRIAL_KEYS
+from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
 from samtune.contract.values import Setting, SpaceError, _choice, _suggest
 from samtune.sweep.validate import (
@@ -43,7 +43,7 @@ def _study_key_error(key: str, what: str) -> SpaceError | None:
         return SpaceError(f"{what}, which the sweep sets per trial (a cell's first SGD and SAM trials "
                           "are its baselines)")
     if key in STUDY_KEYS:
-        owner = _SWEEP_OWNED.get(key, key)
+        owner = SWEEP_FIELDS.get(key, key)
         return SpaceError(f"{what}, which the Sweep fixes per cell; use --set {owner}=... "
                           f"(or Sweep({owner}=...) in the file)")
     return None
@@ -161,8 +161,8 @@ class Sweep:
         for key in self.fixed:
             if not isinstance(key, str):
                 raise SpaceError(f"fixed has a non-string key {key!r}")
-            if key in _SWEEP_OWNED:
-                raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({_SWEEP_OWNED[key]}=...)")
+            if key in SWEEP_FIELDS:
+                raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({SWEEP_FIELDS[key]}=...)")
             if key == "baseline":  # a study key fixed may not set (data_root, say, it may)
                 raise _study_key_error(key, "fixed sets 'baseline'")
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
@@ -275,13 +275,6 @@ _REQUIRED = tuple(f.name for f in dataclasses.fields(Sweep)
                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 
 
-# Trial keys the Sweep sets from its own fields (so `fixed` must not).
-_SWEEP_OWNED = {"dataset": "dataset", "model": "model", "scenario": "scenario", "epochs": "epochs",
-                "batch_size": "batch_size", "seed": "seed", "data_seed": "seed", "workers": "workers",
-                "label_noise_rate": "label_noise_rates", "label_noise_kind": "label_noise_kind",
-                "data_subset": "data_subset", "use_gpu": "gpus_per_trial", "sharpness_every": "sharpness_every"}
-
-
 def _unknown_sweep_key(key: str) -> str:
     return (f"Sweep has no setting {key!r}{_suggest(key, _FIELD_NAMES)}; "
             f"settings: {', '.join(_FIELD_NAMES)} (trial settings go in fixed={{...}})")
@@ -328,8 +321,8 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
         for key, raw in parse_assignments([item]):
             if key.startswith("fixed."):
                 sub = key.split(".", 1)[1]
-                if sub in _SWEEP_OWNED:
-                    raise SpaceError(f"--set {key}: {sub!r} is a Sweep setting; use --set {_SWEEP_OWNED[sub]}=...")
+                if sub in SWEEP_FIELDS:
+                    raise SpaceError(f"--set {key}: {sub!r} is a Sweep setting; use --set {SWEEP_FIELDS[sub]}=...")
                 fixed[sub] = parse_trial_value(sub, raw)
             elif key == "label_noise_rates":
                 changes[key] = _parse_rates(key, raw)

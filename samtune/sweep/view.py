@@ -19,8 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-_SHOWN_PARAMS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")
-
+from samtune.contract.keys import HEADLINE_KEYS
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
                  "failed": "bold red", "pending": "dim"}
@@ -91,7 +90,7 @@ class SweepView:
             self.live = None
 
     def _params(self, row) -> str:
-        return " ".join(f"{k}={fmt(row.params[k])}" for k in _SHOWN_PARAMS if k in row.params)
+        return " ".join(f"{k}={fmt(row.params[k])}" for k in HEADLINE_KEYS if k in row.params)
 
     def _metrics(self, row) -> str:
         keys = [self.metric] + [k for k in ("test_error", "train_acc_true") if k != self.metric]
