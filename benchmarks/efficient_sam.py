@@ -11,7 +11,7 @@ Then the same on a subset of CIFAR-10 training images (`--cifar10-subset`, defau
 
 Every method trains with the same loop, the same data order and the same cosine learning rate;
 the methods differ only in `sam_variant` (and SGD has no SAM optimizer at all). Variants run at
-their defaults from `samtune.variants` (every_k k=2, rst p=0.5, looksam k=5 alpha=0.7,
+their defaults from `samtune.optim.variants` (every_k k=2, rst p=0.5, looksam k=5 alpha=0.7,
 ae_sam lambda1=-1 lambda2=1 delta=0.9).
 
 Prints a table and ends with

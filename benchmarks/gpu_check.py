@@ -6,7 +6,7 @@ Figures (on CUDA, sized to finish in under 8 minutes on one H200; flags scale ea
 
 1. `sam/sgd_epoch`: seconds of one training epoch of SAM over SGD, ResNet-18 on the whole CIFAR-10
    training split (45,000 images after the validation split), batch 128, `--precision` (bf16)
-   autocast, through `samtune.train.fit` (so with the GPU trial's defaults, channels_last on).
+   autocast, through `samtune.fit` (so with the GPU trial's defaults, channels_last on).
    Each optimizer trains 2 epochs and the second epoch's `epoch_time_s` is compared: the training
    steps of that epoch (data order, augmentation, both SAM passes, optimizer and LR schedule),
    not the evaluation after it; the first epoch (CUDA kernels loaded and chosen, the allocator
@@ -21,7 +21,7 @@ Figures (on CUDA, sized to finish in under 8 minutes on one H200; flags scale ea
    rounds' medians, after warm-up steps that include compilation) of `torch.compile(model)`
    (NCHW) and of the model in channels_last, over the same model eager in NCHW; the three take
    turns round by round.
-4. Data parallelism through Ray Train (`TorchTrainer(samtune.train.train_loop_per_worker)`): NCCL
+4. Data parallelism through Ray Train (`TorchTrainer(samtune.train_loop_per_worker)`): NCCL
    with one worker per GPU where there are several GPUs, and gloo with 2 workers sharing one GPU
    (NCCL refuses two ranks on one device); samples/s of the last epoch and that it completed.
 5. `search_spaces/noisy_cifar10.py` shrunk to 40% label noise, `--epochs` (30) epochs and

@@ -1,7 +1,7 @@
 """Data-parallel SAM: throughput of 1 vs 2 CPU workers, and gradient all-reduce rounds per step.
 
 Baselines, measured in this run on the same model, data and global batch:
-- throughput: `samtune.train.fit` in this process (one worker, one thread) against
+- throughput: `samtune.fit` in this process (one worker, one thread) against
   `TorchTrainer(train_loop_per_worker)` with 2 gloo workers of one thread each; samples/s of the
   last epoch (the first carries start-up costs). No target: on a 2-core machine shared with other
   work the two workers compete with everything else.

@@ -10,10 +10,17 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import textwrap
 from typing import Sequence
 
+import torch
+from rich.console import Console
+
+from samtune.contract.keys import TRIAL_KEYS
 from samtune.contract.metrics import PRINTED
 from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
@@ -33,11 +40,7 @@ from samtune.trial.config import TrialConfigError
 from samtune.trial.entry import fit
 
 EXIT_FAILED = 1
-
-
 EXIT_USAGE = 2
-
-
 EXIT_INTERRUPTED = 130
 
 
@@ -53,6 +56,14 @@ def _sweep_flags(p: argparse.ArgumentParser, file_optional: bool = False) -> Non
                         "setting for every trial (fixed.weight_decay=1e-4); repeatable")
     p.add_argument("--trials", type=int, help="trials per cell (same as --set trials=N)")
     p.add_argument("--data-root", help="where CIFAR/ImageFolder data live (default: $SAMTUNE_DATA_ROOT)")
+
+
+def _settings_help() -> str:
+    """Every trial setting with its default and meaning, from the contract: the same table as the
+    README's, for `samtune train --help`."""
+    width = max(map(len, TRIAL_KEYS))
+    rows = [f"  {name:<{width}}  {key.default!r}: {key.doc}" for name, key in TRIAL_KEYS.items()]
+    return "trial settings (--params / --set KEY=VALUE), with their defaults:\n" + "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_flags(p)
 
     p = sub.add_parser("train", help="train one trial in this process (no Ray, no MLflow)",
-                       description="With FILE: the trial the sweep of FILE would run in --cell with the values "
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help(),
+                       description=textwrap.fill("With FILE: the trial the sweep of FILE would run in --cell with the values "
                                    "of --params (--set overrides SWEEP as for sweep), e.g. "
                                    "samtune train search_spaces/noisy_digits.py --params rho=0.05,m=16,lr=0.1 "
                                    "--cell 0.4. Without FILE: a trial config from --set/--params trial settings "
                                    "alone, e.g. --set dataset=cifar100 --set model=resnet18 --save-weights w.pt. "
-                                   "Giving rho or m without optimizer means optimizer=sam.")
+                                   "Giving rho or m without optimizer means optimizer=sam."))
     _sweep_flags(p, file_optional=True)
     p.add_argument("--params", action="append", default=[], metavar="KEY=VALUE,...",
                    help="the values the space would suggest, e.g. rho=0.05,m=16,lr=0.1 (rho or m without "
@@ -138,7 +150,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from rich.console import Console
 
 
     plan = prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
@@ -173,7 +184,6 @@ def cmd_sweep(args) -> int:
 
 
 def _report_command(plan) -> str:
-    import shlex
 
     return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(plan.tracking_uri)}"
 
@@ -242,7 +252,6 @@ def _load_with_overrides(args):
 
 def cmd_train(args) -> int:
     """One trial outside Tune, on the code path of a sweep's trial (`train.fit`)."""
-    import torch
 
 
     _check_outputs(args)
@@ -354,7 +363,6 @@ def _serve(cmd: list[str]) -> int:
     """Run a server in a process group of its own and stop all of it with this process: the MLflow
     UI starts worker processes, and a SIGTERM (or Ctrl-C) that reached this process alone would
     leave them running and listening."""
-    import signal
 
     server = subprocess.Popen(cmd, start_new_session=True)
     stopping: list[int] = []

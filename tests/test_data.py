@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from samtune.data.transforms import augment_batch, channel_stats, to_float
 from samtune.data.load import load_dataset
+from samtune.data.transforms import augment_batch, channel_stats, to_float
 
 
 def test_digits_is_uint8_scaled_with_fixed_stratified_split():
@@ -115,7 +115,7 @@ def test_unknown_dataset_name_is_a_value_error():
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 and ImageFolder trees, against a subset of the shared CIFAR-10 JPEG copy. The reference
-# readings go through `tarfile` and PIL, independently of samtune's own tar parser and decoder.
+# readings go through `tarfile` and PIL, independently of samtune's own batched decoder.
 
 import io
 import pickle
@@ -126,7 +126,7 @@ from pathlib import Path
 
 from samtune.data import cifar as data_cifar
 from samtune.data import images as data_images
-from samtune.data.dataset import DataNotFoundError
+from samtune.data.dataset import DataNotFoundError, DataUnreadableError
 from samtune.data.load import parse_dataset_name, select_classes
 
 SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -238,15 +238,21 @@ def write_canonical_cifar10(folder: Path, subset) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_ORDER}))
 
 
+def accept_handwritten_batches(monkeypatch):
+    """torchvision checks the published MD5s, which hand-written batches cannot match."""
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+
+
 @needs_shared
 def test_canonical_pickled_cifar10_reads_as_torchvision_reads_it(cifar_subset, tmp_path, monkeypatch):
     import torchvision
 
     write_canonical_cifar10(tmp_path / "cifar-10-batches-py", cifar_subset)
+    accept_handwritten_batches(monkeypatch)
     ds = load_dataset("cifar10", tmp_path, cache_dir=tmp_path / "cache", download=False)
-    # torchvision checks the official MD5s, which these hand-written batches cannot match.
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
     for split in ("train", "test"):
         ref = torchvision.datasets.CIFAR10(str(tmp_path), train=split == "train", download=False)
         assert torch.equal(getattr(ds, f"{split}_x"), torch.from_numpy(ref.data).permute(0, 3, 1, 2))
@@ -283,7 +289,7 @@ def test_second_load_of_a_jpeg_tarball_reads_the_cache(cifar_subset, tmp_path, m
     first = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
     monkeypatch.setattr(data_images, "_read_tar", _refuse("read the tarball"))
-    monkeypatch.setattr(data_cifar, "_read_tar", _refuse("read the tarball"))
+    monkeypatch.setattr(data_cifar, "_extract_pickles", _refuse("read the tarball"))
     monkeypatch.setattr(data_images, "_decode_images", _refuse("decoded"))
     again = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     for key in ("train_x", "train_y", "test_x", "test_y"):
@@ -298,11 +304,12 @@ def test_pickled_cifar10_tarball_is_decompressed_once_then_cached(cifar_subset, 
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(folder, arcname="cifar-10-batches-py")
+    accept_handwritten_batches(monkeypatch)
     reference = load_dataset("cifar10", tmp_path / "unpacked", cache_dir=tmp_path / "unused", download=False)
     first = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
     monkeypatch.setattr(data_images, "_read_tar", _refuse("decompressed the tarball"))
-    monkeypatch.setattr(data_cifar, "_read_tar", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_cifar, "_extract_pickles", _refuse("decompressed the tarball"))
     monkeypatch.setattr(data_cifar, "_cifar_from_pickles", _refuse("unpickled"))
     again = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     for key in ("train_x", "train_y", "test_x", "test_y"):
@@ -385,6 +392,90 @@ def test_missing_cifar_offline_names_the_paths_tried_and_how_to_supply_it(tmp_pa
     assert "--data-root" in message and "SAMTUNE_DATA_ROOT" in message and "downloads are off" in message
     with pytest.raises(DataNotFoundError, match="CIFAR-100 not found"):
         load_dataset("cifar100", tmp_path, download=False)
+
+
+class _RunsCode:
+    """Unpickling this creates a folder: what a crafted pickle in a data root could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def write_crafted_cifar10(folder: Path, marker: Path) -> None:
+    """Every file of the pickled layout, each one a pickle that runs code when loaded."""
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    for name in names:
+        (folder / name).write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+
+
+def refuse_unpickling(monkeypatch):
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("unpickled a CIFAR file whose md5 is not the published one")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+
+
+def test_cifar_batch_with_a_wrong_md5_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    write_crafted_cifar10(tmp_path / "data" / "cifar-10-batches-py", marker)
+    refuse_unpickling(monkeypatch)
+    with pytest.raises(DataUnreadableError, match=r"cannot be read \(data_batch_1 is not the published file"):
+        load_dataset("cifar10", tmp_path / "data", cache_dir=tmp_path / "cache", download=False)
+    # The same files as a tarball: unpacked to a scratch folder, refused, and the scratch removed.
+    archive = tmp_path / "packed" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "data" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(DataUnreadableError, match=r"cifar-10-python.tar.gz cannot be read \(data_batch_1 is not"):
+        load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
+    assert not marker.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_cifar_tarball_with_a_member_outside_its_folder_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    write_crafted_cifar10(folder, tmp_path / "code-ran")
+    archive = tmp_path / "root" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname="cifar-10-batches-py")
+        escape = tarfile.TarInfo("../escaped")
+        escape.size = 4
+        tf.addfile(escape, io.BytesIO(b"evil"))
+    refuse_unpickling(monkeypatch)
+    with pytest.raises(DataUnreadableError, match="cannot be read .*outside the destination"):
+        load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def test_image_tarball_members_outside_the_archive_are_ignored(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    for split, cls, shade in (("train", "a", 10), ("train", "b", 20), ("test", "a", 30), ("test", "b", 40)):
+        (root / split / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(root / split / cls / "x.png")
+    stray = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(stray, format="PNG")
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="tree")
+        for name in ("../outside/train/a/y.png", "/abs/train/a/y.png", "tree/../../train/a/y.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(stray.getvalue())
+            tf.addfile(info, io.BytesIO(stray.getvalue()))
+    from_tar = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
+    from_dir = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(from_tar, key), getattr(from_dir, key)), key
+    assert len(from_tar.train_y) == 2 and not list(tmp_path.rglob("y.png"))
 
 
 def test_unreachable_host_fails_fast_without_trying_to_download(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The report, checked on the numbers behind each figure.
 
-A synthetic sweep with known structure is written through `samtune.tracking.Tracker` (so the
+A synthetic sweep with known structure is written through `samtune.sweep.tracking.Tracker` (so the
 MLflow layout is the sweep's own) into a SQLite store under a temporary folder:
 
 - validation error minimal at rho = 0.1, depending strongly on the learning rate and barely on m;

@@ -72,6 +72,10 @@ OPTIMISABLE = tuple(name for name, metric in METRICS.items() if metric.optimisab
 TEXT_METRICS = ("m_plan", "placement")
 
 
+#: What a sharpness measurement logs beside the measures, as ``sharpness/<key>``: what it was
+#: measured on (examples, seed, examples per forward pass, parameters measured), not a measure.
+SHARPNESS_SHARED_KEYS = ("subset", "seed", "batch", "num_params")
+
 #: What `samtune train` prints every epoch (beside the sharpness measures).
 PRINTED = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "val_error", "test_error", "epoch_time_s")
 

@@ -1,6 +1,8 @@
-"""Datasets (read from local files, cached as uint8 tensors), batched transforms, label noise and the
-scenarios a trial trains on.
+"""Datasets read from local files and held in memory as uint8 tensors, with batched transforms,
+label noise and the scenarios a trial trains on.
 
+`load_dataset` (in `samtune.data.load`, whose docstring lists the datasets and where each is
+found) returns a `Dataset`; decoded sources are cached on disk (`samtune.data.cache`).
 Each name is read from the module that defines it when first used (`samtune._lazy`).
 """
 from samtune._lazy import lazy_exports

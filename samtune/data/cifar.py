@@ -1,63 +1,40 @@
-"""Datasets as whole uint8 tensors, plus batched augmentation and normalisation.
+"""CIFAR-10 and CIFAR-100 from local files, or downloaded by torchvision when none are there.
 
-Every dataset is held in memory as one uint8 tensor per split (`[N, C, H, W]`) and one int64
-label tensor, as fast CIFAR loaders do (KellerJordan/cifar10-airbench): a training epoch is index
-arithmetic and a few tensor ops on whole batches, never per-image Python or loader workers.
+A data root may hold the canonical pickled copy (``cifar-10-batches-py/``, ``cifar-100-python/``),
+an ImageFolder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``) or a tarball of either; the
+paths looked at are listed by `_cifar_candidates`. Class indices follow CIFAR's own order whatever
+the source.
 
-Datasets (`load_dataset(name, data_root)`):
-
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). It ships
-  with scikit-learn, so it needs no download. Pixel values 0..16 are scaled to uint8 0..255; the
-  train/test split is fixed (seed 0, stratified): 1,437 train, 360 test.
-- ``cifar10`` / ``cifar100``: found under ``data_root`` (or ``$SAMTUNE_DATA_ROOT``, else
-  ``~/.cache/samtune/data``) as the canonical pickled folder (``cifar-10-batches-py/``,
-  ``cifar-100-python/``, what ``torchvision.datasets`` downloads), an ImageFolder tree
-  (``train/<class>/*.jpg`` and ``test/<class>/*.jpg``), or a ``.tar.gz`` of either. With none there,
-  torchvision downloads the pickled copy when the host answers within a few seconds; offline
-  (or with ``SAMTUNE_OFFLINE=1``) a `DataNotFoundError` lists the paths tried and how to supply
-  the data. Class indices follow CIFAR's own order whatever the source.
-- ``imagefolder:<path>``: any ImageFolder tree or ``.tar.gz`` of one (``train/`` plus ``test/`` or
-  ``val/``); class indices follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``.
-  Images are decoded to RGB and must share one size.
-
-Any name may end in a class selection, ``cifar10[0-4]`` or ``cifar100[3,7,10-19]``: only those
-classes (indices in the full dataset's order) are kept, relabelled ``0..k-1`` in ascending order
-of the original index. This gives transfer pairs within one dataset (pretrain on ``cifar10[0-4]``,
-finetune on ``cifar10[5-9]``).
-
-Decoded images (ImageFolder trees, and tarballs of a tree or of the pickled CIFAR files) are
-cached as one tensor file: under ``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that
-folder is writable, else under ``~/.cache/samtune``. The file name carries a fingerprint of the
-source (path, size, modification times), and the file carries a SHA-256 of its tensors: a stale
-cache is never used and a corrupt one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10
-tarball (2 shared CPU cores): first decode about 6 s, cached load well under 3 s; see
-``benchmarks/data.py``.
+The pickled files are read by torchvision's ``CIFAR10``/``CIFAR100``, which compare each file's md5
+with the published one before unpickling it: unpickling runs code, so a file that is not the
+canonical one is refused with a `DataUnreadableError` naming it. A tarball of the pickles is
+unpacked (tarfile's ``data`` filter) into the cache folder, read the same way, and kept only as
+the tensor cache of `samtune.data.cache`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import socket
 import tarfile
+import tempfile
 import threading
 import zlib
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
-from torch import Tensor
 
-from samtune.data.cache import _cached, _fingerprint
+from samtune.data.cache import _cached, _fingerprint, cache_dir_for
 from samtune.data.dataset import (
     DataNotFoundError,
     Dataset,
     DataUnreadableError,
     default_data_root,
 )
-from samtune.data.images import _is_tarball, _load_image_tree, _norm, _read_tar
-
-# ---------------------------------------------------------------------------------------------
-# CIFAR and ImageFolder sources
+from samtune.data.images import _is_tarball, _load_image_tree, _norm
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -85,36 +62,105 @@ _CIFAR = {
 }
 
 
-# --- CIFAR ------------------------------------------------------------------------------------
+# --- the pickled files, read by torchvision ---------------------------------------------------
 
-def _unpickle(blob: bytes) -> dict:
-    # The canonical CIFAR files are Python pickles; torchvision reads them the same way.
-    return pickle.loads(blob, encoding="latin1")
+class _ChecksumMismatch(ValueError):
+    """A canonical CIFAR file whose md5 is not the published one; it was not unpickled."""
 
 
-def _cifar_from_pickles(key: str, read: Callable) -> dict:
-    """Tensors from the canonical pickled files; ``read(member)`` returns a file's bytes."""
-    if key == "cifar10":
-        train = [_unpickle(read(f"data_batch_{i}")) for i in range(1, 6)]
-        test = [_unpickle(read("test_batch"))]
-        classes = list(_unpickle(read("batches.meta"))["label_names"])
-        label_key = "labels"
-    else:
-        train, test = [_unpickle(read("train"))], [_unpickle(read("test"))]
-        classes = list(_unpickle(read("meta"))["fine_label_names"])
-        label_key = "fine_labels"
+def _reader(key: str, folder: Path | None = None) -> type:
+    """torchvision's dataset class for ``key``, reading its files from ``folder``."""
+    import torchvision
 
-    def stack(batches: list[dict]) -> tuple[Tensor, Tensor]:
-        import numpy as np
+    cls = torchvision.datasets.CIFAR10 if key == "cifar10" else torchvision.datasets.CIFAR100
+    if folder is not None and folder.name != cls.base_folder:
+        # torchvision reads root/base_folder/<file>: the same files under another folder name.
+        cls = type(cls.__name__, (cls,), {"base_folder": folder.name})
+    return cls
 
-        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[label_key]) for b in batches])
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype("int64"))
 
-    train_x, train_y = stack(train)
-    test_x, test_y = stack(test)
-    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "classes": classes}
+def _canonical_files(cls: type) -> list[tuple[str, str]]:
+    """(file name, published md5) of every file of the pickled copy, in reading order."""
+    return [(name, md5) for name, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
 
+
+def _cifar_from_pickles(key: str, folder: Path) -> dict:
+    """Tensors from the canonical pickled files in ``folder``.
+
+    Raises FileNotFoundError for the first missing file and `_ChecksumMismatch` for the first file
+    whose md5 differs from the published one, before that file is unpickled.
+    """
+    cls = _reader(key, folder)
+    for name, _ in _canonical_files(cls):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder / name))
+    try:
+        train = cls(str(folder.parent), train=True, download=False)
+        test = cls(str(folder.parent), train=False, download=False)
+    except RuntimeError:  # torchvision's only word for a checksum that does not match
+        mismatch = _first_mismatch(cls, folder)
+        if mismatch is None:
+            raise
+        raise _ChecksumMismatch(mismatch) from None
+    return {"train_x": _as_nchw(train.data), "train_y": torch.tensor(train.targets, dtype=torch.int64),
+            "test_x": _as_nchw(test.data), "test_y": torch.tensor(test.targets, dtype=torch.int64),
+            "classes": list(train.classes)}
+
+
+def _first_mismatch(cls: type, folder: Path) -> str | None:
+    """What is wrong with the first file whose md5 is not the published one, or None."""
+    from torchvision.datasets.utils import check_integrity
+
+    for name, md5 in _canonical_files(cls):
+        if not check_integrity(str(folder / name), md5):
+            return (f"{name} is not the published file: its md5 differs from {md5}, so it was not "
+                    "unpickled")
+    return None
+
+
+def _as_nchw(images: np.ndarray) -> torch.Tensor:
+    """torchvision's [N, H, W, C] uint8 array as a [N, C, H, W] tensor (a view of its pickled rows)."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def _extract_pickles(key: str, tarball: Path, scratch: Path) -> Path:
+    """Unpack the canonical files of a tarball into ``scratch``/<folder>; return that folder.
+
+    Only regular files with a canonical name are written, each straight into the one folder.
+    tarfile's ``data`` filter refuses the archive if any member is absolute, climbs out with ``..``
+    or links outside ``scratch``. Raises KeyError naming the first canonical file missing.
+    """
+    cls = _reader(key)
+    wanted = [name for name, _ in _canonical_files(cls)]
+    folder = scratch / cls.base_folder
+    with tarfile.open(tarball, "r|*") as tf:
+        for member in tf:
+            member = tarfile.data_filter(member, str(scratch))
+            name = PurePosixPath(member.name).name
+            if member.isfile() and name in wanted:
+                tf.extract(member.replace(name=f"{cls.base_folder}/{name}"), scratch, filter="data")
+    for name in wanted:
+        if not (folder / name).is_file():
+            raise KeyError(name)
+    return folder
+
+
+def _cifar_from_tarball(key: str, path: Path, cache_dir: Path | None) -> dict:
+    """Tensors of a tarball of the pickled copy, unpacked and read once, then kept in the cache."""
+    directory = cache_dir if cache_dir is not None else cache_dir_for(path)
+
+    def build() -> dict:
+        # The cache folder, not /tmp: the unpacked files (180 MB) sit next to what they become.
+        scratch_parent = directory if os.access(directory, os.W_OK) else None
+        with tempfile.TemporaryDirectory(prefix=".unpack-", dir=scratch_parent) as scratch:
+            return _cifar_from_pickles(key, _extract_pickles(key, path, Path(scratch)))
+
+    # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache is read in a
+    # fraction of that, as for trees and JPEG tarballs.
+    return _cached(key, path, _fingerprint(path), build, cache_dir)
+
+
+# --- where CIFAR may be -----------------------------------------------------------------------
 
 def _tar_has_pickles(path: Path, folder: str) -> bool:
     try:
@@ -161,11 +207,10 @@ def _load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path |
         tried.append(f"{path} ({kind})")
         try:
             tensors = _read_cifar_candidate(key, kind, path, first_batch, cache_dir)
-        except (OSError, EOFError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError) as exc:
-            what = f"missing file {exc}" if isinstance(exc, (KeyError, FileNotFoundError)) else \
-                f"{type(exc).__name__}: {str(exc).strip() or 'truncated'}"
-            raise DataUnreadableError(f"{key} at {path} cannot be read ({what}); replace it with a whole copy "
-                                      f"or remove it") from None
+        except (OSError, EOFError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError,
+                _ChecksumMismatch) as exc:
+            raise DataUnreadableError(f"{key} at {path} cannot be read ({_unreadable_reason(exc)}); replace "
+                                      f"it with a whole copy or remove it") from None
         if tensors is not None:
             break
     if tensors is None:
@@ -173,26 +218,27 @@ def _load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path |
     return _as_cifar_dataset(key, tensors)
 
 
+def _unreadable_reason(exc: Exception) -> str:
+    """The words for why a CIFAR copy on disk cannot be read, for `DataUnreadableError`."""
+    if isinstance(exc, (KeyError, FileNotFoundError)):
+        return f"missing file {exc}"
+    if isinstance(exc, _ChecksumMismatch):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).strip() or 'truncated'}"
+
+
 def _read_cifar_candidate(key: str, kind: str, path: Path, first_batch: str, cache_dir: Path | None) -> dict | None:
     """One place CIFAR may be (`_cifar_candidates`): its tensors, or None when it is not there."""
     spec = _CIFAR[key]
     if kind == "pickled" and (path / first_batch).is_file():
-        return _cifar_from_pickles(key, lambda m, d=path: (d / m).read_bytes())
+        return _cifar_from_pickles(key, path)
     if kind == "tree" and (path / "train").is_dir():
         return _load_image_tree(path, key, cache_dir)
     if kind != "tarball" or not _is_tarball(path):
         return None
     if not _tar_has_pickles(path, spec["pickled"]):
         return _load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
-
-    def build() -> dict:
-        files, _ = _read_tar(path)
-        by_base = {_norm(n).rsplit("/", 1)[-1]: b for n, b in files.items()}
-        return _cifar_from_pickles(key, lambda m: by_base[m])
-
-    # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache is read in a
-    # fraction of that, as for trees and JPEG tarballs.
-    return _cached(key, path, _fingerprint(path), build, cache_dir)
+    return _cifar_from_tarball(key, path, cache_dir)
 
 
 def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:
@@ -221,8 +267,6 @@ def _host_reachable(url: str, timeout: float) -> bool:
     Runs in a daemon thread because name resolution has no timeout of its own; an offline machine
     must answer in seconds, not hang.
     """
-    from urllib.parse import urlparse
-
     host = urlparse(url).hostname or ""
     port = 443 if url.startswith("https") else 80
     ok: list[bool] = []
@@ -247,9 +291,7 @@ def _download_cifar(key: str, root: Path, tried: list[str], download: bool | Non
     reason = "downloads are off (SAMTUNE_OFFLINE or download=False)"
     if download:
         if _host_reachable(spec["url"], DOWNLOAD_PROBE_S):
-            import torchvision
-
-            cls = torchvision.datasets.CIFAR10 if key == "cifar10" else torchvision.datasets.CIFAR100
+            cls = _reader(key)
             previous = socket.getdefaulttimeout()
             socket.setdefaulttimeout(60.0)  # a stalled transfer fails instead of hanging forever
             try:
@@ -258,8 +300,7 @@ def _download_cifar(key: str, root: Path, tried: list[str], download: bool | Non
             except Exception as exc:  # noqa: BLE001 - reported with the paths below
                 reason = f"download from {spec['url']} failed: {exc}"
             else:
-                folder = root / spec["pickled"]
-                return _cifar_from_pickles(key, lambda m: (folder / m).read_bytes())
+                return _cifar_from_pickles(key, root / spec["pickled"])
             finally:
                 socket.setdefaulttimeout(previous)
         else:

@@ -1,37 +1,6 @@
-"""Datasets as whole uint8 tensors, plus batched augmentation and normalisation.
+"""The in-memory `Dataset` (uint8 images and int64 labels per split), its errors and data root.
 
-Every dataset is held in memory as one uint8 tensor per split (`[N, C, H, W]`) and one int64
-label tensor, as fast CIFAR loaders do (KellerJordan/cifar10-airbench): a training epoch is index
-arithmetic and a few tensor ops on whole batches, never per-image Python or loader workers.
-
-Datasets (`load_dataset(name, data_root)`):
-
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). It ships
-  with scikit-learn, so it needs no download. Pixel values 0..16 are scaled to uint8 0..255; the
-  train/test split is fixed (seed 0, stratified): 1,437 train, 360 test.
-- ``cifar10`` / ``cifar100``: found under ``data_root`` (or ``$SAMTUNE_DATA_ROOT``, else
-  ``~/.cache/samtune/data``) as the canonical pickled folder (``cifar-10-batches-py/``,
-  ``cifar-100-python/``, what ``torchvision.datasets`` downloads), an ImageFolder tree
-  (``train/<class>/*.jpg`` and ``test/<class>/*.jpg``), or a ``.tar.gz`` of either. With none there,
-  torchvision downloads the pickled copy when the host answers within a few seconds; offline
-  (or with ``SAMTUNE_OFFLINE=1``) a `DataNotFoundError` lists the paths tried and how to supply
-  the data. Class indices follow CIFAR's own order whatever the source.
-- ``imagefolder:<path>``: any ImageFolder tree or ``.tar.gz`` of one (``train/`` plus ``test/`` or
-  ``val/``); class indices follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``.
-  Images are decoded to RGB and must share one size.
-
-Any name may end in a class selection, ``cifar10[0-4]`` or ``cifar100[3,7,10-19]``: only those
-classes (indices in the full dataset's order) are kept, relabelled ``0..k-1`` in ascending order
-of the original index. This gives transfer pairs within one dataset (pretrain on ``cifar10[0-4]``,
-finetune on ``cifar10[5-9]``).
-
-Decoded images (ImageFolder trees, and tarballs of a tree or of the pickled CIFAR files) are
-cached as one tensor file: under ``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that
-folder is writable, else under ``~/.cache/samtune``. The file name carries a fingerprint of the
-source (path, size, modification times), and the file carries a SHA-256 of its tensors: a stale
-cache is never used and a corrupt one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10
-tarball (2 shared CPU cores): first decode about 6 s, cached load well under 3 s; see
-``benchmarks/data.py``.
+Also the per-channel statistics of the known datasets, used to normalise their batches.
 """
 from __future__ import annotations
 

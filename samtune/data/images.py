@@ -1,47 +1,19 @@
-"""Datasets as whole uint8 tensors, plus batched augmentation and normalisation.
+"""ImageFolder trees, in a folder or in a tarball, decoded into uint8 tensors.
 
-Every dataset is held in memory as one uint8 tensor per split (`[N, C, H, W]`) and one int64
-label tensor, as fast CIFAR loaders do (KellerJordan/cifar10-airbench): a training epoch is index
-arithmetic and a few tensor ops on whole batches, never per-image Python or loader workers.
-
-Datasets (`load_dataset(name, data_root)`):
-
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes). It ships
-  with scikit-learn, so it needs no download. Pixel values 0..16 are scaled to uint8 0..255; the
-  train/test split is fixed (seed 0, stratified): 1,437 train, 360 test.
-- ``cifar10`` / ``cifar100``: found under ``data_root`` (or ``$SAMTUNE_DATA_ROOT``, else
-  ``~/.cache/samtune/data``) as the canonical pickled folder (``cifar-10-batches-py/``,
-  ``cifar-100-python/``, what ``torchvision.datasets`` downloads), an ImageFolder tree
-  (``train/<class>/*.jpg`` and ``test/<class>/*.jpg``), or a ``.tar.gz`` of either. With none there,
-  torchvision downloads the pickled copy when the host answers within a few seconds; offline
-  (or with ``SAMTUNE_OFFLINE=1``) a `DataNotFoundError` lists the paths tried and how to supply
-  the data. Class indices follow CIFAR's own order whatever the source.
-- ``imagefolder:<path>``: any ImageFolder tree or ``.tar.gz`` of one (``train/`` plus ``test/`` or
-  ``val/``); class indices follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``.
-  Images are decoded to RGB and must share one size.
-
-Any name may end in a class selection, ``cifar10[0-4]`` or ``cifar100[3,7,10-19]``: only those
-classes (indices in the full dataset's order) are kept, relabelled ``0..k-1`` in ascending order
-of the original index. This gives transfer pairs within one dataset (pretrain on ``cifar10[0-4]``,
-finetune on ``cifar10[5-9]``).
-
-Decoded images (ImageFolder trees, and tarballs of a tree or of the pickled CIFAR files) are
-cached as one tensor file: under ``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that
-folder is writable, else under ``~/.cache/samtune``. The file name carries a fingerprint of the
-source (path, size, modification times), and the file carries a SHA-256 of its tensors: a stale
-cache is never used and a corrupt one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10
-tarball (2 shared CPU cores): first decode about 6 s, cached load well under 3 s; see
-``benchmarks/data.py``.
+A tree is ``train/<class>/<image>`` plus ``test/<class>/<image>`` (or ``val/``). Class indices
+follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``; images are decoded to
+RGB in batches and must share one size. A tarball is read in one pass without unpacking it. The
+decoded tensors go through the on-disk cache of `samtune.data.cache`.
 """
 from __future__ import annotations
 
 import io
 import os
 import tarfile
-import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,69 +29,28 @@ def _is_tarball(path: Path) -> bool:
 
 
 def _read_tar(path: Path) -> tuple[dict[str, bytes], set[str]]:
-    """All regular files (name -> bytes) and directory names in a (gzipped) tarball.
+    """All regular files (name -> bytes) and directory names in a tarball, gzipped or not.
 
-    Parses ustar headers directly: `tarfile` spends about 4 s of Python per 60,000 members, this
-    about 0.5 s. Anything beyond plain ustar, GNU long names and pax paths falls back to `tarfile`.
+    Members named by an absolute path or one that climbs out with ``..`` are skipped: no tree
+    inside the archive can hold them, and nothing here is ever written to disk.
     """
-    raw = path.read_bytes()
-    data = zlib.decompress(raw, wbits=47) if raw[:2] == b"\x1f\x8b" else raw  # 47: gzip or zlib
-    try:
-        return _parse_ustar(data)
-    except _UnsupportedTar:
-        files: dict[str, bytes] = {}
-        dirs: set[str] = set()
-        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            for m in tf:
-                if m.isfile():
-                    files[m.name] = data[m.offset_data : m.offset_data + m.size]
-                elif m.isdir():
-                    dirs.add(m.name.rstrip("/"))
-        return files, dirs
-
-
-class _UnsupportedTar(Exception):
-    pass
-
-
-def _parse_ustar(data: bytes) -> tuple[dict[str, bytes], set[str]]:
     files: dict[str, bytes] = {}
     dirs: set[str] = set()
-    off, end = 0, len(data)
-    long_name: str | None = None
-    while off + 512 <= end:
-        header = data[off : off + 512]
-        if header == b"\0" * 512:
-            break
-        size_field = header[124:136]
-        if size_field[:1] and size_field[0] & 0x80:
-            raise _UnsupportedTar("base-256 size")
-        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
-        kind = header[156:157]
-        body = off + 512
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and prefix:
-            name = f"{prefix}/{name}"
-        if long_name is not None:
-            name, long_name = long_name, None
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data[body : body + size].split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif kind == b"x":  # pax header: only 'path' matters here
-            for record in data[body : body + size].decode("utf-8", "replace").splitlines():
-                key_value = record.split(" ", 1)[-1]
-                if key_value.startswith("path="):
-                    long_name = key_value[5:]
-                elif key_value.startswith("size="):
-                    raise _UnsupportedTar("pax size")
-        elif kind in (b"0", b"\0", b"7"):
-            files[name] = data[body : body + size]
-        elif kind == b"5":
-            dirs.add(name.rstrip("/"))
-        elif kind not in (b"g", b"1", b"2"):
-            raise _UnsupportedTar(f"member type {kind!r}")
-        off = body + (size + 511) // 512 * 512
+    with tarfile.open(path, "r|*") as tf:
+        for member in tf:
+            if not _stays_inside(member.name):
+                continue
+            if member.isfile():
+                files[member.name] = tf.extractfile(member).read()
+            elif member.isdir():
+                dirs.add(member.name.rstrip("/"))
     return files, dirs
+
+
+def _stays_inside(name: str) -> bool:
+    """Whether an archive member's name stays below the folder the archive is read into."""
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _norm(name: str) -> str:
@@ -161,6 +92,12 @@ def _tree_from_tar(files: dict[str, bytes], dirs: set[str], root: str, source: P
 
 
 def _tree_from_dir(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """{split: {class: [image path, ...]}} for the ImageFolder tree in folder ``root``.
+
+    Lists what `_tree_from_tar` lists in a tarball of the same tree, so both give one dataset.
+    torchvision's ``find_classes`` would also count hidden folders (``.ipynb_checkpoints``) as
+    classes, and its ``make_dataset`` takes images from nested subfolders too.
+    """
     tree: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test", "val"):
         split_dir = root / split
@@ -239,7 +176,6 @@ def _decode_one(blob: bytes, name: str) -> Tensor:
     except RuntimeError:
         pass
     try:
-        import numpy as np
         from PIL import Image
 
         arr = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))

@@ -1,8 +1,8 @@
-"""Datasets as whole uint8 tensors, plus batched augmentation and normalisation.
+"""`load_dataset`: a dataset by name, as whole uint8 tensors in memory.
 
-Every dataset is held in memory as one uint8 tensor per split (`[N, C, H, W]`) and one int64
-label tensor, as fast CIFAR loaders do (KellerJordan/cifar10-airbench): a training epoch is index
-arithmetic and a few tensor ops on whole batches, never per-image Python or loader workers.
+Every dataset is held as one uint8 tensor per split (``[N, C, H, W]``) and one int64 label tensor,
+as fast CIFAR loaders do (KellerJordan/cifar10-airbench): a training epoch is index arithmetic and
+a few tensor ops on whole batches, never per-image Python or loader workers.
 
 Datasets (`load_dataset(name, data_root)`):
 
@@ -15,7 +15,8 @@ Datasets (`load_dataset(name, data_root)`):
   (``train/<class>/*.jpg`` and ``test/<class>/*.jpg``), or a ``.tar.gz`` of either. With none there,
   torchvision downloads the pickled copy when the host answers within a few seconds; offline
   (or with ``SAMTUNE_OFFLINE=1``) a `DataNotFoundError` lists the paths tried and how to supply
-  the data. Class indices follow CIFAR's own order whatever the source.
+  the data. Class indices follow CIFAR's own order whatever the source. Pickled files whose md5
+  is not the published one are refused unread (`samtune.data.cifar`).
 - ``imagefolder:<path>``: any ImageFolder tree or ``.tar.gz`` of one (``train/`` plus ``test/`` or
   ``val/``); class indices follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``.
   Images are decoded to RGB and must share one size.
@@ -25,19 +26,16 @@ classes (indices in the full dataset's order) are kept, relabelled ``0..k-1`` in
 of the original index. This gives transfer pairs within one dataset (pretrain on ``cifar10[0-4]``,
 finetune on ``cifar10[5-9]``).
 
-Decoded images (ImageFolder trees, and tarballs of a tree or of the pickled CIFAR files) are
-cached as one tensor file: under ``$SAMTUNE_CACHE_DIR`` if set, else next to the data when that
-folder is writable, else under ``~/.cache/samtune``. The file name carries a fingerprint of the
-source (path, size, modification times), and the file carries a SHA-256 of its tensors: a stale
-cache is never used and a corrupt one is rebuilt. Measured on the shared 60,000-JPEG CIFAR-10
-tarball (2 shared CPU cores): first decode about 6 s, cached load well under 3 s; see
-``benchmarks/data.py``.
+Decoded images are cached on disk as one tensor file (`samtune.data.cache`), so only the first
+load of a source decodes it.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
@@ -56,8 +54,6 @@ from samtune.data.images import _load_image_tree
 
 def _digits_source() -> Path | None:
     """scikit-learn's bundled digits file, found without importing scikit-learn."""
-    import importlib.util
-
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -90,8 +86,6 @@ def _load_digits(cache_dir: Path | None) -> Dataset:
     if source is None:
         tensors = _build_digits()
     else:
-        from importlib.metadata import version
-
         fingerprint = hashlib.sha256(f"{_fingerprint(source)}|{version('scikit-learn')}|"
                                      f"{DIGITS_TEST_SIZE}".encode()).hexdigest()
         # Never next to the source: that is scikit-learn's installed package.
@@ -114,7 +108,14 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, *,
     Raises ValueError for an unknown name, an ImageFolder tree that is malformed (no train/ or
     test/ split, an empty class folder, mismatched class folders, images of different sizes) or
     CIFAR classes that do not match, or a bad class selection (see `parse_dataset_name`);
-    `DataNotFoundError` (a FileNotFoundError) when data is absent.
+    `DataNotFoundError` (a FileNotFoundError) when data is absent; `DataUnreadableError` when
+    CIFAR files are there but damaged, incomplete or not the published ones.
+
+    >>> ds = load_dataset("digits")
+    >>> ds.train_x.shape, ds.train_x.dtype, ds.num_classes
+    (torch.Size([1437, 1, 8, 8]), torch.uint8, 10)
+    >>> load_dataset("digits[3,5-6]").classes
+    ['3', '5', '6']
     """
     base, selection = parse_dataset_name(name)
     dataset = _load_base(base, data_root, cache_dir, download)

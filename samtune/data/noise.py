@@ -1,10 +1,7 @@
-"""Scenarios: what a trial trains on (data, splits, label noise) and where its weights start.
+"""Label noise: which training labels a trial flips, and to what.
 
-A scenario turns a flat trial config into a `Scenario`: tensors already split, noisy where the
-study says so, with the normalisation and the starting weights that go with them.
-
-``label_noise`` (default): a fraction of the training labels is replaced, as in the label-noise
-experiments of the SAM paper (Foret et al., 2020) and of Han et al. (2018, co-teaching):
+Kinds, as in the label-noise experiments of the SAM paper (Foret et al., 2020) and of Han et al.
+(2018, co-teaching):
 
 - ``symmetric``: a flipped label becomes a uniformly random *other* class;
 - ``pairflip``: a flipped label ``c`` becomes ``(c + 1) mod num_classes``;
@@ -18,31 +15,7 @@ experiments of the SAM paper (Foret et al., 2020) and of Han et al. (2018, co-te
 ``asymmetric``: each source class ``c`` of the map, holding ``n_c`` examples, has exactly
 ``round(rate * n_c)`` of them flipped to its target, so the noise transition matrix has ``rate``
 off its diagonal in every source row (Patrini et al.'s T) up to rounding; the other classes keep
-all their labels. Which labels flip, and to what, is fixed by the seed. The validation split is
-drawn from the noisy training set (model selection sees only what a user with noisy data would
-see); the test set stays clean. The scenario keeps which examples flipped (``train_flipped``,
-``val_flipped``) and the clean validation labels (``val_y_true``).
-
-``finetune``: the same data pipeline (subset, label noise, validation split) on the target
-``dataset``, but the model starts from pretrained weights (SAM paper, section 3.2):
-``finetune_source`` (required) names them: a weights file, a dataset to pretrain on once (e.g.
-``cifar100``, or ``cifar10[0-4]`` for a target of ``cifar10[5-9]``), ``torchvision:<Weights>``
-from the local torch hub cache, or an MLflow URI; see `samtune.weights`. Everything but the
-classification head is loaded; the head is new, sized for the target's classes.
-``freeze_bn`` [False] keeps BatchNorm running statistics at their pretrained values (the SAM
-paper's finetuning runs did); ``backbone_lr_scale`` [1.0] is the learning-rate multiplier for
-the pretrained layers: the trainer's optimizer holds the head at ``lr`` and every other
-parameter at ``lr * backbone_lr_scale`` (`samtune.models.param_groups`).
-
-Config keys read (defaults in brackets):
-``dataset``, ``data_root`` [None], ``data_subset`` [None: all training examples; else that many,
-drawn at random before the validation split], ``test_subset`` [None: whole test set],
-``scenario`` ["label_noise"], ``label_noise_rate`` [0.0], ``label_noise_kind`` ["symmetric"],
-``val_fraction`` [0.1], ``augment`` [None: on for images of 32x32 and larger], ``seed`` [0],
-``data_seed`` [``seed``: fixes the subset, the noise and the validation split; set it apart from
-``seed`` to vary model initialisation over one fixed noisy dataset]; for ``finetune`` also
-``finetune_source``, ``freeze_bn``, ``backbone_lr_scale``, ``model``/``norm`` and the
-``pretrain_*`` keys of `samtune.weights.pretrain_config`.
+all their labels. Which labels flip, and to what, is fixed by the seed.
 """
 from __future__ import annotations
 
@@ -104,7 +77,7 @@ def _asymmetric_noise(labels: Tensor, rate: float, num_classes: int, class_map: 
                       gen: torch.Generator) -> tuple[Tensor, Tensor]:
     if not class_map:
         raise ValueError("label_noise_kind='asymmetric' needs a class_map {source class: target class}; "
-                         "samtune.scenarios.asymmetric_class_map gives the known ones")
+                         "samtune.data.noise.asymmetric_class_map gives the known ones")
     for src, dst in class_map.items():
         if not (0 <= int(src) < num_classes and 0 <= int(dst) < num_classes) or int(src) == int(dst):
             raise ValueError(f"asymmetric class_map entry {src} -> {dst} must join two different classes "

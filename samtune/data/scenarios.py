@@ -3,46 +3,28 @@
 A scenario turns a flat trial config into a `Scenario`: tensors already split, noisy where the
 study says so, with the normalisation and the starting weights that go with them.
 
-``label_noise`` (default): a fraction of the training labels is replaced, as in the label-noise
-experiments of the SAM paper (Foret et al., 2020) and of Han et al. (2018, co-teaching):
-
-- ``symmetric``: a flipped label becomes a uniformly random *other* class;
-- ``pairflip``: a flipped label ``c`` becomes ``(c + 1) mod num_classes``;
-- ``asymmetric``: class-dependent noise between visually similar classes, CIFAR-10's map of
-  Patrini et al. (2017, "Making deep neural networks robust to label noise: a loss correction
-  approach"): truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog; every other class
-  stays clean. Known for ``cifar10`` (with a class selection, the pairs whose two classes are both
-  kept); any other dataset is an error.
-
-``symmetric``/``pairflip``: exactly ``round(rate * n)`` of the ``n`` labels flip.
-``asymmetric``: each source class ``c`` of the map, holding ``n_c`` examples, has exactly
-``round(rate * n_c)`` of them flipped to its target, so the noise transition matrix has ``rate``
-off its diagonal in every source row (Patrini et al.'s T) up to rounding; the other classes keep
-all their labels. Which labels flip, and to what, is fixed by the seed. The validation split is
-drawn from the noisy training set (model selection sees only what a user with noisy data would
-see); the test set stays clean. The scenario keeps which examples flipped (``train_flipped``,
-``val_flipped``) and the clean validation labels (``val_y_true``).
+``label_noise`` (default): a fraction of the training labels is flipped
+(`samtune.data.noise`: symmetric, pairflip or CIFAR-10's asymmetric map). The validation split
+is drawn from the noisy training set (model selection sees only what a user with noisy data
+would see); the test set stays clean. The scenario keeps which examples flipped
+(``train_flipped``, ``val_flipped``) and the clean validation labels (``val_y_true``).
 
 ``finetune``: the same data pipeline (subset, label noise, validation split) on the target
-``dataset``, but the model starts from pretrained weights (SAM paper, section 3.2):
-``finetune_source`` (required) names them: a weights file, a dataset to pretrain on once (e.g.
-``cifar100``, or ``cifar10[0-4]`` for a target of ``cifar10[5-9]``), ``torchvision:<Weights>``
-from the local torch hub cache, or an MLflow URI; see `samtune.weights`. Everything but the
-classification head is loaded; the head is new, sized for the target's classes.
-``freeze_bn`` [False] keeps BatchNorm running statistics at their pretrained values (the SAM
-paper's finetuning runs did); ``backbone_lr_scale`` [1.0] is the learning-rate multiplier for
-the pretrained layers: the trainer's optimizer holds the head at ``lr`` and every other
-parameter at ``lr * backbone_lr_scale`` (`samtune.models.param_groups`).
+``dataset``, but the model starts from pretrained weights (SAM paper, section 3.2).
+``finetune_source`` (required) names them: a weights file, ``torchvision:<Weights>`` from the
+local torch hub cache or an MLflow URI, read by `samtune.models.weights`; or a dataset to
+pretrain on (e.g. ``cifar100``, or ``cifar10[0-4]`` for a target of ``cifar10[5-9]``), which
+the trial pretrains first (`samtune.trial.pretrain`) and passes in as ``initial_state``.
+Everything but the classification head is loaded; the head is new, sized for the target's
+classes. ``freeze_bn`` keeps BatchNorm running statistics at their pretrained values (the SAM
+paper's finetuning runs did); ``backbone_lr_scale`` is the learning-rate multiplier for the
+pretrained layers: the trainer's optimizer holds the head at ``lr`` and every other parameter
+at ``lr * backbone_lr_scale`` (`samtune.models.heads.param_groups`).
 
-Config keys read (defaults in brackets):
-``dataset``, ``data_root`` [None], ``data_subset`` [None: all training examples; else that many,
-drawn at random before the validation split], ``test_subset`` [None: whole test set],
-``scenario`` ["label_noise"], ``label_noise_rate`` [0.0], ``label_noise_kind`` ["symmetric"],
-``val_fraction`` [0.1], ``augment`` [None: on for images of 32x32 and larger], ``seed`` [0],
-``data_seed`` [``seed``: fixes the subset, the noise and the validation split; set it apart from
-``seed`` to vary model initialisation over one fixed noisy dataset]; for ``finetune`` also
-``finetune_source``, ``freeze_bn``, ``backbone_lr_scale``, ``model``/``norm`` and the
-``pretrain_*`` keys of `samtune.weights.pretrain_config`.
+The keys read are the data and scenario keys of `samtune.contract.keys` (defaults there). The
+subset is drawn before the validation split, and ``data_seed`` (default: ``seed``) fixes the
+subset, the noise and the split: set it apart from ``seed`` to vary model initialisation over
+one fixed noisy dataset. ``augment`` unset: on for images of 32x32 and larger.
 """
 from __future__ import annotations
 
@@ -129,13 +111,22 @@ def _cell_label(config: dict[str, Any]) -> str:
 def build_scenario(config: dict[str, Any], initial_state: dict[str, Tensor] | None = None) -> Scenario:
     """Build the trial's data (and starting weights) from a trial config; keys in the module doc.
 
-    Raises ValueError for an unknown scenario or out-of-range values (``val_fraction`` not in
-    [0, 1), ``data_subset`` not positive), a finetune scenario without ``finetune_source``, and
     ``initial_state`` is the finetune scenario's starting weights when the caller has them already
     (the trainer pretrains a dataset-named ``finetune_source`` first, `samtune.trial.pretrain`);
     without it they are read from ``finetune_source``.
-    whatever ``load_dataset`` (missing data) or `samtune.models.weights.load_source` (missing or
-    unreadable weights) raises.
+
+    Raises ValueError for an unknown scenario or out-of-range values (``val_fraction`` not in
+    [0, 1), ``data_subset`` not positive) and a finetune scenario without ``finetune_source``,
+    and whatever ``load_dataset`` (missing data) or `samtune.models.weights.load_source`
+    (missing or unreadable weights) raises.
+
+    >>> scenario = build_scenario({"dataset": "digits", "data_subset": 500, "label_noise_rate": 0.2})
+    >>> len(scenario.train_y), len(scenario.val_y), scenario.num_classes, scenario.input_shape
+    (450, 50, 10, (1, 8, 8))
+    >>> len(scenario.train_flipped) + len(scenario.val_flipped)  # 20% of 500 labels
+    100
+    >>> bool((scenario.train_y[scenario.train_flipped] != scenario.train_y_true[scenario.train_flipped]).all())
+    True
     """
     kind = config.get("scenario", "label_noise") or "label_noise"
     if kind not in SCENARIOS:
@@ -199,31 +190,8 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
     seed = int(config.get("seed", 0) or 0)
     data_seed = seed if config.get("data_seed") is None else int(config["data_seed"])
     sizes = split_sizes(len(dataset.train_y), dataset.num_classes, config)
-
-    x, y = dataset.train_x, dataset.train_y
-    subset = config.get("data_subset")
-    if subset is not None:
-        subset = int(subset)
-        if subset < len(y):
-            idx = _subset_indices(len(y), subset, data_seed * 1000 + _SUBSET_STREAM)
-            x, y = x[idx], y[idx]
-    test_x, test_y = dataset.test_x, dataset.test_y
-    test_subset = config.get("test_subset")
-    if test_subset is not None and int(test_subset) < len(test_y):
-        if int(test_subset) < 1:
-            raise ValueError(f"test_subset must be positive, got {test_subset}")
-        idx = _subset_indices(len(test_y), int(test_subset), data_seed * 1000 + _TEST_STREAM)
-        test_x, test_y = test_x[idx], test_y[idx]
-
-    rate = float(config.get("label_noise_rate", 0.0) or 0.0)
-    noise_kind = config.get("label_noise_kind", "symmetric") or "symmetric"
-    class_map = None
-    if noise_kind == "asymmetric":
-        class_map = asymmetric_class_map(str(config.get("dataset", dataset.name)), list(dataset.classes))
-    noisy, flipped = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
-                                       seed=data_seed * 1000 + _NOISE_STREAM, class_map=class_map)
-    is_flipped = torch.zeros(len(y), dtype=torch.bool)
-    is_flipped[flipped] = True
+    x, y, test_x, test_y = _subsets(dataset, config, data_seed)
+    noisy, is_flipped = _noisy_labels(dataset, config, y, data_seed)
 
     n_val = sizes.val
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed * 1000 + _VAL_STREAM))
@@ -255,3 +223,37 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
         initial_state=None,
         classes=list(dataset.classes),
     )
+
+
+def _subsets(dataset: Dataset, config: dict[str, Any], data_seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training and test examples a trial uses: ``data_subset`` and ``test_subset`` drawn at
+    random (in their original order), or all of them."""
+    x, y = dataset.train_x, dataset.train_y
+    subset = config.get("data_subset")
+    if subset is not None:
+        subset = int(subset)
+        if subset < len(y):
+            idx = _subset_indices(len(y), subset, data_seed * 1000 + _SUBSET_STREAM)
+            x, y = x[idx], y[idx]
+    test_x, test_y = dataset.test_x, dataset.test_y
+    test_subset = config.get("test_subset")
+    if test_subset is not None and int(test_subset) < len(test_y):
+        if int(test_subset) < 1:
+            raise ValueError(f"test_subset must be positive, got {test_subset}")
+        idx = _subset_indices(len(test_y), int(test_subset), data_seed * 1000 + _TEST_STREAM)
+        test_x, test_y = test_x[idx], test_y[idx]
+    return x, y, test_x, test_y
+
+
+def _noisy_labels(dataset: Dataset, config: dict[str, Any], y: Tensor, data_seed: int) -> tuple[Tensor, Tensor]:
+    """The labels trained on, and a mask of the examples whose label the noise changed."""
+    rate = float(config.get("label_noise_rate", 0.0) or 0.0)
+    noise_kind = config.get("label_noise_kind", "symmetric") or "symmetric"
+    class_map = None
+    if noise_kind == "asymmetric":
+        class_map = asymmetric_class_map(str(config.get("dataset", dataset.name)), list(dataset.classes))
+    noisy, flipped = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
+                                       seed=data_seed * 1000 + _NOISE_STREAM, class_map=class_map)
+    is_flipped = torch.zeros(len(y), dtype=torch.bool)
+    is_flipped[flipped] = True
+    return noisy, is_flipped

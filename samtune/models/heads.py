@@ -1,24 +1,9 @@
-"""Model registry: the networks SAM is studied on, built by name for a given input shape.
+"""The classification head and BatchNorm statistics of a model, for finetuning.
 
-Names (``build_model(name, num_classes, input_shape, norm)``):
-
-- ``mlp``: two hidden layers of 512 units; a baseline with no spatial structure.
-- ``cnn``: a small VGG-style net (three conv stages of 32/64/128 channels, global average pool).
-  Fast on CPU for the 8x8 digits and for CIFAR subsets; big enough to memorise noisy labels.
-- ``resnet20`` / ``resnet32`` / ``resnet56``: the CIFAR ResNets of He et al. (2016), 3 stages of
-  16/32/64 channels with parameter-free (zero-padding, "option A") shortcuts; the SAM paper's
-  label-noise table (Foret et al., 2020) uses this family.
-- ``resnet18``: the CIFAR variant of ResNet-18 (3x3 stem, no max-pool, 64..512 channels).
-- ``wrn16_8`` / ``wrn28_10``: Wide ResNets (Zagoruyko & Komodakis, 2016), pre-activation blocks,
-  no dropout; WRN-28-10 is the SAM paper's CIFAR model.
-- ``torchvision:<name>``: any ``torchvision.models`` classifier (e.g. ``torchvision:resnet18``),
-  with a fresh ``num_classes`` head; pretrained weights come from the finetuning scenario.
-
-``norm`` is ``"batch"`` (BatchNorm), ``"group"`` (GroupNorm: no statistic is shared between
-examples, so per-group m-sharpness perturbations stay independent) or ``"none"``.
-
-Every samtune model keeps its classifier in ``model.head`` (an ``nn.Linear``); ``replace_head``
-and ``head_parameter_names`` find it for torchvision models too.
+`find_head` locates the classifier (``model.head`` in samtune's models, else the last
+``nn.Linear``, so torchvision models work too), `replace_head` swaps in a fresh one for a new
+class count, `param_groups` gives the head and the backbone their own learning rates, and
+`freeze_batchnorm_stats` keeps BatchNorm running statistics at their pretrained values.
 """
 from __future__ import annotations
 

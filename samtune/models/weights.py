@@ -1,36 +1,25 @@
-"""Pretrained weights for the finetuning scenario: where ``finetune_source`` points, and loading it.
+"""Pretrained weights for the finetuning scenario: the local file a ``finetune_source`` points
+to, and loading it into a model whose head is new.
 
 The SAM paper (Foret et al., 2020, section 3.2) finetunes pretrained networks with SAM; this module
-turns a trial's ``finetune_source`` into a state_dict, from local files only (nothing is ever
+turns a ``finetune_source`` into a state_dict, from local files only (nothing is ever
 downloaded from a model hub). Every file is read with ``torch.load(..., weights_only=True)``.
-
-``finetune_source`` is one of:
+A ``finetune_source`` that is read here is one of:
 
 - **a path** to a ``.pt``/``.pth`` file holding a state_dict, or a checkpoint dict with the state
   under ``"model"``, ``"state_dict"`` or ``"model_state_dict"`` (a ``"module."`` prefix left by
   DistributedDataParallel is dropped). ``samtune train --set dataset=cifar100 --set model=resnet18
-  --save-weights w.pt`` or `pretrain` below write such a file.
-- **a dataset name** (``cifar100``, ``cifar10[0-4]``, ``digits``, ``imagefolder:<path>``): the
-  trial's ``model``/``norm`` is pretrained on it with plain SGD through `samtune.train.fit`, once:
-  the weights are cached under ``$SAMTUNE_CACHE_DIR/pretrained`` (else
-  ``~/.cache/samtune/pretrained``) by a hash of the pretraining config, and a file lock makes
-  parallel trials wait for one pretraining instead of each running it. Optional keys:
-  ``pretrain_epochs`` [the trial's ``epochs``], ``pretrain_lr`` [0.05], ``pretrain_batch_size``
-  [128; deliberately not the trial's ``batch_size``, which a sweep may search: every trial of a
-  cell then shares one pretrained file], ``pretrain_subset`` [None: all source examples],
-  ``pretrain_seed`` [0].
-  In a multi-worker trial every worker resolves the source itself: each pretrains alone in its
-  own process (no collective, `samtune.train.fit(..., alone=True)`) on its own device, and the
-  file lock makes the workers of one node wait for the first one's file instead of training
-  again. Workers on nodes that do not share the cache folder each pretrain once per node (point
-  ``SAMTUNE_CACHE_DIR`` at shared storage to avoid that); DistributedDataParallel starts every
-  worker from rank 0's weights either way.
+  --save-weights w.pt`` writes such a file.
 - **``torchvision:<Weights>``**, e.g. ``torchvision:ResNet18_Weights.IMAGENET1K_V1``: the file
   torchvision would download for those weights, looked up in the local torch hub cache
   (``torch.hub.get_dir()/checkpoints``); for ``model="torchvision:<arch>"``.
 - **an MLflow URI** (``runs:/<run id>/<path>``, ``models:/<name>/<version>``,
   ``mlflow-artifacts:/...``): fetched from the tracking server with
   ``mlflow.artifacts.download_artifacts``; a folder must hold exactly one ``.pt``/``.pth`` file.
+
+A ``finetune_source`` may also name a dataset (``cifar100``, ``cifar10[0-4]``, ...): that is no
+file, and `resolve_source` refuses it; the trial pretrains its model on that dataset first
+(`samtune.trial.pretrain`) and hands the weights to the scenario.
 
 `load_backbone` puts such weights into a freshly built model for the target task: every tensor
 except the classification head must fit; the head stays freshly initialised for the new classes.

@@ -249,6 +249,13 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int],
     ``torchvision:<name>`` builds a torchvision classifier without weights and with a fresh head;
     those need 3-channel inputs. Raises ValueError for an unknown name or norm, a non-positive
     ``num_classes`` or a malformed ``input_shape``.
+
+    >>> import torch
+    >>> model = build_model("cnn", num_classes=10, input_shape=(1, 8, 8), norm="group")
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    >>> model.head
+    Linear(in_features=128, out_features=10, bias=True)
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")

@@ -1,25 +1,18 @@
-"""Sharpness-Aware Minimization as a `torch.optim` optimizer, and the training step that owns SAM's
-two passes, m-sharpness included.
+"""How SAM's two passes run inside `samtune.optim.step.sam_step`: on the whole local batch, or
+with one perturbation per group of m examples (m-sharpness), and across workers.
 
-Follows Foret et al. 2020, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization" (arXiv 2010.01412) and, for `adaptive=True`, Kwon et al. 2021, "ASAM" (arXiv
-2102.11600):
+m-sharpness (Foret et al. 2020, section 4.1): the batch is cut into disjoint groups of `m`
+examples, each group gets its own `eps` from its own gradient, and the base step uses the mean of
+the groups' gradients at their own perturbed weights. The groups run in one batched pass
+(`torch.func.vmap`) or one after another, the same computation.
 
-    eps = rho * g / ||g||_2                          (SAM)
-    eps = rho * T^2 g / ||T g||_2,  T = |w| + eta    (ASAM)
+Under `DistributedDataParallel` the whole-batch first pass runs inside `no_sync()`, so every
+worker perturbs with its own gradient (m = per-worker batch) at no extra communication; only the
+second pass all-reduces. A `perturbation_group`'s first gradient and the grouped path's gradients
+are all-reduced here, by hand; `own_all_reduces` counts those rounds.
 
-then the base optimizer updates `w` with the gradient taken at `w + eps`.
-
-m-sharpness (Foret et al., section 4.1): the batch is cut into disjoint groups of `m` examples,
-each group gets its own `eps` from its own gradient, and the second-pass gradients are averaged.
-Under `DistributedDataParallel` the first pass runs inside `no_sync()`, so every worker perturbs
-with its own gradient (m = per-worker batch) at no extra communication; only the second pass
-all-reduces.
-
-Cheaper variants (`samtune.variants`: ``every_k``, ``rst``, ``looksam``, ``ae_sam``) decide per
-step whether to pay for the second pass; pass one as `SAM(..., variant=...)` or
-`sam_step(..., variant=...)`. The module docstring of `samtune.variants` gives each rule and the
-trial-config keys (``sam_variant``, ``sam_k``, ``sam_p``, ``looksam_alpha``, ...).
+BatchNorm running statistics advance once per step: the second pass runs with them frozen, and
+the groups' statistics are merged into one update.
 """
 from __future__ import annotations
 

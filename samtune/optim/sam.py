@@ -1,25 +1,20 @@
-"""Sharpness-Aware Minimization as a `torch.optim` optimizer, and the training step that owns SAM's
-two passes, m-sharpness included.
+"""The SAM optimizer: Sharpness-Aware Minimization around any `torch.optim` base optimizer.
 
-Follows Foret et al. 2020, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization" (arXiv 2010.01412) and, for `adaptive=True`, Kwon et al. 2021, "ASAM" (arXiv
-2102.11600):
+Foret et al. 2020, "Sharpness-Aware Minimization for Efficiently Improving Generalization"
+(arXiv 2010.01412) and, for `adaptive=True`, Kwon et al. 2021, "ASAM" (arXiv 2102.11600).
+With g the gradient of the loss at the weights w, one step computes
 
-    eps = rho * g / ||g||_2                          (SAM)
-    eps = rho * T^2 g / ||T g||_2,  T = |w| + eta    (ASAM)
+    eps = rho * g / ||g||_2                               (SAM)
+    eps = rho * T^2 g / ||T g||_2,   T = |w| + eta        (ASAM, per coordinate)
 
-then the base optimizer updates `w` with the gradient taken at `w + eps`.
+moves to w + eps (`first_step`), takes the gradient there, returns to w exactly and lets the
+base optimizer step from w with that gradient (`second_step`). `step(closure)` does both passes.
+With `rho == 0` in every group there is no second pass: a step is the base optimizer's, bit for
+bit.
 
-m-sharpness (Foret et al., section 4.1): the batch is cut into disjoint groups of `m` examples,
-each group gets its own `eps` from its own gradient, and the second-pass gradients are averaged.
-Under `DistributedDataParallel` the first pass runs inside `no_sync()`, so every worker perturbs
-with its own gradient (m = per-worker batch) at no extra communication; only the second pass
-all-reduces.
-
-Cheaper variants (`samtune.variants`: ``every_k``, ``rst``, ``looksam``, ``ae_sam``) decide per
-step whether to pay for the second pass; pass one as `SAM(..., variant=...)` or
-`sam_step(..., variant=...)`. The module docstring of `samtune.variants` gives each rule and the
-trial-config keys (``sam_variant``, ``sam_k``, ``sam_p``, ``looksam_alpha``, ...).
+The training step around this optimizer (m-sharpness, DistributedDataParallel, fp16 scaling,
+BatchNorm statistics) is `samtune.optim.step.sam_step`; the rules that skip the second pass on
+some steps are in `samtune.optim.variants`.
 """
 from __future__ import annotations
 
@@ -54,7 +49,7 @@ class SAM(torch.optim.Optimizer):
         perturb_weight_decay: whether the ascent direction includes the weight-decay term
             `weight_decay * w`. Off by default: the base optimizer applies weight decay, and the
             perturbation follows the data loss only (as in Foret et al.'s implementation).
-        variant: which steps take the second pass: a `samtune.variants.SAMVariant`, a variant
+        variant: which steps take the second pass: a `samtune.optim.variants.SAMVariant`, a variant
             name (default knobs) or a trial config (`variant_from_config`). None: every step,
             as ``"full"``. `step(closure)` and `sam_step` both follow it.
         **base_kwargs: passed to `base_optimizer`.
@@ -68,7 +63,22 @@ class SAM(torch.optim.Optimizer):
 
     Raises:
         ValueError: `rho < 0`, or `eta <= 0` with `adaptive=True` (for the defaults or any group,
-            here or in `add_param_group`), or a bad variant (see `samtune.variants`).
+            here or in `add_param_group`), or a bad variant (see `samtune.optim.variants`).
+
+    On L(w) = ||w||^2 / 2 the gradient is w itself: from w = (3, 4), eps = 0.5 * (3, 4) / 5 =
+    (0.3, 0.4), and SGD steps from w with the gradient at w + eps = (3.3, 4.4):
+
+    >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    >>> optimizer = SAM([w], torch.optim.SGD, rho=0.5, lr=0.1)
+    >>> def closure():
+    ...     optimizer.zero_grad()
+    ...     loss = (w ** 2).sum() / 2
+    ...     loss.backward()
+    ...     return loss
+    >>> float(optimizer.step(closure))  # the loss at w
+    12.5
+    >>> w.detach()
+    tensor([2.6700, 3.5600])
     """
 
     def __init__(

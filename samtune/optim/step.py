@@ -1,25 +1,18 @@
-"""Sharpness-Aware Minimization as a `torch.optim` optimizer, and the training step that owns SAM's
-two passes, m-sharpness included.
+"""The SAM training step: `sam_step` takes one optimizer step on a batch, with SAM's two passes.
 
-Follows Foret et al. 2020, "Sharpness-Aware Minimization for Efficiently Improving
-Generalization" (arXiv 2010.01412) and, for `adaptive=True`, Kwon et al. 2021, "ASAM" (arXiv
-2102.11600):
+It does what `SAM.step(closure)` leaves to the caller: m-sharpness groups, each worker's own
+perturbation under DistributedDataParallel, fp16 loss scaling (unscaled once per step), gradient
+clipping, and a cheaper variant's choice between a SAM step and a plain one. How the passes run
+on the whole batch or on groups of m examples is `samtune.optim.msharpness`.
 
-    eps = rho * g / ||g||_2                          (SAM)
-    eps = rho * T^2 g / ||T g||_2,  T = |w| + eta    (ASAM)
+BatchNorm running statistics advance once per step, in the first pass. With groups, each group
+is normalised by its own batch statistics (as a worker of size m would be), and the running
+statistics take one update with the groups' mean statistics.
 
-then the base optimizer updates `w` with the gradient taken at `w + eps`.
-
-m-sharpness (Foret et al., section 4.1): the batch is cut into disjoint groups of `m` examples,
-each group gets its own `eps` from its own gradient, and the second-pass gradients are averaged.
-Under `DistributedDataParallel` the first pass runs inside `no_sync()`, so every worker perturbs
-with its own gradient (m = per-worker batch) at no extra communication; only the second pass
-all-reduces.
-
-Cheaper variants (`samtune.variants`: ``every_k``, ``rst``, ``looksam``, ``ae_sam``) decide per
-step whether to pay for the second pass; pass one as `SAM(..., variant=...)` or
-`sam_step(..., variant=...)`. The module docstring of `samtune.variants` gives each rule and the
-trial-config keys (``sam_variant``, ``sam_k``, ``sam_p``, ``looksam_alpha``, ...).
+Variants: on a one-pass step the base optimizer steps with the plain gradient (LookSAM: with the
+plain gradient plus the reused direction); under DDP that gradient is all-reduced like any plain
+step's. AE-SAM's and LookSAM's first pass is the SAM step's first pass, so their SAM steps cost
+two passes and their plain steps one.
 """
 from __future__ import annotations
 
@@ -45,77 +38,72 @@ from samtune.optim.variants import (
     _as_variant,
 )
 
-# ---------------------------------------------------------------------------------------------
-# The training step
-# ---------------------------------------------------------------------------------------------
-
 
 def sam_step(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    optimizer: torch.optim.Optimizer,
-    m: int | None = None,
-    *,
-    sync_perturbation: bool = False,
-    perturbation_group: "dist.ProcessGroup | None" = None,
-    vectorize: bool | None = None,
-    max_grad_norm: float | None = None,
-    scaler: "torch.amp.GradScaler | None" = None,
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
+    optimizer: torch.optim.Optimizer, m: int | None = None, *, sync_perturbation: bool = False,
+    perturbation_group: "dist.ProcessGroup | None" = None, vectorize: bool | None = None,
+    max_grad_norm: float | None = None, scaler: "torch.amp.GradScaler | None" = None,
     variant: "SAMVariant | str | Mapping[str, Any] | None" = None,
 ) -> tuple[Tensor, Tensor]:
     """One training step with SAM's two passes (or one, for a plain optimizer or `rho == 0`).
 
     Args:
         model: the model, possibly wrapped in `DistributedDataParallel`.
-        loss_fn: a mean-reduced loss `loss_fn(logits, targets)`.
-        inputs, targets: the local (per-worker) batch.
+        loss_fn: a mean-reduced loss `loss_fn(logits, targets)`; inputs, targets: the local batch.
         optimizer: a `SAM`, or any other optimizer (then this is a plain step).
-        m: m-sharpness group size. `None` or the local batch size: one perturbation from the
-            whole local batch. A divisor of the local batch: one perturbation per group of `m`.
-        sync_perturbation: under DDP, all-reduce the first gradient too (classic SAM with
-            m = global batch). By default each worker perturbs with its own gradient. Not with
-            `m` smaller than the local batch (that asks for one eps per group instead).
+        m: m-sharpness group size, a divisor of the local batch: one perturbation per group of
+            `m`. `None` or the local batch size: one perturbation from the whole local batch.
+        sync_perturbation: under DDP, all-reduce the first gradient too (classic SAM, m = global
+            batch). By default each worker perturbs with its own gradient.
         perturbation_group: under DDP, all-reduce the first gradient within this process group
-            only (m = k x per-worker batch for a group of k workers). Not with `m` smaller than
-            the local batch either.
-        vectorize: for `m` smaller than the batch, run the groups in one batched pass with
-            `torch.func.vmap` (True), one after another (False), or choose by device (None):
-            the sequential path on CPU, where it measured faster (benchmarks/sam_step.py), and
-            vmap on accelerators, falling back to the sequential path for ops vmap can't batch.
+            only (m = k x per-worker batch for k workers). Neither with `m` < the local batch.
+        vectorize: for `m` < the batch, run the groups in one `torch.func.vmap` pass (True), one
+            after another (False), or by device (None: sequential on CPU, where it measured
+            faster, else vmap, falling back to sequential for ops vmap can't batch).
         max_grad_norm: clip the gradient that the base optimizer uses (second pass).
-        scaler: an fp16 `GradScaler`. Both passes backpropagate the scaled loss, so fp16
-            gradients do not underflow in either; scaling doesn't change eps (it is normalised),
-            and the gradient is unscaled once per step, on the base optimizer, so SAM's two passes
-            do not trip "unscale_() has already been called".
-        variant: a cheaper SAM (`samtune.variants`): a `SAMVariant`, a variant name, or a trial
-            config with ``sam_variant`` and its knobs. It is attached to the SAM optimizer on the
-            first call (`SAM.use_variant`) and its state lives there; later calls may pass the
-            same rule again or nothing. None: the optimizer's own variant (full SAM if none).
-            With a plain optimizer only ``"full"`` is accepted (and means a plain step).
+        scaler: an fp16 `GradScaler`: both passes backpropagate the scaled loss (eps is
+            normalised, so the scale cancels in it); the gradient is unscaled once per step.
+        variant: a cheaper SAM (`samtune.optim.variants`): a `SAMVariant`, a name or a trial
+            config, attached to the SAM optimizer on the first call (`SAM.use_variant`). None:
+            the optimizer's own (full SAM if none). A plain optimizer accepts only ``"full"``.
 
-    Returns:
-        (loss, logits) of the first pass, detached, so the caller can log accuracy without a
-        third forward.
+    Returns (loss, logits) of the first pass, detached (accuracy without a third forward).
+    Raises ValueError for `m` not a positive divisor of the local batch; `m` < the local batch
+    with `sync_perturbation`, a `perturbation_group`, ``looksam`` or ``ae_sam``; a variant other
+    than ``"full"`` with a plain optimizer, or other than the one the optimizer follows.
 
-    BatchNorm running statistics advance once per step, in the first pass. With groups, each
-    group is normalised by its own batch statistics (as a worker of size m would be), and the
-    running statistics take one update with the groups' mean statistics.
-
-    Variants: on a one-pass step the base optimizer steps with the plain gradient (LookSAM: with
-    the plain gradient plus the reused direction); under DDP that gradient is all-reduced like
-    any plain step's. AE-SAM's and LookSAM's first pass is the SAM step's first pass, so their
-    SAM steps cost two passes and their plain steps one.
-
-    Raises:
-        ValueError: `m <= 0`, or `m` not dividing the local batch size; `m` smaller than the
-            local batch together with `sync_perturbation=True` or a `perturbation_group`; a
-            variant other than ``"full"`` with a non-SAM optimizer; ``looksam``/``ae_sam`` with
-            `m` smaller than the local batch; a variant that differs from the one the optimizer
-            already follows.
+    >>> model = nn.Linear(3, 2)
+    >>> optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    >>> inputs, targets = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    >>> loss, logits = sam_step(model, nn.functional.cross_entropy, inputs, targets, optimizer, m=4)
+    >>> logits.shape, loss.requires_grad
+    (torch.Size([8, 2]), False)
     """
     batch = inputs.shape[0]
+    m = _check_arguments(optimizer, m, batch, sync_perturbation, perturbation_group, variant)
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if not (isinstance(optimizer, SAM) and optimizer.takes_two_passes):
+        return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler)
+    chosen = _active_variant(optimizer, m, batch)
+    plan = chosen.plan() if chosen is not None else SAM_STEP
+    if plan == PLAIN_STEP:
+        return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler, chosen)
+    if m == batch:
+        loss, logits, took_sam = _whole_batch_step(model, loss_fn, inputs, targets, optimizer, scaler,
+                                                   sync_perturbation, perturbation_group, chosen, plan)
+    else:
+        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
+        took_sam = True
+    _finish_step(optimizer, base, max_grad_norm, scaler, took_sam, chosen)
+    return loss, logits
+
+
+def _check_arguments(optimizer: torch.optim.Optimizer, m: int | None, batch: int, sync_perturbation: bool,
+                     perturbation_group, variant) -> int:
+    """The group size (the local batch for None), after the checks `sam_step` lists; a variant
+    given here is attached to a SAM optimizer."""
     m = _check_m(m, batch)
     if m != batch and (sync_perturbation or perturbation_group is not None):
         shared = ("sync_perturbation=True (one eps from the whole global batch)" if sync_perturbation
@@ -131,53 +119,47 @@ def sam_step(
                 f"sam_variant={_as_variant(variant).name!r} chooses between SAM and plain steps, "
                 f"so it needs a SAM optimizer (optimizer 'sam' or 'asam'); got "
                 f"{type(optimizer).__name__}")
-    is_sam = isinstance(optimizer, SAM) and optimizer.takes_two_passes
-    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    optimizer.zero_grad(set_to_none=True)
+    return m
 
-    if not is_sam:
-        logits = model(inputs)
-        loss = loss_fn(logits, targets)
-        _backward(loss, scaler)
-        _finish_step(optimizer, base, max_grad_norm, scaler, plain=True)
-        return loss.detach(), logits.detach()
 
+def _active_variant(optimizer: SAM, m: int, batch: int) -> SAMVariant | None:
+    """The variant this step follows; one that decides from the whole batch's gradient refuses
+    m-sharpness groups."""
     chosen = optimizer._active_variant()
     if chosen is not None and chosen.uses_whole_batch_gradient and m != batch:
         raise ValueError(
             f"sam_variant={chosen.name!r} decides from the whole local batch's gradient, so it "
             f"does not combine with m-sharpness groups (m={m} < local batch {batch}); use m=None "
             f"or the variants every_k / rst")
-    plan = chosen.plan() if chosen is not None else SAM_STEP
-
-    if plan == PLAIN_STEP:
-        logits = model(inputs)
-        loss = loss_fn(logits, targets)
-        _backward(loss, scaler)
-        if chosen.keeps_direction:
-            chosen.reuse(optimizer.gradients())
-        _finish_step(optimizer, base, max_grad_norm, scaler, plain=True)
-        chosen.finish(took_sam=False)
-        return loss.detach(), logits.detach()
-
-    took_sam = True
-    if m == batch:
-        between = None
-        if plan == ADAPTIVE_STEP or (chosen is not None and chosen.keeps_direction):
-            between = _VariantFirstPass(chosen, optimizer, adaptive=plan == ADAPTIVE_STEP,
-                                        local=_is_ddp(model) and not sync_perturbation, scaler=scaler)
-        loss, logits, took_sam = _whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
-                                                  sync_perturbation, perturbation_group, between)
-        if between is not None and between.first is not None:
-            chosen.store(between.first, optimizer.gradients())
-    else:
-        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
-    _finish_step(optimizer, base, max_grad_norm, scaler, plain=not took_sam)
-    if chosen is not None:
-        chosen.finish(took_sam=took_sam)
-    return loss, logits
+    return chosen
 
 
+def _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler,
+                   chosen: SAMVariant | None = None) -> tuple[Tensor, Tensor]:
+    """A step with the plain gradient: a plain optimizer, `rho == 0`, or a variant's plain step
+    (`chosen`, which LookSAM adds its stored direction to)."""
+    logits = model(inputs)
+    loss = loss_fn(logits, targets)
+    _backward(loss, scaler)
+    if chosen is not None and chosen.keeps_direction:
+        chosen.reuse(optimizer.gradients())
+    _finish_step(optimizer, base, max_grad_norm, scaler, took_sam=False, variant=chosen)
+    return loss.detach(), logits.detach()
+
+
+def _whole_batch_step(model, loss_fn, inputs, targets, optimizer: SAM, scaler, sync_perturbation: bool,
+                      perturbation_group, chosen: SAMVariant | None, plan: str) -> tuple[Tensor, Tensor, bool]:
+    """Both passes on the whole local batch, with AE-SAM's decision or LookSAM's stored direction
+    between them. Returns (loss, logits, whether the second pass ran)."""
+    between = None
+    if plan == ADAPTIVE_STEP or (chosen is not None and chosen.keeps_direction):
+        between = _VariantFirstPass(chosen, optimizer, adaptive=plan == ADAPTIVE_STEP,
+                                    local=_is_ddp(model) and not sync_perturbation, scaler=scaler)
+    loss, logits, took_sam = _whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
+                                              sync_perturbation, perturbation_group, between)
+    if between is not None and between.first is not None:
+        chosen.store(between.first, optimizer.gradients())
+    return loss, logits, took_sam
 
 
 class _VariantFirstPass:
@@ -230,8 +212,10 @@ def _check_m(m: int | None, batch: int) -> int:
     return m
 
 
-def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
-    """Clip and step with the gradient of the last pass; unscale exactly once."""
+def _finish_step(optimizer, base, max_grad_norm, scaler, took_sam: bool,
+                 variant: SAMVariant | None = None) -> None:
+    """Clip and step with the gradient of the last pass (unscaled exactly once), then count the
+    step in the variant's schedule."""
     if scaler is not None:
         scaler.unscale_(base)
     if max_grad_norm is not None:
@@ -243,7 +227,7 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
             optimizer._restore_weights()
             scaler.step(base)
             optimizer._opt_called = True  # type: ignore[attr-defined]
-        elif plain:
+        elif not took_sam:
             optimizer.base_optimizer_step()
         else:
             optimizer.second_step()
@@ -253,3 +237,5 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, plain: bool) -> None:
         base.step()
     if scaler is not None:
         scaler.update()
+    if variant is not None:
+        variant.finish(took_sam=took_sam)

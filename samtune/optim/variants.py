@@ -2,8 +2,8 @@
 
 A full SAM step costs two sequential forward/backward passes. Each variant here decides, step by
 step, whether to take that step or a one-pass step, and keeps the state its rule needs (a counter,
-a seeded random stream, running statistics, a stored direction). `samtune.sam.SAM` and
-`samtune.sam.sam_step` carry out the decision; the state travels in the optimizer's
+a seeded random stream, running statistics, a stored direction). `samtune.optim.sam.SAM` and
+`samtune.optim.step.sam_step` carry out the decision; the state travels in the optimizer's
 `state_dict()`, so a resumed run continues the same schedule.
 
 Steps are numbered t = 0, 1, 2, ... from the start of training; T is the planned number of steps
@@ -67,19 +67,11 @@ from torch import Tensor
 
 # What a variant asks for at the start of a step.
 SAM_STEP = "sam"            # two passes: gradient at w, then at w + eps
-
-
 PLAIN_STEP = "plain"        # one pass, the base optimizer's step
-
-
 ADAPTIVE_STEP = "adaptive"  # one pass, then `decide(squared gradient norm)` picks
-
-
-
 
 # Keeps divisions finite when a gradient or a stored direction is exactly zero.
 _FLOOR = 1e-12
-
 
 # rst's default stream is set apart from the trial seed, which also seeds initialisation.
 _RST_STREAM = 606

@@ -1,5 +1,8 @@
-"""The report: a sweep's runs read from MLflow, a tidy table of trials, the views in dashboards/ drawn
-on one page.
+"""The sweep report: runs -> tidy table -> views -> page.
+
+`load` reads a sweep's trial runs from MLflow, `table` turns them into the tidy `Runs` table
+(`runs`) and holds the choices views share, `views` finds and runs the views in `dashboards/`,
+and `page` draws them on one offline HTML page, logged back to the sweep's MLflow run (`build`).
 
 Each name is read from the module that defines it when first used (`samtune._lazy`).
 """

@@ -1,11 +1,17 @@
-"""Reading a sweep from MLflow: its cell and trial runs, their metrics, tabulated into `Runs`."""
+"""Reading a sweep from MLflow into the `Runs` table.
+
+Reads the layout that `samtune.sweep.tracking` writes (described there in full): trial runs
+tagged `samtune.role=trial` (with `samtune.cell`, `samtune.status`, `samtune.trial_key`), nested
+under cell runs (`samtune.role=cell`) under the sweep's run (`samtune.role=sweep`); params are
+the flat trial config, metrics are logged per epoch with `step=epoch`.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 from samtune.contract.tags import ROLE_TAG
 from samtune.report.runs import ReportError, Runs, TrialRecord
 from samtune.report.table import tabulate
-
-# -- reading MLflow ------------------------------------------------------------------------------
 
 
 def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: bool = False) -> Runs:
@@ -21,55 +27,64 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import ViewType
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ReportError(f"no MLflow experiment named {experiment!r} at {uri}")
-
-    def search(role: str) -> list:
-        found, token = [], None
-        while True:
-            page = client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.`{ROLE_TAG}` = '{role}'",
-                run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=1000,
-                page_token=token,
-            )
-            found.extend(page)
-            token = page.token
-            if not token:
-                return found
-
-    sweeps = sorted(search("sweep"), key=lambda r: r.info.start_time or 0)
-    trials = search("trial")
+    sweeps = sorted(_search_runs(client, exp.experiment_id, "sweep"), key=lambda r: r.info.start_time or 0)
+    trials = _search_runs(client, exp.experiment_id, "trial")
     if sweeps and not all_sweeps:
-        parents = {sweeps[-1].info.run_id} | {
-            cell.info.run_id for cell in search("cell")
-            if cell.data.tags.get("mlflow.parentRunId") == sweeps[-1].info.run_id}
-        trials = [t for t in trials if t.data.tags.get("mlflow.parentRunId") in parents]
-    records = []
-    for run in trials:
-        history = {}
-        for key in run.data.metrics:
-            points = client.get_metric_history(run.info.run_id, key)
-            # Logging order decides between two values for one epoch (a resumed trial).
-            points = sorted(points, key=lambda p: (p.step, p.timestamp))
-            history[key] = [(int(p.step), float(p.value)) for p in points]
-        records.append(TrialRecord(
-            run_id=run.info.run_id,
-            params=dict(run.data.params),
-            tags=dict(run.data.tags),
-            history=history,
-            run_status=run.info.status,
-            start_time=run.info.start_time,
-        ))
+        trials = _nested_under(client, exp.experiment_id, sweeps[-1].info.run_id, trials)
     return tabulate(
         experiment,
-        records,
+        [_trial_record(client, run) for run in trials],
         tracking_uri=uri,
         sweep_run_id=sweeps[-1].info.run_id if sweeps else None,
+    )
+
+
+def _search_runs(client: Any, experiment_id: str, role: str) -> list:
+    """Every active run of the experiment tagged with `role`, page after page."""
+    from mlflow.entities import ViewType
+
+    found, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{role}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _nested_under(client: Any, experiment_id: str, sweep_run_id: str, trials: list) -> list:
+    """The trials whose parent is the sweep run or one of its cell runs."""
+    parents = {sweep_run_id} | {
+        cell.info.run_id for cell in _search_runs(client, experiment_id, "cell")
+        if cell.data.tags.get("mlflow.parentRunId") == sweep_run_id}
+    return [t for t in trials if t.data.tags.get("mlflow.parentRunId") in parents]
+
+
+def _trial_record(client: Any, run: Any) -> TrialRecord:
+    """One trial run with the whole history of each of its metrics."""
+    history = {}
+    for key in run.data.metrics:
+        points = client.get_metric_history(run.info.run_id, key)
+        # Logging order decides between two values for one epoch (a resumed trial).
+        points = sorted(points, key=lambda p: (p.step, p.timestamp))
+        history[key] = [(int(p.step), float(p.value)) for p in points]
+    return TrialRecord(
+        run_id=run.info.run_id,
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+        history=history,
+        run_status=run.info.status,
+        start_time=run.info.start_time,
     )

@@ -1,29 +1,10 @@
-"""The sweep report: MLflow runs -> one tidy table -> every view in `dashboards/` -> one offline
-HTML page plus a PNG per view, logged back to the sweep's MLflow run.
+"""The report page, and the whole report from an experiment's name.
 
-Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtune.role=trial`
-(with `samtune.cell`, `samtune.status`, `samtune.trial_key`), params = the flat trial config,
-per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
-
-Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
-docstring's first line is the view's title, the first paragraph of text after it (on the next
-line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
-constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
-view; nothing else is edited. Where the views are looked for, first hit wins:
-
-1. the `dashboards_dir` argument of `build` (a user's own views),
-2. `<repo>/dashboards/` next to the `samtune/` package folder: a source checkout or an editable
-   install, the place where a new view is added,
-3. a `samtune.dashboards` package, if the build ships the same files as package data,
-4. otherwise `build` raises `ReportError` naming the folders it tried.
-
-Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
-numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
-page, never plotted as numbers. A trial whose status says finished but whose last validation or
-test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
-test error counts as incomplete. The validation error is optional (a trial trained with
-`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
-missing, through `choice_metric`, and say so in a note.
+`build` (or `build_report`, which also returns what it built) reads a sweep's runs from MLflow
+(`samtune.report.load`), runs every view on them (`samtune.report.views`) and writes one offline
+HTML page (`write_report`): every figure inlined, the numbers behind it, the trials left out of
+the figures, beside a PNG per view and the tidy tables as CSV; the files are then logged back to
+the sweep's MLflow run.
 """
 from __future__ import annotations
 
@@ -47,9 +28,6 @@ from samtune.report.table import cell_order
 from samtune.report.views import RenderedView, discover_views, render_views
 
 log = logging.getLogger(__name__)
-
-
-# -- the page ------------------------------------------------------------------------------------
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -94,9 +72,22 @@ def write_report(runs: Runs, rendered: Sequence[RenderedView], out: str | Path) 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    parts = _page_head(runs, rendered)
+    for item in rendered:
+        parts += _view_section(item, out)
+    parts += _excluded_section(runs)
+    index = out / "index.html"
+    index.write_text("\n".join(parts) + "</body></html>", encoding="utf-8")
+    runs.trials.to_csv(out / "trials.csv", index=False)
+    runs.history.to_csv(out / "history.csv", index=False)
+    return index
+
+
+def _page_head(runs: Runs, rendered: Sequence[RenderedView]) -> list[str]:
+    """The page up to its first view: title, trial counts, where the runs came from, contents."""
     esc = html.escape
     counts = runs.status_counts()
-    parts = [
+    return [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -116,45 +107,49 @@ def write_report(runs: Runs, rendered: Sequence[RenderedView], out: str | Path) 
             f'<a href="#{esc(r.spec.name)}">{esc(r.spec.title)}</a>' for r in rendered
         ) + '<a href="#excluded">Excluded trials</a></nav>',
     ]
-    for item in rendered:
-        spec = item.spec
-        if item.view is None or item.view.figure is None:
-            # A PNG left by an earlier build would sit beside a page that no longer shows it.
-            (out / f"{spec.name}.png").unlink(missing_ok=True)
-        parts.append(f'<section id="{esc(spec.name)}"><h2>{esc(spec.title)}</h2>')
-        if spec.caption:
-            parts.append(f'<p class="caption">{esc(spec.caption)}</p>')
-        if item.error is not None:
-            parts.append(f'<p class="error">This view failed: {esc(item.error)}</p></section>')
-            continue
-        view = item.view
-        assert view is not None
-        if view.figure is not None:
-            png = _png(view.figure)
-            (out / f"{spec.name}.png").write_bytes(png)
-            data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            parts.append(f'<img alt="{esc(spec.title)}" src="{data_uri}">')
-            _close(view.figure)
-        for note in view.notes:
-            parts.append(f'<p class="note">{esc(note)}</p>')
-        for name, df in view.data.items():
-            parts.append(f"<details><summary>{esc(name)} ({len(df)} rows)</summary>"
-                         f"{_table(df)}</details>")
-        parts.append("</section>")
-    excluded = runs.excluded
-    parts.append('<section id="excluded"><h2>Excluded trials</h2>')
-    if excluded.empty:
+
+
+def _view_section(item: RenderedView, out: Path) -> list[str]:
+    """One view's section of the page; writes its PNG into `out`, or removes a stale one."""
+    esc = html.escape
+    spec = item.spec
+    if item.view is None or item.view.figure is None:
+        # A PNG left by an earlier build would sit beside a page that no longer shows it.
+        (out / f"{spec.name}.png").unlink(missing_ok=True)
+    parts = [f'<section id="{esc(spec.name)}"><h2>{esc(spec.title)}</h2>']
+    if spec.caption:
+        parts.append(f'<p class="caption">{esc(spec.caption)}</p>')
+    if item.error is not None:
+        parts.append(f'<p class="error">This view failed: {esc(item.error)}</p></section>')
+        return parts
+    view = item.view
+    assert view is not None
+    if view.figure is not None:
+        png = _png(view.figure)
+        (out / f"{spec.name}.png").write_bytes(png)
+        data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        parts.append(f'<img alt="{esc(spec.title)}" src="{data_uri}">')
+        _close(view.figure)
+    for note in view.notes:
+        parts.append(f'<p class="note">{esc(note)}</p>')
+    for name, df in view.data.items():
+        parts.append(f"<details><summary>{esc(name)} ({len(df)} rows)</summary>"
+                     f"{_table(df)}</details>")
+    parts.append("</section>")
+    return parts
+
+
+def _excluded_section(runs: Runs) -> list[str]:
+    """The trials left out of every figure (failed, diverged, still running...), listed."""
+    parts = ['<section id="excluded"><h2>Excluded trials</h2>']
+    if runs.excluded.empty:
         parts.append("<p>None: every trial finished or was stopped early.</p>")
     else:
-        parts.append(f"<p>{len(excluded)} trials carry no plottable numbers and are left out of "
+        parts.append(f"<p>{len(runs.excluded)} trials carry no plottable numbers and are left out of "
                      "every figure.</p>")
         parts.append(_table(_excluded_table(runs)))
-    parts.append("</section></body></html>")
-    index = out / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
-    runs.trials.to_csv(out / "trials.csv", index=False)
-    runs.history.to_csv(out / "history.csv", index=False)
-    return index
+    parts.append("</section>")
+    return parts
 
 
 def _excluded_table(runs: Runs) -> pd.DataFrame:
@@ -167,9 +162,6 @@ def _close(figure: Any) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(figure)
-
-
-# -- the whole thing -----------------------------------------------------------------------------
 
 
 def _default_out(experiment: str) -> Path:
@@ -200,12 +192,12 @@ def build_report(
     """Build the report of one sweep; `build` does the same and returns only the page's path.
 
     Reads the trial runs of MLflow experiment `experiment`'s newest sweep (every sweep of that
-    name with `all_sweeps=True`; see `load_runs`; `tracking_uri=None`: MLflow's own resolution), runs every view (see the module docstring for where views are found), writes
-    index.html, one PNG per view with a figure and the tidy tables (trials.csv, history.csv)
-    into `out` (default `reports/<experiment>/`), and logs those files, and nothing else of
-    `out`, under `report/` as artifacts of the sweep's parent run (the newest run tagged
-    samtune.role=sweep; skipped with a log message where there is none, or when
-    `log_artifacts=False`).
+    name with `all_sweeps=True`; see `load_runs`; `tracking_uri=None`: MLflow's own resolution),
+    runs every view (see `samtune.report.views` for where views are found), writes index.html,
+    one PNG per view with a figure and the tidy tables (trials.csv, history.csv) into `out`
+    (default `reports/<experiment>/`), and logs those files, and nothing else of `out`, under
+    `report/` as artifacts of the sweep's parent run (the newest run tagged samtune.role=sweep;
+    skipped with a log message where there is none, or when `log_artifacts=False`).
 
     Raises:
         ReportError: no experiment of that name, or no views folder.
@@ -234,17 +226,22 @@ def build_report(
         if r.view is not None and r.view.figure is not None
     ]
     if log_artifacts:
-        if runs.sweep_run_id is None:
-            log.info("no sweep run (tag %s=sweep) in %r; report not logged to MLflow",
-                     ROLE_TAG, experiment)
-        else:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=runs.tracking_uri)
-            # File by file: `out` may be a folder that holds more than this report.
-            for path in files:
-                client.log_artifact(runs.sweep_run_id, str(path), artifact_path="report")
+        _log_to_sweep_run(runs, files)
     return Report(runs=runs, views=list(rendered), index=index, files=files)
+
+
+def _log_to_sweep_run(runs: Runs, files: Sequence[Path]) -> None:
+    """Log `files` under `report/` as artifacts of the sweep's run; only a log line without one."""
+    if runs.sweep_run_id is None:
+        log.info("no sweep run (tag %s=sweep) in %r; report not logged to MLflow",
+                 ROLE_TAG, runs.experiment)
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=runs.tracking_uri)
+    # File by file: `out` may be a folder that holds more than this report.
+    for path in files:
+        client.log_artifact(runs.sweep_run_id, str(path), artifact_path="report")
 
 
 def build(

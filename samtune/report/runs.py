@@ -1,44 +1,29 @@
-"""The sweep report: MLflow runs -> one tidy table -> every view in `dashboards/` -> one offline
-HTML page plus a PNG per view, logged back to the sweep's MLflow run.
-
-Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtune.role=trial`
-(with `samtune.cell`, `samtune.status`, `samtune.trial_key`), params = the flat trial config,
-per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
-
-Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
-docstring's first line is the view's title, the first paragraph of text after it (on the next
-line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
-constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
-view; nothing else is edited. Where the views are looked for, first hit wins:
-
-1. the `dashboards_dir` argument of `build` (a user's own views),
-2. `<repo>/dashboards/` next to the `samtune/` package folder: a source checkout or an editable
-   install, the place where a new view is added,
-3. a `samtune.dashboards` package, if the build ships the same files as package data,
-4. otherwise `build` raises `ReportError` naming the folders it tried.
+"""The runs table: a trial run as read from MLflow (`TrialRecord`) and every trial of a sweep,
+tidy (`Runs`), with the report's errors.
 
 Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
-numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
-page, never plotted as numbers. A trial whose status says finished but whose last validation or
-test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
-test error counts as incomplete. The validation error is optional (a trial trained with
-`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
-missing, through `choice_metric`, and say so in a note.
+numbers and are plotted (`PLOTTED_STATUSES`); `failed`, `diverged` and any other status are
+counted and listed on the page, never plotted as numbers. A trial whose status says finished but
+whose last validation or test error is not finite, or whose `diverged` metric is 1, counts as
+diverged; one that logged no test error counts as incomplete (`samtune.report.table.tabulate`
+decides). The validation error is optional (a trial trained with `val_fraction=0` logs none):
+views that choose by it fall back to the test error where it is missing, through
+`samtune.report.table.choice_metric`, and say so in a note.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-pass
+from samtune.contract.metrics import SHARPNESS_SHARED_KEYS as SHARED_KEYS
 
-# MLflow's own run states, for trials that never set samtune.status (e.g. a crashed process).
-_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
-                  "RUNNING": "running", "SCHEDULED": "running"}
+# Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
+PLOTTED_STATUSES = ("finished", "stopped")
+
+# What a sharpness measurement logs beside its measures (the contract's list): not a measure.
+SHARPNESS_SHARED_KEYS = frozenset(SHARED_KEYS)
 
 
 class ReportError(ValueError):
@@ -123,27 +108,3 @@ class Runs:
                 if np.isfinite(values).any():
                     names.append(col.split("/", 1)[1])
         return sorted(names)
-
-
-def _parse_param(value: str) -> Any:
-    """MLflow stores params as str(value); invert that for None, bools, ints and floats."""
-    if value == "None":
-        return None
-    if value in ("True", "False"):
-        return value == "True"
-    if re.fullmatch(r"[+-]?\d+", value):
-        return int(value)
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-# Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
-PLOTTED_STATUSES = ("finished", "stopped")
-
-
-# Keys `sharpness/<key>` that samtune.sharpness.measure_sharpness logs beside the measures (its
-# SHARED_KEYS; copied, not imported, so that a report does not load torch; a test checks that
-# they agree): what was measured on, not a measure.
-SHARPNESS_SHARED_KEYS = frozenset({"subset", "seed", "batch", "num_params"})

@@ -1,34 +1,13 @@
-"""The sweep report: MLflow runs -> one tidy table -> every view in `dashboards/` -> one offline
-HTML page plus a PNG per view, logged back to the sweep's MLflow run.
-
-Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtune.role=trial`
-(with `samtune.cell`, `samtune.status`, `samtune.trial_key`), params = the flat trial config,
-per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
-
-Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
-docstring's first line is the view's title, the first paragraph of text after it (on the next
-line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
-constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
-view; nothing else is edited. Where the views are looked for, first hit wins:
-
-1. the `dashboards_dir` argument of `build` (a user's own views),
-2. `<repo>/dashboards/` next to the `samtune/` package folder: a source checkout or an editable
-   install, the place where a new view is added,
-3. a `samtune.dashboards` package, if the build ships the same files as package data,
-4. otherwise `build` raises `ReportError` naming the folders it tried.
-
-Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
-numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
-page, never plotted as numbers. A trial whose status says finished but whose last validation or
-test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
-test error counts as incomplete. The validation error is optional (a trial trained with
-`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
-missing, through `choice_metric`, and say so in a note.
+"""Tabulation and the choices views make: trial records into the tidy `Runs` table (`tabulate`,
+which also settles each trial's status), and what the views in `dashboards/` share: the order of
+cells, the hyperparameters a sweep searched, the metric to choose configurations by, the best
+configuration per optimizer, the m-sharpness group each trial used, a colour per optimizer.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -36,13 +15,11 @@ import pandas as pd
 
 from samtune.contract.keys import NUISANCE_KEYS
 from samtune.contract.tags import CELL_TAG, STATUS_TAG, TRIAL_KEY_TAG
-from samtune.report.runs import (
-    _MLFLOW_STATUS,
-    PLOTTED_STATUSES,
-    Runs,
-    TrialRecord,
-    _parse_param,
-)
+from samtune.report.runs import PLOTTED_STATUSES, Runs, TrialRecord
+
+# MLflow's own run states, for trials that never set samtune.status (e.g. a crashed process).
+_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
+                  "RUNNING": "running", "SCHEDULED": "running"}
 
 # Fixed colours so that one optimizer looks the same in every view.
 _OPTIMIZER_COLORS = {"SGD": "#444444", "SAM": "#1f77b4", "ASAM": "#ff7f0e",
@@ -103,71 +80,141 @@ def tabulate(
     Per metric, a value logged twice for one epoch (a resumed trial) keeps the later one. A trial
     with no samtune.status tag takes MLflow's run state. Never raises on an empty list: the
     result then has no rows.
+
+    >>> record = TrialRecord("r1", {"optimizer": "sam", "lr": "0.1", "seed": "0"},
+    ...                      {"samtune.status": "finished"},
+    ...                      {"val_error": [(1, 0.5), (2, 0.3)], "test_error": [(1, 0.6), (2, 0.4)]})
+    >>> row = tabulate("demo", [record]).trials.iloc[0]
+    >>> row["optimizer_label"], row["status"], int(row["best_epoch"]), float(row["final_test_error"])
+    ('SAM', 'finished', 2, 0.4)
+    >>> len(tabulate("demo", []).trials)
+    0
     """
     param_names: list[str] = []
     rows, history_rows = [], []
     for record in records:
         params = {k: _parse_param(v) for k, v in record.params.items()}
-        for key in params:
-            if key not in param_names:
-                param_names.append(key)
+        param_names += [key for key in params if key not in param_names]
         # Later values win for a repeated epoch: the list is in logging order.
         history = {key: dict(points) for key, points in record.history.items()}
         history.pop("epoch", None)  # the step already is the epoch
-        status = record.tags.get(STATUS_TAG) or _MLFLOW_STATUS.get(record.run_status, "unknown")
-        status = status.lower()
-        row: dict[str, Any] = {
-            "run_id": record.run_id,
-            "trial_key": record.tags.get(TRIAL_KEY_TAG, record.run_id),
-            "cell": record.tags.get(CELL_TAG) or _fallback_cell(params),
-            "status": status,
-            "start_time": record.start_time,
-        }
-        row.update(params)
-        row["optimizer_label"] = _optimizer_label(params)
-        row["config_key"] = json.dumps(
-            {k: params[k] for k in sorted(params) if k != "seed"}, default=str, sort_keys=True
-        )
-        epochs = sorted({e for series in history.values() for e in series})
-        row["epochs_run"] = max(epochs) if epochs else 0
-        for key, series in history.items():
-            if not series:
-                continue
-            last = series[max(series)]
-            if key.startswith("sharpness/"):
-                row[key] = last
-            else:
-                row[f"final_{key}"] = last
-        # Without a validation split (val_fraction=0) only the test error can place the best
-        # epoch; `best_by` says so, and views that choose by it say so on the page.
-        best_by = "val_error" if history.get("val_error") else "test_error"
-        val = {e: v for e, v in history.get(best_by, {}).items() if math.isfinite(v)}
-        if val:
-            best_epoch = min(val, key=lambda e: (val[e], e))  # earliest of equal minima
-            row["best_epoch"] = best_epoch
-            row["best_by"] = best_by
-            for key, series in history.items():
-                if not key.startswith("sharpness/") and best_epoch in series:
-                    row[f"best_{key}"] = series[best_epoch]
-        if status in PLOTTED_STATUSES:
-            if row.get("final_diverged") == 1 or any(
-                f"final_{k}" in row and not _finite(row[f"final_{k}"])
-                for k in ("val_error", "test_error")
-            ):
-                row["status"] = status = "diverged"
-            elif "final_test_error" not in row:
-                # The validation error may be absent (val_fraction=0); the test error reports.
-                row["status"] = status = "incomplete"
+        row, status = _trial_row(record, params, history)
         rows.append(row)
         if status in PLOTTED_STATUSES:
-            for epoch in epochs:
-                point = {k: row[k] for k in ("run_id", "trial_key", "cell", "optimizer_label",
-                                            "config_key")}
-                point["epoch"] = epoch
-                for key, series in history.items():
-                    point[key] = series.get(epoch, float("nan"))
-                history_rows.append(point)
+            history_rows += _history_points(row, history)
+    return Runs(
+        experiment=experiment,
+        trials=_trials_frame(rows, param_names),
+        history=_history_frame(history_rows),
+        param_names=tuple(param_names),
+        tracking_uri=tracking_uri,
+        sweep_run_id=sweep_run_id,
+    )
 
+
+def _parse_param(value: str) -> Any:
+    """MLflow stores params as str(value); invert that for None, bools, ints and floats."""
+    if value == "None":
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _trial_row(record: TrialRecord, params: dict[str, Any],
+               history: dict[str, dict[int, float]]) -> tuple[dict[str, Any], str]:
+    """One row of `Runs.trials` and the trial's settled status (see `_settled_status`)."""
+    status = record.tags.get(STATUS_TAG) or _MLFLOW_STATUS.get(record.run_status, "unknown")
+    status = status.lower()
+    row: dict[str, Any] = {
+        "run_id": record.run_id,
+        "trial_key": record.tags.get(TRIAL_KEY_TAG, record.run_id),
+        "cell": record.tags.get(CELL_TAG) or _fallback_cell(params),
+        "status": status,
+        "start_time": record.start_time,
+    }
+    row.update(params)
+    row["optimizer_label"] = _optimizer_label(params)
+    row["config_key"] = json.dumps(
+        {k: params[k] for k in sorted(params) if k != "seed"}, default=str, sort_keys=True
+    )
+    epochs = _epochs(history)
+    row["epochs_run"] = max(epochs) if epochs else 0
+    row.update(_last_values(history))
+    row.update(_best_epoch_values(history))
+    settled = _settled_status(row, status)
+    if settled != status:
+        row["status"] = status = settled
+    return row, status
+
+
+def _epochs(history: dict[str, dict[int, float]]) -> list[int]:
+    return sorted({e for series in history.values() for e in series})
+
+
+def _last_values(history: dict[str, dict[int, float]]) -> dict[str, float]:
+    """Each metric's value at the trial's last epoch: `final_<metric>`, and `sharpness/<key>` as
+    logged (sharpness is measured at some epochs only, so its last value is its only summary)."""
+    out = {}
+    for key, series in history.items():
+        if not series:
+            continue
+        last = series[max(series)]
+        out[key if key.startswith("sharpness/") else f"final_{key}"] = last
+    return out
+
+
+def _best_epoch_values(history: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """`best_epoch`, `best_by` and every metric at that epoch as `best_<metric>`; {} when no
+    epoch has a finite error to choose by."""
+    # Without a validation split (val_fraction=0) only the test error can place the best
+    # epoch; `best_by` says so, and views that choose by it say so on the page.
+    best_by = "val_error" if history.get("val_error") else "test_error"
+    val = {e: v for e, v in history.get(best_by, {}).items() if math.isfinite(v)}
+    if not val:
+        return {}
+    best_epoch = min(val, key=lambda e: (val[e], e))  # earliest of equal minima
+    out: dict[str, Any] = {"best_epoch": best_epoch, "best_by": best_by}
+    for key, series in history.items():
+        if not key.startswith("sharpness/") and best_epoch in series:
+            out[f"best_{key}"] = series[best_epoch]
+    return out
+
+
+def _settled_status(row: dict[str, Any], status: str) -> str:
+    """A trial reported finished or stopped whose numbers say otherwise: `diverged` (its last
+    error is not finite, or it logged diverged=1) or `incomplete` (no test error)."""
+    if status not in PLOTTED_STATUSES:
+        return status
+    if row.get("final_diverged") == 1 or any(
+        f"final_{k}" in row and not _finite(row[f"final_{k}"]) for k in ("val_error", "test_error")
+    ):
+        return "diverged"
+    if "final_test_error" not in row:
+        # The validation error may be absent (val_fraction=0); the test error reports.
+        return "incomplete"
+    return status
+
+
+def _history_points(row: dict[str, Any], history: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
+    """The rows of `Runs.history` for one plotted trial: one per epoch, NaN where a metric has
+    no value at that epoch."""
+    points = []
+    for epoch in _epochs(history):
+        point = {k: row[k] for k in ("run_id", "trial_key", "cell", "optimizer_label", "config_key")}
+        point["epoch"] = epoch
+        for key, series in history.items():
+            point[key] = series.get(epoch, float("nan"))
+        points.append(point)
+    return points
+
+
+def _trials_frame(rows: list[dict[str, Any]], param_names: list[str]) -> pd.DataFrame:
     base_cols = ["run_id", "trial_key", "cell", "status", "epochs_run", "config_key",
                  "optimizer_label", "start_time"]
     trials = pd.DataFrame(rows, columns=None if rows else base_cols)
@@ -175,21 +222,16 @@ def tabulate(
     for key in param_names:
         trials[key] = trials[key].astype(object).where(trials[key].notna(), None)
         trials[key] = _tidy_param_column(trials[key])
+    return trials
+
+
+def _history_frame(history_rows: list[dict[str, Any]]) -> pd.DataFrame:
     history_df = pd.DataFrame(history_rows)
     if history_df.empty:
-        history_df = pd.DataFrame(
+        return pd.DataFrame(
             columns=["run_id", "trial_key", "cell", "optimizer_label", "config_key", "epoch"]
         )
-    else:
-        history_df = history_df.sort_values(["cell", "run_id", "epoch"], ignore_index=True)
-    return Runs(
-        experiment=experiment,
-        trials=trials,
-        history=history_df,
-        param_names=tuple(param_names),
-        tracking_uri=tracking_uri,
-        sweep_run_id=sweep_run_id,
-    )
+    return history_df.sort_values(["cell", "run_id", "epoch"], ignore_index=True)
 
 
 def _tidy_param_column(column: pd.Series) -> pd.Series:

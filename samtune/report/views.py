@@ -1,29 +1,16 @@
-"""The sweep report: MLflow runs -> one tidy table -> every view in `dashboards/` -> one offline
-HTML page plus a PNG per view, logged back to the sweep's MLflow run.
+"""The report's views: finding the view files, running them on the runs table.
 
-Reads the MLflow layout that `samtune.tracking` writes: trial runs tagged `samtune.role=trial`
-(with `samtune.cell`, `samtune.status`, `samtune.trial_key`), params = the flat trial config,
-per-epoch metrics with `step=epoch`; the sweep's parent run is tagged `samtune.role=sweep`.
-
-Views. A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
+A view is a file `dashboards/<name>.py` that defines `view(runs: Runs) -> View`; its module
 docstring's first line is the view's title, the first paragraph of text after it (on the next
 line, or after a blank line as PEP 257 lays docstrings out) its caption, and an optional module
-constant `ORDER` (int, default 100) places it on the page. Adding a file adds a
-view; nothing else is edited. Where the views are looked for, first hit wins:
+constant `ORDER` (int, default 100) places it on the page. Adding a file adds a view; nothing
+else is edited. Where the views are looked for, first hit wins:
 
-1. the `dashboards_dir` argument of `build` (a user's own views),
+1. the `dashboards_dir` argument of `samtune.report.page.build` (a user's own views),
 2. `<repo>/dashboards/` next to the `samtune/` package folder: a source checkout or an editable
    install, the place where a new view is added,
 3. a `samtune.dashboards` package, if the build ships the same files as package data,
-4. otherwise `build` raises `ReportError` naming the folders it tried.
-
-Trials are counted by status. `finished` and `stopped` (stopped early by ASHA) trials carry
-numbers and are plotted; `failed`, `diverged` and any other status are counted and listed on the
-page, never plotted as numbers. A trial whose status says finished but whose last validation or
-test error is not finite, or whose `diverged` metric is 1, counts as diverged; one that logged no
-test error counts as incomplete. The validation error is optional (a trial trained with
-`val_fraction=0` logs none): views that choose by it fall back to the test error where it is
-missing, through `choice_metric`, and say so in a note.
+4. otherwise `discover_views` raises `ReportError` naming the folders it tried.
 """
 from __future__ import annotations
 
@@ -44,9 +31,6 @@ log = logging.getLogger(__name__)
 
 
 _VIEWS_FOLDER = "dashboards"
-
-
-# -- views ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -77,6 +61,8 @@ class ViewSpec:
 
 @dataclass
 class RenderedView:
+    """One view as run on the runs: what it returned, or why it failed."""
+
     spec: ViewSpec
     view: View | None
     error: str | None = None

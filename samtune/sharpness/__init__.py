@@ -1,5 +1,25 @@
-"""Sharpness measures of a trained model: worst-case (m-, adaptive) and average-case sharpness,
-Hessian top eigenvalue and trace, PAC-Bayes sigma.
+"""Sharpness of a trained network, measured next to its test error.
+
+Definitions follow Foret et al. 2020 (m-sharpness), Andriushchenko et al. 2023 ("A modern look at
+the relationship between sharpness and generalization": adaptive worst-case and average-case
+sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-Bayes sigma):
+
+- worst case (`samtune.sharpness.worst_case`): ``m_sharpness``, the largest loss rise in an L2
+  ball of radius rho, per batch of m examples; ``adaptive_sharpness`` /
+  ``adaptive_sharpness_linf``, the same over a ball scaled by ``|w| + eta``;
+- average case (`samtune.sharpness.worst_case`): ``avg_sharpness``, the mean loss rise under
+  Gaussian noise;
+- curvature (`samtune.sharpness.curvature`): ``hessian_top_eig`` and ``hessian_trace`` of the
+  loss, from Hessian-vector products (`samtune.sharpness.hvp`), and ``pac_bayes_sigma``, the
+  largest noise level the training error tolerates.
+
+`samtune.sharpness.measures.measure_sharpness` runs a chosen set of them and returns what a
+trial logs. Every measure runs in train mode with BatchNorm normalising by the batch but its
+running statistics untouched (dropout off: the loss must be one deterministic function), and
+leaves the model exactly as found (weights, buffers, mode, gradients). A ``params`` filter
+(names or name prefixes) restricts any measure to one block of parameters. Losses over the
+subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are those of each
+chunk, as in training), averaged with the chunk sizes as weights.
 
 Each name is read from the module that defines it when first used (`samtune._lazy`).
 """

@@ -1,34 +1,14 @@
-"""Sharpness of a trained network, measured next to its test error.
+"""Curvature of the loss: the Hessian's top eigenvalues and trace, and the PAC-Bayes sigma.
 
-Definitions follow Foret et al. 2020 (m-sharpness), Andriushchenko et al. 2023 ("A modern look at
-the relationship between sharpness and generalization": adaptive worst-case and average-case
-sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-Bayes sigma):
-
-- ``m_sharpness``: mean over disjoint batches B of m examples of
-  ``max_{||eps||_2 <= rho} L_B(w + eps) - L_B(w)``; the maximum by projected gradient ascent
-  (``steps=1`` is SAM's own one-step estimate ``eps = rho g / ||g||``; the largest value over the
-  iterates is kept, so more steps never report less).
-- ``adaptive_sharpness`` / ``adaptive_sharpness_linf``: the same over the ball scaled by
-  ``T = |w| + eta`` (``||T^-1 eps||_2 <= rho`` or ``||T^-1 eps||_inf <= rho``).
-- ``avg_sharpness``: ``E[L(w + delta)] - L(w)``, ``delta ~ N(0, sigma^2 diag(c^2))``, ``c = 1`` or
-  ``|w|`` (``adaptive=True``), Monte Carlo over ``samples`` antithetic pairs (+delta, -delta).
 - ``hessian_top_eig``: the top-k eigenvalues of the Hessian of the loss on the subset (Lanczos with
-  full reorthogonalisation, stopped on a residual bound; ``k=1`` reports the largest),
-  ``hessian_trace``: Hutch++ (or plain Hutchinson) with Rademacher probes. Hessian-vector
-  products come from a kept double-backward graph when it fits in memory (the fastest on CPU),
-  otherwise from ``torch.func`` forward-over-reverse (``jvp(grad(f))``), falling back to
-  reverse-over-reverse where an op lacks forward-mode support; on an accelerator probes are
-  batched (``vmap`` / batched backward). The iteration loops keep their scalars on the device:
-  the only host syncs are Lanczos's convergence tests (every 5 steps on an accelerator).
-- ``pac_bayes_sigma``: the largest sigma whose Gaussian perturbation raises the training error by
-  at most ``target`` (0.1), found by bisection.
+  full reorthogonalisation, stopped on a residual bound; ``k=1`` reports the largest).
+- ``hessian_trace``: Hutch++ (or plain Hutchinson) with Rademacher probes.
+- ``pac_bayes_sigma`` (Jiang et al. 2019): the largest sigma whose Gaussian perturbation raises
+  the training error by at most ``target`` (0.1), found by bisection.
 
-Every measure runs in train mode with BatchNorm normalising by the batch but its running
-statistics untouched (dropout off: the loss must be one deterministic function), and leaves the
-model exactly as found (weights, buffers, mode, gradients).
-A ``params`` filter (names or name prefixes) restricts any measure to one block of parameters.
-Losses over the subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are
-those of each chunk, as in training), averaged with the chunk sizes as weights.
+Hessian-vector products come from `samtune.sharpness.hvp`. The iteration loops keep their scalars
+on the device: the only host syncs are Lanczos's convergence tests (every 5 steps on an
+accelerator).
 """
 from __future__ import annotations
 
@@ -42,7 +22,6 @@ from torch.func import functional_call
 from samtune.sharpness.hvp import _HVP, FlatLoss, LossFn, _chunks, _measuring
 
 
-# ------------------------------------------------------------------------------ second order
 def _lanczos(hvp: _HVP, n: int, k: int, iters: int, tol: float, gen: torch.Generator, device,
              dtype) -> Tensor:
     """Ritz values (ascending) of the Hessian after at most `iters` Lanczos steps with full

@@ -1,34 +1,13 @@
-"""Sharpness of a trained network, measured next to its test error.
+"""The loss as a function of a flat weight vector, and its Hessian-vector products: what every
+sharpness measure is computed on.
 
-Definitions follow Foret et al. 2020 (m-sharpness), Andriushchenko et al. 2023 ("A modern look at
-the relationship between sharpness and generalization": adaptive worst-case and average-case
-sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-Bayes sigma):
-
-- ``m_sharpness``: mean over disjoint batches B of m examples of
-  ``max_{||eps||_2 <= rho} L_B(w + eps) - L_B(w)``; the maximum by projected gradient ascent
-  (``steps=1`` is SAM's own one-step estimate ``eps = rho g / ||g||``; the largest value over the
-  iterates is kept, so more steps never report less).
-- ``adaptive_sharpness`` / ``adaptive_sharpness_linf``: the same over the ball scaled by
-  ``T = |w| + eta`` (``||T^-1 eps||_2 <= rho`` or ``||T^-1 eps||_inf <= rho``).
-- ``avg_sharpness``: ``E[L(w + delta)] - L(w)``, ``delta ~ N(0, sigma^2 diag(c^2))``, ``c = 1`` or
-  ``|w|`` (``adaptive=True``), Monte Carlo over ``samples`` antithetic pairs (+delta, -delta).
-- ``hessian_top_eig``: the top-k eigenvalues of the Hessian of the loss on the subset (Lanczos with
-  full reorthogonalisation, stopped on a residual bound; ``k=1`` reports the largest),
-  ``hessian_trace``: Hutch++ (or plain Hutchinson) with Rademacher probes. Hessian-vector
-  products come from a kept double-backward graph when it fits in memory (the fastest on CPU),
-  otherwise from ``torch.func`` forward-over-reverse (``jvp(grad(f))``), falling back to
-  reverse-over-reverse where an op lacks forward-mode support; on an accelerator probes are
-  batched (``vmap`` / batched backward). The iteration loops keep their scalars on the device:
-  the only host syncs are Lanczos's convergence tests (every 5 steps on an accelerator).
-- ``pac_bayes_sigma``: the largest sigma whose Gaussian perturbation raises the training error by
-  at most ``target`` (0.1), found by bisection.
-
-Every measure runs in train mode with BatchNorm normalising by the batch but its running
-statistics untouched (dropout off: the loss must be one deterministic function), and leaves the
-model exactly as found (weights, buffers, mode, gradients).
-A ``params`` filter (names or name prefixes) restricts any measure to one block of parameters.
-Losses over the subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are
-those of each chunk, as in training), averaged with the chunk sizes as weights.
+`FlatLoss` evaluates the loss (and its gradient) at any value of the selected parameters, the
+others held fixed; `_measuring` puts a model in the state every measure uses (train mode,
+dropout off, BatchNorm on batch statistics with its running buffers untouched) and restores it.
+`_HVP` gives Hessian-vector products of the mean loss over a subset: from a kept double-backward
+graph when it fits in memory (the fastest on CPU), otherwise from ``torch.func``
+forward-over-reverse (``jvp(grad(f))``), falling back to reverse-over-reverse where an op lacks
+forward-mode support; on an accelerator probes are batched (``vmap`` / batched backward).
 """
 from __future__ import annotations
 

@@ -1,34 +1,7 @@
-"""Sharpness of a trained network, measured next to its test error.
-
-Definitions follow Foret et al. 2020 (m-sharpness), Andriushchenko et al. 2023 ("A modern look at
-the relationship between sharpness and generalization": adaptive worst-case and average-case
-sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-Bayes sigma):
-
-- ``m_sharpness``: mean over disjoint batches B of m examples of
-  ``max_{||eps||_2 <= rho} L_B(w + eps) - L_B(w)``; the maximum by projected gradient ascent
-  (``steps=1`` is SAM's own one-step estimate ``eps = rho g / ||g||``; the largest value over the
-  iterates is kept, so more steps never report less).
-- ``adaptive_sharpness`` / ``adaptive_sharpness_linf``: the same over the ball scaled by
-  ``T = |w| + eta`` (``||T^-1 eps||_2 <= rho`` or ``||T^-1 eps||_inf <= rho``).
-- ``avg_sharpness``: ``E[L(w + delta)] - L(w)``, ``delta ~ N(0, sigma^2 diag(c^2))``, ``c = 1`` or
-  ``|w|`` (``adaptive=True``), Monte Carlo over ``samples`` antithetic pairs (+delta, -delta).
-- ``hessian_top_eig``: the top-k eigenvalues of the Hessian of the loss on the subset (Lanczos with
-  full reorthogonalisation, stopped on a residual bound; ``k=1`` reports the largest),
-  ``hessian_trace``: Hutch++ (or plain Hutchinson) with Rademacher probes. Hessian-vector
-  products come from a kept double-backward graph when it fits in memory (the fastest on CPU),
-  otherwise from ``torch.func`` forward-over-reverse (``jvp(grad(f))``), falling back to
-  reverse-over-reverse where an op lacks forward-mode support; on an accelerator probes are
-  batched (``vmap`` / batched backward). The iteration loops keep their scalars on the device:
-  the only host syncs are Lanczos's convergence tests (every 5 steps on an accelerator).
-- ``pac_bayes_sigma``: the largest sigma whose Gaussian perturbation raises the training error by
-  at most ``target`` (0.1), found by bisection.
-
-Every measure runs in train mode with BatchNorm normalising by the batch but its running
-statistics untouched (dropout off: the loss must be one deterministic function), and leaves the
-model exactly as found (weights, buffers, mode, gradients).
-A ``params`` filter (names or name prefixes) restricts any measure to one block of parameters.
-Losses over the subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are
-those of each chunk, as in training), averaged with the chunk sizes as weights.
+"""The trainer's entry to the sharpness measures: which measures exist with their default
+settings (`MEASURES`), checking a trial's choice before training (`check_measures`), and running
+them into the flat ``sharpness/...`` metrics a trial logs (`measure_sharpness`). The measures
+themselves are defined in `samtune.sharpness.worst_case` and `samtune.sharpness.curvature`.
 """
 from __future__ import annotations
 
@@ -37,15 +10,17 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import Tensor, nn
 
 from samtune.contract.keys import DEFAULT_MEASURES
+from samtune.contract.metrics import SHARPNESS_SHARED_KEYS
 from samtune.sharpness.curvature import hessian_top_eig, hessian_trace, pac_bayes_sigma
 from samtune.sharpness.hvp import FlatLoss, LossFn
 from samtune.sharpness.worst_case import adaptive_sharpness, avg_sharpness, m_sharpness
 
-# ------------------------------------------------------------------------------ the trainer's entry
 # name -> (function, default settings (logged, overridable), fixed settings (logged, not
 # overridable: the name says them))
 MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = {
     "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1}, {}),
+    # Both adaptive balls (L2 and L-infinity) are among the default measures: each costs two
+    # gradient passes over the subset, little next to the Hessian measures' tens of products.
     "adaptive_sharpness": (adaptive_sharpness, {"rho": 0.5, "m": 128, "steps": 1, "eta": 0.0},
                            {"norm": "l2"}),
     "adaptive_sharpness_linf": (adaptive_sharpness, {"rho": 0.002, "m": 128, "steps": 1, "eta": 0.0},
@@ -57,26 +32,16 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
                                           "high": 1.0}, {}),
 }
 
-
 _SEEDED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
-
-
 _CHUNKED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
-
 
 # Settings that change speed or memory only, never the value: accepted, not logged.
 _ENGINE = {"hessian_top_eig": {"mode", "memory_share"},
            "hessian_trace": {"mode", "probe_batch", "memory_share"}}
 
 
-# Both adaptive worst-case balls (L2 and L-infinity) are in: each costs two gradient passes over
-# the subset, little next to the Hessian measures' tens of products.
-
-
-# Keys `sharpness/<key>` that measure_sharpness logs beside the measures: what was measured on,
-# not a measure. (samtune.report keeps its own copy so that it need not import torch; a test
-# checks the two agree.)
-SHARED_KEYS = ("subset", "seed", "batch", "num_params")
+#: Keys `sharpness/<key>` that measure_sharpness logs beside the measures (the contract's list).
+SHARED_KEYS = SHARPNESS_SHARED_KEYS
 
 
 def check_measures(measures: Iterable[str], settings: dict[str, Any] | None = None) -> None:
@@ -117,6 +82,20 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     left exactly as found. An empty ``measures`` returns only the shared keys.
     Raises ValueError for an unknown measure or setting, an empty subset, or ``x``/``y`` of
     different lengths.
+
+    >>> import torch
+    >>> model = nn.Linear(4, 3)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> out = measure_sharpness(model, nn.functional.cross_entropy, x, y, measures=["m_sharpness"],
+    ...                         m_sharpness={"rho": 0.1})
+    >>> sorted(out)  # doctest: +NORMALIZE_WHITESPACE
+    ['sharpness/batch', 'sharpness/m_sharpness', 'sharpness/m_sharpness/m',
+     'sharpness/m_sharpness/rho', 'sharpness/m_sharpness/steps', 'sharpness/num_params',
+     'sharpness/seed', 'sharpness/subset']
+    >>> out["sharpness/m_sharpness/m"], out["sharpness/m_sharpness/rho"], out["sharpness/num_params"]
+    (16.0, 0.1, 15.0)
+    >>> out["sharpness/m_sharpness"] >= 0.0
+    True
     """
     measures = list(measures)
     if len(x) != len(y) or len(y) == 0:
@@ -127,34 +106,47 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     check_measures(measures, settings)
     if isinstance(params, str):  # one name or prefix, not the characters of one
         params = [params]
-    selected = FlatLoss(model, loss_fn, params).w.numel()
-    shared = {"subset": len(y), "seed": seed, "batch": batch, "num_params": selected}
+    out = _shared_metrics(FlatLoss(model, loss_fn, params).w.numel(), len(y), seed, batch, params)
+    for name in measures:
+        out.update(_measure(name, model, loss_fn, x, y, settings.get(name, {}), seed, batch, params))
+    return out
+
+
+def _shared_metrics(num_params: int, subset: int, seed: int, batch: int,
+                    params: Sequence[str] | None) -> dict[str, float]:
+    """What every measure was measured on: the ``SHARED_KEYS`` and the ``params`` filter."""
+    shared = {"subset": subset, "seed": seed, "batch": batch, "num_params": num_params}
     out: dict[str, float] = {f"sharpness/{key}": float(shared[key]) for key in SHARED_KEYS}
     for entry in params or ():
         # A metric key per entry: MLflow metrics are numbers, and the filter is part of what the
         # value means.
         out[f"sharpness/params/{str(entry).rstrip('.')}"] = 1.0
-    for name in measures:
-        fn, defaults, fixed = MEASURES[name]
-        extra = settings.get(name, {})
-        engine = _ENGINE.get(name, set())
-        used = {**defaults, **{k: v for k, v in extra.items() if k not in engine}}
-        if "m" in used:
-            used["m"] = min(int(used["m"]), len(y))
-        kwargs = {**used, **fixed, **{k: v for k, v in extra.items() if k in engine}, "params": params}
-        if name in _SEEDED:
-            kwargs["seed"] = seed
-        if name in _CHUNKED:
-            kwargs["batch"] = batch
-        value = fn(model, loss_fn, x, y, **kwargs)
-        if isinstance(value, list):
-            for i, v in enumerate(value[1:], start=2):
-                out[f"sharpness/{name}_{i}"] = v
-            value = value[0]
-        out[f"sharpness/{name}"] = float(value)
-        for key, setting in {**used, **fixed}.items():
-            if isinstance(setting, str):
-                out[f"sharpness/{name}/{key}/{setting}"] = 1.0
-            else:
-                out[f"sharpness/{name}/{key}"] = float(setting)
+    return out
+
+
+def _measure(name: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, extra: dict[str, Any],
+             seed: int, batch: int, params: Sequence[str] | None) -> dict[str, float]:
+    """One measure's value(s) and the settings it ran with (defaults overridden by ``extra``)."""
+    fn, defaults, fixed = MEASURES[name]
+    engine = _ENGINE.get(name, set())
+    used = {**defaults, **{k: v for k, v in extra.items() if k not in engine}}
+    if "m" in used:
+        used["m"] = min(int(used["m"]), len(y))
+    kwargs = {**used, **fixed, **{k: v for k, v in extra.items() if k in engine}, "params": params}
+    if name in _SEEDED:
+        kwargs["seed"] = seed
+    if name in _CHUNKED:
+        kwargs["batch"] = batch
+    value = fn(model, loss_fn, x, y, **kwargs)
+    out: dict[str, float] = {}
+    if isinstance(value, list):
+        for i, v in enumerate(value[1:], start=2):
+            out[f"sharpness/{name}_{i}"] = v
+        value = value[0]
+    out[f"sharpness/{name}"] = float(value)
+    for key, setting in {**used, **fixed}.items():
+        if isinstance(setting, str):
+            out[f"sharpness/{name}/{key}/{setting}"] = 1.0
+        else:
+            out[f"sharpness/{name}/{key}"] = float(setting)
     return out

@@ -1,5 +1,11 @@
-"""A sweep: the study a space file defines, its search (Optuna TPE + ASHA per cell, under Ray Tune),
-its records in MLflow, and recovery from crashes.
+"""A sweep: the study a space file defines, its search (Optuna TPE + ASHA per cell, all cells under
+one Ray Tune Tuner), its records in MLflow, and recovery from crashes.
+
+What is run: `study` (the `Sweep`), `space_file` (reading a space file), `validate` and `check`
+(every trial config the space can produce), `preflight` and `cluster` (the dataset, storage and
+cluster it needs). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search`, `ray_env`.
+Recording it and surviving a crash: `recording`, `tracking`, `recovery`, `interrupts`,
+`driver_lock`. What came of it: `results`, `view`, `errors`.
 
 Each name is read from the module that defines it when first used (`samtune._lazy`).
 """

@@ -1,21 +1,7 @@
-"""Search space files: loading and validating a ``search_spaces/*.py`` study into a `Sweep`.
-
-A search space file is plain Python, executed with the user's rights (like a ``conftest.py``). It
-defines two things:
-
-- ``space(trial)``: an Optuna define-by-run function (Optuna's own convention: ``trial.suggest_*``
-  calls, conditional parameters written as ordinary ``if``); it may return a dict of constants
-  that join the trial config.
-- ``SWEEP = Sweep(...)``: the study around it: dataset, model, scenario cells (one per label-noise
-  rate), budget, resources, the metric ASHA and TPE optimise, and the seed.
-
-Everything is validated before any Ray trial or MLflow run exists: unknown keys, wrong types,
-empty ranges, ``rho < 0``, an ``m`` that does not divide the per-worker batch, noise rates outside
-[0, 1), unknown dataset/model names. Each problem is one `SpaceError` (a ValueError) whose message
-is one line naming the file, the line where it can, the setting and what was expected.
-
-The trial config (one flat dict per trial) is what ``samtune.train.fit`` consumes; `TRIAL_KEYS`
-lists every key and what it accepts.
+"""Dry-running a search space before any trial: `check_space` runs ``space(trial)`` on sampled
+Optuna trials and validates every value it can produce in every cell; `space_fingerprint` records
+what a space searches, so that ``--resume`` refuses a changed one; `fixed_trial_config` builds
+the one trial ``samtune train FILE --params ...`` runs by hand.
 """
 from __future__ import annotations
 
@@ -38,10 +24,6 @@ from samtune.sweep.validate import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Checking a space by running it against a recording trial
 
 
 @dataclass
@@ -240,10 +222,6 @@ def _check_returned_key(key: str, shown: str) -> None:
     _trial_spec(key, f"{shown}: space(trial) returned ")
     if (error := _study_key_error(key, f"{shown}: space(trial) returned {key!r}")) is not None:
         raise error
-
-
-# --------------------------------------------------------------------------------------------
-# One trial by hand (`samtune train FILE --params ... --cell ...`)
 
 
 def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell,

@@ -1,18 +1,6 @@
-"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
-
-Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
-seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
-hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
-its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
-`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
-writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
-turned off.
-
-On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
-MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
-checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
-records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
-each cell's Optuna searcher continues from its saved state.
+"""The sweep's machine and cluster, checked and started: the dataset read once in the driver,
+the storage folder writable (and reached by every node of a cluster), the cluster address
+answering, and Ray started or joined.
 """
 from __future__ import annotations
 
@@ -21,6 +9,8 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
+
+import torch
 
 from samtune.contract.messages import first_line
 from samtune.data.dataset import DataNotFoundError
@@ -129,7 +119,6 @@ def _check_address(address: str) -> None:
         raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
-# ------------------------------------------------------------------------------ running
 def _start_ray(address: str | None) -> None:
     """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
     the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
@@ -160,8 +149,6 @@ def _start_ray(address: str | None) -> None:
 
 def _local_gpus() -> int:
     try:
-        import torch
-
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # noqa: BLE001  a broken CUDA install: train on CPU
         return 0

@@ -1,12 +1,13 @@
-"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+"""Running a sweep: `prepare` checks everything a sweep needs before anything exists in MLflow or
+Ray, `run_sweep` runs every cell of it under one Ray Tune `Tuner` and records the trials.
 
-Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
-seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
-hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
-its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
-`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
-writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
-turned off.
+Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own Optuna TPE study,
+seeded per cell, over the space file's `space(trial)` (`samtune.trial.ray_trial.run_trial` trains
+each trial), and its own ASHA stopping hopeless trials on the per-epoch metric. SGD and SAM trials
+share a cell's study, so each cell has its own baseline. All cells run under one `Tuner`
+(`CellSearch` deals trials out cell after cell, `CellScheduler` keeps each cell's ASHA apart; both
+in `samtune.sweep.search`), so trial processes serve every cell. The driver writes every trial to
+MLflow (`samtune.sweep.recording`) and shows a live view; Ray's own tables are turned off.
 
 On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
 MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
@@ -16,9 +17,11 @@ each cell's Optuna searcher continues from its saved state.
 """
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from samtune.contract.messages import first_line
 from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
@@ -35,12 +38,12 @@ from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import (
-    _ACTIVE,
     Recorder,
     SweepCallback,
     TrialFailureFilter,
     _reconcile,
     declare_sweep,
+    recording_to,
     write_state,
 )
 from samtune.sweep.recovery import (
@@ -58,7 +61,7 @@ from samtune.sweep.search import (
     CellSpace,
     baseline_points,
 )
-from samtune.sweep.space_file import load_space
+from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 from samtune.trial.config import TrialConfigError, resolve_config
@@ -74,6 +77,27 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
     an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
     """
+    sweep, space = _checked_sweep(path, overrides, trials, data_root)
+    storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
+    sweep_dir = storage / sweep.name
+    lock = _hold(storage, sweep)
+    sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        check_tracking_uri(uri)
+    except (ConnectionError, ValueError) as exc:
+        raise SweepError(f"--tracking-uri: {exc}") from None
+    if address:
+        _check_address(address)
+    flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
+    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
+                flags, lock)
+
+
+def _checked_sweep(path: str, overrides: list[str], trials: int | None,
+                   data_root: str | None) -> tuple[Sweep, SpaceFunction]:
+    """The space file's sweep with the command line's changes, its space sampled and its data
+    read: every trial config it can produce is one its trials accept."""
     sweep, space = load_space(path)
     sets = list(overrides)
     if trials is not None:
@@ -89,73 +113,74 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
         check_cells(sweep, sampled)
     except PreflightError as exc:
         raise SweepError(str(exc)) from None
+    return sweep, space
 
-    storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
-    sweep_dir = storage / sweep.name
+
+def _hold(storage: Path, sweep: Sweep) -> DriverLock:
+    """This driver's lock on the sweep, in a storage folder it can write."""
     _check_storage(storage)
     try:
         # Before the sweep's state is read: a second driver must not even look at a sweep that
         # another one is changing.
-        lock = DriverLock.acquire(storage, sweep.name)
+        return DriverLock.acquire(storage, sweep.name)
     except SweepBusy as exc:
         raise SweepError(str(exc)) from None
     except OSError as exc:
         raise SweepError(f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there "
                          f"({exc.strerror or exc})") from None
-    state_file = sweep_dir / "sweep.json"
-    if resume:
-        saved = _read_state(state_file, sweep)
-        if saved["sweep"] != _jsonable(sweep.to_dict()):
-            changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
-            raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
-                             f"resume it with the same file and --set values, or start a new one with --set name=...")
-        if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
-            changes = fingerprint_changes(saved["space"], space_fingerprint(sweep, space))
-            if changes:
-                raise SweepError(f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
-                                 f"resume it with the space as it was, or start a new sweep with --set name=...")
-        tracking_uri = tracking_uri or saved.get("tracking_uri")
-        # A sweep.json from before sweep ids: its runs are keyed by the name alone.
-        sweep_id = str(saved.get("sweep_id") or "")
-    elif state_file.exists():
-        raise SweepError(f"sweep {sweep.name!r} already has results in {sweep_dir}; finish it with --resume, "
-                         f"or start another with --set name=... or --storage-path")
-    else:
-        sweep_id = uuid.uuid4().hex[:8]
-    uri = resolve_tracking_uri(tracking_uri)
-    try:
-        check_tracking_uri(uri)
-    except (ConnectionError, ValueError) as exc:
-        raise SweepError(f"--tracking-uri: {exc}") from None
-    if address:
-        _check_address(address)
+
+
+def _sweep_id(state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool,
+              tracking_uri: str | None) -> tuple[str, str | None]:
+    """The sweep's id and the tracking URI asked for: a new id for a new sweep; with ``--resume``
+    the saved id (and URI, unless one is given), once the sweep is found unchanged."""
+    if not resume:
+        if state_file.exists():
+            raise SweepError(f"sweep {sweep.name!r} already has results in {state_file.parent}; finish it with "
+                             f"--resume, or start another with --set name=... or --storage-path")
+        return uuid.uuid4().hex[:8], tracking_uri
+    saved = _read_state(state_file, sweep)
+    _check_unchanged(saved, sweep, space)
+    # A sweep.json from before sweep ids: its runs are keyed by the name alone.
+    return str(saved.get("sweep_id") or ""), tracking_uri or saved.get("tracking_uri")
+
+
+def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) -> None:
+    """Raise SweepError when the sweep or its search space differ from what sweep.json saved."""
+    if saved["sweep"] != _jsonable(sweep.to_dict()):
+        changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
+        raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
+                         f"resume it with the same file and --set values, or start a new one with --set name=...")
+    if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
+        changes = fingerprint_changes(saved["space"], space_fingerprint(sweep, space))
+        if changes:
+            raise SweepError(f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
+                             f"resume it with the space as it was, or start a new sweep with --set name=...")
+
+
+def _resume_flags(overrides: list[str], trials: int | None, data_root: str | None,
+                  storage: Path | None, address: str | None) -> tuple[str, ...]:
+    """The command-line flags that made this sweep what it is, for the --resume command."""
     flags = [f for value in overrides for f in ("--set", value)]
     if trials is not None:
         flags += ["--trials", str(trials)]
     if data_root is not None:
         flags += ["--data-root", os.path.abspath(data_root)]
-    if storage_path is not None:
+    if storage is not None:
         flags += ["--storage-path", str(storage)]
     if address:
         flags += ["--address", address]
-    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
-                tuple(flags), lock)
-
-
-
-
-
-
+    return tuple(flags)
 
 
 def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, float], float, int]:
     """(Tune resources of one trial, CPUs it really takes, trials that fit at once).
 
-    With several workers the trial's own process holds `train.trial_driver_resources` (no CPU,
-    on the head node) and its Ray Train workers hold their own (`train.worker_resources`), so
-    concurrency counts both. Raises SweepError when one trial can never fit the cluster.
+    With several workers the trial's own process holds `trial_driver_resources` (no CPU, on the
+    head node) and its Ray Train workers hold their own (`worker_resources`; both in
+    `samtune.trial.placement`), so concurrency counts both. Raises SweepError when one trial can
+    never fit the cluster.
     """
-
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
     if sweep.workers == 1:
         tune_res = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
@@ -181,17 +206,13 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
     return tune_res, need, concurrent
 
 
-
-
 def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
-    import copy
-
+    """The sweep's one Tuner: restored from its folder on --resume, else built afresh."""
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-
 
     sweep = plan.sweep
     cells = sweep.cells()
@@ -257,29 +278,8 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     and ``stop()`` calls. Raises `SweepInterrupted` when Tune was interrupted (Ctrl-C) before a
     cell finished; the sweep then resumes with ``--resume``.
     """
-    import ray
-
     sweep = plan.sweep
-    # The store opens in the tracker's thread while Ray starts (each takes seconds). A cluster
-    # that cannot be joined, a trial that can never fit it or a store MLflow cannot open leaves
-    # nothing behind that a later run would mistake for a sweep to resume, not even a new store.
-    try:
-        tracker = Tracker(plan.tracking_uri, sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
-                          replay_hint=plan.resume_command, background=True)
-    except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
-        raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
-    try:
-        _start_ray(plan.address)
-        check_shared_storage(plan.sweep_dir.parent)
-        resources, _need, concurrent = trial_resources(sweep, ray.cluster_resources())
-        try:
-            tracker.wait_open()
-        except Exception as exc:  # noqa: BLE001
-            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it "
-                             f"({first_line(exc)})") from None
-    except BaseException:
-        tracker.discard()
-        raise
+    tracker, resources, concurrent = _start(plan)
     # Written once the tracker exists: a sweep that cannot record is no sweep to resume.
     write_state(plan)
     sweep_key = declare_sweep(plan, tracker)
@@ -290,22 +290,8 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     watch = InterruptWatch().install()
     try:
         cells = sweep.cells()
-        recorders: dict[str, Recorder] = {}
-        for cell in cells:
-            recorder = Recorder(sweep, cell, tracker, sweep_key)
-            if view is not None:
-                recorder.on_change = lambda r=recorder: view.update(r)
-                recorder.on_done = lambda r=recorder: view.cell_done(r)
-            recorders[cell.slug] = _ACTIVE[cell.slug] = recorder
-        quiet = TrialFailureFilter().install()
-        try:
-            with watch.tune_fit():
-                _tuner(plan, concurrent, resources).fit()
-            ended = _reconcile(plan, recorders)
-        finally:
-            quiet.remove()
-            for cell in cells:
-                _ACTIVE.pop(cell.slug, None)
+        recorders = _recorders(sweep, tracker, sweep_key, view)
+        ended = _fit(plan, concurrent, resources, recorders, watch)
         unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]
         if unfinished:
             raise SweepInterrupted(f"interrupted in cell {unfinished[0].label}; finish the sweep with: "
@@ -314,12 +300,73 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
-        watch.remove()
-        if not completed:
-            tracker.end_open_runs()
-        message = tracker.close()
-        if view is not None:
-            view.stop()
-        if message:
-            print(message)
+        _close(tracker, watch, view, completed)
     return results
+
+
+def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
+    """Open the tracker and join Ray: (the tracker, a trial's Tune resources, trials at once).
+
+    The store opens in the tracker's thread while Ray starts (each takes seconds). A cluster
+    that cannot be joined, a trial that can never fit it or a store MLflow cannot open leaves
+    nothing behind that a later run would mistake for a sweep to resume, not even a new store.
+    """
+    import ray
+
+    try:
+        tracker = Tracker(plan.tracking_uri, plan.sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
+                          replay_hint=plan.resume_command, background=True)
+    except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
+        raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
+    try:
+        _start_ray(plan.address)
+        check_shared_storage(plan.sweep_dir.parent)
+        resources, _need, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
+        try:
+            tracker.wait_open()
+        except Exception as exc:  # noqa: BLE001
+            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it "
+                             f"({first_line(exc)})") from None
+    except BaseException:
+        tracker.discard()
+        raise
+    return tracker, resources, concurrent
+
+
+def _recorders(sweep: Sweep, tracker: Tracker, sweep_key: str, view: Any) -> dict[str, Recorder]:
+    """A recorder per cell, by cell slug, each telling `view` (if any) what changed."""
+    recorders: dict[str, Recorder] = {}
+    for cell in sweep.cells():
+        recorder = Recorder(sweep, cell, tracker, sweep_key)
+        if view is not None:
+            recorder.on_change = lambda r=recorder: view.update(r)
+            recorder.on_done = lambda r=recorder: view.cell_done(r)
+        recorders[cell.slug] = recorder
+    return recorders
+
+
+def _fit(plan: Plan, concurrent: int, resources: dict[str, float], recorders: dict[str, Recorder],
+         watch: InterruptWatch) -> dict[str, int]:
+    """Run the sweep's Tuner with its trial events going to `recorders`; returns how many trials
+    of each cell (by slug) have ended, as Tune saved them (`_reconcile`)."""
+    with recording_to(recorders):
+        quiet = TrialFailureFilter().install()
+        try:
+            with watch.tune_fit():
+                _tuner(plan, concurrent, resources).fit()
+            return _reconcile(plan, recorders)
+        finally:
+            quiet.remove()
+
+
+def _close(tracker: Tracker, watch: InterruptWatch, view: Any, completed: bool) -> None:
+    """However the sweep ended: runs left open marked KILLED unless it completed, the last
+    records written (or where they were saved said), the view stopped."""
+    watch.remove()
+    if not completed:
+        tracker.end_open_runs()
+    message = tracker.close()
+    if view is not None:
+        view.stop()
+    if message:
+        print(message)

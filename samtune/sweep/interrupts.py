@@ -1,13 +1,17 @@
 """Ctrl-C during a sweep, wherever it lands.
 
-Inside ``Tuner.fit()`` Tune installs its own SIGINT handler: it sets an event that ends its loop
-after saving the experiment state, and puts back the handler that was there before. Two gaps
-follow from that, and both lost a Ctrl-C: Tune never puts the old handler back when no signal
-came, so after the first cell a stale Tune handler catches a Ctrl-C between cells and sets an
-event nobody reads; and a Ctrl-C after Tune's loop ended but before ``fit()`` returned is
-swallowed the same way. `InterruptWatch` closes both: outside ``fit()`` its own handler raises
-`KeyboardInterrupt` as Python's default does, and after each ``fit()`` it reads whether Tune's
-handler fired (it then has put ours back) and says so.
+All cells of a sweep run under one ``Tuner.fit()``. Inside it Tune installs its own SIGINT
+handler: a Ctrl-C sets an event that ends Tune's loop once the experiment state is saved (the
+trials left unfinished are what ``--resume`` continues), and puts back the handler that was there
+before. Two Ctrl-Cs would be lost to that handler. Tune never puts the old handler back when no
+signal came, so after ``fit()`` returns a stale Tune handler would catch a Ctrl-C while the
+driver reconciles its records with Tune's saved state, and set an event nobody reads any more;
+and a Ctrl-C after Tune's loop ended but before ``fit()`` returned is caught the same way.
+
+`InterruptWatch` is installed for the length of the sweep. Outside ``fit()`` (while the Tuner is
+built, and from the moment `tune_fit` puts it back after ``fit()``) its own handler raises
+`KeyboardInterrupt` as Python's default does; and `interrupted` records that a Ctrl-C came,
+whichever handler caught it.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ class InterruptWatch:
 
     @contextmanager
     def tune_fit(self):
-        """Around one ``Tuner.fit()``: afterwards, `interrupted` tells whether a SIGINT came
+        """Around the sweep's ``Tuner.fit()``: afterwards, `interrupted` tells whether a SIGINT came
         while Tune's handler was installed, and this watch's handler is back in place."""
         try:
             yield self

@@ -11,7 +11,6 @@ from typing import Any
 from samtune.sweep.study import Sweep
 
 
-# ------------------------------------------------------------------------------ preparing
 @dataclass
 class Plan:
     """Everything decided before the first trial: the sweep, where it lives, what it may use."""

@@ -1,9 +1,10 @@
 """What every trial of a sweep would reject, found in the driver before any compute is spent.
 
-A sweep's space is checked value by value on sampled trials (`space.check_space`); this adds
-what only the dataset's shape decides: a batch larger than a cell's training split, label noise
-on a dataset of one class. The dataset is read once here (from its cache: a fraction of a
-second), and each cell's split sized without building it (`scenarios.split_sizes`).
+A sweep's space is checked value by value on sampled trials (`samtune.sweep.check.check_space`);
+this adds what only the dataset's shape decides: a batch larger than a cell's training split,
+label noise on a dataset of one class. The dataset is read once here (from its cache: a fraction
+of a second), and each cell's split sized without building it
+(`samtune.data.scenarios.split_sizes`).
 """
 from __future__ import annotations
 

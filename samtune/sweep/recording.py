@@ -1,18 +1,8 @@
-"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
-
-Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
-seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
-hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
-its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
-`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
-writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
-turned off.
-
-On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
-MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
-checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
-records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
-each cell's Optuna searcher continues from its saved state.
+"""Recording a sweep's trials as they run: Tune's trial events, forwarded by `SweepCallback` to
+the `Recorder` of the trial's cell, become MLflow runs and metrics (`samtune.sweep.tracking`) and
+the rows of the live view. Also what a resumed driver needs to pick the records up again: the
+sweep's ``sweep.json`` (`write_state`) and the records of trials that ended while no driver was
+listening (`_reconcile`).
 """
 from __future__ import annotations
 
@@ -20,8 +10,9 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
 
@@ -43,12 +34,6 @@ from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------ recording
-# The recorder a Tuner's callback talks to, by cell folder. Tune pickles its callbacks with the
-# experiment; a restored callback finds the live recorder of this driver process here.
-_ACTIVE: dict[str, "Recorder"] = {}
 
 
 class Recorder:
@@ -155,9 +140,31 @@ def trial_error(trial) -> str:
                  and not line.startswith("Failure #")), "")
 
 
+# The recorders of this driver process, by cell folder name, while its Tuner runs (`recording_to`).
+# A table in the process, not a field of the callback, because of --resume: Tune pickles its
+# callbacks with the experiment (``tuner.pkl``) and `Tuner.restore` calls the copies it unpickles
+# from there; Ray's API takes no new callbacks on restore, so the driver never holds the
+# `SweepCallback` a resumed Tuner calls and cannot hand it its recorders. The copy finds them
+# here instead, by the cell folder names it was built with.
+_LIVE_RECORDERS: dict[str, Recorder] = {}
+
+
+@contextmanager
+def recording_to(recorders: dict[str, Recorder]) -> Iterator[None]:
+    """For the length of the block, every `SweepCallback` of this process reports to
+    `recorders` (by cell slug), a resumed Tuner's unpickled one included."""
+    _LIVE_RECORDERS.update(recorders)
+    try:
+        yield
+    finally:
+        for slug in recorders:
+            _LIVE_RECORDERS.pop(slug, None)
+
+
 class SweepCallback(Callback):
-    """Forwards Tune's trial events to this driver's `Recorder` of the trial's cell (found by
-    the cell's folder name, so the pickled copy Tune keeps for ``--resume`` holds no live state)."""
+    """Forwards Tune's trial events to this driver's `Recorder` of the trial's cell, found by the
+    cell's folder name in the recorders `recording_to` made live: the pickled copy Tune keeps for
+    ``--resume`` holds no live state."""
 
     def __init__(self, cells: list[Cell]):
         self.rates = tuple(c.label_noise_rate for c in cells)
@@ -165,7 +172,7 @@ class SweepCallback(Callback):
 
     def _recorder(self, trial) -> "Recorder | None":
         index = cell_index(self.rates, trial.config)
-        return None if index is None else _ACTIVE.get(self.slugs[index])
+        return None if index is None else _LIVE_RECORDERS.get(self.slugs[index])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if (r := self._recorder(trial)) is not None:

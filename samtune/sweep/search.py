@@ -1,18 +1,10 @@
-"""Running a sweep: a Ray Tune study (Optuna TPE + ASHA) of `train.run_trial` per scenario cell.
+"""The search behind a sweep's one Tuner, keeping its cells apart.
 
-Every cell of the `Sweep` (e.g. label noise 0.0, 0.2, ... 0.8) has its own `OptunaSearch` (TPE,
-seeded per cell) over the space file's `space(trial)`, and its own `ASHAScheduler` stopping
-hopeless trials on the per-epoch metric. SGD and SAM trials share a cell's study, so each cell has
-its own baseline. All cells run under one `Tuner` (`CellSearch` deals trials out cell after cell,
-`CellScheduler` keeps each cell's ASHA apart), so trial processes serve every cell. The driver
-writes every trial to MLflow (`samtune.tracking`) and shows a live view; Ray's own tables are
-turned off.
-
-On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
-MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
-checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
-records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
-each cell's Optuna searcher continues from its saved state.
+`CellSearch` deals trials out to each cell's Optuna TPE study in turn, `CellScheduler` gives each
+cell its own ASHA, `AshaAwareOptunaSearch` tells Optuna which trials ASHA stopped early,
+`CellSpace` adds a cell's own settings to the space file's ``space(trial)``, and
+`baseline_points` chooses each cell's first trials (one per optimizer) so that every cell has its
+own baselines.
 """
 from __future__ import annotations
 
@@ -31,7 +23,6 @@ from samtune.sweep.plan import Plan
 from samtune.sweep.results import finite
 
 
-# ------------------------------------------------------------------------------ search space
 class CellSpace:
     """The define-by-run function of one cell: the file's space plus the cell's fixed settings.
 
@@ -103,7 +94,7 @@ class CellSearch(Searcher):
     All cells running under one Tuner is what makes a sweep of several cells cheap: a trial
     process that served one cell serves the next (Tune reuses it, torch already imported), and
     once a cell's last trial has started a freed slot starts the next cell's first trial instead
-    of idling until that trial ends. A Tuner per cell paid both at every cell.
+    of idling until that trial ends. A Tuner per cell would pay both at every cell.
     """
 
     def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str, baselines: int = 0):

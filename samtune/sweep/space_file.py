@@ -1,4 +1,4 @@
-"""Search space files: loading and validating a ``search_spaces/*.py`` study into a `Sweep`.
+"""Running a search space file (``search_spaces/*.py``) into its `Sweep` and its space.
 
 A search space file is plain Python, executed with the user's rights (like a ``conftest.py``). It
 defines two things:
@@ -9,13 +9,11 @@ defines two things:
 - ``SWEEP = Sweep(...)``: the study around it: dataset, model, scenario cells (one per label-noise
   rate), budget, resources, the metric ASHA and TPE optimise, and the seed.
 
-Everything is validated before any Ray trial or MLflow run exists: unknown keys, wrong types,
+Everything is validated before any Ray trial or MLflow run exists: the file and its `Sweep` here,
+the values the space produces by `samtune.sweep.check.check_space` (unknown keys, wrong types,
 empty ranges, ``rho < 0``, an ``m`` that does not divide the per-worker batch, noise rates outside
-[0, 1), unknown dataset/model names. Each problem is one `SpaceError` (a ValueError) whose message
-is one line naming the file, the line where it can, the setting and what was expected.
-
-The trial config (one flat dict per trial) is what ``samtune.train.fit`` consumes; `TRIAL_KEYS`
-lists every key and what it accepts.
+[0, 1), unknown dataset/model names). Each problem is one `SpaceError` (a ValueError) whose
+message is one line naming the file, the line where it can, the setting and what was expected.
 """
 from __future__ import annotations
 
@@ -30,9 +28,6 @@ from typing import Any, Callable
 from samtune.contract.messages import first_line
 from samtune.contract.values import SpaceError
 from samtune.sweep.study import _REQUIRED, Sweep, _unknown_sweep_key
-
-# --------------------------------------------------------------------------------------------
-# Loading a space file
 
 
 def _module_name(path: Path) -> str:
@@ -93,8 +88,6 @@ def _exec_space_file(path: Path) -> dict[str, Any]:
     return module.__dict__
 
 
-
-
 def _describe_type_error(path: Path, shown: str, exc: TypeError) -> str:
     where = _where_in(path, exc.__traceback__).replace(str(path), shown)
     msg = str(exc)
@@ -152,6 +145,17 @@ def load_space(path: str | os.PathLike[str]) -> tuple[Sweep, SpaceFunction]:
     (with file and line), an exception while running it (with line), no ``SWEEP``, a ``SWEEP``
     that is neither ``Sweep(...)`` nor a dict, any invalid setting, and no ``space`` function.
     The space itself is checked by `check_space`.
+
+    >>> repo = Path(__file__).resolve().parents[2]
+    >>> sweep, space = load_space(repo / "search_spaces" / "noisy_digits.py")
+    >>> sweep.name, [cell.label for cell in sweep.cells()][:2], sweep.trials
+    ('noisy-digits', ['noise=0', 'noise=0.2'], 6)
+    >>> import optuna
+    >>> space(optuna.trial.FixedTrial({"optimizer": "sgd", "lr": 0.1}))  # the constants it returns
+    {'weight_decay': 0.0005, 'momentum': 0.9}
+    >>> load_space("no_such_space.py")
+    Traceback (most recent call last):
+    samtune.contract.values.SpaceError: no_such_space.py: no such search space file
     """
     resolved = Path(path).expanduser().resolve()
     namespace = _exec_space_file(resolved)

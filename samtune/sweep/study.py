@@ -1,21 +1,6 @@
-"""Search space files: loading and validating a ``search_spaces/*.py`` study into a `Sweep`.
-
-A search space file is plain Python, executed with the user's rights (like a ``conftest.py``). It
-defines two things:
-
-- ``space(trial)``: an Optuna define-by-run function (Optuna's own convention: ``trial.suggest_*``
-  calls, conditional parameters written as ordinary ``if``); it may return a dict of constants
-  that join the trial config.
-- ``SWEEP = Sweep(...)``: the study around it: dataset, model, scenario cells (one per label-noise
-  rate), budget, resources, the metric ASHA and TPE optimise, and the seed.
-
-Everything is validated before any Ray trial or MLflow run exists: unknown keys, wrong types,
-empty ranges, ``rho < 0``, an ``m`` that does not divide the per-worker batch, noise rates outside
-[0, 1), unknown dataset/model names. Each problem is one `SpaceError` (a ValueError) whose message
-is one line naming the file, the line where it can, the setting and what was expected.
-
-The trial config (one flat dict per trial) is what ``samtune.train.fit`` consumes; `TRIAL_KEYS`
-lists every key and what it accepts.
+"""The study a space file sets up: the `Sweep` (its cells, dataset, model, budget, resources and
+what to optimise, validated when built), its scenario `Cell`s, and the command line's ``--set``
+changes to it (`apply_overrides`).
 """
 from __future__ import annotations
 
@@ -52,10 +37,6 @@ def _study_key_error(key: str, what: str) -> SpaceError | None:
 #: What a sweep name may hold: it names the MLflow experiment, a folder and the runs' keys, and a
 #: quote or a slash would break one of them.
 _NAME_CHARS = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._ -]*[A-Za-z0-9._-])?")
-
-
-# --------------------------------------------------------------------------------------------
-# The Sweep
 
 
 MAX_NAME = 100  # characters of a sweep name
@@ -113,6 +94,17 @@ class Sweep:
 
     ``fixed`` adds settings to every trial config (any key of `TRIAL_KEYS` except the ones this
     class already sets). Construction validates everything and raises SpaceError (one line).
+
+    >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=8, batch_size=32, trials=4,
+    ...               label_noise_rates=(0.0, 0.4), fixed={"weight_decay": 5e-4})
+    >>> [cell.label for cell in sweep.cells()], sweep.asha_grace_period
+    (['noise=0', 'noise=0.4'], 2)
+    >>> config = sweep.base_config(sweep.cell(0.4))
+    >>> config["label_noise_rate"], config["epochs"], config["weight_decay"]
+    (0.4, 8, 0.0005)
+    >>> sweep.replace(workers=3)
+    Traceback (most recent call last):
+    samtune.contract.values.SpaceError: batch_size=32 is not divisible by workers=3
     """
 
     name: str
@@ -280,10 +272,6 @@ def _unknown_sweep_key(key: str) -> str:
             f"settings: {', '.join(_FIELD_NAMES)} (trial settings go in fixed={{...}})")
 
 
-# --------------------------------------------------------------------------------------------
-# Overrides from the command line
-
-
 def parse_assignments(text: str | Sequence[str], what: str = "--set") -> list[tuple[str, str]]:
     """Split ``"a=1,b=2"`` (or a list of ``"k=v"``) into ``[(key, raw_value)]``; SpaceError if malformed."""
     items = [p for p in (text.split(",") if isinstance(text, str) else text)]
@@ -314,6 +302,11 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
     Values are parsed by the setting's type (``label_noise_rates=0.0,0.4``; ``none`` for None).
     Raises SpaceError for an unknown key, a value of the wrong type, or a result that fails
     validation.
+
+    >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=8, batch_size=32, trials=4)
+    >>> changed = apply_overrides(sweep, ["epochs=2", "label_noise_rates=0.2,0.6", "fixed.momentum=0.8"])
+    >>> changed.epochs, changed.label_noise_rates, changed.fixed
+    (2, (0.2, 0.6), {'momentum': 0.8})
     """
     changes: dict[str, Any] = {}
     fixed = dict(sweep.fixed)

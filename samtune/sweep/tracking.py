@@ -22,11 +22,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   last result has ``diverged=1`` and ``val_error = test_error = 1``) or ``failed`` (it raised after
   its restarts). Params: every key of the trial config (space values, scenario, cell, model,
   epochs, seed, dataset, data subset, ...); None is ``"None"``, tuples are JSON lists. Metrics,
-  ``step = epoch`` (1-based), one value per step: ``epoch``, ``train_loss``, ``train_acc_noisy``,
-  ``train_acc_true``, ``val_error``, ``val_loss``, ``test_error``, ``test_loss``,
-  ``generalization_gap``, ``epoch_time_s``, ``samples_per_s``, ``train_time_s``, ``lr``,
-  ``diverged``, ``nodes`` (Ray nodes its workers ran on), ``allreduce_per_step`` and ``sharpness/<measure>[/<setting>]``
-  at the epochs they were measured. Non-finite values are never logged. Tags
+  ``step = epoch`` (1-based), one value per step: every per-epoch metric the trial reports (the
+  names in `samtune.contract.metrics.METRICS`) and ``sharpness/<measure>[/<setting>]`` at the
+  epochs they were measured. Non-finite values are never logged. Tags
   ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's);
   ``samtune.error`` on a failed trial: its exception's last line.
 - Lost trial run: a trial run whose trial a resumed Tune never heard of (the driver was killed
@@ -44,7 +42,7 @@ twice (the run's ``epoch`` history says which steps exist).
 Writes go through a queue that a background thread drains (``background=True``, what a sweep
 uses), so the Tune loop never waits on MLflow: each trial's report waits for the driver to take
 the previous one, and a SQLite write costs about 15 ms per result (opening a new store about
-2.5 s, which now overlaps Ray's start). `flush()` and `close()` write from the calling thread
+2.5 s, which overlaps Ray's start). `flush()` and `close()` write from the calling thread
 and return once the queue is empty or a write failed. When the tracking server fails, training
 goes on: the pending records stay queued and are written to a JSON-lines spool file named in the
 warning (one record a line: ``run`` key, its ``name``, ``tags`` and ``parent`` chain, ``kind`` =
@@ -68,8 +66,11 @@ import math
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from samtune.contract.tags import KEY_TAG, NOTE_TAG, ROLE_TAG, STATUS_TAG
 
@@ -115,9 +116,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise ConnectionError naming `uri` when an http(s) tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
     except urllib.error.HTTPError:
@@ -134,8 +132,6 @@ def check_tracking_uri(uri: str) -> None:
     creates it, and a sweep refused for another reason must leave no store behind. Any other
     scheme is handed to MLflow's client, which knows the installed store plugins.
     """
-    from urllib.parse import urlparse
-
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         check_reachable(uri)
@@ -373,7 +369,7 @@ class Tracker:
             return []  # the store is away: left for the next --resume
         experiment = self._experiment()
         runs = self.client.search_runs(
-            [experiment], filter_string=f"tags.`samtune.role` = 'trial' and tags.`samtune.key` LIKE "
+            [experiment], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{KEY_TAG}` LIKE "
                                         f"{_quoted(cell_key + '/%')}", max_results=10_000)
         retired = []
         for run in runs:
@@ -547,7 +543,7 @@ class Tracker:
         if spec.run_id is not None:
             return spec
         experiment = self._experiment()
-        found = self.client.search_runs([experiment], filter_string=f"tags.`samtune.key` = {_quoted(key)}",
+        found = self.client.search_runs([experiment], filter_string=f"tags.`{KEY_TAG}` = {_quoted(key)}",
                                         max_results=1)
         if found:
             spec.run_id = found[0].info.run_id

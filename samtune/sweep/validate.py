@@ -1,21 +1,9 @@
-"""Search space files: loading and validating a ``search_spaces/*.py`` study into a `Sweep`.
+"""Checking trial configs, the one flat dict per trial that `samtune.trial.entry.fit` consumes.
 
-A search space file is plain Python, executed with the user's rights (like a ``conftest.py``). It
-defines two things:
-
-- ``space(trial)``: an Optuna define-by-run function (Optuna's own convention: ``trial.suggest_*``
-  calls, conditional parameters written as ordinary ``if``); it may return a dict of constants
-  that join the trial config.
-- ``SWEEP = Sweep(...)``: the study around it: dataset, model, scenario cells (one per label-noise
-  rate), budget, resources, the metric ASHA and TPE optimise, and the seed.
-
-Everything is validated before any Ray trial or MLflow run exists: unknown keys, wrong types,
-empty ranges, ``rho < 0``, an ``m`` that does not divide the per-worker batch, noise rates outside
-[0, 1), unknown dataset/model names. Each problem is one `SpaceError` (a ValueError) whose message
-is one line naming the file, the line where it can, the setting and what was expected.
-
-The trial config (one flat dict per trial) is what ``samtune.train.fit`` consumes; `TRIAL_KEYS`
-lists every key and what it accepts.
+Every key and value is checked against `samtune.contract.keys.TRIAL_KEYS`, with the dataset and
+model names checked against what the data and model layers read (`TRIAL_SETTINGS`); the rules
+between keys by the trainer's own `samtune.trial.config.resolve_config`; and whether trials would
+report, every epoch, the metric a sweep optimises (`_check_metric_reported`).
 """
 from __future__ import annotations
 
@@ -33,10 +21,9 @@ from samtune.trial.config import TrialConfigError, resolve_config
 
 
 def _check_dataset(key: str, value: str) -> None:
-    """Every name the data layer reads (`samtune.data.parse_dataset_name`): a dataset, optionally
-    with a class selection such as ``digits[0-4]``. The indices are checked against the dataset
-    where it is read, before any trial (`samtune.preflight`)."""
-
+    """Every name the data layer reads (`samtune.data.load.parse_dataset_name`): a dataset,
+    optionally with a class selection such as ``digits[0-4]``. The indices are checked against the
+    dataset where it is read, before any trial (`samtune.sweep.preflight`)."""
     try:
         base, _ = parse_dataset_name(value)
     except ValueError as exc:
@@ -117,12 +104,18 @@ def parse_trial_value(key: str, raw: str) -> Any:
 
 def validate_trial_config(config: dict[str, Any], where: str = "", whole: bool = True) -> dict[str, Any]:
     """Check a trial config: every key known, every value of the right type and range, and (with
-    ``whole``) the rules between keys, by the trainer's own `samtune.train.resolve_config`: the
-    batch divisible by the workers, ``m`` dividing the per-worker batch (or a multiple of it
-    across workers), the SAM variant's knobs, ``fp16`` only on GPUs.
+    ``whole``) the rules between keys, by the trainer's own `resolve_config`: the batch divisible
+    by the workers, ``m`` dividing the per-worker batch (or a multiple of it across workers), the
+    SAM variant's knobs, ``fp16`` only on GPUs.
 
     ``whole=False`` checks keys one by one (a partial config such as ``Sweep.fixed``). Returns a
     normalised copy. Raises SpaceError naming the first problem, prefixed by ``where``.
+
+    >>> validate_trial_config({"rho": 0.1, "lr": 0.05}, whole=False)
+    {'rho': 0.1, 'lr': 0.05}
+    >>> validate_trial_config({"rho": -1.0}, where="fixed: ", whole=False)
+    Traceback (most recent call last):
+    samtune.contract.values.SpaceError: fixed: rho=-1.0: expected a number >= 0
     """
     out: dict[str, Any] = {}
     for key, value in config.items():

@@ -1,79 +1,6 @@
-"""The training function: one trial of SGD/SAM/ASAM on a scenario, in one process or under Ray Train.
-
-One body, three ways in:
-
-- `fit(config)`: in this process, no Ray needed (one worker). Returns the last epoch's metrics.
-- `train_loop_per_worker(config)`: the Ray Train worker function, for
-  `TorchTrainer(train_loop_per_worker, train_loop_config=..., scaling_config=...)` in the sweep or
-  in a user's own Ray cluster (it also runs under a plain `torch.distributed` job, e.g. torchrun).
-- `run_trial(config)`: the Ray Tune function trainable the sweep runs for every trial: the loop in
-  the trial process for one worker; for several, a `TorchTrainer` started inside the trial (Ray
-  Train V2's way of nesting Train in Tune) whose `TuneReportCallback` passes every epoch's metrics
-  back to Tune, so ASHA sees every epoch either way.
-
-Data parallelism and m-sharpness (Foret et al. 2020, section 4.1). Each worker trains under DDP on
-its share of every global batch (per-worker batch = batch_size / workers). How many examples one
-SAM perturbation eps comes from is `m` (`perturbation_plan` resolves it):
-
-- `m` None or = per-worker batch: each worker's first pass runs inside `no_sync()` and it perturbs
-  with its own gradient; only the second pass all-reduces (one round per step, no extra traffic).
-- `m` a divisor of the per-worker batch: each worker also cuts its batch into groups of `m`.
-- `m` = k x per-worker batch with k dividing `workers`: the first gradient is all-reduced within
-  groups of k consecutive ranks (`torch.distributed.new_group`); k = workers, i.e. `m` = the
-  global batch (or `sync_perturbation=True`), is classic SAM with one eps for the whole batch.
-Every epoch reports `m_effective` (examples behind one eps) and `m_workers` (workers sharing it).
-
-Data stay tensor-resident (uint8 on the training device); each epoch draws one seeded global
-permutation, identical on every worker, and worker r takes every world-th index of it, so the
-global batch is the same whatever the worker count. Augmentation runs on whole batches.
-
-Every epoch reports the metrics below and a checkpoint (model, optimizer including SAM's base
-optimizer and variant state, LR schedule, fp16 loss scale, epoch, cumulative time). A resumed run
-continues exactly where the checkpoint left it: all randomness (data order, augmentation, the
-global torch generator used by dropout) is re-derived from (seed, epoch, rank) at every epoch
-rather than carried in a generator.
-
-Per-epoch metrics:
-
-- `epoch`; `train_loss`, `train_acc_noisy` (accuracy on the labels trained on) and
-  `train_acc_true` (on the clean labels): running means over the epoch's training steps, i.e. in
-  train mode, on augmented batches, while the weights move;
-- `train_error`: top-1 error in eval mode at the end of the epoch on a fixed training subset (the
-  first `TRAIN_EVAL_SUBSET` = 1,024 indices of a permutation seeded with `seed + 7919`, the same
-  permutation whose first `sharpness_subset` indices the sharpness measures use), against the
-  labels trained on, without augmentation;
-- `flipped_acc_noisy` / `flipped_acc_true`: on the examples of that subset whose label the noise
-  flipped (only when it holds some), eval-mode accuracy against the noisy label (memorisation)
-  and against the true label;
-- `val_error` / `val_loss` (held-out part of the noisy training set; absent with
-  `val_fraction=0`), `test_error` / `test_loss` (clean test set): eval-mode top-1 error and mean
-  cross-entropy;
-- `generalization_gap` = `test_error - train_error`;
-- `epoch_time_s`, `samples_per_s`, `train_time_s` (cumulative), `compute_time_s` (cumulative
-  seconds of the trial's own epochs: training, evaluation and sharpness; what it costs without
-  process start, data loading, reporting and checkpointing), `lr` (the head's, i.e. the
-  schedule's current learning rate), `lr_backbone` (finetuning: the pretrained layers' learning
-  rate, `lr x backbone_lr_scale`), `diverged` (0/1);
-- SAM/ASAM: how m-sharpness was realised: `m_effective` (examples behind one eps), `m_workers`
-  (workers sharing one eps), `m_groups_per_worker` (eps per worker per step),
-  `m_per_worker_batch`, and `m_plan` (the same in words, a string);
-- `nodes` (distinct Ray nodes the trial's workers run on) and `placement` (a string: the Ray
-  node id of each worker, in rank order), under Ray only; `allreduce_per_step` (gradient
-  all-reduce rounds per training step, several workers only: 1 for SGD and per-worker SAM, 2 for
-  classic SAM's synced perturbation);
-- `sharpness/<measure>` when measured: `samtune.sharpness.measure_sharpness` on
-  `sharpness_subset` training examples (noisy labels; the first `sharpness_subset` indices of a
-  permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
-
-A trial whose loss goes non-finite (or above `divergence_loss`) is *diverged*: it reports one last
-result with `diverged=1` and the worst value of every metric a sweep can optimise (errors and
-the gap 1.0, accuracies 0.0, losses `divergence_loss`): a bad result for ASHA/Optuna whatever the
-sweep's metric, not a crash. It leaves the non-finite values out, and ends.
-
-GPU path (`use_gpu=True`): CUDA device per worker, NCCL when every worker has a GPU of its own and
-gloo when workers share one (NCCL refuses two ranks on one device), `precision="bf16"` autocast
-(where the device supports it) or `"fp16"` autocast with a `GradScaler` that unscales once per
-SAM step, `channels_last` for convnets, and `compile=True` for `torch.compile`.
+"""What a trial trains with, built from its config: the device, the optimizer (SAM around its base
+optimizer), the LR schedule, and the DistributedDataParallel wrapping and process groups of a
+data-parallel trial.
 """
 from __future__ import annotations
 
@@ -82,12 +9,14 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from samtune.models.heads import param_groups
 from samtune.optim import msharpness
 from samtune.optim.sam import SAM
-from samtune.trial.config import TrialConfigError, _variant
+from samtune.trial.config import Perturbation, TrialConfigError, _variant
 from samtune.trial.session import _in_ray_train
 
 
@@ -116,7 +45,11 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int,
 
     `backbone_lr_scale` != 1 (finetuning): two parameter groups, the classification head at `lr`
     (first group) and every other parameter at `lr * backbone_lr_scale`; 0 leaves the backbone
-    out of the optimizer (`samtune.models.param_groups`). The LR schedule scales both alike.
+    out of the optimizer (`samtune.models.heads.param_groups`). The LR schedule scales both alike.
+
+    >>> from samtune.trial.config import resolve_config
+    >>> type(build_optimizer(resolve_config({"optimizer": "sam"}), nn.Linear(4, 2), total_steps=10)).__name__
+    'SAM'
     """
     base = torch.optim.SGD if cfg["base_optimizer"] == "sgd" else torch.optim.AdamW
     kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]}
@@ -168,14 +101,27 @@ def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def _perturbation_groups(plan: Perturbation, rank: int):
+    """This rank's process group for averaging first gradients (k consecutive ranks), or None.
+
+    Every rank must create every group, in the same order (a collective of the default group)."""
+    if plan.workers_per_eps == 1 or plan.sync_all:
+        return None
+    k = plan.workers_per_eps
+    mine = None
+    for start in range(0, plan.workers, k):
+        group = dist.new_group(list(range(start, start + k)))
+        if start <= rank < start + k:
+            mine = group
+    return mine
+
+
 class _RoundCounter:
     """Gradient all-reduce rounds of this worker's training steps: DDP's (one per reduction; its
     last bucket closes it) plus those SAM steps make themselves (`sam.own_all_reduces`). The
     metric sums and divergence checks are not counted: they are the same whatever SAM does."""
 
     def __init__(self, model: nn.Module):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         self._ddp = 0
         self._own_at_start = 0
 

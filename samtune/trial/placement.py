@@ -1,88 +1,20 @@
-"""The training function: one trial of SGD/SAM/ASAM on a scenario, in one process or under Ray Train.
+"""Where a trial's workers run: the Ray resources of each worker (checked against the cluster's
+nodes before a trial asks for them), the trial process's own share, the `torch.distributed`
+backend, the share of a machine's memory a worker may plan on, and the nodes the workers landed on.
 
-One body, three ways in:
-
-- `fit(config)`: in this process, no Ray needed (one worker). Returns the last epoch's metrics.
-- `train_loop_per_worker(config)`: the Ray Train worker function, for
-  `TorchTrainer(train_loop_per_worker, train_loop_config=..., scaling_config=...)` in the sweep or
-  in a user's own Ray cluster (it also runs under a plain `torch.distributed` job, e.g. torchrun).
-- `run_trial(config)`: the Ray Tune function trainable the sweep runs for every trial: the loop in
-  the trial process for one worker; for several, a `TorchTrainer` started inside the trial (Ray
-  Train V2's way of nesting Train in Tune) whose `TuneReportCallback` passes every epoch's metrics
-  back to Tune, so ASHA sees every epoch either way.
-
-Data parallelism and m-sharpness (Foret et al. 2020, section 4.1). Each worker trains under DDP on
-its share of every global batch (per-worker batch = batch_size / workers). How many examples one
-SAM perturbation eps comes from is `m` (`perturbation_plan` resolves it):
-
-- `m` None or = per-worker batch: each worker's first pass runs inside `no_sync()` and it perturbs
-  with its own gradient; only the second pass all-reduces (one round per step, no extra traffic).
-- `m` a divisor of the per-worker batch: each worker also cuts its batch into groups of `m`.
-- `m` = k x per-worker batch with k dividing `workers`: the first gradient is all-reduced within
-  groups of k consecutive ranks (`torch.distributed.new_group`); k = workers, i.e. `m` = the
-  global batch (or `sync_perturbation=True`), is classic SAM with one eps for the whole batch.
-Every epoch reports `m_effective` (examples behind one eps) and `m_workers` (workers sharing it).
-
-Data stay tensor-resident (uint8 on the training device); each epoch draws one seeded global
-permutation, identical on every worker, and worker r takes every world-th index of it, so the
-global batch is the same whatever the worker count. Augmentation runs on whole batches.
-
-Every epoch reports the metrics below and a checkpoint (model, optimizer including SAM's base
-optimizer and variant state, LR schedule, fp16 loss scale, epoch, cumulative time). A resumed run
-continues exactly where the checkpoint left it: all randomness (data order, augmentation, the
-global torch generator used by dropout) is re-derived from (seed, epoch, rank) at every epoch
-rather than carried in a generator.
-
-Per-epoch metrics:
-
-- `epoch`; `train_loss`, `train_acc_noisy` (accuracy on the labels trained on) and
-  `train_acc_true` (on the clean labels): running means over the epoch's training steps, i.e. in
-  train mode, on augmented batches, while the weights move;
-- `train_error`: top-1 error in eval mode at the end of the epoch on a fixed training subset (the
-  first `TRAIN_EVAL_SUBSET` = 1,024 indices of a permutation seeded with `seed + 7919`, the same
-  permutation whose first `sharpness_subset` indices the sharpness measures use), against the
-  labels trained on, without augmentation;
-- `flipped_acc_noisy` / `flipped_acc_true`: on the examples of that subset whose label the noise
-  flipped (only when it holds some), eval-mode accuracy against the noisy label (memorisation)
-  and against the true label;
-- `val_error` / `val_loss` (held-out part of the noisy training set; absent with
-  `val_fraction=0`), `test_error` / `test_loss` (clean test set): eval-mode top-1 error and mean
-  cross-entropy;
-- `generalization_gap` = `test_error - train_error`;
-- `epoch_time_s`, `samples_per_s`, `train_time_s` (cumulative), `compute_time_s` (cumulative
-  seconds of the trial's own epochs: training, evaluation and sharpness; what it costs without
-  process start, data loading, reporting and checkpointing), `lr` (the head's, i.e. the
-  schedule's current learning rate), `lr_backbone` (finetuning: the pretrained layers' learning
-  rate, `lr x backbone_lr_scale`), `diverged` (0/1);
-- SAM/ASAM: how m-sharpness was realised: `m_effective` (examples behind one eps), `m_workers`
-  (workers sharing one eps), `m_groups_per_worker` (eps per worker per step),
-  `m_per_worker_batch`, and `m_plan` (the same in words, a string);
-- `nodes` (distinct Ray nodes the trial's workers run on) and `placement` (a string: the Ray
-  node id of each worker, in rank order), under Ray only; `allreduce_per_step` (gradient
-  all-reduce rounds per training step, several workers only: 1 for SGD and per-worker SAM, 2 for
-  classic SAM's synced perturbation);
-- `sharpness/<measure>` when measured: `samtune.sharpness.measure_sharpness` on
-  `sharpness_subset` training examples (noisy labels; the first `sharpness_subset` indices of a
-  permutation seeded with `seed + 7919`), at the last epoch and every `sharpness_every` epochs.
-
-A trial whose loss goes non-finite (or above `divergence_loss`) is *diverged*: it reports one last
-result with `diverged=1` and the worst value of every metric a sweep can optimise (errors and
-the gap 1.0, accuracies 0.0, losses `divergence_loss`): a bad result for ASHA/Optuna whatever the
-sweep's metric, not a crash. It leaves the non-finite values out, and ends.
-
-GPU path (`use_gpu=True`): CUDA device per worker, NCCL when every worker has a GPU of its own and
-gloo when workers share one (NCCL refuses two ranks on one device), `precision="bf16"` autocast
-(where the device supports it) or `"fp16"` autocast with a `GradScaler` that unscales once per
-SAM step, `channels_last` for convnets, and `compile=True` for `torch.compile`.
+>>> worker_resources({"workers": 2, "cpus_per_worker": None, "use_gpu": False}, cluster_cpus=2)
+{'CPU': 1.0}
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from samtune.trial.config import TrialConfigError
 
@@ -115,6 +47,23 @@ def resource_share(held: dict[str, float], total: dict[str, float], kind: str) -
     if amount <= 0 or whole <= 0:
         return 1.0
     return min(1.0, amount / whole)
+
+
+def node_placement(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order; empty outside Ray. A collective: every rank
+    calls it (each decides by the same test, so none waits alone)."""
+    node = ""
+    if "ray" in sys.modules:
+        try:
+            ray = sys.modules["ray"]
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        except Exception:  # noqa: BLE001  not a Ray process after all
+            node = ""
+    nodes = [node]
+    if world > 1:
+        nodes = [""] * world
+        dist.all_gather_object(nodes, node)
+    return nodes if all(nodes) else []
 
 
 # Ray's marker of the head node, a resource of 1 only that node has.
@@ -256,8 +205,6 @@ def _trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, fl
     folder. A trial restarted after a node loss asks for what it first ran with: sized again to a
     smaller cluster it would shrink its workers' CPUs, or share GPUs over gloo instead of NCCL,
     and its speed (and backend) would change with the cluster it happened to find."""
-    import json
-
     path = os.path.join(trial_dir, "worker_resources.json")
     if os.path.exists(path):
         with open(path) as f:

@@ -1,39 +1,9 @@
-"""Pretrained weights for the finetuning scenario: where ``finetune_source`` points, and loading it.
-
-The SAM paper (Foret et al., 2020, section 3.2) finetunes pretrained networks with SAM; this module
-turns a trial's ``finetune_source`` into a state_dict, from local files only (nothing is ever
-downloaded from a model hub). Every file is read with ``torch.load(..., weights_only=True)``.
-
-``finetune_source`` is one of:
-
-- **a path** to a ``.pt``/``.pth`` file holding a state_dict, or a checkpoint dict with the state
-  under ``"model"``, ``"state_dict"`` or ``"model_state_dict"`` (a ``"module."`` prefix left by
-  DistributedDataParallel is dropped). ``samtune train --set dataset=cifar100 --set model=resnet18
-  --save-weights w.pt`` or `pretrain` below write such a file.
-- **a dataset name** (``cifar100``, ``cifar10[0-4]``, ``digits``, ``imagefolder:<path>``): the
-  trial's ``model``/``norm`` is pretrained on it with plain SGD through `samtune.train.fit`, once:
-  the weights are cached under ``$SAMTUNE_CACHE_DIR/pretrained`` (else
-  ``~/.cache/samtune/pretrained``) by a hash of the pretraining config, and a file lock makes
-  parallel trials wait for one pretraining instead of each running it. Optional keys:
-  ``pretrain_epochs`` [the trial's ``epochs``], ``pretrain_lr`` [0.05], ``pretrain_batch_size``
-  [128; deliberately not the trial's ``batch_size``, which a sweep may search: every trial of a
-  cell then shares one pretrained file], ``pretrain_subset`` [None: all source examples],
-  ``pretrain_seed`` [0].
-  In a multi-worker trial every worker resolves the source itself: each pretrains alone in its
-  own process (no collective, `samtune.train.fit(..., alone=True)`) on its own device, and the
-  file lock makes the workers of one node wait for the first one's file instead of training
-  again. Workers on nodes that do not share the cache folder each pretrain once per node (point
-  ``SAMTUNE_CACHE_DIR`` at shared storage to avoid that); DistributedDataParallel starts every
-  worker from rank 0's weights either way.
-- **``torchvision:<Weights>``**, e.g. ``torchvision:ResNet18_Weights.IMAGENET1K_V1``: the file
-  torchvision would download for those weights, looked up in the local torch hub cache
-  (``torch.hub.get_dir()/checkpoints``); for ``model="torchvision:<arch>"``.
-- **an MLflow URI** (``runs:/<run id>/<path>``, ``models:/<name>/<version>``,
-  ``mlflow-artifacts:/...``): fetched from the tracking server with
-  ``mlflow.artifacts.download_artifacts``; a folder must hold exactly one ``.pt``/``.pth`` file.
-
-`load_backbone` puts such weights into a freshly built model for the target task: every tensor
-except the classification head must fit; the head stays freshly initialised for the new classes.
+"""Pretraining for a finetuning trial whose ``finetune_source`` names a dataset (``cifar100``,
+``digits[0-4]``, ...): the trial's model is trained on it with plain SGD once, and the weights are
+cached under ``$SAMTUNE_CACHE_DIR/pretrained`` (else ``~/.cache/samtune/pretrained``) by a hash of
+the pretraining config, behind a file lock so parallel trials wait for one pretraining instead of
+each running it. The other kinds of source (a file, torchvision weights, an MLflow URI) are read
+by `samtune.models.weights`, which describes them all.
 """
 from __future__ import annotations
 
@@ -57,7 +27,7 @@ from samtune.trial.session import _LocalSession
 PRETRAIN_FORMAT = "samtune-pretrain-v1"  # part of the cache key: bump when pretraining changes
 
 
-# --- resolving a source to a local file -------------------------------------------------------
+# --- sources that name a dataset -------------------------------------------------------------
 
 def _is_dataset_name(source: str) -> bool:
     try:
@@ -132,9 +102,8 @@ def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.P
     source is pretrained once. A ``<file>.json`` beside the weights records the config and final
     metrics. Safe inside one rank of an initialised ``torch.distributed`` group (a multi-worker
     trial): it trains in this process alone, calling no collective. Raises what
-    `samtune.train.fit` and `samtune.data.load_dataset` raise.
+    `samtune.trial.loop.run` and `samtune.data.load.load_dataset` raise.
     """
-
     cfg = pretrain_config(config, source if source is not None else config["dataset"])
     target = Path(path).expanduser() if path is not None else _pretrain_dir() / f"{_pretrain_key(cfg)}.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
