@@ -39,10 +39,9 @@ def _group_count(channels: int) -> int:
     return math.gcd(groups, channels)
 
 
-def norm2d(norm: str, channels: int) -> nn.Module:
-    """Normalisation layer for ``[N, C, H, W]`` activations. Raises ValueError for unknown ``norm``."""
+def _norm(norm: str, channels: int, batch_norm: type[nn.Module]) -> nn.Module:
     if norm == "batch":
-        return nn.BatchNorm2d(channels)
+        return batch_norm(channels)
     if norm == "group":
         return nn.GroupNorm(_group_count(channels), channels)
     if norm == "none":
@@ -50,15 +49,14 @@ def norm2d(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
+def norm2d(norm: str, channels: int) -> nn.Module:
+    """Normalisation layer for ``[N, C, H, W]`` activations. Raises ValueError for unknown ``norm``."""
+    return _norm(norm, channels, nn.BatchNorm2d)
+
+
 def norm1d(norm: str, features: int) -> nn.Module:
     """Normalisation layer for ``[N, F]`` activations. Raises ValueError for unknown ``norm``."""
-    if norm == "batch":
-        return nn.BatchNorm1d(features)
-    if norm == "group":
-        return nn.GroupNorm(_group_count(features), features)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    return _norm(norm, features, nn.BatchNorm1d)
 
 
 class MLP(nn.Module):

@@ -244,19 +244,11 @@ def _log_to_sweep_run(runs: Runs, files: Sequence[Path]) -> None:
         client.log_artifact(runs.sweep_run_id, str(path), artifact_path="report")
 
 
-def build(
-    experiment: str,
-    tracking_uri: str | None = None,
-    out: str | Path | None = None,
-    *,
-    dashboards_dir: str | Path | None = None,
-    log_artifacts: bool = True,
-    strict: bool = False,
-    all_sweeps: bool = False,
-) -> Path:
+def build(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None,
+          **options: Any) -> Path:
     """Build the report of one sweep and return the path of its index.html.
 
-    Same arguments, behaviour and errors as `build_report`.
+    Same arguments (``options``: `build_report`'s keyword-only ones), behaviour and errors as
+    `build_report`.
     """
-    return build_report(experiment, tracking_uri, out, dashboards_dir=dashboards_dir,
-                        log_artifacts=log_artifacts, strict=strict, all_sweeps=all_sweeps).index
+    return build_report(experiment, tracking_uri, out, **options).index

@@ -20,23 +20,7 @@ leaves the model exactly as found (weights, buffers, mode, gradients). A ``param
 (names or name prefixes) restricts any measure to one block of parameters. Losses over the
 subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are those of each
 chunk, as in training), averaged with the chunk sizes as weights.
-
-Each name is read from the module that defines it when first used (`samtune._lazy`).
 """
-from samtune._lazy import lazy_exports
+from samtune._lazy import face
 
-_EXPORTS = {
-    "measure_sharpness": "measures",
-    "check_measures": "measures",
-    "MEASURES": "measures",
-    "SHARED_KEYS": "measures",
-    "FlatLoss": "hvp",
-    "m_sharpness": "worst_case",
-    "adaptive_sharpness": "worst_case",
-    "avg_sharpness": "worst_case",
-    "hessian_top_eig": "curvature",
-    "hessian_trace": "curvature",
-    "pac_bayes_sigma": "curvature",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = face(__name__)

@@ -70,24 +70,7 @@ GPU path (`use_gpu=True`): CUDA device per worker, NCCL when every worker has a 
 gloo when workers share one (NCCL refuses two ranks on one device), `precision="bf16"` autocast
 (where the device supports it) or `"fp16"` autocast with a `GradScaler` that unscales once per
 SAM step, `channels_last` for convnets, and `compile=True` for `torch.compile`.
-
-Each name is read from the module that defines it when first used (`samtune._lazy`).
 """
-from samtune._lazy import lazy_exports
+from samtune._lazy import face
 
-_EXPORTS = {
-    "fit": "entry",
-    "train_loop_per_worker": "entry",
-    "run_trial": "ray_trial",
-    "resolve_config": "config",
-    "perturbation_plan": "config",
-    "Perturbation": "config",
-    "TrialConfigError": "config",
-    "worker_resources": "placement",
-    "distributed_backend": "placement",
-    "WorkerPlacementError": "placement",
-    "pretrain": "pretrain",
-    "pretrained_state": "pretrain",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = face(__name__)
