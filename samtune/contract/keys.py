@@ -68,6 +68,8 @@ TRIAL_KEYS: dict[str, Setting] = {
     "workers": _key("int", 1, "data-parallel workers per trial", low=1),
     "use_gpu": _key("bool", False, "train on GPUs"),
     "baseline": _key("bool", False, "one of its cell's baseline trials (set by the sweep): ASHA never stops it"),
+    "confirms": _key("str", None, "set by the sweep on a confirmation run: the configuration it repeats "
+                     "(best_sgd, best_sam, sam_baseline, or m=<m> in the m ablation)", optional=True),
     "cpus_per_worker": _key("float", None, "CPUs per Ray Train worker (None: what fits beside the trial)",
                             optional=True, **_POSITIVE),
     "gpus_per_worker": _key("float", None, "GPU share per worker (None: 1 each, or a share when workers "
@@ -142,7 +144,12 @@ DEFAULTS: dict[str, Any] = {name: key.default for name, key in TRIAL_KEYS.items(
 
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
 STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
-                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline"})
+                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline", "confirms"})
+
+#: A cell's baseline trials unless its Sweep declares others: SGD, and SAM at the SAM paper's
+#: defaults (rho = 0.05, one perturbation per worker's whole batch); every other setting the space
+#: searches takes its `DEFAULTS` value or the Sweep's ``baseline_params``.
+PAPER_BASELINES = ({"optimizer": "sgd"}, {"optimizer": "sam", "rho": 0.05, "m": None})
 
 #: The trial keys a `Sweep` sets from its own fields, and the field that sets each: a space's
 #: ``fixed`` and ``--set fixed.KEY`` may not set them.

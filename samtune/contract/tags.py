@@ -1,14 +1,14 @@
 """The MLflow tag names samtune writes on its runs, once: the sweep records them, the report and
 the MLflow UI's searches read them.
 
->>> ROLE_TAG, ROLES
+>>> ROLE_TAG, ROLES[:4]
 ('samtune.role', ('sweep', 'cell', 'trial', 'lost'))
 """
 from __future__ import annotations
 
 #: What a run is in its sweep: one of `ROLES`.
 ROLE_TAG = "samtune.role"
-ROLES = ("sweep", "cell", "trial", "lost")
+ROLES = ("sweep", "cell", "trial", "lost", "confirm", "ablation")
 #: The run's key: a sweep's id, a cell's or a trial's key, stable across --resume.
 KEY_TAG = "samtune.key"
 #: A trial's cell label (e.g. ``noise=0.4``) and its key within the sweep.
@@ -24,3 +24,11 @@ PLACEMENT_TAG = "samtune.placement"
 #: The sweep run's search space file and sweep id.
 SPACE_FILE_TAG = "samtune.space_file"
 SWEEP_ID_TAG = "samtune.sweep_id"
+#: A confirmation run's configuration (best_sgd, best_sam, sam_baseline, m=<m>) and its seed.
+CONFIRMS_TAG = "samtune.confirms"
+SEED_TAG = "samtune.seed"
+#: Read by the MLflow UI: an experiment of this kind opens on its training runs, not on traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: A run's description in the MLflow UI (markdown).
+DESCRIPTION_TAG = "mlflow.note.content"

@@ -226,13 +226,13 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
-    points = baseline_points(plan)
+    baselines = baseline_points(plan)
     searchers = [
         AshaAwareOptunaSearch(
             space=CellSpace(plan.space, sweep.base_config(cell)), metric=sweep.metric, mode=sweep.mode,
             sampler=optuna.samplers.TPESampler(seed=sweep.seed * 1009 + cell.index,
                                                n_startup_trials=max(2, min(10, sweep.trials // 3))),
-            points_to_evaluate=copy.deepcopy(points), epochs=sweep.epochs)
+            points_to_evaluate=[copy.deepcopy(b.point) for b in baselines] or None, epochs=sweep.epochs)
         for cell in cells]
     scheduler = CellScheduler(
         [c.label_noise_rate for c in cells],
@@ -240,7 +240,7 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
                        reduction_factor=sweep.reduction_factor) for _ in cells],
         max_t=sweep.epochs)
     search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
-                        baselines=len(points or ()))
+                        baselines=[b.extras for b in baselines])
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),

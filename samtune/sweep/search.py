@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import pickle
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from samtune.sweep.baselines import Baseline, baseline_trials
 from samtune.sweep.check import check_space
 from samtune.sweep.plan import Plan
 from samtune.sweep.results import finite
@@ -97,13 +98,17 @@ class CellSearch(Searcher):
     of idling until that trial ends. A Tuner per cell would pay both at every cell.
     """
 
-    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str, baselines: int = 0):
-        """`baselines`: how many of each cell's first trials are its baselines (its searcher's
-        points to evaluate, one per optimizer); their configs carry ``baseline=True``."""
+    extras: list[dict[str, Any]] = []  # a searcher saved before baselines were declared has none
+
+    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str,
+                 baselines: int | Sequence[dict[str, Any]] = ()):
+        """`baselines`: a cell's first trials are its baselines (its searcher's points to
+        evaluate), and their configs carry ``baseline=True``; given as the declared settings the
+        space does not search of each (`Baseline.extras`, added to its config), or as a count."""
         super().__init__(metric=metric, mode=mode)
         self.searchers = list(searchers)
         self.trials = trials
-        self.baselines = baselines
+        self.extras = [{}] * baselines if isinstance(baselines, int) else [dict(e) for e in baselines]
         self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
 
     def suggest(self, trial_id: str) -> dict | str | None:
@@ -113,7 +118,8 @@ class CellSearch(Searcher):
                 config = searcher.suggest(trial_id)
                 if isinstance(config, dict):
                     self.cell_of[trial_id] = index
-                    config = {**config, "baseline": issued[index] < self.baselines}
+                    first = issued[index] < len(self.extras)
+                    config = {**config, **(self.extras[issued[index]] if first else {}), "baseline": first}
                 return config
         return Searcher.FINISHED
 
@@ -189,14 +195,6 @@ class CellScheduler(FIFOScheduler):
         return "\n".join(s.debug_string() for s in self.schedulers)
 
 
-def baseline_points(plan: Plan) -> list[dict[str, Any]] | None:
-    """First trials of every cell: one per optimizer the space offers (SGD first), the rest of
-    their settings sampled, so each cell has its own SGD baseline however TPE wanders."""
-    offered: list[str] = []
-    for params in check_space(plan.sweep, plan.space, samples=32):
-        name = params.get("optimizer")
-        if isinstance(name, str) and name not in offered:
-            offered.append(name)
-    if len(offered) < 2 or plan.sweep.trials < len(offered):
-        return None
-    return [{"optimizer": name} for name in sorted(offered, key=lambda n: n != "sgd")]
+def baseline_points(plan: Plan) -> list[Baseline]:
+    """Every cell's first trials: its declared baselines (`samtune.sweep.baselines`)."""
+    return baseline_trials(plan.sweep, plan.space, check_space(plan.sweep, plan.space, samples=32))

@@ -27,6 +27,8 @@ def _study_key_error(key: str, what: str) -> SpaceError | None:
     if key == "baseline":
         return SpaceError(f"{what}, which the sweep sets per trial (a cell's first SGD and SAM trials "
                           "are its baselines)")
+    if key == "confirms":
+        return SpaceError(f"{what}, which the sweep sets on its confirmation runs")
     if key in STUDY_KEYS:
         owner = SWEEP_FIELDS.get(key, key)
         return SpaceError(f"{what}, which the Sweep fixes per cell; use --set {owner}=... "
@@ -77,6 +79,8 @@ _SWEEP_SPECS: dict[str, Setting] = {
     "grace_period": Setting("int", optional=True, low=1, doc="ASHA: epochs before a trial may stop"),
     "reduction_factor": Setting("float", low=1.0, low_open=True, doc="ASHA: keep 1/this at each rung"),
     "sharpness_every": TRIAL_KEYS["sharpness_every"],
+    "confirm_seeds": Setting("int", low=0, doc="fresh seeds each confirmed configuration runs on (0: none)"),
+    "vary_noise_draw": Setting("bool", doc="confirmation seeds also draw the label noise anew"),
 }
 
 
@@ -128,6 +132,11 @@ class Sweep:
     reduction_factor: float = 2.0
     sharpness_every: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
+    baselines: tuple[dict[str, Any], ...] | None = None
+    baseline_params: dict[str, Any] = field(default_factory=dict)
+    confirm_seeds: int = 0
+    vary_noise_draw: bool = False
+    m_ablation: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
         for key, spec in _SWEEP_SPECS.items():
@@ -155,13 +164,40 @@ class Sweep:
                 raise SpaceError(f"fixed has a non-string key {key!r}")
             if key in SWEEP_FIELDS:
                 raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({SWEEP_FIELDS[key]}=...)")
-            if key == "baseline":  # a study key fixed may not set (data_root, say, it may)
-                raise _study_key_error(key, "fixed sets 'baseline'")
+            if key in ("baseline", "confirms"):  # study keys fixed may not set (data_root, say, it may)
+                raise _study_key_error(key, f"fixed sets {key!r}")
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).
         validate_trial_config(self.base_config(self.cells()[0]), where="")
+        self._validate_answer_fields()
         _check_metric_reported(self.metric, self.base_config(self.cells()[0]))
+
+    def _validate_answer_fields(self) -> None:
+        """The baselines, their declared settings and the m ablation: trial settings each."""
+        if self.baselines is not None:
+            if not isinstance(self.baselines, (list, tuple)) or not all(isinstance(b, dict) for b in self.baselines):
+                raise SpaceError(f"baselines={self.baselines!r}: expected a tuple of dicts of trial settings, "
+                                 "e.g. ({'optimizer': 'sgd'}, {'optimizer': 'sam', 'rho': 0.05})")
+            object.__setattr__(self, "baselines", tuple(
+                validate_trial_config(dict(b), where=f"baselines[{i}]: ", whole=False)
+                for i, b in enumerate(self.baselines)))
+        if not isinstance(self.baseline_params, dict):
+            raise SpaceError(f"baseline_params={self.baseline_params!r}: expected a dict of trial settings")
+        object.__setattr__(self, "baseline_params",
+                           validate_trial_config(dict(self.baseline_params), where="baseline_params: ", whole=False))
+        ms = (self.m_ablation,) if self.m_ablation is None or isinstance(self.m_ablation, int) else self.m_ablation
+        if not isinstance(ms, (list, tuple)):
+            raise SpaceError(f"m_ablation={self.m_ablation!r}: expected a tuple of m values (None: the whole "
+                             "per-worker batch), e.g. (None, 32, 16, 8, 4)")
+        object.__setattr__(self, "m_ablation", tuple(TRIAL_KEYS["m"].validate("m_ablation", m) for m in ms))
+        if self.m_ablation and not self.confirm_seeds:
+            raise SpaceError("m_ablation runs on the confirmation seeds; set confirm_seeds > 0 as well")
+
+    def ablation_ms(self) -> tuple[int | None, ...]:
+        """The m values of the m ablation that divide the per-worker batch (None: the whole batch)."""
+        local = self.batch_size // self.workers
+        return tuple(m for m in self.m_ablation if m is None or local % m == 0)
 
     @staticmethod
     def _validated_rates(rates: Any) -> tuple[float, ...]:
@@ -319,6 +355,8 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
                 fixed[sub] = parse_trial_value(sub, raw)
             elif key == "label_noise_rates":
                 changes[key] = _parse_rates(key, raw)
+            elif key == "m_ablation":
+                changes[key] = tuple(parse_trial_value("m", part.strip()) for part in raw.split(",") if part.strip())
             elif key == "fixed":
                 raise SpaceError("--set fixed=...: set one trial setting at a time, e.g. --set fixed.weight_decay=1e-4")
             elif key in _SWEEP_SPECS:
