@@ -35,7 +35,7 @@ from samtune.sweep.space_file import load_space
 from samtune.sweep.study import apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.validate import parse_trial_value, validate_trial_config
-from samtune.sweep.view import SweepView, print_summary
+from samtune.sweep.view import SweepView, print_summary, print_verdicts
 from samtune.trial.config import TrialConfigError
 from samtune.trial.entry import fit
 
@@ -170,6 +170,7 @@ def cmd_sweep(args) -> int:
         else:
             print("samtune: interrupted before the sweep started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    print_verdicts(console, plan, results)
     print_summary(console, plan, summarize(plan, results))
     rows = [row for cell in results for row in cell.trials.values()]
     if rows and all(row.status == "failed" for row in rows):

@@ -23,11 +23,13 @@ from samtune.sweep.validate import validate_trial_config
 @dataclass(frozen=True)
 class Baseline:
     """One baseline: the values the space's suggestions get (``point``), the declared settings
-    the space does not search (``extras``, added to the trial config), and its name."""
+    the space does not search (``extras``, added to the trial config), its name, and everything
+    it adds to its cell's base config (``settings``: the space's constants too)."""
 
     name: str
     point: dict[str, Any]
     extras: dict[str, Any]
+    settings: dict[str, Any]
 
 
 class _DeclaredTrial:
@@ -105,5 +107,5 @@ def baseline_trials(sweep: Sweep, space: Callable[[Any], Any], sampled: list[dic
         name = "sgd" if config.get("optimizer") == "sgd" else f"{config.get('optimizer')}_baseline"
         if any(b.name == name for b in out):
             name = f"{name}{i}"
-        out.append(Baseline(name, dict(trial.params), extras))
+        out.append(Baseline(name, dict(trial.params), extras, {**returned, **trial.params, **extras}))
     return out

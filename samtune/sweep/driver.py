@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from samtune.contract.messages import first_line
+from samtune.contract.tags import DESCRIPTION_TAG
 from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
 from samtune.sweep.cluster import (
     _check_address,
@@ -32,6 +33,7 @@ from samtune.sweep.cluster import (
     _start_ray,
     check_shared_storage,
 )
+from samtune.sweep.confirm import confirm
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.interrupts import InterruptWatch
@@ -47,9 +49,6 @@ from samtune.sweep.recording import (
     write_state,
 )
 from samtune.sweep.recovery import (
-    EXPERIMENT_STATE_PERIOD_S,
-    CheckpointPruner,
-    StateBackup,
     _read_state,
     resumable,
 )
@@ -64,9 +63,12 @@ from samtune.sweep.search import (
 from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
+from samtune.sweep.verdicts import cell_verdict
+from samtune.sweep.verdicts import markdown as verdict_markdown
+from samtune.sweep.verdicts import write as write_verdicts
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.placement import trial_driver_resources, worker_resources
-from samtune.trial.ray_trial import run_trial
 
 
 def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
@@ -210,22 +212,19 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
     """The sweep's one Tuner: restored from its folder on --resume, else built afresh."""
     import optuna
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     sweep = plan.sweep
     cells = sweep.cells()
-    # See CheckpointPruner. Read by the Tuner's controller, so set before it exists.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
-    trainable = tune.with_resources(run_trial, resources)
+    function = trainable(resources)
     path = plan.sweep_dir / TUNE_DIR
     # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if plan.resume and resumable(path):
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
     baselines = baseline_points(plan)
     searchers = [
         AshaAwareOptunaSearch(
@@ -242,33 +241,15 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
     search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
                         baselines=[b.extras for b in baselines])
     return tune.Tuner(
-        trainable,
+        function,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
                                     search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
                                     scheduler=scheduler, max_concurrent_trials=concurrent,
                                     reuse_actors=reuse_trial_processes(sweep)),
-        run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(plan.sweep_dir), verbose=0,
-            # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-            callbacks=[SweepCallback(cells), CSVLoggerCallback(), CheckpointPruner(), StateBackup(str(path))],
-            # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
-            failure_config=tune.FailureConfig(max_failures=int(sweep.fixed.get("max_failures", 2))),
-            # All kept by Tune; CheckpointPruner removes those no resume can need.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-        ),
+        run_config=run_config(plan, TUNE_DIR, SweepCallback(cells)),
     )
 
 
-def reuse_trial_processes(sweep: Sweep) -> bool:
-    """Whether a trial process serves the next trial, of any cell.
-
-    With one worker, yes: no new process and no torch/Ray imports per trial (seconds each on 2
-    cores). With several, no: the trial's thread is still inside `TorchTrainer.fit()`, tearing
-    down its worker group, when Tune asks the process to take the next trial; Tune gives that
-    thread 2 s, then fails the next trial ("Could not re-use actor"). A fresh process per trial
-    costs little beside starting a worker group, and the old process's end frees its workers.
-    """
-    return sweep.workers == 1
 
 
 def run_sweep(plan: Plan, view=None) -> list[CellResult]:
@@ -297,11 +278,28 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
             raise SweepInterrupted(f"interrupted in cell {unfinished[0].label}; finish the sweep with: "
                                    f"{plan.resume_command}")
         results = [recorders[cell.slug].result for cell in cells]
+        if sweep.confirm_seeds:
+            left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch)
+            if left:
+                raise SweepInterrupted(f"interrupted in the confirmation stage ({left} runs to go); finish the "
+                                       f"sweep with: {plan.resume_command}")
+            _record_verdicts(plan, tracker, sweep_key, results)
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
         _close(tracker, watch, view, completed)
     return results
+
+
+def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list[CellResult]) -> None:
+    """Each cell's verdict on its result, and all of them on the sweep's MLflow run: its
+    description (what the UI shows first) and ``verdicts/verdicts.{json,md}``."""
+    for result in results:
+        result.verdict = cell_verdict(result)
+    verdicts = [r.verdict for r in results]
+    folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
+    tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})
+    tracker.log_artifacts(sweep_key, folder)
 
 
 def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:

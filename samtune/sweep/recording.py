@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -94,6 +95,8 @@ class Recorder:
             self.tracker.set_tags(self._key(trial), {PLACEMENT_TAG: placement})
         row.epoch = max(row.epoch, epoch)
         row.metrics.update(metrics)
+        if finite(metrics.get("val_error")) and metrics["val_error"] < row.best_epoch.get("val_error", math.inf):
+            row.best_epoch = dict(metrics)
         if metrics.get("diverged"):
             row.status = "diverged"
         self.on_change()
@@ -166,13 +169,17 @@ class SweepCallback(Callback):
     cell's folder name in the recorders `recording_to` made live: the pickled copy Tune keeps for
     ``--resume`` holds no live state."""
 
-    def __init__(self, cells: list[Cell]):
+    def __init__(self, cells: list[Cell], stage: str = ""):
+        """`stage`: the prefix of the recorders' names in `recording_to` ("" for the search,
+        "confirm:" for the confirmation stage's Tuner)."""
         self.rates = tuple(c.label_noise_rate for c in cells)
         self.slugs = tuple(c.slug for c in cells)
+        self.stage = stage
 
     def _recorder(self, trial) -> "Recorder | None":
         index = cell_index(self.rates, trial.config)
-        return None if index is None else _LIVE_RECORDERS.get(self.slugs[index])
+        # A callback pickled before stages existed has no `stage`: it is the search's.
+        return None if index is None else _LIVE_RECORDERS.get(getattr(self, "stage", "") + self.slugs[index])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if (r := self._recorder(trial)) is not None:
@@ -242,9 +249,9 @@ def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     return plan.sweep_key
 
 
-def _reconcile(plan: Plan, recorders: dict[str, Recorder]) -> dict[str, int]:
-    """Bring each cell's records up to Tune's saved state; return how many trials of each cell
-    (by slug) have ended.
+def _reconcile(plan: Plan, recorders: dict[str, Recorder], folder: str = TUNE_DIR) -> dict[str, int]:
+    """Bring each cell's records up to Tune's saved state (of the search, or of the Tuner in
+    ``folder``); return how many trials of each cell (by slug) have ended.
 
     A trial that ended while an earlier driver ran (the sweep is resumed) produces no callback in
     this one: its row is rebuilt from Tune's per-trial progress table, and its MLflow run is found
@@ -255,7 +262,7 @@ def _reconcile(plan: Plan, recorders: dict[str, Recorder]) -> dict[str, int]:
 
     ended = {slug: 0 for slug in recorders}
     try:
-        analysis = ExperimentAnalysis(str(plan.sweep_dir / TUNE_DIR))
+        analysis = ExperimentAnalysis(str(plan.sweep_dir / folder))
     except Exception:  # noqa: BLE001  no state written: nothing ended
         return ended
     cells = plan.sweep.cells()
@@ -282,7 +289,7 @@ def _reconcile(plan: Plan, recorders: dict[str, Recorder]) -> dict[str, int]:
             recorder.trial_result(trial, result)
         recorder.trial_end(trial, failed=trial.status == "ERROR")
     for slug, recorder in recorders.items():
-        if plan.resume and ended[slug] >= plan.sweep.trials:
+        if folder == TUNE_DIR and plan.resume and ended[slug] >= plan.sweep.trials:
             lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, known[slug])
             for key in lost:
                 log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran "

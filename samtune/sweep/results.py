@@ -25,6 +25,9 @@ class TrialRow:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""  # why a failed trial failed: its exception's last line
+    # The metrics of its epoch of lowest validation error (early stopping on the noisy
+    # validation set), beside `metrics`, its last epoch's.
+    best_epoch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def optimizer(self) -> str:
@@ -35,6 +38,12 @@ class TrialRow:
 class CellResult:
     cell: Cell
     trials: dict[str, TrialRow] = field(default_factory=dict)
+    # The confirmation stage's runs, by `confirms` name and seed (`samtune.sweep.confirm`).
+    reruns: dict[tuple[str, int], TrialRow] = field(default_factory=dict)
+    # Picks whose runs another pick's are (same settings): name -> the name that ran them.
+    aliases: dict[str, str] = field(default_factory=dict)
+    # What they say (`samtune.sweep.verdicts.cell_verdict`), once the stage has run.
+    verdict: dict[str, Any] | None = None
 
     def best(self, metric: str, mode: str, optimizer: str | tuple[str, ...] | None = None) -> TrialRow | None:
         """The best trial by `metric` (of `optimizer`, a name or several), among the trials that

@@ -72,7 +72,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from samtune.contract.tags import KEY_TAG, NOTE_TAG, ROLE_TAG, STATUS_TAG
+from samtune.contract.tags import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    KEY_TAG,
+    NOTE_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +543,9 @@ class Tracker:
                 self.client.restore_experiment(found.experiment_id)
             self._experiment_id = (found.experiment_id if found is not None
                                    else self.client.create_experiment(self.experiment))
+            # The MLflow UI opens an experiment of no kind on its GenAI traces; this one holds
+            # training runs, and says so.
+            self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self._experiment_id
 
     def _resolve(self, key: str) -> _RunSpec:

@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from samtune.contract.keys import HEADLINE_KEYS
+from samtune.sweep.verdicts import RULES, verdict_rows
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
                  "failed": "bold red", "pending": "dim"}
@@ -154,3 +155,25 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
     # The report (built next by `samtune sweep`) says where it is itself.
     console.print(f"Browse the runs:  samtune ui --tracking-uri {uri}   (experiment {plan.sweep.name!r})",
                   highlight=False, markup=False, soft_wrap=True)
+
+
+def print_verdicts(console: Console, plan, results: list) -> None:
+    """The answer: per cell and selection rule, SGD and SAM on the confirmation seeds (mean and
+    95% interval) and what their paired difference supports."""
+    verdicts = [r.verdict for r in results if r.verdict is not None]
+    rows = verdict_rows(verdicts)
+    if not rows:
+        return
+    seeds = plan.sweep.confirm_seeds
+    table = Table(title=f"{plan.sweep.name}: SAM vs SGD, test error on {seeds} fresh seeds "
+                        "(mean [95% CI]; best configurations of the search, run again)")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    for v in verdicts:
+        if v["m_curve"]:
+            points = "  ".join(f"m={m}: {est[v['rules'][0]].text()}" for m, est in v["m_curve"].items())
+            console.print(f"m ablation, {v['cell']} ({RULES[v['rules'][0]]}): {points}", highlight=False,
+                          markup=False, soft_wrap=True)

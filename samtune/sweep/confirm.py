@@ -1,0 +1,222 @@
+"""The confirmation stage: a search's picks, run again on fresh seeds, so a verdict has an interval.
+
+A search's best trial is one run of one seed, picked as the best of several: its error has no
+error bar, and the pick itself flatters it (the winner's curse). After every cell's search, its
+best SGD configuration, its best SAM-family configuration and its SAM baseline run again on
+``confirm_seeds`` fresh seeds (``seed + 1``, ``seed + 2``, ...); the seed changes initialisation,
+data order and augmentation, while the cell's label-noise draw stays the one the search saw
+(``data_seed`` is the sweep's seed) unless ``vary_noise_draw`` draws it anew per seed. With an
+``m_ablation``, the best SAM configuration also runs at each m that divides the per-worker batch
+(the SAM paper's m-sharpness question) on the same seeds.
+
+The runs are one more Tuner of their own (``<sweep>/confirm``), never seen by the searchers, with
+every epoch in full (no ASHA). Each is an MLflow run under its cell's run, tagged
+``samtune.role=confirm`` (``ablation`` for the m ablation), ``samtune.confirms`` (which
+configuration) and ``samtune.seed``, keyed by those two, so a resumed stage continues its runs
+instead of adding new ones.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from samtune.contract.tags import CELL_TAG, CONFIRMS_TAG, SEED_TAG, STATUS_TAG
+from samtune.sweep.baselines import Baseline
+from samtune.sweep.interrupts import InterruptWatch
+from samtune.sweep.plan import Plan
+from samtune.sweep.recording import Recorder, SweepCallback, _reconcile, recording_to
+from samtune.sweep.recovery import resumable
+from samtune.sweep.results import CellResult, TrialRow
+from samtune.sweep.study import Cell, Sweep
+from samtune.sweep.tracking import Tracker
+from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
+
+CONFIRM_DIR = "confirm"
+#: The configurations every cell confirms, in the order tables show them.
+CONFIRMED = ("best_sgd", "best_sam", "sam_baseline")
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """One confirmation run: which configuration of which cell, on which seed."""
+
+    cell: Cell
+    name: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def role(self) -> str:
+        return "ablation" if self.name.startswith("m=") else "confirm"
+
+
+def confirmation_seeds(sweep: Sweep) -> list[int]:
+    """Fresh seeds: the search ran every trial on ``sweep.seed``."""
+    return [sweep.seed + 1 + k for k in range(sweep.confirm_seeds)]
+
+
+def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[str, dict[str, Any]]:
+    """The configurations a cell confirms, by name, as settings over its base config. One that
+    another pick already runs is not run twice: `CellResult.aliases` names the pick that runs it."""
+    picks: dict[str, dict[str, Any]] = {}
+    for name, family in (("best_sgd", ("sgd",)), ("best_sam", ("sam", "asam"))):
+        row = result.best(sweep.metric, sweep.mode, family)
+        if row is not None:
+            picks[name] = dict(row.params)
+    sam = next((dict(b.settings) for b in baselines if b.settings.get("optimizer") in ("sam", "asam")), None)
+    if sam is not None:
+        picks["sam_baseline"] = sam
+    if "best_sam" in picks:
+        for m in sweep.ablation_ms():
+            picks[f"m={m}"] = {**picks["best_sam"], "m": m}
+    unique: dict[str, dict[str, Any]] = {}
+    for name, settings in picks.items():
+        same = next((other for other, s in unique.items() if _same(s, settings)), None)
+        if same is None:
+            unique[name] = settings
+        else:
+            result.aliases[name] = same
+    return unique
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    # An absent key and None are one setting: the trainer reads None as the default.
+    return all(a.get(k) == b.get(k) for k in set(a) | set(b))
+
+
+def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline]) -> list[Rerun]:
+    """Every confirmation run of the sweep, cell after cell, configuration after configuration.
+
+    >>> from samtune.sweep.results import TrialRow
+    >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=2, batch_size=32, trials=2,
+    ...               confirm_seeds=2, m_ablation=(None, 8))
+    >>> result = CellResult(sweep.cells()[0])
+    >>> result.trials["a"] = TrialRow("a", {"optimizer": "sam", "lr": 0.1, "rho": 0.1}, "finished",
+    ...                               metrics={"val_error": 0.2})
+    >>> [(r.name, r.seed, r.config.get("m")) for r in reruns(sweep, [result], [])]
+    [('best_sam', 1, None), ('best_sam', 2, None), ('m=8', 1, 8), ('m=8', 2, 8)]
+    >>> result.aliases  # m=None is the best SAM configuration itself: its runs serve both
+    {'m=None': 'best_sam'}
+    """
+    out = []
+    for result in results:
+        base = sweep.base_config(result.cell)
+        for name, settings in _picks(sweep, result, baselines).items():
+            for seed in confirmation_seeds(sweep):
+                config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False}
+                if sweep.vary_noise_draw:
+                    config["data_seed"] = seed
+                out.append(Rerun(result.cell, name, seed, config))
+    return out
+
+
+class StageRecorder(Recorder):
+    """Records a cell's confirmation runs: MLflow runs keyed by configuration and seed, rows in
+    the cell's `CellResult.reruns`."""
+
+    def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str, result: CellResult):
+        # The cell's run exists already (the search's recorder declared it): nothing to declare.
+        self.sweep, self.cell, self.tracker = sweep, cell, tracker
+        self.cell_key = f"{sweep_key}/{cell.slug}"
+        self.result = result
+        self.on_change = self.on_done = lambda: None
+        self.ended, self.done = 0, False
+        self._placements: dict[str, str] = {}
+
+    @staticmethod
+    def _id(trial) -> tuple[str, int]:
+        return str(trial.config["confirms"]), int(trial.config["seed"])
+
+    def _key(self, trial) -> str:
+        name, seed = self._id(trial)
+        return f"{self.cell_key}/{name}/seed{seed}"
+
+    def _row(self, trial) -> TrialRow:
+        row = self.result.reruns.get(self._id(trial))
+        if row is None:
+            params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
+            row = self.result.reruns[self._id(trial)] = TrialRow(trial.trial_id, params)
+        return row
+
+    def seen_ending(self, trial_id: str) -> bool:
+        return any(r.trial_id == trial_id and r.status in ("finished", "stopped", "diverged", "failed")
+                   for r in self.result.reruns.values())
+
+    def trial_start(self, trial) -> None:
+        name, seed = self._id(trial)
+        role = "ablation" if name.startswith("m=") else "confirm"
+        self.tracker.declare(self._key(trial), f"{self.cell.label} {name} seed {seed}", role,
+                             parent=self.cell_key, **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name,
+                                                      SEED_TAG: str(seed), STATUS_TAG: "running"})
+        self.tracker.log_params(self._key(trial), trial.config)
+        self._row(trial).status = "running"
+
+
+class RerunSearch(Searcher):
+    """Hands the stage's configs out, in order, each once (saved with the Tuner, for --resume)."""
+
+    def __init__(self, configs: list[dict[str, Any]]):
+        super().__init__()
+        self.configs = [dict(c) for c in configs]
+        self.issued = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.issued >= len(self.configs):
+            return Searcher.FINISHED
+        self.issued += 1
+        return dict(self.configs[self.issued - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__.copy(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
+
+
+def _stage_tuner(plan: Plan, runs: list[Rerun], concurrent: int, resources: dict[str, float]):
+    """The stage's Tuner: restored from ``<sweep>/confirm`` when a driver left it unfinished."""
+    from ray import tune
+
+    function = trainable(resources)
+    path = plan.sweep_dir / CONFIRM_DIR
+    if resumable(path):
+        return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        function,
+        tune_config=tune.TuneConfig(num_samples=len(runs), search_alg=RerunSearch([r.config for r in runs]),
+                                    max_concurrent_trials=concurrent,
+                                    reuse_actors=reuse_trial_processes(plan.sweep)),
+        run_config=run_config(plan, CONFIRM_DIR, SweepCallback(plan.sweep.cells(), stage="confirm:")),
+    )
+
+
+def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tracker: Tracker,
+            sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch) -> int:
+    """Run (or finish) the confirmation stage; its rows land in ``results``. Returns how many of
+    its runs are still to end (0 when the stage is complete)."""
+    sweep = plan.sweep
+    runs = reruns(sweep, results, baselines)
+    if not runs:
+        return 0
+    recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
+                 for r in results}
+    print(f"confirming: {len(runs)} runs ({len(runs) // max(1, len(results))} per cell: "
+          f"{', '.join(sorted({r.name for r in runs}, key=_order))} on seeds "
+          f"{', '.join(map(str, confirmation_seeds(sweep)))})", flush=True)
+    with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
+        with watch.tune_fit():
+            _stage_tuner(plan, runs, concurrent, resources).fit()
+        ended = _reconcile(plan, recorders, folder=CONFIRM_DIR)
+    return len(runs) - sum(ended.values())
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (CONFIRMED.index(name), "") if name in CONFIRMED else (len(CONFIRMED), name)

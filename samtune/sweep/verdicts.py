@@ -1,0 +1,98 @@
+"""Verdicts: per cell, what the confirmation runs say about SAM against SGD, with intervals.
+
+For each confirmed configuration, the test error's mean over seeds with a 95% Student-t interval;
+for SAM against SGD, the difference of the best SAM and best SGD configurations (and of the SAM
+baseline and best SGD), paired by seed, with its own interval (`samtune.stats`). Each is given
+under two selection rules, and says which: the final epoch, and the epoch of lowest validation
+error (early stopping on the noisy validation set, which under label noise can change the
+answer). A difference whose interval covers 0 is "no detectable difference", not a winner.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from samtune.stats import Estimate, difference, mean_interval, verdict
+from samtune.sweep.results import CellResult
+
+#: The selection rules, as the tables name them.
+RULES = {"final": "final epoch", "best_epoch": "best validation epoch"}
+COMPARED = (("best_sam", "best_sgd"), ("sam_baseline", "best_sgd"))
+
+
+def _by_seed(result: CellResult, name: str, rule: str, metric: str) -> dict[int, float]:
+    name = result.aliases.get(name, name)
+    out = {}
+    for (confirms, seed), row in result.reruns.items():
+        values = row.metrics if rule == "final" else row.best_epoch
+        if confirms == name and row.status == "finished" and metric in values:
+            out[seed] = float(values[metric])
+    return out
+
+
+def cell_verdict(result: CellResult, metric: str = "test_error") -> dict[str, Any]:
+    """The verdict of one cell: estimates per configuration and rule, differences, m curve."""
+    names = sorted({name for name, _ in result.reruns} | set(result.aliases))
+    rules = [r for r in RULES if r == "final" or any(row.best_epoch for row in result.reruns.values())]
+    out: dict[str, Any] = {"cell": result.cell.label, "metric": metric, "rules": rules,
+                           "configs": {}, "differences": {}, "m_curve": {}}
+    for name in names:
+        params = next(row.params for (n, _), row in result.reruns.items() if n == result.aliases.get(name, name))
+        out["configs"][name] = {"params": params, **{
+            rule: mean_interval(list(_by_seed(result, name, rule, metric).values())) for rule in rules}}
+    for first, second in COMPARED:
+        if first in names and second in names:
+            out["differences"][f"{first} - {second}"] = {
+                rule: difference(_by_seed(result, first, rule, metric), _by_seed(result, second, rule, metric))
+                for rule in rules}
+    for name in names:
+        if name.startswith("m="):
+            out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
+    return out
+
+
+def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per cell and selection rule: SGD, SAM, their difference and what it supports."""
+    rows = []
+    for v in verdicts:
+        diff = v["differences"].get("best_sam - best_sgd")
+        for rule in v["rules"]:
+            sgd, sam = v["configs"].get("best_sgd", {}).get(rule), v["configs"].get("best_sam", {}).get(rule)
+            rows.append({"cell": v["cell"], "selection": RULES[rule],
+                         "SGD": sgd.text() if sgd else "-", "SAM": sam.text() if sam else "-",
+                         "SAM - SGD": diff[rule].text() if diff else "-",
+                         "verdict": verdict(diff[rule]) if diff else "needs both SGD and SAM runs",
+                         "seeds": str(min(sgd.n, sam.n)) if sgd and sam else "0"})
+    return rows
+
+
+def markdown(verdicts: list[dict[str, Any]], metric: str = "test_error") -> str:
+    """The verdict table as markdown (the sweep run's description in the MLflow UI)."""
+    rows = verdict_rows(verdicts)
+    if not rows:
+        return ""
+    head = list(rows[0])
+    lines = [f"**SAM vs SGD, {metric} (mean [95% CI] over confirmation seeds)**", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Estimate):
+        return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n,
+                "level": value.level, "paired": value.paired}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write(verdicts: list[dict[str, Any]], folder: Path) -> Path:
+    """``verdicts.json`` and ``verdicts.md`` in ``folder`` (created); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "verdicts.json").write_text(json.dumps(_jsonable(verdicts), indent=1, allow_nan=True))
+    (folder / "verdicts.md").write_text(markdown(verdicts))
+    return folder
