@@ -21,7 +21,7 @@ EMBEDDED = ROOT / "search_spaces" / "noisy_digits.py"
 def test_the_embedded_study_with_two_workers_finishes_every_trial_of_every_cell(tmp_path):
     """The main job's shape: all cells share one Tuner, each trial runs a 2-worker TorchTrainer.
     The trial after the first used to fail ("Could not re-use actor") or wait forever."""
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t",
+    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "confirm_seeds=0",
            "--set", "epochs=2", "--set", "trials=2", "--set", "workers=2",
            "--set", "label_noise_rates=0.0,0.4", "--set", "fixed.sharpness_measures=m_sharpness",
            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
@@ -298,7 +298,7 @@ def ray_start_cluster(tmp_path):
 
 
 def digits_sweep(tmp_path, *extra):
-    return [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "model=mlp",
+    return [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "confirm_seeds=0", "--set", "model=mlp",
             "--set", "epochs=3", "--set", "trials=1", "--set", "label_noise_rates=0.0",
             "--set", "fixed.sharpness_measures=", "--storage-path", str(tmp_path / "runs"),
             "--tracking-uri", f"sqlite:///{tmp_path}/runs.db", *extra]

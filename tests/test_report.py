@@ -855,7 +855,7 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
                               capture_output=True, text=True, timeout=900)
 
     sweep = samtune("sweep", str(REPO / "search_spaces/noisy_digits.py"), "--set", "epochs=2",
-                    "--set", "trials=2", "--set", "label_noise_rates=0.0,0.4",
+                    "--set", "trials=2", "--set", "label_noise_rates=0.0,0.4", "--set", "confirm_seeds=0",
                     "--set", "fixed.sharpness_measures=m_sharpness",
                     "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]

@@ -417,6 +417,8 @@ def test_a_resume_of_a_changed_search_space_is_refused_saying_what_changed(tmp_p
 def sweep_cmd(tmp_path, *extra, name="t"):
     return [sys.executable, "-m", "samtune.cli", "sweep", str(SPACE), "--set", f"name={name}",
             "--set", "model=mlp", "--set", "batch_size=128", "--set", "fixed.sharpness_measures=m_sharpness",
+            # The search alone: the confirmation stage has tests of its own (test_confirm.py).
+            "--set", "confirm_seeds=0",
             "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *extra]
 
 
@@ -615,7 +617,9 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
             [(t.number, t.state) for t in study.trials]
         enqueued = [(t.number, t.system_attrs["fixed_params"]) for t in study.trials
                     if "fixed_params" in t.system_attrs]
-        assert enqueued == [(0, {"optimizer": "sgd"}), (1, {"optimizer": "sam"})]
+        # The declared baselines: SGD, and SAM at the paper's rho and m, the rest at its defaults.
+        assert enqueued == [(0, {"optimizer": "sgd", "lr": 0.05}),
+                            (1, {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "m": None})]
 
 
 @pytest.mark.slow

@@ -297,7 +297,7 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
         env.pop("MLFLOW_TRACKING_URI", None)
         sweep = subprocess.Popen(
             [sys.executable, "-m", "samtune.cli", "sweep", str(root / "search_spaces/noisy_digits.py"),
-             "--set", "name=away", "--set", "model=mlp", "--set", "batch_size=128", "--set", "epochs=6",
+             "--set", "name=away", "--set", "confirm_seeds=0", "--set", "model=mlp", "--set", "batch_size=128", "--set", "epochs=6",
              "--set", "trials=2", "--set", "label_noise_rates=0.2", "--set", "grace_period=6",
              "--set", "fixed.sharpness_measures=", "--storage-path", str(tmp_path / "runs"),
              "--tracking-uri", uri],

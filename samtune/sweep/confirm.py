@@ -70,7 +70,7 @@ def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[
     if sam is not None:
         picks["sam_baseline"] = sam
     if "best_sam" in picks:
-        for m in sweep.ablation_ms():
+        for m in sweep.ablation_ms(result.cell):
             picks[f"m={m}"] = {**picks["best_sam"], "m": m}
     unique: dict[str, dict[str, Any]] = {}
     for name, settings in picks.items():
@@ -216,6 +216,26 @@ def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tr
             _stage_tuner(plan, runs, concurrent, resources).fit()
         ended = _reconcile(plan, recorders, folder=CONFIRM_DIR)
     return len(runs) - sum(ended.values())
+
+
+def seed_values(result: CellResult, metric: str = "test_error") -> tuple[dict, dict]:
+    """A cell's confirmation results for `samtune.verdicts.cell_verdict`: ``metric`` of every
+    finished run by configuration, selection rule (its last epoch, and its epoch of lowest
+    validation error) and seed; and each configuration's settings. A pick another pick ran
+    (`CellResult.aliases`) gets that pick's results."""
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    params: dict[str, dict[str, Any]] = {}
+    for (name, seed), row in result.reruns.items():
+        params.setdefault(name, row.params)
+        by_rule = values.setdefault(name, {"final": {}, "best_epoch": {}})
+        if row.status == "finished" and metric in row.metrics:
+            by_rule["final"][seed] = float(row.metrics[metric])
+        if row.status == "finished" and metric in row.best_epoch:
+            by_rule["best_epoch"][seed] = float(row.best_epoch[metric])
+    for alias, name in result.aliases.items():
+        if name in values:
+            values[alias], params[alias] = values[name], params[name]
+    return values, params
 
 
 def _order(name: str) -> tuple[int, str]:

@@ -33,7 +33,7 @@ from samtune.sweep.cluster import (
     _start_ray,
     check_shared_storage,
 )
-from samtune.sweep.confirm import confirm
+from samtune.sweep.confirm import confirm, seed_values
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.interrupts import InterruptWatch
@@ -64,11 +64,11 @@ from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
-from samtune.sweep.verdicts import cell_verdict
-from samtune.sweep.verdicts import markdown as verdict_markdown
-from samtune.sweep.verdicts import write as write_verdicts
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.placement import trial_driver_resources, worker_resources
+from samtune.verdicts import cell_verdict
+from samtune.verdicts import markdown as verdict_markdown
+from samtune.verdicts import write as write_verdicts
 
 
 def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
@@ -295,7 +295,7 @@ def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list
     """Each cell's verdict on its result, and all of them on the sweep's MLflow run: its
     description (what the UI shows first) and ``verdicts/verdicts.{json,md}``."""
     for result in results:
-        result.verdict = cell_verdict(result)
+        result.verdict = cell_verdict(result.cell.label, *seed_values(result))
     verdicts = [r.verdict for r in results]
     folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
     tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})

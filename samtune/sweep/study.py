@@ -137,6 +137,7 @@ class Sweep:
     confirm_seeds: int = 0
     vary_noise_draw: bool = False
     m_ablation: tuple[int | None, ...] = ()
+    m_ablation_rates: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for key, spec in _SWEEP_SPECS.items():
@@ -191,11 +192,21 @@ class Sweep:
             raise SpaceError(f"m_ablation={self.m_ablation!r}: expected a tuple of m values (None: the whole "
                              "per-worker batch), e.g. (None, 32, 16, 8, 4)")
         object.__setattr__(self, "m_ablation", tuple(TRIAL_KEYS["m"].validate("m_ablation", m) for m in ms))
-        if self.m_ablation and not self.confirm_seeds:
-            raise SpaceError("m_ablation runs on the confirmation seeds; set confirm_seeds > 0 as well")
+        if self.m_ablation_rates is not None:
+            rates = self._validated_rates(self.m_ablation_rates)
+            missing = [r for r in rates if r not in self.label_noise_rates]
+            if missing:
+                raise SpaceError(f"m_ablation_rates={list(rates)}: {missing[0]:g} is not a cell of this sweep "
+                                 f"(label_noise_rates={list(self.label_noise_rates)})")
+            object.__setattr__(self, "m_ablation_rates", rates)
 
-    def ablation_ms(self) -> tuple[int | None, ...]:
-        """The m values of the m ablation that divide the per-worker batch (None: the whole batch)."""
+    def ablation_ms(self, cell: Cell | None = None) -> tuple[int | None, ...]:
+        """The m values of the m ablation (of ``cell``: none outside ``m_ablation_rates``) that
+        divide the per-worker batch (None: the whole batch). It runs on the confirmation seeds,
+        so not at all with ``confirm_seeds=0``."""
+        if not self.confirm_seeds or (cell is not None and self.m_ablation_rates is not None
+                                      and cell.label_noise_rate not in self.m_ablation_rates):
+            return ()
         local = self.batch_size // self.workers
         return tuple(m for m in self.m_ablation if m is None or local % m == 0)
 
@@ -354,6 +365,8 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
                     raise SpaceError(f"--set {key}: {sub!r} is a Sweep setting; use --set {SWEEP_FIELDS[sub]}=...")
                 fixed[sub] = parse_trial_value(sub, raw)
             elif key == "label_noise_rates":
+                changes[key] = _parse_rates(key, raw)
+            elif key == "m_ablation_rates":
                 changes[key] = _parse_rates(key, raw)
             elif key == "m_ablation":
                 changes[key] = tuple(parse_trial_value("m", part.strip()) for part in raw.split(",") if part.strip())

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from samtune.contract.keys import HEADLINE_KEYS
-from samtune.sweep.verdicts import RULES, verdict_rows
+from samtune.verdicts import RULES, verdict_rows
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
                  "failed": "bold red", "pending": "dim"}

@@ -1,5 +1,8 @@
 """Verdicts: per cell, what the confirmation runs say about SAM against SGD, with intervals.
 
+Free of torch, Ray and MLflow: the sweep gives it its confirmation runs' results as they end, the
+report the same results read back from MLflow.
+
 For each confirmed configuration, the test error's mean over seeds with a 95% Student-t interval;
 for SAM against SGD, the difference of the best SAM and best SGD configurations (and of the SAM
 baseline and best SGD), paired by seed, with its own interval (`samtune.stats`). Each is given
@@ -14,42 +17,45 @@ from pathlib import Path
 from typing import Any
 
 from samtune.stats import Estimate, difference, mean_interval, verdict
-from samtune.sweep.results import CellResult
 
 #: The selection rules, as the tables name them.
 RULES = {"final": "final epoch", "best_epoch": "best validation epoch"}
 COMPARED = (("best_sam", "best_sgd"), ("sam_baseline", "best_sgd"))
 
 
-def _by_seed(result: CellResult, name: str, rule: str, metric: str) -> dict[int, float]:
-    name = result.aliases.get(name, name)
-    out = {}
-    for (confirms, seed), row in result.reruns.items():
-        values = row.metrics if rule == "final" else row.best_epoch
-        if confirms == name and row.status == "finished" and metric in values:
-            out[seed] = float(values[metric])
-    return out
+#: A cell's confirmation results: configuration name -> selection rule -> seed -> value.
+SeedValues = dict[str, dict[str, dict[int, float]]]
 
 
-def cell_verdict(result: CellResult, metric: str = "test_error") -> dict[str, Any]:
-    """The verdict of one cell: estimates per configuration and rule, differences, m curve."""
-    names = sorted({name for name, _ in result.reruns} | set(result.aliases))
-    rules = [r for r in RULES if r == "final" or any(row.best_epoch for row in result.reruns.values())]
-    out: dict[str, Any] = {"cell": result.cell.label, "metric": metric, "rules": rules,
-                           "configs": {}, "differences": {}, "m_curve": {}}
-    for name in names:
-        params = next(row.params for (n, _), row in result.reruns.items() if n == result.aliases.get(name, name))
-        out["configs"][name] = {"params": params, **{
-            rule: mean_interval(list(_by_seed(result, name, rule, metric).values())) for rule in rules}}
+def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]] | None = None,
+                 metric: str = "test_error") -> dict[str, Any]:
+    """The verdict of one cell from its confirmation results: estimates per configuration and
+    rule, the SAM - SGD differences, and the m curve (configurations named ``m=<m>``).
+
+    >>> v = cell_verdict("noise=0.4", {"best_sgd": {"final": {1: 0.30, 2: 0.32, 3: 0.31}},
+    ...                                "best_sam": {"final": {1: 0.20, 2: 0.21, 3: 0.21}}})
+    >>> verdict_rows([v])[0]["verdict"]
+    'SAM lower by 0.103 (95% CI 0.089 to 0.118)'
+    """
+    rules = [r for r in RULES if any(values[name].get(r) for name in values)]
+    out: dict[str, Any] = {"cell": cell, "metric": metric, "rules": rules, "configs": {},
+                           "differences": {}, "m_curve": {}}
+    for name in sorted(values):
+        out["configs"][name] = {"params": (params or {}).get(name, {}), **{
+            rule: mean_interval(list(values[name].get(rule, {}).values())) for rule in rules}}
     for first, second in COMPARED:
-        if first in names and second in names:
+        if first in values and second in values:
             out["differences"][f"{first} - {second}"] = {
-                rule: difference(_by_seed(result, first, rule, metric), _by_seed(result, second, rule, metric))
-                for rule in rules}
-    for name in names:
+                rule: difference(values[first].get(rule, {}), values[second].get(rule, {})) for rule in rules}
+    for name in sorted(values, key=_m_order):
         if name.startswith("m="):
             out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
     return out
+
+
+def _m_order(name: str) -> tuple[int, int]:
+    m = name[2:] if name.startswith("m=") else ""
+    return (0, 0) if m in ("None", "") else (1, -int(m)) if m.isdigit() else (2, 0)
 
 
 def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
