@@ -26,6 +26,7 @@ from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
 from samtune.report.page import build
 from samtune.report.runs import ReportError
+from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.driver import prepare, run_sweep
 from samtune.sweep.errors import SweepError, SweepInterrupted
@@ -231,9 +232,17 @@ def cmd_check(args) -> int:
         unchecked = (f"note: {sweep.dataset} is not on this machine, so each cell's split was not sized "
                      f"against it; the sweep does that before its first trial")
     names = sorted({k for p in sampled for k in p})
+    baselines = baseline_trials(sweep, space, sampled)
     print(f"{args.file}: ok: sweep {sweep.name!r}, {len(sweep.cells())} cell(s) "
           f"({', '.join(c.label for c in sweep.cells())}), {sweep.trials} trials each, "
           f"searching {', '.join(names) or 'nothing'}")
+    for b in baselines:
+        print(f"  baseline {b.name}: " + " ".join(f"{k}={v}" for k, v in {**b.point, **b.extras}.items()))
+    if sweep.confirm_seeds:
+        ablation = {c.label: sweep.ablation_ms(c) for c in sweep.cells() if sweep.ablation_ms(c)}
+        print(f"  confirmation: best SGD, best SAM and the SAM baseline of each cell on {sweep.confirm_seeds} "
+              f"fresh seeds" + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}"
+                                       for cell, ms in ablation.items()))
     if unchecked:
         print(unchecked, file=sys.stderr)
     return 0

@@ -41,4 +41,7 @@ SWEEP = Sweep(
     grace_period=5,
     reduction_factor=3,
     fixed={"finetune_source": "cifar100", "freeze_bn": True, "lr_schedule": "cosine"},
+    # The baselines finetune the backbone at a tenth of the head's learning rate.
+    baseline_params={"backbone_lr_scale": 0.1},
+    confirm_seeds=3,
 )

@@ -43,4 +43,7 @@ SWEEP = Sweep(
     grace_period=3,
     reduction_factor=2,
     fixed={"finetune_source": "digits[0-4]", "freeze_bn": True, "pretrain_epochs": 10},
+    # The baselines finetune the backbone at a tenth of the head's learning rate.
+    baseline_params={"backbone_lr_scale": 0.1},
+    confirm_seeds=3,
 )

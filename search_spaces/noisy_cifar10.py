@@ -48,4 +48,10 @@ SWEEP = Sweep(
     reduction_factor=3,
     sharpness_every=25,       # sharpness curves over training, not only at the end
     fixed={"lr_schedule": "cosine", "augment": True},
+    # Baselines at the SAM paper's settings (lr 0.1, rho 0.05, m = the per-worker batch); every
+    # pick confirmed on 3 fresh seeds, and the best SAM at each m in the 40% cell.
+    baseline_params={"lr": 0.1},
+    confirm_seeds=3,
+    m_ablation=(None, 64, 32, 16, 8),
+    m_ablation_rates=(0.4,),
 )

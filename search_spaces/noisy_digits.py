@@ -33,4 +33,9 @@ SWEEP = Sweep(
     seed=0,
     grace_period=4,
     reduction_factor=2,
+    # The answer: each cell's best SGD, best SAM and SAM baseline run again on 3 fresh seeds, and
+    # at 40% noise the best SAM configuration at every m (the SAM paper's m-sharpness question).
+    confirm_seeds=3,
+    m_ablation=(None, 32, 16, 8, 4),
+    m_ablation_rates=(0.4,),
 )

@@ -27,7 +27,7 @@ def test_check_accepts_every_shipped_space_file(path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"{path}: ok: sweep ")
     # What is searched is listed; constants the space returns are not "searching".
-    searched = out.split("searching ")[1].strip().split(", ")
+    searched = out.splitlines()[0].split("searching ")[1].strip().split(", ")
     assert {"lr", "optimizer", "rho", "m"} <= set(searched) and "momentum" not in searched
 
 

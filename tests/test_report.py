@@ -43,7 +43,7 @@ from samtune.sharpness.measures import SHARED_KEYS, measure_sharpness
 from samtune.sweep.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
-VIEWS = ("robustness", "sensitivity", "sharpness", "memorization")
+VIEWS = ("answer", "robustness", "sensitivity", "sharpness", "memorization")
 
 EXPERIMENT = "synthetic"
 EPOCHS = 3
@@ -250,6 +250,39 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path,
     return tracker.run_id(sweep_key)
 
 
+# The confirmation stage's runs: (cell, pick, final test error per seed); each run's errors at the
+# epoch of lowest validation error are 0.02 lower (early stopping under label noise).
+# noise=0: SAM clearly lower; noise=0.4: the seeds disagree, the interval covers 0. At noise=0
+# the SAM baseline is the best SAM configuration itself (run once, named twice).
+CONFIRMED = {
+    ("noise=0", "best_sgd"): (0.30, 0.32, 0.31), ("noise=0", "best_sam"): (0.20, 0.21, 0.21),
+    ("noise=0.4", "best_sgd"): (0.40, 0.45, 0.38), ("noise=0.4", "best_sam"): (0.41, 0.39, 0.40),
+    ("noise=0.4", "sam_baseline"): (0.44, 0.43, 0.45), ("noise=0.4", "m=8"): (0.36, 0.37, 0.35),
+}
+
+
+def write_confirmations(uri: str, experiment: str, folder: Path) -> None:
+    """Confirmation runs under the synthetic sweep's cells, as `samtune.sweep.confirm` writes them."""
+    tracker = Tracker(uri, experiment, folder / "confirm-unlogged.jsonl")
+    for (cell, name), errors in CONFIRMED.items():
+        noise = float(cell.split("=")[1])
+        cell_key = f"{experiment}/cell-{NOISE.index(noise)}_{cell.replace('=', '-')}"
+        tracker.declare(cell_key, cell, "cell", parent=experiment, **{"samtune.cell": cell})
+        if noise == 0:
+            tracker.set_tags(cell_key, {"samtune.aliases": "sam_baseline:best_sam"})
+        for seed, final in enumerate(errors, start=1):
+            key = f"{cell_key}/{name}/seed{seed}"
+            tracker.declare(key, f"{cell} {name} seed {seed}", "ablation" if name.startswith("m=") else "confirm",
+                            parent=cell_key, **{"samtune.cell": cell, "samtune.confirms": name,
+                                                "samtune.seed": str(seed), "samtune.status": "running"})
+            tracker.log_params(key, {**base_config(noise, seed), "optimizer": name.split("_")[-1]
+                                     if name.startswith("best") else "sam", "confirms": name})
+            for epoch, (val, test) in enumerate(((0.5, final), (0.2, final - 0.02), (0.3, final)), start=1):
+                tracker.log_metrics(key, {"epoch": epoch, "val_error": val, "test_error": test}, step=epoch)
+            tracker.set_status(key, "finished")
+    assert tracker.close() is None
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("store")
@@ -261,6 +294,7 @@ def store(tmp_path_factory):
         Trial(f"nothing-finished/cell-0_noise-0/{i:05d}", "noise=0", 0.0, status, config, [0.3], [0.3])
         for i, status in enumerate(("failed", "failed", "running"))], folder)
     write_sweep(uri, "no-validation", no_validation_trials(), folder)
+    write_confirmations(uri, EXPERIMENT, folder)
     return {"uri": uri, "trials": trials, "sweep_run_id": sweep_run_id, "folder": folder}
 
 
@@ -855,7 +889,9 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
                               capture_output=True, text=True, timeout=900)
 
     sweep = samtune("sweep", str(REPO / "search_spaces/noisy_digits.py"), "--set", "epochs=2",
-                    "--set", "trials=2", "--set", "label_noise_rates=0.0,0.4", "--set", "confirm_seeds=0",
+                    "--set", "trials=2", "--set", "label_noise_rates=0.0,0.4",
+                    # A short confirmation stage, so the answer view has runs to draw.
+                    "--set", "confirm_seeds=2", "--set", "m_ablation=8",
                     "--set", "fixed.sharpness_measures=m_sharpness",
                     "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
@@ -872,3 +908,21 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
     assert set(trials["status"]) <= {"finished", "stopped", "diverged"}
     missing = samtune("report", "nope", "--tracking-uri", uri)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+
+
+def test_the_answer_view_gives_each_cells_verdict_with_its_interval_and_selection_rule(report):
+    table = report[1]["answer"]["verdicts"].set_index(["cell", "selection"])
+    clear = table.loc[("noise=0", "final epoch")]
+    assert clear["SGD"] == "0.310 [0.285, 0.335]" and clear["seeds"] == "3"
+    assert clear["verdict"] == "SAM lower by 0.103 (95% CI 0.089 to 0.118)"
+    assert table.loc[("noise=0.4", "final epoch")]["verdict"].startswith("no detectable difference")
+    # Early stopping on the validation set: the epoch-2 values, 0.02 lower, labelled as such.
+    assert table.loc[("noise=0", "best validation epoch")]["SGD"].startswith("0.290")
+    estimates = report[1]["answer"]["estimates"]
+    # The SAM baseline at noise=0 is the best SAM configuration's runs, named by the cell's tag.
+    baseline = estimates[(estimates["cell"] == "noise=0") & (estimates["config"] == "sam_baseline")]
+    best = estimates[(estimates["cell"] == "noise=0") & (estimates["config"] == "best_sam")]
+    assert list(baseline["mean"]) == pytest.approx(list(best["mean"])) and len(baseline) == 2
+    curve = report[1]["answer"]["m_curve"]
+    assert list(curve[curve["selection"] == "final epoch"]["m"]) == ["8"]
+    assert curve.iloc[0]["mean"] == pytest.approx(0.36) and curve.iloc[0]["seeds"] == 3

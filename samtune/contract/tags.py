@@ -27,6 +27,8 @@ SWEEP_ID_TAG = "samtune.sweep_id"
 #: A confirmation run's configuration (best_sgd, best_sam, sam_baseline, m=<m>) and its seed.
 CONFIRMS_TAG = "samtune.confirms"
 SEED_TAG = "samtune.seed"
+#: On a cell's run: picks its confirmation ran once for two names ("sam_baseline:best_sam,...").
+ALIASES_TAG = "samtune.aliases"
 #: Read by the MLflow UI: an experiment of this kind opens on its training runs, not on traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"

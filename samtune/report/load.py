@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from samtune.contract.tags import ROLE_TAG
+from samtune.contract.tags import ALIASES_TAG, CELL_TAG, ROLE_TAG
+from samtune.report.answers import confirmation_frame
 from samtune.report.runs import ReportError, Runs, TrialRecord
 from samtune.report.table import tabulate
 
@@ -35,14 +36,20 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
         raise ReportError(f"no MLflow experiment named {experiment!r} at {uri}")
     sweeps = sorted(_search_runs(client, exp.experiment_id, "sweep"), key=lambda r: r.info.start_time or 0)
     trials = _search_runs(client, exp.experiment_id, "trial")
+    reruns = _search_runs(client, exp.experiment_id, "confirm") + _search_runs(client, exp.experiment_id, "ablation")
     if sweeps and not all_sweeps:
         trials = _nested_under(client, exp.experiment_id, sweeps[-1].info.run_id, trials)
-    return tabulate(
+        reruns = _nested_under(client, exp.experiment_id, sweeps[-1].info.run_id, reruns)
+    runs = tabulate(
         experiment,
         [_trial_record(client, run) for run in trials],
         tracking_uri=uri,
         sweep_run_id=sweeps[-1].info.run_id if sweeps else None,
     )
+    runs.confirmations = confirmation_frame([_trial_record(client, run) for run in reruns])
+    runs.aliases = {c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG]
+                    for c in _search_runs(client, exp.experiment_id, "cell") if ALIASES_TAG in c.data.tags}
+    return runs
 
 
 def _search_runs(client: Any, experiment_id: str, role: str) -> list:

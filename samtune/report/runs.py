@@ -12,7 +12,7 @@ views that choose by it fall back to the test error where it is missing, through
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -76,6 +76,10 @@ class Runs:
     param_names: tuple[str, ...]
     tracking_uri: str | None = None
     sweep_run_id: str | None = None
+    # The confirmation stage's runs (`samtune.report.answers.confirmation_frame`; empty without
+    # one) and, by cell, the picks it ran once for two names (the cell run's aliases tag).
+    confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def plotted(self) -> pd.DataFrame:

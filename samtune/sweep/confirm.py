@@ -23,7 +23,13 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from samtune.contract.tags import CELL_TAG, CONFIRMS_TAG, SEED_TAG, STATUS_TAG
+from samtune.contract.tags import (
+    ALIASES_TAG,
+    CELL_TAG,
+    CONFIRMS_TAG,
+    SEED_TAG,
+    STATUS_TAG,
+)
 from samtune.sweep.baselines import Baseline
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
@@ -208,6 +214,11 @@ def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tr
         return 0
     recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
                  for r in results}
+    for result in results:
+        if result.aliases:
+            # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
+            tracker.set_tags(f"{sweep_key}/{result.cell.slug}", {ALIASES_TAG: ",".join(
+                f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))})
     print(f"confirming: {len(runs)} runs ({len(runs) // max(1, len(results))} per cell: "
           f"{', '.join(sorted({r.name for r in runs}, key=_order))} on seeds "
           f"{', '.join(map(str, confirmation_seeds(sweep)))})", flush=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from samtune.contract.messages import first_line
 from samtune.contract.tags import DESCRIPTION_TAG
+from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
 from samtune.sweep.cluster import (
     _check_address,
@@ -110,6 +111,7 @@ def _checked_sweep(path: str, overrides: list[str], trials: int | None,
         sets.append(f"fixed.data_root={os.path.abspath(data_root)}")
     sweep = apply_overrides(sweep, sets)
     sampled = check_space(sweep, space, with_constants=True)
+    baseline_trials(sweep, space, sampled)  # a baseline the space cannot run is refused now
     _check_data(sweep)
     try:
         check_cells(sweep, sampled)

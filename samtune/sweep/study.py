@@ -193,12 +193,8 @@ class Sweep:
                              "per-worker batch), e.g. (None, 32, 16, 8, 4)")
         object.__setattr__(self, "m_ablation", tuple(TRIAL_KEYS["m"].validate("m_ablation", m) for m in ms))
         if self.m_ablation_rates is not None:
-            rates = self._validated_rates(self.m_ablation_rates)
-            missing = [r for r in rates if r not in self.label_noise_rates]
-            if missing:
-                raise SpaceError(f"m_ablation_rates={list(rates)}: {missing[0]:g} is not a cell of this sweep "
-                                 f"(label_noise_rates={list(self.label_noise_rates)})")
-            object.__setattr__(self, "m_ablation_rates", rates)
+            # A rate that is no cell (--set label_noise_rates left it out) ablates nothing.
+            object.__setattr__(self, "m_ablation_rates", self._validated_rates(self.m_ablation_rates))
 
     def ablation_ms(self, cell: Cell | None = None) -> tuple[int | None, ...]:
         """The m values of the m ablation (of ``cell``: none outside ``m_ablation_rates``) that

@@ -1,0 +1,92 @@
+"""The answer: does SAM beat SGD in each cell, by how much, and how sure is it?
+
+Each cell's best SGD and best SAM configurations (and its SAM baseline at the SAM paper's
+defaults) ran again on fresh seeds after the search. Per cell, the test error's mean over those
+seeds with its 95% Student-t interval, under two selection rules: the final epoch (left) and the
+epoch of lowest validation error, i.e. early stopping on the noisy validation set (right). The
+table under the figure gives the SAM - SGD difference, paired by seed, with its own interval: an
+interval that covers 0 is "no detectable difference", never a winner. With an m ablation, the
+last panel draws test error against m (the SAM paper's m-sharpness: smaller m, lower error?).
+A sweep without a confirmation stage (``confirm_seeds=0``) has only single searched runs: this
+view then says so and draws nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from samtune.report.answers import verdicts
+from samtune.report.runs import Runs
+from samtune.report.table import optimizer_colors
+from samtune.report.views import View
+from samtune.verdicts import RULES, verdict_rows
+
+ORDER = 0
+SHOWN = (("best_sgd", "SGD (best)"), ("best_sam", "SAM (best)"), ("sam_baseline", "SAM (rho=0.05)"))
+
+
+def _estimates(found: list[dict]) -> pd.DataFrame:
+    rows = []
+    for v in found:
+        for name, label in SHOWN:
+            for rule in v["rules"]:
+                est = v["configs"].get(name, {}).get(rule)
+                if est is not None and est.n:
+                    rows.append({"cell": v["cell"], "config": name, "label": label, "selection": RULES[rule],
+                                 "mean": est.mean, "low": est.low, "high": est.high, "seeds": est.n})
+    return pd.DataFrame(rows, columns=["cell", "config", "label", "selection", "mean", "low", "high", "seeds"])
+
+
+def _m_curve(found: list[dict]) -> pd.DataFrame:
+    rows = [{"cell": v["cell"], "m": m, "selection": RULES[rule], "mean": est[rule].mean,
+             "low": est[rule].low, "high": est[rule].high, "seeds": est[rule].n}
+            for v in found for m, est in v["m_curve"].items() for rule in v["rules"]]
+    return pd.DataFrame(rows, columns=["cell", "m", "selection", "mean", "low", "high", "seeds"])
+
+
+def _panel(ax, estimates: pd.DataFrame, selection: str, cells: list[str], colors: dict) -> None:
+    width = 0.8 / len(SHOWN)
+    for i, (name, label) in enumerate(SHOWN):
+        part = estimates[(estimates["config"] == name) & (estimates["selection"] == selection)]
+        x = [cells.index(c) + (i - 1) * width for c in part["cell"]]
+        err = np.array([part["mean"] - part["low"], part["high"] - part["mean"]])
+        ax.errorbar(x, part["mean"], yerr=np.nan_to_num(err), fmt="o", capsize=4, label=label,
+                    color=colors[label])
+    ax.set_xticks(range(len(cells)), cells)
+    ax.set_title(f"test error at the {selection}", fontsize="medium")
+    ax.set_ylabel("test error (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+
+
+def view(runs: Runs) -> View:
+    found = verdicts(runs)
+    if not found:
+        return View(figure=None, notes=["This sweep ran no confirmation stage (confirm_seeds=0): every number "
+                                        "in this report is a single run picked as the best of a search, with "
+                                        "no error bar. Set confirm_seeds (e.g. 3) for verdicts with intervals."])
+    estimates, curve = _estimates(found), _m_curve(found)
+    table = pd.DataFrame(verdict_rows(found))
+    cells = list(dict.fromkeys(v["cell"] for v in found))
+    selections = [RULES[r] for r in RULES if r in {rule for v in found for rule in v["rules"]}]
+    colors = optimizer_colors([label for _, label in SHOWN])
+    panels = len(selections) + (not curve.empty)
+    figure = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    axes = figure.subplots(1, panels, squeeze=False).ravel()
+    for ax, selection in zip(axes, selections):
+        _panel(ax, estimates, selection, cells, colors)
+    axes[0].legend(fontsize="small")
+    if not curve.empty:
+        ax = axes[-1]
+        for cell, part in curve[curve["selection"] == selections[0]].groupby("cell", sort=False):
+            err = np.array([part["mean"] - part["low"], part["high"] - part["mean"]])
+            ax.errorbar(part["m"].astype(str), part["mean"], yerr=np.nan_to_num(err), fmt="o-", capsize=4,
+                        label=cell)
+        ax.set_title(f"best SAM configuration against m ({selections[0]})", fontsize="medium")
+        ax.set_xlabel("m (examples per perturbation; None = the whole per-worker batch)")
+        ax.set_ylabel("test error (mean, 95% CI over seeds)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    figure.suptitle(f"{runs.experiment}: SAM vs SGD on {int(estimates['seeds'].max())} fresh seeds")
+    notes = [f"{r['cell']}, {r['selection']}: {r['verdict']}" for r in table.to_dict("records")]
+    return View(figure=figure, data={"verdicts": table, "estimates": estimates, "m_curve": curve}, notes=notes)

@@ -1,0 +1,76 @@
+"""The confirmation runs of a sweep, read back from MLflow, and the verdicts they support.
+
+A sweep with ``confirm_seeds`` re-runs each cell's picks on fresh seeds (`samtune.sweep.confirm`):
+runs tagged ``samtune.role=confirm`` (or ``ablation``), ``samtune.confirms`` and ``samtune.seed``,
+under their cell's run. `confirmation_frame` tabulates them, one row per run, with the test error
+under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from samtune.contract.keys import HEADLINE_KEYS
+from samtune.contract.tags import CELL_TAG, CONFIRMS_TAG, SEED_TAG, STATUS_TAG
+from samtune.report.runs import Runs, TrialRecord
+from samtune.verdicts import cell_verdict
+
+COLUMNS = ["cell", "confirms", "seed", "status", *HEADLINE_KEYS, "final_test_error", "best_test_error",
+           "best_epoch", "run_id"]
+
+
+def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]:
+    """``metric`` at the epoch of lowest validation error (NaN without one) and that epoch."""
+    val = dict(record.history.get("val_error", []))
+    values = dict(record.history.get(metric, []))
+    if not val:
+        return math.nan, math.nan
+    epoch = min(val, key=lambda e: (val[e], e))
+    return values.get(epoch, math.nan), float(epoch)
+
+
+def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
+    """One row per confirmation (or m-ablation) run: which cell, configuration and seed, how it
+    ended, and its test error at the final epoch and at its best validation epoch."""
+    rows = []
+    for record in records:
+        final = record.history.get("test_error", [])
+        best, epoch = _at_best_validation(record, "test_error")
+        rows.append({"cell": record.tags.get(CELL_TAG, ""), "confirms": record.tags.get(CONFIRMS_TAG, ""),
+                     "seed": int(record.tags.get(SEED_TAG, record.params.get("seed", 0))),
+                     "status": record.tags.get(STATUS_TAG, ""),
+                     **{key: record.params.get(key) for key in HEADLINE_KEYS},
+                     "final_test_error": final[-1][1] if final else math.nan,
+                     "best_test_error": best, "best_epoch": epoch, "run_id": record.run_id})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def verdicts(runs: Runs, aliases: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The verdict of every cell that has confirmation runs, in the table's cell order. A pick
+    that another pick's runs stand for (the SAM baseline that is also the best SAM, an ablation
+    m that is the best SAM's own) is read from those runs: ``aliases`` (default: from the
+    sweep, the picks with the same settings; see `_aliases`)."""
+    frame = runs.confirmations
+    if frame.empty:
+        return []
+    out = []
+    for cell in pd.unique(frame["cell"]):
+        part = frame[(frame["cell"] == cell) & (frame["status"] == "finished")]
+        values: dict[str, dict[str, dict[int, float]]] = {}
+        for name, group in part.groupby("confirms"):
+            values[str(name)] = {rule: {int(r.seed): float(getattr(r, column)) for r in group.itertuples()
+                                        if math.isfinite(getattr(r, column))}
+                                 for rule, column in (("final", "final_test_error"), ("best_epoch", "best_test_error"))}
+        for alias, name in (aliases if aliases is not None else _aliases(runs, cell)).items():
+            if name in values and alias not in values:
+                values[alias] = values[name]
+        out.append(cell_verdict(str(cell), values))
+    return out
+
+
+def _aliases(runs: Runs, cell: str) -> dict[str, str]:
+    """Picks the sweep ran once for two names, from the cell run's ``samtune.aliases`` tag."""
+    text = runs.aliases.get(cell, "")
+    return dict(part.split(":", 1) for part in text.split(",") if ":" in part)
