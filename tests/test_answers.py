@@ -182,3 +182,17 @@ def test_the_verdict_table_names_a_winner_only_where_the_interval_excludes_zero(
     assert rows[3]["SGD"].startswith("0.260")  # the best-validation-epoch values, labelled as such
     table = markdown(verdicts)
     assert "| noise=0 | final epoch |" in table and "mean [95% CI]" in table
+
+
+def test_a_baseline_that_is_also_the_best_configuration_runs_once():
+    # A trial's settings include the sweep's fixed ones; the declared baseline's do not.
+    swept = sweep(confirm_seeds=2, fixed={"sharpness_measures": ""})
+    sgd, sam = baseline_trials(swept, space, BOTH)
+    result = CellResult(swept.cells()[0])
+    result.trials["a"] = TrialRow("a", {**sgd.settings, "sharpness_measures": ""}, "finished",
+                                  metrics={"val_error": 0.2})
+    result.trials["b"] = TrialRow("b", {**sam.settings, "sharpness_measures": ""}, "finished",
+                                  metrics={"val_error": 0.1})
+    runs = reruns(swept, [result], [sgd, sam])
+    assert sorted({r.name for r in runs}) == ["best_sam", "best_sgd"] and len(runs) == 4
+    assert result.aliases == {"sam_baseline": "best_sam"}

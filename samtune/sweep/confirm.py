@@ -17,7 +17,6 @@ instead of adding new ones.
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from samtune.sweep.plan import Plan
 from samtune.sweep.recording import Recorder, SweepCallback, _reconcile, recording_to
 from samtune.sweep.recovery import resumable
 from samtune.sweep.results import CellResult, TrialRow
+from samtune.sweep.search import PickledSearcher
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
@@ -79,8 +79,9 @@ def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[
         for m in sweep.ablation_ms(result.cell):
             picks[f"m={m}"] = {**picks["best_sam"], "m": m}
     unique: dict[str, dict[str, Any]] = {}
+    base = sweep.base_config(result.cell)
     for name, settings in picks.items():
-        same = next((other for other, s in unique.items() if _same(s, settings)), None)
+        same = next((other for other, s in unique.items() if _same({**base, **s}, {**base, **settings})), None)
         if same is None:
             unique[name] = settings
         else:
@@ -161,7 +162,7 @@ class StageRecorder(Recorder):
         self._row(trial).status = "running"
 
 
-class RerunSearch(Searcher):
+class RerunSearch(PickledSearcher):
     """Hands the stage's configs out, in order, each once (saved with the Tuner, for --resume)."""
 
     def __init__(self, configs: list[dict[str, Any]]):
@@ -177,14 +178,6 @@ class RerunSearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__.copy(), fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
 
 
 def _stage_tuner(plan: Plan, runs: list[Rerun], concurrent: int, resources: dict[str, float]):

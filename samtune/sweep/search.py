@@ -87,7 +87,19 @@ def cell_index(rates: tuple[float, ...] | list[float], config: dict[str, Any]) -
     return None
 
 
-class CellSearch(Searcher):
+class PickledSearcher(Searcher):
+    """A searcher whose state is its attributes, saved with the Tuner's experiment (--resume)."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__.copy(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
+
+
+class CellSearch(PickledSearcher):
     """The cells' Optuna studies behind the one searcher of a sweep's Tuner.
 
     Each cell keeps its own seeded TPE study (so its own SGD baseline, and its own verdicts on
@@ -135,13 +147,6 @@ class CellSearch(Searcher):
         if (searcher := self._owner(trial_id)) is not None:
             searcher.on_trial_complete(trial_id, result=result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__.copy(), fh)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))  # noqa: S301  written by this sweep's own driver
 
 
 class CellScheduler(FIFOScheduler):
