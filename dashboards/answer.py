@@ -69,7 +69,9 @@ def view(runs: Runs) -> View:
     table = pd.DataFrame(verdict_rows(found))
     cells = list(dict.fromkeys(v["cell"] for v in found))
     selections = [RULES[r] for r in RULES if r in {rule for v in found for rule in v["rules"]}]
-    colors = optimizer_colors([label for _, label in SHOWN])
+    # SGD and SAM in the colours every view gives them; the SAM baseline a lighter SAM.
+    base = optimizer_colors(["SGD", "SAM"])
+    colors = {"SGD (best)": base["SGD"], "SAM (best)": base["SAM"], "SAM (rho=0.05)": "#9ecae1"}
     panels = len(selections) + (not curve.empty)
     figure = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
     axes = figure.subplots(1, panels, squeeze=False).ravel()
@@ -80,7 +82,7 @@ def view(runs: Runs) -> View:
         ax = axes[-1]
         for cell, part in curve[curve["selection"] == selections[0]].groupby("cell", sort=False):
             err = np.array([part["mean"] - part["low"], part["high"] - part["mean"]])
-            ax.errorbar(part["m"].astype(str), part["mean"], yerr=np.nan_to_num(err), fmt="o-", capsize=4,
+            ax.errorbar(part["m"].astype(str).replace("None", "None (whole batch)"), part["mean"], yerr=np.nan_to_num(err), fmt="o-", capsize=4,
                         label=cell)
         ax.set_title(f"best SAM configuration against m ({selections[0]})", fontsize="medium")
         ax.set_xlabel("m (examples per perturbation; None = the whole per-worker batch)")

@@ -47,9 +47,15 @@ def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]
         if first in values and second in values:
             out["differences"][f"{first} - {second}"] = {
                 rule: difference(values[first].get(rule, {}), values[second].get(rule, {})) for rule in rules}
-    for name in sorted(values, key=_m_order):
-        if name.startswith("m="):
-            out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
+    curve = [name for name in values if name.startswith("m=")]
+    if curve and "best_sam" in values:
+        # The best SAM configuration is a point of its own m ablation, at its own m.
+        own = f"m={out['configs']['best_sam']['params'].get('m')}"
+        if own not in values:
+            out["configs"][own] = out["configs"]["best_sam"]
+            curve.append(own)
+    for name in sorted(curve, key=_m_order):
+        out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
     return out
 
 

@@ -923,6 +923,9 @@ def test_the_answer_view_gives_each_cells_verdict_with_its_interval_and_selectio
     baseline = estimates[(estimates["cell"] == "noise=0") & (estimates["config"] == "sam_baseline")]
     best = estimates[(estimates["cell"] == "noise=0") & (estimates["config"] == "best_sam")]
     assert list(baseline["mean"]) == pytest.approx(list(best["mean"])) and len(baseline) == 2
+    # The m curve: the ablation's m=8, and the best SAM configuration at its own m (the whole
+    # batch: its runs logged no m).
     curve = report[1]["answer"]["m_curve"]
-    assert list(curve[curve["selection"] == "final epoch"]["m"]) == ["8"]
-    assert curve.iloc[0]["mean"] == pytest.approx(0.36) and curve.iloc[0]["seeds"] == 3
+    final = curve[curve["selection"] == "final epoch"].set_index("m")
+    assert list(final.index) == ["None", "8"] and final.loc["8", "seeds"] == 3
+    assert (final.loc["None", "mean"], final.loc["8", "mean"]) == (pytest.approx(0.40), pytest.approx(0.36))

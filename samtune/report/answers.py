@@ -15,6 +15,7 @@ import pandas as pd
 from samtune.contract.keys import HEADLINE_KEYS
 from samtune.contract.tags import CELL_TAG, CONFIRMS_TAG, SEED_TAG, STATUS_TAG
 from samtune.report.runs import Runs, TrialRecord
+from samtune.report.table import cell_order
 from samtune.verdicts import cell_verdict
 
 COLUMNS = ["cell", "confirms", "seed", "status", *HEADLINE_KEYS, "final_test_error", "best_test_error",
@@ -56,9 +57,11 @@ def verdicts(runs: Runs, aliases: dict[str, str] | None = None) -> list[dict[str
     if frame.empty:
         return []
     out = []
-    for cell in pd.unique(frame["cell"]):
+    ordered = [c for c in cell_order(runs.trials) if c in set(frame["cell"])]
+    for cell in ordered + [c for c in pd.unique(frame["cell"]) if c not in ordered]:
         part = frame[(frame["cell"] == cell) & (frame["status"] == "finished")]
         values: dict[str, dict[str, dict[int, float]]] = {}
+        params = {str(name): {"m": _m(group["m"].iloc[0])} for name, group in part.groupby("confirms")}
         for name, group in part.groupby("confirms"):
             values[str(name)] = {rule: {int(r.seed): float(getattr(r, column)) for r in group.itertuples()
                                         if math.isfinite(getattr(r, column))}
@@ -66,8 +69,14 @@ def verdicts(runs: Runs, aliases: dict[str, str] | None = None) -> list[dict[str
         for alias, name in (aliases if aliases is not None else _aliases(runs, cell)).items():
             if name in values and alias not in values:
                 values[alias] = values[name]
-        out.append(cell_verdict(str(cell), values))
+        out.append(cell_verdict(str(cell), values, params))
     return out
+
+
+def _m(value: Any) -> int | None:
+    """m as MLflow keeps it (text; "None" or absent: the whole per-worker batch)."""
+    text = str(value).strip()
+    return int(float(text)) if text not in ("", "None", "nan") else None
 
 
 def _aliases(runs: Runs, cell: str) -> dict[str, str]:

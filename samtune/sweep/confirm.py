@@ -17,6 +17,7 @@ instead of adding new ones.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,9 +213,10 @@ def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tr
             # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
             tracker.set_tags(f"{sweep_key}/{result.cell.slug}", {ALIASES_TAG: ",".join(
                 f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))})
-    print(f"confirming: {len(runs)} runs ({len(runs) // max(1, len(results))} per cell: "
-          f"{', '.join(sorted({r.name for r in runs}, key=_order))} on seeds "
-          f"{', '.join(map(str, confirmation_seeds(sweep)))})", flush=True)
+    per_cell = Counter(r.cell.label for r in runs)
+    print(f"confirming: {len(runs)} runs on seeds {', '.join(map(str, confirmation_seeds(sweep)))} "
+          f"({', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
+          f"{', '.join(sorted({r.name for r in runs}, key=_order))}", flush=True)
     with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
         with watch.tune_fit():
             _stage_tuner(plan, runs, concurrent, resources).fit()
