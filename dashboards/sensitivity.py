@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from samtune.contract.keys import STUDY_KEYS
 from samtune.report.runs import Runs
 from samtune.report.views import View
 from samtune.report.table import cell_order, choice_metric, effective_m, optimizer_colors, searched_hyperparameters
@@ -79,21 +80,22 @@ def view(runs: Runs) -> View:
         # evaluators that whatever it was configured with is good (or bad) for no real reason.
         finished = trials["status"] == "finished"
         pool = trials[family & finished] if family.any() else trials[finished]
-        importance, note = _importance(runs, pool, cell, objective,
-                                       scope="SAM family" if family.any() else "all trials")
+        scope = "SAM family" if family.any() else "all trials"
+        pool, scope, used = _enough_trials(runs, pool, trials[family] if family.any() else trials,
+                                           objective, scope, plotted[_sam_family(plotted)] if family.any() else plotted)
+        importance, note = _importance(runs, pool, cell, used, scope=scope)
         importances.append(importance)
         if note:
             notes.append(note)
-        _draw_importance(row[2], importance, cell, note, objective,
-                         "SAM family" if family.any() else "all trials")
+        _draw_importance(row[2], importance, cell, note, used, scope)
 
         # Across optimizers: SAM-family importance cannot say how much the optimizer itself
         # matters, so a second importance runs over every finished trial of the cell, on the
         # hyperparameters every optimizer has.
         common = _common_hyperparameters(runs, trials[finished], family[finished])
         if common:
-            importance, note = _importance(runs, trials[finished], cell, objective,
-                                           params=common, scope="all optimizers")
+            pool, scope, used = _enough_trials(runs, trials[finished], trials, objective, "all optimizers", plotted)
+            importance, note = _importance(runs, pool, cell, used, params=common, scope=scope)
         else:
             importance, note = pd.DataFrame(columns=IMPORTANCE_COLUMNS), (
                 f"{cell}: no importance across optimizers (it needs SAM-family and other "
@@ -111,6 +113,46 @@ def view(runs: Runs) -> View:
         "slice": _concat(slices),
     }
     return View(figure=figure, data=data, notes=notes)
+
+
+def _enough_trials(runs: Runs, finished: pd.DataFrame, every: pd.DataFrame, objective: str,
+                   scope: str, everywhere: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+    """The trials an importance is computed on, their scope and objective.
+
+    Trials that ran their whole budget when there are enough of them. Otherwise, where ASHA
+    stopped the rest early, every trial at the last epoch all of them reached: an honest
+    comparison (each trial's value at the same epoch), which says which settings make a trial
+    learn fast, not where it ends. A cell with too few trials even so gets the importance of
+    ``everywhere`` (every cell's trials together, each ranked within its own cell, since noise
+    rates shift the errors themselves). The scope says which it is.
+    """
+    if len(finished) >= MIN_TRIALS_FOR_IMPORTANCE:
+        return finished, scope, objective
+    for trials, pooled in ((every, False), (everywhere, True)):
+        found = _at_common_epoch(runs, trials, objective)
+        if found is None:
+            continue
+        pool, column, epoch = found
+        if pooled:
+            pool[column] = pool.groupby("cell")[column].rank(pct=True)
+            return pool, f"{scope}, all cells pooled (rank within cell) at epoch {epoch}", column
+        if len(pool) >= MIN_TRIALS_FOR_IMPORTANCE:
+            return pool, f"{scope}, every trial at epoch {epoch}", column
+    return finished, scope, objective
+
+
+def _at_common_epoch(runs: Runs, trials: pd.DataFrame, objective: str):
+    """``trials`` with a column of the objective's metric at the last epoch all of them reached:
+    (frame, column, epoch), or None where the history does not have it."""
+    metric = objective.removeprefix("final_")
+    if trials.empty or metric not in runs.history:
+        return None
+    epoch = int(trials["epochs_run"].min())
+    history = runs.history
+    at = history[history["run_id"].isin(trials["run_id"]) & (history["epoch"] == epoch)]
+    values = dict(zip(at["run_id"], pd.to_numeric(at[metric], errors="coerce")))
+    column = f"{metric}_at_epoch_{epoch}"
+    return trials.assign(**{column: trials["run_id"].map(values)}), column, epoch
 
 
 def _label(objective: str) -> str:
@@ -292,7 +334,8 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OB
     values = pd.to_numeric(trials[objective], errors="coerce") if objective in trials else \
         pd.Series(np.nan, index=trials.index)
     trials = trials[np.isfinite(values)]
-    searched = searched_hyperparameters(runs, trials)
+    # What defines a cell (its noise rate) varies only between cells, never within a study.
+    searched = [p for p in searched_hyperparameters(runs, trials) if p not in STUDY_KEYS]
     params = searched if params is None else [p for p in params if p in searched]
     if not params:
         return empty, (f"{cell} ({scope}): no hyperparameter varies, so there is no importance "

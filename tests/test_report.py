@@ -929,3 +929,30 @@ def test_the_answer_view_gives_each_cells_verdict_with_its_interval_and_selectio
     final = curve[curve["selection"] == "final epoch"].set_index("m")
     assert list(final.index) == ["None", "8"] and final.loc["8", "seeds"] == 3
     assert (final.loc["None", "mean"], final.loc["8", "mean"]) == (pytest.approx(0.40), pytest.approx(0.36))
+
+
+def test_cells_too_small_for_importance_pool_every_trial_at_the_epoch_all_reached():
+    # Three cells of 6 SAM trials (4 ran 3 epochs, ASHA stopped 2 after 1): too few for an
+    # importance per cell. Every trial's value at epoch 1, ranked within its cell, pooled over
+    # the cells: lr decides it (a 0.3 step), rho next, m not at all.
+    records = []
+    for c, noise in enumerate((0.0, 0.2, 0.4)):
+        for i, (lr, rho, m) in enumerate([(0.03, 0.02, 8), (0.1, 0.1, 16), (0.03, 0.1, 16), (0.1, 0.5, 8),
+                                          (0.03, 0.5, 16), (0.1, 0.02, 8)]):
+            value = noise + 0.3 * (lr == 0.03) + 0.05 * math.log10(rho / 0.1) ** 2
+            epochs = 1 if i >= 4 else 3
+            records.append(TrialRecord(
+                run_id=f"r{c}{i}", tags={"samtune.cell": f"noise={noise:g}",
+                                         "samtune.status": "stopped" if epochs == 1 else "finished"},
+                params={"optimizer": "sam", "lr": repr(lr), "rho": repr(rho), "m": str(m), "batch_size": "64",
+                        "label_noise_rate": repr(noise), "seed": "0", "epochs": "3"},
+                history={"val_error": [(e, value + 0.1 / e) for e in range(1, epochs + 1)],
+                         "test_error": [(e, value) for e in range(1, epochs + 1)]}))
+    spec = next(s for s in discover_views() if s.name == "sensitivity")
+    importance = spec.function(tabulate("pooled", records)).data["importance"]
+    sam = importance[importance["scope"].str.startswith("SAM family")]
+    assert set(sam["scope"]) == {"SAM family, all cells pooled (rank within cell) at epoch 1"}
+    assert set(sam["cell"]) == {"noise=0", "noise=0.2", "noise=0.4"} and set(sam["n_trials"]) == {18}
+    fanova = sam[(sam["evaluator"] == "fANOVA") & (sam["cell"] == "noise=0")]
+    assert fanova.sort_values("importance", ascending=False)["param"].iloc[0] == "lr"
+    assert "label_noise_rate" not in set(sam["param"])
