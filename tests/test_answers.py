@@ -196,3 +196,16 @@ def test_a_baseline_that_is_also_the_best_configuration_runs_once():
     runs = reruns(swept, [result], [sgd, sam])
     assert sorted({r.name for r in runs}) == ["best_sam", "best_sgd"] and len(runs) == 4
     assert result.aliases == {"sam_baseline": "best_sam"}
+
+
+def test_a_cells_dataset_digest_is_the_labels_it_trains_on():
+    from samtune.sweep.datasets import cell_dataset
+
+    swept = sweep(label_noise_rates=(0.0, 0.4))
+    clean, noisy = (cell_dataset(swept, cell) for cell in swept.cells())
+    assert cell_dataset(swept, swept.cells()[1]) == noisy  # the same draw, the same digest
+    assert clean["digest"] != noisy["digest"] and clean["profile"]["flipped_labels"] == 0
+    assert noisy["profile"]["flipped_labels"] == pytest.approx(0.4 * noisy["profile"]["train_examples"], rel=0.1)
+    # Another data seed draws other noisy labels: another digest.
+    other = cell_dataset(sweep(label_noise_rates=(0.0, 0.4), seed=1), swept.cells()[1])
+    assert other["digest"] != noisy["digest"]

@@ -95,6 +95,17 @@ def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp
     assert "SAM vs SGD" in sweep_run.data.tags["mlflow.note.content"]
     assert client.get_experiment(sweep_run.info.experiment_id).tags["mlflow.experimentKind"] == \
         "custom_model_development"
+    # Each cell's run names its data as an MLflow dataset input: the noise rate, and a digest of
+    # the labels trained on (different per cell: each cell draws its own noise).
+    digests = set()
+    for run in by_role["cell"]:
+        (found,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+        profile = json.loads(found.dataset.profile)
+        assert found.dataset.name == f"digits {run.data.tags['samtune.cell']}"
+        assert profile["label_noise_rate"] == float(run.data.tags["samtune.cell"].split("=")[1])
+        assert (profile["flipped_labels"] > 0) == (profile["label_noise_rate"] > 0)
+        digests.add(found.dataset.digest)
+    assert len(digests) == 2
     local = client.download_artifacts(sweep_run.info.run_id, "verdicts.json", str(tmp_path))
     verdicts = json.loads(open(local).read())
     assert [v["cell"] for v in verdicts] == ["noise=0", "noise=0.4"]

@@ -35,6 +35,7 @@ from samtune.sweep.cluster import (
     check_shared_storage,
 )
 from samtune.sweep.confirm import confirm, seed_values
+from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.interrupts import InterruptWatch
@@ -274,6 +275,8 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
     try:
         cells = sweep.cells()
         recorders = _recorders(sweep, tracker, sweep_key, view)
+        if not plan.resume:
+            log_cell_datasets(sweep, tracker, sweep_key)
         ended = _fit(plan, concurrent, resources, recorders, watch)
         unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]
         if unfinished:

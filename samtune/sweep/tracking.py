@@ -362,6 +362,11 @@ class Tracker:
     def log_artifacts(self, key: str, folder: str | os.PathLike) -> None:
         self._submit(_Op("artifacts", key, str(folder)))
 
+    def log_dataset(self, key: str, name: str, digest: str, source: str, profile: dict[str, Any]) -> None:
+        """An MLflow dataset input of run `key` (what the UI's Datasets column shows)."""
+        self._submit(_Op("dataset", key, {"name": name, "digest": digest, "source_type": "samtune",
+                                          "source": source, "profile": json.dumps(profile)}))
+
     def retire_unknown_trials(self, cell_key: str, known: set[str]) -> list[str]:
         """Mark as lost every trial run under `cell_key` whose trial id is not in `known`.
 
@@ -606,6 +611,11 @@ class Tracker:
             self.client.set_terminated(spec.run_id, status=op.payload)
         elif op.kind == "artifacts":
             self.client.log_artifacts(spec.run_id, op.payload)
+        elif op.kind == "dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            self.client.log_inputs(spec.run_id, [DatasetInput(
+                Dataset(**op.payload), tags=[InputTag("mlflow.data.context", "training")])])
         else:  # pragma: no cover - internal
             raise ValueError(op.kind)
 
