@@ -31,6 +31,12 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   between the trial's start and the next save of Tune's state; another trial ran in its place)
   gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs
   kept, so a cell's trial runs are its budget.
+- Confirmation run (`samtune.sweep.confirm`), nested under its cell run, one per pick and seed:
+  ``samtune.role=confirm`` (``ablation`` for the m ablation), ``samtune.confirms=<pick>``,
+  ``samtune.seed=<seed>``, params and metrics as a trial's. The cell run's ``samtune.aliases``
+  names picks run once for two names, and its dataset input describes the cell's data; the
+  sweep run's description (``mlflow.note.content``) holds the verdict table, with
+  ``verdicts.json``/``verdicts.md`` as its artifacts.
 - MLflow run status: FINISHED for ``finished``/``stopped``/``diverged``, FAILED for ``failed``;
   KILLED for runs left open when a sweep is interrupted (``samtune.status`` stays ``running``; a
   resumed sweep reopens the same runs and finishes them).
