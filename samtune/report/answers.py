@@ -48,11 +48,10 @@ def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def verdicts(runs: Runs, aliases: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def verdicts(runs: Runs) -> list[dict[str, Any]]:
     """The verdict of every cell that has confirmation runs, in the table's cell order. A pick
     that another pick's runs stand for (the SAM baseline that is also the best SAM, an ablation
-    m that is the best SAM's own) is read from those runs: ``aliases`` (default: from the
-    sweep, the picks with the same settings; see `_aliases`)."""
+    m that is the best SAM's own) is read from those runs, as the cell run's aliases tag says."""
     frame = runs.confirmations
     if frame.empty:
         return []
@@ -66,7 +65,7 @@ def verdicts(runs: Runs, aliases: dict[str, str] | None = None) -> list[dict[str
             values[str(name)] = {rule: {int(r.seed): float(getattr(r, column)) for r in group.itertuples()
                                         if math.isfinite(getattr(r, column))}
                                  for rule, column in (("final", "final_test_error"), ("best_epoch", "best_test_error"))}
-        for alias, name in (aliases if aliases is not None else _aliases(runs, cell)).items():
+        for alias, name in _aliases(runs, cell).items():
             if name in values and alias not in values:
                 values[alias] = values[name]
         out.append(cell_verdict(str(cell), values, params))

@@ -17,6 +17,7 @@ instead of adding new ones.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,10 @@ class Rerun:
     seed: int
     config: dict[str, Any]
 
-    @property
-    def role(self) -> str:
-        return "ablation" if self.name.startswith("m=") else "confirm"
+
+def role_of(name: str) -> str:
+    """A confirmation run's ``samtune.role``: ``ablation`` for the m ablation's picks."""
+    return "ablation" if name.startswith("m=") else "confirm"
 
 
 def confirmation_seeds(sweep: Sweep) -> list[int]:
@@ -126,13 +128,8 @@ class StageRecorder(Recorder):
     the cell's `CellResult.reruns`."""
 
     def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str, result: CellResult):
-        # The cell's run exists already (the search's recorder declared it): nothing to declare.
-        self.sweep, self.cell, self.tracker = sweep, cell, tracker
-        self.cell_key = f"{sweep_key}/{cell.slug}"
-        self.result = result
-        self.on_change = self.on_done = lambda: None
-        self.ended, self.done = 0, False
-        self._placements: dict[str, str] = {}
+        super().__init__(sweep, cell, tracker, sweep_key, result=result)
+        self.budget = math.inf  # the search's end ended the cell; its runs end nothing
 
     @staticmethod
     def _id(trial) -> tuple[str, int]:
@@ -155,8 +152,7 @@ class StageRecorder(Recorder):
 
     def trial_start(self, trial) -> None:
         name, seed = self._id(trial)
-        role = "ablation" if name.startswith("m=") else "confirm"
-        self.tracker.declare(self._key(trial), f"{self.cell.label} {name} seed {seed}", role,
+        self.tracker.declare(self._key(trial), f"{self.cell.label} {name} seed {seed}", role_of(name),
                              parent=self.cell_key, **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name,
                                                       SEED_TAG: str(seed), STATUS_TAG: "running"})
         self.tracker.log_params(self._key(trial), trial.config)

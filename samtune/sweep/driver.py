@@ -298,7 +298,7 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
 
 def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list[CellResult]) -> None:
     """Each cell's verdict on its result, and all of them on the sweep's MLflow run: its
-    description (what the UI shows first) and ``verdicts/verdicts.{json,md}``."""
+    description (what the UI shows first) and its ``verdicts.json``/``verdicts.md`` artifacts."""
     for result in results:
         result.verdict = cell_verdict(result.cell.label, *seed_values(result))
     verdicts = [r.verdict for r in results]

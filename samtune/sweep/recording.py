@@ -41,16 +41,22 @@ class Recorder:
     """Driver-side bookkeeping of one cell: MLflow records and the live view's rows."""
 
     def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str,
-                 on_change: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None):
-        """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended."""
+                 on_change: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None,
+                 result: CellResult | None = None):
+        """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended.
+        `result`: the cell's rows so far (a later stage of the sweep adds to them); given, the
+        cell's run exists already and is not declared again."""
         self.sweep, self.cell, self.tracker = sweep, cell, tracker
         self.cell_key = f"{sweep_key}/{cell.slug}"
-        self.result = CellResult(cell)
         self.on_change = on_change or (lambda: None)
         self.on_done = on_done or (lambda: None)
+        self.budget: float = sweep.trials  # trials whose end ends the cell
         self.ended = 0
         self.done = False
         self._placements: dict[str, str] = {}
+        self.result = result if result is not None else CellResult(cell)
+        if result is not None:
+            return
         tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key,
                         **{CELL_TAG: cell.label})
         tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
@@ -124,7 +130,7 @@ class Recorder:
         self.tracker.set_status(self._key(trial), status)
         self.ended += 1
         self.on_change()
-        if not self.done and self.ended >= self.sweep.trials:
+        if not self.done and self.ended >= self.budget:
             # The cell's budget has ended while the sweep's next cells may still be running.
             self.done = True
             self.tracker.set_status(self.cell_key, "finished")
