@@ -24,6 +24,7 @@ from samtune.contract.keys import TRIAL_KEYS
 from samtune.contract.metrics import PRINTED
 from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
+from samtune.report.landing import experiment_page, sweep_experiment
 from samtune.report.page import build
 from samtune.report.runs import ReportError
 from samtune.sweep.baselines import baseline_trials
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every sweep run under this name, not only the newest")
 
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the sweep runs")
+    p.add_argument("sweep", nargs="?",
+                   help="the sweep whose runs the printed address opens (default: the newest)")
     p.add_argument("--tracking-uri", help="the store the sweeps wrote to (default: as for sweep)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=5000)
@@ -353,9 +356,14 @@ def cmd_ui(args) -> int:
         print(f"{uri} is an MLflow tracking server: its UI is at that address")
         return 0
     _existing_store(uri)
+    name, experiment_id = sweep_experiment(uri, args.sweep)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    base = f"http://{args.host}:{args.port}/"
+    print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
+    # The address that opens on training runs: the UI's own front page opens on GenAI traces.
+    where = f"sweep {name!r}" if name else "the sweeps"
+    print(f"{where}: {base}{experiment_page(experiment_id)}", flush=True)
     return _serve(cmd)
 
 
