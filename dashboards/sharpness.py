@@ -1,5 +1,12 @@
 """Sharpness: which sharpness measure predicts generalization here.
 
+Every Kendall tau is given with a 95% percentile bootstrap interval over trials (2000 resamples
+of the trials with replacement, each trial's measure and error drawn together), as
+"tau = 0.31 [0.05, 0.52] (n = 30)"; where the interval covers 0 the tau is "not distinguishable
+from 0", and below 5 trials no interval is given. Sharpness often correlates weakly or even
+negatively with generalization (Andriushchenko et al. 2023, "A Modern Look at the Relationship
+between Sharpness and Generalization", arXiv 2302.07011): a tau here describes these trials only.
+
 Each logged sharpness measure (its last measured value per trial) against final test error and
 against the final generalization gap, one point per trial coloured by cell, with Kendall's tau
 over all trials and per cell. Where trials vary one hyperparameter at a time, the granulated
@@ -7,18 +14,30 @@ tau of Jiang et al. 2019 ("Fantastic Generalization Measures and Where to Find T
 arXiv 1912.02178, section 5) is given too: for each hyperparameter, the mean tau over groups of
 trials that agree on every other searched hyperparameter (and cell), then the mean over
 hyperparameters (their Psi). It discounts correlations that come only from one hyperparameter
-moving both the measure and the error.
+moving both the measure and the error. Its interval resamples the trials of those groups and
+recomputes every group's tau. Trial keys that only say how sharpness was measured
+(sharpness_*) never count as a hyperparameter varied; they still tell groups apart. Only
+`sharpness/<measure>` columns are measures: what a measurement logs beside a value
+(`sharpness/<measure>/<setting>`, its cost or error estimate) is not plotted.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy.stats import kendalltau
 
+from samtune.contract.keys import TRIAL_KEYS
 from samtune.report.runs import Runs
-from samtune.report.views import View
 from samtune.report.table import cell_order, searched_hyperparameters
+from samtune.report.views import View
+from samtune.stats import (
+    GranulatedTau,
+    TauInterval,
+    granulated_tau_interval,
+    kendall_tau_interval,
+)
 
 ORDER = 30
 
@@ -27,6 +46,14 @@ TARGETS = {"test error": "final_test_error", "generalization gap": "final_genera
 MIN_POINTS = 3
 # A hyperparameter's granulated tau needs this many groups (each >= 2 trials differing in it).
 MIN_GROUPS = 2
+# Settings of the measurement, not of training: trials that differ in them trained alike.
+MEASUREMENT_KEYS = frozenset(key for key in TRIAL_KEYS if key.startswith("sharpness_"))
+
+TAU_COLUMNS = ["measure", "target", "cell", "tau", "low", "high", "n", "text"]
+GRANULATED_COLUMNS = ["measure", "target", "hyperparameter", "psi", "low", "high", "n_groups", "n",
+                      "text"]
+OVERALL_COLUMNS = ["measure", "target", "granulated_tau", "low", "high", "n_hyperparameters", "n",
+                   "text"]
 
 
 def view(runs: Runs) -> View:
@@ -41,115 +68,136 @@ def view(runs: Runs) -> View:
              if col not in plotted]
     cells = cell_order(plotted)
     palette = {cell: f"C{i % 10}" for i, cell in enumerate(cells)}
+    groups, levels = _controlled_groups(runs, plotted)
 
-    taus, granulated, overall = [], [], []
-    groups = _controlled_groups(runs, plotted)
+    rows: dict[str, list[dict]] = {"tau": [], "granulated": [], "granulated_overall": []}
     figure = Figure(figsize=(6 * max(1, len(targets)), 4 * len(measures)), layout="constrained")
     axes = figure.subplots(len(measures), max(1, len(targets)), squeeze=False)
     for row, measure in zip(axes, measures):
-        column = f"sharpness/{measure}"
         for ax, (target_name, target) in zip(row, targets.items()):
-            frame = pd.DataFrame({
-                "cell": plotted["cell"],
-                "x": pd.to_numeric(plotted[column], errors="coerce"),
-                "y": pd.to_numeric(plotted[target], errors="coerce"),
-            })
-            frame = frame[np.isfinite(frame["x"]) & np.isfinite(frame["y"])]
-            pooled = _tau(frame["x"], frame["y"])
-            taus.append({"measure": measure, "target": target_name, "cell": "all", **pooled})
-            for cell in cells:
-                part = frame[frame["cell"] == cell]
-                stats = _tau(part["x"], part["y"])
-                taus.append({"measure": measure, "target": target_name, "cell": cell, **stats})
-                if len(part):
-                    ax.scatter(part["x"], part["y"], s=14, alpha=0.7, color=palette[cell],
-                               label=f"{cell} (tau {stats['tau']:.2f})")
-            per_hp = _granulated(groups, plotted, column, target)
-            for hp, (psi, n_groups) in per_hp.items():
-                granulated.append({"measure": measure, "target": target_name,
-                                   "hyperparameter": hp, "psi": psi, "n_groups": n_groups})
-            if per_hp:
-                overall.append({"measure": measure, "target": target_name,
-                                "granulated_tau": float(np.mean([v[0] for v in per_hp.values()])),
-                                "n_hyperparameters": len(per_hp)})
-            x = frame["x"]
-            if len(x) and x.min() > 0 and x.max() / x.min() >= 100:
-                ax.set_xscale("log")
-            title = f"{measure} vs {target_name}: tau {pooled['tau']:.2f} (n={pooled['n']})"
-            if per_hp:
-                title += f", granulated {overall[-1]['granulated_tau']:.2f}"
-            ax.set_title(title, fontsize="medium")
-            ax.set_xlabel(measure)
-            ax.set_ylabel(target_name)
-            ax.grid(alpha=0.3)
-            if len(frame):
-                ax.legend(fontsize="x-small")
-    if not granulated:
-        notes.append("Granulated tau: no hyperparameter has at least "
-                     f"{MIN_GROUPS} groups of trials that differ in it alone.")
+            key = {"measure": measure, "target": target_name}
+            x = pd.to_numeric(plotted[f"sharpness/{measure}"], errors="coerce").to_numpy(float)
+            y = pd.to_numeric(plotted[target], errors="coerce").to_numpy(float)
+            by_cell = {"all": _tau(x, y)}
+            by_cell.update({cell: _tau(x[plotted["cell"] == cell], y[plotted["cell"] == cell])
+                            for cell in cells})
+            rows["tau"] += [{**key, "cell": cell, **_columns(est)} for cell, est in by_cell.items()]
+            granulated = granulated_tau_interval(x, y, groups, levels, min_groups=MIN_GROUPS)
+            _granulated_rows(rows, key, granulated)
+            _draw(ax, plotted["cell"].to_numpy(), x, y, (measure, target_name), palette,
+                  by_cell, granulated)
+            notes.append(_summary(measure, target_name, by_cell, granulated))
+    notes += _caveats(rows)
     figure.suptitle(f"{runs.experiment}: sharpness against generalization")
     data = {
-        "tau": pd.DataFrame(taus, columns=["measure", "target", "cell", "tau", "p_value", "n"]),
-        "granulated": pd.DataFrame(
-            granulated, columns=["measure", "target", "hyperparameter", "psi", "n_groups"]),
-        "granulated_overall": pd.DataFrame(
-            overall, columns=["measure", "target", "granulated_tau", "n_hyperparameters"]),
+        "tau": pd.DataFrame(rows["tau"], columns=TAU_COLUMNS),
+        "granulated": pd.DataFrame(rows["granulated"], columns=GRANULATED_COLUMNS),
+        "granulated_overall": pd.DataFrame(rows["granulated_overall"], columns=OVERALL_COLUMNS),
     }
     return View(figure=figure, data=data, notes=notes)
 
 
-def _tau(x: pd.Series, y: pd.Series, min_points: int = MIN_POINTS) -> dict[str, float]:
-    """Kendall's tau-b and its p-value; NaN below `min_points` or when either side is constant."""
-    n = int(len(x))
-    if n < min_points or x.nunique() < 2 or y.nunique() < 2:
-        return {"tau": float("nan"), "p_value": float("nan"), "n": n}
-    result = kendalltau(x, y)
-    return {"tau": float(result.statistic), "p_value": float(result.pvalue), "n": n}
+def _tau(x: np.ndarray, y: np.ndarray) -> TauInterval:
+    """Kendall's tau-b with its bootstrap interval; NaN below MIN_POINTS finite pairs."""
+    est = kendall_tau_interval(x, y)
+    if est.n < MIN_POINTS:
+        return TauInterval(math.nan, math.nan, math.nan, est.n, est.level)
+    return est
 
 
-def _controlled_groups(runs: Runs, trials: pd.DataFrame) -> dict[str, list[np.ndarray]]:
+def _columns(est: TauInterval) -> dict:
+    return {"tau": est.tau, "low": est.low, "high": est.high, "n": est.n, "text": est.text()}
+
+
+def _granulated_rows(rows: dict[str, list[dict]], key: dict, granulated: GranulatedTau) -> None:
+    """The granulated tau's rows: one per hyperparameter with enough groups, and the overall
+    one where there is any."""
+    for hp, est in granulated.by_hyperparameter.items():
+        rows["granulated"].append({**key, "hyperparameter": hp, "psi": est.tau, "low": est.low,
+                                   "high": est.high, "n_groups": granulated.groups[hp],
+                                   "n": est.n, "text": est.text()})
+    if granulated.by_hyperparameter:
+        overall = granulated.overall
+        rows["granulated_overall"].append({
+            **key, "granulated_tau": overall.tau, "low": overall.low, "high": overall.high,
+            "n_hyperparameters": len(granulated.by_hyperparameter), "n": overall.n,
+            "text": overall.text()})
+
+
+def _draw(ax, cells: np.ndarray, x: np.ndarray, y: np.ndarray, names: tuple[str, str],
+          palette: dict[str, str], by_cell: dict[str, TauInterval],
+          granulated: GranulatedTau) -> None:
+    """One panel: the trials coloured by cell, each cell's tau in the legend, the pooled and
+    granulated taus in the title."""
+    measure, target_name = names
+    finite = np.isfinite(x) & np.isfinite(y)
+    for cell, colour in palette.items():
+        part = finite & (cells == cell)
+        if part.any():
+            ax.scatter(x[part], y[part], s=14, alpha=0.7, color=colour,
+                       label=f"{cell}: {by_cell[cell].text()}")
+    shown = x[finite]
+    if len(shown) and shown.min() > 0 and shown.max() / shown.min() >= 100:
+        ax.set_xscale("log")
+    title = f"{measure} vs {target_name}\n{by_cell['all'].text()}"
+    if granulated.by_hyperparameter:
+        title += f"\ngranulated {granulated.overall.text()}"
+    ax.set_title(title, fontsize="small")
+    ax.set_xlabel(measure)
+    ax.set_ylabel(target_name)
+    ax.grid(alpha=0.3)
+    if finite.any():
+        ax.legend(fontsize="x-small")
+
+
+def _summary(measure: str, target_name: str, by_cell: dict[str, TauInterval],
+             granulated: GranulatedTau) -> str:
+    """One sentence per panel: the pooled tau, each cell's, each hyperparameter's psi and the
+    granulated tau, with their intervals."""
+    parts = [f"{measure} vs {target_name}: all trials: {by_cell['all'].text()}"]
+    parts += [f"{cell}: {est.text()}" for cell, est in by_cell.items() if cell != "all"]
+    if granulated.by_hyperparameter:
+        parts += [f"psi({hp}): {est.text()}" for hp, est in granulated.by_hyperparameter.items()]
+        parts.append(f"granulated: {granulated.overall.text()}")
+    return "; ".join(parts) + "."
+
+
+def _caveats(rows: dict[str, list[dict]]) -> list[str]:
+    """What the taus as a whole do not show."""
+    notes = []
+    if not rows["granulated"]:
+        notes.append("Granulated tau: no hyperparameter has at least "
+                     f"{MIN_GROUPS} groups of trials that differ in it alone.")
+    told = [r for r in rows["tau"] + rows["granulated_overall"]
+            if math.isfinite(r["low"]) and not r["low"] <= 0.0 <= r["high"]]
+    if not told:
+        notes.append("No tau here is distinguishable from 0: these trials do not show any "
+                      "sharpness measure ranking them by generalization.")
+    if any(r["low"] == r["high"] for r in told):
+        notes.append("A zero-width interval comes from a ranking every trial agrees with: no "
+                     "resample of these trials can contradict it, which says nothing of other "
+                     "trials.")
+    return notes
+
+
+def _controlled_groups(runs: Runs, trials: pd.DataFrame
+                       ) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
     """Per searched hyperparameter h: groups (row positions in `trials`) of trials that share the
-    cell and every other searched hyperparameter, and take at least two values of h. Seeds are
-    not hyperparameters, so seed repeats fall in the same group."""
-    hyperparameters = sorted({
+    cell and every other searched setting, and take at least two values of h; and each trial's
+    value of h. Seeds are not hyperparameters, so seed repeats fall in the same group; settings
+    of the measurement split groups but are never h."""
+    searched = sorted({
         hp for cell in trials["cell"].unique()
         for hp in searched_hyperparameters(runs, trials[trials["cell"] == cell])
     })
-    as_text = {hp: trials[hp].map(repr).to_numpy() for hp in hyperparameters}
+    as_text = {hp: trials[hp].map(repr).to_numpy() for hp in searched}
     cells = trials["cell"].to_numpy()
     groups: dict[str, list[np.ndarray]] = {}
-    for hp in hyperparameters:
-        others = [as_text[h] for h in hyperparameters if h != hp]
+    for hp in (h for h in searched if h not in MEASUREMENT_KEYS):
+        others = [as_text[h] for h in searched if h != hp]
         members: dict[tuple, list[int]] = {}
         for position, key in enumerate(zip(cells, *others)):
             members.setdefault(key, []).append(position)
         groups[hp] = [np.array(rows) for rows in members.values()
                       if len(set(as_text[hp][rows])) >= 2]
-    return groups
-
-
-def _granulated(groups: dict[str, list[np.ndarray]], trials: pd.DataFrame, measure: str,
-                target: str) -> dict[str, tuple[float, int]]:
-    """Jiang et al.'s psi_h per hyperparameter h: the mean, over `groups[h]`, of Kendall's tau
-    between `measure` and `target` within the group. Non-finite values are dropped first; a group
-    left with fewer than two values of h, or with an undefined tau, does not count; h needs
-    MIN_GROUPS groups that count. Returns {h: (psi_h, groups counted)}."""
-    x = pd.to_numeric(trials[measure], errors="coerce").to_numpy(dtype=float)
-    y = pd.to_numeric(trials[target], errors="coerce").to_numpy(dtype=float)
-    finite = np.isfinite(x) & np.isfinite(y)
-    result = {}
-    for hp, hp_groups in groups.items():
-        values = trials[hp].map(repr).to_numpy()
-        group_taus = []
-        for rows in hp_groups:
-            rows = rows[finite[rows]]
-            if len(set(values[rows])) < 2:
-                continue
-            # A controlled pair already says something (the sign agreement), so groups need
-            # only two trials; the MIN_POINTS floor is for the uncontrolled, pooled numbers.
-            tau = _tau(pd.Series(x[rows]), pd.Series(y[rows]), min_points=2)["tau"]
-            if np.isfinite(tau):
-                group_taus.append(tau)
-        if len(group_taus) >= MIN_GROUPS:
-            result[hp] = (float(np.mean(group_taus)), len(group_taus))
-    return result
+    return groups, {hp: as_text[hp] for hp in groups}
