@@ -638,6 +638,23 @@ def test_a_sweep_whose_every_trial_failed_exits_non_zero_saying_why(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_trial_killed_on_its_last_allowed_failure_fails_the_sweep_rather_than_interrupting_it(tmp_path):
+    # No restarts allowed, and the trial's process is SIGKILLed after its first epoch: Tune saves
+    # such a trial as still RUNNING, which read as "interrupted" (exit 130) on every --resume.
+    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=1", "--no-report",
+                                    "--set", "label_noise_rates=0.0", "--set", "fixed.max_failures=0"),
+                          cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="1"), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "samtune: every trial of the sweep failed; the first: The actor is dead" in proc.stderr
+    _, by_role = runs_of(tmp_path)
+    assert [t.data.tags["samtune.status"] for t in by_role["trial"]] == ["failed"]
+    (state_file,) = (tmp_path / "runs" / "t" / "trials").glob("experiment_state-*.json")
+    statuses = [json.loads(t[0])["status"] for t in json.loads(state_file.read_text())["trial_data"]]
+    assert statuses == ["ERROR"]  # what --resume reads: nothing left to run
+
+
+@pytest.mark.slow
 def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_path):
     # One trial long enough that both refusals land while it trains.
     args = ("--set", "epochs=60", "--set", "trials=1", "--set", "label_noise_rates=0.0",
@@ -802,6 +819,23 @@ def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_befor
     (cell / STATE_BACKUP).unlink()
     state.write_text("")
     assert not resumable(cell) and not state.exists() and older.exists()
+
+
+def test_trials_the_driver_saw_fail_are_saved_as_failed_and_no_other(tmp_path):
+    from samtune.sweep.recovery import settle_failed_trials
+
+    def trial(trial_id, status):
+        return [json.dumps({"trial_id": trial_id, "status": status, "config": {"lr": 0.1}}), "{}"]
+
+    state = tmp_path / "experiment_state-2026-01-02_00-00-00.json"
+    state.write_text(json.dumps({"trial_data": [trial("a", "RUNNING"), trial("b", "RUNNING"),
+                                                trial("c", "TERMINATED")], "runner_data": {}}))
+    # "a" died on its last allowed failure; "b" is still training; "c" finished.
+    assert settle_failed_trials(tmp_path, {"a", "c"}) == 1
+    saved = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
+    assert [(t["trial_id"], t["status"]) for t in saved] == [("a", "ERROR"), ("b", "RUNNING"), ("c", "TERMINATED")]
+    assert saved[0]["config"] == {"lr": 0.1}
+    assert settle_failed_trials(tmp_path, {"a"}) == 0  # already settled: the file is left alone
 
 
 def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):

@@ -29,6 +29,7 @@ from samtune.contract.tags import (
 )
 from samtune.sweep.check import space_fingerprint
 from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable, _shown
+from samtune.sweep.recovery import settle_failed_trials
 from samtune.sweep.results import CellResult, TrialRow, finite
 from samtune.sweep.search import cell_index
 from samtune.sweep.study import Cell, Sweep
@@ -267,6 +268,9 @@ def _reconcile(plan: Plan, recorders: dict[str, Recorder], folder: str = TUNE_DI
     from ray.tune import ExperimentAnalysis
 
     ended = {slug: 0 for slug in recorders}
+    failed = {trial_id for r in recorders.values() for trial_id, row in r.result.trials.items()
+              if row.status == "failed"}
+    settle_failed_trials(plan.sweep_dir / folder, failed)
     try:
         analysis = ExperimentAnalysis(str(plan.sweep_dir / folder))
     except Exception:  # noqa: BLE001  no state written: nothing ended

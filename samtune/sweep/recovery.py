@@ -66,6 +66,34 @@ def _whole_json(path: Path) -> bool:
 STATE_BACKUP = "samtune-experiment-state.backup.json"
 
 
+def settle_failed_trials(folder: Path, failed: set[str]) -> int:
+    """Mark as ERROR, in Tune's newest saved state in `folder`, the trials of `failed` (ids the
+    driver saw fail) that the state still calls live; returns how many it changed.
+
+    Tune re-saves a trial's state only while its process lives. A trial whose process died on
+    its last allowed failure is failed in Tune's memory and in the sweep's records but saved
+    as RUNNING: the sweep would count it as unfinished and call itself interrupted, and
+    ``--resume`` would run it again. The state file is rewritten atomically.
+    """
+    states = sorted(folder.glob("experiment_state-*.json"))
+    if not failed or not states or not _whole_json(states[-1]):
+        return 0
+    newest = states[-1]
+    state = json.loads(newest.read_text())
+    changed = 0
+    for entry in state.get("trial_data", []):
+        trial = json.loads(entry[0])
+        if trial.get("trial_id") in failed and trial.get("status") not in ("TERMINATED", "ERROR"):
+            trial["status"] = "ERROR"
+            entry[0] = json.dumps(trial, indent=2)
+            changed += 1
+    if changed:
+        tmp = newest.with_name(f".{newest.name}.settled.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, newest)
+    return changed
+
+
 class StateBackup(Callback):
     """Copies Tune's experiment state aside at the start of each step of its loop.
 

@@ -6,6 +6,7 @@ one line per finished trial instead, so logs stay readable.
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Any
 
 from rich.console import Console, Group
@@ -153,7 +154,7 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
                       "ASHA stopped is shown, with its last epoch.", highlight=False, markup=False)
     uri = plan.tracking_uri
     # The report (built next by `samtune sweep`) says where it is itself.
-    console.print(f"Browse the runs:  samtune ui --tracking-uri {uri}   (experiment {plan.sweep.name!r})",
+    console.print(f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(uri)}",
                   highlight=False, markup=False, soft_wrap=True)
 
 
