@@ -11,7 +11,15 @@ from torch import nn
 
 from samtune.optim.sam import SAM
 from samtune.optim.step import sam_step
-from samtune.optim.variants import AESAM, EveryKSAM, FullSAM, LookSAM, RandomizedSAM, make_variant, variant_from_config
+from samtune.optim.variants import (
+    AESAM,
+    EveryKSAM,
+    FullSAM,
+    LookSAM,
+    RandomizedSAM,
+    make_variant,
+    variant_from_config,
+)
 
 RHO, LR, MOMENTUM, WD = 0.2, 0.1, 0.9, 1e-3
 
@@ -551,3 +559,163 @@ def test_ddp_workers_take_the_same_steps_and_stay_identical(tmp_path):
         assert 1 in a["pattern"] and 2 in a["pattern"], config
         for x, y in zip(a["weights"], b["weights"]):
             assert torch.equal(x, y), config
+
+
+# -- MSAM: one pass at the momentum-perturbed weights ---------------------------------------------
+
+
+def grad_at(model, weights, x, y):
+    """The loss gradient at `weights` (name -> tensor), by autograd on a functional call; the
+    model's own parameters are not touched."""
+    from torch.func import functional_call
+
+    leaves = {k: w.detach().clone().requires_grad_(True) for k, w in weights.items()}
+    loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def flat_norm(tensors):
+    return math.sqrt(sum(float((t * t).sum()) for t in tensors))
+
+
+def msam_sgd_by_hand(model, data, rho, lr, mu, wd):
+    """MSAM with SGD written out: eps = -rho v / ||v|| (0 before the first step), the gradient
+    there, then v = mu v + g + wd w and w -= lr v, from w."""
+    w = {k: p.detach().clone() for k, p in model.named_parameters()}
+    v = None
+    for x, y in data:
+        if v is None:
+            point = w
+        else:
+            norm = flat_norm(v.values())
+            point = {k: w[k] - rho * v[k] / norm for k in w}
+        g = grad_at(model, point, x, y)
+        d = {k: g[k] + wd * w[k] for k in w}
+        v = d if v is None else {k: mu * v[k] + d[k] for k in w}
+        w = {k: w[k] - lr * v[k] for k in w}
+    return w
+
+
+def msam_adamw_by_hand(model, data, rho, lr, betas, eps, wd):
+    """MSAM with AdamW written out: eps = -rho m / ||m|| with m Adam's first moment."""
+    b1, b2 = betas
+    w = {k: p.detach().clone() for k, p in model.named_parameters()}
+    m = s = None
+    for t, (x, y) in enumerate(data, start=1):
+        point = w if m is None else {k: w[k] - rho * m[k] / flat_norm(m.values()) for k in w}
+        g = grad_at(model, point, x, y)
+        m = {k: (1 - b1) * g[k] + (0 if m is None else b1 * m[k]) for k in w}
+        s = {k: (1 - b2) * g[k] ** 2 + (0 if s is None else b2 * s[k]) for k in w}
+        w = {k: w[k] * (1 - lr * wd) - lr / (1 - b1 ** t) * m[k]
+             / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in w}
+    return w
+
+
+def assert_close_weights(model, expected, tol=1e-10):
+    for k, p in model.named_parameters():
+        assert torch.allclose(p.detach(), expected[k], atol=tol, rtol=0), k
+
+
+def test_msam_with_sgd_equals_its_update_by_hand_from_the_first_step():
+    data = batches(5)
+    model = mlp()
+    expected = msam_sgd_by_hand(copy.deepcopy(model), data, RHO, LR, MOMENTUM, WD)
+    opt = sam_optimizer(model, "msam")
+    assert run(model, opt, data) == [1] * 5  # one pass per step
+    assert opt.variant.passes == 5 and opt.variant.sam_steps == 0
+    assert_close_weights(model, expected)
+
+
+def test_msam_first_step_is_the_plain_sgd_step():
+    (x, y), = batches(1)
+    model, plain = mlp(), mlp()
+    sam_step(model, F.cross_entropy, x, y, sam_optimizer(model, "msam"))
+    sgd = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    F.cross_entropy(plain(x), y).backward()
+    sgd.step()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_msam_with_adamw_equals_its_update_by_hand():
+    data = batches(5)
+    model = mlp()
+    betas, eps, lr, wd = (0.9, 0.999), 1e-8, 0.01, 0.05
+    expected = msam_adamw_by_hand(copy.deepcopy(model), data, RHO, lr, betas, eps, wd)
+    opt = SAM(model.parameters(), torch.optim.AdamW, rho=RHO, lr=lr, betas=betas, eps=eps,
+              weight_decay=wd, variant="msam")
+    run(model, opt, data)
+    assert_close_weights(model, expected)
+
+
+def test_msam_through_step_with_closure_matches_sam_step():
+    data = batches(4)
+    a, b = mlp(), mlp()
+    run(a, sam_optimizer(a, "msam"), data)
+    opt = sam_optimizer(b, "msam")
+    for x, y in data:
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(b(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_msam_with_rho_0_is_the_base_optimizer_bit_for_bit():
+    data = batches(5)
+    model, plain = mlp(bn=True), mlp(bn=True)
+    run(model, sam_optimizer(model, "msam", rho=0.0), data)
+    sgd = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    for x, y in data:
+        sgd.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        sgd.step()
+    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_msam_leaves_the_weights_at_w_between_steps():
+    """The perturbation lives inside the step: after it the weights are w_{t+1} exactly."""
+    data = batches(3)
+    model = mlp()
+    opt = sam_optimizer(model, "msam")
+    run(model, opt, data[:2])
+    w = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    run(model, opt, data[2:])
+    # w_{t+1} = w_t - lr v_{t+1} with v_{t+1} the buffer the step left.
+    for p, before, old in zip(model.parameters(), w, buffers):
+        new = opt.base_optimizer.state[p]["momentum_buffer"]
+        assert not torch.equal(new, old)
+        assert torch.allclose(p.detach(), before - LR * new, atol=1e-14, rtol=0)
+
+
+def test_msam_resumed_from_a_checkpoint_takes_the_same_next_update(tmp_path):
+    data = batches(6)
+    model = mlp(bn=True)
+    opt = sam_optimizer(model, "msam")
+    run(model, opt, data[:3])
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    run(model, opt, data[3:])
+    resumed = mlp(seed=5, bn=True)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(state["model"])
+    opt2 = sam_optimizer(resumed)
+    opt2.load_state_dict(state["opt"])
+    run(resumed, opt2, data[3:], variant={"sam_variant": "msam"})
+    assert opt2.variant.steps == 6
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_msam_refuses_m_sharpness_groups_and_asam():
+    model = mlp()
+    (x, y), = batches(1)
+    with pytest.raises(ValueError, match=r"sam_variant='msam' takes one perturbation per step.*m=8"):
+        sam_step(model, F.cross_entropy, x, y, sam_optimizer(model, "msam"), m=8)
+    opt = sam_optimizer(model, "msam", adaptive=True)
+    with pytest.raises(ValueError, match="ASAM's adaptive scaling is not defined"):
+        sam_step(model, F.cross_entropy, x, y, opt)

@@ -25,7 +25,7 @@ BACKENDS = ("gloo", "nccl")
 NORMS = ("batch", "group", "none")
 NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
 SCENARIOS = ("label_noise", "finetune")
-SAM_VARIANTS = ("full", "every_k", "rst", "looksam", "ae_sam")
+SAM_VARIANTS = ("full", "every_k", "rst", "looksam", "ae_sam", "msam", "sampa")
 RST_SCHEDULES = ("constant", "linear")
 
 #: The sharpness measures a trial takes when its config does not name them.
@@ -116,6 +116,8 @@ TRIAL_KEYS: dict[str, Setting] = {
     "sam_total_steps": _key("int", None, "T for rst's linear schedule and AE-SAM (None: the trial's steps)",
                             optional=True, low=1),
     "sam_seed": _key("int", None, "rst's random stream (None: seed * 1000 + 606)", optional=True),
+    "sampa_lambda": _key("float", None, "SAMPa's weight of the auxiliary gradient (None: 0.2)",
+                         optional=True, low=0.0, high=1.0),
     # -- sharpness
     "sharpness_measures": _key("any", DEFAULT_MEASURES, "sharpness measures: a tuple of names or 'a,b'; "
                                "'' for none, 'default'", optional=True),
@@ -123,6 +125,8 @@ TRIAL_KEYS: dict[str, Setting] = {
                                optional=True),
     "sharpness_every": _key("int", 0, "measure sharpness every k epochs (0: at the end only)", low=0),
     "sharpness_subset": _key("int", 1024, "examples used to measure sharpness", low=1),
+    "sharpness_budget_s": _key("float", None, "seconds a sharpness measurement may take; measures that "
+                               "would not fit are skipped (None: no limit)", optional=True, **_POSITIVE),
     # -- finetuning
     "finetune_source": _key("str", None, "finetune: pretrained weights (file, dataset, torchvision:, MLflow URI)",
                             optional=True),
@@ -162,7 +166,7 @@ SWEEP_FIELDS = {"dataset": "dataset", "model": "model", "scenario": "scenario", 
 #: average over, the rest are resources and bookkeeping (``baseline`` marks a cell's baseline
 #: trials, which ASHA lets run their budget). The report does not rank them by importance.
 NUISANCE_KEYS = frozenset({"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset",
-                           "baseline"})
+                           "sharpness_budget_s", "baseline"})
 
 #: The settings that tell trials apart at a glance: the live view shows these first.
 HEADLINE_KEYS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")

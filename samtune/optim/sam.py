@@ -23,8 +23,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from samtune.optim.msam import momentum_first_step
 from samtune.optim.variants import (
     ADAPTIVE_STEP,
+    MOMENTUM_STEP,
+    PAIRED_STEP,
     PLAIN_STEP,
     SAM_STEP,
     SAMVariant,
@@ -202,7 +205,9 @@ class SAM(torch.optim.Optimizer):
         `closure` must zero the gradients, compute the loss, call `backward()` and return the
         loss; it is called at `w` and again at `w + eps`. The loss at `w` is returned. Without a
         closure only the base step is possible, which is what `rho == 0` means. With a variant,
-        the closure is called once on the variant's one-pass steps.
+        the closure is called once on the variant's one-pass steps (every step of ``msam``, at
+        the momentum-perturbed weights; the loss returned is the one there). ``sampa`` needs
+        `samtune.optim.step.sam_step`.
 
         The closure's forward runs in whatever mode the model is in, so on a two-pass step a
         model in train mode advances its BatchNorm running statistics twice (once at `w`, once at
@@ -222,8 +227,18 @@ class SAM(torch.optim.Optimizer):
             )
         variant = self._active_variant()
         plan = variant.plan() if variant is not None else SAM_STEP
+        if plan == PAIRED_STEP:
+            raise ValueError("sam_variant='sampa' takes a gradient on the previous batch, which a "
+                             "closure cannot give: train with samtune.optim.step.sam_step")
+        if plan == MOMENTUM_STEP:
+            momentum_first_step(self)
         with torch.enable_grad():
             loss = closure()
+        if plan == MOMENTUM_STEP:
+            self._restore_weights()
+            self.base_optimizer_step()
+            variant.finish(took_sam=False)
+            return loss
         if plan == ADAPTIVE_STEP:
             plan = SAM_STEP if variant.decide(float(self.squared_grad_norm())) else PLAIN_STEP
         if plan == PLAIN_STEP:

@@ -9,9 +9,11 @@ BatchNorm running statistics advance once per step, in the first pass. With grou
 is normalised by its own batch statistics (as a worker of size m would be), and the running
 statistics take one update with the groups' mean statistics.
 
-Variants: on a one-pass step the base optimizer steps with the plain gradient (LookSAM: with the
-plain gradient plus the reused direction); under DDP that gradient is all-reduced like any plain
-step's. AE-SAM's and LookSAM's first pass is the SAM step's first pass, so their SAM steps cost
+Variants: MSAM's step is one pass at the momentum-perturbed weights, SAMPa's two independent
+passes (on paired workers under DDP, one collective); see `samtune.optim.msam` and
+`samtune.optim.sampa`. On a one-pass step the base optimizer steps with the plain gradient
+(LookSAM: with the plain gradient plus the reused direction); under DDP that gradient is
+all-reduced like any plain step's. AE-SAM's and LookSAM's first pass is the SAM step's first pass, so their SAM steps cost
 two passes and their plain steps one.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from samtune.optim.msam import momentum_first_step
 from samtune.optim.msharpness import (
     _all_reduce_mean,
     _backward,
@@ -30,8 +33,11 @@ from samtune.optim.msharpness import (
     _whole_batch_sam,
 )
 from samtune.optim.sam import SAM
+from samtune.optim.sampa import sampa_gradients
 from samtune.optim.variants import (
     ADAPTIVE_STEP,
+    MOMENTUM_STEP,
+    PAIRED_STEP,
     PLAIN_STEP,
     SAM_STEP,
     SAMVariant,
@@ -88,8 +94,9 @@ def sam_step(
         return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler)
     chosen = _active_variant(optimizer, m, batch)
     plan = chosen.plan() if chosen is not None else SAM_STEP
-    if plan == PLAIN_STEP:
-        return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler, chosen)
+    if plan in (PLAIN_STEP, MOMENTUM_STEP, PAIRED_STEP):
+        return _variant_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler,
+                             chosen, plan)
     if m == batch:
         loss, logits, took_sam = _whole_batch_step(model, loss_fn, inputs, targets, optimizer, scaler,
                                                    sync_perturbation, perturbation_group, chosen, plan)
@@ -128,9 +135,9 @@ def _active_variant(optimizer: SAM, m: int, batch: int) -> SAMVariant | None:
     chosen = optimizer._active_variant()
     if chosen is not None and chosen.uses_whole_batch_gradient and m != batch:
         raise ValueError(
-            f"sam_variant={chosen.name!r} decides from the whole local batch's gradient, so it "
-            f"does not combine with m-sharpness groups (m={m} < local batch {batch}); use m=None "
-            f"or the variants every_k / rst")
+            f"sam_variant={chosen.name!r} {chosen.whole_batch_reason}, so it does not combine "
+            f"with m-sharpness groups (m={m} < local batch {batch}); use m=None or the variants "
+            f"every_k / rst")
     return chosen
 
 
@@ -145,6 +152,24 @@ def _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_no
         chosen.reuse(optimizer.gradients())
     _finish_step(optimizer, base, max_grad_norm, scaler, took_sam=False, variant=chosen)
     return loss.detach(), logits.detach()
+
+
+def _variant_step(model, loss_fn, inputs, targets, optimizer: SAM, base, max_grad_norm,
+                  scaler, chosen: SAMVariant, plan: str) -> tuple[Tensor, Tensor]:
+    """A variant's plain step; MSAM's one pass at the momentum-perturbed weights
+    (`samtune.optim.msam`); or SAMPa's two independent gradients (`samtune.optim.sampa`). Each
+    ends with the base optimizer's step from w."""
+    if plan == MOMENTUM_STEP:
+        momentum_first_step(optimizer)
+    if plan in (PLAIN_STEP, MOMENTUM_STEP):
+        # Weights restored by `_finish_step`, before the base optimizer steps.
+        return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler, chosen)
+    if scaler is not None:
+        raise ValueError("sam_variant='sampa' keeps the auxiliary gradient from one step to the next, "
+                         "which fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'")
+    loss, logits = sampa_gradients(model, loss_fn, inputs, targets, optimizer, chosen)
+    _finish_step(optimizer, base, max_grad_norm, None, took_sam=True, variant=chosen)
+    return loss, logits
 
 
 def _whole_batch_step(model, loss_fn, inputs, targets, optimizer: SAM, scaler, sync_perturbation: bool,
@@ -228,6 +253,7 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, took_sam: bool,
             scaler.step(base)
             optimizer._opt_called = True  # type: ignore[attr-defined]
         elif not took_sam:
+            optimizer._restore_weights()  # MSAM's one pass ran at w + eps; a plain step's at w
             optimizer.base_optimizer_step()
         else:
             optimizer.second_step()

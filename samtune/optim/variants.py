@@ -1,8 +1,9 @@
 """Cheaper SAM: which steps pay for SAM's second pass, and what the other steps do instead.
 
 A full SAM step costs two sequential forward/backward passes. Each variant here decides, step by
-step, whether to take that step or a one-pass step, and keeps the state its rule needs (a counter,
-a seeded random stream, running statistics, a stored direction). `samtune.optim.sam.SAM` and
+step, whether to take that step or a one-pass step (or, for ``msam`` and ``sampa``, which other
+step to take), and keeps the state its rule needs (a counter, a seeded random stream, running
+statistics, a stored direction). `samtune.optim.sam.SAM` and
 `samtune.optim.step.sam_step` carry out the decision; the state travels in the optimizer's
 `state_dict()`, so a resumed run continues the same schedule.
 
@@ -34,16 +35,24 @@ Steps are numbered t = 0, 1, 2, ... from the start of training; T is the planned
   the plain step with g_t. The defaults (lambda1 = -1, lambda2 = 1) take SAM rarely early on and
   more often towards the end. A non-finite s_t (an overflowing fp16 step) leaves the statistics
   alone and takes the plain step.
+- ``msam``: Momentum-SAM (Becker et al., 2023, arXiv 2401.12033): every step is one pass, at the
+  weights moved against the base optimizer's normalised momentum buffer; see `samtune.optim.msam`.
+- ``sampa``: SAMPa-lambda (Xie, Pethick and Cevher, NeurIPS 2024): the perturbation comes from
+  the gradient at an auxiliary point computed in the previous step, so the step's two gradients
+  do not depend on each other; with an even number of DDP workers, paired ranks compute one each
+  and one all-reduce exchanges them; see `samtune.optim.sampa`.
 
 Under DistributedDataParallel every worker takes the same decision: the random stream and the
 counters are identical on every worker, AE-SAM uses the workers' mean of their local s_t, and
 LookSAM's g is averaged over the workers before g_v is formed. ``looksam`` and ``ae_sam`` need
 the whole local batch's gradient, so they don't combine with m-sharpness groups (m smaller than
-the local batch); ``every_k`` and ``rst`` do.
+the local batch), nor do ``msam`` and ``sampa`` (one perturbation for the whole step);
+``every_k`` and ``rst`` do.
 
 Trial-config keys (read by `variant_from_config`; unset or None means the default in brackets):
 
-    sam_variant      "full" | "every_k" | "rst" | "looksam" | "ae_sam"          ["full"]
+    sam_variant      "full" | "every_k" | "rst" | "looksam" | "ae_sam" | "msam" | "sampa"
+                                                                                 ["full"]
     sam_k            int >= 1: every_k's period, LookSAM's recompute period  [every_k 2, looksam 5]
     sam_p            float in [0, 1]: rst's probability (the end value of the linear schedule) [0.5]
     rst_schedule     "constant" | "linear"                                       ["constant"]
@@ -54,6 +63,7 @@ Trial-config keys (read by `variant_from_config`; unset or None means the defaul
     ae_sam_delta     float in (0, 1): forgetting factor of the running mean/var  [0.9]
     sam_total_steps  int >= 1: T, for rst's linear schedule and ae_sam's c_t     [None]
     sam_seed         int: rst's random stream                                    [seed * 1000 + 606]
+    sampa_lambda     float in [0, 1]: SAMPa's weight of the auxiliary gradient   [0.2]
 
 Knobs that do not belong to the chosen variant are ignored (a search space may carry them all).
 """
@@ -69,6 +79,8 @@ from torch import Tensor
 SAM_STEP = "sam"            # two passes: gradient at w, then at w + eps
 PLAIN_STEP = "plain"        # one pass, the base optimizer's step
 ADAPTIVE_STEP = "adaptive"  # one pass, then `decide(squared gradient norm)` picks
+MOMENTUM_STEP = "momentum"  # one pass, at w + eps with eps from the base optimizer's momentum
+PAIRED_STEP = "paired"      # two independent passes (SAMPa), in parallel on paired workers
 
 # Keeps divisions finite when a gradient or a stored direction is exactly zero.
 _FLOOR = 1e-12
@@ -86,6 +98,7 @@ class SAMVariant:
 
     name: ClassVar[str] = ""
     uses_whole_batch_gradient: ClassVar[bool] = False  # True: no m-sharpness groups
+    whole_batch_reason: ClassVar[str] = "decides from the whole local batch's gradient"
     keeps_direction: ClassVar[bool] = False            # True: LookSAM's store/reuse hooks apply
 
     def __init__(self) -> None:
@@ -339,8 +352,61 @@ class AESAM(SAMVariant):
         self.mean, self.var = float(state["mean"]), float(state["var"])
 
 
+class MomentumSAM(SAMVariant):
+    """MSAM: one pass per step, at w minus rho times the normalised momentum buffer.
+
+    The step itself is `samtune.optim.msam` (its docstring states what it computes); this keeps
+    only the step count: the direction lives in the base optimizer's state, which the SAM
+    optimizer's `state_dict()` already carries.
+    """
+
+    name = "msam"
+    uses_whole_batch_gradient = True
+    whole_batch_reason = "takes one perturbation per step for the whole local batch"
+
+    def plan(self) -> str:
+        return MOMENTUM_STEP
+
+
+class SAMPa(SAMVariant):
+    """SAMPa-lambda: SAM's two gradients made independent, so two workers can take one each.
+
+    The step is `samtune.optim.sampa` (its docstring states the update). Kept here between steps:
+    the gradient at the auxiliary point y_t (all workers' mean; None before the first step) and
+    the previous step's local batch, on which the next perturbed gradient is taken.
+    """
+
+    name = "sampa"
+    uses_whole_batch_gradient = True
+    whole_batch_reason = "takes one perturbation per step for the whole local batch"
+
+    def __init__(self, lam: float = 0.2) -> None:
+        super().__init__()
+        self.lam = _check_probability("sampa_lambda", lam)
+        self.aux_grad: list[Tensor | None] | None = None
+        self.previous: tuple[Tensor, Tensor] | None = None
+
+    def plan(self) -> str:
+        return PAIRED_STEP
+
+    def settings(self) -> dict[str, Any]:
+        return {"lam": self.lam}
+
+    def state_dict(self) -> dict[str, Any]:
+        aux = None if self.aux_grad is None else [None if g is None else g.detach().clone()
+                                                  for g in self.aux_grad]
+        previous = None if self.previous is None else tuple(t.detach().clone() for t in self.previous)
+        return {**super().state_dict(), "aux_grad": aux, "previous": previous}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        aux, previous = state.get("aux_grad"), state.get("previous")
+        self.aux_grad = None if aux is None else list(aux)
+        self.previous = None if previous is None else tuple(previous)
+
+
 VARIANTS: dict[str, type[SAMVariant]] = {
-    cls.name: cls for cls in (FullSAM, EveryKSAM, RandomizedSAM, LookSAM, AESAM)
+    cls.name: cls for cls in (FullSAM, EveryKSAM, RandomizedSAM, LookSAM, AESAM, MomentumSAM, SAMPa)
 }
 
 
@@ -386,6 +452,10 @@ def variant_from_config(config: Mapping[str, Any], total_steps: int | None = Non
     if name == "ae_sam":
         return AESAM(lambda1=get("ae_sam_lambda1", -1.0), lambda2=get("ae_sam_lambda2", 1.0),
                      delta=get("ae_sam_delta", 0.9), total_steps=total_steps)
+    if name == "msam":
+        return MomentumSAM()
+    if name == "sampa":
+        return SAMPa(lam=get("sampa_lambda", 0.2))
     raise ValueError(f"sam_variant={name!r} is not one of {tuple(VARIANTS)}")
 
 

@@ -45,12 +45,22 @@ class Perturbation:
     workers: int
     groups_per_worker: int
     workers_per_eps: int
+    paired: bool = False  # SAMPa on paired workers: ranks 2j and 2j + 1 share one local batch
+
+    @property
+    def data_shards(self) -> int:
+        """How many ways the data is split: one shard per worker, or per pair of workers."""
+        return self.workers // 2 if self.paired else self.workers
 
     @property
     def sync_all(self) -> bool:
         return self.workers > 1 and self.workers_per_eps == self.workers
 
     def describe(self) -> str:
+        if self.paired:
+            pairs = self.workers // 2
+            return (f"m={self.m}: SAMPa on {pairs} pair{'s' if pairs > 1 else ''} of workers, each "
+                    f"pair on its own batch of {self.per_worker_batch}, one gradient per worker")
         if self.groups_per_worker > 1:
             return (f"m={self.m}: {self.groups_per_worker} groups of {self.m} in each worker's "
                     f"batch of {self.per_worker_batch}, each with its own eps")
@@ -72,6 +82,8 @@ def perturbation_plan(cfg: dict[str, Any]) -> Perturbation:
     k x per-worker batch with k dividing `workers`, or contradicts `sync_perturbation=True`.
     """
     workers, batch = cfg["workers"], cfg["batch_size"]
+    if _paired(cfg):
+        return _paired_plan(cfg)
     local = batch // workers
     m = cfg["m"]
     if cfg["sync_perturbation"]:
@@ -94,6 +106,49 @@ def perturbation_plan(cfg: dict[str, Any]) -> Perturbation:
             f"m={m} does not divide the per-worker batch {local} (batch_size={batch} / "
             f"workers={workers}) and is not k x {local} with k dividing workers={workers}")
     return Perturbation(m, local, workers, 1, k)
+
+
+def _paired(cfg: dict[str, Any]) -> bool:
+    """Whether the trial runs SAMPa's two gradients on paired workers."""
+    return cfg["optimizer"] != "sgd" and cfg.get("sam_variant") == "sampa" and cfg["workers"] > 1
+
+
+def _paired_plan(cfg: dict[str, Any]) -> Perturbation:
+    """SAMPa on `workers` (even) ranks: one perturbation per pair's whole local batch."""
+    workers, batch = cfg["workers"], cfg["batch_size"]
+    if workers % 2:
+        raise TrialConfigError(
+            f"sam_variant='sampa' pairs the workers (one computes the perturbed gradient, the "
+            f"other the auxiliary one): workers must be 1 or even, got workers={workers}")
+    pairs = workers // 2
+    if batch % pairs:
+        raise TrialConfigError(f"batch_size={batch} does not split evenly over the {pairs} pairs "
+                               f"of workers={workers} (sam_variant='sampa'); use a multiple of {pairs}")
+    local = batch // pairs
+    if cfg["sync_perturbation"] or (cfg["m"] is not None and cfg["m"] != local):
+        raise TrialConfigError(
+            f"sam_variant='sampa' takes one perturbation per step for the whole local batch of "
+            f"{local}, so it does not combine with m={cfg['m']} or sync_perturbation=True; "
+            f"leave both unset")
+    return Perturbation(local, local, workers, 1, 1, paired=True)
+
+
+def _check_variant(cfg: dict[str, Any], plan: Perturbation) -> None:
+    """The SAM variant's knobs, and the settings it cannot run with."""
+    variant = _variant(cfg, total_steps=cfg["epochs"])
+    if variant.uses_whole_batch_gradient and plan.groups_per_worker > 1:
+        raise TrialConfigError(
+            f"sam_variant={variant.name!r} {variant.whole_batch_reason.replace('local', 'per-worker')}, "
+            f"so it does not combine with m={plan.m} < per-worker batch {plan.per_worker_batch}")
+    if variant.name in ("msam", "sampa") and cfg["optimizer"] == "asam":
+        raise TrialConfigError(f"sam_variant={variant.name!r} needs optimizer='sam': ASAM's "
+                               f"adaptive scaling is not defined for its perturbation")
+    if variant.name == "msam" and cfg["base_optimizer"] == "sgd" and not cfg["momentum"] > 0:
+        raise TrialConfigError("sam_variant='msam' perturbs along SGD's momentum buffer: it needs "
+                               f"momentum > 0, got momentum={cfg['momentum']!r}")
+    if variant.name == "sampa" and cfg["precision"] == "fp16":
+        raise TrialConfigError("sam_variant='sampa' keeps a gradient from one step to the next, which "
+                               "fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'")
 
 
 def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +175,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         raise TrialConfigError(f"placement_timeout_s must be > 0 seconds, got {cfg['placement_timeout_s']!r}")
     if not cfg["rho"] >= 0:
         raise TrialConfigError(f"rho must be >= 0, got {cfg['rho']!r}")
-    if cfg["batch_size"] % cfg["workers"]:
+    if cfg["batch_size"] % cfg["workers"] and not _paired(cfg):
         raise TrialConfigError(f"batch_size={cfg['batch_size']} does not split evenly over "
                                f"workers={cfg['workers']}; use a multiple of {cfg['workers']}")
     plan = perturbation_plan(cfg)
@@ -141,11 +196,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise TrialConfigError(str(exc)) from None
     if cfg["optimizer"] != "sgd":
-        variant = _variant(cfg, total_steps=cfg["epochs"])
-        if variant.uses_whole_batch_gradient and plan.groups_per_worker > 1:
-            raise TrialConfigError(
-                f"sam_variant={variant.name!r} decides from the whole per-worker batch's gradient, "
-                f"so it does not combine with m={plan.m} < per-worker batch {plan.per_worker_batch}")
+        _check_variant(cfg, plan)
     return cfg
 
 

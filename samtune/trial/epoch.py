@@ -35,12 +35,15 @@ def train_epoch(state: TrialState, epoch: int) -> dict[str, Any]:
     batches, while the weights move), its seconds and the cumulative ones, and `diverged`; a
     diverged epoch (stopped at a divergence check) has only its times and `diverged` = 1.
     """
-    cfg, rank, world, device = state.cfg, state.rank, state.world, state.device
+    cfg, world, device = state.cfg, state.world, state.device
+    # The shard: every world-th example, or every pair's when SAMPa pairs the workers (both
+    # workers of a pair draw the same batches and augmentations).
+    rank, shards = state.data_rank, state.data_world
     state.model.train()
     started = time.perf_counter()
     seed_epoch(cfg["seed"], epoch, rank)
     batch = state.plan.per_worker_batch
-    order = epoch_order(len(state.train.y), cfg["seed"], epoch)[rank::world][: state.steps * batch]
+    order = epoch_order(len(state.train.y), cfg["seed"], epoch)[rank::shards][: state.steps * batch]
     order = order.to(device)
     gen = augmentation_generator(cfg["seed"], epoch, rank, device)
     # Every batch holds `batch` examples: a tensor made once, not a host-to-device copy per step.

@@ -82,6 +82,16 @@ class TrialState:
         return self.session.world_size
 
     @property
+    def data_rank(self) -> int:
+        """This worker's data shard: its rank, or its pair's index when SAMPa pairs the workers
+        (both workers of a pair train on the same batches)."""
+        return self.rank // 2 if self.plan.paired else self.rank
+
+    @property
+    def data_world(self) -> int:
+        return self.plan.data_shards if self.world > 1 else 1
+
+    @property
     def eval_model(self) -> nn.Module:
         return _unwrap_ddp(self.model)  # no collective inside an evaluation forward
 
@@ -150,7 +160,7 @@ def _wrap_for_training(cfg: dict[str, Any], module: nn.Module, device: torch.dev
 
 
 def _steps_per_epoch(cfg: dict[str, Any], plan: Perturbation, n_train: int, world: int) -> int:
-    steps = (n_train // world) // plan.per_worker_batch
+    steps = (n_train // (plan.data_shards if world > 1 else 1)) // plan.per_worker_batch
     if steps < 1:
         raise TrialConfigError(f"batch_size={cfg['batch_size']} is larger than the {n_train} training "
                                f"examples of this scenario")
