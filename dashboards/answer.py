@@ -7,6 +7,9 @@ epoch of lowest validation error, i.e. early stopping on the noisy validation se
 table under the figure gives the SAM - SGD difference, paired by seed, with its own interval: an
 interval that covers 0 is "no detectable difference", never a winner. With an m ablation, the
 last panel draws test error against m (the SAM paper's m-sharpness: smaller m, lower error?).
+A finetuning cell also shows where its runs started: the pretrained backbone, frozen, with a
+linear head fit to the cell's training labels (a dashed line; the same for every seed, since
+neither the backbone nor the labels change with it).
 A sweep without a confirmation stage (``confirm_seeds=0``) has only single searched runs: this
 view then says so and draws nothing.
 """
@@ -59,6 +62,20 @@ def _panel(ax, estimates: pd.DataFrame, selection: str, cells: list[str], colors
     ax.grid(alpha=0.3)
 
 
+def _starting_points(frame: pd.DataFrame) -> pd.Series:
+    """Each finetuning cell's starting-point test error (mean over its runs, which agree)."""
+    if "pretrained_test_error" not in frame:
+        return pd.Series(dtype=float)
+    return frame.dropna(subset=["pretrained_test_error"]).groupby("cell", sort=False)["pretrained_test_error"].mean()
+
+
+def _draw_starting_points(ax, starts: pd.Series, cells: list[str]) -> None:
+    for i, (cell, value) in enumerate(starts.items()):
+        if cell in cells:
+            ax.hlines(value, cells.index(cell) - 0.45, cells.index(cell) + 0.45, colors="gray", linestyles="--",
+                      label=None if i else "pretrained, head fit (no finetuning)")
+
+
 def view(runs: Runs) -> View:
     found = verdicts(runs)
     if not found:
@@ -75,8 +92,10 @@ def view(runs: Runs) -> View:
     panels = len(selections) + (not curve.empty)
     figure = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
     axes = figure.subplots(1, panels, squeeze=False).ravel()
+    starts = _starting_points(runs.confirmations)
     for ax, selection in zip(axes, selections):
         _panel(ax, estimates, selection, cells, colors)
+        _draw_starting_points(ax, starts, cells)
     axes[0].legend(fontsize="small")
     if not curve.empty:
         ax = axes[-1]
@@ -91,4 +110,9 @@ def view(runs: Runs) -> View:
         ax.grid(alpha=0.3)
     figure.suptitle(f"{runs.experiment}: SAM vs SGD on {int(estimates['seeds'].max())} fresh seeds")
     notes = [f"{r['cell']}, {r['selection']}: {r['verdict']}" for r in table.to_dict("records")]
-    return View(figure=figure, data={"verdicts": table, "estimates": estimates, "m_curve": curve}, notes=notes)
+    notes += [f"{cell}: the pretrained starting point (backbone frozen, a linear head fit to the cell's "
+              f"training labels, before any finetuning step) has test error {value:.3f}"
+              for cell, value in starts.items()]
+    return View(figure=figure, data={"verdicts": table, "estimates": estimates, "m_curve": curve,
+                                     "starting_points": starts.rename("test_error").reset_index()},
+                notes=notes)

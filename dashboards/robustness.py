@@ -11,8 +11,11 @@ many epochs it ran.
 
 Choosing by validation error, not test error, keeps the comparison honest: the test set only
 reports. Where trials logged no validation error (trained with val_fraction=0), a panel chooses by
-test error instead and a note under the figure says so. Cells that are not label-noise cells
-(finetuning) sit on a categorical axis instead.
+test error instead and a note under the figure says so. The x axis is what the cells vary: the
+label-noise rate (of the finetuning target, in a finetuning sweep) where every cell has its own,
+else the cells in order. A finetuning sweep also draws each cell's starting point (gray, dashed):
+the pretrained backbone, frozen, with a linear head fit to the cell's training labels, before any
+finetuning step (`pretrained_test_error`), so the finetuned errors read against where they began.
 """
 from __future__ import annotations
 
@@ -21,8 +24,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from samtune.report.runs import Runs
+from samtune.report.table import (
+    best_per_optimizer,
+    cell_order,
+    choice_metric,
+    optimizer_colors,
+)
 from samtune.report.views import View
-from samtune.report.table import best_per_optimizer, cell_order, choice_metric, optimizer_colors
 
 ORDER = 10
 
@@ -35,17 +43,32 @@ PANELS = (
 
 
 def _x_positions(trials: pd.DataFrame, cells: list[str]) -> tuple[dict[str, float], bool]:
-    """Noise rate as x when every cell is a label-noise cell with its own rate; else 0, 1, 2..."""
+    """Noise rate as x when every cell has its own rate (a label-noise sweep, or a finetuning one
+    whose cells are noise rates of the target); else 0, 1, 2..."""
     rates = {}
     for cell in cells:
         first = trials[trials["cell"] == cell].iloc[0]
-        if str(first.get("scenario", "label_noise")) != "label_noise":
-            break
         rates[cell] = float(first.get("label_noise_rate", 0.0) or 0.0)
-    else:
-        if len(set(rates.values())) == len(cells):
-            return rates, True
+    if len(set(rates.values())) == len(cells):
+        return rates, True
     return {cell: float(i) for i, cell in enumerate(cells)}, False
+
+
+def _starting_points(trials: pd.DataFrame, x_of: dict[str, float]) -> pd.DataFrame:
+    """Each finetuning cell's starting-point test error (mean and spread over its trials) at its x."""
+    if "final_pretrained_test_error" not in trials:
+        return pd.DataFrame(columns=["cell", "x", "test_error", "test_error_std"])
+    start = trials.dropna(subset=["final_pretrained_test_error"]).groupby("cell", sort=False)
+    out = start["final_pretrained_test_error"].agg(["mean", "std"]).reset_index()
+    out = out.rename(columns={"mean": "test_error", "std": "test_error_std"})
+    out.insert(1, "x", out["cell"].map(x_of))
+    return out.sort_values("x")
+
+
+def _draw_starting_points(ax, starts: pd.DataFrame) -> None:
+    if not starts.empty:
+        ax.plot(starts["x"], starts["test_error"], color="gray", linestyle="--", marker="x",
+                label="pretrained, head fit (no finetuning)")
 
 
 def view(runs: Runs) -> View:
@@ -93,6 +116,12 @@ def view(runs: Runs) -> View:
         notes.append("No trial ran to the final epoch in: " + ", ".join(missing) +
                      " (only the best-epoch panel has them).")
 
+    starts = _starting_points(plotted, x_of)
+    for row in starts.itertuples():
+        notes.append(f"{row.cell}: the pretrained starting point (backbone frozen, a linear head fit "
+                     f"to the cell's training labels, before any finetuning step) has test error "
+                     f"{row.test_error:.3f}")
+
     figure = Figure(figsize=(13, 4.8), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     span = (max(x_of.values()) - min(x_of.values())) if len(x_of) > 1 else 1.0
@@ -113,8 +142,10 @@ def view(runs: Runs) -> View:
             short = chosen[chosen["stopped_early"]]
             ax.scatter(short["x"] + offsets[label], short["test_error"], s=40, zorder=3,
                        facecolors="white", edgecolors=colors[label], linewidths=1.5)
+        _draw_starting_points(ax, starts)
         ax.set_title("final epoch" if panel == "final" else "best epoch (early stopping)")
-        ax.set_xlabel("label-noise rate" if numeric else "cell")
+        ax.set_xlabel(("label-noise rate of the target" if not starts.empty else "label-noise rate")
+                      if numeric else "cell")
         if not numeric:
             ax.set_xticks(list(x_of.values()), list(x_of.keys()), rotation=20)
         ax.grid(alpha=0.3)
@@ -125,7 +156,8 @@ def view(runs: Runs) -> View:
                         label="choice ASHA stopped early")
         axes[1].legend(loc="best", fontsize="small")
     figure.suptitle(f"{runs.experiment}: test error, best configuration per optimizer")
-    return View(figure=figure, data={"best": best, "gain": gain, "trials": points}, notes=notes)
+    return View(figure=figure, data={"best": best, "gain": gain, "trials": points, "starting_points": starts},
+                notes=notes)
 
 
 def _with_hyperparameters(best: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:

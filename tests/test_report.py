@@ -956,3 +956,56 @@ def test_cells_too_small_for_importance_pool_every_trial_at_the_epoch_all_reache
     fanova = sam[(sam["evaluator"] == "fANOVA") & (sam["cell"] == "noise=0")]
     assert fanova.sort_values("importance", ascending=False)["param"].iloc[0] == "lr"
     assert "label_noise_rate" not in set(sam["param"])
+
+
+# -- a finetuning sweep --------------------------------------------------------------------------
+
+
+def finetune_records(role_tags=lambda cell, optimizer, seed: {}) -> list[TrialRecord]:
+    """Two finetuning cells (0% and 40% noise on the target), SGD and SAM on 3 seeds each, every
+    run starting from its cell's pretrained point (0.10 and 0.30) and ending below it."""
+    records = []
+    for noise, start in ((0.0, 0.10), (0.4, 0.30)):
+        cell = cell_label(noise)
+        for optimizer, end in (("sgd", 0.06), ("sam", 0.04)):
+            for seed in range(3):
+                errors = [start - 0.01, end + noise / 10 + 0.002 * seed]
+                records.append(TrialRecord(
+                    run_id=f"{cell}-{optimizer}-{seed}",
+                    tags={"samtune.cell": cell, "samtune.status": "finished", **role_tags(cell, optimizer, seed)},
+                    params={"optimizer": optimizer, "lr": "0.05", "rho": "0.05" if optimizer == "sam" else "None",
+                            "scenario": "finetune", "label_noise_rate": repr(noise), "seed": str(seed),
+                            "epochs": "2", "batch_size": "64", "dataset": "digits[5-9]"},
+                    history={"val_error": [(1, errors[0]), (2, errors[1])],
+                             "test_error": [(1, errors[0]), (2, errors[1])],
+                             "pretrained_test_error": [(1, start)]}))
+    return records
+
+
+def test_a_finetuning_sweep_draws_noise_on_the_x_axis_and_each_cells_starting_point():
+    spec = next(s for s in discover_views() if s.name == "robustness")
+    view = spec.function(tabulate("finetune", finetune_records()))
+    best = view.data["best"]
+    # The cells vary the target's noise rate: that is the x axis, as in a label-noise sweep.
+    assert sorted(set(best["x"])) == [0.0, 0.4]
+    starts = view.data["starting_points"].set_index("cell")
+    assert list(starts["x"]) == [0.0, 0.4]
+    assert list(starts["test_error"]) == pytest.approx([0.10, 0.30])
+    assert any("noise=0.4" in n and "starting point" in n and "0.300" in n for n in view.notes)
+
+
+def test_the_answer_view_gives_a_finetuning_cells_starting_point_beside_sgd_and_sam():
+    from samtune.report.answers import confirmation_frame
+
+    names = {"sgd": "best_sgd", "sam": "best_sam"}
+    confirmations = finetune_records(lambda cell, optimizer, seed: {
+        "samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)})
+    runs = tabulate("finetune", finetune_records())
+    runs.confirmations = confirmation_frame(confirmations)
+    spec = next(s for s in discover_views() if s.name == "answer")
+    view = spec.function(runs)
+    starts = view.data["starting_points"].set_index("cell")["test_error"]
+    assert starts.to_dict() == pytest.approx({"noise=0": 0.10, "noise=0.4": 0.30})
+    verdicts = view.data["verdicts"].set_index(["cell", "selection"])
+    assert verdicts.loc[("noise=0.4", "final epoch"), "verdict"].startswith("SAM lower by 0.020")
+    assert any(n.startswith("noise=0.4: the pretrained starting point") and "0.300" in n for n in view.notes)

@@ -382,3 +382,44 @@ def test_finetune_with_equal_class_counts_still_gets_a_new_head(tmp_path):
     assert not torch.equal(model.head.bias, source["head.bias"])
     backbone = [k for k in source if not k.startswith("head.")]
     assert all(torch.equal(model.state_dict()[k], source[k]) for k in backbone)
+
+
+# -- the finetuning's starting point -------------------------------------------------------------
+
+
+def test_the_starting_points_head_is_the_penalised_logistic_regression_sklearn_fits():
+    from sklearn.linear_model import LogisticRegression
+
+    from samtune.trial.probe import _L2, fit_head
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(300, 6, generator=gen)
+    labels = (features[:, :3] @ torch.randn(3, 3, generator=gen) + 0.8 * torch.randn(300, 3, generator=gen)).argmax(1)
+    weight, bias = fit_head(features, labels, 3)
+    # Ours: mean cross-entropy + L2 * ||W||^2, bias free. sklearn: C * summed cross-entropy +
+    # ||W||^2 / 2, intercept free: the same minimiser at C = 1 / (2 * n * L2).
+    reference = LogisticRegression(C=1 / (2 * len(labels) * _L2), tol=1e-10, max_iter=10_000)
+    reference.fit(features.double().numpy(), labels.numpy())
+    ours = torch.softmax(features @ weight.T + bias, 1).double().numpy()
+    assert abs(ours - reference.predict_proba(features.double().numpy())).max() < 2e-3
+
+
+def test_a_finetuning_trial_reports_its_pretrained_starting_point_with_its_first_epoch(tmp_path, monkeypatch):
+    from samtune.trial.entry import fit
+
+    monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 6, "batch_size": 64,
+              "epochs": 2, "lr": 0.02, "backbone_lr_scale": 0.1, "label_noise_rate": 0.4,
+              "sharpness_measures": ()}
+    epochs = []
+    fit(config, report=epochs.append)
+    first, second = epochs
+    # The pretrained backbone under a fitted head is far better than chance on the target's 5
+    # classes (0.8), whose labels it never saw, even at 40% noise; reported once, before training.
+    assert first["pretrained_test_error"] < 0.5 and 0.0 <= first["pretrained_val_error"] <= 1.0
+    assert "pretrained_test_error" not in second
+    # Nothing else changes: the same trial with the probe's head fit skipped trains the same.
+    monkeypatch.setattr("samtune.trial.loop.starting_point", lambda state: {})
+    again = []
+    fit(config, report=again.append)
+    assert again[1]["test_error"] == second["test_error"] and again[1]["train_loss"] == second["train_loss"]

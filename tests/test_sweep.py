@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -675,17 +675,29 @@ def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_pa
                                 rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
                                 rf"--resume\n", second.stderr), second.stderr
         assert proc.poll() is None, "the sweep ended before the second drivers were refused"
-        os.killpg(proc.pid, signal.SIGKILL)
+        # The driver alone, as `kill -9 PID` does: its Ray processes are left to notice.
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    # The killed driver holds nothing: --resume finishes its sweep.
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    # The killed driver holds nothing, and what its Ray left running (its agents outlive it by
+    # up to a minute, still listening) does not confuse the next driver: --resume, started at
+    # once, finishes the sweep.
     resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume", "--no-report"), cwd=tmp_path, env=env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     check_complete_once(tmp_path, trials_per_cell=1, cells=1)
+    # And nothing of the killed driver's Ray stays behind for long.
+    deadline = time.time() + 120
+    while (left := _live_processes_of_group(proc.pid)) and time.time() < deadline:
+        time.sleep(2)
+    assert left == [], left
+
+
+def _live_processes_of_group(group: int) -> list[str]:
+    ps = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-g", str(group)], capture_output=True, text=True)
+    return [line for line in ps.stdout.splitlines() if not line.split()[1].startswith("Z")]
 
 
 @pytest.mark.slow
@@ -871,8 +883,16 @@ def test_the_embedded_finetuning_study_pretrains_once_and_finetunes_every_trial(
         assert t.data.params["scenario"] == "finetune" and t.data.params["dataset"] == "digits[5-9]"
         assert t.data.params["finetune_source"] == "digits[0-4]"
         assert "lr_backbone" in t.data.metrics  # the pretrained layers had their own learning rate
+        # The starting point (pretrained backbone, fitted head) logged once, before training.
+        start = client.get_metric_history(t.info.run_id, "pretrained_test_error")
+        assert [m.step for m in start] == [1] and start[0].value < 0.8  # chance: 5 classes
         if t.data.tags["samtune.status"] == "finished":
             assert "sharpness/m_sharpness" in t.data.metrics  # measured with frozen BatchNorm statistics
     (weights,) = (cache / "pretrained").glob("*.pt")
     meta = json.loads(weights.with_name(weights.name + ".json").read_text())
     assert meta["config"]["dataset"] == "digits[0-4]" and meta["config"]["epochs"] == 2
+    # One backbone and one draw of labels per cell: every trial of a cell starts from the same point.
+    starts = defaultdict(set)
+    for t in trials:
+        starts[t.data.tags["samtune.cell"]].add(round(t.data.metrics["pretrained_test_error"], 6))
+    assert sorted(starts) == ["noise=0", "noise=0.4"] and all(len(v) == 1 for v in starts.values())

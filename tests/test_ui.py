@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from samtune import cli
-from samtune.contract.tags import DESCRIPTION_TAG, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ROLE_TAG
+from samtune.contract.tags import (
+    DESCRIPTION_TAG,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    ROLE_TAG,
+)
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 

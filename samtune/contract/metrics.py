@@ -55,6 +55,11 @@ METRICS: dict[str, Metric] = {
     "compute_time_s": Metric(_EVERY, True, "cumulative seconds of training, evaluation and sharpness alone"),
     "lr": Metric(_EVERY, False, "the head's (the schedule's) learning rate"),
     "lr_backbone": Metric("every epoch, finetuning", False, "the pretrained layers' learning rate"),
+    "pretrained_test_error": Metric("first epoch, finetuning", False,
+                                    "the starting point's test error: the pretrained backbone, frozen, "
+                                    "with a linear head fit to the training labels, before any step"),
+    "pretrained_val_error": Metric("first epoch, finetuning, with a validation split", False,
+                                   "the starting point's validation error (as pretrained_test_error)"),
     "diverged": Metric(_EVERY, False, "1 when the loss went non-finite or above divergence_loss"),
     "m_effective": Metric("every epoch, SAM/ASAM", False, "examples behind one perturbation"),
     "m_workers": Metric("every epoch, SAM/ASAM", False, "workers sharing one perturbation"),
@@ -68,13 +73,23 @@ METRICS: dict[str, Metric] = {
 #: What a sweep may optimise (besides a ``sharpness/<measure>`` measured every epoch).
 OPTIMISABLE = tuple(name for name, metric in METRICS.items() if metric.optimisable)
 
+#: The text a trial reports when its sharpness budget skipped measures (which, and why).
+SHARPNESS_SKIPPED_NOTE = "sharpness_skipped"
+
 #: Metrics with a value of text, not a number: recorded as MLflow tags, never as metric series.
-TEXT_METRICS = ("m_plan", "placement")
+TEXT_METRICS = ("m_plan", "placement", SHARPNESS_SKIPPED_NOTE)
 
 
 #: What a sharpness measurement logs beside the measures, as ``sharpness/<key>``: what it was
 #: measured on (examples, seed, examples per forward pass, parameters measured), not a measure.
 SHARPNESS_SHARED_KEYS = ("subset", "seed", "batch", "num_params")
+
+#: What a sharpness measurement logs beside each measure's value, as ``sharpness/<measure>/<key>``:
+#: its cost and uncertainty, not a setting. ``seconds`` (every measure), ``products`` (curvature
+#: products), ``residual`` (Lanczos bound), ``stderr`` (stochastic estimates); under a time budget
+#: a measure that would not fit logs ``skipped`` = 1 and ``expected_s``, the seconds it was expected
+#: to take, and ``left_s``, the budget's seconds left when it was skipped.
+SHARPNESS_ESTIMATE_KEYS = ("seconds", "products", "residual", "stderr", "skipped", "expected_s", "left_s")
 
 #: What `samtune train` prints every epoch (beside the sharpness measures).
 PRINTED = ("epoch", "train_loss", "train_acc_noisy", "train_acc_true", "val_error", "test_error", "epoch_time_s")

@@ -19,7 +19,7 @@ from samtune.report.table import cell_order
 from samtune.verdicts import cell_verdict
 
 COLUMNS = ["cell", "confirms", "seed", "status", *HEADLINE_KEYS, "final_test_error", "best_test_error",
-           "best_epoch", "run_id"]
+           "best_epoch", "pretrained_test_error", "run_id"]
 
 
 def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]:
@@ -34,17 +34,20 @@ def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]
 
 def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
     """One row per confirmation (or m-ablation) run: which cell, configuration and seed, how it
-    ended, and its test error at the final epoch and at its best validation epoch."""
+    ended, its test error at the final epoch and at its best validation epoch, and (finetuning)
+    its starting point's test error."""
     rows = []
     for record in records:
         final = record.history.get("test_error", [])
+        start = record.history.get("pretrained_test_error", [])
         best, epoch = _at_best_validation(record, "test_error")
         rows.append({"cell": record.tags.get(CELL_TAG, ""), "confirms": record.tags.get(CONFIRMS_TAG, ""),
                      "seed": int(record.tags.get(SEED_TAG, record.params.get("seed", 0))),
                      "status": record.tags.get(STATUS_TAG, ""),
                      **{key: record.params.get(key) for key in HEADLINE_KEYS},
                      "final_test_error": final[-1][1] if final else math.nan,
-                     "best_test_error": best, "best_epoch": epoch, "run_id": record.run_id})
+                     "best_test_error": best, "best_epoch": epoch,
+                     "pretrained_test_error": start[0][1] if start else math.nan, "run_id": record.run_id})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -15,6 +15,7 @@ from samtune.contract.metrics import worst_values
 from samtune.trial.build import _backbone_lr
 from samtune.trial.epoch import train_epoch
 from samtune.trial.evaluate import evaluate, measure
+from samtune.trial.probe import starting_point
 from samtune.trial.session import _Session
 from samtune.trial.state import TrialState, checkpoint, restore, setup
 
@@ -29,6 +30,7 @@ def run(config: dict[str, Any], session: _Session, on_end: Callable[[nn.Module],
     restore(state)
     if state.last.get("diverged"):
         return state.last
+    start = starting_point(state)  # a finetuning's pretrained starting point, before any step
     for epoch in range(state.start_epoch, state.cfg["epochs"] + 1):
         started = time.perf_counter()
         trained = train_epoch(state, epoch)
@@ -37,6 +39,8 @@ def run(config: dict[str, Any], session: _Session, on_end: Callable[[nn.Module],
         else:
             metrics = epoch_metrics(state, epoch, trained, evaluate(state))
             metrics.update(measure(state, epoch))
+        metrics.update(start)
+        start = {}
         state.compute_time += time.perf_counter() - started
         metrics["compute_time_s"] = state.compute_time
         report(state, epoch, metrics)
