@@ -72,8 +72,9 @@ def _starting_points(frame: pd.DataFrame) -> pd.Series:
 def _draw_starting_points(ax, starts: pd.Series, cells: list[str]) -> None:
     for i, (cell, value) in enumerate(starts.items()):
         if cell in cells:
-            ax.hlines(value, cells.index(cell) - 0.45, cells.index(cell) + 0.45, colors="gray", linestyles="--",
-                      label=None if i else "pretrained, head fit (no finetuning)")
+            # A line, not hlines: the legend's "best" place avoids lines only.
+            ax.plot([cells.index(cell) - 0.45, cells.index(cell) + 0.45], [value, value], color="gray",
+                    linestyle="--", label=None if i else "pretrained, head fit (no finetuning)")
 
 
 def view(runs: Runs) -> View:

@@ -23,7 +23,10 @@ def test_the_embedded_study_with_two_workers_finishes_every_trial_of_every_cell(
     The trial after the first used to fail ("Could not re-use actor") or wait forever."""
     cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "confirm_seeds=0",
            "--set", "epochs=2", "--set", "trials=2", "--set", "workers=2",
-           "--set", "label_noise_rates=0.0,0.4", "--set", "fixed.sharpness_measures=m_sharpness",
+           "--set", "label_noise_rates=0.0,0.4", "--set", "fixed.sharpness_measures=m_sharpness,hessian_trace",
+           # A budget the m-sharpness measure (2 gradient passes) fits in and the Hessian trace
+           # (24 products of 3 passes each) does not.
+           "--set", "fixed.sharpness_budget_s=0.5",
            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -44,6 +47,10 @@ def test_the_embedded_study_with_two_workers_finishes_every_trial_of_every_cell(
             assert t.data.metrics["m_per_worker_batch"] == 32 and t.data.metrics["m_workers"] == 1
         if t.data.tags["samtune.status"] == "finished":
             assert steps[-1] == 2 and "sharpness/m_sharpness" in t.data.metrics
+            # The budget skipped the costly measure, said so in MLflow, and kept the cheap one.
+            assert "sharpness/hessian_trace" not in t.data.metrics
+            assert t.data.metrics["sharpness/hessian_trace/skipped"] == 1
+            assert "hessian_trace" in t.data.tags["samtune.sharpness_skipped"]
 
 
 @pytest.fixture

@@ -8,10 +8,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from samtune.contract.keys import DEFAULT_MEASURES
+from samtune.sharpness.budget import skipped_note
+from samtune.sharpness.curvature import (
+    ggn_top_eig,
+    ggn_trace,
+    hessian_top_eig,
+    hessian_trace,
+    pac_bayes_sigma,
+    top_eig_estimate,
+    trace_estimate,
+)
+from samtune.sharpness.ggn import _GGN
+from samtune.sharpness.hvp import _HVP, FlatLoss, _measuring
 from samtune.sharpness.measures import MEASURES, measure_sharpness
-from samtune.sharpness.hvp import FlatLoss, _HVP, _measuring
-from samtune.sharpness.worst_case import adaptive_sharpness, avg_sharpness, m_sharpness
-from samtune.sharpness.curvature import hessian_top_eig, hessian_trace, pac_bayes_sigma
+from samtune.sharpness.worst_case import (
+    adaptive_sharpness,
+    avg_sharpness,
+    avg_sharpness_estimate,
+    m_sharpness,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +71,11 @@ def quad():
     model = Quadratic(a, w)
     x, y = torch.zeros(8, 1), torch.zeros(8, dtype=torch.long)
     return model, quad_loss(a), x, y, a, w
+
+
+def values(logged):
+    """What a measurement logged, less the seconds it took (the one figure a rerun changes)."""
+    return {k: v for k, v in logged.items() if not k.endswith("/seconds")}
 
 
 def exact_ball_max(a, w, rho):
@@ -303,8 +323,9 @@ def test_auto_keeps_graphs_only_within_this_process_share_of_free_memory(monkeyp
     # The setting is accepted from measure_sharpness, is not logged, and changes the value only by
     # rounding (the free memory is still the patched one: the half share runs forward mode).
     common = dict(measures=["hessian_top_eig"], batch=8)
-    whole = measure_sharpness(model, F.cross_entropy, x, y, **common)
-    half = measure_sharpness(model, F.cross_entropy, x, y, hessian_top_eig={"memory_share": 0.5}, **common)
+    whole = values(measure_sharpness(model, F.cross_entropy, x, y, **common))
+    half = values(measure_sharpness(model, F.cross_entropy, x, y, hessian_top_eig={"memory_share": 0.5},
+                                    **common))
     assert whole.keys() == half.keys()
     assert half == pytest.approx(whole, rel=1e-9)
 
@@ -382,7 +403,8 @@ def test_adaptive_average_sharpness_is_half_sigma_squared_weighted_diagonal():
     assert abs(0.5 * sigma**2 * float(a.trace()) - exact) > 20 * se
 
 
-SEEDED = ("avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma")
+SEEDED = ("avg_sharpness", "hessian_top_eig", "hessian_trace", "ggn_top_eig", "ggn_trace", "pac_bayes_sigma")
+
 
 
 def test_the_seed_decides_the_seeded_measures_and_only_those():
@@ -391,11 +413,12 @@ def test_the_seed_decides_the_seeded_measures_and_only_those():
     y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(14))
     # Lanczos stopped before convergence and Hutch++ with a partial sketch: both depend on the
     # random start / probes, as the Monte Carlo measures do.
-    settings = {"hessian_top_eig": {"iters": 4, "tol": 0.0}, "hessian_trace": {"probes": 10}}
+    settings = {"hessian_top_eig": {"iters": 4, "tol": 0.0}, "hessian_trace": {"probes": 10},
+                "ggn_top_eig": {"iters": 4, "tol": 0.0}, "ggn_trace": {"probes": 10}}
 
     def measure(seed):
-        return measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
-                                 seed=seed, **settings)
+        return values(measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
+                                        seed=seed, **settings))
 
     first, again, other = measure(1), measure(1), measure(2)
     assert first == again
@@ -455,8 +478,8 @@ def test_a_model_with_frozen_batchnorm_statistics_is_measured_as_the_function_it
     its sharpness is that of the same network with those statistics as constants."""
     import copy
 
-    from samtune.models.zoo import build_model
     from samtune.models.heads import freeze_batchnorm_stats
+    from samtune.models.zoo import build_model
 
     torch.manual_seed(0)
     model = freeze_batchnorm_stats(build_model("cnn", 10, (1, 8, 8)))
@@ -478,3 +501,190 @@ def test_a_model_with_frozen_batchnorm_statistics_is_measured_as_the_function_it
         key = f"sharpness/{name}"
         assert math.isfinite(got[key]) and got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), name
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+# ------------------------------------------------------------------------------ Gauss-Newton
+def dense_ggn(model, x, y):
+    """J^T H_L J / N from the full Jacobian of the train-mode logits and the softmax Hessians."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def logits(v):
+        params = {n: t.view(s) for n, t, s in zip(names, v.split([s.numel() for s in shapes]), shapes)}
+        return torch.func.functional_call(model, params, (x,))
+
+    with _measuring(model):
+        jac = torch.autograd.functional.jacobian(logits, flat).reshape(-1, len(flat))
+        p = torch.softmax(logits(flat).detach(), 1)
+    h = torch.block_diag(*[torch.diag(q) - torch.outer(q, q) for q in p])
+    return jac.T @ h @ jac / len(y)
+
+
+@pytest.mark.parametrize("mode, probe_batch", [("graph", 3), ("chunk", 3), ("graph", 1), ("auto", 2)])
+def test_ggn_products_equal_the_dense_gauss_newton_matrix_times_v(mode, probe_batch):
+    model = small_net()
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(17))
+    y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(18))
+    # Chunks of 8, 8, 4 with their own BatchNorm statistics: the size-weighted mean of chunk GGNs.
+    parts = [slice(0, 8), slice(8, 16), slice(16, 20)]
+    g = sum((p.stop - p.start) / 20 * dense_ggn(model, x[p], y[p]) for p in parts)
+    vs = torch.randn(7, g.shape[0], generator=torch.Generator().manual_seed(19))
+    with _measuring(model):
+        ggn = _GGN(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=probe_batch)
+        out = ggn(vs)
+    assert ggn.mode == ("graph" if mode == "auto" else mode)
+    torch.testing.assert_close(out, vs @ g, rtol=1e-9, atol=1e-12)
+    # Positive semi-definite, unlike this network's Hessian.
+    assert float(torch.linalg.eigvalsh(g)[0]) > -1e-12
+    assert float(torch.linalg.eigvalsh(dense_hessian(model, x, y))[0]) < -1e-6
+
+
+def test_ggn_measures_match_the_dense_ggn_and_equal_the_hessian_for_linear_logits():
+    model = small_net()
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(20))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(21))
+    g = dense_ggn(model, x, y)
+    n = g.shape[0]
+    top = ggn_top_eig(model, F.cross_entropy, x, y, k=2, iters=n, batch=32)
+    assert np.allclose(top, torch.linalg.eigvalsh(g).flip(0)[:2].tolist(), rtol=1e-6, atol=1e-9)
+    assert ggn_trace(model, F.cross_entropy, x, y, probes=3 * n, batch=32) == pytest.approx(float(g.trace()), rel=1e-6)
+    # Logits linear in the parameters (one Linear layer): the cross-entropy's Hessian is its GGN.
+    linear = tiny_mlp()[0]
+    xl = torch.randn(24, 4, generator=torch.Generator().manual_seed(22))
+    yl = torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(23))
+    common = dict(k=2, iters=25, batch=10, seed=4)
+    assert np.allclose(ggn_top_eig(linear, F.cross_entropy, xl, yl, **common),
+                       hessian_top_eig(linear, F.cross_entropy, xl, yl, **common), rtol=1e-9)
+    assert ggn_trace(linear, nn.CrossEntropyLoss(), xl, yl, probes=75, batch=10) == \
+        pytest.approx(hessian_trace(linear, F.cross_entropy, xl, yl, probes=75, batch=10), rel=1e-9)
+
+
+def test_ggn_measures_refuse_a_loss_that_is_not_cross_entropy(quad):
+    model, loss, x, y, _, _ = quad
+    with pytest.raises(ValueError, match="cross-entropy"):
+        ggn_trace(model, loss, x, y)
+    with pytest.raises(ValueError, match="cross-entropy"):
+        measure_sharpness(small_net(), nn.CrossEntropyLoss(reduction="sum"), torch.randn(8, 5),
+                          torch.randint(0, 3, (8,)), measures=["ggn_top_eig"])
+
+
+# ------------------------------------------------------------------------------ uncertainty, cost
+@pytest.mark.parametrize("method, probes", [("hutchpp", 30), ("hutchinson", 12)])
+def test_trace_standard_error_matches_the_spread_of_50_seeds(method, probes):
+    # A 60-dimensional quadratic with a known trace, far more dimensions than the sketch (10).
+    n, runs = 60, 50
+    a = spd(n, seed=7)
+    model = Quadratic(a, torch.zeros(n))
+    x, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+    est = [trace_estimate(model, quad_loss(a), x, y, probes=probes, method=method, seed=s) for s in range(runs)]
+    spread = np.std([e.value for e in est], ddof=1)
+    # The root mean square of the reported standard errors (its square is unbiased for the
+    # variance) against the standard deviation of the 50 estimates.
+    reported = math.sqrt(np.mean([e.stderr ** 2 for e in est]))
+    assert spread / 1.5 < reported < spread * 1.5
+    assert all(e.products == probes for e in est)
+    assert abs(np.mean([e.value for e in est]) - float(a.trace())) < 4 * spread / math.sqrt(runs)
+    if method == "hutchinson":
+        # And against the closed form: Rademacher variance 2 sum_{i != j} A_ij^2 per probe.
+        off = a - torch.diag(torch.diag(a))
+        assert reported == pytest.approx(math.sqrt(2 * float((off ** 2).sum()) / probes), rel=0.2)
+
+
+def test_a_relative_standard_error_target_stops_the_trace_when_met():
+    n = 60
+    a = spd(n, seed=8)
+    model = Quadratic(a, torch.zeros(n))
+    x, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+    loose = trace_estimate(model, quad_loss(a), x, y, probes=400, sketch=5, rel_se=0.05)
+    tight = trace_estimate(model, quad_loss(a), x, y, probes=400, sketch=5, rel_se=0.01)
+    for est, target in ((loose, 0.05), (tight, 0.01)):
+        assert est.stderr <= target * abs(est.value) or est.products == 400
+    assert 10 + 10 <= loose.products < tight.products
+    assert abs(tight.value - float(a.trace())) < 4 * tight.stderr
+    # An exact trace (the sketch spans the space) has no error.
+    assert trace_estimate(model, quad_loss(a), x, y, probes=3 * n).stderr == 0.0
+
+
+def test_lanczos_reports_products_and_a_residual_that_bounds_its_error(quad):
+    model, loss, x, y, a, _ = quad
+    eig = torch.linalg.eigvalsh(a)
+    for iters in (3, 5):
+        est = top_eig_estimate(model, loss, x, y, iters=iters, tol=0.0, seed=2)
+        assert est.products == iters
+        # A true eigenvalue lies within the residual bound of the Ritz value, and the bound is
+        # not vacuous: the error of the top Ritz value is of its order.
+        assert float((eig - est.value[0]).abs().min()) <= est.residual
+        assert est.residual < float(eig[-1] - eig[0])
+    converged = top_eig_estimate(model, loss, x, y, iters=12, tol=1e-8)
+    assert converged.residual <= 1e-8 * converged.value[0] + 1e-12
+
+
+def test_average_sharpness_standard_error_matches_the_spread_of_50_seeds(quad):
+    model, loss, x, y, a, _ = quad
+    est = [avg_sharpness_estimate(model, loss, x, y, sigma=0.05, samples=8, seed=s) for s in range(50)]
+    spread = np.std([e.value for e in est], ddof=1)
+    reported = math.sqrt(np.mean([e.stderr ** 2 for e in est]))
+    assert spread / 1.5 < reported < spread * 1.5
+    # Closed form of one antithetic pair on a quadratic: 0.5 z^T B z, variance 0.5 tr(B^2).
+    b = 0.05 ** 2 * a
+    assert reported == pytest.approx(math.sqrt(0.5 * float((b @ b).trace()) / 8), rel=0.25)
+
+
+def test_every_measure_logs_its_seconds_and_the_estimators_their_uncertainty():
+    model = small_net()
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(24))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(25))
+    out = measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
+                            ggn_trace={"probes": 10}, hessian_trace={"probes": 10})
+    for name in MEASURES:
+        assert out[f"sharpness/{name}/seconds"] > 0, name
+    for name in ("hessian_top_eig", "ggn_top_eig"):
+        assert 1 <= out[f"sharpness/{name}/products"] <= 40
+        assert out[f"sharpness/{name}/residual"] <= 1e-3 * abs(out[f"sharpness/{name}"]) + 1e-12
+    for name in ("hessian_trace", "ggn_trace", "avg_sharpness"):
+        assert out[f"sharpness/{name}/stderr"] > 0, name
+    assert out["sharpness/hessian_trace/products"] == out["sharpness/ggn_trace/products"] == 10
+    # The GGN's top eigenvalue is the Hessian's Gauss-Newton part: close, not equal, here.
+    assert out["sharpness/ggn_top_eig"] > 0
+
+
+# ------------------------------------------------------------------------------ time budget
+def test_a_tiny_budget_skips_the_costly_measures_and_says_why(monkeypatch):
+    import samtune.sharpness.measures as measures_module
+
+    # One gradient pass "takes" 1 s: m_sharpness (2 passes) and avg_sharpness (17/3) fit in a
+    # 10 s budget, the Hessian measures (1 + 3 x 24 and 1 + 3 x 40 passes) do not.
+    monkeypatch.setattr(measures_module, "gradient_pass_seconds", lambda *args: 1.0)
+    model = small_net()
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    chosen = ["hessian_top_eig", "hessian_trace", "avg_sharpness", "m_sharpness"]
+    out = measure_sharpness(model, F.cross_entropy, x, y, measures=chosen, budget_s=10.0)
+    assert "sharpness/m_sharpness" in out and "sharpness/avg_sharpness" in out
+    for name, passes in (("hessian_trace", 73.0), ("hessian_top_eig", 121.0)):
+        assert f"sharpness/{name}" not in out
+        assert out[f"sharpness/{name}/skipped"] == 1.0
+        assert out[f"sharpness/{name}/expected_s"] == passes
+        assert 0 < out[f"sharpness/{name}/left_s"] <= 10.0
+    # Cheapest first: the logged keys come in the order the measures ran.
+    ran = [k.split("/")[1] for k in out if k.endswith("/seconds") or k.endswith("/skipped")]
+    assert ran == ["m_sharpness", "avg_sharpness", "hessian_trace", "hessian_top_eig"]
+    note = skipped_note(out)
+    assert "hessian_trace skipped: expected 73.0 s" in note and "hessian_top_eig skipped" in note
+    # No budget: everything runs and nothing is skipped.
+    full = measure_sharpness(model, F.cross_entropy, x, y, measures=chosen)
+    assert skipped_note(full) is None and all(f"sharpness/{n}" in full for n in chosen)
+    with pytest.raises(ValueError, match="budget_s"):
+        measure_sharpness(model, F.cross_entropy, x, y, measures=chosen, budget_s=0)
+
+
+def test_a_trial_with_a_tiny_sharpness_budget_reports_what_it_skipped():
+    from samtune.contract.metrics import SHARPNESS_SKIPPED_NOTE
+    from samtune.trial.entry import fit
+
+    torch.set_default_dtype(torch.float32)
+    config = {"dataset": "digits", "model": "mlp", "epochs": 1, "data_subset": 256, "sharpness_subset": 64,
+              "sharpness_measures": ("m_sharpness", "hessian_trace"), "sharpness_budget_s": 1e-3}
+    last = fit(config)
+    assert last["sharpness/hessian_trace/skipped"] == 1.0 and "sharpness/hessian_trace" not in last
+    assert "hessian_trace skipped" in last[SHARPNESS_SKIPPED_NOTE]

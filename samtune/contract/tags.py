@@ -21,6 +21,8 @@ NOTE_TAG = "samtune.note"
 ERROR_TAG = "samtune.error"
 #: The Ray node id of each of a trial's workers, in rank order.
 PLACEMENT_TAG = "samtune.placement"
+#: Which sharpness measures a trial's time budget skipped, and why (its latest measurement's).
+SHARPNESS_SKIPPED_TAG = "samtune.sharpness_skipped"
 #: The sweep run's search space file and sweep id.
 SPACE_FILE_TAG = "samtune.space_file"
 SWEEP_ID_TAG = "samtune.sweep_id"

@@ -10,11 +10,14 @@ sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-B
 - average case (`samtune.sharpness.worst_case`): ``avg_sharpness``, the mean loss rise under
   Gaussian noise;
 - curvature (`samtune.sharpness.curvature`): ``hessian_top_eig`` and ``hessian_trace`` of the
-  loss, from Hessian-vector products (`samtune.sharpness.hvp`), and ``pac_bayes_sigma``, the
-  largest noise level the training error tolerates.
+  loss, from Hessian-vector products (`samtune.sharpness.hvp`), ``ggn_top_eig`` and
+  ``ggn_trace`` of its Gauss-Newton matrix (cross-entropy only; `samtune.sharpness.ggn`), and
+  ``pac_bayes_sigma``, the largest noise level the training error tolerates.
 
-`samtune.sharpness.measures.measure_sharpness` runs a chosen set of them and returns what a
-trial logs. Every measure runs in train mode with BatchNorm normalising by the batch but its
+`samtune.sharpness.measures.measure_sharpness` runs a chosen set of them, cheapest first, and
+returns what a trial logs: each value with its seconds, and where the estimator has them its
+products, Lanczos residual bound or standard error (`samtune.sharpness.estimate`); under a time
+budget (`samtune.sharpness.budget`) the measures that would not fit are skipped and say so. Every measure runs in train mode with BatchNorm normalising by the batch but its
 running statistics untouched (dropout off: the loss must be one deterministic function), and
 leaves the model exactly as found (weights, buffers, mode, gradients). A ``params`` filter
 (names or name prefixes) restricts any measure to one block of parameters. Losses over the

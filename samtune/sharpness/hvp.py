@@ -82,8 +82,12 @@ class FlatLoss:
         chosen = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
         return {**self.frozen, **chosen}
 
+    def output(self, flat: Tensor, x: Tensor) -> Tensor:
+        """The model's output (the logits) on ``x`` at ``flat``."""
+        return functional_call(self.model, self.unflatten(flat), (x,))
+
     def value(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(functional_call(self.model, self.unflatten(flat), (x,)), y)
+        return self.loss_fn(self.output(flat, x), y)
 
     def gradient(self, flat: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         flat = flat.detach().requires_grad_(True)

@@ -5,15 +5,28 @@ themselves are defined in `samtune.sharpness.worst_case` and `samtune.sharpness.
 """
 from __future__ import annotations
 
+import time
+from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
 from torch import Tensor, nn
 
 from samtune.contract.keys import DEFAULT_MEASURES
 from samtune.contract.metrics import SHARPNESS_SHARED_KEYS
-from samtune.sharpness.curvature import hessian_top_eig, hessian_trace, pac_bayes_sigma
+from samtune.sharpness.budget import Budget, cheapest_first, gradient_pass_seconds
+from samtune.sharpness.curvature import (
+    pac_bayes_sigma,
+    top_eig_estimate,
+    trace_estimate,
+)
+from samtune.sharpness.estimate import Estimate
+from samtune.sharpness.ggn import is_cross_entropy
 from samtune.sharpness.hvp import FlatLoss, LossFn
-from samtune.sharpness.worst_case import adaptive_sharpness, avg_sharpness, m_sharpness
+from samtune.sharpness.worst_case import (
+    adaptive_sharpness,
+    avg_sharpness_estimate,
+    m_sharpness,
+)
 
 # name -> (function, default settings (logged, overridable), fixed settings (logged, not
 # overridable: the name says them))
@@ -25,19 +38,24 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
                            {"norm": "l2"}),
     "adaptive_sharpness_linf": (adaptive_sharpness, {"rho": 0.002, "m": 128, "steps": 1, "eta": 0.0},
                                 {"norm": "linf"}),
-    "avg_sharpness": (avg_sharpness, {"sigma": 0.01, "samples": 8, "adaptive": False}, {}),
-    "hessian_top_eig": (hessian_top_eig, {"k": 1, "iters": 40, "tol": 1e-3}, {}),
-    "hessian_trace": (hessian_trace, {"probes": 24, "method": "hutchpp"}, {}),
+    "avg_sharpness": (avg_sharpness_estimate, {"sigma": 0.01, "samples": 8, "adaptive": False}, {}),
+    "hessian_top_eig": (partial(top_eig_estimate, curvature="hessian"), {"k": 1, "iters": 40, "tol": 1e-3}, {}),
+    "hessian_trace": (partial(trace_estimate, curvature="hessian"), {"probes": 24, "method": "hutchpp"}, {}),
+    # The Gauss-Newton matrix of the cross-entropy (positive semi-definite; no second derivative
+    # of the network): cheaper products than the Hessian's, for cross-entropy losses only.
+    "ggn_top_eig": (partial(top_eig_estimate, curvature="ggn"), {"k": 1, "iters": 40, "tol": 1e-3}, {}),
+    "ggn_trace": (partial(trace_estimate, curvature="ggn"), {"probes": 24, "method": "hutchpp"}, {}),
     "pac_bayes_sigma": (pac_bayes_sigma, {"target": 0.1, "samples": 8, "steps": 12, "low": 1e-5,
                                           "high": 1.0}, {}),
 }
 
-_SEEDED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
-_CHUNKED = {"avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"}
+_CURVATURE = {"hessian_top_eig", "hessian_trace", "ggn_top_eig", "ggn_trace"}
+_SEEDED = {"avg_sharpness", "pac_bayes_sigma"} | _CURVATURE
+_CHUNKED = {"avg_sharpness", "pac_bayes_sigma"} | _CURVATURE
 
 # Settings that change speed or memory only, never the value: accepted, not logged.
-_ENGINE = {"hessian_top_eig": {"mode", "memory_share"},
-           "hessian_trace": {"mode", "probe_batch", "memory_share"}}
+_ENGINE = {name: {"mode", "memory_share"} | ({"probe_batch"} if name.endswith("_trace") else set())
+           for name in _CURVATURE}
 
 
 #: Keys `sharpness/<key>` that measure_sharpness logs beside the measures (the contract's list).
@@ -60,28 +78,43 @@ def check_measures(measures: Iterable[str], settings: dict[str, Any] | None = No
             raise ValueError(f"{name}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
 
 
+def _check(measures: list[str], settings: dict[str, Any], loss_fn: LossFn) -> None:
+    """`check_measures`, and the GGN measures' loss, before any measure runs."""
+    check_measures(measures, settings)
+    ggn = [name for name in measures if name.startswith("ggn_")]
+    if ggn and not is_cross_entropy(loss_fn):
+        raise ValueError(f"{ggn} are defined for the cross-entropy loss only, got {loss_fn!r}")
+
+
 def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
                       measures: Iterable[str] = DEFAULT_MEASURES, seed: int = 0, batch: int = 512,
-                      params: Sequence[str] | None = None, **settings: dict[str, Any]) -> dict[str, float]:
-    """Measure each of ``measures`` on (x, y) and return what to log, all floats:
+                      params: Sequence[str] | None = None, budget_s: float | None = None,
+                      **settings: dict[str, Any]) -> dict[str, float]:
+    """Measure each of ``measures`` on (x, y), cheapest first, and return what to log, all floats:
 
-    - ``"sharpness/<measure>"``: the value (``hessian_top_eig`` with ``k > 1`` adds
+    - ``"sharpness/<measure>"``: the value (``*_top_eig`` with ``k > 1`` adds
       ``"sharpness/hessian_top_eig_2"``, ... for the next eigenvalues);
     - ``"sharpness/<measure>/<setting>"``: every setting the value depends on, the fixed ones
       included (the ball's ``norm`` of the adaptive measures); booleans as 0/1, a string
       setting as ``"sharpness/<measure>/<setting>/<value>" = 1``;
+    - its cost and uncertainty, ``"sharpness/<measure>/seconds"`` (every measure), ``/products``
+      (curvature products), ``/residual`` (Lanczos's bound on the top eigenvalues' error),
+      ``/stderr`` (traces and ``avg_sharpness``): the contract's ``SHARPNESS_ESTIMATE_KEYS``;
     - ``"sharpness/subset"``, ``"sharpness/seed"``, ``"sharpness/batch"`` (examples per forward
       pass, which sets the BatchNorm statistics) and ``"sharpness/num_params"`` (parameters
       measured, after the ``params`` filter), the names in ``SHARED_KEYS``;
     - with a ``params`` filter, ``"sharpness/params/<name or prefix>" = 1`` for each of its
       entries (no such key: every trainable parameter was measured).
 
+    ``budget_s``: the seconds the whole measurement may take (None: no limit). A gradient pass
+    is timed first; a measure whose expected seconds (`samtune.sharpness.budget`) exceed what is
+    left is skipped and logs ``"sharpness/<measure>/skipped" = 1`` with ``/expected_s`` and
+    ``/left_s`` instead of a value (`samtune.sharpness.budget.skipped_note` puts it in words).
     ``settings`` override per measure, e.g. ``m_sharpness={"rho": 0.1, "steps": 5}``; ``m`` larger
-    than the subset uses the subset. The model (``x`` on its device, already normalised) is used
-    in train mode with BatchNorm on batch statistics and its running statistics untouched, and is
-    left exactly as found. An empty ``measures`` returns only the shared keys.
-    Raises ValueError for an unknown measure or setting, an empty subset, or ``x``/``y`` of
-    different lengths.
+    than the subset uses the subset. The GGN measures need the cross-entropy loss. The model
+    (``x`` on its device, normalised) is used in train mode with BatchNorm on batch statistics,
+    running statistics untouched, and left exactly as found. Raises ValueError for an unknown
+    measure or setting, an empty subset, ``x``/``y`` of different lengths, a budget not > 0.
 
     >>> import torch
     >>> model = nn.Linear(4, 3)
@@ -90,8 +123,8 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     ...                         m_sharpness={"rho": 0.1})
     >>> sorted(out)  # doctest: +NORMALIZE_WHITESPACE
     ['sharpness/batch', 'sharpness/m_sharpness', 'sharpness/m_sharpness/m',
-     'sharpness/m_sharpness/rho', 'sharpness/m_sharpness/steps', 'sharpness/num_params',
-     'sharpness/seed', 'sharpness/subset']
+     'sharpness/m_sharpness/rho', 'sharpness/m_sharpness/seconds', 'sharpness/m_sharpness/steps',
+     'sharpness/num_params', 'sharpness/seed', 'sharpness/subset']
     >>> out["sharpness/m_sharpness/m"], out["sharpness/m_sharpness/rho"], out["sharpness/num_params"]
     (16.0, 0.1, 15.0)
     >>> out["sharpness/m_sharpness"] >= 0.0
@@ -101,15 +134,28 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"need as many inputs as labels and at least one; got {len(x)} inputs, "
                          f"{len(y)} labels")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    check_measures(measures, settings)
+    if batch < 1 or (budget_s is not None and not budget_s > 0):
+        raise ValueError(f"need batch >= 1 and budget_s > 0 or None, got batch={batch}, budget_s={budget_s}")
+    _check(measures, settings, loss_fn)
     if isinstance(params, str):  # one name or prefix, not the characters of one
         params = [params]
     out = _shared_metrics(FlatLoss(model, loss_fn, params).w.numel(), len(y), seed, batch, params)
-    for name in measures:
-        out.update(_measure(name, model, loss_fn, x, y, settings.get(name, {}), seed, batch, params))
+    budget = None if budget_s is None or not measures else \
+        Budget(budget_s, lambda: gradient_pass_seconds(model, loss_fn, x, y, batch, params))
+    for name in cheapest_first(measures, lambda n: _settings(n, settings.get(n, {}), len(y))[0]):
+        out.update(_within_budget(budget, name, model, loss_fn, x, y, settings.get(name, {}), seed,
+                                  batch, params))
     return out
+
+
+def _within_budget(budget: Budget | None, name: str, model: nn.Module, loss_fn: LossFn, x: Tensor,
+                   y: Tensor, extra: dict[str, Any], seed: int, batch: int,
+                   params: Sequence[str] | None) -> dict[str, float]:
+    """`_measure`, or what a measure logs when the budget has no room for it."""
+    used = _settings(name, extra, len(y))[0]
+    if budget is not None and not budget.fits(name, used):
+        return budget.skipped(name, used)
+    return _measure(name, model, loss_fn, x, y, extra, seed, batch, params)
 
 
 def _shared_metrics(num_params: int, subset: int, seed: int, batch: int,
@@ -124,21 +170,33 @@ def _shared_metrics(num_params: int, subset: int, seed: int, batch: int,
     return out
 
 
-def _measure(name: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, extra: dict[str, Any],
-             seed: int, batch: int, params: Sequence[str] | None) -> dict[str, float]:
-    """One measure's value(s) and the settings it ran with (defaults overridden by ``extra``)."""
-    fn, defaults, fixed = MEASURES[name]
+def _settings(name: str, extra: dict[str, Any], subset: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A measure's settings the value depends on (defaults overridden by ``extra``; ``m`` at
+    most the subset), and its engine settings (speed and memory only)."""
+    _, defaults, _ = MEASURES[name]
     engine = _ENGINE.get(name, set())
     used = {**defaults, **{k: v for k, v in extra.items() if k not in engine}}
     if "m" in used:
-        used["m"] = min(int(used["m"]), len(y))
-    kwargs = {**used, **fixed, **{k: v for k, v in extra.items() if k in engine}, "params": params}
+        used["m"] = min(int(used["m"]), subset)
+    return used, {k: v for k, v in extra.items() if k in engine}
+
+
+def _measure(name: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, extra: dict[str, Any],
+             seed: int, batch: int, params: Sequence[str] | None) -> dict[str, float]:
+    """One measure's value(s), its cost and uncertainty, and the settings it ran with."""
+    fn, _, fixed = MEASURES[name]
+    used, engine = _settings(name, extra, len(y))
+    kwargs = {**used, **fixed, **engine, "params": params}
     if name in _SEEDED:
         kwargs["seed"] = seed
     if name in _CHUNKED:
         kwargs["batch"] = batch
-    value = fn(model, loss_fn, x, y, **kwargs)
-    out: dict[str, float] = {}
+    start = time.perf_counter()
+    estimate = fn(model, loss_fn, x, y, **kwargs)
+    seconds = time.perf_counter() - start
+    if not isinstance(estimate, Estimate):
+        estimate = Estimate(estimate)
+    value, out = estimate.value, {}
     if isinstance(value, list):
         for i, v in enumerate(value[1:], start=2):
             out[f"sharpness/{name}_{i}"] = v
@@ -149,4 +207,5 @@ def _measure(name: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
             out[f"sharpness/{name}/{key}/{setting}"] = 1.0
         else:
             out[f"sharpness/{name}/{key}"] = float(setting)
+    out.update({f"sharpness/{name}/{key}": v for key, v in {**estimate.logged(), "seconds": seconds}.items()})
     return out

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from samtune.sharpness.estimate import Estimate
 from samtune.sharpness.hvp import FlatLoss, LossFn, _chunks, _measuring
 
 
@@ -81,10 +82,12 @@ def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, 
 
 
 # ------------------------------------------------------------------------------ average case
-def avg_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, sigma: float = 0.01,
-                  samples: int = 8, adaptive: bool = False, seed: int = 0, batch: int = 512,
-                  params: Sequence[str] | None = None) -> float:
-    """``E[L(w + delta)] - L(w)`` with ``delta ~ N(0, sigma^2 c^2)``, c = 1 or |w|; Monte Carlo."""
+def avg_sharpness_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
+                           sigma: float = 0.01, samples: int = 8, adaptive: bool = False, seed: int = 0,
+                           batch: int = 512, params: Sequence[str] | None = None) -> Estimate:
+    """``E[L(w + delta)] - L(w)`` with ``delta ~ N(0, sigma^2 c^2)``, c = 1 or |w|; Monte Carlo
+    over ``samples`` independent antithetic pairs, with its standard error (the pairs' sample
+    standard deviation over the square root of their number; None for one pair)."""
     if sigma < 0 or samples < 1:
         raise ValueError(f"need sigma >= 0 and samples >= 1, got sigma={sigma}, samples={samples}")
     with _measuring(model), torch.no_grad():
@@ -102,4 +105,11 @@ def avg_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, si
             delta = sigma * c * torch.randn(f.w.shape, generator=gen, device=f.w.device, dtype=f.w.dtype)
             # Antithetic pair: the first-order term cancels exactly, leaving the curvature term.
             rises.append(0.5 * (mean_loss(f.w + delta) + mean_loss(f.w - delta)) - base)
-    return float(torch.stack(rises).mean())
+    rises = torch.stack(rises)
+    stderr = float(rises.std() / math.sqrt(samples)) if samples > 1 else None
+    return Estimate(float(rises.mean()), stderr=stderr)
+
+
+def avg_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> float:
+    """Average-case sharpness (`avg_sharpness_estimate`'s settings), the value alone."""
+    return avg_sharpness_estimate(model, loss_fn, x, y, **settings).value

@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator
 
 from ray.tune import Callback
 
-from samtune.contract.metrics import METRICS
+from samtune.contract.metrics import METRICS, SHARPNESS_SKIPPED_NOTE
 from samtune.contract.tags import (
     CELL_TAG,
     ERROR_TAG,
     PLACEMENT_TAG,
+    SHARPNESS_SKIPPED_TAG,
     SPACE_FILE_TAG,
     STATUS_TAG,
     SWEEP_ID_TAG,
@@ -95,6 +96,9 @@ class Recorder:
                    if (k in METRICS or k.startswith("sharpness/")) and finite(v)}
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_metrics(self._key(trial), metrics, step=epoch)
+        skipped = result.get(SHARPNESS_SKIPPED_NOTE)
+        if isinstance(skipped, str):  # text: a tag, not a metric
+            self.tracker.set_tags(self._key(trial), {SHARPNESS_SKIPPED_TAG: skipped[:5000]})
         placement = result.get("placement")
         if isinstance(placement, str) and self._placements.get(trial.trial_id) != placement:
             # Where the workers ran (a restarted trial may run elsewhere: the tag holds the latest).

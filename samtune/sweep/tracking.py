@@ -26,7 +26,8 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   names in `samtune.contract.metrics.METRICS`) and ``sharpness/<measure>[/<setting>]`` at the
   epochs they were measured. Non-finite values are never logged. Tags
   ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's);
-  ``samtune.error`` on a failed trial: its exception's last line.
+  ``samtune.error`` on a failed trial: its exception's last line; ``samtune.sharpness_skipped``
+  where ``sharpness_budget_s`` skipped measures: which, and the seconds each was expected to take.
 - Lost trial run: a trial run whose trial a resumed Tune never heard of (the driver was killed
   between the trial's start and the next save of Tune's state; another trial ran in its place)
   gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs

@@ -12,8 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samtune.contract.metrics import SHARPNESS_SKIPPED_NOTE
 from samtune.data.scenarios import Scenario
 from samtune.data.transforms import to_float
+from samtune.sharpness.budget import skipped_note
 from samtune.sharpness.measures import measure_sharpness
 from samtune.trial.epoch import _all_reduce
 from samtune.trial.placement import _memory_share
@@ -124,5 +126,9 @@ def _measure_sharpness(cfg: dict[str, Any], model: nn.Module, scenario: Scenario
     for name in ("hessian_top_eig", "hessian_trace"):
         if name in cfg["sharpness_measures"]:
             settings.setdefault(name, {}).setdefault("memory_share", share)
-    return measure_sharpness(model, F.cross_entropy, x, y, measures=cfg["sharpness_measures"],
-                             seed=cfg["seed"], **settings)
+    out: dict[str, Any] = measure_sharpness(model, F.cross_entropy, x, y, measures=cfg["sharpness_measures"],
+                                            seed=cfg["seed"], budget_s=cfg["sharpness_budget_s"], **settings)
+    note = skipped_note(out)
+    if note is not None:
+        out[SHARPNESS_SKIPPED_NOTE] = note
+    return out
