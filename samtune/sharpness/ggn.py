@@ -4,9 +4,12 @@
 of the loss with respect to the logits: for softmax cross-entropy, ``diag(p) - p p^T`` per example
 (divided by the examples of the chunk: the loss is their mean), whatever the labels. ``G`` is
 positive semi-definite, equals the Hessian wherever the logits are linear in the parameters,
-and needs no second derivative of the network: ``J v`` and ``J^T u`` are each one pass through
-kept graphs (the double-vjp trick: ``J v`` is the gradient of the linear map ``u -> J^T u`` in
-``u``), so no backward is taken through a backward that holds second-order terms.
+and needs no second derivative of the network: ``J v`` is one forward-mode pass
+(`torch.func.jvp`: the forward carrying the tangent ``v``), ``J^T u`` one backward through the
+chunk's kept forward graph. A Hessian-vector product instead backpropagates through a backward
+graph; the GGN product measured 0.6-0.7x its time on a CPU (`benchmarks/sharpness.py`). (Forming
+``J v`` by the double-vjp trick, a backward through the graph of ``u -> J^T u``, cost as much as
+the Hessian's product there.)
 
 Only the cross-entropy loss has this ``H_L``: `_GGN` refuses any other ``loss_fn``.
 """
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import jvp, vmap
 
 from samtune.sharpness.hvp import FlatLoss, _available_bytes, _chunks, _SavedBytes
 
@@ -42,30 +46,31 @@ def _softmax_hessian_times(p: Tensor, u: Tensor) -> Tensor:
 
 
 class _ChunkGraph:
-    """One chunk's logits ``z(w)`` and the linear map ``u -> J^T u`` built with its graph kept."""
+    """One chunk's logits ``z(w)`` with their graph kept (for ``J^T u``) and its probabilities."""
 
     def __init__(self, f: FlatLoss, leaf: Tensor, x: Tensor):
         with torch.enable_grad():
             self.z = f.output(leaf, x)
-            self.u = torch.zeros_like(self.z, requires_grad=True)
-            (self.jtu,) = torch.autograd.grad(self.z, leaf, self.u, create_graph=True)
         # Probabilities in at least single precision, even under half-precision logits.
         z = self.z.detach()
         self.p = torch.softmax(z.to(torch.promote_types(z.dtype, torch.float32)), -1).to(z.dtype)
-        self.leaf = leaf
+        self.f, self.x, self.leaf = f, x, leaf
+
+    def _jv(self, v: Tensor) -> Tensor:
+        """``J v``: the logits' directional derivative, by forward-mode differentiation."""
+        _, tangent = jvp(lambda flat: self.f.output(flat, self.x), (self.leaf.detach(),), (v,))
+        return tangent
 
     def products(self, vs: Tensor, batched: bool) -> Tensor:
         """``J^T H_L J v`` (the loss summed over the chunk) for each row of ``vs``."""
         if not batched:
             return torch.stack([self._one(v) for v in vs])
-        (jv,) = torch.autograd.grad(self.jtu, self.u, vs, retain_graph=True, is_grads_batched=True)
-        hu = _softmax_hessian_times(self.p, jv)
+        hu = _softmax_hessian_times(self.p, vmap(self._jv)(vs))
         (out,) = torch.autograd.grad(self.z, self.leaf, hu, retain_graph=True, is_grads_batched=True)
         return out
 
     def _one(self, v: Tensor) -> Tensor:
-        (jv,) = torch.autograd.grad(self.jtu, self.u, v, retain_graph=True)
-        (out,) = torch.autograd.grad(self.z, self.leaf, _softmax_hessian_times(self.p, jv),
+        (out,) = torch.autograd.grad(self.z, self.leaf, _softmax_hessian_times(self.p, self._jv(v)),
                                      retain_graph=True)
         return out
 
@@ -73,8 +78,8 @@ class _ChunkGraph:
 class _GGN:
     """GGN-vector products of the mean cross-entropy over (x, y), chunked like `_HVP`.
 
-    ``mode``: ``"graph"`` keeps every chunk's graphs for the whole measurement (a product is
-    then two passes per chunk, no forward); ``"chunk"`` rebuilds one chunk's graphs per call
+    ``mode``: ``"graph"`` keeps every chunk's forward graph for the whole measurement (a product
+    is then a forward-mode pass and a backward per chunk); ``"chunk"`` rebuilds one chunk's graphs per call
     (memory of one chunk, a forward and a backward more per product); ``"auto"`` keeps them when
     they fit in half of ``memory_share`` of the free memory, counted on the first chunk.
     Raises ValueError for a loss other than cross-entropy or an unknown mode.
