@@ -654,14 +654,14 @@ def test_a_tiny_budget_skips_the_costly_measures_and_says_why(monkeypatch):
     import samtune.sharpness.measures as measures_module
 
     # One gradient pass "takes" 1 s: m_sharpness (2 passes) and avg_sharpness (17/3) fit in a
-    # 10 s budget, the Hessian measures (1 + 3 x 24 and 1 + 3 x 40 passes) do not.
+    # 10 s budget, the Hessian measures (1 + 4 x 24 and 1 + 4 x 40 passes) do not.
     monkeypatch.setattr(measures_module, "gradient_pass_seconds", lambda *args: 1.0)
     model = small_net()
     x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
     chosen = ["hessian_top_eig", "hessian_trace", "avg_sharpness", "m_sharpness"]
     out = measure_sharpness(model, F.cross_entropy, x, y, measures=chosen, budget_s=10.0)
     assert "sharpness/m_sharpness" in out and "sharpness/avg_sharpness" in out
-    for name, passes in (("hessian_trace", 73.0), ("hessian_top_eig", 121.0)):
+    for name, passes in (("hessian_trace", 97.0), ("hessian_top_eig", 161.0)):
         assert f"sharpness/{name}" not in out
         assert out[f"sharpness/{name}/skipped"] == 1.0
         assert out[f"sharpness/{name}/expected_s"] == passes
@@ -670,7 +670,7 @@ def test_a_tiny_budget_skips_the_costly_measures_and_says_why(monkeypatch):
     ran = [k.split("/")[1] for k in out if k.endswith("/seconds") or k.endswith("/skipped")]
     assert ran == ["m_sharpness", "avg_sharpness", "hessian_trace", "hessian_top_eig"]
     note = skipped_note(out)
-    assert "hessian_trace skipped: expected 73.0 s" in note and "hessian_top_eig skipped" in note
+    assert "hessian_trace skipped: expected 97.0 s" in note and "hessian_top_eig skipped" in note
     # No budget: everything runs and nothing is skipped.
     full = measure_sharpness(model, F.cross_entropy, x, y, measures=chosen)
     assert skipped_note(full) is None and all(f"sharpness/{n}" in full for n in chosen)

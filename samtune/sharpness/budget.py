@@ -4,9 +4,9 @@ Costs are counted in gradient passes over the subset (one forward and one backwa
 example), from each measure's settings at their cap: a worst-case ascent takes ``1 + steps``
 passes, a Monte Carlo average ``1 + 2 samples`` forward passes, Lanczos at most ``iters``
 curvature products, a trace ``probes`` products. A forward pass counts as a third of a gradient
-pass, a Hessian-vector product as 3 passes and a Gauss-Newton-vector product as 2 (the products
-measured 2.9x and about 2x a gradient on a CPU, `benchmarks/sharpness.py`), and building the
-kept graphs as one pass more. `Budget` times one gradient pass on the subset to turn passes into
+pass, a Hessian-vector product as 4 passes and a Gauss-Newton-vector product as 2.5 (on
+ResNet-20 on a CPU they measured 3.6x and 2.1x a gradient pass, `benchmarks/sharpness.py`), and
+building the kept graphs as one pass more. `Budget` times one gradient pass on the subset to turn passes into
 seconds; a measure *would not fit* when the seconds used so far plus its expected seconds exceed
 the budget. Expected costs are upper bounds (Lanczos usually stops well before ``iters``), so
 under a tight budget a measure may be skipped that would have fitted, never the other way round.
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from samtune.sharpness.hvp import FlatLoss, LossFn, _chunks, _measuring
 
 FORWARD_PASS = 1 / 3
-HESSIAN_PRODUCT = 3.0
-GGN_PRODUCT = 2.0
+HESSIAN_PRODUCT = 4.0
+GGN_PRODUCT = 2.5
 
 
 def _ascent(s: dict[str, Any]) -> float:
