@@ -6,7 +6,7 @@ forward/backward pass, as SGD does, plus the exchange (a flat buffer of twice th
 and the bookkeeping of the two points. This measures what that costs on one machine: the same
 model, batch and thread count per process (``--threads``, default 1), SGD and SAM in one process,
 SAMPa in two (gloo, the batch shared by the pair: both see the same examples), random inputs of
-CIFAR-10's shape. SAMPa uses twice SGD's hardware; the ratio says whether it buys SAM's second
+CIFAR-10's shape (``--shape``). SAMPa uses twice SGD's hardware; the ratio says whether it buys SAM's second
 gradient for the time of SGD's one.
 
 Also timed: the exchange alone (an all-reduce of the same flat buffer), so the output says how
@@ -16,6 +16,7 @@ Ends with ``ratios: sam/sgd=X.XX sampa/sgd=Y.YY allreduce/sgd=Z.ZZ`` (per-step s
 ``--steps`` steps after ``--warmup``). Target: sampa/sgd <= 1.1.
 
     python benchmarks/sampa_step.py [--model resnet20] [--batch 128] [--steps 20] [--threads 1]
+                                    [--shape 3,32,32]
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ from samtune.optim.sam import SAM
 from samtune.optim.step import sam_step
 from samtune.optim.variants import variant_from_config
 
-SHAPE, CLASSES = (3, 32, 32), 10
+CLASSES = 10
 
 
 def _setup(args, method: str):
     torch.manual_seed(0)
-    model = build_model(args.model, CLASSES, SHAPE)
+    model = build_model(args.model, CLASSES, args.shape)
     kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     if method == "sgd":
         return model, torch.optim.SGD(model.parameters(), **kwargs), None
@@ -51,7 +52,7 @@ def _setup(args, method: str):
 
 def _step_times(args, model, optimizer, variant) -> list[float]:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, *SHAPE, generator=gen)
+    x = torch.randn(args.batch, *args.shape, generator=gen)
     y = torch.randint(0, CLASSES, (args.batch,), generator=gen)
     times = []
     for i in range(args.warmup + args.steps):
@@ -116,10 +117,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shape", default="3,32,32", help="input shape (1,8,8: the embedded digits)")
     args = parser.parse_args()
+    args.shape = tuple(int(n) for n in args.shape.split(","))
     sgd, sam = _one_process(args, "sgd"), _one_process(args, "sam")
     sampa, exchange = _two_processes(args)
-    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s) per process, median of {args.steps} steps")
+    print(f"{args.model} on {args.shape} inputs, batch {args.batch}, {args.threads} thread(s) per process, median of {args.steps} steps")
     print(f"  sgd   (1 process)   {sgd * 1e3:8.1f} ms/step")
     print(f"  sam   (1 process)   {sam * 1e3:8.1f} ms/step")
     print(f"  sampa (2 processes) {sampa * 1e3:8.1f} ms/step  (twice SGD's hardware; the exchange alone "
