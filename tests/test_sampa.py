@@ -19,23 +19,10 @@ from samtune.optim.step import sam_step
 from samtune.optim.variants import SAMPa, variant_from_config
 from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
 
+from test_variants import batches, mlp
+
 RHO, LR, MOMENTUM, WD, LAM = 0.2, 0.1, 0.9, 1e-3, 0.2
 STEPS = 5
-
-
-def mlp(seed=0, bn=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 16)]
-    if bn:
-        layers.append(nn.BatchNorm1d(16))
-    layers += [nn.Tanh(), nn.Linear(16, 3)]
-    return nn.Sequential(*layers).double()
-
-
-def batches(steps, n=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 6, generator=g, dtype=torch.float64) * (1 + (t % 3)),
-             torch.randint(0, 3, (n,), generator=g)) for t in range(steps)]
 
 
 def lr_at(t):

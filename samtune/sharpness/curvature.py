@@ -78,10 +78,9 @@ def _lanczos(hvp: Callable[[Tensor], Tensor], n: int, k: int, iters: int, tol: f
     # vectors are noise.
     tiny = (b.abs() <= 1e-6 * a.abs().max().clamp_min(1e-30)).nonzero()
     size = int(tiny[0]) + 1 if len(tiny) else len(alphas)
-    t = _tridiagonal(alphas[:size], betas[:size]).double()
-    _, s = torch.linalg.eigh(t)
+    theta, s = torch.linalg.eigh(_tridiagonal(alphas[:size], betas[:size]).double())
     residual = float((betas[size - 1].double().abs() * s[-1, -k:].abs()).max())
-    return torch.linalg.eigvalsh(t).to(dtype), residual, len(alphas)
+    return theta.to(dtype), residual, len(alphas)
 
 
 def _tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
