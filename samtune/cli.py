@@ -32,6 +32,7 @@ from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.driver import prepare, run_sweep
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.preflight import PreflightError, check_cells
+from samtune.sweep.recording import search_label
 from samtune.sweep.results import summarize
 from samtune.sweep.space_file import load_space
 from samtune.sweep.study import apply_overrides, parse_assignments
@@ -241,11 +242,15 @@ def cmd_check(args) -> int:
           f"searching {', '.join(names) or 'nothing'}")
     for b in baselines:
         print(f"  baseline {b.name}: " + " ".join(f"{k}={v}" for k, v in {**b.point, **b.extras}.items()))
+    print(f"  search: {search_label(sweep)}")
     if sweep.confirm_seeds:
         ablation = {c.label: sweep.ablation_ms(c) for c in sweep.cells() if sweep.ablation_ms(c)}
+        looks = sweep.design().looks
+        more = (f", then best SGD and best SAM on more seeds (up to {looks[-1]}, in rounds at "
+                f"{', '.join(map(str, looks[1:]))}) while a verdict is undecided") if len(looks) > 1 else ""
         print(f"  confirmation: best SGD, best SAM and the SAM baseline of each cell on {sweep.confirm_seeds} "
-              f"fresh seeds" + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}"
-                                       for cell, ms in ablation.items()))
+              f"fresh seeds{more}; equivalent means within +/-{sweep.equivalence_margin:g}"
+              + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}" for cell, ms in ablation.items()))
     if unchecked:
         print(unchecked, file=sys.stderr)
     return 0

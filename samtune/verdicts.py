@@ -5,10 +5,11 @@ report the same results read back from MLflow.
 
 For each confirmed configuration, the test error's mean over seeds with a 95% Student-t interval;
 for SAM against SGD, the difference of the best SAM and best SGD configurations (and of the SAM
-baseline and best SGD), paired by seed, with its own interval (`samtune.stats`). Each is given
-under two selection rules, and says which: the final epoch, and the epoch of lowest validation
-error (early stopping on the noisy validation set, which under label noise can change the
-answer). A difference whose interval covers 0 is "no detectable difference", not a winner.
+baseline and best SGD), paired by seed, and the decision it supports under the sweep's sequential
+design (`samtune.sequential`: SAM better, SGD better, equivalent within the margin, or undecided
+at n seeds), with the interval that decided it. Each is given under two selection rules, and says
+which: the final epoch, and the epoch of lowest validation error (early stopping on the noisy
+validation set, which under label noise can change the answer).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from samtune.stats import Estimate, difference, mean_interval, verdict
+from samtune.sequential import Decision, Design, decide, paired
+from samtune.stats import Estimate, mean_interval
 
 #: The selection rules, as the tables name them.
 RULES = {"final": "final epoch", "best_epoch": "best validation epoch"}
@@ -28,25 +30,41 @@ SeedValues = dict[str, dict[str, dict[int, float]]]
 
 
 def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]] | None = None,
-                 metric: str = "test_error") -> dict[str, Any]:
+                 metric: str = "test_error", design: Design | None = None) -> dict[str, Any]:
     """The verdict of one cell from its confirmation results: estimates per configuration and
-    rule, the SAM - SGD differences, and the m curve (configurations named ``m=<m>``).
+    rule, the SAM - SGD decisions with their intervals, and the m curve (configurations named
+    ``m=<m>``). `design`: the sweep's looks and margin; None judges all the seeds at once (one
+    look, a 95% interval).
 
     >>> v = cell_verdict("noise=0.4", {"best_sgd": {"final": {1: 0.30, 2: 0.32, 3: 0.31}},
     ...                                "best_sam": {"final": {1: 0.20, 2: 0.21, 3: 0.21}}})
     >>> verdict_rows([v])[0]["verdict"]
-    'SAM lower by 0.103 (95% CI 0.089 to 0.118)'
+    'SAM better: lower by 0.103 (95.0% CI -0.118 to -0.089)'
     """
     rules = [r for r in RULES if any(values[name].get(r) for name in values)]
+    if design is None:
+        most = max((len(v) for by_rule in values.values() for v in by_rule.values()), default=0)
+        design = Design(looks=(max(most, 1),))
     out: dict[str, Any] = {"cell": cell, "metric": metric, "rules": rules, "configs": {},
-                           "differences": {}, "m_curve": {}}
+                           "differences": {}, "decisions": {}, "rows": {}, "m_curve": {},
+                           "design": {"looks": list(design.looks), "alpha": design.alpha, "margin": design.margin}}
     for name in sorted(values):
         out["configs"][name] = {"params": (params or {}).get(name, {}), **{
             rule: mean_interval(list(values[name].get(rule, {}).values())) for rule in rules}}
     for first, second in COMPARED:
         if first in values and second in values:
-            out["differences"][f"{first} - {second}"] = {
-                rule: difference(values[first].get(rule, {}), values[second].get(rule, {})) for rule in rules}
+            key = f"{first} - {second}"
+            out["decisions"][key] = {rule: decide(paired(values[first].get(rule, {}), values[second].get(rule, {})),
+                                                  design) for rule in rules}
+            out["differences"][key] = {rule: d.interval for rule, d in out["decisions"][key].items()}
+    main = out["decisions"].get("best_sam - best_sgd", {})
+    for rule, decision in main.items():
+        # SGD and SAM on the seeds the decision used (a row decided early is not shown on seeds
+        # the cell ran later for its other row).
+        used = sorted(paired(values["best_sam"].get(rule, {}), values["best_sgd"].get(rule, {})))
+        used = used[:design.looks[decision.look]]
+        out["rows"][rule] = {name: mean_interval([values[name][rule][s] for s in used])
+                             for name in ("best_sgd", "best_sam")}
     curve = [name for name in values if name.startswith("m=")]
     if curve and "best_sam" in values:
         # The best SAM configuration is a point of its own m ablation, at its own m.
@@ -65,17 +83,22 @@ def _m_order(name: str) -> tuple[int, int]:
 
 
 def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per cell and selection rule: SGD, SAM, their difference and what it supports."""
+    """One row per cell and selection rule: SGD and SAM (on the seeds the decision used), their
+    difference with the interval that decided, the decision, and where it was made."""
     rows = []
     for v in verdicts:
-        diff = v["differences"].get("best_sam - best_sgd")
+        decisions = v.get("decisions", {}).get("best_sam - best_sgd")
         for rule in v["rules"]:
-            sgd, sam = v["configs"].get("best_sgd", {}).get(rule), v["configs"].get("best_sam", {}).get(rule)
+            shown = v.get("rows", {}).get(rule, {})
+            sgd = shown.get("best_sgd") or v["configs"].get("best_sgd", {}).get(rule)
+            sam = shown.get("best_sam") or v["configs"].get("best_sam", {}).get(rule)
+            decision: Decision | None = decisions.get(rule) if decisions else None
             rows.append({"cell": v["cell"], "selection": RULES[rule],
                          "SGD": sgd.text() if sgd else "-", "SAM": sam.text() if sam else "-",
-                         "SAM - SGD": diff[rule].text() if diff else "-",
-                         "verdict": verdict(diff[rule]) if diff else "needs both SGD and SAM runs",
-                         "seeds": str(min(sgd.n, sam.n)) if sgd and sam else "0"})
+                         "SAM - SGD": decision.interval.text() if decision else "-",
+                         "verdict": decision.text() if decision else "needs both SGD and SAM runs",
+                         "seeds": str(decision.n) if decision else "0",
+                         "decided": decision.where() if decision else "-"})
     return rows
 
 
@@ -85,13 +108,20 @@ def markdown(verdicts: list[dict[str, Any]], metric: str = "test_error") -> str:
     if not rows:
         return ""
     head = list(rows[0])
-    lines = [f"**SAM vs SGD, {metric} (mean [95% CI] over confirmation seeds)**", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    design = verdicts[0].get("design", {})
+    lines = [f"**SAM vs SGD, {metric}**: SGD and SAM as mean [95% CI] over the confirmation seeds the "
+             f"decision used; SAM - SGD with the interval that decided (seeds added in rounds at "
+             f"{', '.join(map(str, design.get('looks', [])))} until decided, "
+             f"{1 - design.get('alpha', 0.05):.0%} overall; equivalent: within +/-{design.get('margin', 0.01):g})",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, Decision):
+        return {"outcome": value.outcome, "look": value.look, "n": value.n, "text": value.text(),
+                "interval": _jsonable(value.interval)}
     if isinstance(value, Estimate):
         return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n,
                 "level": value.level, "paired": value.paired}

@@ -177,11 +177,12 @@ def test_the_verdict_table_names_a_winner_only_where_the_interval_excludes_zero(
     assert [(r["cell"], r["selection"]) for r in rows] == [
         ("noise=0", "final epoch"), ("noise=0", "best validation epoch"),
         ("noise=0.4", "final epoch"), ("noise=0.4", "best validation epoch")]
-    assert rows[0]["verdict"].startswith("SAM lower by 0.103") and rows[0]["seeds"] == "3"
-    assert rows[2]["verdict"].startswith("no detectable difference")
+    assert rows[0]["verdict"].startswith("SAM better: lower by 0.103") and rows[0]["seeds"] == "3"
+    assert rows[0]["decided"] == "look 1 of 1, 95.0% interval"
+    assert rows[2]["verdict"].startswith("undecided at 3 seeds")
     assert rows[3]["SGD"].startswith("0.260")  # the best-validation-epoch values, labelled as such
     table = markdown(verdicts)
-    assert "| noise=0 | final epoch |" in table and "mean [95% CI]" in table
+    assert "| noise=0 | final epoch |" in table and "mean [95% CI]" in table and "the interval that decided" in table
 
 
 def test_a_baseline_that_is_also_the_best_configuration_runs_once():

@@ -18,7 +18,8 @@ PACKAGE = ROOT / "samtune"
 FLOORS = {
     "samtune._lazy": 0,
     "samtune.contract": 1, "samtune.stats": 1,
-    "samtune.optim": 2, "samtune.models": 2, "samtune.sharpness": 2, "samtune.verdicts": 2,
+    "samtune.optim": 2, "samtune.models": 2, "samtune.sharpness": 2,
+    "samtune.sequential": 2, "samtune.verdicts": 3,
     "samtune.data": 3,
     "samtune.trial": 4,
     "samtune.sweep": 5, "samtune.report": 5,

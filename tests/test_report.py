@@ -914,8 +914,8 @@ def test_the_answer_view_gives_each_cells_verdict_with_its_interval_and_selectio
     table = report[1]["answer"]["verdicts"].set_index(["cell", "selection"])
     clear = table.loc[("noise=0", "final epoch")]
     assert clear["SGD"] == "0.310 [0.285, 0.335]" and clear["seeds"] == "3"
-    assert clear["verdict"] == "SAM lower by 0.103 (95% CI 0.089 to 0.118)"
-    assert table.loc[("noise=0.4", "final epoch")]["verdict"].startswith("no detectable difference")
+    assert clear["verdict"] == "SAM better: lower by 0.103 (95.0% CI -0.118 to -0.089)"
+    assert table.loc[("noise=0.4", "final epoch")]["verdict"].startswith("undecided at 3 seeds")
     # Early stopping on the validation set: the epoch-2 values, 0.02 lower, labelled as such.
     assert table.loc[("noise=0", "best validation epoch")]["SGD"].startswith("0.290")
     estimates = report[1]["answer"]["estimates"]
@@ -1007,5 +1007,5 @@ def test_the_answer_view_gives_a_finetuning_cells_starting_point_beside_sgd_and_
     starts = view.data["starting_points"].set_index("cell")["test_error"]
     assert starts.to_dict() == pytest.approx({"noise=0": 0.10, "noise=0.4": 0.30})
     verdicts = view.data["verdicts"].set_index(["cell", "selection"])
-    assert verdicts.loc[("noise=0.4", "final epoch"), "verdict"].startswith("SAM lower by 0.020")
+    assert verdicts.loc[("noise=0.4", "final epoch"), "verdict"].startswith("SAM better: lower by 0.020")
     assert any(n.startswith("noise=0.4: the pretrained starting point") and "0.300" in n for n in view.notes)

@@ -68,6 +68,9 @@ TRIAL_KEYS: dict[str, Setting] = {
     "workers": _key("int", 1, "data-parallel workers per trial", low=1),
     "use_gpu": _key("bool", False, "train on GPUs"),
     "baseline": _key("bool", False, "one of its cell's baseline trials (set by the sweep): ASHA never stops it"),
+    "trial_number": _key("int", None, "set by the sweep: the trial's place in its cell's search (0, 1, ...); "
+                         "it fixes the trial's search batch, and ties between picks go to the lower number",
+                         optional=True, low=0),
     "confirms": _key("str", None, "set by the sweep on a confirmation run: the configuration it repeats "
                      "(best_sgd, best_sam, sam_baseline, or m=<m> in the m ablation)", optional=True),
     "cpus_per_worker": _key("float", None, "CPUs per Ray Train worker (None: what fits beside the trial)",
@@ -148,7 +151,8 @@ DEFAULTS: dict[str, Any] = {name: key.default for name, key in TRIAL_KEYS.items(
 
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
 STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
-                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline", "confirms"})
+                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline", "confirms",
+                        "trial_number"})
 
 #: A cell's baseline trials unless its Sweep declares others: SGD, and SAM at the SAM paper's
 #: defaults (rho = 0.05, one perturbation per worker's whole batch); every other setting the space
@@ -166,7 +170,7 @@ SWEEP_FIELDS = {"dataset": "dataset", "model": "model", "scenario": "scenario", 
 #: average over, the rest are resources and bookkeeping (``baseline`` marks a cell's baseline
 #: trials, which ASHA lets run their budget). The report does not rank them by importance.
 NUISANCE_KEYS = frozenset({"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset",
-                           "sharpness_budget_s", "baseline"})
+                           "sharpness_budget_s", "baseline", "trial_number"})
 
 #: The settings that tell trials apart at a glance: the live view shows these first.
 HEADLINE_KEYS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")

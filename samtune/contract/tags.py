@@ -26,6 +26,8 @@ SHARPNESS_SKIPPED_TAG = "samtune.sharpness_skipped"
 #: The sweep run's search space file and sweep id.
 SPACE_FILE_TAG = "samtune.space_file"
 SWEEP_ID_TAG = "samtune.sweep_id"
+#: How the sweep searched: "deterministic (batches of B)" or "asynchronous (depends on timing)".
+SEARCH_TAG = "samtune.search"
 #: A confirmation run's configuration (best_sgd, best_sam, sam_baseline, m=<m>) and its seed.
 CONFIRMS_TAG = "samtune.confirms"
 SEED_TAG = "samtune.seed"

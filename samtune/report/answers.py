@@ -71,7 +71,7 @@ def verdicts(runs: Runs) -> list[dict[str, Any]]:
         for alias, name in _aliases(runs, cell).items():
             if name in values and alias not in values:
                 values[alias] = values[name]
-        out.append(cell_verdict(str(cell), values, params))
+        out.append(cell_verdict(str(cell), values, params, design=runs.design))
     return out
 
 

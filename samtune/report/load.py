@@ -11,7 +11,7 @@ from typing import Any
 
 from samtune.contract.tags import ALIASES_TAG, CELL_TAG, ROLE_TAG
 from samtune.report.answers import confirmation_frame
-from samtune.report.runs import ReportError, Runs, TrialRecord
+from samtune.report.runs import ReportError, Runs, TrialRecord, design_of
 from samtune.report.table import tabulate
 
 
@@ -46,6 +46,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
         tracking_uri=uri,
         sweep_run_id=sweeps[-1].info.run_id if sweeps else None,
     )
+    runs.design = design_of(sweeps[-1].data.params) if sweeps else None
     runs.confirmations = confirmation_frame([_trial_record(client, run) for run in reruns])
     runs.aliases = {c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG]
                     for c in _search_runs(client, exp.experiment_id, "cell") if ALIASES_TAG in c.data.tags}

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from samtune.sequential import Design, looks_between
+
 from samtune.contract.metrics import SHARPNESS_SHARED_KEYS as SHARED_KEYS
 
 # Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
@@ -53,6 +55,18 @@ class TrialRecord:
     start_time: int | None = None
 
 
+def design_of(params: dict[str, str]) -> Design | None:
+    """A sweep's sequential design from its run's params (MLflow keeps them as text); None for
+    a sweep from before the design, whose verdicts judged all their seeds at once."""
+    if "equivalence_margin" not in params:
+        return None
+    first = int(params.get("confirm_seeds") or 0)
+    last = params.get("max_confirm_seeds")
+    last_n = int(last) if last not in (None, "", "None") else first
+    return Design(looks=looks_between(max(first, 1), max(last_n, first, 1)),
+                  margin=float(params["equivalence_margin"]))
+
+
 @dataclass
 class Runs:
     """Every trial of one experiment, tidy.
@@ -80,6 +94,8 @@ class Runs:
     # one) and, by cell, the picks it ran once for two names (the cell run's aliases tag).
     confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)
     aliases: dict[str, str] = field(default_factory=dict)
+    # The verdicts' sequential design, from the sweep run's settings (None: judge all seeds at once).
+    design: Design | None = None
 
     @property
     def plotted(self) -> pd.DataFrame:

@@ -41,6 +41,7 @@ from samtune.sweep.search import PickledSearcher
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
+from samtune.verdicts import cell_verdict
 
 CONFIRM_DIR = "confirm"
 #: The configurations every cell confirms, in the order tables show them.
@@ -62,9 +63,15 @@ def role_of(name: str) -> str:
     return "ablation" if name.startswith("m=") else "confirm"
 
 
-def confirmation_seeds(sweep: Sweep) -> list[int]:
-    """Fresh seeds: the search ran every trial on ``sweep.seed``."""
-    return [sweep.seed + 1 + k for k in range(sweep.confirm_seeds)]
+def confirmation_seeds(sweep: Sweep, look: int = 0) -> list[int]:
+    """The fresh seeds of round ``look`` (the search ran every trial on ``sweep.seed``): round 0
+    the first ``confirm_seeds``, each later round those up to its look of `Sweep.design`."""
+    looks = (0,) + sweep.design().looks
+    return [sweep.seed + 1 + k for k in range(looks[look], looks[look + 1])]
+
+
+#: The picks later rounds add seeds to: the two the verdict compares.
+DECIDING = ("best_sgd", "best_sam")
 
 
 def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[str, dict[str, Any]]:
@@ -97,8 +104,10 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in set(a) | set(b))
 
 
-def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline]) -> list[Rerun]:
-    """Every confirmation run of the sweep, cell after cell, configuration after configuration.
+def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], look: int = 0) -> list[Rerun]:
+    """Every confirmation run of round ``look`` of the sweep, cell after cell, configuration
+    after configuration: in round 0 every pick of every cell; in a later round the two picks the
+    verdict compares (`DECIDING`), of the cells whose verdict is still undecided.
 
     >>> from samtune.sweep.results import TrialRow
     >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=2, batch_size=32, trials=2,
@@ -113,14 +122,30 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline]) -
     """
     out = []
     for result in results:
+        if look and not undecided(sweep, result):
+            continue
         base = sweep.base_config(result.cell)
         for name, settings in _picks(sweep, result, baselines).items():
-            for seed in confirmation_seeds(sweep):
+            if look and name not in DECIDING:
+                continue
+            for seed in confirmation_seeds(sweep, look):
                 config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False}
+                if look:
+                    # Later rounds exist to decide the test-error verdict; the first round's seeds
+                    # already give every pick's sharpness. The end-of-training measures took
+                    # more compute than training in the embedded study.
+                    config["sharpness_measures"] = ""
                 if sweep.vary_noise_draw:
                     config["data_seed"] = seed
                 out.append(Rerun(result.cell, name, seed, config))
     return out
+
+
+def undecided(sweep: Sweep, result: CellResult) -> list[str]:
+    """The selection rules whose SAM - SGD verdict a cell's runs so far leave undecided."""
+    verdict = cell_verdict(result.cell.label, *seed_values(result), design=sweep.design())
+    decisions = verdict["decisions"].get("best_sam - best_sgd", {})
+    return [rule for rule, d in decisions.items() if d.outcome == "undecided"]
 
 
 class StageRecorder(Recorder):
@@ -177,12 +202,12 @@ class RerunSearch(PickledSearcher):
         pass
 
 
-def _stage_tuner(plan: Plan, runs: list[Rerun], concurrent: int, resources: dict[str, float]):
-    """The stage's Tuner: restored from ``<sweep>/confirm`` when a driver left it unfinished."""
+def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int, resources: dict[str, float]):
+    """A round's Tuner: restored from ``<sweep>/<folder>`` when a driver left it unfinished."""
     from ray import tune
 
     function = trainable(resources)
-    path = plan.sweep_dir / CONFIRM_DIR
+    path = plan.sweep_dir / folder
     if resumable(path):
         return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
@@ -190,34 +215,59 @@ def _stage_tuner(plan: Plan, runs: list[Rerun], concurrent: int, resources: dict
         tune_config=tune.TuneConfig(num_samples=len(runs), search_alg=RerunSearch([r.config for r in runs]),
                                     max_concurrent_trials=concurrent,
                                     reuse_actors=reuse_trial_processes(plan.sweep)),
-        run_config=run_config(plan, CONFIRM_DIR, SweepCallback(plan.sweep.cells(), stage="confirm:")),
+        run_config=run_config(plan, folder, SweepCallback(plan.sweep.cells(), stage="confirm:")),
     )
 
 
 def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tracker: Tracker,
             sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch) -> int:
-    """Run (or finish) the confirmation stage; its rows land in ``results``. Returns how many of
-    its runs are still to end (0 when the stage is complete)."""
+    """Run (or finish) the confirmation stage, round after round, until every cell's verdict is
+    decided or its seeds reach ``max_confirm_seeds``; its rows land in ``results``. Returns how
+    many runs of the current round are still to end (0 when the stage is complete).
+
+    Which cells a round runs depends only on the earlier rounds' results, so a resumed stage
+    asks for the same runs again and finds the ones that ended in their round's folder."""
     sweep = plan.sweep
-    runs = reruns(sweep, results, baselines)
-    if not runs:
-        return 0
+    for look in range(len(sweep.design().looks)):
+        runs = reruns(sweep, results, baselines, look)
+        if not runs:
+            if look:
+                break  # every cell decided
+            continue
+        left = _confirm_round(plan, look, runs, results, tracker, sweep_key, concurrent, resources, watch)
+        if left:
+            return left
+    return 0
+
+
+def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellResult], tracker: Tracker,
+                   sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch) -> int:
+    sweep = plan.sweep
     recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
                  for r in results}
-    for result in results:
-        if result.aliases:
-            # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
-            tracker.set_tags(f"{sweep_key}/{result.cell.slug}", {ALIASES_TAG: ",".join(
-                f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))})
+    if look == 0:
+        for result in results:
+            if result.aliases:
+                # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
+                tracker.set_tags(f"{sweep_key}/{result.cell.slug}", {ALIASES_TAG: ",".join(
+                    f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))})
     per_cell = Counter(r.cell.label for r in runs)
-    print(f"confirming: {len(runs)} runs on seeds {', '.join(map(str, confirmation_seeds(sweep)))} "
-          f"({', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
+    seeds = confirmation_seeds(sweep, look)
+    which = "" if look == 0 else f"round {look + 1}, for the verdicts still undecided; "
+    print(f"confirming ({which}{len(runs)} runs on seeds {seeds[0]}-{seeds[-1]}: "
+          f"{', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
           f"{', '.join(sorted({r.name for r in runs}, key=_order))}", flush=True)
+    folder = round_folder(look)
     with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
         with watch.tune_fit():
-            _stage_tuner(plan, runs, concurrent, resources).fit()
-        ended = _reconcile(plan, recorders, folder=CONFIRM_DIR)
+            _stage_tuner(plan, folder, runs, concurrent, resources).fit()
+        ended = _reconcile(plan, recorders, folder=folder)
     return len(runs) - sum(ended.values())
+
+
+def round_folder(look: int) -> str:
+    """The Tuner folder of confirmation round ``look``: ``confirm``, then ``confirm-2``, ..."""
+    return CONFIRM_DIR if look == 0 else f"{CONFIRM_DIR}-{look + 1}"
 
 
 def seed_values(result: CellResult, metric: str = "test_error") -> tuple[dict, dict]:

@@ -55,6 +55,7 @@ from samtune.sweep.recovery import (
     resumable,
 )
 from samtune.sweep.results import CellResult
+from samtune.sweep.rungs import BatchedASHA
 from samtune.sweep.search import (
     AshaAwareOptunaSearch,
     CellScheduler,
@@ -236,13 +237,18 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
                                                n_startup_trials=max(2, min(10, sweep.trials // 3))),
             points_to_evaluate=[copy.deepcopy(b.point) for b in baselines] or None, epochs=sweep.epochs)
         for cell in cells]
-    scheduler = CellScheduler(
-        [c.label_noise_rate for c in cells],
-        [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
-                       reduction_factor=sweep.reduction_factor) for _ in cells],
-        max_t=sweep.epochs)
     search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
-                        baselines=[b.extras for b in baselines])
+                        baselines=[b.extras for b in baselines],
+                        batch=sweep.search_batch if sweep.deterministic else None)
+    if sweep.deterministic:
+        scheduler = BatchedASHA(search, max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
+                                reduction_factor=sweep.reduction_factor, metric=sweep.metric, mode=sweep.mode)
+    else:
+        scheduler = CellScheduler(
+            [c.label_noise_rate for c in cells],
+            [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
+                           reduction_factor=sweep.reduction_factor) for _ in cells],
+            max_t=sweep.epochs)
     return tune.Tuner(
         function,
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
@@ -300,7 +306,7 @@ def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list
     """Each cell's verdict on its result, and all of them on the sweep's MLflow run: its
     description (what the UI shows first) and its ``verdicts.json``/``verdicts.md`` artifacts."""
     for result in results:
-        result.verdict = cell_verdict(result.cell.label, *seed_values(result))
+        result.verdict = cell_verdict(result.cell.label, *seed_values(result), design=plan.sweep.design())
     verdicts = [r.verdict for r in results]
     folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
     tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})

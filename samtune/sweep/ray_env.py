@@ -13,6 +13,13 @@ RAY_ENV = {
     # Tune's own progress tables and the driver's copy of every worker log would bury the view.
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Ray starts its worker processes at nice 15, below everything else on the machine. Beside
+    # any other busy process (a second sweep, a build) the trials, their Ray Train workers and the
+    # controllers that tear worker groups down then get a few percent of a core: a 2-worker trial
+    # finished, the next one waited out its placement timeout while the last one's worker group
+    # was still being torn down. At 0 they share the machine fairly. Read by the raylet a sweep
+    # starts itself; a `ray start` cluster takes it from the environment `ray start` runs in.
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -23,6 +23,7 @@ from samtune.contract.tags import (
     ERROR_TAG,
     PLACEMENT_TAG,
     SHARPNESS_SKIPPED_TAG,
+    SEARCH_TAG,
     SPACE_FILE_TAG,
     STATUS_TAG,
     SWEEP_ID_TAG,
@@ -71,13 +72,14 @@ class Recorder:
         row = self.result.trials.get(trial.trial_id)
         if row is None:
             params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
-            row = self.result.trials[trial.trial_id] = TrialRow(trial.trial_id, params)
+            row = self.result.trials[trial.trial_id] = TrialRow(trial.trial_id, params,
+                                                                number=trial.config.get("trial_number"))
         return row
 
     @property
     def _cell_keys(self) -> set[str]:
         # What every trial of the cell shares, and the baseline mark: not settings worth a column.
-        return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed) | {"baseline"}
+        return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed) | {"baseline", "trial_number"}
 
     def trial_start(self, trial) -> None:
         key = self._key(trial)
@@ -250,11 +252,20 @@ def write_state(plan: Plan) -> None:
     os.replace(tmp, state_file)
 
 
+def search_label(sweep: Sweep) -> str:
+    """How a sweep searches, in words: what its run is labelled with and its header says."""
+    if sweep.deterministic:
+        return (f"deterministic: trials suggested and stopped in batches of {sweep.search_batch} per cell, "
+                "from results alone")
+    return "asynchronous: suggestions and early stops depend on the order results arrive in"
+
+
 def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     """Declare the sweep's MLflow run (with its settings as params); returns its key."""
     sweep = plan.sweep
     tracker.declare(plan.sweep_key, sweep.name, "sweep", **{SPACE_FILE_TAG: plan.space_path,
-                                                            SWEEP_ID_TAG: plan.sweep_id})
+                                                            SWEEP_ID_TAG: plan.sweep_id,
+                                                            SEARCH_TAG: search_label(sweep)})
     tracker.log_params(plan.sweep_key, {k: v for k, v in sweep.to_dict().items() if k != "fixed"}
                        | {f"fixed.{k}": v for k, v in sweep.fixed.items()})
     return plan.sweep_key

@@ -28,6 +28,8 @@ class TrialRow:
     # The metrics of its epoch of lowest validation error (early stopping on the noisy
     # validation set), beside `metrics`, its last epoch's.
     best_epoch: dict[str, Any] = field(default_factory=dict)
+    # Its place in its cell's search (`trial_number`): ties between picks go to the lower one.
+    number: int | None = None
 
     @property
     def optimizer(self) -> str:
@@ -56,8 +58,13 @@ class CellResult:
             rows = [r for r in self.trials.values() if r.status == status
                     and finite(r.metrics.get(metric)) and (names is None or r.optimizer in names)]
             if rows:
-                return min(rows, key=lambda r: sign * r.metrics[metric])
+                # A tie goes to the trial suggested first: not to whichever happened to end first.
+                return min(rows, key=lambda r: (sign * r.metrics[metric], _order(r)))
         return None
+
+
+def _order(row: TrialRow) -> tuple[float, str]:
+    return (math.inf if row.number is None else row.number, row.trial_id)
 
 
 def load_study(sweep_dir: str | os.PathLike, cell: Cell):

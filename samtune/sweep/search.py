@@ -108,12 +108,25 @@ class CellSearch(PickledSearcher):
     process that served one cell serves the next (Tune reuses it, torch already imported), and
     once a cell's last trial has started a freed slot starts the next cell's first trial instead
     of idling until that trial ends. A Tuner per cell would pay both at every cell.
+
+    With a `batch` (the deterministic search), a cell's trials come in batches of that many:
+    trial k is in batch k // batch, and a batch is suggested, all of it at once, only when every
+    trial of the cell's earlier batches has ended. Each suggestion is then a function of the
+    cell's seed and its earlier batches' results alone, whatever order they ended in and however
+    many trials run at once; while a cell waits for its batch to end, its slots serve the other
+    cells. Every config carries its ``trial_number`` k. Without a `batch` (asynchronous), a
+    trial is suggested from whichever trials have ended when a slot frees.
     """
 
     extras: list[dict[str, Any]] = []  # a searcher saved before baselines were declared has none
+    batch: int | None = None           # saved before batches: asynchronous
+    numbers: dict[str, tuple[int, int]] = {}
+    ended: dict[int, set[int]] = {}
+    queued: dict[int, list[tuple[str, dict]]] = {}
+    rungs: dict[int, dict[int, dict[int, float]]] = {}
 
     def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str,
-                 baselines: int | Sequence[dict[str, Any]] = ()):
+                 baselines: int | Sequence[dict[str, Any]] = (), batch: int | None = None):
         """`baselines`: a cell's first trials are its baselines (its searcher's points to
         evaluate), and their configs carry ``baseline=True``; given as the declared settings the
         space does not search of each (`Baseline.extras`, added to its config), or as a count."""
@@ -122,18 +135,52 @@ class CellSearch(PickledSearcher):
         self.trials = trials
         self.extras = [{}] * baselines if isinstance(baselines, int) else [dict(e) for e in baselines]
         self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
+        self.batch = batch
+        self.numbers = {}   # Tune trial id -> (cell index, trial number in the cell)
+        self.ended = {i: set() for i in range(len(self.searchers))}   # cell -> numbers ended
+        self.queued = {i: [] for i in range(len(self.searchers))}     # cell -> suggested, not issued
+        # cell -> rung (epoch) -> trial number -> its metric there: what `BatchedASHA` judges by.
+        self.rungs = {i: {} for i in range(len(self.searchers))}
 
     def suggest(self, trial_id: str) -> dict | str | None:
         issued = Counter(self.cell_of.values())
+        waiting = False
         for index, searcher in enumerate(self.searchers):
-            if issued[index] < self.trials:
-                config = searcher.suggest(trial_id)
-                if isinstance(config, dict):
-                    self.cell_of[trial_id] = index
-                    first = issued[index] < len(self.extras)
-                    config = {**config, **(self.extras[issued[index]] if first else {}), "baseline": first}
-                return config
-        return Searcher.FINISHED
+            if issued[index] >= self.trials:
+                continue
+            number = issued[index]
+            config = searcher.suggest(trial_id) if self.batch is None else self._from_batch(index, number, trial_id)
+            if isinstance(config, dict):
+                self.cell_of[trial_id] = index
+                self.numbers[trial_id] = (index, number)
+                first = number < len(self.extras)
+                return {**config, **(self.extras[number] if first else {}), "baseline": first,
+                        "trial_number": number}
+            if self.batch is None:
+                return config  # the cell's searcher is not ready: ask again later
+            waiting = True      # this cell waits for its batch to end; another cell may start
+        return None if waiting else Searcher.FINISHED
+
+    def _from_batch(self, index: int, number: int, trial_id: str) -> dict | None:
+        """Trial `number` of cell `index`, from its batch (suggested now if it starts one and
+        every earlier trial has ended); None while the batch before it runs."""
+        queue = self.queued[index]
+        if not queue:
+            first = number - number % self.batch
+            if any(k not in self.ended[index] for k in range(first)):
+                return None
+            searcher = self.searchers[index]
+            for k in range(first, min(first + self.batch, self.trials)):
+                # Asked under a name of its own; renamed to its Tune trial id when issued.
+                placeholder = f"cell{index}-trial{k}"
+                queue.append((placeholder, searcher.suggest(placeholder)))
+        placeholder, config = queue.pop(0)
+        if not isinstance(config, dict):
+            return None
+        owned = getattr(self.searchers[index], "_ot_trials", None)
+        if isinstance(owned, dict) and placeholder in owned:
+            owned[trial_id] = owned.pop(placeholder)
+        return config
 
     def _owner(self, trial_id: str) -> Searcher | None:
         index = self.cell_of.get(trial_id)
@@ -146,7 +193,9 @@ class CellSearch(PickledSearcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if (searcher := self._owner(trial_id)) is not None:
             searcher.on_trial_complete(trial_id, result=result, error=error)
-
+        if trial_id in self.numbers:
+            index, number = self.numbers[trial_id]
+            self.ended.setdefault(index, set()).add(number)
 
 
 class CellScheduler(FIFOScheduler):

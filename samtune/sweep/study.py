@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
+from samtune.sequential import Design, looks_between
 from samtune.contract.values import Setting, SpaceError, _choice, _suggest
 from samtune.sweep.validate import (
     TRIAL_SETTINGS,
@@ -29,6 +30,8 @@ def _study_key_error(key: str, what: str) -> SpaceError | None:
                           "are its baselines)")
     if key == "confirms":
         return SpaceError(f"{what}, which the sweep sets on its confirmation runs")
+    if key == "trial_number":
+        return SpaceError(f"{what}, which the sweep sets per trial (its place in its cell's search)")
     if key in STUDY_KEYS:
         owner = SWEEP_FIELDS.get(key, key)
         return SpaceError(f"{what}, which the Sweep fixes per cell; use --set {owner}=... "
@@ -79,7 +82,15 @@ _SWEEP_SPECS: dict[str, Setting] = {
     "grace_period": Setting("int", optional=True, low=1, doc="ASHA: epochs before a trial may stop"),
     "reduction_factor": Setting("float", low=1.0, low_open=True, doc="ASHA: keep 1/this at each rung"),
     "sharpness_every": TRIAL_KEYS["sharpness_every"],
+    "deterministic": Setting("bool", doc="search in batches, each decision a function of results alone "
+                             "(False: asynchronous, decisions depend on timing)"),
+    "search_batch": Setting("int", low=1, doc="deterministic search: trials of a cell suggested together, "
+                            "from the results of every earlier batch"),
     "confirm_seeds": Setting("int", low=0, doc="fresh seeds each confirmed configuration runs on (0: none)"),
+    "max_confirm_seeds": Setting("int", optional=True, low=1, doc="seeds a cell's picks may reach while "
+                                 "its verdict is undecided (None: confirm_seeds, one round)"),
+    "equivalence_margin": Setting("float", low=0.0, low_open=True, doc="SAM and SGD are equivalent when the "
+                                  "interval of their difference lies within +/- this"),
     "vary_noise_draw": Setting("bool", doc="confirmation seeds also draw the label noise anew"),
 }
 
@@ -131,10 +142,14 @@ class Sweep:
     grace_period: int | None = None
     reduction_factor: float = 2.0
     sharpness_every: int = 0
+    deterministic: bool = True
+    search_batch: int = 2
     fixed: dict[str, Any] = field(default_factory=dict)
     baselines: tuple[dict[str, Any], ...] | None = None
     baseline_params: dict[str, Any] = field(default_factory=dict)
     confirm_seeds: int = 0
+    max_confirm_seeds: int | None = None
+    equivalence_margin: float = 0.01
     vary_noise_draw: bool = False
     m_ablation: tuple[int | None, ...] = ()
     m_ablation_rates: tuple[float, ...] | None = None
@@ -165,13 +180,16 @@ class Sweep:
                 raise SpaceError(f"fixed has a non-string key {key!r}")
             if key in SWEEP_FIELDS:
                 raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({SWEEP_FIELDS[key]}=...)")
-            if key in ("baseline", "confirms"):  # study keys fixed may not set (data_root, say, it may)
+            if key in ("baseline", "confirms", "trial_number"):  # study keys fixed may not set (data_root, say, it may)
                 raise _study_key_error(key, f"fixed sets {key!r}")
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).
         validate_trial_config(self.base_config(self.cells()[0]), where="")
         self._validate_answer_fields()
+        if self.max_confirm_seeds is not None and self.max_confirm_seeds < self.confirm_seeds:
+            raise SpaceError(f"max_confirm_seeds={self.max_confirm_seeds} is below confirm_seeds="
+                             f"{self.confirm_seeds}: the first round already runs that many seeds")
         _check_metric_reported(self.metric, self.base_config(self.cells()[0]))
 
     def _validate_answer_fields(self) -> None:
@@ -195,6 +213,12 @@ class Sweep:
         if self.m_ablation_rates is not None:
             # A rate that is no cell (--set label_noise_rates left it out) ablates nothing.
             object.__setattr__(self, "m_ablation_rates", self._validated_rates(self.m_ablation_rates))
+
+    def design(self) -> Design:
+        """The verdicts' sequential design: a look after each round of confirmation seeds, from
+        ``confirm_seeds`` to ``max_confirm_seeds``, and the equivalence margin."""
+        last = self.max_confirm_seeds if self.max_confirm_seeds is not None else self.confirm_seeds
+        return Design(looks=looks_between(self.confirm_seeds, last), margin=self.equivalence_margin)
 
     def ablation_ms(self, cell: Cell | None = None) -> tuple[int | None, ...]:
         """The m values of the m ablation (of ``cell``: none outside ``m_ablation_rates``) that

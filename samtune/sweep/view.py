@@ -165,9 +165,12 @@ def print_verdicts(console: Console, plan, results: list) -> None:
     rows = verdict_rows(verdicts)
     if not rows:
         return
-    seeds = plan.sweep.confirm_seeds
-    table = Table(title=f"{plan.sweep.name}: SAM vs SGD, test error on {seeds} fresh seeds "
-                        "(mean [95% CI]; best configurations of the search, run again)")
+    looks = plan.sweep.design().looks
+    seeds = f"{looks[0]} fresh seeds" if len(looks) == 1 else \
+        f"fresh seeds added in rounds ({', '.join(map(str, looks))}) until decided"
+    table = Table(title=f"{plan.sweep.name}: SAM vs SGD, test error on {seeds} (best configurations of "
+                        f"the search, run again; SGD, SAM: mean [95% CI] on the seeds the verdict used; "
+                        f"SAM - SGD: the interval that decided)")
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
