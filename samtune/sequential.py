@@ -9,8 +9,8 @@ of d at that look:
 - ``SAM better`` / ``SGD better``: the interval excludes 0;
 - ``equivalent``: it lies inside [-margin, +margin] (a positive statement, not "no difference
   detected");
-- ``undecided``: neither; the cell gets the next round's seeds, or, after the last look, the row
-  says "undecided at n seeds".
+- ``undecided``: neither (or fewer than `MIN_SEEDS` seeds); the cell gets the next round's
+  seeds, or, after the last look, the row says "undecided at n seeds".
 
 A row keeps the decision of the first look that decides it. Validity under that optional stopping
 comes from spending the error rate over the looks (a group-sequential design with a Bonferroni
@@ -39,6 +39,10 @@ from typing import Mapping, Sequence
 from samtune.stats import Estimate, mean_interval
 
 ALPHA = 0.05
+#: Fewer paired seeds than this decide nothing: a t interval on one degree of freedom, over test
+#: errors that come in steps of one example, can be zero-wide (two seeds that both differ by
+#: exactly one example "decide" at any level).
+MIN_SEEDS = 3
 OUTCOMES = ("SAM better", "SGD better", "equivalent", "undecided")
 
 
@@ -106,7 +110,7 @@ class Decision:
 
 def outcome_of(interval: Estimate, margin: float) -> str:
     """The decision an interval for SAM - SGD supports (errors: lower is better)."""
-    if interval.n < 2 or math.isnan(interval.low):
+    if interval.n < MIN_SEEDS or math.isnan(interval.low):
         return "undecided"
     if interval.high < 0:
         return "SAM better"

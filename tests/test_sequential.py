@@ -98,6 +98,8 @@ def test_outcomes_against_the_interval():
     assert outcome_of(est(0.001, 0.03), 0.01) == "SGD better"
     assert outcome_of(est(-0.009, 0.009), 0.01) == "equivalent"
     assert outcome_of(est(-0.02, 0.009), 0.01) == "undecided"
+    # Two seeds that differ by exactly one test example each: a zero-wide interval decides nothing.
+    assert outcome_of(Estimate(0.003, 0.003, 0.003, 2, 0.0), 0.01) == "undecided"
     assert paired({1: 0.5, 2: 0.4, 3: 0.1}, {1: 0.25, 3: 0.2}) == {1: 0.25, 3: pytest.approx(-0.1)}
 
 
