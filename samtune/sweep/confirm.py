@@ -129,12 +129,11 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], l
             if look and name not in DECIDING:
                 continue
             for seed in confirmation_seeds(sweep, look):
-                config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False}
-                if look:
-                    # Later rounds exist to decide the test-error verdict; the first round's seeds
-                    # already give every pick's sharpness. The end-of-training measures took
-                    # more compute than training in the embedded study.
-                    config["sharpness_measures"] = ""
+                # No end-of-training sharpness measures: the verdicts and views read test errors
+                # from these runs, sharpness from the search's trials, and in the embedded study
+                # the measures cost as much as the 16 epochs of training.
+                config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False,
+                          "sharpness_measures": ""}
                 if sweep.vary_noise_draw:
                     config["data_seed"] = seed
                 out.append(Rerun(result.cell, name, seed, config))
