@@ -100,3 +100,49 @@ def face(package: str) -> tuple[Callable[[str], Any], Callable[[], list[str]], l
         return sorted(exports)
 
     return __getattr__, __dir__, sorted(exports)
+
+
+def stub(package: str) -> str:
+    """The ``__init__.pyi`` of ``package``: its face as explicit re-exports, so type checkers
+    and editors see the real names and signatures the lazy ``__getattr__`` hands out (the
+    stub-file half of the scientific Python ecosystem's lazy-loading convention, SPEC 1).
+    The committed stubs are this function's output (a test holds them to it).
+
+    >>> print(stub("samtune.optim").splitlines()[2])
+    from samtune.optim.sam import SAM as SAM
+    """
+    by_module: dict[str, list[str]] = {}
+    for name, where in FACES[package].items():
+        module = where if where.startswith("samtune.") else f"{package}.{where}"
+        by_module.setdefault(module, []).append(name)
+    lines = ["# Generated from samtune._lazy.FACES by samtune._lazy.stub: do not edit.", ""]
+    for module in sorted(by_module):
+        for name in sorted(by_module[module]):
+            lines.append(f"from {module} import {name} as {name}")
+    if package == "samtune":
+        lines.append("")
+        lines.append("__version__: str")
+    lines.append("")
+    lines.append(f"__all__ = {sorted(FACES[package])!r}")
+    return "\n".join(lines) + "\n"
+
+
+def write_stubs(root: str) -> list[str]:
+    """Write every face's ``__init__.pyi`` under ``root`` (the folder holding ``samtune/``);
+    returns the paths written. ``python -m samtune._lazy`` runs it on this checkout."""
+    import os
+
+    written = []
+    for package in FACES:
+        path = os.path.join(root, *package.split("."), "__init__.pyi")
+        with open(path, "w") as fh:
+            fh.write(stub(package))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import os
+
+    for path in write_stubs(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        print(path)

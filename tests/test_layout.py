@@ -203,3 +203,14 @@ def test_the_readme_lists_every_metric_with_when_it_is_reported():
         assert rows[name][0] == metric.when, name
         assert rows[name][1] == ("yes" if metric.optimisable else "no"), name
         assert re.sub(r"\s+", " ", rows[name][2]) == metric.doc, name
+
+
+def test_the_faces_stubs_are_the_lazy_tables():
+    """Type checkers and editors read the `__init__.pyi` stubs; the lazy `__getattr__` reads
+    `FACES`: the two must name the same things (regenerate with `python -m samtune._lazy`)."""
+    from samtune._lazy import FACES, stub
+
+    for package in FACES:
+        path = ROOT.joinpath(*package.split("."), "__init__.pyi")
+        assert path.read_text() == stub(package), f"{path} is stale: run python -m samtune._lazy"
+    assert (PACKAGE / "py.typed").exists()
