@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from samtune.data.transforms import augment_batch, to_float
 from samtune.data.load import load_dataset
+from samtune.data.transforms import augment_batch, to_float
 from samtune.models.zoo import build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -97,7 +97,7 @@ def optimizer_work(model_name: str, shape, batch: int, repeats: int) -> dict[str
         params = list(model.parameters())
         grads = [p.grad.clone() for p in params]
 
-        def step():
+        def step(opt=opt, params=params, grads=grads):
             for p, g in zip(params, grads):
                 p.grad = g
             opt.first_step()

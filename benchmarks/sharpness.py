@@ -68,8 +68,8 @@ from samtune.data.load import load_dataset
 from samtune.data.transforms import to_float
 from samtune.models.zoo import build_model
 from samtune.sharpness.curvature import MIN_SAMPLES, top_eig_estimate, trace_estimate
-from samtune.sharpness.ggn import _GGN
-from samtune.sharpness.hvp import _HVP, FlatLoss, _measuring
+from samtune.sharpness.ggn import GGN
+from samtune.sharpness.hvp import HVP, FlatLoss, measuring
 
 # The CIFAR-10 copy the project keeps beside it (../shared/data from the project's root).
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -213,11 +213,11 @@ def baseline_trace(model, x, y, target: Target, package: bool) -> None:
 
 # ------------------------------------------------------------------------------ samtune
 class Recorded:
-    """Wraps `_HVP.__call__`: each product's vector, result and completion time."""
+    """Wraps `HVP.__call__`: each product's vector, result and completion time."""
 
     def __enter__(self):
         self.vs, self.hvs, self.stamps, self.start = [], [], [], time.perf_counter()
-        self.call = _HVP.__call__
+        self.call = HVP.__call__
         recorder = self
 
         def recording(engine, vs):
@@ -227,11 +227,11 @@ class Recorded:
             recorder.stamps.extend([time.perf_counter() - recorder.start] * len(vs))
             return out
 
-        _HVP.__call__ = recording
+        HVP.__call__ = recording
         return self
 
     def __exit__(self, *exc):
-        _HVP.__call__ = self.call
+        HVP.__call__ = self.call
 
     def first_within(self, reference: float, error: float) -> tuple[int, float] | None:
         """(products, seconds) at which the Rayleigh-Ritz top value of the vectors multiplied so
@@ -265,10 +265,10 @@ def samtune_trace(model, x, y, args, seed: int = 0):
 def product_seconds(model, x, y, reps: int = 3) -> dict[str, tuple[float, float]]:
     """(build seconds, median seconds per product) of the Hessian and the GGN engines, graphs kept."""
     out = {}
-    with _measuring(model):
+    with measuring(model):
         f = FlatLoss(model, F.cross_entropy)
         v = torch.randn(1, f.w.numel(), generator=torch.Generator().manual_seed(0))
-        for name, engine in (("hvp", _HVP), ("ggn", _GGN)):
+        for name, engine in (("hvp", HVP), ("ggn", GGN)):
             start = time.perf_counter()
             products = engine(f, x, y, batch=len(y), mode="graph")
             build = time.perf_counter() - start

@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
         os.chdir(tmp)
         plan = prepare(str(ROOT / "search_spaces" / "noisy_digits.py"),
-                       [f"name=bench", f"model={args.model}", f"epochs={args.epochs}",
+                       ["name=bench", f"model={args.model}", f"epochs={args.epochs}",
                         f"trials={args.trials}", f"label_noise_rates={args.noise_rates}",
                         # ASHA would end trials early and measure scheduling, not overhead.
                         f"grace_period={args.epochs}", "fixed.sharpness_measures="],
@@ -57,14 +57,14 @@ def main() -> None:
 
         # Ray starts inside run_sweep (the MLflow store opens meanwhile); timed on its own too.
         ray_times = []
-        start_ray = samtune.sweep.driver._start_ray
+        start_ray = samtune.sweep.driver.start_ray
 
         def timed_start(address):
             t0 = time.perf_counter()
             start_ray(address)
             ray_times.append(time.perf_counter() - t0)
 
-        samtune.sweep.driver._start_ray = timed_start
+        samtune.sweep.driver.start_ray = timed_start
         start = time.perf_counter()
         cells = run_sweep(plan)
         wall = time.perf_counter() - start

@@ -32,9 +32,9 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
     import ray.train.torch
     import torch.distributed as dist
 
+    from samtune.data.scenarios import build_scenario
     from samtune.data.transforms import to_float
     from samtune.optim.step import sam_step
-    from samtune.data.scenarios import build_scenario
     from samtune.trial.build import build_optimizer
     from samtune.trial.config import perturbation_plan, resolve_config
 

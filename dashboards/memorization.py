@@ -16,8 +16,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from samtune.report.runs import Runs
-from samtune.report.views import View
 from samtune.report.table import best_per_optimizer, cell_order, choice_metric, optimizer_colors
+from samtune.report.views import View
 
 ORDER = 40
 

@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 
 from samtune.contract.keys import STUDY_KEYS
 from samtune.report.runs import Runs
-from samtune.report.views import View
 from samtune.report.table import cell_order, choice_metric, effective_m, optimizer_colors, searched_hyperparameters
+from samtune.report.views import View
 
 ORDER = 20
 

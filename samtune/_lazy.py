@@ -9,8 +9,10 @@ that defines each, read when first used:
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 FACES: dict[str, dict[str, str]] = {
     "samtune.contract": {
@@ -130,8 +132,6 @@ def stub(package: str) -> str:
 def write_stubs(root: str) -> list[str]:
     """Write every face's ``__init__.pyi`` under ``root`` (the folder holding ``samtune/``);
     returns the paths written. ``python -m samtune._lazy`` runs it on this checkout."""
-    import os
-
     written = []
     for package in FACES:
         path = os.path.join(root, *package.split("."), "__init__.pyi")
@@ -142,7 +142,5 @@ def write_stubs(root: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    import os
-
     for path in write_stubs(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
         print(path)

@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -31,11 +33,12 @@ from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.driver import prepare, run_sweep
 from samtune.sweep.errors import SweepError, SweepInterrupted
+from samtune.sweep.plan import Plan
 from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import search_label
 from samtune.sweep.results import summarize
-from samtune.sweep.space_file import load_space
-from samtune.sweep.study import apply_overrides, parse_assignments
+from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.study import Sweep, apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.validate import parse_trial_value, validate_trial_config
 from samtune.sweep.view import SweepView, print_summary, print_verdicts
@@ -154,7 +157,7 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args: argparse.Namespace) -> int:
 
 
     plan = prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
@@ -189,12 +192,12 @@ def cmd_sweep(args) -> int:
     return _sweep_report(console, plan)
 
 
-def _report_command(plan) -> str:
+def _report_command(plan: Plan) -> str:
 
     return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(plan.tracking_uri)}"
 
 
-def _sweep_report(console, plan) -> int:
+def _sweep_report(console: Console, plan: Plan) -> int:
     """The end of a sweep: its report, built and named. The sweep's results are in MLflow
     whatever happens here, so a report that fails says why and how to build it again, and the
     sweep still succeeds."""
@@ -221,7 +224,7 @@ def _sweep_report(console, plan) -> int:
     return 0
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
 
     sweep, space = _load_with_overrides(args)
     sampled = check_space(sweep, space)
@@ -256,7 +259,7 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _load_with_overrides(args):
+def _load_with_overrides(args: argparse.Namespace) -> tuple[Sweep, SpaceFunction]:
     """The space file's Sweep with ``--set``/``--trials``/``--data-root`` applied, and its space."""
 
     sweep, space = load_space(args.file)
@@ -268,7 +271,7 @@ def _load_with_overrides(args):
     return apply_overrides(sweep, sets), space
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     """One trial outside Tune, on the code path of a sweep's trial (`train.fit`)."""
 
 
@@ -297,7 +300,7 @@ def cmd_train(args) -> int:
     if not args.json:  # --json keeps stdout to one JSON object a line
         print(f"{title}: " + " ".join(f"{k}={config[k]}" for k in sorted(params)), flush=True)
 
-    def report(metrics):
+    def report(metrics: dict[str, Any]) -> None:
         if args.json:
             print(json.dumps(metrics), flush=True)
         else:
@@ -305,7 +308,7 @@ def cmd_train(args) -> int:
                              if k in PRINTED or k.startswith("sharpness/"))
             print(shown, flush=True)
 
-    saved = {}
+    saved: dict[str, torch.nn.Module] = {}
     last = fit(config, report=report, checkpoint_dir=args.checkpoint_dir,
                on_end=(lambda model: saved.update(model=model)) if args.save_weights else None)
     if args.save_weights:
@@ -321,7 +324,7 @@ def _infer_optimizer(params: dict, fixed: dict) -> None:
         params["optimizer"] = "sam"
 
 
-def _check_outputs(args) -> None:
+def _check_outputs(args: argparse.Namespace) -> None:
     """Where `samtune train` will write, checked before it trains: a run whose weights cannot be
     saved at its end is a run lost."""
     if args.checkpoint_dir and os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
@@ -336,7 +339,7 @@ def _check_outputs(args) -> None:
             raise UsageError(f"--save-weights {args.save_weights}: cannot write in {folder}")
 
 
-def cmd_report(args) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: is a file; the report is a folder (index.html and figures)")
@@ -351,7 +354,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_ui(args) -> int:
+def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI over the store the sweeps write to (the same default as `sweep`)."""
 
     if not 1 <= args.port <= 65535:
@@ -369,7 +372,7 @@ def cmd_ui(args) -> int:
     # The address that opens on training runs: the UI's own front page opens on GenAI traces.
     where = f"sweep {name!r}" if name else "the sweeps"
     print(f"{where}: {base}{experiment_page(experiment_id)}", flush=True)
-    return _serve(cmd)
+    return serve(cmd)
 
 
 def _existing_store(uri: str) -> None:
@@ -382,7 +385,7 @@ def _existing_store(uri: str) -> None:
                              f"or pass --tracking-uri (the one the sweep printed)")
 
 
-def _serve(cmd: list[str]) -> int:
+def serve(cmd: list[str]) -> int:
     """Run a server in a process group of its own and stop all of it with this process: the MLflow
     UI starts worker processes, and a SIGTERM (or Ctrl-C) that reached this process alone would
     leave them running and listening."""
@@ -390,7 +393,7 @@ def _serve(cmd: list[str]) -> int:
     server = subprocess.Popen(cmd, start_new_session=True)
     stopping: list[int] = []
 
-    def forward(signum, frame):
+    def forward(signum: int, frame: FrameType | None) -> None:
         stopping.append(signum)
         try:
             os.killpg(server.pid, signal.SIGTERM)

@@ -33,8 +33,8 @@ per-seed noise; the union bound's slack covers the heavy-tailed noise the simula
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from samtune.stats import Estimate, mean_interval
 

@@ -19,8 +19,8 @@ same interval, every group's tau recomputed on each resample of the trials.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as _scipy_stats
@@ -143,12 +143,12 @@ class TauInterval:
         return out + (", not distinguishable from 0" if self.covers_zero else "")
 
 
-def _signs(values: np.ndarray) -> np.ndarray:
+def signs(values: np.ndarray) -> np.ndarray:
     """sign(v_i - v_j) for every ordered pair of trials: +1, -1, or 0 for a tie."""
     return np.sign(values[:, None] - values[None, :])
 
 
-def _weighted_taus(sx: np.ndarray, sy: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_taus(sx: np.ndarray, sy: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Kendall's tau-b of each row of ``weights`` (how many times each trial is drawn), from the
     trials' sign matrices. Two copies of one trial tie on both sides, so they count in neither the
     numerator nor the denominator: the tau-b of the resampled points, as scipy computes it. NaN
@@ -216,7 +216,7 @@ def kendall_tau_interval(x: Sequence[float], y: Sequence[float], *, confidence: 
     xs, ys = xs[members], ys[members]
     n = len(members)
     weights = _bootstrap_weights(np.arange(n), n, resamples, seed)
-    taus = _weighted_taus(_signs(xs), _signs(ys), weights)
+    taus = weighted_taus(signs(xs), signs(ys), weights)
     return _interval(taus[0], taus[1:], n, confidence)
 
 
@@ -246,7 +246,7 @@ def _group_taus(xs: np.ndarray, ys: np.ndarray, groups: Sequence[Sequence[int]],
     for group in groups:
         rows = np.asarray(group, dtype=int)
         drawn = weights[:, rows]
-        taus = _weighted_taus(_signs(xs[rows]), _signs(ys[rows]), drawn)
+        taus = weighted_taus(signs(xs[rows]), signs(ys[rows]), drawn)
         levels = codes[rows][:, None] == np.unique(codes[rows])[None, :]
         varied = ((drawn > 0).astype(float) @ levels).astype(bool).sum(axis=1) >= 2
         columns.append(np.where(varied, taus, np.nan))

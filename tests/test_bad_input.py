@@ -245,7 +245,6 @@ def test_a_good_file_checks_ok(tmp_path, capsys):
 
 
 def test_a_nearly_full_disk_is_refused_before_the_first_trial(tmp_path, monkeypatch, capsys):
-    import shutil
     from collections import namedtuple
 
     import samtune.sweep.cluster

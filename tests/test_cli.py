@@ -75,8 +75,8 @@ def fake_sweep(monkeypatch, tmp_path, outcome=None):
     """`samtune sweep` up to the end of its trials, without Ray: a plan for `DIGITS` whose
     run_sweep returns no cells (or raises `outcome`)."""
     import samtune.cli
-    from samtune.sweep.space_file import load_space
     from samtune.sweep.plan import Plan
+    from samtune.sweep.space_file import load_space
 
     sweep, space = load_space(DIGITS)
     plan = Plan(sweep, space, DIGITS, tmp_path / "runs" / sweep.name, f"sqlite:///{tmp_path}/mlflow.db",
@@ -151,8 +151,8 @@ def test_the_resume_command_it_prints_resumes_the_sweep_as_it_was_started(tmp_pa
     with them again: the printed command must carry them, pasteable as it stands."""
     import shlex
 
-    from samtune.sweep.errors import SweepError
     from samtune.sweep.driver import prepare
+    from samtune.sweep.errors import SweepError
     from samtune.sweep.recording import write_state
 
     (tmp_path / "data").mkdir()
@@ -205,7 +205,7 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
 
 def test_ui_serves_the_default_store_on_localhost_only(monkeypatch, tmp_path):
     launched = []
-    monkeypatch.setattr("samtune.cli._serve", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: launched.append(cmd) or 0)
     assert cli.main(["ui"]) == 2  # no store here yet: nothing to show
     assert launched == []
     (tmp_path / "mlflow.db").touch()

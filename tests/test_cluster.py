@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from test_sweep import env, epochs_logged, runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,11 +65,11 @@ def test_a_sweeps_ray_runs_its_workers_at_the_drivers_priority(tmp_path):
 
     import ray
 
-    from samtune.sweep.cluster import _start_ray
+    from samtune.sweep.cluster import start_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    _start_ray(None)
+    start_ray(None)
     try:
         @ray.remote(num_cpus=1)
         def niceness():
@@ -395,15 +394,15 @@ def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_pat
         asked.append((len(alive), Path(path).read_text() == token))
         return [True, False]
 
-    monkeypatch.setattr(sweep_module, "_read_on_every_node", answers)
+    monkeypatch.setattr(sweep_module, "read_on_every_node", answers)
     with pytest.raises(sweep_module.SweepError, match=r"--storage-path .*: 1 of the Ray cluster's 2 nodes cannot "
                                                       r"reach it \(10\.0\.0\.2 \(bbbbbbbb\)\); every node must"):
         sweep_module.check_shared_storage(tmp_path)
     assert asked == [(2, True)]  # only alive nodes are asked, and the file was there to read
     assert not list(tmp_path.iterdir())  # the probe file is gone
-    monkeypatch.setattr(sweep_module, "_read_on_every_node", lambda alive, path, token: [True] * len(alive))
+    monkeypatch.setattr(sweep_module, "read_on_every_node", lambda alive, path, token: [True] * len(alive))
     sweep_module.check_shared_storage(tmp_path)
     # One node: nothing to ask.
     monkeypatch.setattr(ray, "nodes", lambda: nodes[:1])
-    monkeypatch.setattr(sweep_module, "_read_on_every_node", None)
+    monkeypatch.setattr(sweep_module, "read_on_every_node", None)
     sweep_module.check_shared_storage(tmp_path)

@@ -1,11 +1,21 @@
 """Datasets, normalisation and batched augmentation."""
 from __future__ import annotations
 
+import io
+import pickle
+import socket
+import tarfile
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from samtune.data.load import load_dataset
+from samtune.data import cifar as data_cifar
+from samtune.data import images as data_images
+from samtune.data.dataset import DataNotFoundError, DataUnreadableError
+from samtune.data.load import load_dataset, parse_dataset_name, select_classes
 from samtune.data.transforms import augment_batch, channel_stats, to_float
 
 
@@ -35,11 +45,11 @@ def test_digits_are_cached_once_and_read_back_without_importing_scikit_learn(tmp
     import subprocess
     import sys
 
-    from samtune.data.load import _build_digits
+    from samtune.data.load import build_digits
 
     ds = load_dataset("digits", cache_dir=tmp_path)
     (cached,) = tmp_path.glob("digits-*.samtune.pt")
-    fresh = _build_digits()  # straight from scikit-learn, no cache involved
+    fresh = build_digits()  # straight from scikit-learn, no cache involved
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(ds, key), fresh[key]), key
     # A trial process: the cache is read, scikit-learn (about 1.2 s to import) is not loaded.
@@ -117,17 +127,6 @@ def test_unknown_dataset_name_is_a_value_error():
 # CIFAR-10 and ImageFolder trees, against a subset of the shared CIFAR-10 JPEG copy. The reference
 # readings go through `tarfile` and PIL, independently of samtune's own batched decoder.
 
-import io
-import pickle
-import socket
-import tarfile
-import warnings
-from pathlib import Path
-
-from samtune.data import cifar as data_cifar
-from samtune.data import images as data_images
-from samtune.data.dataset import DataNotFoundError, DataUnreadableError
-from samtune.data.load import parse_dataset_name, select_classes
 
 SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # CIFAR-10's published label order (batches.meta of the canonical copy).
@@ -177,7 +176,7 @@ def expected_split(subset, split: str, classes=CIFAR10_ORDER):
     """Reference tensors: images sorted by class (in ``classes`` order) then file name."""
     xs, ys = [], []
     for label, cls in enumerate(classes):
-        for name, blob in sorted(subset[(split, cls)]):
+        for _name, blob in sorted(subset[(split, cls)]):
             xs.append(pil_decode(blob))
             ys.append(label)
     return torch.stack(xs), torch.tensor(ys)
@@ -269,7 +268,7 @@ def test_second_load_reads_the_cache_and_does_not_decode(cifar_subset, tmp_path,
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although a valid cache exists")
 
-    monkeypatch.setattr(data_images, "_decode_images", no_decoding)
+    monkeypatch.setattr(data_images, "decode_images", no_decoding)
     again = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
     assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
 
@@ -288,9 +287,9 @@ def test_second_load_of_a_jpeg_tarball_reads_the_cache(cifar_subset, tmp_path, m
         tf.add(root, arcname="cifar10-jpeg")
     first = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
-    monkeypatch.setattr(data_images, "_read_tar", _refuse("read the tarball"))
-    monkeypatch.setattr(data_cifar, "_extract_pickles", _refuse("read the tarball"))
-    monkeypatch.setattr(data_images, "_decode_images", _refuse("decoded"))
+    monkeypatch.setattr(data_images, "read_tar", _refuse("read the tarball"))
+    monkeypatch.setattr(data_cifar, "extract_pickles", _refuse("read the tarball"))
+    monkeypatch.setattr(data_images, "decode_images", _refuse("decoded"))
     again = load_dataset(f"imagefolder:{archive}", cache_dir=tmp_path / "cache")
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(again, key), getattr(first, key))
@@ -308,9 +307,9 @@ def test_pickled_cifar10_tarball_is_decompressed_once_then_cached(cifar_subset, 
     reference = load_dataset("cifar10", tmp_path / "unpacked", cache_dir=tmp_path / "unused", download=False)
     first = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     assert len(list((tmp_path / "cache").glob("*.samtune.pt"))) == 1
-    monkeypatch.setattr(data_images, "_read_tar", _refuse("decompressed the tarball"))
-    monkeypatch.setattr(data_cifar, "_extract_pickles", _refuse("decompressed the tarball"))
-    monkeypatch.setattr(data_cifar, "_cifar_from_pickles", _refuse("unpickled"))
+    monkeypatch.setattr(data_images, "read_tar", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_cifar, "extract_pickles", _refuse("decompressed the tarball"))
+    monkeypatch.setattr(data_cifar, "cifar_from_pickles", _refuse("unpickled"))
     again = load_dataset("cifar10", archive.parent, cache_dir=tmp_path / "cache", download=False)
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(first, key), getattr(reference, key)), key
@@ -548,6 +547,6 @@ def test_a_read_only_data_folder_gets_no_cache_file_even_for_root(tmp_path, monk
     locked.chmod(0o555)
     try:
         assert data.cache_dir_for(writable / "data.tar.gz") == writable
-        assert data.cache_dir_for(locked / "data.tar.gz") == data._samtune_home()
+        assert data.cache_dir_for(locked / "data.tar.gz") == data.samtune_home()
     finally:
         locked.chmod(0o755)

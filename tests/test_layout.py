@@ -115,7 +115,7 @@ def test_the_contract_is_free_of_torch():
 
 def test_function_level_imports_are_only_for_heavy_optional_packages():
     found = []
-    for module, path in modules().items():
+    for _module, path in modules().items():
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -214,3 +214,24 @@ def test_the_faces_stubs_are_the_lazy_tables():
         path = ROOT.joinpath(*package.split("."), "__init__.pyi")
         assert path.read_text() == stub(package), f"{path} is stale: run python -m samtune._lazy"
     assert (PACKAGE / "py.typed").exists()
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name another module needs is public; an underscore says "kept here". Tests included:
+    they patch and call public seams, not private functions."""
+    crossing = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("samtune"):
+                crossing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossing, crossing
+
+
+def test_tests_patch_no_private_name():
+    patched = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text()
+        patched += [f"{path.name}: {m}" for m in re.findall(r"setattr\([^,\n]*samtune[\w.]*\._\w+|setattr\(\w+, \"_\w+\"", text)]
+    # torchvision's own integrity check is the one private name patched: it is not samtune's.
+    assert [p for p in patched if "_check_integrity" not in p] == []

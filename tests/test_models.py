@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from samtune.models.zoo import MODELS, build_model
 from samtune.models.heads import freeze_batchnorm_stats, head_parameter_names, replace_head
+from samtune.models.zoo import MODELS, build_model
 
 SMALL = ["mlp", "cnn", "resnet20", "resnet18", "wrn16_8"]
 

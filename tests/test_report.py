@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from samtune import cli
-from samtune.report.runs import SHARPNESS_SHARED_KEYS, NoFinishedTrialsError, ReportError, TrialRecord
+from samtune.report.load import load_runs
 from samtune.report.page import build_report, write_report
+from samtune.report.runs import SHARPNESS_SHARED_KEYS, NoFinishedTrialsError, ReportError, TrialRecord
 from samtune.report.table import choice_metric, tabulate
 from samtune.report.views import discover_views, render_views
-from samtune.report.load import load_runs
 from samtune.sharpness.measures import SHARED_KEYS, measure_sharpness
 from samtune.sweep.tracking import Tracker
 

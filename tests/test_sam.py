@@ -325,7 +325,7 @@ def test_vmap_failure_falls_back_to_the_loop_with_batchnorm_advanced_once(monkey
         return call
 
     # The automatic route takes vmap off CPU; pretend this CPU is such a device.
-    monkeypatch.setattr(sam_module, "_vmap_by_default", lambda device: True)
+    monkeypatch.setattr(sam_module, "vmap_by_default", lambda device: True)
     monkeypatch.setattr(sam_module, "vmap", vmap_that_fails_on_the_second_pass)
     sam_step(auto_model, F.cross_entropy, x, y, SAM(auto_model.parameters(), rho=0.5, lr=0.3), m=8)
     assert len(calls) == 2  # vmap was tried, failed, and the loop took over
@@ -417,12 +417,12 @@ def test_a_non_finite_gradient_leaves_the_weights_at_w_in_first_step(adaptive, b
 
 
 def test_grouped_eps_is_zero_for_a_group_with_a_non_finite_gradient():
-    from samtune.optim.msharpness import _group_eps
+    from samtune.optim.msharpness import group_eps
 
     w = nn.Parameter(torch.zeros(2))
     opt = SAM([w], rho=0.5, lr=0.1)
     grads = torch.tensor([[3.0, 4.0], [float("inf"), 1.0], [float("nan"), 0.0]])
-    eps = _group_eps([grads], [w.detach()], opt.param_groups, opt)[0]
+    eps = group_eps([grads], [w.detach()], opt.param_groups, opt)[0]
     torch.testing.assert_close(eps[0], torch.tensor([0.3, 0.4]))  # 0.5 * (3, 4) / 5
     assert torch.equal(eps[1:], torch.zeros(2, 2))
 

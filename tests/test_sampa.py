@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_variants import batches, mlp
 from torch import nn
 from torch.func import functional_call
 
@@ -18,8 +19,6 @@ from samtune.optim.sam import SAM
 from samtune.optim.step import sam_step
 from samtune.optim.variants import SAMPa, variant_from_config
 from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
-
-from test_variants import batches, mlp
 
 RHO, LR, MOMENTUM, WD, LAM = 0.2, 0.1, 0.9, 1e-3, 0.2
 STEPS = 5

@@ -1,12 +1,18 @@
 """Label noise, splits and the scenarios built from a trial config."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from samtune.data.load import load_dataset
 from samtune.data.noise import apply_label_noise, asymmetric_class_map
 from samtune.data.scenarios import build_scenario
+from samtune.models.heads import FrozenStatsBatchNorm2d, param_groups
+from samtune.models.weights import load_backbone, read_state_dict, resolve_source
+from samtune.models.zoo import build_model
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
@@ -187,13 +193,6 @@ def test_scenario_rejects_bad_config():
 
 # --- finetuning ------------------------------------------------------------------------------
 
-from pathlib import Path
-
-from torch import nn
-
-from samtune.models.heads import FrozenStatsBatchNorm2d, param_groups
-from samtune.models.zoo import build_model
-from samtune.models.weights import load_backbone, read_state_dict, resolve_source
 
 FINETUNE = {"dataset": "digits[5-9]", "scenario": "finetune", "model": "cnn", "norm": "batch", "seed": 0}
 
@@ -390,7 +389,7 @@ def test_finetune_with_equal_class_counts_still_gets_a_new_head(tmp_path):
 def test_the_starting_points_head_is_the_penalised_logistic_regression_sklearn_fits():
     from sklearn.linear_model import LogisticRegression
 
-    from samtune.trial.probe import _L2, fit_head
+    from samtune.trial.probe import L2, fit_head
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(300, 6, generator=gen)
@@ -398,7 +397,7 @@ def test_the_starting_points_head_is_the_penalised_logistic_regression_sklearn_f
     weight, bias = fit_head(features, labels, 3)
     # Ours: mean cross-entropy + L2 * ||W||^2, bias free. sklearn: C * summed cross-entropy +
     # ||W||^2 / 2, intercept free: the same minimiser at C = 1 / (2 * n * L2).
-    reference = LogisticRegression(C=1 / (2 * len(labels) * _L2), tol=1e-10, max_iter=10_000)
+    reference = LogisticRegression(C=1 / (2 * len(labels) * L2), tol=1e-10, max_iter=10_000)
     reference.fit(features.double().numpy(), labels.numpy())
     ours = torch.softmax(features @ weight.T + bias, 1).double().numpy()
     assert abs(ours - reference.predict_proba(features.double().numpy())).max() < 2e-3

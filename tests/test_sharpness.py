@@ -18,8 +18,8 @@ from samtune.sharpness.curvature import (
     top_eig_estimate,
     trace_estimate,
 )
-from samtune.sharpness.ggn import _GGN
-from samtune.sharpness.hvp import _HVP, FlatLoss, _measuring
+from samtune.sharpness.ggn import GGN
+from samtune.sharpness.hvp import HVP, FlatLoss, measuring
 from samtune.sharpness.measures import MEASURES, measure_sharpness
 from samtune.sharpness.worst_case import (
     adaptive_sharpness,
@@ -241,10 +241,13 @@ def test_pac_bayes_sigma_is_smaller_for_a_sharper_network():
     y = (x[:, 0] > 0).long()
     flat = nn.Sequential(nn.Linear(5, 2))
     with torch.no_grad():
-        flat[0].weight.zero_(); flat[0].weight[1, 0] = 1.0; flat[0].bias.zero_()
+        flat[0].weight.zero_()
+        flat[0].weight[1, 0] = 1.0
+        flat[0].bias.zero_()
     sharp = nn.Sequential(nn.Linear(5, 2))
     with torch.no_grad():
-        sharp[0].weight.copy_(flat[0].weight * 0.01); sharp[0].bias.zero_()
+        sharp[0].weight.copy_(flat[0].weight * 0.01)
+        sharp[0].bias.zero_()
     s_flat = pac_bayes_sigma(flat, F.cross_entropy, x, y, samples=16)
     s_sharp = pac_bayes_sigma(sharp, F.cross_entropy, x, y, samples=16)
     # Same classifier, 100x smaller weights: the same relative noise needs a 100x smaller sigma.
@@ -283,9 +286,9 @@ def test_hessian_vector_products_equal_the_dense_hessian_times_v(mode):
     parts = [slice(0, 8), slice(8, 16), slice(16, 20)]
     h = sum((p.stop - p.start) / 20 * dense_hessian(model, x[p], y[p]) for p in parts)
     vs = torch.randn(7, h.shape[0], generator=torch.Generator().manual_seed(10))
-    with _measuring(model):
+    with measuring(model):
         # Probe blocks of 3, 3 and 1: the batched path and the single-probe path both run.
-        hvp = _HVP(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=3)
+        hvp = HVP(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=3)
         out = hvp(vs)
     # The engine asked for is the one that ran (no silent fallback), "auto" picking the graph.
     assert hvp.mode == ("graph" if mode == "auto" else mode)
@@ -302,24 +305,24 @@ def test_auto_keeps_graphs_only_within_this_process_share_of_free_memory(monkeyp
     y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(9))
     totals = []
 
-    class Recording(sharpness._SavedBytes):
+    class Recording(sharpness.SavedBytes):
         @property
         def total(self):
             totals.append(super().total)
             return totals[-1]
 
-    monkeypatch.setattr(sharpness, "_SavedBytes", Recording)
-    with _measuring(model):
+    monkeypatch.setattr(sharpness, "SavedBytes", Recording)
+    with measuring(model):
         f = FlatLoss(model, F.cross_entropy)
-        assert _HVP(f, x, y, batch=8, mode="auto").mode == "graph"  # this machine's real memory
+        assert HVP(f, x, y, batch=8, mode="auto").mode == "graph"  # this machine's real memory
         # What auto needs: the kept graphs of 3 chunks plus one chunk's in flight per probe.
         need = 4 * totals[-1]
-        monkeypatch.setattr(sharpness, "_available_bytes", lambda device: int(2 * need * 1.2))
-        kept = _HVP(f, x, y, batch=8, mode="auto")
-        halved = _HVP(f, x, y, batch=8, mode="auto", memory_share=0.5)
+        monkeypatch.setattr(sharpness, "available_bytes", lambda device: int(2 * need * 1.2))
+        kept = HVP(f, x, y, batch=8, mode="auto")
+        halved = HVP(f, x, y, batch=8, mode="auto", memory_share=0.5)
         assert kept.mode == "graph" and halved.mode == "forward"
         with pytest.raises(ValueError, match="memory_share"):
-            _HVP(f, x, y, batch=8, mode="auto", memory_share=0.0)
+            HVP(f, x, y, batch=8, mode="auto", memory_share=0.0)
     # The setting is accepted from measure_sharpness, is not logged, and changes the value only by
     # rounding (the free memory is still the patched one: the half share runs forward mode).
     common = dict(measures=["hessian_top_eig"], batch=8)
@@ -488,7 +491,7 @@ def test_a_model_with_frozen_batchnorm_statistics_is_measured_as_the_function_it
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     written_out = copy.deepcopy(model)
-    for name, m in list(written_out.named_modules()):
+    for m in list(written_out.modules()):
         for child_name, child in list(m.named_children()):
             if getattr(child, "frozen_stats", False):
                 setattr(m, child_name, _FixedAffine(child))
@@ -514,7 +517,7 @@ def dense_ggn(model, x, y):
         params = {n: t.view(s) for n, t, s in zip(names, v.split([s.numel() for s in shapes]), shapes)}
         return torch.func.functional_call(model, params, (x,))
 
-    with _measuring(model):
+    with measuring(model):
         jac = torch.autograd.functional.jacobian(logits, flat).reshape(-1, len(flat))
         p = torch.softmax(logits(flat).detach(), 1)
     h = torch.block_diag(*[torch.diag(q) - torch.outer(q, q) for q in p])
@@ -530,8 +533,8 @@ def test_ggn_products_equal_the_dense_gauss_newton_matrix_times_v(mode, probe_ba
     parts = [slice(0, 8), slice(8, 16), slice(16, 20)]
     g = sum((p.stop - p.start) / 20 * dense_ggn(model, x[p], y[p]) for p in parts)
     vs = torch.randn(7, g.shape[0], generator=torch.Generator().manual_seed(19))
-    with _measuring(model):
-        ggn = _GGN(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=probe_batch)
+    with measuring(model):
+        ggn = GGN(FlatLoss(model, F.cross_entropy), x, y, batch=8, mode=mode, probe_batch=probe_batch)
         out = ggn(vs)
     assert ggn.mode == ("graph" if mode == "auto" else mode)
     torch.testing.assert_close(out, vs @ g, rtol=1e-9, atol=1e-12)

@@ -22,10 +22,10 @@ from samtune.report.views import discover_views
 from samtune.stats import (
     MIN_TRIALS_FOR_INTERVAL,
     TauInterval,
-    _signs,
-    _weighted_taus,
     granulated_tau_interval,
     kendall_tau_interval,
+    signs,
+    weighted_taus,
 )
 
 TAU_TEXT = re.compile(r"tau = -?\d\.\d\d \[-?\d\.\d\d, -?\d\.\d\d\] \(n = \d+\)")
@@ -68,7 +68,7 @@ def test_each_resample_tau_is_scipys_tau_of_the_points_drawn(ties):
     rng = np.random.default_rng(5)
     draws = rng.integers(0, len(x), size=(40, len(x)))
     counts = np.stack([np.bincount(d, minlength=len(x)) for d in draws]).astype(float)
-    taus = _weighted_taus(_signs(x), _signs(y), counts)
+    taus = weighted_taus(signs(x), signs(y), counts)
     expected = [kendalltau(x[d], y[d]).statistic for d in draws]
     assert taus == pytest.approx(expected, abs=1e-12)
 

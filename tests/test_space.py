@@ -10,9 +10,9 @@ import optuna
 import pytest
 
 from samtune.contract.values import SpaceError
-from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.space_file import load_space
+from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.validate import validate_trial_config
 
 ROOT = Path(__file__).resolve().parents[1]

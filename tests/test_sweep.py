@@ -20,12 +20,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import samtune.sweep.driver
-from samtune.sweep.study import Sweep
-from samtune.sweep.search import AshaAwareOptunaSearch
-from samtune.sweep.results import CellResult, TrialRow, load_study, summarize
-from samtune.sweep.recording import Recorder, declare_sweep, write_state
-from samtune.sweep.errors import SweepError
 from samtune.sweep.driver import prepare, run_sweep, trial_resources
+from samtune.sweep.errors import SweepError
+from samtune.sweep.recording import Recorder, declare_sweep, write_state
+from samtune.sweep.results import CellResult, TrialRow, load_study, summarize
+from samtune.sweep.search import AshaAwareOptunaSearch
+from samtune.sweep.study import Sweep
 from samtune.sweep.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +361,7 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
 def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_path, monkeypatch):
     plan = prepare(str(SPACE), ["name=nostore"], storage_path=str(tmp_path / "runs"),
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(samtune.sweep.driver, "_start_ray", lambda address: None)
+    monkeypatch.setattr(samtune.sweep.driver, "start_ray", lambda address: None)
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})
 
     def broken(*args, **kwargs):

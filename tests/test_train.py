@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samtune.data.transforms import to_float
 from samtune.data.scenarios import build_scenario
+from samtune.data.transforms import to_float
 from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
-from samtune.trial.placement import distributed_backend, worker_resources
 from samtune.trial.entry import fit
+from samtune.trial.placement import distributed_backend, worker_resources
 
 BASE = {"dataset": "digits", "model": "cnn", "epochs": 2, "batch_size": 64, "lr": 0.05,
         "sharpness_measures": ()}
@@ -375,7 +375,7 @@ def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_ste
         scaled, _ = run(scaler, m=m)
         # A power-of-two loss scale is exact in float32, eps is normalised, the gradient is
         # unscaled once before clipping: the same update as without scaling.
-        for a, b, c in zip(reference, scaled, unclipped):
+        for a, b, _c in zip(reference, scaled, unclipped):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert any(not torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(reference, unclipped))
         assert scaler.get_scale() == 2.0 ** 12  # no overflow, no skipped step
@@ -501,9 +501,9 @@ def probe_workers(config):
     records and final weights to config["out"]."""
     import torch.distributed as dist
 
-    from samtune.trial.session import _LocalSession
     from samtune.trial.entry import train as _train
     from samtune.trial.entry import train_loop_per_worker
+    from samtune.trial.session import LocalSession
 
     records = []
     _record_sam_passes(records)
@@ -511,7 +511,7 @@ def probe_workers(config):
     for name, run in config["runs"].items():
         records.clear()
         box, seen = {}, []
-        _train(run, _LocalSession(seen.append, None), on_end=lambda m: box.update(state=m.state_dict()))
+        _train(run, LocalSession(seen.append, None), on_end=lambda m, box=box: box.update(state=m.state_dict()))
         torch.save({"records": list(records), "state": box["state"], "metrics": seen},
                    os.path.join(config["out"], f"{name}-{rank}.pt"))
     if config.get("public"):  # and the public entry point, reporting its checkpoint to Ray
@@ -543,7 +543,7 @@ def check_replicas(ranks, first_pass_shared):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import ray.cloudpickle
 
     # The probe functions live in this test module, which Ray workers cannot import: ship them.
@@ -569,12 +569,12 @@ def test_resource_share_is_the_held_fraction_of_the_machine():
 def test_a_ray_task_plans_on_its_share_of_the_machine_memory(ray_cluster):
     """Inside Ray a trial counts on the fraction of the node's CPUs it holds (2 here), so trials
     measuring side by side do not each plan on all the free memory; the driver plans on all."""
-    from samtune.trial.placement import _memory_share
+    from samtune.trial.placement import memory_share
 
-    share = ray_cluster.remote(lambda: _memory_share(torch.device("cpu")))
+    share = ray_cluster.remote(lambda: memory_share(torch.device("cpu")))
     assert ray_cluster.get(share.options(num_cpus=1).remote()) == 0.5
     assert ray_cluster.get(share.options(num_cpus=2).remote()) == 1.0
-    assert _memory_share(torch.device("cpu")) == 1.0
+    assert memory_share(torch.device("cpu")) == 1.0
 
 
 @pytest.mark.slow
@@ -667,15 +667,15 @@ FINETUNE_RANKS = {"dataset": "digits[5-9]", "scenario": "finetune", "finetune_so
 def _finetune_rank_worker(rank, out, init, cache):
     import torch.distributed as dist
 
-    from samtune.trial.session import _LocalSession
     from samtune.trial.entry import train as _train
+    from samtune.trial.session import LocalSession
 
     os.environ["SAMTUNE_CACHE_DIR"] = cache
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         seen, box = [], {}
-        _train(FINETUNE_RANKS, _LocalSession(seen.append, None),
+        _train(FINETUNE_RANKS, LocalSession(seen.append, None),
                on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}))
         torch.save({"metrics": seen, "state": box["state"]}, os.path.join(out, f"finetune-{rank}.pt"))
     finally:

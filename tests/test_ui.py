@@ -56,7 +56,7 @@ def make_store(folder: Path, sweeps: list[str]) -> str:
 
 def test_ui_prints_the_address_of_the_newest_sweeps_training_runs(monkeypatch, tmp_path, capsys):
     uri = make_store(tmp_path, ["older", "newer"])
-    monkeypatch.setattr("samtune.cli._serve", lambda cmd: 0)
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: 0)
     assert cli.main(["ui", "--tracking-uri", uri, "--port", "5123"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "sweep 'newer': http://127.0.0.1:5123/#/experiments/3?workflowType=machine_learning"
@@ -66,7 +66,7 @@ def test_ui_prints_the_address_of_the_newest_sweeps_training_runs(monkeypatch, t
 
 def test_ui_refuses_an_unknown_sweep_in_one_line_naming_the_sweeps(monkeypatch, tmp_path, capsys):
     uri = make_store(tmp_path, ["noisy-digits"])
-    monkeypatch.setattr("samtune.cli._serve", lambda cmd: pytest.fail("the server must not start"))
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: pytest.fail("the server must not start"))
     assert cli.main(["ui", "not-a-sweep", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no sweep named 'not-a-sweep'" in err and "['noisy-digits']" in err
@@ -74,7 +74,7 @@ def test_ui_refuses_an_unknown_sweep_in_one_line_naming_the_sweeps(monkeypatch, 
 
 def test_ui_on_a_store_without_sweeps_points_at_the_experiment_list(monkeypatch, tmp_path, capsys):
     uri = make_store(tmp_path, [])
-    monkeypatch.setattr("samtune.cli._serve", lambda cmd: 0)
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: 0)
     assert cli.main(["ui", "--tracking-uri", uri, "--port", "5123"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         "the sweeps: http://127.0.0.1:5123/#/experiments?workflowType=machine_learning")

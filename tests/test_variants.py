@@ -74,7 +74,7 @@ def run_with_closure(model, opt, data):
     for x, y in data:
         before = counter.count
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -96,7 +96,7 @@ def reference_run(model, data, rule):
     bufs = [None] * len(params)
     pattern = []
     for t, (x, y) in enumerate(data):
-        def grad_at(ws):
+        def grad_at(ws, x=x, y=y):
             ws = [w.clone().requires_grad_() for w in ws]
             loss = F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ws)), (x,)), y)
             return list(torch.autograd.grad(loss, ws))
@@ -654,7 +654,7 @@ def test_msam_through_step_with_closure_matches_sam_step():
     run(a, sam_optimizer(a, "msam"), data)
     opt = sam_optimizer(b, "msam")
     for x, y in data:
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.cross_entropy(b(x), y)
             loss.backward()

@@ -10,15 +10,16 @@ from __future__ import annotations
 import ast
 import difflib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 class SpaceError(ValueError):
     """A mistake in a search space file, an override or a trial config; the message is one line."""
 
 
-def _suggest(value: str, options: Iterable[str]) -> str:
+def suggest(value: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(value), list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -71,7 +72,7 @@ class Setting:
                 raise SpaceError(f"{key}={value!r}: expected {self.expected()}, got {type(value).__name__}")
             if self.choices is not None and value not in self._choices():
                 raise SpaceError(f"{key}={value!r}: expected one of {list(self._choices())}"
-                                 + _suggest(value, self._choices()))
+                                 + suggest(value, self._choices()))
             if self.check is not None:
                 self.check(key, value)
             return value
@@ -126,5 +127,5 @@ class Setting:
         return self.validate(key, value)
 
 
-def _choice(*options: str, doc: str = "") -> Setting:
+def choice(*options: str, doc: str = "") -> Setting:
     return Setting("str", choices=tuple(options), doc=doc)

@@ -15,12 +15,12 @@ import hashlib
 import os
 import stat
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
-from samtune.data.dataset import _samtune_home
+from samtune.data.dataset import samtune_home
 
 CACHE_FORMAT = "samtune-dataset-v1"
 
@@ -35,7 +35,7 @@ def cache_dir_for(source: Path) -> Path:
     # read-only (a shared dataset copy) should not grow a cache file.
     if os.access(parent, os.W_OK) and parent.stat().st_mode & stat.S_IWUSR:
         return parent
-    return _samtune_home()
+    return samtune_home()
 
 
 # --- the tensor cache -------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _write_cache(path: Path, fingerprint: str, tensors: dict) -> None:
                       stacklevel=3)
 
 
-def _cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict], cache_dir: Path | None) -> dict:
+def cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict], cache_dir: Path | None) -> dict:
     """Load ``build()``'s tensors from the cache or build and cache them (one builder at a time)."""
     directory = cache_dir if cache_dir is not None else cache_dir_for(source)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:60]
@@ -109,7 +109,7 @@ def _cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict]
             lock.close()
 
 
-def _fingerprint(source: Path, tree_dirs: Iterable[Path] = ()) -> str:
+def source_fingerprint(source: Path, tree_dirs: Iterable[Path] = ()) -> str:
     """Path, size and modification time of a tarball, or of the class folders of a tree.
 
     A folder's mtime changes when files are added, removed or renamed in it; editing an image in

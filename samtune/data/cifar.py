@@ -22,19 +22,20 @@ import tempfile
 import threading
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import Any, TypedDict
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from samtune.data.cache import _cached, _fingerprint, cache_dir_for
+from samtune.data.cache import cache_dir_for, cached, source_fingerprint
 from samtune.data.dataset import (
     DataNotFoundError,
     Dataset,
     DataUnreadableError,
     default_data_root,
 )
-from samtune.data.images import _is_tarball, _load_image_tree, _norm
+from samtune.data.images import is_tarball, load_image_tree, norm
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -42,7 +43,16 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DOWNLOAD_PROBE_S = 5.0  # how long the offline check waits for the dataset host before giving up
 
 
-_CIFAR = {
+class CifarSpec(TypedDict):
+    title: str
+    pickled: str  # the canonical pickled copy's folder
+    archive: str
+    folders: tuple[str, ...]  # ImageFolder trees, as folders or <name>.tar.gz
+    globs: tuple[str, ...]
+    url: str
+
+
+CIFAR: dict[str, CifarSpec] = {
     "cifar10": {
         "title": "CIFAR-10",
         "pickled": "cifar-10-batches-py",
@@ -68,7 +78,7 @@ class _ChecksumMismatch(ValueError):
     """A canonical CIFAR file whose md5 is not the published one; it was not unpickled."""
 
 
-def _reader(key: str, folder: Path | None = None) -> type:
+def _reader(key: str, folder: Path | None = None) -> type[Any]:
     """torchvision's dataset class for ``key``, reading its files from ``folder``."""
     import torchvision
 
@@ -79,12 +89,12 @@ def _reader(key: str, folder: Path | None = None) -> type:
     return cls
 
 
-def _canonical_files(cls: type) -> list[tuple[str, str]]:
+def _canonical_files(cls: type[Any]) -> list[tuple[str, str]]:
     """(file name, published md5) of every file of the pickled copy, in reading order."""
     return [(name, md5) for name, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
 
 
-def _cifar_from_pickles(key: str, folder: Path) -> dict:
+def cifar_from_pickles(key: str, folder: Path) -> dict:
     """Tensors from the canonical pickled files in ``folder``.
 
     Raises FileNotFoundError for the first missing file and `_ChecksumMismatch` for the first file
@@ -107,7 +117,7 @@ def _cifar_from_pickles(key: str, folder: Path) -> dict:
             "classes": list(train.classes)}
 
 
-def _first_mismatch(cls: type, folder: Path) -> str | None:
+def _first_mismatch(cls: type[Any], folder: Path) -> str | None:
     """What is wrong with the first file whose md5 is not the published one, or None."""
     from torchvision.datasets.utils import check_integrity
 
@@ -123,7 +133,7 @@ def _as_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
-def _extract_pickles(key: str, tarball: Path, scratch: Path) -> Path:
+def extract_pickles(key: str, tarball: Path, scratch: Path) -> Path:
     """Unpack the canonical files of a tarball into ``scratch``/<folder>; return that folder.
 
     Only regular files with a canonical name are written, each straight into the one folder.
@@ -153,11 +163,11 @@ def _cifar_from_tarball(key: str, path: Path, cache_dir: Path | None) -> dict:
         # The cache folder, not /tmp: the unpacked files (180 MB) sit next to what they become.
         scratch_parent = directory if os.access(directory, os.W_OK) else None
         with tempfile.TemporaryDirectory(prefix=".unpack-", dir=scratch_parent) as scratch:
-            return _cifar_from_pickles(key, _extract_pickles(key, path, Path(scratch)))
+            return cifar_from_pickles(key, extract_pickles(key, path, Path(scratch)))
 
     # Decompressing the 160 MB tarball costs seconds on every load; the tensor cache is read in a
     # fraction of that, as for trees and JPEG tarballs.
-    return _cached(key, path, _fingerprint(path), build, cache_dir)
+    return cached(key, path, source_fingerprint(path), build, cache_dir)
 
 
 # --- where CIFAR may be -----------------------------------------------------------------------
@@ -166,16 +176,16 @@ def _tar_has_pickles(path: Path, folder: str) -> bool:
     try:
         with tarfile.open(path) as tf:
             first = tf.next()
-            return first is not None and _norm(first.name).split("/")[0] == folder
+            return first is not None and norm(first.name).split("/")[0] == folder
     except (tarfile.TarError, OSError):
         return False
 
 
 def _cifar_candidates(key: str, root: Path) -> list[tuple[str, Path]]:
     """(kind, path) pairs to look at, in order; kind is 'pickled', 'tree' or 'tarball'."""
-    spec = _CIFAR[key]
+    spec = CIFAR[key]
     out: list[tuple[str, Path]] = []
-    if _is_tarball(root):
+    if is_tarball(root):
         return [("tarball", root)]
     out.append(("pickled", root / spec["pickled"]))
     out.append(("pickled", root))
@@ -197,7 +207,7 @@ def _cifar_candidates(key: str, root: Path) -> list[tuple[str, Path]]:
     return unique
 
 
-def _load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | None,
+def load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | None,
                 download: bool | None) -> Dataset:
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     tried: list[str] = []
@@ -229,21 +239,21 @@ def _unreadable_reason(exc: Exception) -> str:
 
 def _read_cifar_candidate(key: str, kind: str, path: Path, first_batch: str, cache_dir: Path | None) -> dict | None:
     """One place CIFAR may be (`_cifar_candidates`): its tensors, or None when it is not there."""
-    spec = _CIFAR[key]
+    spec = CIFAR[key]
     if kind == "pickled" and (path / first_batch).is_file():
-        return _cifar_from_pickles(key, path)
+        return cifar_from_pickles(key, path)
     if kind == "tree" and (path / "train").is_dir():
-        return _load_image_tree(path, key, cache_dir)
-    if kind != "tarball" or not _is_tarball(path):
+        return load_image_tree(path, key, cache_dir)
+    if kind != "tarball" or not is_tarball(path):
         return None
     if not _tar_has_pickles(path, spec["pickled"]):
-        return _load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
+        return load_image_tree(path, key, cache_dir, tar_root_hint=spec["folders"])
     return _cifar_from_tarball(key, path, cache_dir)
 
 
 def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:
     """Check shapes and put classes in CIFAR's own index order."""
-    spec = _CIFAR[key]
+    spec = CIFAR[key]
     classes = list(tensors["classes"])
     expected = CIFAR10_CLASSES if key == "cifar10" else sorted(classes)
     if sorted(classes) != sorted(expected) or len(classes) != (10 if key == "cifar10" else 100):
@@ -285,7 +295,7 @@ def _host_reachable(url: str, timeout: float) -> bool:
 
 
 def _download_cifar(key: str, root: Path, tried: list[str], download: bool | None) -> dict:
-    spec = _CIFAR[key]
+    spec = CIFAR[key]
     if download is None:
         download = os.environ.get("SAMTUNE_OFFLINE", "").lower() not in ("1", "true", "yes")
     reason = "downloads are off (SAMTUNE_OFFLINE or download=False)"
@@ -300,7 +310,7 @@ def _download_cifar(key: str, root: Path, tried: list[str], download: bool | Non
             except Exception as exc:  # noqa: BLE001 - reported with the paths below
                 reason = f"download from {spec['url']} failed: {exc}"
             else:
-                return _cifar_from_pickles(key, root / spec["pickled"])
+                return cifar_from_pickles(key, root / spec["pickled"])
             finally:
                 socket.setdefaulttimeout(previous)
         else:

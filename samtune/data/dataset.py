@@ -75,11 +75,11 @@ class DataUnreadableError(ValueError):
     """The dataset is on disk but cannot be read: a truncated or corrupt archive, a missing file."""
 
 
-def _samtune_home() -> Path:
+def samtune_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "samtune"
 
 
 def default_data_root() -> Path:
     """``$SAMTUNE_DATA_ROOT`` if set, else ``~/.cache/samtune/data`` (where downloads go)."""
     env = os.environ.get("SAMTUNE_DATA_ROOT")
-    return Path(env).expanduser() if env else _samtune_home() / "data"
+    return Path(env).expanduser() if env else samtune_home() / "data"

@@ -10,25 +10,25 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from samtune.data.cache import _cached, _fingerprint
+from samtune.data.cache import cached, source_fingerprint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 # --- reading trees: a directory on disk or a tarball read in one pass ---------------------------
 
-def _is_tarball(path: Path) -> bool:
+def is_tarball(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith((".tar.gz", ".tgz", ".tar"))
 
 
-def _read_tar(path: Path) -> tuple[dict[str, bytes], set[str]]:
+def read_tar(path: Path) -> tuple[dict[str, bytes], set[str]]:
     """All regular files (name -> bytes) and directory names in a tarball, gzipped or not.
 
     Members named by an absolute path or one that climbs out with ``..`` are skipped: no tree
@@ -41,7 +41,10 @@ def _read_tar(path: Path) -> tuple[dict[str, bytes], set[str]]:
             if not _stays_inside(member.name):
                 continue
             if member.isfile():
-                files[member.name] = tf.extractfile(member).read()
+                data = tf.extractfile(member)
+                if data is None:
+                    raise tarfile.ReadError(f"{path}: cannot read {member.name}")
+                files[member.name] = data.read()
             elif member.isdir():
                 dirs.add(member.name.rstrip("/"))
     return files, dirs
@@ -53,7 +56,7 @@ def _stays_inside(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
-def _norm(name: str) -> str:
+def norm(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
@@ -61,7 +64,7 @@ def _find_split_roots(names: Iterable[str]) -> list[str]:
     """Prefixes P such that ``P/train/<class>/<file>`` appears among ``names``."""
     roots = set()
     for name in names:
-        parts = _norm(name).split("/")
+        parts = norm(name).split("/")
         if len(parts) >= 3 and parts[-3] == "train":
             roots.add("/".join(parts[:-3]))
     return sorted(roots)
@@ -78,14 +81,14 @@ def _tree_from_tar(files: dict[str, bytes], dirs: set[str], root: str, source: P
     base = f"{root}/" if root else ""
     tree: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
     for name in sorted(files):
-        rel = _norm(name)
+        rel = norm(name)
         if not rel.startswith(base):
             continue
         parts = rel[len(base):].split("/")
         if len(parts) == 3 and parts[0] in ("train", "test", "val") and _is_image(parts[2]):
             tree.setdefault(parts[0], {}).setdefault(parts[1], []).append((rel, files[name]))
     for d in dirs:  # directories with no images still count as (empty) classes
-        parts = _norm(d)[len(base):].split("/") if _norm(d).startswith(base) else []
+        parts = norm(d)[len(base):].split("/") if norm(d).startswith(base) else []
         if len(parts) == 2 and parts[0] in ("train", "test", "val") and not parts[1].startswith("."):
             tree.setdefault(parts[0], {}).setdefault(parts[1], [])
     return tree
@@ -136,7 +139,7 @@ def _check_tree(tree: dict[str, dict[str, list]], where: str) -> tuple[str, list
 
 # --- decoding ---------------------------------------------------------------------------------
 
-def _decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
+def decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
     """Decode encoded images to one uint8 [N, 3, H, W] tensor.
 
     JPEGs go through ``torchvision.io.decode_jpeg`` in batches (libjpeg-turbo, no per-image Python
@@ -157,15 +160,15 @@ def _decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
             decoded = [_decode_one(blobs[i], names[i]) for i in idx]
         for i, img in zip(idx, decoded):
             out[i] = img
-    for i, img in enumerate(out):
-        if img is None:
-            out[i] = _decode_one(blobs[i], names[i])
-    shape = out[0].shape if out else None
-    for i, img in enumerate(out):
+    images = [_decode_one(blobs[i], names[i]) if img is None else img for i, img in enumerate(out)]
+    if not images:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    shape = images[0].shape
+    for i, img in enumerate(images):
         if img.shape != shape:
             raise ValueError(f"image {names[i]} has shape {tuple(img.shape)} (C, H, W) but {names[0]} has "
                              f"{tuple(shape)}; all images of a dataset must share one size")
-    return torch.stack(out) if out else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return torch.stack(images)
 
 
 def _decode_one(blob: bytes, name: str) -> Tensor:
@@ -194,19 +197,19 @@ def _decode_tree(tree: dict, test_split: str, classes: list[str], read: Callable
                 names.append(name)
                 blobs.append(blob)
                 labels.append(label)
-        result[f"{key}_x"] = _decode_images(blobs, names)
+        result[f"{key}_x"] = decode_images(blobs, names)
         result[f"{key}_y"] = torch.tensor(labels, dtype=torch.int64)
     return result
 
 
 # --- ImageFolder sources ---------------------------------------------------------------------
 
-def _load_image_tree(path: Path, name: str, cache_dir: Path | None,
+def load_image_tree(path: Path, name: str, cache_dir: Path | None,
                      tar_root_hint: tuple[str, ...] = ()) -> dict:
     """Tensors of an ImageFolder tree at ``path`` (a directory or a tarball holding one)."""
-    if _is_tarball(path):
+    if is_tarball(path):
         def build() -> dict:
-            files, dirs = _read_tar(path)
+            files, dirs = read_tar(path)
             roots = _find_split_roots(files)
             if not roots:
                 raise ValueError(f"{path}: no ImageFolder tree inside (expected members like "
@@ -220,7 +223,7 @@ def _load_image_tree(path: Path, name: str, cache_dir: Path | None,
             test_split, classes = _check_tree(tree, f"{path}:{roots[0] or '/'}")
             return _decode_tree(tree, test_split, classes, read=lambda item: item)
 
-        return _cached(name, path, _fingerprint(path), build, cache_dir)
+        return cached(name, path, source_fingerprint(path), build, cache_dir)
 
     tree = _tree_from_dir(path)
     test_split, classes = _check_tree(tree, str(path))
@@ -229,4 +232,4 @@ def _load_image_tree(path: Path, name: str, cache_dir: Path | None,
     def build_dir() -> dict:
         return _decode_tree(tree, test_split, classes, read=lambda p: (str(p), p.read_bytes()))
 
-    return _cached(name, path.resolve(), _fingerprint(path, class_dirs), build_dir, cache_dir)
+    return cached(name, path.resolve(), source_fingerprint(path, class_dirs), build_dir, cache_dir)

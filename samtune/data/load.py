@@ -35,21 +35,21 @@ import hashlib
 import importlib.util
 import os
 import re
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from samtune.data.cache import _cached, _fingerprint
-from samtune.data.cifar import _CIFAR, _load_cifar
+from samtune.data.cache import cached, source_fingerprint
+from samtune.data.cifar import CIFAR, load_cifar
 from samtune.data.dataset import (
     DIGITS_TEST_SIZE,
     DataNotFoundError,
     Dataset,
-    _samtune_home,
+    samtune_home,
 )
-from samtune.data.images import _load_image_tree
+from samtune.data.images import load_image_tree
 
 
 def _digits_source() -> Path | None:
@@ -61,7 +61,7 @@ def _digits_source() -> Path | None:
     return path if path.exists() else None
 
 
-def _build_digits() -> dict:
+def build_digits() -> dict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -84,13 +84,13 @@ def _load_digits(cache_dir: Path | None) -> Dataset:
     # sweep; the split tensors (115 kB) are cached once, keyed by scikit-learn's file and version.
     source = _digits_source()
     if source is None:
-        tensors = _build_digits()
+        tensors = build_digits()
     else:
-        fingerprint = hashlib.sha256(f"{_fingerprint(source)}|{version('scikit-learn')}|"
+        fingerprint = hashlib.sha256(f"{source_fingerprint(source)}|{version('scikit-learn')}|"
                                      f"{DIGITS_TEST_SIZE}".encode()).hexdigest()
         # Never next to the source: that is scikit-learn's installed package.
-        directory = cache_dir or Path(os.environ.get("SAMTUNE_CACHE_DIR") or _samtune_home()).expanduser()
-        tensors = _cached("digits", source, fingerprint, _build_digits, directory)
+        directory = cache_dir or Path(os.environ.get("SAMTUNE_CACHE_DIR") or samtune_home()).expanduser()
+        tensors = cached("digits", source, fingerprint, build_digits, directory)
     return Dataset(name="digits", train_x=tensors["train_x"], train_y=tensors["train_y"],
                    test_x=tensors["test_x"], test_y=tensors["test_y"], classes=list(tensors["classes"]))
 
@@ -188,7 +188,7 @@ def _format_selection(indices: list[int]) -> str:
     """[0,1,2,3,7] -> '0-3,7' (the name `parse_dataset_name` reads back)."""
     runs: list[str] = []
     start = prev = indices[0]
-    for c in indices[1:] + [None]:  # type: ignore[list-item]
+    for c in indices[1:] + [None]:
         if c is not None and c == prev + 1:
             prev = c
             continue
@@ -205,14 +205,14 @@ def _load_base(name: str, data_root: str | os.PathLike | None, cache_dir: str | 
     key = text.lower()
     if key == "digits":
         return _load_digits(cache)
-    if key in _CIFAR:
-        return _load_cifar(key, data_root, cache, download)
+    if key in CIFAR:
+        return load_cifar(key, data_root, cache, download)
     if key.startswith("imagefolder:"):
         path = Path(text.split(":", 1)[1]).expanduser()
         if not path.exists():
             raise DataNotFoundError(f"ImageFolder path {path} does not exist; expected a folder with "
                                     "train/<class>/<image> and test/<class>/<image>, or a .tar.gz of one")
-        tensors = _load_image_tree(path, f"imagefolder-{path.name}", cache)
+        tensors = load_image_tree(path, f"imagefolder-{path.name}", cache)
         return Dataset(name=f"imagefolder:{path}", train_x=tensors["train_x"], train_y=tensors["train_y"],
                        test_x=tensors["test_x"], test_y=tensors["test_y"], classes=list(tensors["classes"]))
     raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10', 'cifar100' or 'imagefolder:<path>'"

@@ -6,7 +6,7 @@ that normalisation uses (`channel_stats`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -23,7 +23,7 @@ and ``head_parameter_names`` find it for torchvision models too.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -25,8 +25,13 @@ and the single pass all-reduces as a plain step does.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from samtune.optim.sam import SAM
 
 # Keeps the division finite for an all-zero buffer (then eps is 0).
 _NORM_FLOOR = 1e-12
@@ -56,7 +61,7 @@ def momentum_buffers(base: torch.optim.Optimizer, params: list[Tensor]) -> list[
 
 
 @torch.no_grad()
-def momentum_first_step(optimizer) -> None:
+def momentum_first_step(optimizer: SAM) -> None:
     """Move a `samtune.optim.sam.SAM` optimizer's parameters from w to w + eps, eps = -rho * v /
     ||v|| (see the module docstring), saving w so that the optimizer's `second_step` (or its
     `_restore_weights`) puts it back exactly. Parameters without a buffer stay where they are.

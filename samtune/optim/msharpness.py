@@ -17,21 +17,24 @@ the groups' statistics are merged into one update.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from samtune.optim.sam import _NORM_FLOOR, SAM
+from samtune.optim.sam import NORM_FLOOR, SAM
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _backward(loss: Tensor, scaler) -> None:
+def backward(loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def _loss_scale(scaler, device: torch.device) -> Tensor | float:
+def _loss_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | float:
     """The factor a scaled loss carries: a 0-dim tensor on the device (no host sync), or 1.0."""
     if scaler is None:
         return 1.0
@@ -40,37 +43,38 @@ def _loss_scale(scaler, device: torch.device) -> Tensor | float:
     return scaler.scale(torch.ones((), device=device))
 
 
-def _is_ddp(model: nn.Module) -> bool:
+def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def _whole_batch_sam(model, loss_fn, inputs, targets, optimizer: SAM, scaler,
-                     sync_perturbation: bool, perturbation_group,
-                     between: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor, bool]:
+def whole_batch_sam(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
+                    scaler: torch.amp.GradScaler | None, sync_perturbation: bool,
+                    perturbation_group: dist.ProcessGroup | None,
+                    between: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor, bool]:
     """Both passes on the whole local batch; `between` (a variant's hook) runs after the first
     pass and may stop there. Returns (loss, logits, whether the second pass ran)."""
-    ddp = _is_ddp(model)
+    ddp = is_ddp(model)
     # The forward must sit inside no_sync() too: DDP decides at forward time whether the
     # backward all-reduces.
-    local = model.no_sync() if ddp and not sync_perturbation else contextlib.nullcontext()
+    local = model.no_sync() if is_ddp(model) and not sync_perturbation else contextlib.nullcontext()
     with local:
         logits = model(inputs)
         loss = loss_fn(logits, targets)
-        _backward(loss, scaler)
+        backward(loss, scaler)
     if ddp and perturbation_group is not None and not sync_perturbation:
         _all_reduce_grads(optimizer, perturbation_group)
     if between is not None and not between():
         return loss.detach(), logits.detach(), False
     optimizer.first_step(zero_grad=True, loss_scale=_loss_scale(scaler, inputs.device))
-    with _frozen_norm_stats(model):
-        _backward(loss_fn(model(inputs), targets), scaler)
+    with frozen_norm_stats(model):
+        backward(loss_fn(model(inputs), targets), scaler)
     return loss.detach(), logits.detach(), True
 
 
 # -- BatchNorm statistics ----------------------------------------------------------------------
 
 
-def _norm_buffers(module: nn.Module) -> list[Tensor]:
+def norm_buffers(module: nn.Module) -> list[Tensor]:
     return [
         b
         for mod in module.modules()
@@ -81,9 +85,9 @@ def _norm_buffers(module: nn.Module) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def _frozen_norm_stats(model: nn.Module):
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     """Run a pass without advancing BatchNorm running statistics (restored exactly after)."""
-    buffers = _norm_buffers(model)
+    buffers = norm_buffers(model)
     if not buffers:
         yield
         return
@@ -99,23 +103,23 @@ def _frozen_norm_stats(model: nn.Module):
 # -- m-sharpness: groups of m examples --------------------------------------------------------
 
 
-def _vmap_by_default(device: torch.device) -> bool:
+def vmap_by_default(device: torch.device) -> bool:
     # On CPU the batched per-group weights cost more memory traffic than they save in kernel
     # launches (m=16 of 128: 1.3x slower on ResNet-20, 2x on an MLP).
     return device.type != "cpu"
 
 
-def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vectorize,
-                 scaler) -> tuple[Tensor, Tensor]:
+def grouped_sam(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM, m: int,
+                vectorize: bool | None, scaler: torch.amp.GradScaler | None) -> tuple[Tensor, Tensor]:
     """Each group of m gets its own eps; the base step uses the mean of the groups' gradients
     at their own perturbed weights. Runs on the unwrapped module and all-reduces by hand under
     DDP (one flattened round), since DDP's hooks only see its own forward."""
-    module = model.module if _is_ddp(model) else model
+    module = model.module if is_ddp(model) else model
     groups = inputs.shape[0] // m
     xg = inputs.reshape(groups, m, *inputs.shape[1:])
     yg = targets.reshape(groups, m, *targets.shape[1:])
     loss_scale = _loss_scale(scaler, inputs.device)
-    if vectorize is None and not _vmap_by_default(inputs.device):
+    if vectorize is None and not vmap_by_default(inputs.device):
         vectorize = False
     if vectorize is not False:
         try:
@@ -129,7 +133,7 @@ def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vector
             result = _grouped_loop(module, loss_fn, xg, yg, optimizer, loss_scale)
     else:
         result = _grouped_loop(module, loss_fn, xg, yg, optimizer, loss_scale)
-    if _is_ddp(model):
+    if is_ddp(model):
         _all_reduce_grads(optimizer, None)
     return result
 
@@ -137,11 +141,11 @@ def _grouped_sam(model, loss_fn, inputs, targets, optimizer: SAM, m: int, vector
 def _sam_params(optimizer: SAM, module: nn.Module) -> tuple[dict[str, Tensor], list[dict]]:
     """The module's trainable parameters by name, and the SAM group settings for each."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    named = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) in group_of}
+    named: dict[str, Tensor] = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) in group_of}
     return named, [group_of[id(p)] for p in named.values()]
 
 
-def _group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
+def group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
                optimizer: SAM, loss_scale: float | Tensor = 1.0) -> list[Tensor]:
     """eps per group from per-group gradients stacked on dim 0: [G, *p.shape] each. The
     gradients may carry `loss_scale` (see `SAM.first_step`)."""
@@ -163,14 +167,15 @@ def _group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
     eps = []
     for (d, t), s in zip(directions, settings):
         shape = (groups, *([1] * (d.dim() - 1)))
-        e = d * (s["rho"] / (norm + _NORM_FLOOR)).reshape(shape)
+        e = d * (s["rho"] / (norm + NORM_FLOOR)).reshape(shape)
         if t is not None:
             e = e * t
         eps.append(torch.where(finite.reshape(shape), e, 0.0))
     return eps
 
 
-def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[Tensor, Tensor]:
+def _grouped_vmap(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM,
+                  loss_scale: float | Tensor) -> tuple[Tensor, Tensor]:
     named, settings = _sam_params(optimizer, module)
     names = list(named)
     params = [named[n].detach() for n in names]
@@ -179,11 +184,13 @@ def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
     groups = xg.shape[0]
     norm_names = [n for n, b in buffers.items() if _is_norm_stat(module, n)]
 
-    def group_loss(trainable, group_buffers, x, y):
+    def group_loss(trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor,
+                   y: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         out = functional_call(module, ({**trainable, **frozen}, {**buffers, **group_buffers}), (x,))
         return loss_fn(out, y), (out, group_buffers)
 
-    def scaled_group_loss(trainable, group_buffers, x, y):
+    def scaled_group_loss(trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor,
+                          y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, dict[str, Tensor]]]:
         # The gradient of the scaled loss, as the second pass's, so fp16 gradients don't
         # underflow; eps is normalised, so the scale cancels in it.
         loss, (out, new) = group_loss(trainable, group_buffers, x, y)
@@ -200,7 +207,7 @@ def _grouped_vmap(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
         # it alike (or, for layers that hold their statistics, not at all).
         merged = {n: new_buffers[n].float().mean(0).to(buffers[n].dtype) if buffers[n].is_floating_point()
                   else new_buffers[n][0].clone() for n in norm_names}
-    eps = _group_eps([grads[n] for n in names], params, settings, optimizer, loss_scale)
+    eps = group_eps([grads[n] for n in names], params, settings, optimizer, loss_scale)
 
     # Second pass: the summed loss of all groups at their own w + eps_g has, as gradient with
     # respect to the shared w, the sum of the groups' gradients: one ordinary backward.
@@ -224,13 +231,14 @@ def _is_norm_stat(module: nn.Module, buffer_name: str) -> bool:
         "running_mean", "running_var", "num_batches_tracked")
 
 
-def _grouped_loop(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[Tensor, Tensor]:
+def _grouped_loop(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM,
+                  loss_scale: float | Tensor) -> tuple[Tensor, Tensor]:
     """The same computation one group at a time, for models vmap cannot batch. Each group's
     two passes run back to back, so only one eps is alive at a time (memory O(1) in groups)."""
     named, settings = _sam_params(optimizer, module)
     live = list(named.values())
     groups = xg.shape[0]
-    norm_stats = _norm_buffers(module)
+    norm_stats = norm_buffers(module)
     with torch.no_grad():
         start = [b.clone() for b in norm_stats]
         stat_sum = [torch.zeros_like(b, dtype=torch.float64) for b in norm_stats]
@@ -244,16 +252,16 @@ def _grouped_loop(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
         out = module(xg[j])
         loss = loss_fn(out, yg[j])
         # Scaled like the second pass so fp16 gradients don't underflow (eps is normalised).
-        grads = torch.autograd.grad(loss * loss_scale, live, allow_unused=True)
+        partial = torch.autograd.grad(loss * loss_scale, live, allow_unused=True)
         losses.append(loss.detach())
         logits.append(out.detach())
         with torch.no_grad():
             if norm_stats:
                 torch._foreach_add_(stat_sum, norm_stats)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, live)]
-            eps = _group_eps([g.unsqueeze(0) for g in grads], saved, settings, optimizer, loss_scale)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(partial, live)]
+            eps = group_eps([g.unsqueeze(0) for g in grads], saved, settings, optimizer, loss_scale)
             torch._foreach_add_(live, [e.squeeze(0) for e in eps])
-        with _frozen_norm_stats(module):
+        with frozen_norm_stats(module):
             # Divided in the loss's precision, then scaled (the scale is a float32 tensor).
             (loss_fn(module(xg[j]), yg[j]) / groups * loss_scale).backward()
         with torch.no_grad():
@@ -267,10 +275,10 @@ def _grouped_loop(module, loss_fn, xg, yg, optimizer: SAM, loss_scale) -> tuple[
     return torch.stack(losses).mean(), torch.cat(logits)
 
 
-def _all_reduce_grads(optimizer: SAM, group) -> None:
+def _all_reduce_grads(optimizer: SAM, group: dist.ProcessGroup | None) -> None:
     """Average the gradients across a process group in one flattened all-reduce."""
-    _all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None],
-                     group)
+    all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None],
+                    group)
 
 
 #: All-reduce rounds this process's SAM steps made themselves (beside DDP's own), for the
@@ -279,7 +287,7 @@ def _all_reduce_grads(optimizer: SAM, group) -> None:
 own_all_reduces = 0
 
 
-def _all_reduce_mean(tensors: list[Tensor], group) -> list[Tensor]:
+def all_reduce_mean(tensors: list[Tensor], group: dist.ProcessGroup | None) -> list[Tensor]:
     """Average `tensors` in place across a process group in one flattened all-reduce."""
     global own_all_reduces
     if not tensors:

@@ -18,7 +18,8 @@ some steps are in `samtune.optim.variants`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,12 +32,12 @@ from samtune.optim.variants import (
     PLAIN_STEP,
     SAM_STEP,
     SAMVariant,
-    _as_variant,
+    as_variant,
 )
 
 # Keeps eps finite when a gradient is exactly zero (e.g. a dead network); small against any real
 # gradient norm.
-_NORM_FLOOR = 1e-12
+NORM_FLOOR = 1e-12
 
 
 class SAM(torch.optim.Optimizer):
@@ -92,8 +93,8 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         perturb_weight_decay: bool = False,
-        variant: "SAMVariant | str | Mapping[str, Any] | None" = None,
-        **base_kwargs,
+        variant: SAMVariant | str | Mapping[str, Any] | None = None,
+        **base_kwargs: Any,
     ) -> None:
         _check_group_settings({"rho": rho, "adaptive": adaptive, "eta": eta}, where="")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -173,7 +174,7 @@ class SAM(torch.optim.Optimizer):
             saved, eps = self._buffers(params)
             torch._foreach_copy_(saved, params)
             # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||.
-            scale = torch.where(finite, group["rho"] / (grad_norm + _NORM_FLOOR), 0.0)
+            scale = torch.where(finite, group["rho"] / (grad_norm + NORM_FLOOR), 0.0)
             torch._foreach_copy_(eps, scaled)
             if group["adaptive"]:
                 torch._foreach_mul_(eps, self._adaptive_scale(group, params))
@@ -195,11 +196,13 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
         # LR schedulers check this flag, which their wrapper of `step()` sets; SAM steps through
         # `second_step`, so it says the same thing here.
-        self._opt_called = True  # type: ignore[attr-defined]
+        self._opt_called = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(  # type: ignore[override]  # torch types the closure as returning float; SAM's returns the loss
+        self, closure: Callable[[], Tensor] | None = None,
+    ) -> Tensor | None:
         """The full SAM step, like any PyTorch optimizer.
 
         `closure` must zero the gradients, compute the loss, call `backward()` and return the
@@ -234,14 +237,14 @@ class SAM(torch.optim.Optimizer):
             momentum_first_step(self)
         with torch.enable_grad():
             loss = closure()
-        if plan == MOMENTUM_STEP:
+        if variant is not None and plan == MOMENTUM_STEP:
             self._restore_weights()
             self.base_optimizer_step()
             variant.finish(took_sam=False)
             return loss
-        if plan == ADAPTIVE_STEP:
+        if variant is not None and plan == ADAPTIVE_STEP:
             plan = SAM_STEP if variant.decide(float(self.squared_grad_norm())) else PLAIN_STEP
-        if plan == PLAIN_STEP:
+        if variant is not None and plan == PLAIN_STEP:
             if variant.keeps_direction:
                 variant.reuse(self.gradients())
             self.base_optimizer_step()
@@ -251,7 +254,7 @@ class SAM(torch.optim.Optimizer):
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             closure()
-        if first is not None:
+        if variant is not None and first is not None:
             variant.store(first, self.gradients())
         self.second_step()
         if variant is not None:
@@ -260,7 +263,7 @@ class SAM(torch.optim.Optimizer):
 
     # -- variants --------------------------------------------------------------------------
 
-    def use_variant(self, variant: "SAMVariant | str | Mapping[str, Any]") -> SAMVariant:
+    def use_variant(self, variant: SAMVariant | str | Mapping[str, Any]) -> SAMVariant:
         """Follow `variant` from now on (a `SAMVariant`, a name, or a trial config) and return it.
 
         The first call attaches it (and resumes it from a loaded checkpoint, if any); later calls
@@ -271,17 +274,18 @@ class SAM(torch.optim.Optimizer):
             ValueError: a different rule than the attached one, a checkpoint of another rule,
                 or bad knobs.
         """
-        new = _as_variant(variant)
+        new = as_variant(variant)
         current = self.variant
         if current is None:
             if self._pending_variant_state is not None:
                 new.load_state_dict(self._pending_variant_state)
                 self._pending_variant_state = None
             self.variant = new
-        elif new is not current and (new.name, new.settings()) != (current.name, current.settings()):
+            return new
+        if new is not current and (new.name, new.settings()) != (current.name, current.settings()):
             raise ValueError(f"this optimizer already follows {current!r}; a run keeps one SAM "
                              f"variant (got {new!r}): build a new SAM optimizer to change it")
-        return self.variant
+        return current
 
     def _active_variant(self) -> SAMVariant | None:
         if self.variant is None and self._pending_variant_state is not None:
@@ -308,8 +312,8 @@ class SAM(torch.optim.Optimizer):
 
     def base_optimizer_step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One plain step of the base optimizer (the `rho == 0` path): bit-identical to it."""
-        loss = self.base_optimizer.step(closure)
-        self._opt_called = True  # type: ignore[attr-defined]
+        loss = self.base_optimizer.step(closure)  # type: ignore[arg-type]  # torch types the closure as returning float
+        self._opt_called = True
         return loss
 
     # -- state -----------------------------------------------------------------------------
@@ -355,9 +359,9 @@ class SAM(torch.optim.Optimizer):
         return out
 
     def _ascent_direction(self, group: dict, params: list[Tensor],
-                          loss_scale: float | Tensor = 1.0) -> list[Tensor]:
+                          loss_scale: float | Tensor = 1.0) -> list[Tensor] | tuple[Tensor, ...]:
         """T g: the ascent direction whose norm normalises eps (T = 1 unless adaptive)."""
-        grads = [p.grad for p in params]
+        grads: list[Tensor] | tuple[Tensor, ...] = [p.grad for p in params if p.grad is not None]
         if self.perturb_weight_decay and group.get("weight_decay", 0):
             # The gradients carry `loss_scale`; the decay term must carry it too.
             # (The scale is a float32 tensor: multiplied last, it rounds nothing in w * wd.)
@@ -371,7 +375,7 @@ class SAM(torch.optim.Optimizer):
         return grads
 
     @staticmethod
-    def _adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor]:
+    def _adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
         scale = torch._foreach_abs(params)
         torch._foreach_add_(scale, group["eta"])
         return scale

@@ -36,14 +36,15 @@ at y_{t+1} on B_t, the current batch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from samtune.optim import msharpness
-from samtune.optim.msharpness import _frozen_norm_stats, _is_ddp, _norm_buffers
+from samtune.optim.msharpness import LossFn, frozen_norm_stats, is_ddp, norm_buffers
+from samtune.optim.sam import SAM
 from samtune.optim.variants import SAMPa
 
 # Keeps the ascent finite when the auxiliary gradient is exactly zero.
@@ -51,7 +52,7 @@ _NORM_FLOOR = 1e-12
 
 
 def sampa_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
-                    targets: Tensor, optimizer, variant: SAMPa) -> tuple[Tensor, Tensor]:
+                    targets: Tensor, optimizer: SAM, variant: SAMPa) -> tuple[Tensor, Tensor]:
     """Leave G_t (module docstring) in every parameter's `.grad` of a `samtune.optim.sam.SAM`
     optimizer, with the weights at x_t; update `variant`'s kept gradient and batch. Returns the
     detached (loss, logits) of the pass at y_{t+1} on this batch.
@@ -69,22 +70,23 @@ def sampa_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     role, pairs = _role(model)
-    module = model.module if _is_ddp(model) else model
+    module = model.module if is_ddp(model) else model
     kept = variant.aux_grad
     previous = variant.previous if kept is not None and variant.previous is not None else (inputs, targets)
-    perturbed = aux = loss = logits = None
     if role != 1:
-        with _frozen_norm_stats(module):
-            perturbed, _, logits = _gradient_at(module, loss_fn, *previous, params, optimizer,
-                                                _ascent(optimizer, kept))
+        with frozen_norm_stats(module):
+            perturbed, perturbed_loss, logits = _gradient_at(module, loss_fn, *previous, params, optimizer,
+                                                             _ascent(optimizer, kept))
+    if role == 0:
         # The even rank learns the logits' shape from its own pass (the odd rank sends them).
         logits = logits.new_zeros((targets.shape[0], *logits.shape[1:]))
-    if role != 0:
+        perturbed, aux, loss, logits = _exchange(module, params, perturbed, perturbed_loss, logits,
+                                                 role, pairs)
+    else:
         aux, loss, logits = _gradient_at(module, loss_fn, inputs, targets, params, optimizer,
                                          _extrapolation(optimizer, kept))
-    if role is not None:
-        perturbed, aux, loss, logits = _exchange(module, params, perturbed, aux, loss, logits,
-                                                 role, pairs)
+        if role == 1:
+            perturbed, aux, loss, logits = _exchange(module, params, aux, loss, logits, role, pairs)
     lam = variant.lam
     for p, a, b in zip(params, perturbed, aux):
         p.grad = a.mul(1.0 - lam).add_(b, alpha=lam)
@@ -95,7 +97,7 @@ def sampa_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
 
 def _role(model: nn.Module) -> tuple[int | None, int]:
     """This rank's pass (0: perturbed, 1: auxiliary; None: both, one process) and the pair count."""
-    if not _is_ddp(model):
+    if not is_ddp(model):
         return None, 1
     world = dist.get_world_size()
     if world % 2:
@@ -105,8 +107,8 @@ def _role(model: nn.Module) -> tuple[int | None, int]:
     return dist.get_rank() % 2, world // 2
 
 
-def _gradient_at(module, loss_fn, inputs, targets, params, optimizer,
-                 shift: list[Tensor | None] | None) -> tuple[list[Tensor], Tensor, Tensor]:
+def _gradient_at(module: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, params: list[Tensor],
+                 optimizer: SAM, shift: list[Tensor | None] | None) -> tuple[list[Tensor], Tensor, Tensor]:
     """The gradient (zero where none) at the weights moved by `shift`, which are put back exactly
     afterwards; with the detached loss and logits."""
     saved = None
@@ -129,14 +131,15 @@ def _gradient_at(module, loss_fn, inputs, targets, params, optimizer,
 
 
 @torch.no_grad()
-def _ascent(optimizer, kept: list[Tensor] | None) -> list[Tensor | None] | None:
+def _ascent(optimizer: SAM, kept: list[Tensor] | None) -> list[Tensor | None] | None:
     """rho * g^y / ||g^y|| per parameter (None: no kept gradient yet, no move)."""
     if kept is None:
         return None
     norms = torch._foreach_norm(kept)
     device = norms[0].device
     norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-    shift, i = [], 0
+    shift: list[Tensor | None] = []
+    i = 0
     for group in optimizer.param_groups:
         scale = group["rho"] / (norm + _NORM_FLOOR)
         for _ in group["params"]:
@@ -146,18 +149,19 @@ def _ascent(optimizer, kept: list[Tensor] | None) -> list[Tensor | None] | None:
 
 
 @torch.no_grad()
-def _extrapolation(optimizer, kept: list[Tensor] | None) -> list[Tensor | None] | None:
+def _extrapolation(optimizer: SAM, kept: list[Tensor] | None) -> list[Tensor | None] | None:
     """y_{t+1} - x_t = -eta_t * d_t per parameter (None: no kept gradient yet, no move)."""
     if kept is None:
         return None
     base = optimizer.base_optimizer
-    sgd = isinstance(base, torch.optim.SGD)
-    shift, i = [], 0
+    sgd = base if isinstance(base, torch.optim.SGD) else None
+    shift: list[Tensor | None] = []
+    i = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
             g = kept[i]
             i += 1
-            direction = _sgd_direction(base, group, p, g) if sgd else g
+            direction = _sgd_direction(sgd, group, p, g) if sgd is not None else g
             shift.append(direction * -group["lr"])
     return shift
 
@@ -173,12 +177,13 @@ def _sgd_direction(base: torch.optim.SGD, group: dict, p: Tensor, g: Tensor) -> 
     return d_p + new * mu if group["nesterov"] else new
 
 
-def _exchange(module, params, perturbed, aux, loss, logits: Tensor, role: int, pairs: int):
+def _exchange(module: nn.Module, params: list[Tensor], half: list[Tensor], loss: Tensor, logits: Tensor,
+              role: int, pairs: int) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """One all-reduce: each rank adds its half (and the odd ranks their BatchNorm statistics,
-    loss and logits) into a zero buffer; the sum over the pairs' ranks, divided by the pair
+    `loss` and `logits`) into a zero buffer; the sum over the pairs' ranks, divided by the pair
     count, is every half's mean."""
     dtype, device = params[0].dtype, params[0].device
-    buffers = _norm_buffers(module)
+    buffers = norm_buffers(module)
     stats = [b for b in buffers if b.is_floating_point()]
     counts = [b for b in buffers if not b.is_floating_point()]
     sizes = [p.numel() for p in params]
@@ -187,9 +192,9 @@ def _exchange(module, params, perturbed, aux, loss, logits: Tensor, role: int, p
     flat = torch.zeros(sum(layout), dtype=dtype, device=device)
     parts = flat.split(layout)
     if role == 0:
-        torch.cat([g.reshape(-1) for g in perturbed], out=parts[0])
+        torch.cat([g.reshape(-1) for g in half], out=parts[0])
     else:
-        torch.cat([g.reshape(-1) for g in aux], out=parts[1])
+        torch.cat([g.reshape(-1) for g in half], out=parts[1])
         if stats:
             torch.cat([b.reshape(-1).to(dtype) for b in stats], out=parts[2])
         parts[3].copy_(loss.reshape(1))

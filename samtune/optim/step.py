@@ -18,7 +18,8 @@ two passes and their plain steps one.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 
 from samtune.optim.msam import momentum_first_step
 from samtune.optim.msharpness import (
-    _all_reduce_mean,
-    _backward,
-    _grouped_sam,
-    _is_ddp,
-    _whole_batch_sam,
+    LossFn,
+    all_reduce_mean,
+    backward,
+    grouped_sam,
+    is_ddp,
+    whole_batch_sam,
 )
 from samtune.optim.sam import SAM
 from samtune.optim.sampa import sampa_gradients
@@ -40,17 +42,18 @@ from samtune.optim.variants import (
     PAIRED_STEP,
     PLAIN_STEP,
     SAM_STEP,
+    SAMPa,
     SAMVariant,
-    _as_variant,
+    as_variant,
 )
 
 
 def sam_step(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
     optimizer: torch.optim.Optimizer, m: int | None = None, *, sync_perturbation: bool = False,
-    perturbation_group: "dist.ProcessGroup | None" = None, vectorize: bool | None = None,
-    max_grad_norm: float | None = None, scaler: "torch.amp.GradScaler | None" = None,
-    variant: "SAMVariant | str | Mapping[str, Any] | None" = None,
+    perturbation_group: dist.ProcessGroup | None = None, vectorize: bool | None = None,
+    max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+    variant: SAMVariant | str | Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One training step with SAM's two passes (or one, for a plain optimizer or `rho == 0`).
 
@@ -94,21 +97,22 @@ def sam_step(
         return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler)
     chosen = _active_variant(optimizer, m, batch)
     plan = chosen.plan() if chosen is not None else SAM_STEP
-    if plan in (PLAIN_STEP, MOMENTUM_STEP, PAIRED_STEP):
+    if chosen is not None and plan in (PLAIN_STEP, MOMENTUM_STEP, PAIRED_STEP):
         return _variant_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler,
                              chosen, plan)
     if m == batch:
         loss, logits, took_sam = _whole_batch_step(model, loss_fn, inputs, targets, optimizer, scaler,
                                                    sync_perturbation, perturbation_group, chosen, plan)
     else:
-        loss, logits = _grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
+        loss, logits = grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
         took_sam = True
     _finish_step(optimizer, base, max_grad_norm, scaler, took_sam, chosen)
     return loss, logits
 
 
 def _check_arguments(optimizer: torch.optim.Optimizer, m: int | None, batch: int, sync_perturbation: bool,
-                     perturbation_group, variant) -> int:
+                     perturbation_group: dist.ProcessGroup | None,
+                     variant: SAMVariant | str | Mapping[str, Any] | None) -> int:
     """The group size (the local batch for None), after the checks `sam_step` lists; a variant
     given here is attached to a SAM optimizer."""
     m = _check_m(m, batch)
@@ -121,9 +125,9 @@ def _check_arguments(optimizer: torch.optim.Optimizer, m: int | None, batch: int
     if variant is not None:
         if isinstance(optimizer, SAM):
             optimizer.use_variant(variant)
-        elif _as_variant(variant).name != "full":
+        elif as_variant(variant).name != "full":
             raise ValueError(
-                f"sam_variant={_as_variant(variant).name!r} chooses between SAM and plain steps, "
+                f"sam_variant={as_variant(variant).name!r} chooses between SAM and plain steps, "
                 f"so it needs a SAM optimizer (optimizer 'sam' or 'asam'); got "
                 f"{type(optimizer).__name__}")
     return m
@@ -141,21 +145,23 @@ def _active_variant(optimizer: SAM, m: int, batch: int) -> SAMVariant | None:
     return chosen
 
 
-def _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler,
-                   chosen: SAMVariant | None = None) -> tuple[Tensor, Tensor]:
+def _one_pass_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
+                   optimizer: torch.optim.Optimizer, base: torch.optim.Optimizer, max_grad_norm: float | None,
+                   scaler: torch.amp.GradScaler | None, chosen: SAMVariant | None = None) -> tuple[Tensor, Tensor]:
     """A step with the plain gradient: a plain optimizer, `rho == 0`, or a variant's plain step
     (`chosen`, which LookSAM adds its stored direction to)."""
     logits = model(inputs)
     loss = loss_fn(logits, targets)
-    _backward(loss, scaler)
-    if chosen is not None and chosen.keeps_direction:
+    backward(loss, scaler)
+    if chosen is not None and chosen.keeps_direction and isinstance(optimizer, SAM):
         chosen.reuse(optimizer.gradients())
     _finish_step(optimizer, base, max_grad_norm, scaler, took_sam=False, variant=chosen)
     return loss.detach(), logits.detach()
 
 
-def _variant_step(model, loss_fn, inputs, targets, optimizer: SAM, base, max_grad_norm,
-                  scaler, chosen: SAMVariant, plan: str) -> tuple[Tensor, Tensor]:
+def _variant_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
+                  base: torch.optim.Optimizer, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None,
+                  chosen: SAMVariant, plan: str) -> tuple[Tensor, Tensor]:
     """A variant's plain step; MSAM's one pass at the momentum-perturbed weights
     (`samtune.optim.msam`); or SAMPa's two independent gradients (`samtune.optim.sampa`). Each
     ends with the base optimizer's step from w."""
@@ -167,23 +173,27 @@ def _variant_step(model, loss_fn, inputs, targets, optimizer: SAM, base, max_gra
     if scaler is not None:
         raise ValueError("sam_variant='sampa' keeps the auxiliary gradient from one step to the next, "
                          "which fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'")
+    if not isinstance(chosen, SAMPa):
+        raise TypeError(f"a paired step is SAMPa's, got {chosen!r}")
     loss, logits = sampa_gradients(model, loss_fn, inputs, targets, optimizer, chosen)
     _finish_step(optimizer, base, max_grad_norm, None, took_sam=True, variant=chosen)
     return loss, logits
 
 
-def _whole_batch_step(model, loss_fn, inputs, targets, optimizer: SAM, scaler, sync_perturbation: bool,
-                      perturbation_group, chosen: SAMVariant | None, plan: str) -> tuple[Tensor, Tensor, bool]:
+def _whole_batch_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
+                      scaler: torch.amp.GradScaler | None, sync_perturbation: bool,
+                      perturbation_group: dist.ProcessGroup | None, chosen: SAMVariant | None,
+                      plan: str) -> tuple[Tensor, Tensor, bool]:
     """Both passes on the whole local batch, with AE-SAM's decision or LookSAM's stored direction
     between them. Returns (loss, logits, whether the second pass ran)."""
     between = None
-    if plan == ADAPTIVE_STEP or (chosen is not None and chosen.keeps_direction):
+    if chosen is not None and (plan == ADAPTIVE_STEP or chosen.keeps_direction):
         between = _VariantFirstPass(chosen, optimizer, adaptive=plan == ADAPTIVE_STEP,
-                                    local=_is_ddp(model) and not sync_perturbation, scaler=scaler)
-    loss, logits, took_sam = _whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
+                                    local=is_ddp(model) and not sync_perturbation, scaler=scaler)
+    loss, logits, took_sam = whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
                                               sync_perturbation, perturbation_group, between)
     if between is not None and between.first is not None:
-        chosen.store(between.first, optimizer.gradients())
+        between.variant.store(between.first, optimizer.gradients())
     return loss, logits, took_sam
 
 
@@ -197,7 +207,7 @@ class _VariantFirstPass:
     """
 
     def __init__(self, variant: SAMVariant, optimizer: SAM, adaptive: bool, local: bool,
-                 scaler) -> None:
+                 scaler: torch.amp.GradScaler | None) -> None:
         self.variant, self.optimizer, self.adaptive = variant, optimizer, adaptive
         self.local = local  # the first pass ran in no_sync(): gradients are this worker's own
         self.scaler = scaler
@@ -208,19 +218,19 @@ class _VariantFirstPass:
         if self.adaptive:
             squared = optimizer.squared_grad_norm()
             if self.local:
-                squared = _all_reduce_mean([squared], None)[0]
+                squared = all_reduce_mean([squared], None)[0]
             if self.scaler is not None:
                 # The gradients carry the loss scale; the rule is about the true gradient.
                 squared = squared / float(self.scaler.get_scale()) ** 2
             # One host sync per step: the decision branches the computation.
             if not self.variant.decide(float(squared)):
                 if self.local:
-                    _all_reduce_mean([g for g in optimizer.gradients() if g is not None], None)
+                    all_reduce_mean([g for g in optimizer.gradients() if g is not None], None)
                 return False
         if self.variant.keeps_direction:
             self.first = optimizer.gradients(clone=True)
             if self.local:
-                _all_reduce_mean([g for g in self.first if g is not None], None)
+                all_reduce_mean([g for g in self.first if g is not None], None)
         return True
 
 
@@ -237,8 +247,8 @@ def _check_m(m: int | None, batch: int) -> int:
     return m
 
 
-def _finish_step(optimizer, base, max_grad_norm, scaler, took_sam: bool,
-                 variant: SAMVariant | None = None) -> None:
+def _finish_step(optimizer: torch.optim.Optimizer, base: torch.optim.Optimizer, max_grad_norm: float | None,
+                 scaler: torch.amp.GradScaler | None, took_sam: bool, variant: SAMVariant | None = None) -> None:
     """Clip and step with the gradient of the last pass (unscaled exactly once), then count the
     step in the variant's schedule."""
     if scaler is not None:
@@ -251,7 +261,7 @@ def _finish_step(optimizer, base, max_grad_norm, scaler, took_sam: bool,
             # The scaler steps the base optimizer (skipping it on overflow); restore w first.
             optimizer._restore_weights()
             scaler.step(base)
-            optimizer._opt_called = True  # type: ignore[attr-defined]
+            optimizer._opt_called = True
         elif not took_sam:
             optimizer._restore_weights()  # MSAM's one pass ran at w + eps; a plain step's at w
             optimizer.base_optimizer_step()

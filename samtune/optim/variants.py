@@ -70,7 +70,8 @@ Knobs that do not belong to the chosen variant are ignored (a search space may c
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -92,8 +93,8 @@ _RST_STREAM = 606
 class SAMVariant:
     """Base class: the step counter and the count of two-pass steps, and state round trips.
 
-    Subclasses implement `plan()` and, for ``ADAPTIVE_STEP``, `decide()`; the caller reports
-    each finished step with `finish(took_sam)`.
+    Subclasses implement `plan()`, for ``ADAPTIVE_STEP`` `decide()` and, with `keeps_direction`,
+    `store()` and `reuse()`; the caller reports each finished step with `finish(took_sam)`.
     """
 
     name: ClassVar[str] = ""
@@ -110,6 +111,12 @@ class SAMVariant:
 
     def decide(self, squared_grad_norm: float) -> bool:
         raise NotImplementedError(f"{self.name} decides before the first pass")
+
+    def store(self, first: list[Tensor | None], second: list[Tensor | None]) -> None:
+        raise NotImplementedError(f"{self.name} keeps no direction")
+
+    def reuse(self, grads: list[Tensor | None]) -> None:
+        raise NotImplementedError(f"{self.name} keeps no direction")
 
     def finish(self, took_sam: bool) -> None:
         self.steps += 1
@@ -198,6 +205,8 @@ class RandomizedSAM(SAMVariant):
         """p_t, the chance that step t is a SAM step."""
         if self.schedule == "constant":
             return self.p
+        if self.total_steps is None:
+            raise TypeError("rst's linear schedule needs total_steps")
         return self.p_start + (self.p - self.p_start) * min(1.0, t / self.total_steps)
 
     def plan(self) -> str:
@@ -383,7 +392,7 @@ class SAMPa(SAMVariant):
     def __init__(self, lam: float = 0.2) -> None:
         super().__init__()
         self.lam = _check_probability("sampa_lambda", lam)
-        self.aux_grad: list[Tensor | None] | None = None
+        self.aux_grad: list[Tensor] | None = None
         self.previous: tuple[Tensor, Tensor] | None = None
 
     def plan(self) -> str:
@@ -479,14 +488,14 @@ def _check_probability(key: str, value: Any) -> float:
     return float(value)
 
 
-def _total(parts: list[Tensor]) -> Tensor:
+def _total(parts: Sequence[Tensor]) -> Tensor:
     """Sum of per-parameter partial sums, on the first tensor's device, in float64 (the inner
     products of a few million terms stay exact enough to reproduce the formula)."""
     device = parts[0].device
     return torch.stack([p.sum().to(device, torch.float64) for p in parts]).sum()
 
 
-def _as_variant(variant: "SAMVariant | str | Mapping[str, Any]") -> SAMVariant:
+def as_variant(variant: SAMVariant | str | Mapping[str, Any]) -> SAMVariant:
     if isinstance(variant, SAMVariant):
         return variant
     if isinstance(variant, str):

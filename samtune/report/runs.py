@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from samtune.sequential import Design, looks_between
-
 from samtune.contract.metrics import SHARPNESS_SHARED_KEYS as SHARED_KEYS
+from samtune.sequential import Design, looks_between
 
 # Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
 PLOTTED_STATUSES = ("finished", "stopped")

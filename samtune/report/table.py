@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -255,14 +256,14 @@ def cell_order(trials: pd.DataFrame) -> list[str]:
     """Cells ordered by (scenario, label_noise_rate, name): label-noise cells by rising noise."""
     if trials.empty:
         return []
-    keys = {}
+    keys: dict[str, tuple[bool, str, float, str]] = {}
     for cell, group in trials.groupby("cell", sort=False):
         first = group.iloc[0]
         scenario = str(first.get("scenario", "label_noise"))
         rate = first.get("label_noise_rate", 0.0)
         rate = float(rate) if _finite(rate) else 0.0
         keys[cell] = (scenario != "label_noise", scenario, rate, str(cell))
-    return sorted(keys, key=keys.get)
+    return sorted(keys, key=keys.__getitem__)
 
 
 def searched_hyperparameters(runs: Runs, trials: pd.DataFrame) -> list[str]:

@@ -14,11 +14,12 @@ under a tight budget a measure may be skipped that would have fitted, never the 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-from samtune.sharpness.hvp import FlatLoss, LossFn, _chunks, _measuring
+from samtune.sharpness.hvp import FlatLoss, LossFn, chunks, measuring
 
 FORWARD_PASS = 1 / 3
 HESSIAN_PRODUCT = 4.0
@@ -70,9 +71,9 @@ def gradient_pass_seconds(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tenso
                           params: Sequence[str] | None) -> float:
     """Seconds of one gradient pass over (x, y) in chunks of ``batch``, as the measures run it."""
     start = time.perf_counter()
-    with _measuring(model):
+    with measuring(model):
         f = FlatLoss(model, loss_fn, params)
-        for part in _chunks(len(y), batch):
+        for part in chunks(len(y), batch):
             f.gradient(f.w, x[part], y[part])
     return time.perf_counter() - start
 

@@ -17,29 +17,30 @@ accelerator).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from samtune.sharpness.estimate import Estimate
-from samtune.sharpness.ggn import _GGN
-from samtune.sharpness.hvp import _HVP, FlatLoss, LossFn, _chunks, _measuring
+from samtune.sharpness.ggn import GGN
+from samtune.sharpness.hvp import HVP, FlatLoss, LossFn, chunks, measuring
 
 
 def _products(curvature: str, f: FlatLoss, x: Tensor, y: Tensor, batch: int, mode: str,
               probe_batch: int, memory_share: float) -> Callable[[Tensor], Tensor]:
-    """The curvature-vector product engine: the Hessian's (`_HVP`) or the Gauss-Newton's (`_GGN`)."""
+    """The curvature-vector product engine: the Hessian's (`HVP`) or the Gauss-Newton's (`GGN`)."""
     if curvature == "hessian":
-        return _HVP(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
+        return HVP(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
     if curvature == "ggn":
-        return _GGN(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
+        return GGN(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
     raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
 
 
 def _lanczos(hvp: Callable[[Tensor], Tensor], n: int, k: int, iters: int, tol: float,
-             gen: torch.Generator, device, dtype) -> tuple[Tensor, float, int]:
+             gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, float, int]:
     """Ritz values (ascending) of the matrix after at most `iters` Lanczos steps with full
     reorthogonalisation, the largest residual bound ``beta_j |s_j|`` of the top k of them (each
     is that close to a true eigenvalue), and the products spent. Stops early once the top-k
@@ -94,15 +95,15 @@ def _tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
 def top_eig_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, k: int = 1,
                      iters: int = 40, tol: float = 1e-3, seed: int = 0, batch: int = 512,
                      mode: str = "auto", params: Sequence[str] | None = None,
-                     memory_share: float = 1.0, curvature: str = "hessian") -> Estimate:
+                     memory_share: float = 1.0, curvature: str = "hessian") -> Estimate[list[float]]:
     """The k largest (algebraic) eigenvalues, descending, of the Hessian (``curvature="hessian"``)
     or the Gauss-Newton matrix (``"ggn"``, cross-entropy only) of the mean loss on (x, y), with
     the Lanczos residual bound and the products spent.
 
     Lanczos from a seeded Gaussian start, at most ``iters`` products, stopping when each of the
     top k Ritz values is within ``tol`` (relative) of a true eigenvalue (``tol=0``: always
-    ``iters`` products). ``mode`` picks the product engine (``_HVP``: "auto", "graph", "forward",
-    "reverse"; ``_GGN``: "auto", "graph", "chunk"; "auto" weighs ``memory_share`` of the free
+    ``iters`` products). ``mode`` picks the product engine (``HVP``: "auto", "graph", "forward",
+    "reverse"; ``GGN``: "auto", "graph", "chunk"; "auto" weighs ``memory_share`` of the free
     memory); the value does not depend on either.
     Raises ValueError unless ``1 <= k <= iters`` and ``tol >= 0``.
 
@@ -114,7 +115,7 @@ def top_eig_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
     """
     if k < 1 or iters < k or tol < 0:
         raise ValueError(f"need 1 <= k <= iters and tol >= 0, got k={k}, iters={iters}, tol={tol}")
-    with _measuring(model):
+    with measuring(model):
         f = FlatLoss(model, loss_fn, params)
         products = _products(curvature, f, x, y, batch, mode, 1, memory_share)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
@@ -122,12 +123,12 @@ def top_eig_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
     return Estimate([float(v) for v in ritz.flip(0)[:k]], products=used, residual=residual)
 
 
-def hessian_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> list[float]:
+def hessian_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings: Any) -> list[float]:
     """The k largest Hessian eigenvalues, descending (`top_eig_estimate`'s settings)."""
     return top_eig_estimate(model, loss_fn, x, y, curvature="hessian", **settings).value
 
 
-def ggn_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> list[float]:
+def ggn_top_eig(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings: Any) -> list[float]:
     """The k largest eigenvalues of the Gauss-Newton matrix of the mean cross-entropy,
     descending (`top_eig_estimate`'s settings); raises ValueError for another loss."""
     return top_eig_estimate(model, loss_fn, x, y, curvature="ggn", **settings).value
@@ -163,7 +164,7 @@ MIN_SAMPLES = 10
 
 
 def _hutchpp(apply: Callable[[Tensor], Tensor], w: Tensor, probes: int, method: str,
-             sketch: int | None, rel_se: float | None, block: int, gen: torch.Generator) -> Estimate:
+             sketch: int | None, rel_se: float | None, block: int, gen: torch.Generator) -> Estimate[float]:
     """Hutch++ (or Hutchinson, ``sketch=0``) on the products ``apply``; see `trace_estimate`."""
     n = w.numel()
     sketch = 0 if method == "hutchinson" or probes < 3 else min(probes // 3 if sketch is None else sketch, n)
@@ -185,7 +186,7 @@ def _hutchpp(apply: Callable[[Tensor], Tensor], w: Tensor, probes: int, method: 
     return Estimate(value, products=2 * sketch + len(remainder.samples), stderr=remainder.stderr)
 
 
-def _within(remainder: _Remainder, exact, rel_se: float) -> bool:
+def _within(remainder: _Remainder, exact: float | Tensor, rel_se: float) -> bool:
     se = remainder.stderr
     return se is not None and se <= rel_se * abs(float(exact + remainder.samples.mean()))
 
@@ -194,7 +195,7 @@ def trace_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, p
                    method: str = "hutchpp", probe_batch: int | None = None, seed: int = 0,
                    batch: int = 512, mode: str = "auto", params: Sequence[str] | None = None,
                    memory_share: float = 1.0, sketch: int | None = None,
-                   rel_se: float | None = None, curvature: str = "hessian") -> Estimate:
+                   rel_se: float | None = None, curvature: str = "hessian") -> Estimate[float]:
     """Trace of the Hessian (``curvature="hessian"``) or of the Gauss-Newton matrix (``"ggn"``,
     cross-entropy only) of the mean loss on (x, y), from at most ``probes`` products with
     Rademacher probes: Hutch++ (``"hutchpp"``, Meyer et al. 2021) or plain Hutchinson; with its
@@ -226,7 +227,7 @@ def trace_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, p
     if probes < 1 or method not in ("hutchpp", "hutchinson") or (rel_se is not None and rel_se <= 0):
         raise ValueError(f"need probes >= 1, method 'hutchpp' or 'hutchinson' and rel_se > 0 or None, "
                          f"got probes={probes}, method={method!r}, rel_se={rel_se}")
-    with _measuring(model):
+    with measuring(model):
         f = FlatLoss(model, loss_fn, params)
         if probe_batch is None:
             probe_batch = 1 if f.w.device.type == "cpu" else 8
@@ -235,12 +236,12 @@ def trace_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, p
         return _hutchpp(products, f.w, probes, method, sketch, rel_se, probe_batch, gen)
 
 
-def hessian_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> float:
+def hessian_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings: Any) -> float:
     """Trace of the Hessian of the mean loss (`trace_estimate`'s settings)."""
     return trace_estimate(model, loss_fn, x, y, curvature="hessian", **settings).value
 
 
-def ggn_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> float:
+def ggn_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings: Any) -> float:
     """Trace of the Gauss-Newton matrix of the mean cross-entropy (`trace_estimate`'s
     settings); raises ValueError for another loss."""
     return trace_estimate(model, loss_fn, x, y, curvature="ggn", **settings).value
@@ -260,14 +261,14 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, 
     if not (0 < low < high) or target <= 0 or samples < 1 or steps < 1:
         raise ValueError(f"need 0 < low < high, target > 0, samples >= 1, steps >= 1; got low={low}, "
                          f"high={high}, target={target}, samples={samples}, steps={steps}")
-    with _measuring(model), torch.no_grad():
+    with measuring(model), torch.no_grad():
         f = FlatLoss(model, loss_fn, params)
-        parts = _chunks(len(y), batch)
+        parts = chunks(len(y), batch)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
         noise = [torch.randn(f.w.shape, generator=gen, device=f.w.device, dtype=f.w.dtype)
                  for _ in range(samples)]
 
-        def error(flat) -> Tensor:
+        def error(flat: Tensor) -> Tensor:
             wrong = sum((functional_call(model, f.unflatten(flat), (x[p],)).argmax(1) != y[p]).sum()
                         for p in parts)
             return wrong / len(y)

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+#: A scalar value, or a list for several eigenvalues.
+V = TypeVar("V", bound="float | list[float]")
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(Generic[V]):
     """One measure's value and its uncertainty and cost (None where the estimator has none).
 
     >>> Estimate(2.5, products=12, stderr=0.1).logged()
     {'products': 12.0, 'stderr': 0.1}
     """
 
-    value: float | list[float]
+    value: V
     #: Hessian- or GGN-vector products spent.
     products: int | None = None
     #: Lanczos's bound on the distance from the reported eigenvalue(s) to true ones (the largest

@@ -11,7 +11,7 @@ graph; the GGN product measured 0.6-0.7x its time on a CPU (`benchmarks/sharpnes
 ``J v`` by the double-vjp trick, a backward through the graph of ``u -> J^T u``, cost as much as
 the Hessian's product there.)
 
-Only the cross-entropy loss has this ``H_L``: `_GGN` refuses any other ``loss_fn``.
+Only the cross-entropy loss has this ``H_L``: `GGN` refuses any other ``loss_fn``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from samtune.sharpness.hvp import FlatLoss, _available_bytes, _chunks, _SavedBytes
+from samtune.sharpness.hvp import FlatLoss, SavedBytes, available_bytes, chunks
 
 
 def is_cross_entropy(loss_fn: Any) -> bool:
@@ -58,8 +58,7 @@ class _ChunkGraph:
 
     def _jv(self, v: Tensor) -> Tensor:
         """``J v``: the logits' directional derivative, by forward-mode differentiation."""
-        _, tangent = jvp(lambda flat: self.f.output(flat, self.x), (self.leaf.detach(),), (v,))
-        return tangent
+        return jvp(lambda flat: self.f.output(flat, self.x), (self.leaf.detach(),), (v,))[1]
 
     def products(self, vs: Tensor, batched: bool) -> Tensor:
         """``J^T H_L J v`` (the loss summed over the chunk) for each row of ``vs``."""
@@ -75,8 +74,8 @@ class _ChunkGraph:
         return out
 
 
-class _GGN:
-    """GGN-vector products of the mean cross-entropy over (x, y), chunked like `_HVP`.
+class GGN:
+    """GGN-vector products of the mean cross-entropy over (x, y), chunked like `HVP`.
 
     ``mode``: ``"graph"`` keeps every chunk's forward graph for the whole measurement (a product
     is then a forward-mode pass and a backward per chunk); ``"chunk"`` rebuilds one chunk's graphs per call
@@ -96,7 +95,7 @@ class _GGN:
             raise ValueError(f"need batch >= 1, probe_batch >= 1, 0 < memory_share <= 1; got "
                              f"{batch}, {probe_batch}, {memory_share}")
         self.f, self.x = f, x
-        self.parts = _chunks(len(y), batch)
+        self.parts = chunks(len(y), batch)
         # Each chunk's graph gives the summed loss's GGN: 1/len(y) makes it the mean's.
         self.scale = 1.0 / len(y)
         self.probe_batch, self.memory_share = probe_batch, memory_share
@@ -107,10 +106,10 @@ class _GGN:
         self.mode = "graph" if self.graphs is not None else "chunk"
 
     def _keep_graphs(self, required: bool) -> None:
-        counter = _SavedBytes()
+        counter = SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             first = _ChunkGraph(self.f, self.leaf, self.x[self.parts[0]])
-        share = int(_available_bytes(self.f.w.device) * self.memory_share)
+        share = int(available_bytes(self.f.w.device) * self.memory_share)
         # Every chunk's graphs kept, plus one chunk's worth in flight during a product.
         if not required and max(counter.total, 1) * (len(self.parts) + 1) > share // 2:
             return

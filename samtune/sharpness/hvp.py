@@ -2,9 +2,9 @@
 sharpness measure is computed on.
 
 `FlatLoss` evaluates the loss (and its gradient) at any value of the selected parameters, the
-others held fixed; `_measuring` puts a model in the state every measure uses (train mode,
+others held fixed; `measuring` puts a model in the state every measure uses (train mode,
 dropout off, BatchNorm on batch statistics with its running buffers untouched) and restores it.
-`_HVP` gives Hessian-vector products of the mean loss over a subset: from a kept double-backward
+`HVP` gives Hessian-vector products of the mean loss over a subset: from a kept double-backward
 graph when it fits in memory (the fastest on CPU), otherwise from ``torch.func``
 forward-over-reverse (``jvp(grad(f))``), falling back to reverse-over-reverse where an op lacks
 forward-mode support; on an accelerator probes are batched (``vmap`` / batched backward).
@@ -12,7 +12,7 @@ forward-mode support; on an accelerator probes are batched (``vmap`` / batched b
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextlib.contextmanager
-def _measuring(model: nn.Module):
+def measuring(model: nn.Module) -> Iterator[None]:
     """Train mode with dropout off, BatchNorm on batch statistics with its running buffers
     detached (so nothing, not even a vmapped forward, can update them); all restored on exit.
 
@@ -97,11 +97,11 @@ class FlatLoss:
         return loss.detach(), g
 
 
-def _chunks(n: int, size: int) -> list[slice]:
+def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _available_bytes(device: torch.device) -> int:
+def available_bytes(device: torch.device) -> int:
     """Free memory where the graphs would live (0 when it cannot be told: graphs are then not kept)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -116,7 +116,7 @@ def _available_bytes(device: torch.device) -> int:
     return 0
 
 
-class _SavedBytes:
+class SavedBytes:
     """Counts the distinct storages autograd saves while a graph is built (its memory)."""
 
     def __init__(self) -> None:
@@ -135,7 +135,7 @@ class _SavedBytes:
         return sum(self.storages.values())
 
 
-class _HVP:
+class HVP:
     """Hessian-vector products of the mean loss over (x, y), chunked, batched over probes.
 
     Engines (``mode``):
@@ -166,7 +166,7 @@ class _HVP:
             raise ValueError(f"memory_share must be in (0, 1], got {memory_share}")
         self.memory_share = memory_share
         self.f, self.x, self.y = f, x, y
-        self.parts = _chunks(len(y), batch)
+        self.parts = chunks(len(y), batch)
         self.weights = [(p.stop - p.start) / len(y) for p in self.parts]
         self.probe_batch = probe_batch
         self.graphs: list[Tensor] | None = None
@@ -177,14 +177,15 @@ class _HVP:
 
     # ---- graph engine
     def _chunk_gradient(self, part: slice) -> Tensor:
+        leaf = self._kept_leaf()
         with torch.enable_grad():
-            loss = self.f.value(self.leaf, self.x[part], self.y[part])
-            (g,) = torch.autograd.grad(loss, self.leaf, create_graph=True)
+            loss = self.f.value(leaf, self.x[part], self.y[part])
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
         return g
 
     def _keep_graphs(self, required: bool) -> None:
         self.leaf = self.f.w.detach().requires_grad_(True)
-        counter = _SavedBytes()
+        counter = SavedBytes()
         try:
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
                 first = self._chunk_gradient(self.parts[0])
@@ -197,7 +198,7 @@ class _HVP:
             self.graphs = [first]
             return
         per_chunk = max(counter.total, 1)
-        share = int(_available_bytes(self.f.w.device) * self.memory_share)
+        share = int(available_bytes(self.f.w.device) * self.memory_share)
         budget = share // 2 - per_chunk * len(self.parts)
         # The batched backward holds about one chunk's graph per probe in flight (measured).
         fits = budget // per_chunk
@@ -207,7 +208,15 @@ class _HVP:
         self.probe_batch = max(1, min(self.probe_batch, int(fits)))
         self.graphs = [first] + [self._chunk_gradient(p) for p in self.parts[1:]]
 
+    def _kept_leaf(self) -> Tensor:
+        if self.leaf is None:
+            raise RuntimeError("the graph engine's leaf is gone: graphs are not kept")
+        return self.leaf
+
     def _graph_products(self, vs: Tensor) -> Tensor:
+        if self.graphs is None:
+            raise RuntimeError("the graph engine has no kept graphs")
+        leaf = self._kept_leaf()
         out = torch.zeros_like(vs)
         for g, weight in zip(self.graphs, self.weights):
             if not g.requires_grad:
@@ -215,13 +224,13 @@ class _HVP:
             for i in range(0, len(vs), self.probe_batch):
                 block = vs[i:i + self.probe_batch]
                 if len(block) == 1:
-                    (h,) = torch.autograd.grad(g, self.leaf, block[0], retain_graph=True)
+                    (h,) = torch.autograd.grad(g, leaf, block[0], retain_graph=True)
                     out[i] += weight * h
                     continue
                 try:
-                    (h,) = torch.autograd.grad(g, self.leaf, block, retain_graph=True, is_grads_batched=True)
+                    (h,) = torch.autograd.grad(g, leaf, block, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an op without a batching rule: one probe at a time
-                    h = torch.stack([torch.autograd.grad(g, self.leaf, v, retain_graph=True)[0] for v in block])
+                    h = torch.stack([torch.autograd.grad(g, leaf, v, retain_graph=True)[0] for v in block])
                 out[i:i + len(block)] += weight * h
         return out
 
@@ -240,7 +249,7 @@ class _HVP:
             for i in range(0, len(vs), self.probe_batch):
                 block = vs[i:i + self.probe_batch]
                 try:
-                    out[i:i + len(block)] += weight * vmap(lambda v: self._one(v, x, y))(block)
+                    out[i:i + len(block)] += weight * vmap(lambda v, x=x, y=y: self._one(v, x, y))(block)
                 except (NotImplementedError, RuntimeError):
                     if self.mode == "forward":
                         self.mode = "reverse"  # an op without forward-mode AD: reverse-over-reverse

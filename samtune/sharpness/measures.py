@@ -6,8 +6,9 @@ themselves are defined in `samtune.sharpness.worst_case` and `samtune.sharpness.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from samtune.sharpness.estimate import Estimate
-from samtune.sharpness.hvp import FlatLoss, LossFn, _chunks, _measuring
+from samtune.sharpness.hvp import FlatLoss, LossFn, chunks, measuring
 
 
 # ------------------------------------------------------------------------------ worst case
@@ -43,24 +44,27 @@ def _ascent(f: FlatLoss, x: Tensor, y: Tensor, rho: float, steps: int, scale: Te
     return best
 
 
-def _project(eps: Tensor, rho: float, scale: Tensor | None, norm: str, t2) -> Tensor:
+def _project(eps: Tensor, rho: float, scale: Tensor | None, norm: str, t2: Tensor | None) -> Tensor:
     if norm == "linf":
-        bound = rho if scale is None else rho * scale
-        return torch.maximum(torch.minimum(eps, bound), -bound) if scale is not None else eps.clamp(-rho, rho)
+        if scale is None:
+            return eps.clamp(-rho, rho)
+        bound = rho * scale
+        return torch.maximum(torch.minimum(eps, bound), -bound)
     # Coordinates with |w| = 0 (e.g. zero biases, eta = 0) cannot move: 0/0 counts as 0.
     size = (eps if scale is None else torch.where(scale > 0, eps / scale.clamp_min(1e-30), 0.0)).norm()
     return eps * torch.clamp(rho / size.clamp_min(1e-12), max=1.0)
 
 
-def _worst_case(model, loss_fn, x, y, *, rho, m, steps, adaptive, eta, norm, params) -> Tensor:
+def _worst_case(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, rho: float, m: int, steps: int,
+                adaptive: bool, eta: float, norm: str, params: Sequence[str] | None) -> Tensor:
     if rho < 0 or steps < 1 or m < 1:
         raise ValueError(f"need rho >= 0, steps >= 1, m >= 1; got rho={rho}, steps={steps}, m={m}")
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    with _measuring(model):
+    with measuring(model):
         f = FlatLoss(model, loss_fn, params)
         scale = f.w.abs() + eta if adaptive else None
-        groups = _chunks(len(y) - len(y) % m if len(y) >= m else len(y), m)
+        groups = chunks(len(y) - len(y) % m if len(y) >= m else len(y), m)
         values = [_ascent(f, x[g], y[g], rho, steps, scale, norm) for g in groups]
     return torch.stack(values).mean()
 
@@ -84,32 +88,32 @@ def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, 
 # ------------------------------------------------------------------------------ average case
 def avg_sharpness_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
                            sigma: float = 0.01, samples: int = 8, adaptive: bool = False, seed: int = 0,
-                           batch: int = 512, params: Sequence[str] | None = None) -> Estimate:
+                           batch: int = 512, params: Sequence[str] | None = None) -> Estimate[float]:
     """``E[L(w + delta)] - L(w)`` with ``delta ~ N(0, sigma^2 c^2)``, c = 1 or |w|; Monte Carlo
     over ``samples`` independent antithetic pairs, with its standard error (the pairs' sample
     standard deviation over the square root of their number; None for one pair)."""
     if sigma < 0 or samples < 1:
         raise ValueError(f"need sigma >= 0 and samples >= 1, got sigma={sigma}, samples={samples}")
-    with _measuring(model), torch.no_grad():
+    with measuring(model), torch.no_grad():
         f = FlatLoss(model, loss_fn, params)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
         c = f.w.abs() if adaptive else torch.ones_like(f.w)
-        parts = _chunks(len(y), batch)
+        parts = chunks(len(y), batch)
 
-        def mean_loss(flat):
+        def mean_loss(flat: Tensor) -> Tensor:
             return sum(f.value(flat, x[p], y[p]) * (p.stop - p.start) for p in parts) / len(y)
 
         base = mean_loss(f.w)
-        rises = []
+        rises: list[Tensor] = []
         for _ in range(samples):
             delta = sigma * c * torch.randn(f.w.shape, generator=gen, device=f.w.device, dtype=f.w.dtype)
             # Antithetic pair: the first-order term cancels exactly, leaving the curvature term.
             rises.append(0.5 * (mean_loss(f.w + delta) + mean_loss(f.w - delta)) - base)
-    rises = torch.stack(rises)
-    stderr = float(rises.std() / math.sqrt(samples)) if samples > 1 else None
-    return Estimate(float(rises.mean()), stderr=stderr)
+    stacked = torch.stack(rises)
+    stderr = float(stacked.std() / math.sqrt(samples)) if samples > 1 else None
+    return Estimate(float(stacked.mean()), stderr=stderr)
 
 
-def avg_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings) -> float:
+def avg_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **settings: Any) -> float:
     """Average-case sharpness (`avg_sharpness_estimate`'s settings), the value alone."""
     return avg_sharpness_estimate(model, loss_fn, x, y, **settings).value

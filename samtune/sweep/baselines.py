@@ -11,8 +11,9 @@ searcher enqueues each baseline's answers as a trial to evaluate first (Optuna's
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from samtune.contract.keys import DEFAULTS, PAPER_BASELINES
 from samtune.contract.values import SpaceError
@@ -96,7 +97,7 @@ def baseline_trials(sweep: Sweep, space: Callable[[Any], Any], sampled: list[dic
         declared = tuple(b for b in PAPER_BASELINES if b["optimizer"] in offered)
     if sweep.trials < len(declared):
         return []
-    out = []
+    out: list[Baseline] = []
     for i, values in enumerate(declared):
         where = f"baselines[{i}]: "
         trial = _DeclaredTrial({**sweep.baseline_params, **values}, where)

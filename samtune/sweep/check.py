@@ -9,17 +9,18 @@ import logging
 import math
 import os
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from samtune.contract.messages import first_line
 from samtune.contract.values import SpaceError
-from samtune.sweep.space_file import _display, _where_in
-from samtune.sweep.study import Cell, Sweep, _study_key_error
+from samtune.sweep.space_file import display, where_in
+from samtune.sweep.study import Cell, Sweep, study_key_error
 from samtune.sweep.validate import (
-    _check_metric_reported,
-    _trial_spec,
+    check_metric_reported,
+    trial_spec,
     validate_trial_config,
 )
 
@@ -44,7 +45,7 @@ class _CheckingTrial:
     def __init__(self, trial: Any, path: Path) -> None:
         self._trial = trial
         self._path = str(path)
-        self._shown = _display(path)
+        self._shown = display(path)
         self.suggestions: list[_Suggestion] = []
 
     def _line(self) -> str:
@@ -56,8 +57,8 @@ class _CheckingTrial:
     def _check_name(self, name: Any, line: str) -> None:
         if not isinstance(name, str):
             raise SpaceError(f"{line}parameter name {name!r} is not a string")
-        _trial_spec(name, line)
-        if (error := _study_key_error(name, f"{line}space suggests {name!r}")) is not None:
+        trial_spec(name, line)
+        if (error := study_key_error(name, f"{line}space suggests {name!r}")) is not None:
             raise error
 
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
@@ -111,7 +112,14 @@ class _CheckingTrial:
         return self.suggest_float(name, low, high, step=q)
 
     def __getattr__(self, item: str) -> Any:
-        return getattr(self._trial, item)
+        if item.startswith("__"):
+            raise AttributeError(item)
+        # A space runs on Optuna's trials during the search, but also on the cell's declared
+        # baselines and on these dry runs, which hold values and nothing else: anything beyond
+        # suggesting would fail (or mean something else) there, so it is refused here, first.
+        raise SpaceError(f"{self._line()}space(trial) uses trial.{item}: a space may only call trial.suggest_float, "
+                         "suggest_int and suggest_categorical (its trials are also the declared baselines, "
+                         "which hold values only); keep other state outside the space")
 
 
 def _candidates(s: _Suggestion) -> list[Any]:
@@ -141,7 +149,7 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
     import optuna
 
     path = Path(getattr(space, "path", "<space>"))
-    shown = _display(path)
+    shown = display(path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sweep.seed))
     cells = sweep.cells()
@@ -157,17 +165,12 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
         except SpaceError:
             raise
         except Exception as exc:  # noqa: BLE001  user code: name it with its line
-            where = _where_in(path.resolve(), exc.__traceback__).replace(str(path.resolve()), shown)
+            where = where_in(path.resolve(), exc.__traceback__).replace(str(path.resolve()), shown)
             raise SpaceError(f"{where}space(trial) raised {type(exc).__name__}: {first_line(exc)}") from None
         if returned is not None and not isinstance(returned, dict):
             raise SpaceError(f"{shown}: space(trial) returned a {type(returned).__name__}; expected a dict or None")
         suggested = dict(trial.params)
-        params = dict(suggested)
-        for key, value in (returned or {}).items():
-            if not isinstance(key, str):
-                raise SpaceError(f"{shown}: space(trial) returned a non-string key {key!r}")
-            _check_returned_key(key, shown)
-            params[key] = value
+        params = _with_constants(suggested, returned, shown)
         to_check = [s for s in proxy.suggestions if range_checks.get(s.name, 0) < 4]
         for s in to_check:
             range_checks[s.name] = range_checks.get(s.name, 0) + 1
@@ -175,7 +178,7 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
             config = sweep.trial_config(cell, params)
             validate_trial_config(config, where=f"{shown}: space(trial) gave ")
             # A space may return val_fraction or the sharpness settings itself.
-            _check_metric_reported(sweep.metric, config, where=f"{shown}: space(trial) gave ")
+            check_metric_reported(sweep.metric, config, where=f"{shown}: space(trial) gave ")
             for s in to_check:
                 for value in _candidates(s):
                     try:
@@ -187,6 +190,23 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
         sampled.append(params if with_constants else suggested)
         study.tell(trial, 0.0)
     return sampled
+
+
+def _with_constants(suggested: dict[str, Any], returned: dict[str, Any] | None, shown: str) -> dict[str, Any]:
+    """A trial's settings: the suggested values and the constants the space returned, each key
+    a setting a space may return and none both suggested and returned."""
+    params = dict(suggested)
+    for key, value in (returned or {}).items():
+        if not isinstance(key, str):
+            raise SpaceError(f"{shown}: space(trial) returned a non-string key {key!r}")
+        _check_returned_key(key, shown)
+        if key in suggested:
+            # The returned constant would win over the suggestion in every trial, baselines
+            # included, while the search believed it was searching the setting.
+            raise SpaceError(f"{shown}: space(trial) suggests {key!r} and also returns {key}={value!r}, which "
+                             f"would replace every suggested value; suggest it or return it, not both")
+        params[key] = value
+    return params
 
 
 def space_fingerprint(sweep: Sweep, space: Callable[[Any], Any], samples: int = 32) -> dict[str, str]:
@@ -219,8 +239,8 @@ def fingerprint_changes(before: dict[str, str], now: dict[str, str]) -> list[str
 
 
 def _check_returned_key(key: str, shown: str) -> None:
-    _trial_spec(key, f"{shown}: space(trial) returned ")
-    if (error := _study_key_error(key, f"{shown}: space(trial) returned {key!r}")) is not None:
+    trial_spec(key, f"{shown}: space(trial) returned ")
+    if (error := study_key_error(key, f"{shown}: space(trial) returned {key!r}")) is not None:
         raise error
 
 
@@ -237,8 +257,8 @@ def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell,
     import optuna
 
     for key in params:
-        _trial_spec(key, "--params: ")
-        if (error := _study_key_error(key, f"--params {key}=...")) is not None:
+        trial_spec(key, "--params: ")
+        if (error := study_key_error(key, f"--params {key}=...")) is not None:
             raise error
     trial = optuna.trial.FixedTrial(dict(params))
     try:

@@ -4,6 +4,7 @@ answering, and Ray started or joined.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ from samtune.sweep.study import Sweep
 MIN_FREE_BYTES = 200 * 2**20
 
 
-def _check_data(sweep: Sweep) -> None:
+def check_data(sweep: Sweep) -> None:
     """Load the dataset once in the driver: a missing or malformed dataset is named before any
     trial starts, and the decoded-tensor cache is built once instead of in every trial."""
 
@@ -32,7 +33,7 @@ def _check_data(sweep: Sweep) -> None:
         raise SweepError(f"dataset {sweep.dataset!r}: {exc}") from None
 
 
-def _check_storage(storage: Path) -> None:
+def check_storage(storage: Path) -> None:
     try:
         storage.mkdir(parents=True, exist_ok=True)
         probe = storage / f".samtune-write-test-{os.getpid()}"
@@ -64,7 +65,7 @@ def check_shared_storage(storage: Path) -> None:
     probe.write_text(token)
     try:
         blind = [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
-                 for n, seen in zip(nodes, _read_on_every_node(nodes, str(probe), token)) if not seen]
+                 for n, seen in zip(nodes, read_on_every_node(nodes, str(probe), token)) if not seen]
     finally:
         probe.unlink(missing_ok=True)
     if blind:
@@ -73,7 +74,7 @@ def check_shared_storage(storage: Path) -> None:
                          f"file system all nodes mount")
 
 
-def _read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: float = 120.0) -> list[bool]:
+def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: float = 120.0) -> list[bool]:
     """Whether each node's processes read `token` from `path` (False: a node that cannot, or
     does not answer in time)."""
     import ray
@@ -99,7 +100,7 @@ def _reads_token(path: str, token: str) -> bool:
         return False
 
 
-def _check_address(address: str) -> None:
+def check_address(address: str) -> None:
     """Fail within seconds when a Ray cluster address does not answer (ray.init would hang)."""
     if address == "auto":
         return  # ray.init("auto") fails fast by itself when there is no local cluster
@@ -119,7 +120,7 @@ def _check_address(address: str) -> None:
         raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
-def _start_ray(address: str | None) -> None:
+def start_ray(address: str | None) -> None:
     """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
     the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
     even when another runs here: its resources are this sweep's alone."""
@@ -134,7 +135,7 @@ def _start_ray(address: str | None) -> None:
     runtime_env = apply_ray_env()
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise SweepError(f"{source}: cannot join that Ray cluster ({first_line(exc)})") from None
     else:
@@ -143,7 +144,7 @@ def _start_ray(address: str | None) -> None:
         # ray.init() would join a `ray start` cluster (and refuse these resources).
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         ray.init(address="local", num_cpus=cpus, num_gpus=_local_gpus(), runtime_env=runtime_env,
-                 log_to_driver=False, logging_level="ERROR",
+                 log_to_driver=False, logging_level=logging.ERROR,
                  dashboard_host="127.0.0.1")
 
 

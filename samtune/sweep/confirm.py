@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
@@ -34,7 +34,7 @@ from samtune.contract.tags import (
 from samtune.sweep.baselines import Baseline
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
-from samtune.sweep.recording import Recorder, SweepCallback, _reconcile, recording_to
+from samtune.sweep.recording import Recorder, SweepCallback, reconcile, recording_to
 from samtune.sweep.recovery import resumable
 from samtune.sweep.results import CellResult, TrialRow
 from samtune.sweep.search import PickledSearcher
@@ -42,6 +42,10 @@ from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
 from samtune.verdicts import cell_verdict
+
+if TYPE_CHECKING:
+    from ray.tune import Tuner
+    from ray.tune.experiment import Trial
 
 CONFIRM_DIR = "confirm"
 #: The configurations every cell confirms, in the order tables show them.
@@ -156,14 +160,14 @@ class StageRecorder(Recorder):
         self.budget = math.inf  # the search's end ended the cell; its runs end nothing
 
     @staticmethod
-    def _id(trial) -> tuple[str, int]:
+    def _id(trial: Trial) -> tuple[str, int]:
         return str(trial.config["confirms"]), int(trial.config["seed"])
 
-    def _key(self, trial) -> str:
+    def _key(self, trial: Trial) -> str:
         name, seed = self._id(trial)
         return f"{self.cell_key}/{name}/seed{seed}"
 
-    def _row(self, trial) -> TrialRow:
+    def _row(self, trial: Trial) -> TrialRow:
         row = self.result.reruns.get(self._id(trial))
         if row is None:
             params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
@@ -174,7 +178,7 @@ class StageRecorder(Recorder):
         return any(r.trial_id == trial_id and r.status in ("finished", "stopped", "diverged", "failed")
                    for r in self.result.reruns.values())
 
-    def trial_start(self, trial) -> None:
+    def trial_start(self, trial: Trial) -> None:
         name, seed = self._id(trial)
         self.tracker.declare(self._key(trial), f"{self.cell.label} {name} seed {seed}", role_of(name),
                              parent=self.cell_key, **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name,
@@ -191,7 +195,7 @@ class RerunSearch(PickledSearcher):
         self.configs = [dict(c) for c in configs]
         self.issued = 0
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]  # Ray's annotation omits FINISHED
         if self.issued >= len(self.configs):
             return Searcher.FINISHED
         self.issued += 1
@@ -201,7 +205,8 @@ class RerunSearch(PickledSearcher):
         pass
 
 
-def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int, resources: dict[str, float]):
+def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int,
+                 resources: dict[str, float]) -> Tuner:
     """A round's Tuner: restored from ``<sweep>/<folder>`` when a driver left it unfinished."""
     from ray import tune
 
@@ -260,7 +265,7 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
     with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
         with watch.tune_fit():
             _stage_tuner(plan, folder, runs, concurrent, resources).fit()
-        ended = _reconcile(plan, recorders, folder=folder)
+        ended = reconcile(plan, recorders, folder=folder)
     return len(runs) - sum(ended.values())
 
 

@@ -18,40 +18,42 @@ each cell's Optuna searcher continues from its saved state.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from samtune.contract.messages import first_line
 from samtune.contract.tags import DESCRIPTION_TAG
 from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
 from samtune.sweep.cluster import (
-    _check_address,
-    _check_data,
-    _check_storage,
-    _start_ray,
+    check_address,
+    check_data,
     check_shared_storage,
+    check_storage,
+    start_ray,
 )
 from samtune.sweep.confirm import confirm, seed_values
 from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.interrupts import InterruptWatch
-from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable
+from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import (
     Recorder,
     SweepCallback,
     TrialFailureFilter,
-    _reconcile,
     declare_sweep,
+    reconcile,
     recording_to,
     write_state,
 )
 from samtune.sweep.recovery import (
-    _read_state,
+    read_state,
     resumable,
 )
 from samtune.sweep.results import CellResult
@@ -73,8 +75,12 @@ from samtune.verdicts import cell_verdict
 from samtune.verdicts import markdown as verdict_markdown
 from samtune.verdicts import write as write_verdicts
 
+if TYPE_CHECKING:
+    from ray.tune import Tuner
+    from ray.tune.schedulers import TrialScheduler
 
-def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
+
+def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = None,
             data_root: str | None = None, tracking_uri: str | None = None, address: str | None = None,
             storage_path: str | None = None, resume: bool = False) -> Plan:
     """Load and check everything a sweep needs, creating nothing in MLflow or Ray.
@@ -93,13 +99,13 @@ def prepare(path: str, overrides: list[str] = (), *, trials: int | None = None,
     except (ConnectionError, ValueError) as exc:
         raise SweepError(f"--tracking-uri: {exc}") from None
     if address:
-        _check_address(address)
+        check_address(address)
     flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
     return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
                 flags, lock)
 
 
-def _checked_sweep(path: str, overrides: list[str], trials: int | None,
+def _checked_sweep(path: str, overrides: Sequence[str], trials: int | None,
                    data_root: str | None) -> tuple[Sweep, SpaceFunction]:
     """The space file's sweep with the command line's changes, its space sampled and its data
     read: every trial config it can produce is one its trials accept."""
@@ -114,7 +120,7 @@ def _checked_sweep(path: str, overrides: list[str], trials: int | None,
     sweep = apply_overrides(sweep, sets)
     sampled = check_space(sweep, space, with_constants=True)
     baseline_trials(sweep, space, sampled)  # a baseline the space cannot run is refused now
-    _check_data(sweep)
+    check_data(sweep)
     try:
         check_cells(sweep, sampled)
     except PreflightError as exc:
@@ -124,7 +130,7 @@ def _checked_sweep(path: str, overrides: list[str], trials: int | None,
 
 def _hold(storage: Path, sweep: Sweep) -> DriverLock:
     """This driver's lock on the sweep, in a storage folder it can write."""
-    _check_storage(storage)
+    check_storage(storage)
     try:
         # Before the sweep's state is read: a second driver must not even look at a sweep that
         # another one is changing.
@@ -145,7 +151,7 @@ def _sweep_id(state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool
             raise SweepError(f"sweep {sweep.name!r} already has results in {state_file.parent}; finish it with "
                              f"--resume, or start another with --set name=... or --storage-path")
         return uuid.uuid4().hex[:8], tracking_uri
-    saved = _read_state(state_file, sweep)
+    saved = read_state(state_file, sweep)
     _check_unchanged(saved, sweep, space)
     # A sweep.json from before sweep ids: its runs are keyed by the name alone.
     return str(saved.get("sweep_id") or ""), tracking_uri or saved.get("tracking_uri")
@@ -153,8 +159,8 @@ def _sweep_id(state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool
 
 def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) -> None:
     """Raise SweepError when the sweep or its search space differ from what sweep.json saved."""
-    if saved["sweep"] != _jsonable(sweep.to_dict()):
-        changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != _jsonable(sweep.to_dict()).get(k))
+    if saved["sweep"] != jsonable(sweep.to_dict()):
+        changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != jsonable(sweep.to_dict()).get(k))
         raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
                          f"resume it with the same file and --set values, or start a new one with --set name=...")
     if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
@@ -164,7 +170,7 @@ def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) 
                              f"resume it with the space as it was, or start a new sweep with --set name=...")
 
 
-def _resume_flags(overrides: list[str], trials: int | None, data_root: str | None,
+def _resume_flags(overrides: Sequence[str], trials: int | None, data_root: str | None,
                   storage: Path | None, address: str | None) -> tuple[str, ...]:
     """The command-line flags that made this sweep what it is, for the --resume command."""
     flags = [f for value in overrides for f in ("--set", value)]
@@ -212,7 +218,7 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
     return tune_res, need, concurrent
 
 
-def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
+def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]) -> Tuner:
     """The sweep's one Tuner: restored from its folder on --resume, else built afresh."""
     import optuna
     from ray import tune
@@ -240,6 +246,7 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
     search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
                         baselines=[b.extras for b in baselines],
                         batch=sweep.search_batch if sweep.deterministic else None)
+    scheduler: TrialScheduler
     if sweep.deterministic:
         scheduler = BatchedASHA(search, max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
                                 reduction_factor=sweep.reduction_factor, metric=sweep.metric, mode=sweep.mode)
@@ -261,7 +268,7 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]):
 
 
 
-def run_sweep(plan: Plan, view=None) -> list[CellResult]:
+def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     """Run (or resume) every cell of `plan`; returns per-cell results.
 
     `view` (optional) gets ``start(plan, cells)``, ``update(recorder)``, ``cell_done(recorder)``
@@ -305,9 +312,10 @@ def run_sweep(plan: Plan, view=None) -> list[CellResult]:
 def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list[CellResult]) -> None:
     """Each cell's verdict on its result, and all of them on the sweep's MLflow run: its
     description (what the UI shows first) and its ``verdicts.json``/``verdicts.md`` artifacts."""
+    verdicts: list[dict[str, Any]] = []
     for result in results:
         result.verdict = cell_verdict(result.cell.label, *seed_values(result), design=plan.sweep.design())
-    verdicts = [r.verdict for r in results]
+        verdicts.append(result.verdict)
     folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
     tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})
     tracker.log_artifacts(sweep_key, folder)
@@ -328,7 +336,7 @@ def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
     except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
         raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
     try:
-        _start_ray(plan.address)
+        start_ray(plan.address)
         check_shared_storage(plan.sweep_dir.parent)
         resources, _need, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
         try:
@@ -348,8 +356,8 @@ def _recorders(sweep: Sweep, tracker: Tracker, sweep_key: str, view: Any) -> dic
     for cell in sweep.cells():
         recorder = Recorder(sweep, cell, tracker, sweep_key)
         if view is not None:
-            recorder.on_change = lambda r=recorder: view.update(r)
-            recorder.on_done = lambda r=recorder: view.cell_done(r)
+            recorder.on_change = functools.partial(view.update, recorder)
+            recorder.on_done = functools.partial(view.cell_done, recorder)
         recorders[cell.slug] = recorder
     return recorders
 
@@ -357,13 +365,13 @@ def _recorders(sweep: Sweep, tracker: Tracker, sweep_key: str, view: Any) -> dic
 def _fit(plan: Plan, concurrent: int, resources: dict[str, float], recorders: dict[str, Recorder],
          watch: InterruptWatch) -> dict[str, int]:
     """Run the sweep's Tuner with its trial events going to `recorders`; returns how many trials
-    of each cell (by slug) have ended, as Tune saved them (`_reconcile`)."""
+    of each cell (by slug) have ended, as Tune saved them (`reconcile`)."""
     with recording_to(recorders):
         quiet = TrialFailureFilter().install()
         try:
             with watch.tune_fit():
                 _tuner(plan, concurrent, resources).fit()
-            return _reconcile(plan, recorders)
+            return reconcile(plan, recorders)
         finally:
             quiet.remove()
 

@@ -31,7 +31,7 @@ class DriverLock:
         self._close = weakref.finalize(self, os.close, fd)
 
     @classmethod
-    def acquire(cls, storage: Path, name: str) -> "DriverLock":
+    def acquire(cls, storage: Path, name: str) -> DriverLock:
         """Lock sweep `name` under `storage`; raises `SweepBusy` naming the driver that holds it."""
         # Beside the sweep's folder, not in it: a sweep refused for any other reason leaves no
         # folder that a later run would take for a sweep to resume.

@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 
 class InterruptWatch:
@@ -27,14 +30,14 @@ class InterruptWatch:
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
         self._active = False
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True
         raise KeyboardInterrupt
 
-    def install(self) -> "InterruptWatch":
+    def install(self) -> InterruptWatch:
         # Signals go to the main thread only; elsewhere (a notebook's worker thread) there is
         # nothing to install and Python's own behaviour stays.
         if threading.current_thread() is threading.main_thread():
@@ -49,14 +52,14 @@ class InterruptWatch:
             signal.signal(signal.SIGINT, self._previous)
             self._active = False
 
-    def __enter__(self) -> "InterruptWatch":
+    def __enter__(self) -> InterruptWatch:
         return self.install()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     @contextmanager
-    def tune_fit(self):
+    def tune_fit(self) -> Iterator[InterruptWatch]:
         """Around the sweep's ``Tuner.fit()``: afterwards, `interrupted` tells whether a SIGINT came
         while Tune's handler was installed, and this watch's handler is back in place."""
         try:

@@ -38,11 +38,11 @@ class Plan:
     @property
     def resume_command(self) -> str:
         """The command that finishes this sweep, ready to paste."""
-        return " ".join(["samtune", "sweep", shlex.quote(_shown(self.space_path)),
+        return " ".join(["samtune", "sweep", shlex.quote(shown_path(self.space_path)),
                          *(shlex.quote(f) for f in self.flags), "--resume"])
 
 
-def _shown(path: str) -> str:
+def shown_path(path: str) -> str:
     """`path` relative to here when it lies below here, else absolute: short, and pasteable."""
     try:
         relative = os.path.relpath(path)
@@ -51,7 +51,7 @@ def _shown(path: str) -> str:
     return path if relative.startswith(os.pardir) else relative
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 

@@ -8,7 +8,8 @@ of a second), and each cell's split sized without building it
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from samtune.data.load import load_dataset
 from samtune.data.scenarios import split_sizes

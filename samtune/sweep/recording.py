@@ -2,7 +2,7 @@
 the `Recorder` of the trial's cell, become MLflow runs and metrics (`samtune.sweep.tracking`) and
 the rows of the live view. Also what a resumed driver needs to pick the records up again: the
 sweep's ``sweep.json`` (`write_state`) and the records of trials that ended while no driver was
-listening (`_reconcile`).
+listening (`reconcile`).
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
@@ -22,20 +23,23 @@ from samtune.contract.tags import (
     CELL_TAG,
     ERROR_TAG,
     PLACEMENT_TAG,
-    SHARPNESS_SKIPPED_TAG,
     SEARCH_TAG,
+    SHARPNESS_SKIPPED_TAG,
     SPACE_FILE_TAG,
     STATUS_TAG,
     SWEEP_ID_TAG,
     TRIAL_KEY_TAG,
 )
 from samtune.sweep.check import space_fingerprint
-from samtune.sweep.plan import TUNE_DIR, Plan, _jsonable, _shown
+from samtune.sweep.plan import TUNE_DIR, Plan, jsonable, shown_path
 from samtune.sweep.recovery import settle_failed_trials
 from samtune.sweep.results import CellResult, TrialRow, finite
 from samtune.sweep.search import cell_index
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,10 @@ class Recorder:
         tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
                                            "label_noise_kind": sweep.label_noise_kind})
 
-    def _key(self, trial) -> str:
+    def _key(self, trial: Trial) -> str:
         return f"{self.cell_key}/{trial.trial_id}"
 
-    def _row(self, trial) -> TrialRow:
+    def _row(self, trial: Trial) -> TrialRow:
         row = self.result.trials.get(trial.trial_id)
         if row is None:
             params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
@@ -81,7 +85,7 @@ class Recorder:
         # What every trial of the cell shares, and the baseline mark: not settings worth a column.
         return set(self.sweep.base_config(self.cell)) - set(self.sweep.fixed) | {"baseline", "trial_number"}
 
-    def trial_start(self, trial) -> None:
+    def trial_start(self, trial: Trial) -> None:
         key = self._key(trial)
         self.tracker.declare(key, f"{self.cell.label} {trial.trial_id}", "trial", parent=self.cell_key,
                              **{CELL_TAG: self.cell.label, TRIAL_KEY_TAG: key,
@@ -90,7 +94,7 @@ class Recorder:
         self._row(trial).status = "running"
         self.on_change()
 
-    def trial_result(self, trial, result: dict[str, Any]) -> None:
+    def trial_result(self, trial: Trial, result: dict[str, Any]) -> None:
         row = self._row(trial)
         # Only finite numbers count: a diverged epoch's NaN, or the gaps of a progress table read
         # back on resume, are neither logged nor shown.
@@ -118,13 +122,13 @@ class Recorder:
         row = self.result.trials.get(trial_id)
         return row is not None and row.status in ("finished", "stopped", "diverged", "failed")
 
-    def trial_end(self, trial, failed: bool) -> None:
+    def trial_end(self, trial: Trial, failed: bool) -> None:
         row = self._row(trial)
         if failed:
             status = "failed"
             row.error = trial_error(trial)
             if row.error and getattr(trial, "error_file", None):
-                row.error += f" (traceback: {_shown(trial.error_file)})"
+                row.error += f" (traceback: {shown_path(trial.error_file)})"
             if row.error:
                 self.tracker.set_tags(self._key(trial), {ERROR_TAG: row.error[:5000]})
         elif row.metrics.get("diverged"):
@@ -144,7 +148,7 @@ class Recorder:
             self.on_done()
 
 
-def trial_error(trial) -> str:
+def trial_error(trial: Trial) -> str:
     """The last line of the error a failed Tune trial left (its exception, type and message)."""
     path = getattr(trial, "error_file", None)
     try:
@@ -189,28 +193,29 @@ class SweepCallback(Callback):
         self.slugs = tuple(c.slug for c in cells)
         self.stage = stage
 
-    def _recorder(self, trial) -> "Recorder | None":
+    def _recorder(self, trial: Trial) -> Recorder | None:
         index = cell_index(self.rates, trial.config)
         # A callback pickled before stages existed has no `stage`: it is the search's.
         return None if index is None else _LIVE_RECORDERS.get(getattr(self, "stage", "") + self.slugs[index])
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
             r.trial_start(trial)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
             r.trial_result(trial, result)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
             r.trial_end(trial, failed=False)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
             r.trial_end(trial, failed=True)
 
-    def on_trial_recover(self, iteration, trials, trial, **info):
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
             log.warning("%s trial %s failed and restarts from its last checkpoint: %s",
                         r.cell.label, trial.trial_id, trial_error(trial) or "(no error recorded)")
@@ -226,7 +231,7 @@ class TrialFailureFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(("Trial task failed", "Trials did not complete"))
 
-    def install(self) -> "TrialFailureFilter":
+    def install(self) -> TrialFailureFilter:
         for name in self.LOGGERS:
             logging.getLogger(name).addFilter(self)
         return self
@@ -242,7 +247,7 @@ def write_state(plan: Plan) -> None:
     state_file = plan.sweep_dir / "sweep.json"
     if state_file.exists():
         return
-    state = {"sweep": _jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
+    state = {"sweep": jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
              "space": space_fingerprint(plan.sweep, plan.space),
              "tracking_uri": plan.tracking_uri, "sweep_id": plan.sweep_id, "started": time.time()}
     # Its own user only: the folder holds pickles (Tune's state, the searchers') that a resume loads.
@@ -271,7 +276,7 @@ def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     return plan.sweep_key
 
 
-def _reconcile(plan: Plan, recorders: dict[str, Recorder], folder: str = TUNE_DIR) -> dict[str, int]:
+def reconcile(plan: Plan, recorders: Mapping[str, Recorder], folder: str = TUNE_DIR) -> dict[str, int]:
     """Bring each cell's records up to Tune's saved state (of the search, or of the Tuner in
     ``folder``); return how many trials of each cell (by slug) have ended.
 

@@ -3,7 +3,7 @@
 `resumable` says whether Tune's saved state can be picked up (putting back a state cut short),
 `StateBackup` copies that state aside at each step of Tune's loop, `CheckpointPruner` keeps each
 trial's two newest checkpoints so the state stays small and never names a deleted one, and
-`_read_state` reads the sweep's ``sweep.json`` back.
+`read_state` reads the sweep's ``sweep.json`` back.
 """
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from samtune.contract.messages import first_line
 from samtune.sweep.errors import SweepError
 from samtune.sweep.study import Sweep
+
+if TYPE_CHECKING:
+    from ray.tune import Checkpoint
+    from ray.tune.experiment import Trial
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ class StateBackup(Callback):
     def __init__(self, folder: str):
         self.folder = folder
 
-    def on_step_begin(self, iteration, trials, **info):
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         folder = Path(self.folder)
         states = list(folder.glob("experiment_state-*.json"))
         if not states:
@@ -139,7 +143,8 @@ class CheckpointPruner(Callback):
     after 200, rewritten at every step for every trial).
     """
 
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint,
+                      **info: Any) -> None:
         fs = getattr(checkpoint, "filesystem", None)
         if fs is not None and getattr(fs, "type_name", "local") != "local":
             return  # remote storage: left to its own lifecycle rules
@@ -161,7 +166,7 @@ class CheckpointPruner(Callback):
 EXPERIMENT_STATE_PERIOD_S = 0
 
 
-def _read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
+def read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
     """The saved sweep.json for --resume; SweepError when it is missing or unreadable."""
     if not state_file.exists():
         raise SweepError(f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "

@@ -9,10 +9,13 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from samtune.sweep.plan import TUNE_DIR, Plan
 from samtune.sweep.study import Cell
+
+if TYPE_CHECKING:
+    from optuna.study import Study
 
 
 @dataclass
@@ -67,7 +70,7 @@ def _order(row: TrialRow) -> tuple[float, str]:
     return (math.inf if row.number is None else row.number, row.trial_id)
 
 
-def load_study(sweep_dir: str | os.PathLike, cell: Cell):
+def load_study(sweep_dir: str | os.PathLike, cell: Cell) -> Study:
     """The Optuna study of one cell as Tune last saved it (an ``optuna.Study``), e.g. for
     ``optuna.visualization`` or ``optuna.importance``; its trials are the cell's Tune trials, in
     order, COMPLETE / PRUNED (stopped by ASHA) / FAIL. The space file must still exist (the
@@ -104,5 +107,5 @@ def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def finite(value: Any) -> bool:
+def finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)

@@ -19,12 +19,16 @@ False
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler
 
 from samtune.sweep.results import finite
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 
 def rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
@@ -73,7 +77,7 @@ class BatchedASHA(FIFOScheduler):
         self._mode = mode or self._mode
         return True
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         epoch = result.get("epoch")
         placed = self.search.numbers.get(trial.trial_id)
         if placed is None or not isinstance(epoch, int) or epoch not in self.milestones:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import pickle
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
+from optuna.study import Study
 from optuna.trial import TrialState
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -22,6 +24,9 @@ from samtune.sweep.baselines import Baseline, baseline_trials
 from samtune.sweep.check import check_space
 from samtune.sweep.plan import Plan
 from samtune.sweep.results import finite
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 
 class CellSpace:
@@ -34,7 +39,7 @@ class CellSpace:
         self.space = space
         self.base = dict(base)
 
-    def __call__(self, trial) -> dict[str, Any]:
+    def __call__(self, trial: Any) -> dict[str, Any]:
         returned = self.space(trial) or {}
         # Suggested values are added by OptunaSearch itself; constants come from here.
         return {**self.base, **returned}
@@ -60,19 +65,20 @@ class AshaAwareOptunaSearch(OptunaSearch):
         self._epochs = epochs
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = (not error and bool(result) and trial_id in self._ot_trials
+        stopped_early = (not error and result is not None and bool(result) and trial_id in self._ot_trials
                          and trial_id not in self._completed_trials
                          and not (finite(result.get("diverged")) and result["diverged"])
                          and finite(result.get("epoch")) and result["epoch"] < self._epochs)
-        if not stopped_early:
+        if not stopped_early or result is None:
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         ot_trial = self._ot_trials[trial_id]
         step = result.get("training_iteration")
-        frozen = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == ot_trial.number)
+        study = cast(Study, self._ot_study)  # set up before any trial; Ray's __init__ types it as None
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == ot_trial.number)
         if finite(result.get(self.metric)) and isinstance(step, int) and step not in frozen.intermediate_values:
             ot_trial.report(result[self.metric], step)
-        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        study.tell(ot_trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
 
@@ -122,10 +128,10 @@ class CellSearch(PickledSearcher):
     batch: int | None = None           # saved before batches: asynchronous
     numbers: dict[str, tuple[int, int]] = {}
     ended: dict[int, set[int]] = {}
-    queued: dict[int, list[tuple[str, dict]]] = {}
+    queued: dict[int, list[tuple[str, dict | None]]] = {}
     rungs: dict[int, dict[int, dict[int, float]]] = {}
 
-    def __init__(self, searchers: list[Searcher], trials: int, metric: str, mode: str,
+    def __init__(self, searchers: Sequence[Searcher], trials: int, metric: str, mode: str,
                  baselines: int | Sequence[dict[str, Any]] = (), batch: int | None = None):
         """`baselines`: a cell's first trials are its baselines (its searcher's points to
         evaluate), and their configs carry ``baseline=True``; given as the declared settings the
@@ -142,7 +148,7 @@ class CellSearch(PickledSearcher):
         # cell -> rung (epoch) -> trial number -> its metric there: what `BatchedASHA` judges by.
         self.rungs = {i: {} for i in range(len(self.searchers))}
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]  # Ray's annotation omits FINISHED
         issued = Counter(self.cell_of.values())
         waiting = False
         for index, searcher in enumerate(self.searchers):
@@ -166,11 +172,13 @@ class CellSearch(PickledSearcher):
         every earlier trial has ended); None while the batch before it runs."""
         queue = self.queued[index]
         if not queue:
-            first = number - number % self.batch
+            batch = self.batch
+            assert batch is not None  # asked for by `suggest` with a batch only
+            first = number - number % batch
             if any(k not in self.ended[index] for k in range(first)):
                 return None
             searcher = self.searchers[index]
-            for k in range(first, min(first + self.batch, self.trials)):
+            for k in range(first, min(first + batch, self.trials)):
                 # Asked under a name of its own; renamed to its Tune trial id when issued.
                 placeholder = f"cell{index}-trial{k}"
                 queue.append((placeholder, searcher.suggest(placeholder)))
@@ -210,13 +218,13 @@ class CellScheduler(FIFOScheduler):
     never keeps.
     """
 
-    def __init__(self, rates: tuple[float, ...], schedulers: list, max_t: int):
+    def __init__(self, rates: Sequence[float], schedulers: Sequence[TrialScheduler], max_t: int):
         super().__init__()
         self.rates = tuple(rates)
         self.schedulers = list(schedulers)
         self.max_t = max_t
 
-    def _of(self, trial):
+    def _of(self, trial: Trial) -> TrialScheduler:
         index = cell_index(self.rates, trial.config)
         if index is None:
             raise ValueError(f"trial {trial.trial_id} belongs to no cell of this sweep "
@@ -227,22 +235,22 @@ class CellScheduler(FIFOScheduler):
         self._metric, self._mode = metric, mode
         return all([s.set_search_properties(metric, mode, **spec) for s in self.schedulers])
 
-    def on_trial_add(self, tune_controller, trial) -> None:
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         self._of(trial).on_trial_add(tune_controller, trial)
 
-    def on_trial_error(self, tune_controller, trial) -> None:
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         self._of(trial).on_trial_error(tune_controller, trial)
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         action = self._of(trial).on_trial_result(tune_controller, trial, result)
         if action == self.STOP and trial.config.get("baseline") and result.get("epoch", 0) < self.max_t:
             return self.CONTINUE  # recorded at its rung above, but a baseline runs its budget
         return action
 
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
         self._of(trial).on_trial_complete(tune_controller, trial, result)
 
-    def on_trial_remove(self, tune_controller, trial) -> None:
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         self._of(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:

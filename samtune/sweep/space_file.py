@@ -22,12 +22,13 @@ import importlib
 import importlib.util
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from samtune.contract.messages import first_line
 from samtune.contract.values import SpaceError
-from samtune.sweep.study import _REQUIRED, Sweep, _unknown_sweep_key
+from samtune.sweep.study import REQUIRED, Sweep, unknown_sweep_key
 
 
 def _module_name(path: Path) -> str:
@@ -35,7 +36,7 @@ def _module_name(path: Path) -> str:
     return f"_samtune_space_{digest}"
 
 
-def _where_in(path: Path, tb: Any) -> str:
+def where_in(path: Path, tb: Any) -> str:
     """``file:line: `` of the deepest traceback frame inside the space file, else ``file: ``."""
     line = None
     for frame in traceback.extract_tb(tb):
@@ -44,7 +45,7 @@ def _where_in(path: Path, tb: Any) -> str:
     return f"{path}:{line}: " if line else f"{path}: "
 
 
-def _display(path: Path) -> str:
+def display(path: Path) -> str:
     try:
         return os.path.relpath(path)
     except ValueError:
@@ -53,7 +54,7 @@ def _display(path: Path) -> str:
 
 def _exec_space_file(path: Path) -> dict[str, Any]:
     """Execute the file in a fresh namespace and return it; errors become one-line SpaceErrors."""
-    shown = _display(path)
+    shown = display(path)
     if not path.exists():
         raise SpaceError(f"{shown}: no such search space file")
     if path.is_dir():
@@ -74,29 +75,29 @@ def _exec_space_file(path: Path) -> dict[str, Any]:
         raise SpaceError(f"{shown}: not a Python file ({exc})") from None
     module_name = _module_name(path)
     spec = importlib.util.spec_from_loader(module_name, loader=None, origin=str(path))
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]  # never None given an origin
     module.__file__ = str(path)
     try:
         exec(code, module.__dict__)  # noqa: S102  the file is the user's own Python, by design
     except SpaceError as exc:
-        raise SpaceError(f"{_where_in(path, exc.__traceback__).replace(str(path), shown)}{exc}") from None
+        raise SpaceError(f"{where_in(path, exc.__traceback__).replace(str(path), shown)}{exc}") from None
     except TypeError as exc:
         raise SpaceError(_describe_type_error(path, shown, exc)) from None
     except Exception as exc:  # noqa: BLE001  any error in user code: name it with its line
-        where = _where_in(path, exc.__traceback__).replace(str(path), shown)
+        where = where_in(path, exc.__traceback__).replace(str(path), shown)
         raise SpaceError(f"{where}{type(exc).__name__}: {first_line(exc)}") from None
     return module.__dict__
 
 
 def _describe_type_error(path: Path, shown: str, exc: TypeError) -> str:
-    where = _where_in(path, exc.__traceback__).replace(str(path), shown)
+    where = where_in(path, exc.__traceback__).replace(str(path), shown)
     msg = str(exc)
     if "Sweep.__init__()" in msg:
         if "unexpected keyword argument" in msg:
             key = msg.rsplit("'", 2)[-2] if msg.count("'") >= 2 else "?"
-            return f"{where}{_unknown_sweep_key(key)}"
+            return f"{where}{unknown_sweep_key(key)}"
         if "missing" in msg:
-            missing = [k for k in _REQUIRED if f"'{k}'" in msg]
+            missing = [k for k in REQUIRED if f"'{k}'" in msg]
             return f"{where}Sweep needs {', '.join(missing) or msg} (missing)"
         if "positional" in msg:
             return f"{where}Sweep takes keyword arguments only, e.g. Sweep(name='x', dataset='digits', ...)"
@@ -129,7 +130,7 @@ class SpaceFunction:
 
 
 def _space_from_namespace(path: Path, namespace: dict[str, Any]) -> Callable[[Any], Any]:
-    shown = _display(path)
+    shown = display(path)
     func = namespace.get("space")
     if func is None:
         raise SpaceError(f"{shown}: defines no space(trial) function (the Optuna define-by-run search space)")
@@ -159,7 +160,7 @@ def load_space(path: str | os.PathLike[str]) -> tuple[Sweep, SpaceFunction]:
     """
     resolved = Path(path).expanduser().resolve()
     namespace = _exec_space_file(resolved)
-    shown = _display(resolved)
+    shown = display(resolved)
     if "SWEEP" not in namespace:
         raise SpaceError(f"{shown}: defines no SWEEP (expected SWEEP = Sweep(name=..., dataset=..., ...))")
     raw = namespace["SWEEP"]

@@ -7,22 +7,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
+from samtune.contract.values import Setting, SpaceError, choice, suggest
 from samtune.sequential import Design, looks_between
-from samtune.contract.values import Setting, SpaceError, _choice, _suggest
 from samtune.sweep.validate import (
     TRIAL_SETTINGS,
-    _check_metric_reported,
+    check_metric_reported,
     parse_trial_value,
     validate_trial_config,
 )
 
 
-def _study_key_error(key: str, what: str) -> SpaceError | None:
+def study_key_error(key: str, what: str) -> SpaceError | None:
     """The error for `what` (e.g. "space suggests 'epochs'") touching a key the study sets, with
     where it is set instead; None for a key anyone may set."""
     if key == "baseline":
@@ -75,7 +76,7 @@ _SWEEP_SPECS: dict[str, Setting] = {
     "gpus_per_trial": Setting("float", low=0.0, doc="GPUs per trial (fractions pack trials onto a GPU)"),
     "cpus_per_trial": Setting("float", low=0.0, low_open=True, doc="CPUs per trial"),
     "metric": Setting("str", doc="per-epoch metric ASHA and TPE optimise"),
-    "mode": _choice("min", "max"),
+    "mode": choice("min", "max"),
     "seed": TRIAL_KEYS["seed"],
     "data_subset": TRIAL_KEYS["data_subset"],
     "max_concurrent": Setting("int", optional=True, low=1, doc="trials at once (None: what the cluster fits)"),
@@ -167,7 +168,7 @@ class Sweep:
         metrics = reported_metrics()
         if self.metric not in metrics and not self.metric.startswith("sharpness/"):
             raise SpaceError(f"metric={self.metric!r}: not a metric trials report; expected one of {list(metrics)} or "
-                             f"'sharpness/<measure>'{_suggest(self.metric, metrics)}")
+                             f"'sharpness/<measure>'{suggest(self.metric, metrics)}")
         if self.batch_size % self.workers:
             raise SpaceError(f"batch_size={self.batch_size} is not divisible by workers={self.workers}")
         if self.workers > 1 and self.gpus_per_trial not in (0.0, float(self.workers)):
@@ -181,7 +182,8 @@ class Sweep:
             if key in SWEEP_FIELDS:
                 raise SpaceError(f"fixed sets {key!r}, which Sweep sets itself; use Sweep({SWEEP_FIELDS[key]}=...)")
             if key in ("baseline", "confirms", "trial_number"):  # study keys fixed may not set (data_root, say, it may)
-                raise _study_key_error(key, f"fixed sets {key!r}")
+                if (error := study_key_error(key, f"fixed sets {key!r}")) is not None:
+                    raise error
         fixed = validate_trial_config(dict(self.fixed), where="fixed: ", whole=False)
         object.__setattr__(self, "fixed", fixed)
         # The whole base config must hold together (e.g. a fixed m against the batch).
@@ -190,7 +192,7 @@ class Sweep:
         if self.max_confirm_seeds is not None and self.max_confirm_seeds < self.confirm_seeds:
             raise SpaceError(f"max_confirm_seeds={self.max_confirm_seeds} is below confirm_seeds="
                              f"{self.confirm_seeds}: the first round already runs that many seeds")
-        _check_metric_reported(self.metric, self.base_config(self.cells()[0]))
+        check_metric_reported(self.metric, self.base_config(self.cells()[0]))
 
     def _validate_answer_fields(self) -> None:
         """The baselines, their declared settings and the m ablation: trial settings each."""
@@ -301,11 +303,11 @@ class Sweep:
         grace = self.grace_period if self.grace_period is not None else max(1, self.epochs // 4)
         return min(grace, self.epochs)
 
-    def replace(self, **changes: Any) -> "Sweep":
+    def replace(self, **changes: Any) -> Sweep:
         """A copy with ``changes`` applied and validated again."""
         unknown = [k for k in changes if k not in _FIELD_NAMES]
         if unknown:
-            raise SpaceError(_unknown_sweep_key(unknown[0]))
+            raise SpaceError(unknown_sweep_key(unknown[0]))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,14 +316,14 @@ class Sweep:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Sweep":
+    def from_dict(cls, values: dict[str, Any]) -> Sweep:
         """Build from a plain dict; unknown or missing keys give a SpaceError naming them."""
         if not isinstance(values, dict):
             raise SpaceError(f"SWEEP must be Sweep(...) or a dict, got {type(values).__name__}")
         for key in values:
             if key not in _FIELD_NAMES:
-                raise SpaceError(_unknown_sweep_key(key))
-        missing = [k for k in _REQUIRED if k not in values]
+                raise SpaceError(unknown_sweep_key(key))
+        missing = [k for k in REQUIRED if k not in values]
         if missing:
             raise SpaceError(f"Sweep needs {', '.join(missing)} (missing)")
         return cls(**values)
@@ -330,12 +332,12 @@ class Sweep:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Sweep))
 
 
-_REQUIRED = tuple(f.name for f in dataclasses.fields(Sweep)
+REQUIRED = tuple(f.name for f in dataclasses.fields(Sweep)
                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
 
 
-def _unknown_sweep_key(key: str) -> str:
-    return (f"Sweep has no setting {key!r}{_suggest(key, _FIELD_NAMES)}; "
+def unknown_sweep_key(key: str) -> str:
+    return (f"Sweep has no setting {key!r}{suggest(key, _FIELD_NAMES)}; "
             f"settings: {', '.join(_FIELD_NAMES)} (trial settings go in fixed={{...}})")
 
 
@@ -396,7 +398,7 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
                 changes[key] = _SWEEP_SPECS[key].parse(key, raw)
             else:
                 hint = f"; for a trial setting use --set fixed.{key}=..." if key in TRIAL_KEYS else ""
-                raise SpaceError(f"--set: {_unknown_sweep_key(key)}{hint}")
+                raise SpaceError(f"--set: {unknown_sweep_key(key)}{hint}")
     if fixed != sweep.fixed:
         changes["fixed"] = fixed
     try:

@@ -76,7 +76,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from samtune.contract.tags import (
@@ -87,6 +87,9 @@ from samtune.contract.tags import (
     ROLE_TAG,
     STATUS_TAG,
 )
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +230,7 @@ class Tracker:
         self.spool_path = str(spool_path)
         self.rejected_path = self.spool_path.removesuffix(".jsonl") + ".rejected.jsonl"
         self.replay_hint = replay_hint
-        self._client = None
+        self._client: MlflowClient | None = None
         # The SQLite file opening the store will create, if it does not exist yet (`discard`).
         db = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
         self._created_file = db if db and not os.path.exists(db) else None
@@ -303,12 +306,13 @@ class Tracker:
             raise self._open_error
 
     @property
-    def client(self):
+    def client(self) -> MlflowClient:
         self.wait_open()
+        assert self._client is not None  # open (`wait_open` raised otherwise) and not discarded
         return self._client
 
     @client.setter
-    def client(self, value) -> None:
+    def client(self, value: MlflowClient) -> None:
         self.wait_open()
         self._client = value
 
@@ -560,10 +564,10 @@ class Tracker:
             self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self._experiment_id
 
-    def _resolve(self, key: str) -> _RunSpec:
+    def _resolve(self, key: str) -> str:
         spec = self._runs[key]
         if spec.run_id is not None:
-            return spec
+            return spec.run_id
         experiment = self._experiment()
         found = self.client.search_runs([experiment], filter_string=f"tags.`{KEY_TAG}` = {_quoted(key)}",
                                         max_results=1)
@@ -574,54 +578,56 @@ class Tracker:
             spec.last_step = max((m.step for m in history), default=0)
             if found[0].info.status != "RUNNING":
                 self.client.update_run(spec.run_id, status="RUNNING")
-            return spec
+            return spec.run_id
         tags = dict(spec.tags)
         if spec.parent is not None:
-            tags["mlflow.parentRunId"] = self._resolve(spec.parent).run_id
+            tags["mlflow.parentRunId"] = self._resolve(spec.parent)
         run = self.client.create_run(experiment, tags=tags, run_name=spec.name)
         spec.run_id = run.info.run_id
-        return spec
+        return spec.run_id
 
     def _apply(self, op: _Op) -> None:
         from mlflow.entities import Metric, Param
 
-        spec = self._resolve(op.key)
+        run_id = self._resolve(op.key)
+        spec = self._runs[op.key]
         if op.kind == "params":
-            existing = self.client.get_run(spec.run_id).data.params
+            existing = self.client.get_run(run_id).data.params
             params = [Param(k, v) for k, v in op.payload.items() if k not in existing]
             for i in range(0, len(params), 100):
-                self.client.log_batch(spec.run_id, params=params[i:i + 100])
+                self.client.log_batch(run_id, params=params[i:i + 100])
         elif op.kind == "metrics":
             if op.key in self._unsure:
                 # The failed attempt may have reached the server before it timed out: a step the
                 # run already has is not logged a second time. The last metric of the record is
                 # the one written last (batches go in order), so its presence means all of it.
                 last_key = list(op.payload)[-1]
-                logged = self.client.get_metric_history(spec.run_id, last_key)
+                logged = self.client.get_metric_history(run_id, last_key)
                 spec.last_step = max([spec.last_step] + [m.step for m in logged])
                 self._unsure.discard(op.key)
+            assert op.step is not None  # a metrics record always has its step
             if op.step <= spec.last_step:
                 return
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, op.step) for k, v in op.payload.items()]
             for i in range(0, len(metrics), 500):
-                self.client.log_batch(spec.run_id, metrics=metrics[i:i + 500])
+                self.client.log_batch(run_id, metrics=metrics[i:i + 500])
             spec.last_step = op.step
         elif op.kind == "status":
-            self.client.set_tag(spec.run_id, STATUS_TAG, op.payload)
+            self.client.set_tag(run_id, STATUS_TAG, op.payload)
             if op.payload in _MLFLOW_STATUS:
-                self.client.set_terminated(spec.run_id, status=_MLFLOW_STATUS[op.payload])
+                self.client.set_terminated(run_id, status=_MLFLOW_STATUS[op.payload])
         elif op.kind == "tags":
             for name, value in op.payload.items():
-                self.client.set_tag(spec.run_id, name, value)
+                self.client.set_tag(run_id, name, value)
         elif op.kind == "end":
-            self.client.set_terminated(spec.run_id, status=op.payload)
+            self.client.set_terminated(run_id, status=op.payload)
         elif op.kind == "artifacts":
-            self.client.log_artifacts(spec.run_id, op.payload)
+            self.client.log_artifacts(run_id, op.payload)
         elif op.kind == "dataset":
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
-            self.client.log_inputs(spec.run_id, [DatasetInput(
+            self.client.log_inputs(run_id, [DatasetInput(
                 Dataset(**op.payload), tags=[InputTag("mlflow.data.context", "training")])])
         else:  # pragma: no cover - internal
             raise ValueError(op.kind)

@@ -4,7 +4,9 @@ them resumable."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from samtune.sweep.plan import Plan
 from samtune.sweep.recording import SweepCallback
@@ -15,6 +17,9 @@ from samtune.sweep.recovery import (
 )
 from samtune.sweep.study import Sweep
 from samtune.trial.ray_trial import run_trial
+
+if TYPE_CHECKING:
+    from ray.tune import RunConfig
 
 
 def reuse_trial_processes(sweep: Sweep) -> bool:
@@ -29,7 +34,7 @@ def reuse_trial_processes(sweep: Sweep) -> bool:
     return sweep.workers == 1
 
 
-def trainable(resources: dict[str, float]):
+def trainable(resources: dict[str, float]) -> Callable[..., Any]:
     """`run_trial` holding ``resources`` per trial."""
     from ray import tune
 
@@ -38,7 +43,7 @@ def trainable(resources: dict[str, float]):
     return tune.with_resources(run_trial, resources)
 
 
-def run_config(plan: Plan, folder: str, callback: SweepCallback):
+def run_config(plan: Plan, folder: str, callback: SweepCallback) -> RunConfig:
     """The Tuner's run config for its experiment ``folder`` of the sweep, its events going to
     ``callback``."""
     from ray import tune

@@ -3,7 +3,7 @@
 Every key and value is checked against `samtune.contract.keys.TRIAL_KEYS`, with the dataset and
 model names checked against what the data and model layers read (`TRIAL_SETTINGS`); the rules
 between keys by the trainer's own `samtune.trial.config.resolve_config`; and whether trials would
-report, every epoch, the metric a sweep optimises (`_check_metric_reported`).
+report, every epoch, the metric a sweep optimises (`check_metric_reported`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from samtune.contract.keys import DEFAULT_MEASURES, TRIAL_KEYS
 from samtune.contract.messages import first_line
-from samtune.contract.values import Setting, SpaceError, _suggest
+from samtune.contract.values import Setting, SpaceError, suggest
 from samtune.data.dataset import DATASETS
 from samtune.data.load import parse_dataset_name
 from samtune.models.zoo import MODELS
@@ -35,7 +35,7 @@ def _check_dataset(key: str, value: str) -> None:
             raise SpaceError(f"{key}='imagefolder:' needs a path, e.g. 'imagefolder:/data/pets'")
         return
     raise SpaceError(f"unknown {key} {value!r}; expected one of {list(DATASETS)} or 'imagefolder:<path>', "
-                     f"optionally with a class selection such as [0-4]" + _suggest(base, DATASETS))
+                     f"optionally with a class selection such as [0-4]" + suggest(base, DATASETS))
 
 
 def _check_model(key: str, value: str) -> None:
@@ -46,10 +46,10 @@ def _check_model(key: str, value: str) -> None:
     models = sorted(MODELS)
     if value not in models:
         raise SpaceError(f"unknown {key} {value!r}; expected one of {list(models)} or 'torchvision:<name>'"
-                         + _suggest(value, models))
+                         + suggest(value, models))
 
 
-def _check_metric_reported(metric: str, config: dict[str, Any], where: str = "") -> None:
+def check_metric_reported(metric: str, config: dict[str, Any], where: str = "") -> None:
     """Raise SpaceError when trials run with ``config`` would not report ``metric`` every epoch.
 
     ASHA compares trials at every rung and Tune rejects a result without the metric, so a metric
@@ -90,16 +90,16 @@ TRIAL_SETTINGS: dict[str, Setting] = {
 }
 
 
-def _trial_spec(key: str, where: str) -> Setting:
+def trial_spec(key: str, where: str) -> Setting:
     if key not in TRIAL_SETTINGS:
-        raise SpaceError(f"{where}unknown trial setting {key!r}{_suggest(key, TRIAL_SETTINGS)}; "
+        raise SpaceError(f"{where}unknown trial setting {key!r}{suggest(key, TRIAL_SETTINGS)}; "
                          f"known: {', '.join(sorted(TRIAL_SETTINGS))}")
     return TRIAL_SETTINGS[key]
 
 
 def parse_trial_value(key: str, raw: str) -> Any:
     """Parse ``raw`` (command-line text) for trial setting ``key``; SpaceError if unknown or bad."""
-    return _trial_spec(key, "").parse(key, raw)
+    return trial_spec(key, "").parse(key, raw)
 
 
 def validate_trial_config(config: dict[str, Any], where: str = "", whole: bool = True) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def validate_trial_config(config: dict[str, Any], where: str = "", whole: bool =
     """
     out: dict[str, Any] = {}
     for key, value in config.items():
-        spec = _trial_spec(key, where)
+        spec = trial_spec(key, where)
         try:
             out[key] = spec.validate(key, value)
         except SpaceError as exc:

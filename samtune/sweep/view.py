@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -22,6 +22,12 @@ from rich.table import Table
 
 from samtune.contract.keys import HEADLINE_KEYS
 from samtune.verdicts import RULES, verdict_rows
+
+if TYPE_CHECKING:
+    from samtune.sweep.plan import Plan
+    from samtune.sweep.recording import Recorder
+    from samtune.sweep.results import CellResult, TrialRow
+    from samtune.sweep.study import Cell
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
                  "failed": "bold red", "pending": "dim"}
@@ -45,11 +51,11 @@ class SweepView:
         self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.console)
         self.tasks: dict[str, Any] = {}
-        self.recorder = None
+        self.recorder: Recorder | None = None
         self.metric, self.mode = "val_error", "min"
         self._printed: set[str] = set()
 
-    def start(self, plan, cells) -> None:
+    def start(self, plan: Plan, cells: list[Cell]) -> None:
         sweep = plan.sweep
         self.metric, self.mode, self.epochs = sweep.metric, sweep.mode, sweep.epochs
         self.console.print(f"[bold]samtune sweep[/] {sweep.name}: {len(cells)} cell(s) x {sweep.trials} trials, "
@@ -60,7 +66,7 @@ class SweepView:
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
 
-    def update(self, recorder) -> None:
+    def update(self, recorder: Recorder) -> None:
         # The table follows the newest cell: as one cell's last trials end, the next has started.
         if self.recorder is None or recorder.cell.index >= self.recorder.cell.index:
             self.recorder = recorder
@@ -78,7 +84,7 @@ class SweepView:
                 if row.error:
                     self.console.print(f"{'':<23} {row.error}", highlight=False, markup=False)
 
-    def cell_done(self, recorder) -> None:
+    def cell_done(self, recorder: Recorder) -> None:
         self.update(recorder)
         best = recorder.result.best(self.metric, self.mode)
         if self.live is None and best is not None:
@@ -91,14 +97,14 @@ class SweepView:
             self.live.stop()
             self.live = None
 
-    def _params(self, row) -> str:
+    def _params(self, row: TrialRow) -> str:
         return " ".join(f"{k}={fmt(row.params[k])}" for k in HEADLINE_KEYS if k in row.params)
 
-    def _metrics(self, row) -> str:
+    def _metrics(self, row: TrialRow) -> str:
         keys = [self.metric] + [k for k in ("test_error", "train_acc_true") if k != self.metric]
         return " ".join(f"{k}={fmt(row.metrics.get(k))}" for k in keys)
 
-    def _render(self):
+    def _render(self) -> Group:
         parts: list[Any] = [self.progress]
         rec = self.recorder
         if rec is not None:
@@ -120,7 +126,7 @@ class SweepView:
         return Group(*parts)
 
 
-def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
+def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> None:
     """The end of a sweep: best SGD vs best SAM per cell (trials that ran their whole budget
     first, see `CellResult.best`), and how to look at the runs."""
     metric = plan.sweep.metric
@@ -138,7 +144,7 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
         settings = " ".join(f"{k}={fmt(sam.params.get(k))}" for k in ("optimizer", "lr", "rho", "m")
                             if sam is not None and k in sam.params) if sam is not None else "-"
 
-        def value(pick, key):
+        def value(pick: TrialRow | None, key: str) -> str:
             if pick is None:
                 return "-"
             # A pick ASHA stopped early: its numbers are from an earlier epoch than the rest.
@@ -158,7 +164,7 @@ def print_summary(console: Console, plan, rows: list[dict[str, Any]]) -> None:
                   highlight=False, markup=False, soft_wrap=True)
 
 
-def print_verdicts(console: Console, plan, results: list) -> None:
+def print_verdicts(console: Console, plan: Plan, results: list[CellResult]) -> None:
     """The answer: per cell and selection rule, SGD and SAM on the confirmation seeds (mean and
     95% interval) and what their paired difference supports."""
     verdicts = [r.verdict for r in results if r.verdict is not None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -16,16 +16,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from samtune.models.heads import param_groups
 from samtune.optim import msharpness
 from samtune.optim.sam import SAM
-from samtune.trial.config import Perturbation, TrialConfigError, _variant
-from samtune.trial.session import _in_ray_train
+from samtune.trial.config import Perturbation, TrialConfigError, variant_from_settings
+from samtune.trial.session import in_ray_train
 
 
-def _device(cfg: dict[str, Any], rank: int) -> torch.device:
+def trial_device(cfg: dict[str, Any], rank: int) -> torch.device:
     if not cfg["use_gpu"]:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TrialConfigError("use_gpu=True but CUDA is not available on this worker")
-    if _in_ray_train():
+    if in_ray_train():
         import ray.train.torch
 
         device = ray.train.torch.get_device()
@@ -62,12 +62,13 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int,
         raise TrialConfigError(str(exc)) from None
     if cfg["optimizer"] == "sgd":
         return base(params, **kwargs)
-    variant = _variant(cfg, total_steps)
+    variant = variant_from_settings(cfg, total_steps)
     return SAM(params, base_optimizer=base, rho=cfg["rho"], adaptive=cfg["optimizer"] == "asam",
                eta=cfg["eta"], variant=None if variant.name == "full" else variant, **kwargs)
 
 
-def build_schedule(cfg: dict[str, Any], optimizer, steps_per_epoch: int):
+def build_schedule(cfg: dict[str, Any], optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LR multiplier: linear warmup, then cosine to 0, constant, or /10 at 50% and 75%."""
     total = cfg["epochs"] * steps_per_epoch
     warmup = cfg["warmup_epochs"] * steps_per_epoch
@@ -85,14 +86,14 @@ def build_schedule(cfg: dict[str, Any], optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _uses_conv(model: nn.Module) -> bool:
+def uses_conv(model: nn.Module) -> bool:
     return any(isinstance(mod, nn.Conv2d) for mod in model.modules())
 
 
-def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     if world == 1:
         return model
-    if _in_ray_train():
+    if in_ray_train():
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=False)
@@ -101,22 +102,22 @@ def _wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _perturbation_groups(plan: Perturbation, rank: int):
+def perturbation_groups(plan: Perturbation, rank: int) -> dist.ProcessGroup | None:
     """This rank's process group for averaging first gradients (k consecutive ranks), or None.
 
     Every rank must create every group, in the same order (a collective of the default group)."""
     if plan.workers_per_eps == 1 or plan.sync_all:
         return None
     k = plan.workers_per_eps
-    mine = None
+    mine: dist.ProcessGroup | None = None
     for start in range(0, plan.workers, k):
         group = dist.new_group(list(range(start, start + k)))
         if start <= rank < start + k:
-            mine = group
+            mine = cast(dist.ProcessGroup, group)  # new_group hands the non-member sentinel to the others only
     return mine
 
 
-class _RoundCounter:
+class RoundCounter:
     """Gradient all-reduce rounds of this worker's training steps: DDP's (one per reduction; its
     last bucket closes it) plus those SAM steps make themselves (`sam.own_all_reduces`). The
     metric sums and divergence checks are not counted: they are the same whatever SAM does."""
@@ -125,9 +126,10 @@ class _RoundCounter:
         self._ddp = 0
         self._own_at_start = 0
 
-        def counting(state, bucket):
+        def counting(state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
             self._ddp += int(bucket.is_last())
-            return default_hooks.allreduce_hook(state, bucket)
+            return default_hooks.allreduce_hook(
+                state, bucket)  # type: ignore[arg-type]  # torch's hint omits None, the default group DDP passes
 
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.register_comm_hook(None, counting)
@@ -139,11 +141,11 @@ class _RoundCounter:
         return self._ddp + msharpness.own_all_reduces - self._own_at_start
 
 
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
+def unwrap_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _backbone_lr(optimizer, scale: float) -> float:
+def backbone_lr(optimizer: torch.optim.Optimizer, scale: float) -> float:
     """The pretrained layers' current learning rate, read off the optimizer's groups (see
     `build_optimizer`: the head's group first, then the backbone's)."""
     groups = optimizer.param_groups

@@ -19,7 +19,7 @@ from samtune.contract.keys import (
     OPTIMIZERS,
     PRECISIONS,
 )
-from samtune.optim.variants import variant_from_config
+from samtune.optim.variants import SAMVariant, variant_from_config
 from samtune.sharpness.measures import check_measures
 
 #: Training examples `train_error` is measured on at the end of every epoch (see `samtune.trial`).
@@ -135,7 +135,7 @@ def _paired_plan(cfg: dict[str, Any]) -> Perturbation:
 
 def _check_variant(cfg: dict[str, Any], plan: Perturbation) -> None:
     """The SAM variant's knobs, and the settings it cannot run with."""
-    variant = _variant(cfg, total_steps=cfg["epochs"])
+    variant = variant_from_settings(cfg, total_steps=cfg["epochs"])
     if variant.uses_whole_batch_gradient and plan.groups_per_worker > 1:
         raise TrialConfigError(
             f"sam_variant={variant.name!r} {variant.whole_batch_reason.replace('local', 'per-worker')}, "
@@ -200,7 +200,7 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _variant(cfg: dict[str, Any], total_steps: int):
+def variant_from_settings(cfg: dict[str, Any], total_steps: int) -> SAMVariant:
 
     try:
         return variant_from_config(cfg, total_steps=total_steps)

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.loop import run
 from samtune.trial.pretrain import pretrained_state
-from samtune.trial.session import _in_ray_train, _LocalSession, _RaySession, _Session
+from samtune.trial.session import LocalSession, RaySession, Session, in_ray_train
 
 
-def train(config: dict[str, Any], session: _Session,
+def train(config: dict[str, Any], session: Session,
           on_end: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
     """The trial's steps after its pretraining step: a finetuning trial whose ``finetune_source``
     names a dataset gets the pretrained weights first (`samtune.trial.pretrain`, cached), then
@@ -52,7 +53,7 @@ def fit(config: dict[str, Any], report: Callable[[dict], None] | None = None,
     if cfg["workers"] != 1:
         raise TrialConfigError(f"fit() trains in this process: workers must be 1, got {cfg['workers']};"
                                " run several workers through run_trial or TorchTrainer")
-    session = _LocalSession(report, None if checkpoint_dir is None else str(checkpoint_dir), alone=alone)
+    session = LocalSession(report, None if checkpoint_dir is None else str(checkpoint_dir), alone=alone)
     if session.world_size != 1:
         raise TrialConfigError("fit() trains one process, but torch.distributed is initialised with "
                                f"{session.world_size} ranks; call train_loop_per_worker on every rank")
@@ -75,5 +76,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     >>> train_loop_per_worker({"dataset": "digits", "epochs": 1, "data_subset": 256,
     ...                        "sharpness_measures": ()})
     """
-    session: _Session = _RaySession(sys.modules["ray.train"]) if _in_ray_train() else _LocalSession(None, None)
+    session: Session = RaySession(sys.modules["ray.train"]) if in_ray_train() else LocalSession(None, None)
     train(config, session)

@@ -21,7 +21,7 @@ from samtune.trial.state import TrialState
 DIVERGENCE_CHECK_EVERY = 16
 
 
-def _all_reduce(values: Tensor, world_size: int) -> Tensor:
+def all_reduce(values: Tensor, world_size: int) -> Tensor:
     if world_size > 1:
         dist.all_reduce(values)
     return values
@@ -60,7 +60,7 @@ def train_epoch(state: TrialState, epoch: int) -> dict[str, Any]:
         if check and _loss_diverged(state, loss):
             diverged = True
             break
-    sums = _all_reduce(sums, world)
+    sums = all_reduce(sums, world)
     epoch_time = time.perf_counter() - started
     state.train_time += epoch_time
     if diverged:
@@ -95,4 +95,4 @@ def _loss_diverged(state: TrialState, loss: Tensor) -> bool:
     value = float(loss)
     bad = torch.tensor([float(not math.isfinite(value) or value > state.cfg["divergence_loss"])],
                        device=state.device)
-    return _all_reduce(bad, state.world).item() > 0
+    return all_reduce(bad, state.world).item() > 0

@@ -17,8 +17,8 @@ from samtune.data.scenarios import Scenario
 from samtune.data.transforms import to_float
 from samtune.sharpness.budget import skipped_note
 from samtune.sharpness.measures import measure_sharpness
-from samtune.trial.epoch import _all_reduce
-from samtune.trial.placement import _memory_share
+from samtune.trial.epoch import all_reduce
+from samtune.trial.placement import memory_share
 from samtune.trial.seeding import sharpness_indices
 from samtune.trial.state import TrialState
 
@@ -78,7 +78,7 @@ def _evaluate(state: TrialState, x: Tensor, y: Tensor, y_true: Tensor | None = N
             sums[4] += (flipped & (pred == yb)).sum()
             sums[5] += (flipped & (pred == tb)).sum()
     model.train(was_training)
-    return _rates(_all_reduce(sums, world).tolist(), flipped=ts is not None)
+    return _rates(all_reduce(sums, world).tolist(), flipped=ts is not None)
 
 
 def _rates(sums: list[float], flipped: bool) -> dict[str, float]:
@@ -122,12 +122,13 @@ def _measure_sharpness(cfg: dict[str, Any], model: nn.Module, scenario: Scenario
     x = to_float(scenario.train_x[idx].to(device), scenario.mean, scenario.std)
     y = scenario.train_y[idx].to(device)
     settings = {name: dict(extra) for name, extra in (cfg["sharpness_settings"] or {}).items()}
-    share = _memory_share(device)
+    share = memory_share(device)
     for name in ("hessian_top_eig", "hessian_trace"):
         if name in cfg["sharpness_measures"]:
             settings.setdefault(name, {}).setdefault("memory_share", share)
     out: dict[str, Any] = measure_sharpness(model, F.cross_entropy, x, y, measures=cfg["sharpness_measures"],
-                                            seed=cfg["seed"], budget_s=cfg["sharpness_budget_s"], **settings)
+                                            seed=cfg["seed"], budget_s=cfg["sharpness_budget_s"],
+                                            **settings)  # type: ignore[arg-type]  # keys are measure names (checked)
     note = skipped_note(out)
     if note is not None:
         out[SHARPNESS_SKIPPED_NOTE] = note

@@ -7,20 +7,21 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
 from samtune.contract.metrics import worst_values
-from samtune.trial.build import _backbone_lr
+from samtune.trial.build import backbone_lr
 from samtune.trial.epoch import train_epoch
 from samtune.trial.evaluate import evaluate, measure
 from samtune.trial.probe import starting_point
-from samtune.trial.session import _Session
+from samtune.trial.session import Session
 from samtune.trial.state import TrialState, checkpoint, restore, setup
 
 
-def run(config: dict[str, Any], session: _Session, on_end: Callable[[nn.Module], None] | None = None,
+def run(config: dict[str, Any], session: Session, on_end: Callable[[nn.Module], None] | None = None,
         initial_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
     """Train one trial on this worker, reporting every epoch to `session`, and return the last
     epoch's metrics. A run resumed after its last epoch, or after it diverged, returns the
@@ -72,7 +73,7 @@ def epoch_metrics(state: TrialState, epoch: int, trained: dict[str, Any],
     }
     metrics.update(evaluated)  # and the validation split's, the flipped labels', where measured
     if state.scenario.initial_state is not None:
-        metrics["lr_backbone"] = _backbone_lr(state.optimizer, state.scenario.backbone_lr_scale)
+        metrics["lr_backbone"] = backbone_lr(state.optimizer, state.scenario.backbone_lr_scale)
     if state.cfg["optimizer"] != "sgd":
         plan = state.plan
         metrics.update(m_effective=plan.m, m_workers=plan.workers_per_eps,
@@ -100,7 +101,7 @@ def report(state: TrialState, epoch: int, metrics: dict[str, Any]) -> None:
     state.last = metrics
 
 
-def inject_fault(session: _Session, epoch: int) -> None:
+def inject_fault(session: Session, epoch: int) -> None:
     """Fault injection for resilience tests: ``SAMTUNE_FAULT_KILL_EPOCH=k`` SIGKILLs this worker
     process right after epoch k's checkpoint was reported (once per trial: a restarted worker
     resumes after epoch k and never reports k again); ``SAMTUNE_FAULT_RAISE_EPOCH=k`` raises

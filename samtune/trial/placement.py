@@ -19,7 +19,7 @@ import torch.distributed as dist
 from samtune.trial.config import TrialConfigError
 
 
-def _memory_share(device: torch.device) -> float:
+def memory_share(device: torch.device) -> float:
     """The share of its machine's free memory this process may plan on (its CPU RAM, or its GPU's).
 
     Trials side by side on a machine reach their end-of-training sharpness measurement at about
@@ -184,7 +184,7 @@ def distributed_backend(cfg: dict[str, Any], resources: dict[str, float]) -> str
     return "nccl" if cfg["use_gpu"] and resources.get("GPU", 0) >= 1 else "gloo"
 
 
-_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def _held_cpu() -> float:
@@ -200,7 +200,7 @@ def _held_cpu() -> float:
         return trial_driver_resources(ray.cluster_resources())["cpu"]
 
 
-def _trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, float]:
+def trial_worker_resources(cfg: dict[str, Any], trial_dir: str) -> dict[str, float]:
     """The trial's worker resources: sized to the cluster when it first starts, then kept in its
     folder. A trial restarted after a node loss asks for what it first ran with: sized again to a
     smaller cluster it would shrink its workers' CPUs, or share GPUs over gloo instead of NCCL,
@@ -221,7 +221,7 @@ class WorkerPlacementError(RuntimeError):
     """A trial's worker group could not be placed on the Ray cluster in the time allowed."""
 
 
-def _placement_message(cfg: dict[str, Any], resources: dict[str, float]) -> str:
+def placement_message(cfg: dict[str, Any], resources: dict[str, float]) -> str:
     import ray
 
     per = " + ".join(f"{v:g} {k}" for k, v in resources.items())

@@ -22,7 +22,7 @@ from samtune.data.load import parse_dataset_name
 from samtune.models.weights import read_state_dict
 from samtune.trial.config import resolve_config
 from samtune.trial.loop import run
-from samtune.trial.session import _LocalSession
+from samtune.trial.session import LocalSession
 
 PRETRAIN_FORMAT = "samtune-pretrain-v1"  # part of the cache key: bump when pretraining changes
 
@@ -112,7 +112,7 @@ def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.P
         if path is None and target.is_file():
             return target
         saved: dict[str, Tensor] = {}
-        metrics = run(resolve_config(cfg), _LocalSession(None, None, alone=True), on_end=lambda model: saved.update(
+        metrics = run(resolve_config(cfg), LocalSession(None, None, alone=True), on_end=lambda model: saved.update(
             {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         torch.save(saved, tmp)

@@ -24,7 +24,7 @@ from samtune.trial.state import TrialState
 
 # L2 weight on the head: enough to keep separable features from driving the weights to
 # infinity, small next to the loss.
-_L2 = 1e-4
+L2 = 1e-4
 _MAX_ITER = 300
 
 
@@ -59,7 +59,7 @@ def fit_head(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor
 
     def loss() -> Tensor:
         solver.zero_grad()
-        value = F.cross_entropy(features @ weight.T + bias, labels) + _L2 * weight.square().sum()
+        value = F.cross_entropy(features @ weight.T + bias, labels) + L2 * weight.square().sum()
         value.backward()
         return value
 

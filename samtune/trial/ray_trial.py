@@ -10,13 +10,13 @@ from typing import Any
 from samtune.trial.config import resolve_config
 from samtune.trial.entry import train, train_loop_per_worker
 from samtune.trial.placement import (
-    _START_TIMEOUT_VAR,
+    START_TIMEOUT_VAR,
     WorkerPlacementError,
-    _placement_message,
-    _trial_worker_resources,
     distributed_backend,
+    placement_message,
+    trial_worker_resources,
 )
-from samtune.trial.session import _RaySession
+from samtune.trial.session import RaySession
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -37,7 +37,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     cfg = resolve_config(config)
     if cfg["workers"] == 1:
-        train(cfg, _RaySession(ray.tune))
+        train(cfg, RaySession(ray.tune))
         return
     _run_workers(cfg)
 
@@ -49,13 +49,13 @@ def _run_workers(cfg: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_dir = ray.tune.get_context().get_trial_dir()
-    resources = _trial_worker_resources(cfg, trial_dir)
+    resources = trial_worker_resources(cfg, trial_dir)
     failure = FailureConfig(max_failures=cfg["max_failures"])
     # Ray Train retries a worker group it cannot place without end by default; a trial whose
     # workers do not fit (a node gone, resources held elsewhere) fails after one bounded wait,
     # which Ray Train reads from this variable in the trial process (it hands it to its
     # controller). A worker lost mid-trial still restarts the group up to `max_failures` times.
-    os.environ[_START_TIMEOUT_VAR] = f"{cfg['placement_timeout_s']:g}"
+    os.environ[START_TIMEOUT_VAR] = f"{cfg['placement_timeout_s']:g}"
     if hasattr(failure, "controller_failure_limit"):
         failure.controller_failure_limit = 0
     trainer = TorchTrainer(
@@ -70,12 +70,12 @@ def _run_workers(cfg: dict[str, Any]) -> None:
             storage_path=os.path.abspath(trial_dir),
             failure_config=failure,
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # resuming needs the latest only
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # mypy reads v1's RunConfig; Train v2's runs
         ),
     )
     try:
         trainer.fit()
     except Exception as exc:
         if type(getattr(exc, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
-            raise WorkerPlacementError(_placement_message(cfg, resources)) from None
+            raise WorkerPlacementError(placement_message(cfg, resources)) from None
         raise

@@ -7,14 +7,16 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------- reporting contexts
-class _Session:
+class Session:
     """Where a run reports to and resumes from: plain process, Ray Train worker or Tune trial."""
 
     rank = 0
@@ -28,7 +30,7 @@ class _Session:
         return None
 
 
-class _LocalSession(_Session):
+class LocalSession(Session):
     """This process; with an initialised `torch.distributed` group (torchrun), one rank of it."""
 
     def __init__(self, report: Callable[[dict], None] | None, checkpoint_dir: str | None,
@@ -40,30 +42,30 @@ class _LocalSession(_Session):
         if not alone and dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def report(self, metrics, state):
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if self._dir is not None and state is not None and self.rank == 0:
             os.makedirs(self._dir, exist_ok=True)
             _atomic_save(state, os.path.join(self._dir, _CKPT_FILE))
         if self._report is not None:
             self._report(dict(metrics))
 
-    def load(self):
+    def load(self) -> dict[str, Any] | None:
         if self._dir is None:
             return None
         path = os.path.join(self._dir, _CKPT_FILE)
         return _load_state(path) if os.path.exists(path) else None
 
 
-class _RaySession(_Session):
+class RaySession(Session):
     """Ray Train worker (`ray.train`) or Tune function trainable (`ray.tune`): same shape of API."""
 
-    def __init__(self, api):
+    def __init__(self, api: ModuleType) -> None:
         self._api = api
         if api.__name__.startswith("ray.train"):
             ctx = api.get_context()
             self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
 
-    def report(self, metrics, state):
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None or self.rank != 0:
             self._api.report(metrics)  # every worker must call report: it is a barrier
             return
@@ -71,7 +73,7 @@ class _RaySession(_Session):
             _atomic_save(state, os.path.join(tmp, _CKPT_FILE))
             self._api.report(metrics, checkpoint=self._api.Checkpoint.from_directory(tmp))
 
-    def load(self):
+    def load(self) -> dict[str, Any] | None:
         checkpoint = self._api.get_checkpoint()
         if checkpoint is None:
             return None
@@ -94,7 +96,7 @@ def _load_state(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def _in_ray_train() -> bool:
+def in_ray_train() -> bool:
     """Whether this process is a Ray Train worker (without importing Ray where it isn't loaded)."""
     if "ray.train" not in sys.modules:
         return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +14,14 @@ from torch import Tensor, nn
 from samtune.data.scenarios import Scenario, build_scenario
 from samtune.models.heads import freeze_batchnorm_stats
 from samtune.trial.build import (
-    _device,
-    _perturbation_groups,
-    _RoundCounter,
-    _unwrap_ddp,
-    _uses_conv,
-    _wrap_ddp,
+    RoundCounter,
     build_optimizer,
     build_schedule,
+    perturbation_groups,
+    trial_device,
+    unwrap_ddp,
+    uses_conv,
+    wrap_ddp,
 )
 from samtune.trial.config import (
     TRAIN_EVAL_SUBSET,
@@ -32,7 +32,7 @@ from samtune.trial.config import (
 )
 from samtune.trial.placement import node_placement
 from samtune.trial.seeding import fixed_train_order
-from samtune.trial.session import _Session
+from samtune.trial.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TrialState:
     """What one worker's trial holds: built by `setup`, advanced by every epoch."""
 
     cfg: dict[str, Any]
-    session: _Session
+    session: Session
     plan: Perturbation
     device: torch.device
     scenario: Scenario
@@ -66,7 +66,7 @@ class TrialState:
     channels_last: bool
     autocast: torch.autocast
     step_settings: dict[str, Any]  # `sam_step`'s keyword arguments on this worker
-    rounds: _RoundCounter | None
+    rounds: RoundCounter | None
     placement: list[str]
     start_epoch: int = 1
     train_time: float = 0.0
@@ -93,10 +93,10 @@ class TrialState:
 
     @property
     def eval_model(self) -> nn.Module:
-        return _unwrap_ddp(self.model)  # no collective inside an evaluation forward
+        return unwrap_ddp(self.model)  # no collective inside an evaluation forward
 
 
-def setup(config: dict[str, Any], session: _Session,
+def setup(config: dict[str, Any], session: Session,
           initial_state: dict[str, Tensor] | None = None) -> TrialState:
     """Build this worker's trial from its config: the scenario, the model (placed, compiled and
     wrapped for data parallelism as the config asks), optimizer, schedule and data on the device.
@@ -109,21 +109,22 @@ def setup(config: dict[str, Any], session: _Session,
         # The sharding and the per-worker batch follow the actual worker group.
         cfg = resolve_config({**cfg, "workers": world})
     plan = perturbation_plan(cfg)
-    device = _device(cfg, rank)
+    device = trial_device(cfg, rank)
     scenario = build_scenario(cfg, initial_state=initial_state)
     # Seeded after the scenario: building it may pretrain a finetune source (which draws from the
     # global generator), and the head's initialisation must not depend on whether it did.
     torch.manual_seed(cfg["seed"])
     module, channels_last = _build_module(cfg, scenario, device)
     model = _wrap_for_training(cfg, module, device, world)
-    rounds = _RoundCounter(model) if world > 1 else None
-    perturbation_group = _perturbation_groups(plan, rank) if world > 1 else None
+    rounds = RoundCounter(model) if world > 1 else None
+    perturbation_group = perturbation_groups(plan, rank) if world > 1 else None
     steps = _steps_per_epoch(cfg, plan, len(scenario.train_y), world)
     optimizer = build_optimizer(cfg, module, total_steps=cfg["epochs"] * steps,
                                 backbone_lr_scale=scenario.backbone_lr_scale)
     schedule = build_schedule(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
-    norm = tuple(torch.as_tensor(v, dtype=torch.float32, device=device) for v in (scenario.mean, scenario.std))
+    norm = (torch.as_tensor(scenario.mean, dtype=torch.float32, device=device),
+            torch.as_tensor(scenario.std, dtype=torch.float32, device=device))
     if cfg["optimizer"] != "sgd" and rank == 0:
         log.info("SAM perturbation %s", plan.describe())
     train, fixed = _resident_examples(cfg, scenario, device)
@@ -145,7 +146,7 @@ def _build_module(cfg: dict[str, Any], scenario: Scenario, device: torch.device)
         freeze_batchnorm_stats(model)
     channels_last = cfg["channels_last"]
     if channels_last is None:
-        channels_last = device.type == "cuda" and len(scenario.input_shape) == 3 and _uses_conv(model)
+        channels_last = device.type == "cuda" and len(scenario.input_shape) == 3 and uses_conv(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, channels_last
@@ -155,8 +156,9 @@ def _wrap_for_training(cfg: dict[str, Any], module: nn.Module, device: torch.dev
     model = module
     if cfg["compile"]:
         # Compiled before DDP wraps it, so sam_step still sees a DDP model (no_sync) around it.
-        model = torch.compile(model, backend=cfg["compile_backend"])
-    return _wrap_ddp(model, device, world)
+        # A module compiles to a module (OptimizedModule), which torch.compile's hint leaves a plain Callable.
+        model = cast(nn.Module, torch.compile(model, backend=cfg["compile_backend"]))
+    return wrap_ddp(model, device, world)
 
 
 def _steps_per_epoch(cfg: dict[str, Any], plan: Perturbation, n_train: int, world: int) -> int:
