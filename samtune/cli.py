@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from samtune.contract.keys import TRIAL_KEYS
+from samtune.contract.messages import masked
 from samtune.contract.metrics import PRINTED
 from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep whose runs the printed address opens (default: the newest)")
     p.add_argument("--tracking-uri", help="the store the sweeps wrote to (default: as for sweep)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--expose", action="store_true",
+                   help="allow a --host other than this machine's loopback: anyone who reaches that address "
+                        "reads every run, parameter and artifact of the store, with no login")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1,
                    help="server worker processes (one is plenty for one person's UI)")
@@ -153,7 +157,8 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    # A tracking URI may carry a password: no message shows it.
+    text = masked(" ".join(str(exc).split()))
     return text or type(exc).__name__
 
 
@@ -194,7 +199,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _report_command(plan: Plan) -> str:
 
-    return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(plan.tracking_uri)}"
+    return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(plan.tracking_uri))}"
 
 
 def _sweep_report(console: Console, plan: Plan) -> int:
@@ -359,9 +364,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: expected a port number from 1 to 65535")
+    _check_listening_address(args.host, args.port, args.expose)
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
-        print(f"{uri} is an MLflow tracking server: its UI is at that address")
+        print(f"{masked(uri)} is an MLflow tracking server: its UI is at that address")
         return 0
     _existing_store(uri)
     name, experiment_id = sweep_experiment(uri, args.sweep)
@@ -373,6 +379,32 @@ def cmd_ui(args: argparse.Namespace) -> int:
     where = f"sweep {name!r}" if name else "the sweeps"
     print(f"{where}: {base}{experiment_page(experiment_id)}", flush=True)
     return serve(cmd)
+
+
+def _check_listening_address(host: str, port: int, expose: bool) -> None:
+    """Refuse, before the server starts, a host that is not this machine's loopback unless the
+    user said --expose (the UI has no login), and a port something already listens on (the
+    server would fail to bind while the address was printed as if it served)."""
+    import ipaddress
+    import socket
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not expose:
+        raise UsageError(f"--host {host}: the UI would listen beyond this machine, and anyone who reaches "
+                         f"{host}:{port} could read every run, parameter and artifact of the store (MLflow's UI has "
+                         f"no login); add --expose to mean it, or leave --host at 127.0.0.1")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server will: a port left in TIME_WAIT by an earlier server is free to take.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"--port {port}: {host}:{port} cannot be listened on ({exc.strerror or exc}); "
+                             f"another program holds it: pass another --port") from None
 
 
 def _existing_store(uri: str) -> None:

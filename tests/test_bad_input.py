@@ -155,6 +155,10 @@ CASES = [
      "no Ray cluster answers there"),
     ("unreachable --tracking-uri", lambda t: ["sweep", space_file(t), "--tracking-uri", "http://127.0.0.1:9"],
      "is not reachable"),
+    # The refusal names the server, never its password.
+    ("unreachable --tracking-uri with a password", lambda t: ["sweep", space_file(t), "--tracking-uri",
+                                                              "http://alice:s3cret@127.0.0.1:9"],
+     "http://alice:***@127.0.0.1:9"),
     ("missing --data-root", lambda t: ["sweep", space_file(t), "--data-root", str(t / "nodata")], "no such folder"),
     ("missing dataset offline", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
                                            "--data-root", str(t)], "CIFAR-10 not found, and downloads are off"),
@@ -199,7 +203,7 @@ CASES = [
      "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']"),
 ]
 # Cases that reach a network address: refused within seconds, not after a connection timeout.
-FAST = {"unreachable --address", "unreachable --tracking-uri", "ray client --address",
+FAST = {"unreachable --address", "unreachable --tracking-uri", "unreachable --tracking-uri with a password", "ray client --address",
         "report from an unreachable server"}
 
 
@@ -228,6 +232,7 @@ def test_user_mistake_is_one_clear_line_and_exit_2(name, argv, fragment, tmp_pat
     assert len(err.splitlines()) == 1, err
     assert err.startswith("samtune: error: ")
     assert fragment in err, err
+    assert "s3cret" not in err
     # Nothing was created: no MLflow store, no Ray trial folder.
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "mlruns").exists()

@@ -72,6 +72,38 @@ def test_ui_refuses_an_unknown_sweep_in_one_line_naming_the_sweeps(monkeypatch, 
     assert err.count("\n") == 1 and "no sweep named 'not-a-sweep'" in err and "['noisy-digits']" in err
 
 
+def test_ui_refuses_a_host_beyond_this_machine_unless_told_to_expose_it(monkeypatch, tmp_path, capsys):
+    uri = make_store(tmp_path, ["noisy-digits"])
+    started = []
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: started.append(cmd) or 0)
+    assert cli.main(["ui", "--tracking-uri", uri, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host 0.0.0.0" in err and "no login" in err and "--expose" in err
+    assert not started
+    free = _free_port()
+    assert cli.main(["ui", "--tracking-uri", uri, "--host", "0.0.0.0", "--expose", "--port", str(free)]) == 0
+    assert started and started[0][started[0].index("--host") + 1] == "0.0.0.0"
+
+
+def test_ui_refuses_a_port_already_in_use_in_one_line_before_serving(monkeypatch, tmp_path, capsys):
+    uri = make_store(tmp_path, ["noisy-digits"])
+    monkeypatch.setattr("samtune.cli.serve", lambda cmd: pytest.fail("the server must not start"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert cli.main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}" in err and "another --port" in err
+    assert "MLflow UI on" not in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ui_on_a_store_without_sweeps_points_at_the_experiment_list(monkeypatch, tmp_path, capsys):
     uri = make_store(tmp_path, [])
     monkeypatch.setattr("samtune.cli.serve", lambda cmd: 0)

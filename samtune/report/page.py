@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from samtune.contract.messages import masked
 from samtune.contract.tags import ROLE_TAG
 from samtune.report.load import load_runs
 from samtune.report.runs import NoFinishedTrialsError, Runs
@@ -102,7 +103,7 @@ def _page_head(runs: Runs, rendered: Sequence[RenderedView]) -> list[str]:
         + ", ".join(f"{n} {esc(s)}" for s, n in counts.items())
         + f". {len(runs.plotted)} plotted (finished or stopped early)."
         + f" Cells: {esc(', '.join(cell_order(runs.plotted)))}.</p>",
-        f"<p>Tracking URI: <code>{esc(str(runs.tracking_uri))}</code>. Generated "
+        f"<p>Tracking URI: <code>{esc(masked(str(runs.tracking_uri)))}</code>. Generated "
         f"{_dt.datetime.now().isoformat(timespec='seconds')}.</p>",
         "<nav>" + "".join(
             f'<a href="#{esc(r.spec.name)}">{esc(r.spec.title)}</a>' for r in rendered

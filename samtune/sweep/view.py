@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from samtune.contract.keys import HEADLINE_KEYS
+from samtune.contract.messages import masked
 from samtune.verdicts import RULES, verdict_rows
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class SweepView:
         sweep = plan.sweep
         self.metric, self.mode, self.epochs = sweep.metric, sweep.mode, sweep.epochs
         self.console.print(f"[bold]samtune sweep[/] {sweep.name}: {len(cells)} cell(s) x {sweep.trials} trials, "
-                           f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {plan.tracking_uri}")
+                           f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {masked(plan.tracking_uri)}")
         for cell in cells:
             self.tasks[cell.slug] = self.progress.add_task(cell.label, total=sweep.trials)
         if self.console.is_terminal:
@@ -160,7 +161,7 @@ def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> N
                       "ASHA stopped is shown, with its last epoch.", highlight=False, markup=False)
     uri = plan.tracking_uri
     # The report (built next by `samtune sweep`) says where it is itself.
-    console.print(f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(uri)}",
+    console.print(f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(uri))}",
                   highlight=False, markup=False, soft_wrap=True)
 
 
