@@ -155,6 +155,10 @@ CASES = [
      "no Ray cluster answers there"),
     ("unreachable --tracking-uri", lambda t: ["sweep", space_file(t), "--tracking-uri", "http://127.0.0.1:9"],
      "is not reachable"),
+    # More workers than this machine holds: refused from its CPU count, before Ray starts.
+    ("more workers than this machine holds", lambda t: ["sweep", space_file(t, M_CHOICES="[None]"), "--set",
+                                                        "workers=32", "--set", "fixed.cpus_per_worker=1"],
+     "32 workers x 1 CPU need 32 CPUs"),
     # The refusal names the server, never its password.
     ("unreachable --tracking-uri with a password", lambda t: ["sweep", space_file(t), "--tracking-uri",
                                                               "http://alice:s3cret@127.0.0.1:9"],
@@ -203,7 +207,7 @@ CASES = [
      "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']"),
 ]
 # Cases that reach a network address: refused within seconds, not after a connection timeout.
-FAST = {"unreachable --address", "unreachable --tracking-uri", "unreachable --tracking-uri with a password", "ray client --address",
+FAST = {"more workers than this machine holds", "unreachable --address", "unreachable --tracking-uri", "unreachable --tracking-uri with a password", "ray client --address",
         "report from an unreachable server"}
 
 

@@ -142,10 +142,24 @@ def start_ray(address: str | None) -> None:
         # Explicit resources: what this machine has (or the CPUs this process may use), so Ray
         # neither over- nor under-packs trials. "local" starts a new instance where a bare
         # ray.init() would join a `ray start` cluster (and refuse these resources).
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = local_cpus()
         ray.init(address="local", num_cpus=cpus, num_gpus=_local_gpus(), runtime_env=runtime_env,
                  log_to_driver=False, logging_level=logging.ERROR,
                  dashboard_host="127.0.0.1")
+
+
+def local_cpus() -> int:
+    """The CPUs a Ray instance this sweep starts gets: those this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_resources(address: str | None) -> dict[str, float] | None:
+    """The cluster a sweep will start on this machine, known before starting it: its CPUs and
+    GPUs; None when the sweep joins a cluster (``address`` or ``RAY_ADDRESS``), whose size only
+    that cluster can say."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    return {"CPU": float(local_cpus()), "GPU": float(_local_gpus())}
 
 
 def _local_gpus() -> int:

@@ -34,6 +34,7 @@ from samtune.sweep.cluster import (
     check_data,
     check_shared_storage,
     check_storage,
+    local_resources,
     start_ray,
 )
 from samtune.sweep.confirm import confirm, seed_values
@@ -89,6 +90,9 @@ def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = No
     an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
     """
     sweep, space = _checked_sweep(path, overrides, trials, data_root)
+    if (machine := local_resources(address)) is not None:
+        # A trial this machine can never hold is refused now, not after Ray has started.
+        trial_resources(sweep, machine)
     storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
     sweep_dir = storage / sweep.name
     lock = _hold(storage, sweep)
