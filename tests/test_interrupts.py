@@ -2,6 +2,7 @@
 ``Tuner.fit()`` installs it) rather than a stand-in."""
 import os
 import signal
+import time
 
 import pytest
 from ray.tune.tune import _setup_signal_catching
@@ -70,3 +71,16 @@ def test_with_tunes_handler_disabled_a_ctrl_c_inside_fit_raises(monkeypatch):
                 _setup_signal_catching()
                 ctrl_c()
     assert watch.interrupted
+
+
+def test_sigterm_is_a_ctrl_c_while_the_watch_is_installed():
+    watch = InterruptWatch().install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes
+                time.sleep(0.01)
+        assert watch.interrupted
+    finally:
+        watch.remove()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -575,7 +575,7 @@ def check_complete_once(tmp_path, trials_per_cell, cells):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, how):
     # Epochs enough that the signal, sent once 2 of the 8 trials ended, always lands mid-sweep.
     args = ("--set", "epochs=5", "--set", "trials=4", "--set", "label_noise_rates=0.0,0.4")
@@ -583,8 +583,9 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_finished_trials(tmp_path, 2, proc)
-        if how == "SIGINT":
-            proc.send_signal(signal.SIGINT)
+        if how in ("SIGINT", "SIGTERM"):
+            # SIGTERM (kill, systemd, Kubernetes, Slurm) ends a sweep as Ctrl-C does.
+            proc.send_signal(getattr(signal, how))
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 130, out[-3000:]
             # Resumed below with the very command it printed (the store comes from sweep.json).

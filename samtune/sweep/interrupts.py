@@ -12,6 +12,10 @@ and a Ctrl-C after Tune's loop ended but before ``fit()`` returned is caught the
 built, and from the moment `tune_fit` puts it back after ``fit()``) its own handler raises
 `KeyboardInterrupt` as Python's default does; and `interrupted` records that a Ctrl-C came,
 whichever handler caught it.
+
+SIGTERM (what `kill`, systemd, Kubernetes and Slurm send first) is a Ctrl-C too: the watch turns
+it into a SIGINT to this process, so whichever SIGINT handler is in place saves the sweep and it
+ends with the resume command, instead of Ray's own SIGTERM handler tearing the driver down.
 """
 from __future__ import annotations
 
@@ -31,25 +35,33 @@ class InterruptWatch:
     def __init__(self) -> None:
         self.interrupted = False
         self._previous: Callable[[int, FrameType | None], Any] | int | None = None
+        self._previous_term: Callable[[int, FrameType | None], Any] | int | None = None
         self._active = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True
         raise KeyboardInterrupt
 
+    @staticmethod
+    def _terminate(signum: int, frame: FrameType | None) -> None:
+        signal.raise_signal(signal.SIGINT)
+
     def install(self) -> InterruptWatch:
         # Signals go to the main thread only; elsewhere (a notebook's worker thread) there is
         # nothing to install and Python's own behaviour stays.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
+            self._previous_term = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._handle)
+            signal.signal(signal.SIGTERM, self._terminate)
             self._active = True
         return self
 
     def remove(self) -> None:
-        """Put back the handler found at `install`."""
+        """Put back the handlers found at `install`."""
         if self._active:
             signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous_term)
             self._active = False
 
     def __enter__(self) -> InterruptWatch:
