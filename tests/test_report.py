@@ -1009,3 +1009,11 @@ def test_the_answer_view_gives_a_finetuning_cells_starting_point_beside_sgd_and_
     verdicts = view.data["verdicts"].set_index(["cell", "selection"])
     assert verdicts.loc[("noise=0.4", "final epoch"), "verdict"].startswith("SAM better: lower by 0.020")
     assert any(n.startswith("noise=0.4: the pretrained starting point") and "0.300" in n for n in view.notes)
+
+
+def test_a_new_report_folder_is_its_owners_only(store, tmp_path):
+    """The page shows every run's settings and results: created 0700, as the sweep's folder."""
+    out = tmp_path / "reports" / "noisy-digits"
+    build_report(EXPERIMENT, tracking_uri=store["uri"], out=out)
+    assert (out / "index.html").is_file()
+    assert out.stat().st_mode & 0o077 == 0 and out.parent.stat().st_mode & 0o077 == 0

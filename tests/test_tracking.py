@@ -345,3 +345,27 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
         assert on_server.get(key, set()) | in_spool == set(range(1, 7)), (key, on_server.get(key), in_spool)
     assert max(step for _, step in spooled) == 6
     assert "best configuration per cell" in out
+
+
+def test_a_new_store_and_the_data_cache_are_their_owners_only(tmp_path):
+    """mlflow.db holds every run; the cache holds the decoded dataset: neither world-readable,
+    whatever the umask (SQLite and torch.save would follow it: 0644 under the usual one)."""
+    import torch
+
+    from samtune.data.cache import cached
+
+    old = os.umask(0o022)
+    try:
+        tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "s.jsonl", background=True)
+        tracker.wait_open()
+        tracker.close()
+        store = tmp_path / "mlflow.db"
+        assert store.stat().st_size > 0 and store.stat().st_mode & 0o077 == 0
+        cache = tmp_path / "cache"
+        tensors = {"train_x": torch.zeros(2, 1), "train_y": torch.zeros(2, dtype=torch.long),
+                   "test_x": torch.zeros(1, 1), "test_y": torch.zeros(1, dtype=torch.long), "classes": ["a"]}
+        cached("digits", tmp_path / "s.jsonl", "f" * 64, lambda: tensors, cache)
+        (written,) = cache.glob("*.samtune.pt")
+        assert written.stat().st_mode & 0o077 == 0 and cache.stat().st_mode & 0o077 == 0
+    finally:
+        os.umask(old)

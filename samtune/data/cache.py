@@ -72,8 +72,10 @@ def _read_cache(path: Path, fingerprint: str) -> dict | None:
 def _write_cache(path: Path, fingerprint: str, tensors: dict) -> None:
     blob = {"format": CACHE_FORMAT, "fingerprint": fingerprint, **tensors, "sha256": _digest(tensors)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Owner-only, like everything else samtune writes (it is the dataset, decoded).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         torch.save(blob, tmp)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     except OSError as exc:
@@ -91,7 +93,7 @@ def cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict],
         return hit
     lock = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = open(directory / f".{path.name}.lock", "w")  # noqa: SIM115 - held across the build
         # Parallel trials of one sweep would otherwise all decode the same data at once.
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -73,7 +73,9 @@ def write_report(runs: Runs, rendered: Sequence[RenderedView], out: str | Path) 
     (or failed): that one is removed.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Owner-only, as the sweep's folder: the page shows every run's settings and results.
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out.mkdir(exist_ok=True, mode=0o700)
     parts = _page_head(runs, rendered)
     for item in rendered:
         parts += _view_section(item, out)

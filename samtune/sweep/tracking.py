@@ -216,6 +216,17 @@ class _Op:
     described: dict = field(default_factory=dict)
 
 
+def private_file(path: str | os.PathLike) -> None:
+    """Create ``path`` empty, readable by its owner only, unless it exists: a new SQLite store
+    holds every run's settings and results, and SQLite would create it world-readable (0644
+    under the usual umask) where the sweep's own folder is 0700. An empty file is an empty
+    SQLite database."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class Tracker:
     """The sweep's MLflow writer. Runs are named by keys; MLflow ids are resolved lazily."""
 
@@ -269,6 +280,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         try:
+            if self._created_file:
+                private_file(self._created_file)
             try:
                 self._client = MlflowClient(self.uri)
             except Exception:  # noqa: BLE001
