@@ -4,8 +4,9 @@ Each cell's best SGD and best SAM configurations (and its SAM baseline at the SA
 defaults) ran again on fresh seeds after the search. Per cell, the test error's mean over those
 seeds with its 95% Student-t interval, under two selection rules: the final epoch (left) and the
 epoch of lowest validation error, i.e. early stopping on the noisy validation set (right). The
-table under the figure gives the SAM - SGD difference, paired by seed, with its own interval: an
-interval that covers 0 is "no detectable difference", never a winner. With an m ablation, the
+table under the figure gives the SAM - SGD difference, paired by seed, and the verdict it
+supports under the sweep's sequential design (SAM better, SGD better, equivalent within the
+margin, or undecided at n seeds) with the interval that decided it. With an m ablation, the
 last panel draws test error against m (the SAM paper's m-sharpness: smaller m, lower error?).
 A finetuning cell also shows where its runs started: the pretrained backbone, frozen, with a
 linear head fit to the cell's training labels (a dashed line; the same for every seed, since
