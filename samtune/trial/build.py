@@ -131,6 +131,9 @@ class RoundCounter:
             return default_hooks.allreduce_hook(
                 state, bucket)  # type: ignore[arg-type]  # torch's hint omits None, the default group DDP passes
 
+        # DDP checks a hook's annotations against the real classes, and this module's are strings
+        # (postponed evaluation): the checked ones are handed over evaluated.
+        counting.__annotations__.update(bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]})
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.register_comm_hook(None, counting)
 
