@@ -50,7 +50,8 @@ def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]
                            "design": {"looks": list(design.looks), "alpha": design.alpha, "margin": design.margin}}
     for name in sorted(values):
         out["configs"][name] = {"params": (params or {}).get(name, {}), **{
-            rule: mean_interval(list(values[name].get(rule, {}).values())) for rule in rules}}
+            # In seed order: a sum in the order runs happened to end differs in the last bit.
+            rule: mean_interval(_by_seed(values[name].get(rule, {}))) for rule in rules}}
     for first, second in COMPARED:
         if first in values and second in values:
             key = f"{first} - {second}"
@@ -75,6 +76,10 @@ def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]
     for name in sorted(curve, key=_m_order):
         out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
     return out
+
+
+def _by_seed(by_seed: dict[int, float]) -> list[float]:
+    return [by_seed[seed] for seed in sorted(by_seed)]
 
 
 def _m_order(name: str) -> tuple[int, int]:

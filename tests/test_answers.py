@@ -210,3 +210,19 @@ def test_a_cells_dataset_digest_is_the_labels_it_trains_on():
     # Another data seed draws other noisy labels: another digest.
     other = cell_dataset(sweep(label_noise_rates=(0.0, 0.4), seed=1), swept.cells()[1])
     assert other["digest"] != noisy["digest"]
+
+
+def test_a_verdict_is_the_same_to_the_last_bit_whatever_order_its_runs_ended_in():
+    """Runs end in an order timing decides; a mean summed in that order differed in its last
+    bit between two reruns of the main job."""
+    import json
+    import random
+
+    from samtune.verdicts import _jsonable
+
+    rng = random.Random(0)
+    values = {name: {"final": {s: rng.random() / 7 for s in range(1, 11)}} for name in ("best_sgd", "best_sam")}
+    reference = json.dumps(_jsonable(cell_verdict("c", values)))
+    for _ in range(20):
+        shuffled = {name: {"final": dict(rng.sample(sorted(v["final"].items()), 10))} for name, v in values.items()}
+        assert json.dumps(_jsonable(cell_verdict("c", shuffled))) == reference
