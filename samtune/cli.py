@@ -7,11 +7,13 @@ Ray trial exists. An interrupted sweep exits with 130 and says how to resume it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -385,9 +387,6 @@ def _check_listening_address(host: str, port: int, expose: bool) -> None:
     """Refuse, before the server starts, a host that is not this machine's loopback unless the
     user said --expose (the UI has no login), and a port something already listens on (the
     server would fail to bind while the address was printed as if it served)."""
-    import ipaddress
-    import socket
-
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -123,23 +123,23 @@ def markdown(verdicts: list[dict[str, Any]], metric: str = "test_error") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, Decision):
         return {"outcome": value.outcome, "look": value.look, "n": value.n, "text": value.text(),
-                "interval": _jsonable(value.interval)}
+                "interval": jsonable(value.interval)}
     if isinstance(value, Estimate):
         return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n,
                 "level": value.level, "paired": value.paired}
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def write(verdicts: list[dict[str, Any]], folder: Path) -> Path:
     """``verdicts.json`` and ``verdicts.md`` in ``folder`` (created); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "verdicts.json").write_text(json.dumps(_jsonable(verdicts), indent=1, allow_nan=True))
+    (folder / "verdicts.json").write_text(json.dumps(jsonable(verdicts), indent=1, allow_nan=True))
     (folder / "verdicts.md").write_text(markdown(verdicts))
     return folder

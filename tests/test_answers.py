@@ -218,11 +218,11 @@ def test_a_verdict_is_the_same_to_the_last_bit_whatever_order_its_runs_ended_in(
     import json
     import random
 
-    from samtune.verdicts import _jsonable
+    from samtune.verdicts import jsonable
 
     rng = random.Random(0)
     values = {name: {"final": {s: rng.random() / 7 for s in range(1, 11)}} for name in ("best_sgd", "best_sam")}
-    reference = json.dumps(_jsonable(cell_verdict("c", values)))
+    reference = json.dumps(jsonable(cell_verdict("c", values)))
     for _ in range(20):
         shuffled = {name: {"final": dict(rng.sample(sorted(v["final"].items()), 10))} for name, v in values.items()}
-        assert json.dumps(_jsonable(cell_verdict("c", shuffled))) == reference
+        assert json.dumps(jsonable(cell_verdict("c", shuffled))) == reference

@@ -74,6 +74,7 @@ def test_with_tunes_handler_disabled_a_ctrl_c_inside_fit_raises(monkeypatch):
 
 
 def test_sigterm_is_a_ctrl_c_while_the_watch_is_installed():
+    before = signal.getsignal(signal.SIGTERM)  # Ray's, where an earlier test started Ray here
     watch = InterruptWatch().install()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -83,4 +84,4 @@ def test_sigterm_is_a_ctrl_c_while_the_watch_is_installed():
         assert watch.interrupted
     finally:
         watch.remove()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
