@@ -69,6 +69,8 @@ def test_a_sweeps_ray_runs_its_workers_at_the_drivers_priority(tmp_path):
 
     from samtune.sweep.cluster import start_ray
 
+    # The sweep's Ray settings and Ray's SIGTERM handler must not leak into later tests.
+    saved, on_term = dict(os.environ), signal.getsignal(signal.SIGTERM)
     if ray.is_initialized():
         ray.shutdown()
     start_ray(None)
@@ -80,6 +82,9 @@ def test_a_sweeps_ray_runs_its_workers_at_the_drivers_priority(tmp_path):
         assert ray.get(niceness.remote()) == os.nice(0)
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        signal.signal(signal.SIGTERM, on_term)
 
 
 @pytest.fixture

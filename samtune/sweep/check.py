@@ -114,6 +114,8 @@ class _CheckingTrial:
     def __getattr__(self, item: str) -> Any:
         if item.startswith("__"):
             raise AttributeError(item)
+        if item == "number":  # the trial's place in its study: the dry runs have one too
+            return getattr(self._trial, item)
         # A space runs on Optuna's trials during the search, but also on the cell's declared
         # baselines and on these dry runs, which hold values and nothing else: anything beyond
         # suggesting would fail (or mean something else) there, so it is refused here, first.
