@@ -514,15 +514,16 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
 
 @pytest.mark.slow
 def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
-    # Trials run one at a time and alternate a working and a hopeless learning rate: each hopeless
-    # trial reaches the first rung (epoch 1) behind a recorded working one, so ASHA stops it there.
+    # Trials are suggested one at a time (search_batch=1: each judged against every earlier one)
+    # and alternate a working and a hopeless learning rate: each hopeless trial reaches the first
+    # rung (epoch 1) behind a recorded working one, so ASHA stops it there.
     sweep_space(tmp_path, "asha.py",
         "from samtune.sweep import Sweep\n"
         "def space(trial):\n"
         "    trial.suggest_categorical('optimizer', ['sgd'])\n"
         "    return {'lr': 0.2 if trial.number % 2 == 0 else 1e-6}\n"
         "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=128, trials=4,\n"
-        "              grace_period=1, reduction_factor=2, max_concurrent=1,\n"
+        "              grace_period=1, reduction_factor=2, max_concurrent=1, search_batch=1,\n"
         "              fixed={'sharpness_measures': ''})\n")
     client, by_role = runs_of(tmp_path)
     status = Counter((float(t.data.params["lr"]), t.data.tags["samtune.status"]) for t in by_role["trial"])
