@@ -3,7 +3,7 @@
 A confirmed configuration is run on a few seeds; its test error is given as the mean with a 95%
 Student-t interval. SAM against SGD is the difference of their means, paired by seed where both
 ran the same seeds (each seed's difference, then the t interval of those: the spread the seed
-causes in both cancels), else Welch's interval. An interval that covers 0 supports no winner.
+causes in both cancels), else Welch's interval. What a difference decides is `samtune.sequential`'s.
 
 How well a sharpness measure ranks trials by their error is Kendall's tau-b, with a percentile
 bootstrap interval over trials (pairs of values resampled together); the granulated tau of Jiang
@@ -13,8 +13,8 @@ same interval, every group's tau recomputed on each resample of the trials.
 >>> est = mean_interval([0.10, 0.12, 0.11])
 >>> round(est.mean, 3), round(est.low, 3), round(est.high, 3), est.n
 (0.11, 0.085, 0.135, 3)
->>> verdict(difference({0: 0.05, 1: 0.06, 2: 0.05}, {0: 0.10, 1: 0.12, 2: 0.11}))
-'SAM lower by 0.057 (95% CI 0.042 to 0.071)'
+>>> difference({0: 0.05, 1: 0.06, 2: 0.05}, {0: 0.10, 1: 0.12, 2: 0.11}).text()
+'-0.057 [-0.071, -0.042]'
 """
 from __future__ import annotations
 
@@ -93,19 +93,6 @@ def difference(a: Mapping[int, float], b: Mapping[int, float], level: float = LE
     dof = (va + vb) ** 2 / (va ** 2 / (ea.n - 1) + vb ** 2 / (eb.n - 1))
     half = _t(level, dof) * se
     return Estimate(mean, mean - half, mean + half, min(ea.n, eb.n), se, level)
-
-
-def verdict(diff: Estimate, first: str = "SAM", second: str = "SGD") -> str:
-    """What a ``first - second`` difference of errors supports, in words."""
-    if diff.n < 2 or math.isnan(diff.low):
-        return f"not enough seeds for a verdict ({diff.n})"
-    ci = f"{diff.level:.0%} CI {abs(diff.high if diff.mean < 0 else diff.low):.3f} to " \
-         f"{abs(diff.low if diff.mean < 0 else diff.high):.3f}"
-    if diff.covers_zero:
-        return f"no detectable difference ({first} - {second} = {diff.mean:+.3f}, " \
-               f"{diff.level:.0%} CI {diff.low:+.3f} to {diff.high:+.3f})"
-    winner = first if diff.mean < 0 else second
-    return f"{winner} lower by {abs(diff.mean):.3f} ({ci})"
 
 
 # -- Kendall's tau with a bootstrap interval over trials ------------------------------------------
