@@ -3,7 +3,8 @@
 Baselines, all measured in this run on the same model, batch and thread count:
 - `sgd`: one forward/backward and `torch.optim.SGD.step` (the floor SAM doubles);
 - `m8` is m-sharpness with 8 groups on the default path for the device, `m8_vmap` forces the
-  batched `torch.func.vmap` path (the default on accelerators);
+  batched `torch.func.vmap` path (the default on accelerators; on a CPU it pays where a group's
+  work is too small to keep a core busy, e.g. the embedded study's CNN on 8x8 digits, `cnn/`);
 - `loop_reference`: SAM as popular single-file implementations write it: a Python loop over
   parameters with a `clone()` of every weight each step and `p.add_(e)` / `p.data = old`.
   `optimizer_work` times the part where the two differ alone (first step, restore, base step
@@ -151,8 +152,10 @@ def main() -> None:
     print(f"threads: {args.threads}")
     print(f"batch: {args.batch}")
     results = {}
-    for model_name, shape in [("mlp", (3, 32, 32)), ("resnet20", (3, 32, 32))]:
-        t = measure(model_name, shape, args.batch, args.repeats)
+    # The embedded study's CNN on 8x8 digits at its batch of 64, where m = 8 is 8 groups too.
+    for model_name, shape, batch in [("mlp", (3, 32, 32), args.batch), ("resnet20", (3, 32, 32), args.batch),
+                                     ("cnn", (1, 8, 8), 64)]:
+        t = measure(model_name, shape, batch, args.repeats)
         results[model_name] = t
         for name, seconds in t.items():
             print(f"{model_name}/{name}_step_ms: {seconds * 1e3:.2f}")
@@ -160,7 +163,7 @@ def main() -> None:
         print(f"{model_name}/m8/sam: {t['m8'] / t['sam']:.2f}")
         print(f"{model_name}/m8_vmap/m8: {t['m8_vmap'] / t['m8']:.2f}")
         print(f"{model_name}/sam/loop_reference: {t['sam'] / t['loop_reference']:.2f}")
-        work = optimizer_work(model_name, shape, args.batch, args.repeats)
+        work = optimizer_work(model_name, shape, batch, args.repeats)
         print(f"{model_name}/optimizer_work_ms: sam={work['sam'] * 1e3:.3f} "
               f"loop_reference={work['loop_reference'] * 1e3:.3f}")
         print(f"{model_name}/optimizer_work/loop_reference: {work['sam'] / work['loop_reference']:.2f}")

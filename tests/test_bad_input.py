@@ -201,6 +201,10 @@ CASES = [
     ("sharpness metric measured at the end only",
      lambda t: ["sweep", space_file(t), "--set", "metric=sharpness/m_sharpness"],
      "metric='sharpness/m_sharpness' is measured only at the last epoch (sharpness_every=0)"),
+    ("training-subset metric measured at the end only",
+     lambda t: ["check", space_file(t), "--set", "metric=generalization_gap", "--set", "fixed.train_eval_every=0"],
+     "metric='generalization_gap' is measured only at the last epoch (train_eval_every=0), but ASHA needs it "
+     "every epoch"),
     ("sharpness metric not measured",
      lambda t: ["check", space_file(t), "--set", "metric=sharpness/m_sharpness", "--set", "sharpness_every=1",
                 "--set", "fixed.sharpness_measures=hessian_trace"],

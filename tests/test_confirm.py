@@ -3,6 +3,7 @@ resumed; every configuration runs on every seed exactly once, and the verdict re
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -69,6 +70,9 @@ def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp
                               "--no-report"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "SAM vs SGD, test error on 2 fresh seeds" in resumed.stdout, resumed.stdout[-3000:]
+    # The stage said where it was, in plain lines off a terminal.
+    assert re.search(r"^confirmation round 1: (\d+)/\1 runs ended, \d+/\d+ epochs, \w+ in, done$", resumed.stdout,
+                     flags=re.M), resumed.stdout[-3000:]
 
     client, by_role = runs_of(tmp_path)
     reruns = by_role["confirm"] + by_role["ablation"]

@@ -464,6 +464,9 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "best configuration per cell" in proc.stdout and "samtune ui" in proc.stdout
+    # Off a terminal the sweep says where it is in plain lines, the stage's last one when it ends.
+    assert re.search(r"^search: 6/6 trials ended, \d+/\d+ epochs, \w+ in, done$", proc.stdout, flags=re.M), \
+        proc.stdout[-3000:]
     # The sweep ends by building its report and saying where it is.
     (index,) = re.findall(r"^Report written to (.+index\.html)$", proc.stdout, flags=re.M)
     assert Path(index).is_file() and Path(index).is_relative_to(tmp_path / "reports")

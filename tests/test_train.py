@@ -68,6 +68,23 @@ def test_sam_with_rho_zero_trains_exactly_like_sgd():
     assert sgd["test_error"] == sam["test_error"]
 
 
+@pytest.mark.parametrize("every, measured", [(0, [3]), (2, [2, 3])])
+def test_the_training_subset_is_evaluated_at_the_epochs_train_eval_every_names(every, measured):
+    full, reduced = [], []
+    _, w_full = weights_after({**BASE, "epochs": 3, "label_noise_rate": 0.4}, report=full.append)
+    _, w_reduced = weights_after({**BASE, "epochs": 3, "label_noise_rate": 0.4, "train_eval_every": every},
+                                 report=reduced.append)
+    train_keys = ("train_error", "generalization_gap", "flipped_acc_noisy", "flipped_acc_true")
+    assert [r["epoch"] for r in reduced if set(train_keys) <= set(r)] == measured
+    assert not any(k in r for r in reduced if r["epoch"] not in measured for k in train_keys)
+    # Evaluating less never changes the training, nor what is measured where it is measured.
+    assert all(torch.equal(w_full[k], w_reduced[k]) for k in w_full)
+    for r in reduced:
+        same = full[r["epoch"] - 1]
+        assert {k: r[k] for k in train_keys + ("test_error", "val_error") if k in r} == \
+               {k: same[k] for k in train_keys + ("test_error", "val_error") if k in r}
+
+
 def test_same_seed_same_run_and_other_seed_differs():
     a, wa = weights_after({**BASE, "epochs": 1, "optimizer": "sam"})
     b, wb = weights_after({**BASE, "epochs": 1, "optimizer": "sam"})
@@ -465,9 +482,24 @@ def test_one_worker_steps_match_sam_by_hand():
     assert_same_weights(state, ref)
 
 
-def test_one_worker_groups_match_sam_by_hand():
-    _, state = weights_after({**STEPS, "m": 100})
+@pytest.mark.parametrize("m_vmap", [None, True, False], ids=["default", "vmap", "one-group-at-a-time"])
+def test_one_worker_groups_match_sam_by_hand(m_vmap):
+    # m_vmap picks how the groups run (one batched pass, or one after another), never what they
+    # compute: every route lands on the weights of SAM by hand.
+    _, state = weights_after({**STEPS, "m": 100, "m_vmap": m_vmap})
     assert_same_weights(state, sam_by_hand(STEPS, 1, 100)[0])
+
+
+def test_m_vmap_true_runs_the_groups_in_one_batched_pass(monkeypatch):
+    import samtune.optim.msharpness as msharpness
+
+    calls = []
+    real = msharpness.vmap
+    monkeypatch.setattr(msharpness, "vmap", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    weights_after({**STEPS, "m": 100, "m_vmap": False})
+    assert calls == []  # on this CPU the groups run one at a time unless asked
+    weights_after({**STEPS, "m": 100, "m_vmap": True})
+    assert calls  # asked: vmap, not the loop
 
 
 def _flat(tensors):

@@ -101,6 +101,9 @@ TRIAL_KEYS: dict[str, Setting] = {
     "rho": _key("float", 0.05, "SAM radius", low=0.0),
     "eta": _key("float", 0.01, "ASAM's eta", low=0.0),
     "m": _key("int", None, "m-sharpness group size (None: the per-worker batch)", optional=True, low=1),
+    "m_vmap": _key("bool", None, "m < the batch: run the groups in one batched torch.func.vmap pass "
+                   "(None: on accelerators only; on a CPU it pays for small inputs, see "
+                   "benchmarks/sam_step.py)", optional=True),
     "sync_perturbation": _key("bool", False, "one SAM perturbation for the whole global batch"),
     "sam_variant": _choice("full", SAM_VARIANTS, "SAM variant ('full': every step two passes; cheaper "
                            "ones in samtune.optim.variants)"),
@@ -126,6 +129,8 @@ TRIAL_KEYS: dict[str, Setting] = {
                                "'' for none, 'default'", optional=True),
     "sharpness_settings": _key("any", None, "per-measure overrides, e.g. {'m_sharpness': {'rho': 0.1}}",
                                optional=True),
+    "train_eval_every": _key("int", 1, "measure train_error, generalization_gap and the flipped labels' "
+                             "accuracies every k epochs (0: at the last epoch only)", low=0),
     "sharpness_every": _key("int", 0, "measure sharpness every k epochs (0: at the end only)", low=0),
     "sharpness_subset": _key("int", 1024, "examples used to measure sharpness", low=1),
     "sharpness_budget_s": _key("float", None, "seconds a sharpness measurement may take; measures that "

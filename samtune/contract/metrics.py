@@ -29,6 +29,7 @@ class Metric:
 
 
 _EVERY = "every epoch"
+_TRAIN_EVAL = "every train_eval_every epochs and the last (default: every epoch)"
 _VAL = "every epoch, with a validation split (val_fraction > 0)"
 
 #: Every per-epoch metric, in the order the README lists them.
@@ -38,17 +39,17 @@ METRICS: dict[str, Metric] = {
                          "augmented batches, noisy labels)", worst='loss'),
     "train_acc_noisy": Metric(_EVERY, True, "running accuracy on the labels trained on", worst=0.0),
     "train_acc_true": Metric(_EVERY, True, "running accuracy on the clean labels", worst=0.0),
-    "train_error": Metric(_EVERY, True, "eval-mode top-1 error on a fixed 1,024-example training subset, "
+    "train_error": Metric(_TRAIN_EVAL, True, "eval-mode top-1 error on a fixed 1,024-example training subset, "
                           "against the labels trained on", worst=1.0),
-    "flipped_acc_noisy": Metric("every epoch, when the eval subset holds flipped labels", False,
+    "flipped_acc_noisy": Metric(_TRAIN_EVAL + ", when the eval subset holds flipped labels", False,
                                 "accuracy on the flipped examples against their noisy label (memorisation)"),
-    "flipped_acc_true": Metric("every epoch, when the eval subset holds flipped labels", False,
+    "flipped_acc_true": Metric(_TRAIN_EVAL + ", when the eval subset holds flipped labels", False,
                                "accuracy on the flipped examples against their true label"),
     "val_error": Metric(_VAL, True, "top-1 error on the held-out part of the noisy training set", worst=1.0),
     "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set", worst='loss'),
     "test_error": Metric(_EVERY, True, "top-1 error on the clean test set", worst=1.0),
     "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set", worst='loss'),
-    "generalization_gap": Metric(_EVERY, True, "test_error - train_error", worst=1.0),
+    "generalization_gap": Metric(_TRAIN_EVAL, True, "test_error - train_error", worst=1.0),
     "epoch_time_s": Metric(_EVERY, True, "seconds of this epoch"),
     "samples_per_s": Metric(_EVERY, True, "training examples per second", worst=0.0),
     "train_time_s": Metric(_EVERY, True, "cumulative seconds"),

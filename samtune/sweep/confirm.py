@@ -34,6 +34,7 @@ from samtune.contract.tags import (
 from samtune.sweep.baselines import Baseline
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
+from samtune.sweep.progress import StageProgress
 from samtune.sweep.recording import Recorder, SweepCallback, reconcile, recording_to
 from samtune.sweep.recovery import resumable
 from samtune.sweep.results import CellResult, TrialRow
@@ -133,11 +134,12 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], l
             if look and name not in DECIDING:
                 continue
             for seed in confirmation_seeds(sweep, look):
-                # No end-of-training sharpness measures: the verdicts and views read test errors
-                # from these runs, sharpness from the search's trials, and in the embedded study
-                # the measures cost as much as the 16 epochs of training.
+                # No end-of-training sharpness measures, and the training subset evaluated at the
+                # last epoch only: the verdicts read test and validation errors from these runs,
+                # the views sharpness from the search's trials; in the embedded study the measures
+                # cost as much as the 16 epochs of training, the training subset a tenth of them.
                 config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False,
-                          "sharpness_measures": ""}
+                          "sharpness_measures": "", "train_eval_every": 0}
                 if sweep.vary_noise_draw:
                     config["data_seed"] = seed
                 out.append(Rerun(result.cell, name, seed, config))
@@ -224,7 +226,8 @@ def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int,
 
 
 def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tracker: Tracker,
-            sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch) -> int:
+            sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch,
+            view: Any = None) -> int:
     """Run (or finish) the confirmation stage, round after round, until every cell's verdict is
     decided or its seeds reach ``max_confirm_seeds``; its rows land in ``results``. Returns how
     many runs of the current round are still to end (0 when the stage is complete).
@@ -238,17 +241,24 @@ def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tr
             if look:
                 break  # every cell decided
             continue
-        left = _confirm_round(plan, look, runs, results, tracker, sweep_key, concurrent, resources, watch)
+        left = _confirm_round(plan, look, runs, results, tracker, sweep_key, concurrent, resources, watch, view)
         if left:
             return left
     return 0
 
 
 def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellResult], tracker: Tracker,
-                   sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch) -> int:
+                   sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch,
+                   view: Any) -> int:
     sweep = plan.sweep
     recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
                  for r in results}
+    # The view (if any) shows where the round is; its table stays on the search's trials.
+    progress = StageProgress(f"confirmation round {look + 1}", runs=len(runs), epochs=len(runs) * sweep.epochs)
+    for recorder in recorders.values():
+        recorder.progress = progress
+        if view is not None:
+            recorder.on_change = view.tick
     if look == 0:
         for result in results:
             if result.aliases:
@@ -261,6 +271,8 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
     print(f"confirming ({which}{len(runs)} runs on seeds {seeds[0]}-{seeds[-1]}: "
           f"{', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
           f"{', '.join(sorted({r.name for r in runs}, key=_order))}", flush=True)
+    if view is not None:
+        view.stage(progress)
     folder = round_folder(look)
     with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
         with watch.tune_fit():

@@ -21,7 +21,7 @@ import copy
 import functools
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
+from samtune.sweep.progress import StageProgress
 from samtune.sweep.recording import (
     Recorder,
     SweepCallback,
@@ -292,6 +293,9 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     try:
         cells = sweep.cells()
         recorders = _recorders(sweep, tracker, sweep_key, view)
+        _show_stage(view, recorders.values(), StageProgress(
+            "search", runs=sweep.trials * len(cells), epochs=sweep.trials * len(cells) * sweep.epochs,
+            early_stopping=sweep.asha_grace_period < sweep.epochs, unit="trials"))
         if not plan.resume:
             log_cell_datasets(sweep, tracker, sweep_key)
         ended = _fit(plan, concurrent, resources, recorders, watch)
@@ -301,7 +305,8 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
                                    f"{plan.resume_command}")
         results = [recorders[cell.slug].result for cell in cells]
         if sweep.confirm_seeds:
-            left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch)
+            left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch,
+                           view)
             if left:
                 raise SweepInterrupted(f"interrupted in the confirmation stage ({left} runs to go); finish the "
                                        f"sweep with: {plan.resume_command}")
@@ -311,6 +316,13 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     finally:
         _close(tracker, watch, view, completed)
     return results
+
+
+def _show_stage(view: Any, recorders: Iterable[Recorder], progress: StageProgress) -> None:
+    for recorder in recorders:
+        recorder.progress = progress
+    if view is not None:
+        view.stage(progress)
 
 
 def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list[CellResult]) -> None:

@@ -32,6 +32,7 @@ from samtune.contract.tags import (
 )
 from samtune.sweep.check import space_fingerprint
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable, shown_path
+from samtune.sweep.progress import StageProgress
 from samtune.sweep.recovery import settle_failed_trials
 from samtune.sweep.results import CellResult, TrialRow, finite
 from samtune.sweep.search import cell_index
@@ -60,6 +61,8 @@ class Recorder:
         self.budget: float = sweep.trials  # trials whose end ends the cell
         self.ended = 0
         self.done = False
+        #: The stage this recorder's runs belong to, for the view's done/total and time left.
+        self.progress: StageProgress | None = None
         self._placements: dict[str, str] = {}
         self.result = result if result is not None else CellResult(cell)
         if result is not None:
@@ -110,6 +113,8 @@ class Recorder:
             # Where the workers ran (a restarted trial may run elsewhere: the tag holds the latest).
             self._placements[trial.trial_id] = placement
             self.tracker.set_tags(self._key(trial), {PLACEMENT_TAG: placement})
+        if epoch > row.epoch and self.progress is not None:
+            self.progress.epoch_done()
         row.epoch = max(row.epoch, epoch)
         row.metrics.update(metrics)
         if finite(metrics.get("val_error")) and metrics["val_error"] < row.best_epoch.get("val_error", math.inf):
@@ -140,6 +145,8 @@ class Recorder:
         row.status = status
         self.tracker.set_status(self._key(trial), status)
         self.ended += 1
+        if self.progress is not None:
+            self.progress.run_ended(epochs_left=self.sweep.epochs - row.epoch)
         self.on_change()
         if not self.done and self.ended >= self.budget:
             # The cell's budget has ended while the sweep's next cells may still be running.

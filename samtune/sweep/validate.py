@@ -59,6 +59,12 @@ def check_metric_reported(metric: str, config: dict[str, Any], where: str = "") 
         raise SpaceError(f"{where}metric={metric!r} with val_fraction=0: there is no validation split, so "
                          f"no trial reports {metric}; set fixed.val_fraction > 0 or metric="
                          f"{metric.replace('val_', 'test_')!r}")
+    train_every = config.get("train_eval_every", 1)
+    if metric in ("train_error", "generalization_gap", "flipped_acc_noisy", "flipped_acc_true") and train_every != 1:
+        raise SpaceError(f"{where}metric={metric!r} is measured only "
+                         f"{'at the last epoch' if train_every == 0 else f'every {train_every} epochs'} "
+                         f"(train_eval_every={train_every}), but ASHA needs it every epoch; "
+                         f"set train_eval_every=1 or optimise val_error")
     if not metric.startswith("sharpness/"):
         return
     every = config.get("sharpness_every") or 0

@@ -1,7 +1,9 @@
 """The live terminal view of a sweep (rich): a progress bar per cell, a line per trial, the best.
 
 On a terminal it redraws in place; when the output is a file or a pipe (CI, ``| tee``) it prints
-one line per finished trial instead, so logs stay readable.
+one line per finished trial instead, so logs stay readable. Either way it says where the sweep
+is: the current stage's runs and epochs done and its time left (`samtune.sweep.progress`), live
+on a terminal, as a plain line every `PROGRESS_EVERY_S` seconds elsewhere.
 """
 from __future__ import annotations
 
@@ -26,9 +28,13 @@ from samtune.verdicts import RULES, verdict_rows
 
 if TYPE_CHECKING:
     from samtune.sweep.plan import Plan
+    from samtune.sweep.progress import StageProgress
     from samtune.sweep.recording import Recorder
     from samtune.sweep.results import CellResult, TrialRow
     from samtune.sweep.study import Cell
+
+#: Seconds between two progress lines when the output is not a terminal.
+PROGRESS_EVERY_S = 30.0
 
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
                  "failed": "bold red", "pending": "dim"}
@@ -55,6 +61,8 @@ class SweepView:
         self.recorder: Recorder | None = None
         self.metric, self.mode = "val_error", "min"
         self._printed: set[str] = set()
+        self.stage_progress: StageProgress | None = None
+        self._last_line = -math.inf
 
     def start(self, plan: Plan, cells: list[Cell]) -> None:
         sweep = plan.sweep
@@ -67,13 +75,32 @@ class SweepView:
             self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
 
+    def stage(self, progress: StageProgress) -> None:
+        """From now on the view shows where `progress`'s stage is."""
+        self.stage_progress = progress
+        self._last_line = progress.clock()
+        self.tick()
+
+    def tick(self) -> None:
+        """Something ran: redraw, or (not on a terminal) print where the stage is when it is time."""
+        if self.live is not None:
+            self.live.update(self._render())
+            return
+        stage = self.stage_progress
+        if stage is None:
+            return
+        now, done = stage.clock(), stage.runs_ended >= stage.runs
+        if self._last_line < math.inf and (done or now - self._last_line >= PROGRESS_EVERY_S):
+            self._last_line = math.inf if done else now  # the stage's last line, once
+            self.console.print(stage.text(), highlight=False, markup=False, soft_wrap=True)
+
     def update(self, recorder: Recorder) -> None:
         # The table follows the newest cell: as one cell's last trials end, the next has started.
         if self.recorder is None or recorder.cell.index >= self.recorder.cell.index:
             self.recorder = recorder
         self.progress.update(self.tasks[recorder.cell.slug], completed=recorder.ended)
         if self.live is not None:
-            self.live.update(self._render())
+            self.tick()
             return
         for row in recorder.result.trials.values():
             tag = f"{recorder.cell.slug}/{row.trial_id}"
@@ -84,6 +111,7 @@ class SweepView:
                                    highlight=False)
                 if row.error:
                     self.console.print(f"{'':<23} {row.error}", highlight=False, markup=False)
+        self.tick()
 
     def cell_done(self, recorder: Recorder) -> None:
         self.update(recorder)
@@ -107,6 +135,8 @@ class SweepView:
 
     def _render(self) -> Group:
         parts: list[Any] = [self.progress]
+        if self.stage_progress is not None:
+            parts.append(self.stage_progress.text())
         rec = self.recorder
         if rec is not None:
             table = Table(title=f"cell {rec.cell.label}", expand=False, show_edge=False, pad_edge=False)

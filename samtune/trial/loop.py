@@ -38,7 +38,7 @@ def run(config: dict[str, Any], session: Session, on_end: Callable[[nn.Module], 
         if trained["diverged"]:
             metrics = diverged_result(state.cfg, epoch, trained)
         else:
-            metrics = epoch_metrics(state, epoch, trained, evaluate(state))
+            metrics = epoch_metrics(state, epoch, trained, evaluate(state, epoch))
             metrics.update(measure(state, epoch))
         metrics.update(start)
         start = {}
@@ -62,7 +62,6 @@ def epoch_metrics(state: TrialState, epoch: int, trained: dict[str, Any],
         "train_loss": trained["train_loss"],
         "train_acc_noisy": trained["train_acc_noisy"],
         "train_acc_true": trained["train_acc_true"],
-        "train_error": evaluated["train_error"],
         "test_error": evaluated["test_error"],
         "test_loss": evaluated["test_loss"],
         "epoch_time_s": trained["epoch_time_s"],
@@ -79,7 +78,8 @@ def epoch_metrics(state: TrialState, epoch: int, trained: dict[str, Any],
         metrics.update(m_effective=plan.m, m_workers=plan.workers_per_eps,
                        m_groups_per_worker=plan.groups_per_worker,
                        m_per_worker_batch=plan.per_worker_batch, m_plan=plan.describe())
-    metrics["generalization_gap"] = metrics["test_error"] - metrics["train_error"]
+    if "train_error" in evaluated:  # not at every epoch with train_eval_every
+        metrics["generalization_gap"] = metrics["test_error"] - metrics["train_error"]
     if state.placement:
         metrics.update(nodes=len(set(state.placement)), placement=",".join(state.placement))
     if state.rounds is not None:

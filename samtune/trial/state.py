@@ -134,7 +134,7 @@ def setup(config: dict[str, Any], session: Session,
         train=train, fixed=fixed, norm=norm, channels_last=channels_last,
         autocast=_autocast(cfg, device),
         step_settings={"m": plan.m if plan.groups_per_worker > 1 else None,
-                       "sync_perturbation": plan.sync_all, "perturbation_group": perturbation_group,
+                       "vectorize": cfg["m_vmap"], "sync_perturbation": plan.sync_all, "perturbation_group": perturbation_group,
                        "max_grad_norm": cfg["max_grad_norm"], "scaler": scaler},
         rounds=rounds, placement=node_placement(world))
 

@@ -1,0 +1,72 @@
+"""Where a sweep is: each stage's runs and epochs done out of its total, and the time left.
+
+The time left is the stage's epochs still to run at the pace its epochs have run so far in this
+driver. Epochs of different runs cost differently (SAM at small m several times SGD's), so it is
+an estimate, said as one ("about"); in a search with early stopping the total is the budget's,
+which stopped trials never reach, so the estimate is an upper bound ("at most").
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+@dataclass
+class StageProgress:
+    """One stage of a sweep (the search, a confirmation round): what has run of it, and when it
+    should end."""
+
+    name: str
+    runs: int
+    epochs: int  # the stage's whole budget, in trial-epochs
+    #: Early stopping may end the stage sooner than its budget.
+    early_stopping: bool = False
+    unit: str = "runs"
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=-1.0)
+    runs_ended: int = 0
+    epochs_done: int = 0
+
+    def __post_init__(self) -> None:
+        if self.started < 0:
+            self.started = self.clock()
+
+    def epoch_done(self) -> None:
+        self.epochs_done += 1
+
+    def run_ended(self, epochs_left: int = 0) -> None:
+        """A run ended; `epochs_left`: the budget's epochs it will never run (stopped early)."""
+        self.runs_ended += 1
+        self.epochs -= max(0, epochs_left)
+
+    def seconds_left(self) -> float | None:
+        """At this driver's pace so far; None before the first epoch."""
+        if self.epochs_done == 0:
+            return None
+        elapsed = self.clock() - self.started
+        return elapsed / self.epochs_done * max(0, self.epochs - self.epochs_done)
+
+    def text(self) -> str:
+        elapsed = self.clock() - self.started
+        line = (f"{self.name}: {self.runs_ended}/{self.runs} {self.unit} ended, "
+                f"{self.epochs_done}/{self.epochs} epochs, {duration(elapsed)} in")
+        if self.runs_ended >= self.runs:
+            return line + ", done"
+        left = self.seconds_left()
+        if left is None:
+            return line + ", time left: after the first epoch"
+        bound = "at most" if self.early_stopping else "about"
+        return line + f", {bound} {duration(left)} left"
