@@ -146,6 +146,27 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], l
     return out
 
 
+def longest_first(runs: list[Rerun]) -> list[Rerun]:
+    """The round's runs in the order they start: the costliest first (SAM with the most groups of
+    m, then SAM, then SGD), each cost in the order `reruns` gave, so the round does not end on one
+    long run while the other slots idle. Which runs a round holds, and their results, do not
+    depend on it.
+
+    >>> cell = Sweep(name="demo", dataset="digits", model="cnn", epochs=2, batch_size=64, trials=2).cells()[0]
+    >>> runs = [Rerun(cell, n, 1, {"batch_size": 64, **c}) for n, c in [("best_sgd", {"optimizer": "sgd"}),
+    ...         ("sam_baseline", {"optimizer": "sam", "m": None}), ("m=8", {"optimizer": "sam", "m": 8}),
+    ...         ("m=16", {"optimizer": "sam", "m": 16}), ("best_sam", {"optimizer": "sam", "m": 8})]]
+    >>> [r.name for r in longest_first(runs)]
+    ['m=8', 'best_sam', 'm=16', 'sam_baseline', 'best_sgd']
+    """
+    def cost(run: Rerun) -> tuple[bool, int]:
+        config = run.config
+        m = config.get("m")
+        return config.get("optimizer") != "sgd", int(config["batch_size"]) // int(m) if m else 1
+
+    return sorted(runs, key=cost, reverse=True)
+
+
 def undecided(sweep: Sweep, result: CellResult) -> list[str]:
     """The selection rules whose SAM - SGD verdict a cell's runs so far leave undecided."""
     verdict = cell_verdict(result.cell.label, *seed_values(result), design=sweep.design())
@@ -276,7 +297,7 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
     folder = round_folder(look)
     with recording_to({f"confirm:{slug}": r for slug, r in recorders.items()}):
         with watch.tune_fit():
-            _stage_tuner(plan, folder, runs, concurrent, resources).fit()
+            _stage_tuner(plan, folder, longest_first(runs), concurrent, resources).fit()
         ended = reconcile(plan, recorders, folder=folder)
     return len(runs) - sum(ended.values())
 
