@@ -4,7 +4,7 @@ Baselines, all measured in this run on the same model, batch and thread count:
 - `sgd`: one forward/backward and `torch.optim.SGD.step` (the floor SAM doubles);
 - `m8` is m-sharpness with 8 groups on the default path for the device, `m8_vmap` forces the
   batched `torch.func.vmap` path (the default on accelerators; on a CPU it pays where a group's
-  work is too small to keep a core busy, e.g. the embedded study's CNN on 8x8 digits, `cnn/`);
+  work is too small to keep a core busy, e.g. the embedded study's CNN on 8x8 digits, `cnn_small/`);
 - `loop_reference`: SAM as popular single-file implementations write it: a Python loop over
   parameters with a `clone()` of every weight each step and `p.add_(e)` / `p.data = old`.
   `optimizer_work` times the part where the two differ alone (first step, restore, base step
@@ -154,7 +154,7 @@ def main() -> None:
     results = {}
     # The embedded study's CNN on 8x8 digits at its batch of 64, where m = 8 is 8 groups too.
     for model_name, shape, batch in [("mlp", (3, 32, 32), args.batch), ("resnet20", (3, 32, 32), args.batch),
-                                     ("cnn", (1, 8, 8), 64)]:
+                                     ("cnn_small", (1, 8, 8), 64)]:
         t = measure(model_name, shape, batch, args.repeats)
         results[model_name] = t
         for name, seconds in t.items():

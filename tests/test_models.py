@@ -11,7 +11,7 @@ from samtune.models.zoo import MODELS, build_model
 SMALL = ["mlp", "cnn", "resnet20", "resnet18", "wrn16_8"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_small", "resnet20"])
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
 def test_models_map_digits_and_cifar_shapes_to_logits(name, norm):
     for shape in [(1, 8, 8), (3, 32, 32)]:
@@ -23,7 +23,7 @@ def test_models_map_digits_and_cifar_shapes_to_logits(name, norm):
         assert (nn.GroupNorm in kinds) == (norm == "group")
 
 
-@pytest.mark.parametrize("name,params", [("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6),
+@pytest.mark.parametrize("name,params", [("cnn", 94762), ("cnn_small", 24346), ("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6),
                                          ("resnet18", 11.2e6), ("wrn16_8", 11.0e6), ("wrn28_10", 36.5e6)])
 def test_reference_architectures_have_their_published_size(name, params):
     model = build_model(name, 10, (3, 32, 32))
