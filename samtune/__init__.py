@@ -6,6 +6,10 @@ that `import samtune` stays cheap for a user who only wants the optimizer.
 >>> import samtune
 >>> samtune.SAM.__module__
 'samtune.optim.sam'
+
+Offers: `SAM`, `sam_step`, `fit`, `train_loop_per_worker`, `Sweep`, `load_space`,
+`measure_sharpness`, `load_dataset`, `build_model`, `build_scenario`; each package offers more
+(its own docstring says what).
 """
 from samtune._lazy import face
 

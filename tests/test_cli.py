@@ -194,7 +194,7 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
     monkeypatch.setattr("samtune.cli.build", build)
     # A store to read (a missing one is refused), and a server taken as answering.
     (tmp_path / "mlflow.db").touch()
-    monkeypatch.setattr("samtune.sweep.tracking.check_reachable", lambda uri: None)
+    monkeypatch.setattr("samtune.sweep.store.check_reachable", lambda uri: None)
     assert cli.main(["report", "noisy-digits"]) == 0
     assert cli.main(["report", "noisy-digits", "--tracking-uri", "http://127.0.0.1:5000", "--out", "maps"]) == 0
     # Default: MLflow's local SQLite store in this folder, as an absolute path (what `sweep` uses).
@@ -262,7 +262,7 @@ def test_sigterm_to_ui_stops_the_mlflow_server_and_its_workers(tmp_path):
 
 def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    monkeypatch.setattr("samtune.sweep.tracking.check_reachable", lambda uri: None)
+    monkeypatch.setattr("samtune.sweep.store.check_reachable", lambda uri: None)
     calls = []
     monkeypatch.setattr("samtune.cli.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
                         or tmp_path)

@@ -1,5 +1,6 @@
 """The package's shape, read from its source with `ast`: imports point down, every trial key and
-metric name is listed once (in the contract), and no function grows past one screen."""
+metric name is listed once (in the contract), no function grows past one screen and no class
+past 250 lines."""
 from __future__ import annotations
 
 import ast
@@ -138,6 +139,26 @@ def test_no_function_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > 60]
     assert not long, f"functions over 60 lines: {long}"
+
+
+def test_no_class_is_longer_than_250_lines():
+    """A class that long carries more than one concept: split it along them."""
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in modules().values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250]
+    assert not long, f"classes over 250 lines: {long}"
+
+
+def test_each_package_docstring_names_what_it_offers():
+    """A package's docstring says what it offers: every name of its face, in backquotes."""
+    from samtune._lazy import FACES
+
+    missing = []
+    for package, names in FACES.items():
+        init = ROOT.joinpath(*package.split("."), "__init__.py")
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        missing += [f"{package}.{name}" for name in names if f"`{name}`" not in doc]
+    assert not missing, f"names a package offers that its docstring does not name: {missing}"
 
 
 def _name_lists(tree: ast.AST, names: set[str]) -> list[tuple[int, list[str]]]:

@@ -24,20 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samtune.optim.msam import momentum_first_step
-from samtune.optim.variants import (
-    ADAPTIVE_STEP,
-    MOMENTUM_STEP,
-    PAIRED_STEP,
-    PLAIN_STEP,
-    SAM_STEP,
-    SAMVariant,
-    as_variant,
+from samtune.optim.ascent import (
+    NORM_FLOOR,
+    ascent_direction,
+    groups_with_grads,
+    move_to_peak,
+    squared_norm,
 )
+from samtune.optim.attached import AttachedVariant
+from samtune.optim.closure_step import closure_step
+from samtune.optim.variants import SAMVariant
 
-# Keeps eps finite when a gradient is exactly zero (e.g. a dead network); small against any real
-# gradient norm.
-NORM_FLOOR = 1e-12
+__all__ = ["NORM_FLOOR", "SAM"]
 
 
 class SAM(torch.optim.Optimizer):
@@ -113,10 +111,7 @@ class SAM(torch.optim.Optimizer):
         # (params, saved w) of each group that `first_step` moved this step: exactly these go back
         # to w. A parameter without a gradient this step keeps whatever the base optimizer left.
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []
-        self.variant: SAMVariant | None = None
-        # A checkpoint's variant state loaded before the variant is known (a trainer that
-        # restores the optimizer first and passes the variant to sam_step afterwards).
-        self._pending_variant_state: dict | None = None
+        self._attached = AttachedVariant()
         if variant is not None:
             self.use_variant(variant)
 
@@ -156,33 +151,12 @@ class SAM(torch.optim.Optimizer):
         A non-finite gradient norm (an fp16 overflow) gives eps = 0: the weights stay at `w` and
         the step is the base optimizer's (which a `GradScaler` then skips).
         """
-        groups = self._groups_with_grads()
+        groups = groups_with_grads(self.param_groups)
         if not groups:
             return
-        directions = [self._ascent_direction(group, params, loss_scale) for group, params in groups]
-        # One norm over all groups, as in the paper; one device sync at most, no .item().
-        norms = [n for scaled in directions for n in torch._foreach_norm(scaled)]
-        device = norms[0].device
-        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-        # Decided on the device, not with a host sync: a non-finite norm makes the scale 0, and
-        # nan_to_num_ below turns the inf * 0 = nan that leaves into 0. With a finite norm every
-        # entry is finite and nan_to_num_ changes nothing. (A masked_fill_ with the 0-dim mask
-        # measured 10x slower: it added a fifth to a SAM step's optimizer work on an MLP.)
-        finite = torch.isfinite(grad_norm)
-        perturbed = []
-        for (group, params), scaled in zip(groups, directions):
-            saved, eps = self._buffers(params)
-            torch._foreach_copy_(saved, params)
-            # eps = rho * T * (T g) / ||T g||; with T = 1 this is rho * g / ||g||.
-            scale = torch.where(finite, group["rho"] / (grad_norm + NORM_FLOOR), 0.0)
-            torch._foreach_copy_(eps, scaled)
-            if group["adaptive"]:
-                torch._foreach_mul_(eps, self._adaptive_scale(group, params))
-            torch._foreach_mul_(eps, [scale.to(p.device) for p in params])
-            for e in eps:
-                e.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            torch._foreach_add_(params, eps)
-            perturbed.append((params, saved))
+        directions = [ascent_direction(group, params, loss_scale, self.perturb_weight_decay)
+                      for group, params in groups]
+        perturbed = move_to_peak(groups, directions, self._buffers)
         self._perturbed = perturbed
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -228,38 +202,7 @@ class SAM(torch.optim.Optimizer):
                 "rho > 0: the gradient at w + eps is a second pass. Or call first_step() and "
                 "second_step() around your own second pass, or use samtune.sam_step()."
             )
-        variant = self._active_variant()
-        plan = variant.plan() if variant is not None else SAM_STEP
-        if plan == PAIRED_STEP:
-            raise ValueError("sam_variant='sampa' takes a gradient on the previous batch, which a "
-                             "closure cannot give: train with samtune.optim.step.sam_step")
-        if plan == MOMENTUM_STEP:
-            momentum_first_step(self)
-        with torch.enable_grad():
-            loss = closure()
-        if variant is not None and plan == MOMENTUM_STEP:
-            self._restore_weights()
-            self.base_optimizer_step()
-            variant.finish(took_sam=False)
-            return loss
-        if variant is not None and plan == ADAPTIVE_STEP:
-            plan = SAM_STEP if variant.decide(float(self.squared_grad_norm())) else PLAIN_STEP
-        if variant is not None and plan == PLAIN_STEP:
-            if variant.keeps_direction:
-                variant.reuse(self.gradients())
-            self.base_optimizer_step()
-            variant.finish(took_sam=False)
-            return loss
-        first = self.gradients(clone=True) if variant is not None and variant.keeps_direction else None
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            closure()
-        if variant is not None and first is not None:
-            variant.store(first, self.gradients())
-        self.second_step()
-        if variant is not None:
-            variant.finish(took_sam=True)
-        return loss
+        return closure_step(self, self._active_variant(), closure)
 
     # -- variants --------------------------------------------------------------------------
 
@@ -274,26 +217,15 @@ class SAM(torch.optim.Optimizer):
             ValueError: a different rule than the attached one, a checkpoint of another rule,
                 or bad knobs.
         """
-        new = as_variant(variant)
-        current = self.variant
-        if current is None:
-            if self._pending_variant_state is not None:
-                new.load_state_dict(self._pending_variant_state)
-                self._pending_variant_state = None
-            self.variant = new
-            return new
-        if new is not current and (new.name, new.settings()) != (current.name, current.settings()):
-            raise ValueError(f"this optimizer already follows {current!r}; a run keeps one SAM "
-                             f"variant (got {new!r}): build a new SAM optimizer to change it")
-        return current
+        return self._attached.attach(variant)
+
+    @property
+    def variant(self) -> SAMVariant | None:
+        """The variant attached (`use_variant`), or None."""
+        return self._attached.variant
 
     def _active_variant(self) -> SAMVariant | None:
-        if self.variant is None and self._pending_variant_state is not None:
-            name = self._pending_variant_state.get("name")
-            if name != "full":
-                raise ValueError(f"the loaded checkpoint follows sam_variant={name!r}; pass the same "
-                                 f"variant (SAM(variant=...) or sam_step(variant=...)) to resume it")
-        return self.variant
+        return self._attached.active()
 
     def gradients(self, clone: bool = False) -> list[Tensor | None]:
         """Every parameter's `.grad` (None where there is none), in `param_groups` order."""
@@ -303,12 +235,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def squared_grad_norm(self) -> Tensor:
         """||g||^2 over every parameter's `.grad` together (float64, on the first grad's device)."""
-        grads = [g for g in self.gradients() if g is not None]
-        if not grads:
-            return torch.zeros((), dtype=torch.float64)
-        norms = torch._foreach_norm(grads)
-        device = norms[0].device
-        return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+        return squared_norm([g for g in self.gradients() if g is not None])
 
     def base_optimizer_step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One plain step of the base optimizer (the `rho == 0` path): bit-identical to it."""
@@ -320,10 +247,9 @@ class SAM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = self.base_optimizer.state_dict()
-        if self.variant is not None:
-            state["sam_variant"] = self.variant.state_dict()
-        elif self._pending_variant_state is not None:
-            state["sam_variant"] = self._pending_variant_state
+        variant_state = self._attached.state_dict()
+        if variant_state is not None:
+            state["sam_variant"] = variant_state
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -331,10 +257,7 @@ class SAM(torch.optim.Optimizer):
         variant_state = state_dict.pop("sam_variant", None)
         self.base_optimizer.load_state_dict(state_dict)
         if variant_state is not None:
-            if self.variant is not None:
-                self.variant.load_state_dict(variant_state)
-            else:
-                self._pending_variant_state = variant_state
+            self._attached.load_state_dict(variant_state)
         # The base optimizer rebuilt its group dicts; share them again.
         self.param_groups = self.base_optimizer.param_groups
 
@@ -349,36 +272,6 @@ class SAM(torch.optim.Optimizer):
         for params, saved in self._perturbed:
             torch._foreach_copy_(params, saved)
         self._perturbed = []
-
-    def _groups_with_grads(self) -> list[tuple[dict, list[Tensor]]]:
-        out = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                out.append((group, params))
-        return out
-
-    def _ascent_direction(self, group: dict, params: list[Tensor],
-                          loss_scale: float | Tensor = 1.0) -> list[Tensor] | tuple[Tensor, ...]:
-        """T g: the ascent direction whose norm normalises eps (T = 1 unless adaptive)."""
-        grads: list[Tensor] | tuple[Tensor, ...] = [p.grad for p in params if p.grad is not None]
-        if self.perturb_weight_decay and group.get("weight_decay", 0):
-            # The gradients carry `loss_scale`; the decay term must carry it too.
-            # (The scale is a float32 tensor: multiplied last, it rounds nothing in w * wd.)
-            decayed = torch._foreach_mul(params, group["weight_decay"])
-            if not (isinstance(loss_scale, float) and loss_scale == 1.0):
-                torch._foreach_mul_(decayed, loss_scale)
-            torch._foreach_add_(decayed, grads)
-            grads = decayed
-        if group["adaptive"]:
-            return torch._foreach_mul(grads, self._adaptive_scale(group, params))
-        return grads
-
-    @staticmethod
-    def _adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
-        scale = torch._foreach_abs(params)
-        torch._foreach_add_(scale, group["eta"])
-        return scale
 
     def _buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per-parameter buffers for `w` and `eps`, allocated once and reused every step."""

@@ -23,6 +23,11 @@ leaves the model exactly as found (weights, buffers, mode, gradients). A ``param
 (names or name prefixes) restricts any measure to one block of parameters. Losses over the
 subset are evaluated in chunks of ``batch`` examples (BatchNorm statistics are those of each
 chunk, as in training), averaged with the chunk sizes as weights.
+
+Offers: `measure_sharpness`, `check_measures`, `MEASURES`, `SHARED_KEYS` (measures), `FlatLoss`
+(hvp), `m_sharpness`, `adaptive_sharpness`, `avg_sharpness` (worst_case), `hessian_top_eig`,
+`hessian_trace`, `pac_bayes_sigma` (curvature). Kept: the Gauss-Newton products (ggn), the costs
+and time budget (budget) and the value-with-error type the estimators return (estimate).
 """
 from samtune._lazy import face
 

@@ -6,6 +6,15 @@ What is run: `study` (the `Sweep`), `space_file` (reading a space file), `valida
 cluster it needs). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search`, `ray_env`.
 Recording it and surviving a crash: `recording`, `tracking`, `recovery`, `interrupts`,
 `driver_lock`. What came of it: `results`, `view`, `errors`.
+
+Offers: `Sweep`, `Cell`, `apply_overrides`, `parse_assignments` (study), `load_space`
+(space_file), `check_space` (check), `validate_trial_config` (validate), `prepare` and
+`run_sweep` (driver), `summarize` and `load_study` (results), `SweepError` and
+`SweepInterrupted` (errors), `Tracker` (tracking) and `SpaceError`. Kept: what makes a `Sweep`
+valid (sweep_checks), reading ``key=value`` items (assignments), and the parts of the MLflow
+writer: runs by key (run_keys), one record written to its run (run_writes), the queue that keeps
+training from waiting on MLflow (write_queue), the spool of records not yet written (spool) and
+where the store is (store); the rest of each module named above is the sweep's own.
 """
 from samtune._lazy import face
 

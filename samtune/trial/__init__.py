@@ -70,6 +70,12 @@ GPU path (`use_gpu=True`): CUDA device per worker, NCCL when every worker has a 
 gloo when workers share one (NCCL refuses two ranks on one device), `precision="bf16"` autocast
 (where the device supports it) or `"fp16"` autocast with a `GradScaler` that unscales once per
 SAM step, `channels_last` for convnets, and `compile=True` for `torch.compile`.
+
+Offers: `fit` and `train_loop_per_worker` (entry), `run_trial` (ray_trial), `resolve_config`,
+`perturbation_plan`, `Perturbation`, `TrialConfigError` (config), `worker_resources`,
+`distributed_backend`, `WorkerPlacementError` (placement), `pretrain` and `pretrained_state`
+(pretrain). Kept: the loop and its steps (loop, state, build, epoch, evaluate, session), the
+finetuning start (probe) and the random streams (seeding).
 """
 from samtune._lazy import face
 

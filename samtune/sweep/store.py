@@ -1,0 +1,126 @@
+"""Where a sweep's MLflow store is, and whether it can serve one: the URI a sweep, the report and
+the UI agree on (`resolve_tracking_uri`), a check that refuses a bad one in seconds without creating
+anything (`check_tracking_uri`, `check_reachable`), short HTTP timeouts (`fail_fast_environment`)
+and the opening of a store's client (`open_client`), whose new SQLite file only its owner may read
+(`private_file`).
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """`uri`, else ``MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in this folder.
+
+    The local default is an absolute path so the UI, the report and the Ray workers all open the
+    same store whatever their working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if "://" not in uri and not uri.startswith("sqlite:"):
+        # A bare folder is a file store.
+        return "file://" + os.path.abspath(uri)
+    return uri
+
+
+def fail_fast_environment() -> None:
+    """Short HTTP timeouts and few retries, so an unreachable server is noticed in seconds.
+
+    MLflow's defaults retry for minutes; a sweep must not stall on a dead tracking server.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError naming `uri` when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError:
+        return  # it answered: some servers have no /health, but they are up
+    except Exception as exc:  # noqa: BLE001
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({exc})") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise ValueError (one line) for a URI no MLflow tracking store serves, ConnectionError for
+    an http(s) server that does not answer; creates nothing.
+
+    A local store (``sqlite:``, ``file:``) is judged by its folder, without opening it: opening
+    creates it, and a sweep refused for another reason must leave no store behind. Any other
+    scheme is handed to MLflow's client, which knows the installed store plugins.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+        return
+    if scheme in ("sqlite", "file"):
+        # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db.
+        path = uri[len("sqlite:///"):] if scheme == "sqlite" else urlparse(uri).path
+        if not uri.startswith("sqlite:///") and scheme == "sqlite" or not path:
+            raise ValueError(f"{uri}: expected sqlite:///path/to/mlflow.db (a file, not an in-memory store)")
+        if scheme == "sqlite" and os.path.isdir(path):
+            raise ValueError(f"{uri}: {path} is a folder; name the store's file in it, e.g. "
+                             f"sqlite:///{os.path.join(path, 'mlflow.db')}")
+        folder = os.path.abspath(os.path.dirname(path) if scheme == "sqlite" else path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{uri}: cannot write in {folder}")
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except Exception as exc:  # noqa: BLE001  MLflow's registry, a missing driver, a bad host
+        if "unsupported URI" in str(exc) or "registered tracking store" in str(exc):
+            raise ValueError(f"{uri}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
+                             f"use sqlite:///path/mlflow.db, a folder, or http(s)://host:port") from None
+        raise ValueError(f"{uri}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def private_file(path: str | os.PathLike) -> None:
+    """Create ``path`` empty, readable by its owner only, unless it exists: a new SQLite store
+    holds every run's settings and results, and SQLite would create it world-readable (0644
+    under the usual umask) where the sweep's own folder is 0700. An empty file is an empty
+    SQLite database."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+
+def new_sqlite_file(uri: str) -> str | None:
+    """The SQLite file opening the store at `uri` will create, if it does not exist yet."""
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    return db if db and not os.path.exists(db) else None
+
+
+def open_client(uri: str, created_file: str | None) -> MlflowClient:
+    """A client of the store at `uri`; `created_file` (`new_sqlite_file`) is made private first."""
+    from mlflow.tracking import MlflowClient
+
+    if created_file:
+        private_file(created_file)
+    try:
+        return MlflowClient(uri)
+    except Exception:  # noqa: BLE001
+        # Two processes creating one new SQLite store at once (a sweep and `samtune ui`, say)
+        # race through its table migrations; the loser finds it made a moment later.
+        time.sleep(1.0)
+        return MlflowClient(uri)
