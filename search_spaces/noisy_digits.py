@@ -58,9 +58,9 @@ SWEEP = Sweep(
         "sharpness_subset": 512,
         # The sharpness view ranks trials (Kendall's tau) whose Hessian traces span three orders
         # of magnitude, so an estimate within a few percent ranks them as well as an exact one:
-        # Hutch++ on 9 products instead of 24 (a relative standard error of 2-9% here, median
+        # Hutch++ on 9 products instead of 24 (a relative standard error of 2-7% here, median
         # 4%, logged beside each value), and the top eigenvalue to a 1% Ritz residual, not 0.1%
-        # (11 products on average instead of 14): the two took 3.8 s a trial on 2 quiet cores.
+        # (11 products on average instead of 14): the two took 1.6 s a trial on 2 quiet cores.
         "sharpness_settings": {"hessian_trace": {"probes": 9}, "hessian_top_eig": {"tol": 1e-2}},
         # m-sharpness groups of an 8x8 image are too small for a CPU to be busy with one group at
         # a time: one batched (vmap) pass over the groups was 2x faster at m = 8 and 3.8x at m = 4
