@@ -70,3 +70,37 @@ def test_off_a_terminal_the_view_prints_a_progress_line_every_period_and_once_at
     view.tick()
     view.tick()
     assert out.getvalue().splitlines()[1:] == ["confirmation round 2: 2/2 runs ended, 4/4 epochs, 30s in, done"]
+
+
+def _live_view_at(width):
+    from types import SimpleNamespace
+
+    from samtune.sweep import Sweep
+    from samtune.sweep.results import CellResult, TrialRow
+
+    sweep = Sweep(name="narrow", dataset="digits", model="cnn", epochs=16, batch_size=64, trials=2)
+    cell = sweep.cells()[0]
+    result = CellResult(cell)
+    result.trials["f3a9c2d1"] = TrialRow("f3a9c2d1", {"optimizer": "sam", "lr": 0.0123, "rho": 0.0456, "m": 16},
+                                         status="running", epoch=7,
+                                         metrics={"val_error": 0.41667, "test_error": 0.07222,
+                                                  "train_acc_true": 0.931, "train_acc_noisy": 0.602})
+    recorder = SimpleNamespace(cell=cell, ended=0, result=result)
+    out = io.StringIO()
+    view = SweepView(Console(file=out, width=width, force_terminal=True, color_system=None))
+    view.start(SimpleNamespace(sweep=sweep, tracking_uri="sqlite:///x.db"), [cell])
+    view.update(recorder)
+    view.stop()
+    return out.getvalue()
+
+
+def test_on_a_narrow_terminal_the_live_table_drops_columns_rather_than_cut_values():
+    wide, narrow = _live_view_at(160), _live_view_at(80)
+    assert "acc true/noisy" in wide and "0.931/0.602" in wide and "lr=0.012" in wide
+    # At 80 columns: the trial id, status, epoch and both errors in full, and no value cut short.
+    assert "acc true/noisy" not in narrow and "…" not in narrow
+    for value in ("f3a9c2d1", "running", "7/16", "0.417", "0.072"):
+        assert value in narrow, narrow
+    assert max(len(line) for line in narrow.splitlines() if "│" in line or "┃" in line) <= 80
+    # The header names the store in one piece, for copying, at any width.
+    assert "MLflow: sqlite:///x.db" in narrow

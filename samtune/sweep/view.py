@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
@@ -68,7 +69,8 @@ class SweepView:
         sweep = plan.sweep
         self.metric, self.mode, self.epochs = sweep.metric, sweep.mode, sweep.epochs
         self.console.print(f"[bold]samtune sweep[/] {sweep.name}: {len(cells)} cell(s) x {sweep.trials} trials, "
-                           f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {masked(plan.tracking_uri)}")
+                           f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {masked(plan.tracking_uri)}",
+                           soft_wrap=True)
         for cell in cells:
             self.tasks[cell.slug] = self.progress.add_task(cell.label, total=sweep.trials)
         if self.console.is_terminal:
@@ -139,22 +141,41 @@ class SweepView:
             parts.append(self.stage_progress.text())
         rec = self.recorder
         if rec is not None:
-            table = Table(title=f"cell {rec.cell.label}", expand=False, show_edge=False, pad_edge=False)
-            for col in ("trial", "status", "epoch", "params", self.metric, "test_error", "acc true/noisy"):
-                table.add_column(col, no_wrap=True)
-            rows = sorted(rec.result.trials.values(), key=lambda r: (r.status != "running", r.trial_id))
-            for row in rows[: self.max_rows]:
-                m = row.metrics
-                table.add_row(row.trial_id, f"[{_STATUS_STYLE.get(row.status, '')}]{row.status}[/]",
-                              f"{row.epoch}/{self.epochs}", self._params(row), fmt(m.get(self.metric)),
-                              fmt(m.get("test_error")),
-                              f"{fmt(m.get('train_acc_true'))}/{fmt(m.get('train_acc_noisy'))}")
-            parts.append(table)
+            parts.append(self._trial_table(rec))
             best = rec.result.best(self.metric, self.mode)
             if best is not None:
                 parts.append(f"[bold]best so far[/] {self.metric}={fmt(best.metrics[self.metric])} "
                              f"test_error={fmt(best.metrics.get('test_error'))}  {self._params(best)}")
         return Group(*parts)
+
+    def _trial_table(self, rec: Recorder) -> Table:
+        """The cell's trials, with the columns the terminal has room for: on a narrow one the
+        table drops whole columns (the accuracies, then the settings, which the best-so-far line
+        still shows) rather than cut any value short."""
+        rows = sorted(rec.result.trials.values(), key=lambda r: (r.status != "running", r.trial_id))[: self.max_rows]
+        columns: dict[str, Callable[[TrialRow], str]] = {
+            "trial": lambda r: r.trial_id,
+            "status": lambda r: f"[{_STATUS_STYLE.get(r.status, '')}]{r.status}[/]",
+            "epoch": lambda r: f"{r.epoch}/{self.epochs}",
+            "params": self._params,
+            self.metric: lambda r: fmt(r.metrics.get(self.metric)),
+            "test_error": lambda r: fmt(r.metrics.get("test_error")),
+            "acc true/noisy": lambda r: f"{fmt(r.metrics.get('train_acc_true'))}/"
+                                        f"{fmt(r.metrics.get('train_acc_noisy'))}",
+        }
+        droppable = ["acc true/noisy", "params"]
+        while True:
+            table = Table(title=f"cell {rec.cell.label}", expand=False, show_edge=False, pad_edge=False)
+            for name in columns:
+                table.add_column(name, no_wrap=True)
+            for row in rows:
+                table.add_row(*(cell(row) for cell in columns.values()))
+            # Measured without the terminal's limit: within it, rich would report a fit it gets
+            # by cutting values short.
+            unbounded = self.console.options.update_width(10_000)
+            if not droppable or self.console.measure(table, options=unbounded).maximum <= self.console.width:
+                return table
+            del columns[droppable.pop(0)]
 
 
 def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> None:
