@@ -36,6 +36,7 @@ from samtune.sweep.cluster import (
     check_storage,
     local_resources,
     start_ray,
+    storage_folder,
 )
 from samtune.sweep.confirm import confirm, seed_values
 from samtune.sweep.datasets import log_cell_datasets
@@ -89,11 +90,12 @@ def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = No
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
     an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
     """
+    # Before the data are read: a storage path that leads nowhere is refused at once.
+    storage = storage_folder(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results")
     sweep, space = _checked_sweep(path, overrides, trials, data_root)
     if (machine := local_resources(address)) is not None:
         # A trial this machine can never hold is refused now, not after Ray has started.
         trial_resources(sweep, machine)
-    storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
     sweep_dir = storage / sweep.name
     lock = _hold(storage, sweep)
     sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
