@@ -38,7 +38,7 @@ from samtune.sweep.cluster import (
     start_ray,
     storage_folder,
 )
-from samtune.sweep.confirm import confirm, seed_values
+from samtune.sweep.confirm import confirm, judged
 from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
@@ -73,7 +73,6 @@ from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.placement import trial_driver_resources, worker_resources
-from samtune.verdicts import cell_verdict
 from samtune.verdicts import markdown as verdict_markdown
 from samtune.verdicts import write as write_verdicts
 
@@ -320,7 +319,7 @@ def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list
     description (what the UI shows first) and its ``verdicts.json``/``verdicts.md`` artifacts."""
     verdicts: list[dict[str, Any]] = []
     for result in results:
-        result.verdict = cell_verdict(result.cell.label, *seed_values(result), design=plan.sweep.design())
+        result.verdict = judged(result, plan.sweep.design())
         verdicts.append(result.verdict)
     folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
     tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})
