@@ -194,14 +194,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"samtune: every trial of the sweep failed; the first: {first}", file=sys.stderr)
         return EXIT_FAILED
     if args.no_report:
-        console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False)
+        # soft_wrap: a command to paste stays on one line, however long its paths.
+        console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False, soft_wrap=True)
         return 0
     return _sweep_report(console, plan)
 
 
 def _report_command(plan: Plan) -> str:
 
-    return f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(plan.tracking_uri))}"
+    return (f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(plan.tracking_uri))}"
+            f" --out {shlex.quote(str(plan.report_dir))}")
 
 
 def _sweep_report(console: Console, plan: Plan) -> int:
@@ -217,7 +219,7 @@ def _sweep_report(console: Console, plan: Plan) -> int:
               file=sys.stderr)
         return 0
     try:
-        index = build(plan.sweep.name, tracking_uri=plan.tracking_uri)
+        index = build(plan.sweep.name, tracking_uri=plan.tracking_uri, out=plan.report_dir)
     except KeyboardInterrupt:
         print(f"samtune: interrupted while building the report; the sweep is complete; "
               f"build the report with: {_report_command(plan)}", file=sys.stderr)

@@ -93,7 +93,9 @@ def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
     rows = []
     for v in verdicts:
         decisions = v.get("decisions", {}).get("best_sam - best_sgd")
-        for rule in v["rules"]:
+        missing = v.get("missing")
+        # A cell that lost what it compares still gets its row: the answer says what is missing.
+        for rule in v["rules"] or ([next(iter(RULES))] if missing else []):
             shown = v.get("rows", {}).get(rule, {})
             sgd = shown.get("best_sgd") or v["configs"].get("best_sgd", {}).get(rule)
             sam = shown.get("best_sam") or v["configs"].get("best_sam", {}).get(rule)
@@ -101,7 +103,8 @@ def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
             rows.append({"cell": v["cell"], "selection": RULES[rule],
                          "SGD": sgd.text() if sgd else "-", "SAM": sam.text() if sam else "-",
                          "SAM - SGD": decision.interval.text() if decision else "-",
-                         "verdict": decision.text() if decision else "needs both SGD and SAM runs",
+                         "verdict": f"none: {missing}" if missing else
+                         decision.text() if decision else "needs both SGD and SAM runs",
                          "seeds": str(decision.n) if decision else "0",
                          "decided": decision.where() if decision else "-"})
     return rows

@@ -221,3 +221,34 @@ def test_a_verdict_is_the_same_to_the_last_bit_whatever_order_its_runs_ended_in(
     for _ in range(20):
         shuffled = {name: {"final": dict(rng.sample(sorted(v["final"].items()), 10))} for name, v in values.items()}
         assert json.dumps(jsonable(cell_verdict("c", shuffled))) == reference
+
+
+def test_a_cell_that_lost_its_sgd_baseline_answers_none_and_says_why():
+    """The SGD baseline failed (its checkpoint unreadable on resume): the confirmation runs still
+    compare two picks, but the cell's answer must not read as if the baseline had been in it."""
+    from samtune.sequential import Design
+    from samtune.sweep.confirm import judged
+
+    cell = sweep().cells()[0]
+    result = confirmed(cell, {"best_sgd": [0.30, 0.32, 0.31], "best_sam": [0.20, 0.21, 0.21]})
+    result.trials["base"] = TrialRow("base", {"optimizer": "sgd", "lr": 0.05}, "failed", baseline=True,
+                                     error="FileNotFoundError: checkpoint_000002/trial.pt")
+    result.trials["a"] = TrialRow("a", {"optimizer": "sgd", "lr": 0.2}, "finished", metrics={"val_error": 0.3})
+    result.trials["b"] = TrialRow("b", {"optimizer": "sam", "lr": 0.2}, "finished", metrics={"val_error": 0.2})
+    rows = verdict_rows([judged(result, Design(looks=(3,)))])
+    assert rows and all(r["verdict"] == "none: its SGD baseline failed (FileNotFoundError: "
+                        "checkpoint_000002/trial.pt)" for r in rows)
+    # The same cell with its baseline: a verdict.
+    result.trials["base"].status = "finished"
+    assert verdict_rows([judged(result, Design(looks=(3,)))])[0]["verdict"].startswith("SAM better")
+
+
+def test_a_cell_with_no_sgd_trial_finished_still_has_a_row_saying_so():
+    from samtune.sequential import Design
+    from samtune.sweep.confirm import judged
+
+    result = CellResult(sweep().cells()[1])
+    result.trials["a"] = TrialRow("a", {"optimizer": "sgd"}, "failed", error="RuntimeError: boom")
+    result.trials["b"] = TrialRow("b", {"optimizer": "sam"}, "finished", metrics={"val_error": 0.2})
+    rows = verdict_rows([judged(result, Design(looks=(3,)))])
+    assert [(r["cell"], r["verdict"]) for r in rows] == [("noise=0.4", "none: no SGD trial of the search finished")]

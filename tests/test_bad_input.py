@@ -85,6 +85,37 @@ def image_tree(tmp_path):
     return f'"imagefolder:{root}"'
 
 
+def damaged_image_tree(tmp_path, damage):
+    """A two-class ImageFolder tree with one damaged training image: a zero-byte .jpg, a text file
+    named .png, or a JPEG cut in half."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(40):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / split / cls / f"{i}.png")
+    bad = root / "train" / "b" / ("bad.png" if damage == "text" else "bad.jpg")
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "text":
+        bad.write_text("not an image\n")
+    else:
+        jpeg = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+        bad.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    return f'"imagefolder:{root}"'
+
+
+def storage_loop(tmp_path):
+    """A storage path through a link that points at itself."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return str(tmp_path / "loop" / "runs")
+
+
 # (id, how to build the command line from tmp_path, a fragment the one-line error must contain)
 CASES = [
     ("missing file", lambda t: ["check", str(t / "nope.py")], "no such search space file"),
@@ -141,6 +172,15 @@ CASES = [
      "unknown dataset 'digitz'; expected one of"),
     ("unknown model", lambda t: ["check", space_file(t, MODEL='"resnet7"')],
      "unknown model 'resnet7'; expected one of"),
+    # Names a trial resolves, refused before Ray or MLflow start: every trial would fail on them.
+    ("unknown torchvision model", lambda t: ["check", space_file(t), "--set", "model=torchvision:nosuchnet"],
+     "model='torchvision:nosuchnet': unknown torchvision model 'nosuchnet'"),
+    ("unknown torchvision model, in a sweep",
+     lambda t: ["sweep", space_file(t), "--set", "model=torchvision:nosuchnet"], "unknown torchvision model"),
+    ("torchvision model on grey images", lambda t: ["sweep", space_file(t), "--set", "model=torchvision:resnet18"],
+     "model 'torchvision:resnet18' expects 3-channel images, but dataset 'digits' has 1 channel(s)"),
+    ("missing ImageFolder path", lambda t: ["sweep", space_file(t, DATASET=f'"imagefolder:{t}/nopets"')],
+     "/nopets does not exist"),
     ("space raises", lambda t: ["check", space_file(t, GOOD.replace("    optimizer =", "    1 / 0\n    optimizer ="))],
      "ZeroDivisionError"),
     ("unknown --set key", lambda t: ["sweep", space_file(t), "--set", "epoch=3"], "Sweep has no setting 'epoch'"),
@@ -167,6 +207,22 @@ CASES = [
     ("missing dataset offline", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
                                            "--data-root", str(t)], "CIFAR-10 not found, and downloads are off"),
     ("empty image class", lambda t: ["sweep", space_file(t, DATASET=image_tree(t))], "class folder train/b/ holds no images"),
+    ("storage path through a link loop", lambda t: ["sweep", space_file(t), "--storage-path", storage_loop(t)],
+     "/loop/runs: the links at "),
+    # A damaged image is named, by check and sweep as by train, before any epoch.
+    ("zero-byte image, in check", lambda t: ["check", space_file(t, DATASET=damaged_image_tree(t, "empty"))],
+     "pets/train/b/bad.jpg is empty (0 bytes)"),
+    ("zero-byte image, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "empty")),
+                                                    "--params", "optimizer=sgd,lr=0.1"],
+     "pets/train/b/bad.jpg is empty (0 bytes)"),
+    ("text file named .png, in sweep", lambda t: ["sweep", space_file(t, DATASET=damaged_image_tree(t, "text"))],
+     "pets/train/b/bad.png cannot be decoded (not an image"),
+    ("text file named .png, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "text")),
+                                                    "--params", "optimizer=sgd,lr=0.1"],
+     "pets/train/b/bad.png cannot be decoded (not an image"),
+    ("truncated JPEG, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "truncated")),
+                                                    "--params", "optimizer=sgd,lr=0.1"],
+     "pets/train/b/bad.jpg cannot be decoded (truncated or damaged"),
     ("unwritable storage", lambda t: ["sweep", space_file(t), "--storage-path", "/proc/samtune"], "cannot write"),
     # Ray Client runs Tune's driver on the cluster, away from the MLflow writer and the live view.
     ("ray client --address", lambda t: ["sweep", space_file(t), "--address", "ray://127.0.0.1:10001"],

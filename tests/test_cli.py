@@ -100,16 +100,46 @@ def test_a_sweep_ends_by_building_its_report_and_saying_where_it_is(monkeypatch,
 
     def build(experiment, tracking_uri=None, out=None, **kwargs):
         calls.append((experiment, tracking_uri, out))
-        return Path("reports") / experiment / "index.html"
+        return Path(out) / "index.html"
 
     monkeypatch.setattr("samtune.cli.build", build)
     assert cli.main(["sweep", DIGITS]) == 0
-    assert calls == [("noisy-digits", plan.tracking_uri, None)]
+    report = tmp_path / "runs" / "noisy-digits" / "report-abc123"
+    assert calls == [("noisy-digits", plan.tracking_uri, report)]
     out = capsys.readouterr().out
-    assert f"Report written to {tmp_path}/reports/noisy-digits/index.html" in out
-    # --no-report: no report, and the command that draws it later.
+    assert f"Report written to {report}/index.html" in out
+    # --no-report: no report, and the command that draws it later, into the same folder.
     assert cli.main(["sweep", DIGITS, "--no-report"]) == 0 and len(calls) == 1
-    assert f"samtune report noisy-digits --tracking-uri {plan.tracking_uri}" in capsys.readouterr().out
+    assert (f"samtune report noisy-digits --tracking-uri {plan.tracking_uri} --out {report}"
+            in capsys.readouterr().out)
+
+
+def test_sweeps_of_one_name_keep_their_own_reports(monkeypatch, tmp_path, capsys):
+    """Two sweeps named alike, in two storage folders and two stores: neither report replaces
+    the other, and each sweep says where its own is."""
+    import dataclasses
+
+    import samtune.cli
+
+    first = fake_sweep(monkeypatch, tmp_path)
+    second = dataclasses.replace(first, sweep_dir=tmp_path / "elsewhere" / "noisy-digits",
+                                 tracking_uri=f"sqlite:///{tmp_path}/other.db", sweep_id="def456")
+
+    def build(experiment, tracking_uri=None, out=None, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "index.html").write_text(tracking_uri)
+        return Path(out) / "index.html"
+
+    monkeypatch.setattr("samtune.cli.build", build)
+    printed = []
+    for plan in (first, second):
+        monkeypatch.setattr(samtune.cli, "prepare", lambda *a, plan=plan, **k: plan)
+        assert cli.main(["sweep", DIGITS]) == 0
+        printed.append(capsys.readouterr().out)
+    pages = [p.read_text() for p in sorted(tmp_path.rglob("index.html"))]
+    assert sorted(pages) == sorted([first.tracking_uri, second.tracking_uri])
+    for plan, out in zip((first, second), printed):
+        assert f"Report written to {plan.sweep_dir}/report-{plan.sweep_id}/index.html" in out
 
 
 def test_a_report_that_fails_leaves_the_sweep_a_success_and_says_how_to_retry(monkeypatch, tmp_path, capsys):
@@ -124,7 +154,8 @@ def test_a_report_that_fails_leaves_the_sweep_a_success_and_says_how_to_retry(mo
     assert cli.main(["sweep", DIGITS]) == 0
     err = capsys.readouterr().err.strip()
     assert err == ("samtune: the sweep is complete but its report could not be built (ReportError: no views "
-                   f"folder); build it with: samtune report noisy-digits --tracking-uri {plan.tracking_uri}")
+                   f"folder); build it with: samtune report noisy-digits --tracking-uri {plan.tracking_uri} "
+                   f"--out {plan.report_dir}")
 
 
 def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_path, capsys):

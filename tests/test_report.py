@@ -1017,3 +1017,21 @@ def test_a_new_report_folder_is_its_owners_only(store, tmp_path):
     build_report(EXPERIMENT, tracking_uri=store["uri"], out=out)
     assert (out / "index.html").is_file()
     assert out.stat().st_mode & 0o077 == 0 and out.parent.stat().st_mode & 0o077 == 0
+
+
+def test_the_answer_view_says_a_cell_lost_its_sgd_baseline_instead_of_a_verdict():
+    from samtune.report.answers import confirmation_frame
+
+    names = {"sgd": "best_sgd", "sam": "best_sam"}
+    confirmations = finetune_records(lambda cell, optimizer, seed: {
+        "samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)})
+    records = finetune_records()
+    lost = next(r for r in records if r.run_id == "noise=0.4-sgd-0")
+    lost.tags["samtune.status"] = "failed"
+    lost.params["baseline"] = "True"
+    runs = tabulate("finetune", records)
+    runs.confirmations = confirmation_frame(confirmations)
+    view = next(s for s in discover_views() if s.name == "answer").function(runs)
+    verdicts = view.data["verdicts"].set_index(["cell", "selection"])["verdict"]
+    assert verdicts.loc[("noise=0.4", "final epoch")] == "none: its SGD baseline failed"
+    assert verdicts.loc[("noise=0", "final epoch")].startswith("SAM better")

@@ -201,6 +201,24 @@ def fake_trial(trial_id, **params):
     return SimpleNamespace(trial_id=trial_id, config=params)
 
 
+def test_a_failed_baseline_trial_is_what_its_cell_is_missing(tmp_path):
+    sweep = Sweep(name="lost", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4,
+                  label_noise_rates=(0.0,))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", sweep.name, tmp_path / "spool.jsonl")
+    tracker.declare("lost", "lost", "sweep")
+    cell = sweep.cells()[0]
+    recorder = Recorder(sweep, cell, tracker, "lost")
+    for name, optimizer, baseline in (("base", "sgd", True), ("sgd", "sgd", False), ("sam", "sam", False)):
+        trial = fake_trial(name, **sweep.trial_config(cell, {"optimizer": optimizer, "lr": 0.1}), baseline=baseline)
+        recorder.trial_start(trial)
+        if name != "base":
+            recorder.trial_result(trial, {"epoch": 3, "val_error": 0.3, "train_loss": 0.3, "diverged": 0,
+                                          "done": True})
+        recorder.trial_end(trial, failed=name == "base")
+    assert tracker.close() is None
+    assert recorder.result.missing().startswith("its SGD baseline failed (")
+
+
 def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
     sweep = Sweep(name="layout", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4,
                   label_noise_rates=(0.0, 0.4))

@@ -789,3 +789,44 @@ def test_asha_sees_every_epoch_through_run_trial(ray_cluster, tmp_path, workers)
     assert list(history["epoch"]) == [1, 2, 3]
     assert history["test_error"].iloc[-1] < 0.3
     assert set(history["m_workers"]) == {1} and set(history["m_effective"]) == {128 // workers}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_resumed_trial_falls_back_to_its_newest_readable_checkpoint(damage, tmp_path, capsys):
+    """The newest checkpoint deleted or damaged, an older one intact: the trial resumes from the
+    older one (and says so) instead of failing."""
+    import shutil
+    import types
+
+    from ray.train import Checkpoint
+
+    from samtune.trial.session import RaySession
+
+    trial_dir = tmp_path / "trial_0"
+    for epoch in range(3):
+        folder = trial_dir / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        torch.save({"epoch": epoch}, folder / "trial.pt")
+    newest = trial_dir / "checkpoint_000002"
+    if damage == "deleted":
+        shutil.rmtree(newest)
+    else:
+        (newest / "trial.pt").write_bytes((newest / "trial.pt").read_bytes()[:20])
+    tune = types.SimpleNamespace(__name__="ray.tune", get_checkpoint=lambda: Checkpoint(str(newest)))
+    assert RaySession(tune).load() == {"epoch": 1}
+    assert f"resuming from {trial_dir / 'checkpoint_000001'}" in capsys.readouterr().err
+
+
+def test_a_trial_whose_checkpoints_are_all_unreadable_still_fails(tmp_path):
+    import types
+
+    from ray.train import Checkpoint
+
+    from samtune.trial.session import RaySession
+
+    newest = tmp_path / "trial_0" / "checkpoint_000001"
+    newest.mkdir(parents=True)
+    (newest / "trial.pt").write_text("not a checkpoint")
+    tune = types.SimpleNamespace(__name__="ray.tune", get_checkpoint=lambda: Checkpoint(str(newest)))
+    with pytest.raises(Exception):  # noqa: B017  torch's own error for a damaged file
+        RaySession(tune).load()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from samtune.data.cache import cached, source_fingerprint
+from samtune.data.dataset import DataUnreadableError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -172,19 +173,25 @@ def decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
 
 
 def _decode_one(blob: bytes, name: str) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
     from torchvision.io import ImageReadMode, decode_image
 
+    if not blob:
+        # torch cannot even wrap an empty buffer: said here, with the file's name.
+        raise DataUnreadableError(f"image {name} is empty (0 bytes); remove it or replace it")
     try:
         return decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
         pass
     try:
-        from PIL import Image
-
         arr = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except UnidentifiedImageError:
+        # PIL's own message names an in-memory buffer, not the file.
+        reason = "not an image in any format this reads"
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the same thing here
-        raise ValueError(f"cannot decode image {name}: {exc}") from exc
+        reason = f"truncated or damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    raise DataUnreadableError(f"image {name} cannot be decoded ({reason}); remove it or replace it")
 
 
 def _decode_tree(tree: dict, test_split: str, classes: list[str], read: Callable) -> dict:

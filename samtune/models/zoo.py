@@ -25,6 +25,7 @@ and ``head_parameter_names`` find it for torchvision models too.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 
@@ -275,13 +276,23 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int],
     return MODELS[key](num_classes, input_shape, norm)
 
 
-def _build_torchvision(arch: str, num_classes: int, input_shape: tuple[int, int, int], norm: str) -> nn.Module:
+def check_torchvision_arch(arch: str) -> None:
+    """Raise ValueError unless ``arch`` names a ``torchvision.models`` classifier: checked when a
+    sweep's settings are, so that a misspelt name fails once, before any trial."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
-        raise ValueError(f"unknown torchvision model {arch!r}; expected one of torchvision.models.list_models()"
+        close = difflib.get_close_matches(arch, available, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown torchvision model {arch!r}{hint}; expected one of torchvision.models.list_models()"
                          f", e.g. 'resnet18', 'resnet50', 'mobilenet_v3_small'")
+
+
+def _build_torchvision(arch: str, num_classes: int, input_shape: tuple[int, int, int], norm: str) -> nn.Module:
+    import torchvision
+
+    check_torchvision_arch(arch)
     if input_shape[0] != 3:
         raise ValueError(f"torchvision:{arch} expects 3-channel images, got input_shape {input_shape}")
     model = torchvision.models.get_model(arch, weights=None)

@@ -71,8 +71,30 @@ def verdicts(runs: Runs) -> list[dict[str, Any]]:
         for alias, name in _aliases(runs, cell).items():
             if name in values and alias not in values:
                 values[alias] = values[name]
-        out.append(cell_verdict(str(cell), values, params, design=runs.design))
+        verdict = cell_verdict(str(cell), values, params, design=runs.design)
+        if missing := _missing(runs.trials, str(cell)):
+            verdict["missing"] = missing
+        out.append(verdict)
     return out
+
+
+def _missing(trials: pd.DataFrame, cell: str) -> str:
+    """What a cell's verdict lacks, as the sweep judged it (`CellResult.missing`): a baseline
+    trial that failed, or an optimizer none of whose trials ran to the end or to ASHA's stop."""
+    if trials.empty or "cell" not in trials:
+        return ""
+    own = trials[trials["cell"] == cell]
+    if own.empty:
+        return ""
+    optimizer = own["optimizer"].astype(str) if "optimizer" in own else pd.Series("sgd", index=own.index)
+    failed = own["status"] == "failed"
+    baseline = own["baseline"].eq(True) if "baseline" in own else pd.Series(False, index=own.index)
+    reasons = [f"its {name.upper()} baseline failed" for name in optimizer[failed & baseline]]
+    ran = set(optimizer[own["status"].isin(("finished", "stopped"))])
+    for name, family in (("SGD", {"sgd"}), ("SAM", {"sam", "asam"})):
+        if not ran & family:
+            reasons.append(f"no {name} trial of the search finished")
+    return "; ".join(reasons)
 
 
 def _m(value: Any) -> int | None:

@@ -33,6 +33,18 @@ def check_data(sweep: Sweep) -> None:
         raise SweepError(f"dataset {sweep.dataset!r}: {exc}") from None
 
 
+def storage_folder(storage_path: str) -> Path:
+    """The absolute storage folder ``storage_path`` names, with its links followed; SweepError
+    when they go round in a loop, which no folder can be created or read through."""
+    try:
+        return Path(storage_path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        # Python 3.11 and 3.12 say RuntimeError("Symlink loop from ..."), later ones OSError(ELOOP).
+        where = getattr(exc, "filename", None) or str(exc).rpartition(" from ")[2].strip("'")
+        raise SweepError(f"--storage-path {storage_path}: the links at {where} point round in a loop; "
+                         f"give a storage path that leads to a folder") from None
+
+
 def check_storage(storage: Path) -> None:
     try:
         storage.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from samtune.contract.tags import (
     SEED_TAG,
     STATUS_TAG,
 )
+from samtune.sequential import Design
 from samtune.sweep.baselines import Baseline
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
@@ -305,6 +306,15 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
 def round_folder(look: int) -> str:
     """The Tuner folder of confirmation round ``look``: ``confirm``, then ``confirm-2``, ..."""
     return CONFIRM_DIR if look == 0 else f"{CONFIRM_DIR}-{look + 1}"
+
+
+def judged(result: CellResult, design: Design) -> dict[str, Any]:
+    """A cell's verdict, with what it lacks (`CellResult.missing`): a cell that lost its SGD
+    baseline, or had no SGD or SAM trial finish, is not answered as if it had them."""
+    verdict = cell_verdict(result.cell.label, *seed_values(result), design=design)
+    if missing := result.missing():
+        verdict["missing"] = missing
+    return verdict
 
 
 def seed_values(result: CellResult, metric: str = "test_error") -> tuple[dict, dict]:

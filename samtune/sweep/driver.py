@@ -36,8 +36,9 @@ from samtune.sweep.cluster import (
     check_storage,
     local_resources,
     start_ray,
+    storage_folder,
 )
-from samtune.sweep.confirm import confirm, seed_values
+from samtune.sweep.confirm import confirm, judged
 from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
@@ -73,7 +74,6 @@ from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.placement import trial_driver_resources, worker_resources
-from samtune.verdicts import cell_verdict
 from samtune.verdicts import markdown as verdict_markdown
 from samtune.verdicts import write as write_verdicts
 
@@ -90,11 +90,12 @@ def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = No
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
     an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
     """
+    # Before the data are read: a storage path that leads nowhere is refused at once.
+    storage = storage_folder(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results")
     sweep, space = _checked_sweep(path, overrides, trials, data_root)
     if (machine := local_resources(address)) is not None:
         # A trial this machine can never hold is refused now, not after Ray has started.
         trial_resources(sweep, machine)
-    storage = Path(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results").expanduser().resolve()
     sweep_dir = storage / sweep.name
     lock = _hold(storage, sweep)
     sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
@@ -330,7 +331,7 @@ def _record_verdicts(plan: Plan, tracker: Tracker, sweep_key: str, results: list
     description (what the UI shows first) and its ``verdicts.json``/``verdicts.md`` artifacts."""
     verdicts: list[dict[str, Any]] = []
     for result in results:
-        result.verdict = cell_verdict(result.cell.label, *seed_values(result), design=plan.sweep.design())
+        result.verdict = judged(result, plan.sweep.design())
         verdicts.append(result.verdict)
     folder = write_verdicts(verdicts, plan.sweep_dir / "verdicts")
     tracker.set_tags(sweep_key, {DESCRIPTION_TAG: verdict_markdown(verdicts)})

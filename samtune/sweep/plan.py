@@ -36,6 +36,12 @@ class Plan:
         return f"{self.sweep.name}@{self.sweep_id}" if self.sweep_id else self.sweep.name
 
     @property
+    def report_dir(self) -> Path:
+        """Where this sweep's report goes: in its own storage folder, named by its id, so that
+        sweeps of one name (in other storage folders or stores, or run again) keep their own."""
+        return self.sweep_dir / (f"report-{self.sweep_id}" if self.sweep_id else "report")
+
+    @property
     def resume_command(self) -> str:
         """The command that finishes this sweep, ready to paste."""
         return " ".join(["samtune", "sweep", shlex.quote(shown_path(self.space_path)),

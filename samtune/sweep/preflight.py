@@ -33,6 +33,7 @@ def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
     except ValueError as exc:  # a class selection the dataset does not have, unreadable files
         raise PreflightError(f"dataset {sweep.dataset!r}: {exc}") from None
     variants = [dict(p) for p in sampled] or [{}]
+    _check_models_fit(sweep, dataset.input_shape, variants)
     for cell in sweep.cells():
         for params in variants:
             config = {**sweep.base_config(cell), **params}
@@ -49,3 +50,14 @@ def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
                     f"examples {sweep.dataset!r} leaves after its validation split"
                     + (f" ({per_worker} per worker)" if cfg["workers"] > 1 else "")
                     + "; lower batch_size or val_fraction")
+
+
+def _check_models_fit(sweep: Sweep, input_shape: tuple[int, int, int], variants: list[dict[str, Any]]) -> None:
+    """torchvision's classifiers take 3-channel images: on a grey dataset every trial would fail
+    building its model."""
+    base = sweep.base_config(sweep.cells()[0])
+    models = {str({**base, **p}["model"]) for p in variants}
+    for model in sorted(models):
+        if model.startswith("torchvision:") and input_shape[0] != 3:
+            raise PreflightError(f"model {model!r} expects 3-channel images, but dataset {sweep.dataset!r} has "
+                                 f"{input_shape[0]} channel(s); choose a model of the zoo (e.g. 'cnn')")

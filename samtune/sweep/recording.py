@@ -80,7 +80,8 @@ class Recorder:
         if row is None:
             params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
             row = self.result.trials[trial.trial_id] = TrialRow(trial.trial_id, params,
-                                                                number=trial.config.get("trial_number"))
+                                                                number=trial.config.get("trial_number"),
+                                                                baseline=bool(trial.config.get("baseline")))
         return row
 
     @property

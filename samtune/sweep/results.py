@@ -33,6 +33,8 @@ class TrialRow:
     best_epoch: dict[str, Any] = field(default_factory=dict)
     # Its place in its cell's search (`trial_number`): ties between picks go to the lower one.
     number: int | None = None
+    # One of its cell's declared baselines: the verdict of a cell that lost one says so.
+    baseline: bool = False
 
     @property
     def optimizer(self) -> str:
@@ -49,6 +51,17 @@ class CellResult:
     aliases: dict[str, str] = field(default_factory=dict)
     # What they say (`samtune.sweep.verdicts.cell_verdict`), once the stage has run.
     verdict: dict[str, Any] | None = None
+
+    def missing(self) -> str:
+        """What this cell's verdict lacks, and why: a baseline trial that failed, or an optimizer
+        with no trial that ran to compare; '' when it lacks nothing."""
+        reasons = [f"its {row.optimizer.upper()} baseline failed ({row.error or 'no error was recorded'})"
+                   for row in self.trials.values() if row.baseline and row.status == "failed"]
+        ran = {row.optimizer for row in self.trials.values() if row.status in ("finished", "stopped")}
+        for name, family in (("SGD", {"sgd"}), ("SAM", {"sam", "asam"})):
+            if self.trials and not ran & family:
+                reasons.append(f"no {name} trial of the search finished")
+        return "; ".join(reasons)
 
     def best(self, metric: str, mode: str, optimizer: str | tuple[str, ...] | None = None) -> TrialRow | None:
         """The best trial by `metric` (of `optimizer`, a name or several), among the trials that

@@ -16,7 +16,7 @@ from samtune.contract.messages import first_line
 from samtune.contract.values import Setting, SpaceError, suggest
 from samtune.data.dataset import DATASETS
 from samtune.data.load import parse_dataset_name
-from samtune.models.zoo import MODELS
+from samtune.models.zoo import MODELS, check_torchvision_arch
 from samtune.trial.config import TrialConfigError, resolve_config
 
 
@@ -42,6 +42,10 @@ def _check_model(key: str, value: str) -> None:
     if value.startswith("torchvision:"):
         if not value.split(":", 1)[1].strip():
             raise SpaceError(f"{key}='torchvision:' needs an architecture, e.g. 'torchvision:resnet18'")
+        try:
+            check_torchvision_arch(value.split(":", 1)[1].strip())
+        except ValueError as exc:
+            raise SpaceError(f"{key}={value!r}: {exc}") from None
         return
     models = sorted(MODELS)
     if value not in models:

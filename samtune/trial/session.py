@@ -77,11 +77,41 @@ class RaySession(Session):
         checkpoint = self._api.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as folder:
-            return _load_state(os.path.join(folder, _CKPT_FILE))
+        try:
+            with checkpoint.as_directory() as folder:
+                return _load_state(os.path.join(folder, _CKPT_FILE))
+        except Exception as exc:  # noqa: BLE001  deleted, cut short or damaged: any of them means the same
+            # The newest checkpoint is gone or damaged (deleted by hand, a full disk): an older
+            # one of the same trial costs some epochs, failing the trial costs all of them.
+            older = _older_readable(str(checkpoint.path))
+            if older is None:
+                raise
+            print(f"samtune: checkpoint {checkpoint.path} cannot be read ({type(exc).__name__}: {exc}); "
+                  f"resuming from {older[0]}", file=sys.stderr)
+            return older[1]
 
 
 _CKPT_FILE = "trial.pt"
+
+
+def _older_readable(newest: str) -> tuple[str, dict] | None:
+    """The newest checkpoint beside ``newest`` (Ray names them ``checkpoint_<index>`` in the
+    trial's folder) whose state reads, and that state; None if there is none, or if the folder
+    is not on this machine's file system."""
+    trial_dir = os.path.dirname(newest.rstrip("/"))
+    try:
+        names = sorted((n for n in os.listdir(trial_dir) if n.startswith("checkpoint_")), reverse=True)
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(trial_dir, name)
+        if os.path.abspath(path) == os.path.abspath(newest):
+            continue
+        try:
+            return path, _load_state(os.path.join(path, _CKPT_FILE))
+        except Exception:  # noqa: BLE001  an unreadable one: try the next older
+            continue
+    return None
 
 
 def _atomic_save(state: dict, path: str) -> None:
