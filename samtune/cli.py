@@ -41,6 +41,7 @@ from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import search_label
 from samtune.sweep.results import summarize
 from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.store import creating_store
 from samtune.sweep.study import Sweep, apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.validate import parse_trial_value, validate_trial_config
@@ -374,7 +375,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"{masked(uri)} is an MLflow tracking server: its UI is at that address")
         return 0
     _existing_store(uri)
-    name, experiment_id = sweep_experiment(uri, args.sweep)
+    with creating_store(uri):  # a sweep creating this store right now finishes its tables first
+        name, experiment_id = sweep_experiment(uri, args.sweep)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", str(args.workers)]
     base = f"http://{args.host}:{args.port}/"

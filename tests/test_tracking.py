@@ -369,3 +369,34 @@ def test_a_new_store_and_the_data_cache_are_their_owners_only(tmp_path):
         assert written.stat().st_mode & 0o077 == 0 and cache.stat().st_mode & 0o077 == 0
     finally:
         os.umask(old)
+
+
+def _open_new_store(uri, barrier, results):
+    from samtune.sweep.store import new_sqlite_file, open_client
+
+    barrier.wait()  # every process opens the new store at the same moment
+    try:
+        client = open_client(uri, new_sqlite_file(uri))
+        client.create_experiment(f"e{os.getpid()}")
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001  the failure is what the test reports
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+def test_processes_opening_one_new_sqlite_store_together_all_get_it(tmp_path):
+    # MLflow creates a new SQLite store's tables on first use, unlocked: without samtune's lock
+    # at least one of three processes failed here ("table ... already exists") in every try.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_new_store, args=(uri, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert sorted(results.get(timeout=5) for _ in procs) == ["ok"] * 3
+    names = {e.name for e in MlflowClient(uri).search_experiments()}
+    assert {n for n in names if n.startswith("e")} and len(names) == 4  # the three and Default
+    assert (tmp_path / "mlflow.db").stat().st_mode & 0o777 == 0o600

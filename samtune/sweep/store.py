@@ -6,10 +6,13 @@ and the opening of a store's client (`open_client`), whose new SQLite file only 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -115,12 +118,38 @@ def open_client(uri: str, created_file: str | None) -> MlflowClient:
     """A client of the store at `uri`; `created_file` (`new_sqlite_file`) is made private first."""
     from mlflow.tracking import MlflowClient
 
-    if created_file:
-        private_file(created_file)
+    with creating_store(uri):
+        if created_file:
+            private_file(created_file)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # the tables exist once this returns
+            return client
+        except Exception:  # noqa: BLE001
+            # A process that does not take the lock (`mlflow ui` started by hand) creating the
+            # store at the same moment: it has made the tables a moment later.
+            time.sleep(1.0)
+            return MlflowClient(uri)
+
+
+@contextmanager
+def creating_store(uri: str) -> Iterator[None]:
+    """For a SQLite store, one samtune process at a time opens it (and so creates its tables).
+
+    MLflow creates a new SQLite store's tables on first use, without a lock: two sweeps, or a
+    sweep and `samtune ui`, started together on a new ``mlflow.db`` both run the migrations, and
+    one fails ("table ... already exists") or records nothing. An exclusive lock on a file
+    beside the store (``<store>.lock``, left there: removing a lock file another process may be
+    waiting on would let a third one in) serialises the opening; once the tables exist it costs
+    a moment.
+    """
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if not db or db == ":memory:":
+        yield
+        return
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        return MlflowClient(uri)
-    except Exception:  # noqa: BLE001
-        # Two processes creating one new SQLite store at once (a sweep and `samtune ui`, say)
-        # race through its table migrations; the loser finds it made a moment later.
-        time.sleep(1.0)
-        return MlflowClient(uri)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock
