@@ -487,7 +487,9 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
         proc.stdout[-3000:]
     # The sweep ends by building its report and saying where it is.
     (index,) = re.findall(r"^Report written to (.+index\.html)$", proc.stdout, flags=re.M)
-    assert Path(index).is_file() and Path(index).is_relative_to(tmp_path / "reports")
+    # Beside the sweep, in a folder named by its id: another sweep of the name keeps its own.
+    assert Path(index).is_file() and re.fullmatch(r"report-[0-9a-f]{8}", Path(index).parent.name)
+    assert Path(index).parent.parent == tmp_path / "runs" / "t"
     client, by_role = runs_of(tmp_path)
     (sweep,) = by_role["sweep"]
     cells = by_role["cell"]
