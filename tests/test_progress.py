@@ -36,7 +36,7 @@ def test_time_left_is_the_epochs_to_go_at_the_pace_so_far():
 
 def test_a_search_with_early_stopping_gives_an_upper_bound_that_shrinks_as_trials_stop():
     clock = Clock()
-    stage = StageProgress("search", runs=4, epochs=4 * 16, early_stopping=True, unit="trials", clock=clock)
+    stage = StageProgress("search", runs=4, epochs=4 * 16, upper_bound=True, unit="trials", clock=clock)
     clock.now += 32
     for _ in range(16):
         stage.epoch_done()

@@ -276,7 +276,9 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
     recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
                  for r in results}
     # The view (if any) shows where the round is; its table stays on the search's trials.
-    progress = StageProgress(f"confirmation round {look + 1}", runs=len(runs), epochs=len(runs) * sweep.epochs)
+    # Its costliest runs start first (`longest_first`), so the pace only gets better.
+    progress = StageProgress(f"confirmation round {look + 1}", runs=len(runs), epochs=len(runs) * sweep.epochs,
+                             upper_bound=True)
     for recorder in recorders.values():
         recorder.progress = progress
         if view is not None:

@@ -296,7 +296,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
         recorders = _recorders(sweep, tracker, sweep_key, view)
         _show_stage(view, recorders.values(), StageProgress(
             "search", runs=sweep.trials * len(cells), epochs=sweep.trials * len(cells) * sweep.epochs,
-            early_stopping=sweep.asha_grace_period < sweep.epochs, unit="trials"))
+            upper_bound=sweep.asha_grace_period < sweep.epochs, unit="trials"))
         if not plan.resume:
             log_cell_datasets(sweep, tracker, sweep_key)
         ended = _fit(plan, concurrent, resources, recorders, watch)

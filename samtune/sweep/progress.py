@@ -2,8 +2,9 @@
 
 The time left is the stage's epochs still to run at the pace its epochs have run so far in this
 driver. Epochs of different runs cost differently (SAM at small m several times SGD's), so it is
-an estimate, said as one ("about"); in a search with early stopping the total is the budget's,
-which stopped trials never reach, so the estimate is an upper bound ("at most").
+an estimate, said as one ("about"). It is an upper bound ("at most") where the pace can only
+get better: in a search with early stopping, whose total is the budget's, which stopped trials
+never reach; and in a confirmation round, whose costliest runs start first.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ class StageProgress:
     name: str
     runs: int
     epochs: int  # the stage's whole budget, in trial-epochs
-    #: Early stopping may end the stage sooner than its budget.
-    early_stopping: bool = False
+    #: The pace so far is the stage's slowest (early stopping may end it sooner than its budget,
+    #: or its costliest runs go first): the time left is an upper bound.
+    upper_bound: bool = False
     unit: str = "runs"
     clock: Callable[[], float] = time.monotonic
     started: float = field(default=-1.0)
@@ -68,5 +70,5 @@ class StageProgress:
         left = self.seconds_left()
         if left is None:
             return line + ", time left: after the first epoch"
-        bound = "at most" if self.early_stopping else "about"
+        bound = "at most" if self.upper_bound else "about"
         return line + f", {bound} {duration(left)} left"
