@@ -16,6 +16,7 @@ Ends with `ratios: data_share=X.XX cache_load_s=Y.Y` (targets: data_share < 0.05
 
     python benchmarks/data.py [--tarball PATH] [--subset 5000] [--batch 128] [--threads 2] [--skip-pil]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def samtune_epoch(x: torch.Tensor, y: torch.Tensor, mean, std, batch: int, seed:
     data_s += time.perf_counter() - t0
     for i in range(0, len(y) - batch + 1, batch):
         t0 = time.perf_counter()
-        idx = order[i:i + batch]
+        idx = order[i : i + batch]
         xb = to_float(augment_batch(x[idx], gen), mean, std)
         yb = y[idx]
         t1 = time.perf_counter()
@@ -82,8 +83,14 @@ def torchvision_epoch_data(x: torch.Tensor, y: torch.Tensor, mean, std, batch: i
     from torchvision import transforms
 
     pil = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]  # what ImageFolder/CIFAR10 hold
-    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
     class Images(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -92,8 +99,14 @@ def torchvision_epoch_data(x: torch.Tensor, y: torch.Tensor, mean, std, batch: i
         def __getitem__(self, i: int):
             return transform(pil[i]), y[i]
 
-    loader = torch.utils.data.DataLoader(Images(), batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=0, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        Images(),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     start = time.perf_counter()
     for _ in loader:
         pass
@@ -126,9 +139,9 @@ def main() -> None:
         print(f"first_decode/pil_decode: {first / pil:.2f}")
     print(f"cache_load_s: {cached:.2f}")
 
-    idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))[:args.subset]
+    idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))[: args.subset]
     x, y = ds.train_x[idx].contiguous(), ds.train_y[idx].contiguous()
-    samtune_epoch(x[:4 * args.batch], y[:4 * args.batch], ds.mean, ds.std, args.batch, 0)  # warm-up
+    samtune_epoch(x[: 4 * args.batch], y[: 4 * args.batch], ds.mean, ds.std, args.batch, 0)  # warm-up
     data_s, compute_s = samtune_epoch(x, y, ds.mean, ds.std, args.batch, 1)
     share = data_s / (data_s + compute_s)
     print(f"epoch_data_s: {data_s:.3f}")

@@ -18,6 +18,7 @@ verdict table. Ends with `same answer: yes/no` over the deterministic conditions
 
     python benchmarks/determinism.py [--conditions quiet,busy,serial,async] [--folder /tmp/det]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,26 @@ SPIN = "import os\nos.sched_setaffinity(0, {0})\nwhile True:\n    pass\n"
 def run(condition: str, folder: Path) -> float:
     """Wall seconds of the main job in `folder` under `condition` (exit status 0 required)."""
     folder.mkdir(parents=True, exist_ok=False)
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(STUDY), "--storage-path", str(folder / "runs"),
-           "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--no-report", *EXTRA[condition]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(STUDY),
+        "--storage-path",
+        str(folder / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{folder}/mlflow.db",
+        "--no-report",
+        *EXTRA[condition],
+    ]
     spinner = subprocess.Popen([sys.executable, "-c", SPIN]) if condition == "busy" else None
     start = time.perf_counter()
     try:
         with open(folder / "out.log", "w") as log:
-            code = subprocess.run(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            code = subprocess.run(
+                cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            ).returncode
     finally:
         if spinner is not None:
             spinner.send_signal(signal.SIGKILL)
@@ -73,17 +86,32 @@ def decided(folder: Path) -> dict:
             ran += int(metrics.get("epoch", 0))
             budget += int(params["epochs"])
             settings = {k: v for k, v in params.items() if k in ("optimizer", "lr", "rho", "m", "trial_number")}
-            trials.append([cell, settings, r.data.tags.get("samtune.status"), metrics.get("epoch"),
-                           metrics.get("val_error"), metrics.get("test_error")])
+            trials.append(
+                [
+                    cell,
+                    settings,
+                    r.data.tags.get("samtune.status"),
+                    metrics.get("epoch"),
+                    metrics.get("val_error"),
+                    metrics.get("test_error"),
+                ]
+            )
         elif role in ("confirm", "ablation"):
-            reruns.append([cell, r.data.tags.get("samtune.confirms"), r.data.tags.get("samtune.seed"),
-                           metrics.get("test_error")])
+            reruns.append(
+                [cell, r.data.tags.get("samtune.confirms"), r.data.tags.get("samtune.seed"), metrics.get("test_error")]
+            )
     trials.sort(key=lambda t: (t[0], int(t[1]["trial_number"])))
     reruns.sort(key=lambda t: (t[0], t[1], int(t[2])))
     verdicts = (folder / "runs" / "noisy-digits" / "verdicts" / "verdicts.md").read_text()
     digest = hashlib.sha256(json.dumps([trials, reruns], sort_keys=True).encode()).hexdigest()[:16]
-    return {"digest": digest, "epochs_run": ran, "budget": budget, "runs": len(reruns),
-            "stopped": sum(t[2] == "stopped" for t in trials), "verdicts": verdicts}
+    return {
+        "digest": digest,
+        "epochs_run": ran,
+        "budget": budget,
+        "runs": len(reruns),
+        "stopped": sum(t[2] == "stopped" for t in trials),
+        "verdicts": verdicts,
+    }
 
 
 def main() -> None:
@@ -96,9 +124,12 @@ def main() -> None:
         wall = run(condition, Path(args.folder) / condition)
         results[condition] = {"wall_s": wall, **decided(Path(args.folder) / condition)}
         r = results[condition]
-        print(f"{condition}: {wall / 60:.0f} min {wall % 60:.0f} s; search ran {r['epochs_run']} of {r['budget']} "
-              f"trial-epochs ({1 - r['epochs_run'] / r['budget']:.0%} saved by early stopping, {r['stopped']} "
-              f"trials stopped); {r['runs']} confirmation runs; digest {r['digest']}", flush=True)
+        print(
+            f"{condition}: {wall / 60:.0f} min {wall % 60:.0f} s; search ran {r['epochs_run']} of {r['budget']} "
+            f"trial-epochs ({1 - r['epochs_run'] / r['budget']:.0%} saved by early stopping, {r['stopped']} "
+            f"trials stopped); {r['runs']} confirmation runs; digest {r['digest']}",
+            flush=True,
+        )
         print(r["verdicts"], flush=True)
     deterministic = [c for c in results if c != "async"]
     same = len({(results[c]["digest"], results[c]["verdicts"]) for c in deterministic}) == 1

@@ -29,6 +29,7 @@ none).
     python benchmarks/efficient_sam.py [--seeds 3] [--epochs 20] [--threads 1]
         [--cifar10-subset 2000] [--cifar10-epochs 4] [--data-root ../shared/data]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,11 +66,11 @@ CIFAR10_SUBSET, CIFAR10_EPOCHS = 2000, 4
 SETTINGS = {
     "model": "cnn",
     "batch_size": 64,
-    "lr": 0.05,             # peak learning rate, cosine to 0 over the run
+    "lr": 0.05,  # peak learning rate, cosine to 0 over the run
     "momentum": 0.9,
     "weight_decay": 5e-4,
-    "rho": 0.3,             # SAM radius, the same for SAM and every variant (best of 0.05/0.1/0.3
-                            # measured on this data at 40% noise)
+    "rho": 0.3,  # SAM radius, the same for SAM and every variant (best of 0.05/0.1/0.3
+    # measured on this data at 40% noise)
     "label_noise_rate": 0.4,
 }
 # MSAM's radius: its direction is the normalised momentum, not the batch gradient, and its authors
@@ -85,8 +86,14 @@ class Run:
     """One method on one seed, trained an epoch at a time so methods can take turns."""
 
     def __init__(self, dataset: dict, method: str, seed: int, epochs: int) -> None:
-        config = {**dataset, "scenario": "label_noise", "label_noise_kind": "symmetric",
-                  "label_noise_rate": SETTINGS["label_noise_rate"], "seed": seed, "val_fraction": 0.0}
+        config = {
+            **dataset,
+            "scenario": "label_noise",
+            "label_noise_kind": "symmetric",
+            "label_noise_rate": SETTINGS["label_noise_rate"],
+            "seed": seed,
+            "val_fraction": 0.0,
+        }
         self.scenario = scenario = build_scenario(config)
         self.seed, self.epoch = seed, 0
         torch.manual_seed(seed)
@@ -94,8 +101,7 @@ class Run:
         self.trained = self.model  # what the steps run on (a DDP wrapper for sampa's workers)
         self.passes = 0
         self.model.register_forward_hook(self._count)
-        opt_kwargs = dict(lr=SETTINGS["lr"], momentum=SETTINGS["momentum"],
-                          weight_decay=SETTINGS["weight_decay"])
+        opt_kwargs = dict(lr=SETTINGS["lr"], momentum=SETTINGS["momentum"], weight_decay=SETTINGS["weight_decay"])
         self.n = len(scenario.train_y)
         self.batch = SETTINGS["batch_size"]
         self.steps_per_epoch = self.n // self.batch
@@ -107,9 +113,11 @@ class Run:
             rho = MSAM_RHO if method == "msam" else SETTINGS["rho"]
             self.optimizer = SAM(self.model.parameters(), rho=rho, **opt_kwargs)
             self.variant = variant_from_config(
-                {"sam_variant": "full" if method == "sam" else method, "seed": seed}, total_steps=total)
+                {"sam_variant": "full" if method == "sam" else method, "seed": seed}, total_steps=total
+            )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+        )
         self.x = to_float(scenario.train_x, scenario.mean, scenario.std)
         self.y = scenario.train_y
         self.epoch_times: list[float] = []
@@ -125,9 +133,8 @@ class Run:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         start = time.perf_counter()
         for s in range(self.steps_per_epoch):
-            idx = order[s * self.batch:(s + 1) * self.batch]
-            sam_step(self.trained, F.cross_entropy, self.x[idx], self.y[idx], self.optimizer,
-                     variant=self.variant)
+            idx = order[s * self.batch : (s + 1) * self.batch]
+            sam_step(self.trained, F.cross_entropy, self.x[idx], self.y[idx], self.optimizer, variant=self.variant)
             self.schedule.step()
         self.epoch_times.append(time.perf_counter() - start)
         self.epoch += 1
@@ -138,16 +145,20 @@ class Run:
         with torch.no_grad():
             x_test = to_float(self.scenario.test_x, self.scenario.mean, self.scenario.std)
             error = float((self.model(x_test).argmax(1) != self.scenario.test_y).float().mean())
-        return {"error": error, "passes_per_step": self.passes / (self.epoch * self.steps_per_epoch),
-                "epoch_s": statistics.median(self.epoch_times)}
+        return {
+            "error": error,
+            "passes_per_step": self.passes / (self.epoch * self.steps_per_epoch),
+            "epoch_s": statistics.median(self.epoch_times),
+        }
 
 
 def _paired_worker(rank: int, init_file: str, dataset: dict, seed: int, epochs: int, commands, replies) -> None:
     """One of sampa's two worker processes: trains an epoch per command, rank 0 replies with
     the epoch's seconds (between two barriers) and, at the end, the result."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=30)
+    )
     try:
         run = Run(dataset, "sampa", seed, epochs)
         run.trained = torch.nn.parallel.DistributedDataParallel(run.model)
@@ -173,9 +184,13 @@ class PairedRun:
         self._folder = tempfile.TemporaryDirectory(prefix="sampa-bench-")
         self._commands = [ctx.Queue(), ctx.Queue()]
         self._replies = ctx.Queue()
-        self._procs = [ctx.Process(target=_paired_worker, args=(
-            rank, f"{self._folder.name}/init", dataset, seed, epochs, self._commands, self._replies))
-            for rank in range(2)]
+        self._procs = [
+            ctx.Process(
+                target=_paired_worker,
+                args=(rank, f"{self._folder.name}/init", dataset, seed, epochs, self._commands, self._replies),
+            )
+            for rank in range(2)
+        ]
         for proc in self._procs:
             proc.start()
         self.epoch_times: list[float] = []
@@ -192,8 +207,11 @@ class PairedRun:
         for proc in self._procs:
             proc.join()
         self._folder.cleanup()
-        return {**result, "passes_per_step": 2 * result["passes_per_step"],
-                "epoch_s": statistics.median(self.epoch_times)}
+        return {
+            **result,
+            "passes_per_step": 2 * result["passes_per_step"],
+            "epoch_s": statistics.median(self.epoch_times),
+        }
 
 
 def spread(values: list[float]) -> float:
@@ -201,12 +219,14 @@ def spread(values: list[float]) -> float:
 
 
 def study(label: str, dataset: dict, seeds: int, epochs: int) -> dict[str, dict]:
-    print(f"\n== {label}: {SETTINGS['model']}, {int(SETTINGS['label_noise_rate'] * 100)}% symmetric "
-          f"label noise, {epochs} epochs, seeds 0..{seeds - 1} ==", flush=True)
+    print(
+        f"\n== {label}: {SETTINGS['model']}, {int(SETTINGS['label_noise_rate'] * 100)}% symmetric "
+        f"label noise, {epochs} epochs, seeds 0..{seeds - 1} ==",
+        flush=True,
+    )
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for seed in range(seeds):
-        live = {method: (PairedRun if method in PAIRED else Run)(dataset, method, seed, epochs)
-                for method in METHODS}
+        live = {method: (PairedRun if method in PAIRED else Run)(dataset, method, seed, epochs) for method in METHODS}
         # The methods take turns epoch by epoch, so a change in machine load (a shared machine)
         # lands on all of them alike instead of on whichever ran at that moment.
         for _ in range(epochs):
@@ -215,8 +235,11 @@ def study(label: str, dataset: dict, seeds: int, epochs: int) -> dict[str, dict]
         for method, run in live.items():
             runs[method].append(run.result())
             r = runs[method][-1]
-            print(f"  seed {seed} {method:8s} test_error={r['error']:.4f} "
-                  f"passes/step={r['passes_per_step']:.2f} epoch_s={r['epoch_s']:.3f}", flush=True)
+            print(
+                f"  seed {seed} {method:8s} test_error={r['error']:.4f} "
+                f"passes/step={r['passes_per_step']:.2f} epoch_s={r['epoch_s']:.3f}",
+                flush=True,
+            )
     # Time ratio: per seed, the method's median epoch over SGD's (same turns), then the median.
     for method in METHODS:
         for r, base in zip(runs[method], runs["sgd"]):
@@ -225,7 +248,8 @@ def study(label: str, dataset: dict, seeds: int, epochs: int) -> dict[str, dict]
     for method in METHODS:
         errors = [r["error"] for r in runs[method]]
         table[method] = {
-            "error": statistics.mean(errors), "error_sd": spread(errors),
+            "error": statistics.mean(errors),
+            "error_sd": spread(errors),
             "passes_per_step": statistics.mean(r["passes_per_step"] for r in runs[method]),
             "time_ratio": statistics.median(r["time_ratio"] for r in runs[method]),
         }
@@ -235,26 +259,32 @@ def study(label: str, dataset: dict, seeds: int, epochs: int) -> dict[str, dict]
         t = table[method]
         kept = (table["sgd"]["error"] - t["error"]) / gain if gain > 0 else float("nan")
         t["gain_kept"] = kept
-        print(f"{method:9s} {t['passes_per_step']:11.2f} {t['time_ratio']:9.2f} "
-              f"{t['error']:10.4f} +- {t['error_sd']:.4f} {kept:9.2f}")
-    print(f"({', '.join(PAIRED)}: two worker processes of 1 thread each, twice SGD's hardware; "
-          f"time against SGD on one)")
-    print(f"SAM's gain over SGD: {gain:+.4f} test error "
-          f"({'a gain' if gain > 0 else 'no gain'}; seeds' spread SGD {table['sgd']['error_sd']:.4f}, "
-          f"SAM {table['sam']['error_sd']:.4f})")
+        print(
+            f"{method:9s} {t['passes_per_step']:11.2f} {t['time_ratio']:9.2f} "
+            f"{t['error']:10.4f} +- {t['error_sd']:.4f} {kept:9.2f}"
+        )
+    print(
+        f"({', '.join(PAIRED)}: two worker processes of 1 thread each, twice SGD's hardware; time against SGD on one)"
+    )
+    print(
+        f"SAM's gain over SGD: {gain:+.4f} test error "
+        f"({'a gain' if gain > 0 else 'no gain'}; seeds' spread SGD {table['sgd']['error_sd']:.4f}, "
+        f"SAM {table['sam']['error_sd']:.4f})"
+    )
     return table
 
 
 def keepers(table: dict[str, dict]) -> list[str]:
     """The variants at <= CHEAP x SGD's time that keep >= KEEPS of SAM's gain (none if no gain)."""
-    return [m for m in VARIANTS
-            if table[m]["time_ratio"] <= CHEAP and table[m]["gain_kept"] >= KEEPS]
+    return [m for m in VARIANTS if table[m]["time_ratio"] <= CHEAP and table[m]["gain_kept"] >= KEEPS]
 
 
 def print_keepers(label: str, table: dict[str, dict]) -> None:
     found = keepers(table)
-    print(f"{label}: variants at <= {CHEAP}x SGD keeping >= {KEEPS:.0%} of SAM's gain: "
-          f"{', '.join(found) if found else 'none'}")
+    print(
+        f"{label}: variants at <= {CHEAP}x SGD keeping >= {KEEPS:.0%} of SAM's gain: "
+        f"{', '.join(found) if found else 'none'}"
+    )
 
 
 def gain_kept_best(table: dict[str, dict]) -> tuple[str | None, float]:
@@ -271,12 +301,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cifar10-subset", type=int, default=None,
-                        help=f"also train on this many CIFAR-10 images (default {CIFAR10_SUBSET} when "
-                             f"{CIFAR10_TARBALL} is in --data-root, else 0; 0: skip)")
+    parser.add_argument(
+        "--cifar10-subset",
+        type=int,
+        default=None,
+        help=f"also train on this many CIFAR-10 images (default {CIFAR10_SUBSET} when "
+        f"{CIFAR10_TARBALL} is in --data-root, else 0; 0: skip)",
+    )
     parser.add_argument("--cifar10-epochs", type=int, default=CIFAR10_EPOCHS)
-    parser.add_argument("--data-root", type=Path, default=DATA_ROOT,
-                        help=f"where {CIFAR10_TARBALL} is (default {DATA_ROOT})")
+    parser.add_argument(
+        "--data-root", type=Path, default=DATA_ROOT, help=f"where {CIFAR10_TARBALL} is (default {DATA_ROOT})"
+    )
     args = parser.parse_args()
     if args.seeds < 1 or args.epochs < 1 or args.cifar10_epochs < 1:
         parser.error("--seeds, --epochs and --cifar10-epochs must be >= 1")
@@ -294,16 +329,26 @@ def main() -> None:
     print_keepers("digits", table)
     if args.cifar10_subset:
         label = f"cifar10 subset of {args.cifar10_subset}"
-        cifar = study(label, {"dataset": "cifar10", "data_root": str(args.data_root),
-                              "data_subset": args.cifar10_subset, "augment": False},
-                      args.seeds, args.cifar10_epochs)
+        cifar = study(
+            label,
+            {
+                "dataset": "cifar10",
+                "data_root": str(args.data_root),
+                "data_subset": args.cifar10_subset,
+                "augment": False,
+            },
+            args.seeds,
+            args.cifar10_epochs,
+        )
         print_keepers(label, cifar)
     else:
         print(f"cifar10: skipped ({'--cifar10-subset 0' if tarball.is_file() else f'no {tarball}'})")
     best, kept = gain_kept_best(table)
     hardware = " (on two workers: twice SGD's hardware)" if best in PAIRED else ""
-    print(f"\ncheapest variant at <= {CHEAP}x SGD: {best or 'none'}{hardware}; "
-          f"gain kept {kept:.2f} (target >= 0.8); total {time.perf_counter() - started:.0f} s")
+    print(
+        f"\ncheapest variant at <= {CHEAP}x SGD: {best or 'none'}{hardware}; "
+        f"gain kept {kept:.2f} (target >= 0.8); total {time.perf_counter() - started:.0f} s"
+    )
     ratios = " ".join(f"{m}/sgd={table[m]['time_ratio']:.2f}" for m in ("sam",) + VARIANTS)
     print(f"ratios: {ratios} gain_kept_best={kept:.2f}")
 

@@ -48,6 +48,7 @@ Exit status 1 when a part failed (its error is printed), else 0.
     python benchmarks/gpu_check.py [--data-root ../shared/data] [--epochs 30] [--trials 2]
         [--sweep-subset 10000] [--precision-steps 300] [--dry-run] [--skip sweep ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,14 +71,38 @@ PARTS = ("epoch", "precision", "compile", "workers", "sweep")
 
 # Per-mode defaults of the flags left unset. GPU: sized for < 8 minutes on one H200. Dry run:
 # the same code paths in about a minute or two on 2 CPU cores.
-GPU = {"model": "resnet18", "subset": None, "test_subset": None, "precision": "bf16",
-       "precision_steps": 300, "timed_steps": 10, "warmup_steps": 5, "compile_backend": "inductor",
-       "workers_subset": 20000, "workers_epochs": 2, "epochs": 30, "trials": 2,
-       "sweep_subset": 10000, "sweep_model": None}
-DRY = {"model": "cnn", "subset": 1024, "test_subset": 256, "precision": "fp32",
-       "precision_steps": 20, "timed_steps": 2, "warmup_steps": 3, "compile_backend": "eager",
-       "workers_subset": 512, "workers_epochs": 1, "epochs": 1, "trials": 1,
-       "sweep_subset": 512, "sweep_model": "cnn"}
+GPU = {
+    "model": "resnet18",
+    "subset": None,
+    "test_subset": None,
+    "precision": "bf16",
+    "precision_steps": 300,
+    "timed_steps": 10,
+    "warmup_steps": 5,
+    "compile_backend": "inductor",
+    "workers_subset": 20000,
+    "workers_epochs": 2,
+    "epochs": 30,
+    "trials": 2,
+    "sweep_subset": 10000,
+    "sweep_model": None,
+}
+DRY = {
+    "model": "cnn",
+    "subset": 1024,
+    "test_subset": 256,
+    "precision": "fp32",
+    "precision_steps": 20,
+    "timed_steps": 2,
+    "warmup_steps": 3,
+    "compile_backend": "eager",
+    "workers_subset": 512,
+    "workers_epochs": 1,
+    "epochs": 1,
+    "trials": 1,
+    "sweep_subset": 512,
+    "sweep_model": "cnn",
+}
 
 SAM_SETTINGS = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}
 
@@ -115,17 +140,29 @@ def epoch_times(args, data: dict) -> dict:
     out = {}
     for optimizer in ("sgd", "sam"):
         epochs = []
-        config = {**data, **SAM_SETTINGS, "model": args.model, "optimizer": optimizer, "epochs": 2,
-                  "batch_size": args.batch, "precision": args.precision, "use_gpu": args.gpus > 0,
-                  "data_subset": args.subset, "test_subset": args.test_subset,
-                  "sharpness_measures": (), "seed": 0}
+        config = {
+            **data,
+            **SAM_SETTINGS,
+            "model": args.model,
+            "optimizer": optimizer,
+            "epochs": 2,
+            "batch_size": args.batch,
+            "precision": args.precision,
+            "use_gpu": args.gpus > 0,
+            "data_subset": args.subset,
+            "test_subset": args.test_subset,
+            "sharpness_measures": (),
+            "seed": 0,
+        }
         last = fit(config, report=epochs.append)
         if last.get("diverged"):
             raise RuntimeError(f"{optimizer} diverged: {last}")
         out[optimizer] = epochs[-1]["epoch_time_s"]
-        print(f"{optimizer}_epoch_s: {out[optimizer]:.3f}  "
-              f"({epochs[-1]['samples_per_s']:.0f} samples/s, warm-up epoch {epochs[0]['epoch_time_s']:.3f} s)",
-              flush=True)
+        print(
+            f"{optimizer}_epoch_s: {out[optimizer]:.3f}  "
+            f"({epochs[-1]['samples_per_s']:.0f} samples/s, warm-up epoch {epochs[0]['epoch_time_s']:.3f} s)",
+            flush=True,
+        )
     ratio = out["sam"] / out["sgd"]
     print(f"sam/sgd_epoch: {ratio:.2f} (target <= 2.05)")
     return {"sam/sgd_epoch": ratio, "sam_samples_per_s": last["samples_per_s"]}
@@ -136,8 +173,17 @@ class Stepper:
     """SAM steps of one model on a scenario's training data, as the training loop takes them:
     uint8 batches normalised on the device, autocast around `sam_step`, a GradScaler for fp16."""
 
-    def __init__(self, scenario, args, device, *, precision: str, channels_last: bool = False,
-                 compile_backend: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        scenario,
+        args,
+        device,
+        *,
+        precision: str,
+        channels_last: bool = False,
+        compile_backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
         import torch
 
         from samtune.optim.sam import SAM
@@ -175,7 +221,7 @@ class Stepper:
         if k == 0:  # a new pass over the data, in an order fixed by (seed, pass)
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.taken // self.per_pass)
             self.order = torch.randperm(len(self.y), generator=gen).to(self.device)
-        idx = self.order[k * self.batch:(k + 1) * self.batch]
+        idx = self.order[k * self.batch : (k + 1) * self.batch]
         xb = to_float(self.x[idx], *self.norm)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -221,8 +267,10 @@ def precision_losses(args, scenario, device) -> dict:
         final = float(losses[-tail:].mean())
         out[precision] = final
         finite_all &= finite and params_finite
-        line = (f"{precision}_final_loss: {final:.4f}  (mean of the last {tail} of {steps} steps; "
-                f"first step {float(losses[0]):.4f})")
+        line = (
+            f"{precision}_final_loss: {final:.4f}  (mean of the last {tail} of {steps} steps; "
+            f"first step {float(losses[0]):.4f})"
+        )
         if stepper.scaler is not None:
             line += f"  loss scale {stepper.scaler.get_scale():g}"
         print(line)
@@ -233,8 +281,10 @@ def precision_losses(args, scenario, device) -> dict:
             diff = abs(out[precision] - out["fp32"]) / out["fp32"]
             result[f"{precision}_loss_rel_diff"] = diff
             result[f"{precision}_final_loss"] = out[precision]
-            print(f"{precision}_loss_rel_diff: {diff:.4f} ({'close' if diff <= args.loss_rtol else 'NOT close'}: "
-                  f"tolerance {args.loss_rtol:g})")
+            print(
+                f"{precision}_loss_rel_diff: {diff:.4f} ({'close' if diff <= args.loss_rtol else 'NOT close'}: "
+                f"tolerance {args.loss_rtol:g})"
+            )
     result["fp32_final_loss"] = out.get("fp32")
     return result
 
@@ -242,8 +292,11 @@ def precision_losses(args, scenario, device) -> dict:
 # ----------------------------------------------------------------------------- 3. compile
 def step_speed(args, scenario, device) -> dict:
     precision = "bf16" if device.type == "cuda" else "fp32"
-    variants = {"eager": {}, "channels_last": {"channels_last": True},
-                "compile": {"compile_backend": args.compile_backend}}
+    variants = {
+        "eager": {},
+        "channels_last": {"channels_last": True},
+        "compile": {"compile_backend": args.compile_backend},
+    }
     steppers, warm, errors = {}, {}, []
     for name, how in variants.items():
         try:
@@ -288,8 +341,15 @@ def start_ray(args) -> None:
         cpus = min(cpus, 2)
     # address="local": a new instance of our own even where `ray start` left a cluster running,
     # which ray.init() would join instead (and then refuse num_cpus).
-    ray.init(address="local", num_cpus=cpus, num_gpus=args.gpus, include_dashboard=False,
-             runtime_env=apply_ray_env(), log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        num_gpus=args.gpus,
+        include_dashboard=False,
+        runtime_env=apply_ray_env(),
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
 
 
 def data_parallel(args, data: dict, storage: str) -> dict:
@@ -305,28 +365,44 @@ def data_parallel(args, data: dict, storage: str) -> dict:
     if args.gpus >= 2:
         runs.append(("nccl", args.gpus, {"CPU": 1.0, "GPU": 1.0}))
     else:
-        print(f"nccl: skipped ({args.gpus} GPU{'s' if args.gpus != 1 else ''}; NCCL needs one GPU per worker "
-              f"and at least 2)")
+        print(
+            f"nccl: skipped ({args.gpus} GPU{'s' if args.gpus != 1 else ''}; NCCL needs one GPU per worker "
+            f"and at least 2)"
+        )
     share = {"CPU": 1.0, "GPU": 0.5} if args.gpus else {"CPU": 1.0}
     runs.append(("gloo_2w", 2, share))
     out, errors = {}, []
     for name, workers, resources in runs:
         backend = name.split("_")[0]
-        config = {**data, **SAM_SETTINGS, "model": args.model, "optimizer": "sam",
-                  "epochs": args.workers_epochs, "batch_size": args.batch * (workers if backend == "nccl" else 1),
-                  "precision": args.precision, "use_gpu": args.gpus > 0, "workers": workers,
-                  "backend": backend, "data_subset": args.workers_subset, "test_subset": args.test_subset,
-                  "sharpness_measures": (), "seed": 0}
+        config = {
+            **data,
+            **SAM_SETTINGS,
+            "model": args.model,
+            "optimizer": "sam",
+            "epochs": args.workers_epochs,
+            "batch_size": args.batch * (workers if backend == "nccl" else 1),
+            "precision": args.precision,
+            "use_gpu": args.gpus > 0,
+            "workers": workers,
+            "backend": backend,
+            "data_subset": args.workers_subset,
+            "test_subset": args.test_subset,
+            "sharpness_measures": (),
+            "seed": 0,
+        }
         start = time.perf_counter()
         where = ("one GPU each" if backend == "nccl" else "sharing one GPU") if args.gpus else "on CPU"
         print(f"{name}: {workers} workers {where}, {backend}, global batch {config['batch_size']}", flush=True)
         try:
             result = TorchTrainer(
-                train_loop_per_worker, train_loop_config=config,
+                train_loop_per_worker,
+                train_loop_config=config,
                 torch_config=TorchConfig(backend=backend),
-                scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.gpus > 0,
-                                             resources_per_worker=resources),
-                run_config=RunConfig(name=f"gpu-check-{name}", storage_path=storage)).fit()
+                scaling_config=ScalingConfig(
+                    num_workers=workers, use_gpu=args.gpus > 0, resources_per_worker=resources
+                ),
+                run_config=RunConfig(name=f"gpu-check-{name}", storage_path=storage),
+            ).fit()
             metrics = result.metrics or {}
             if result.error is not None or metrics.get("epoch") != args.workers_epochs or metrics.get("diverged"):
                 raise RuntimeError(f"error={result.error!r}, last metrics={metrics}")
@@ -337,8 +413,11 @@ def data_parallel(args, data: dict, storage: str) -> dict:
             continue
         print(f"{name}_completed: yes  ({time.perf_counter() - start:.1f} s with start-up)")
         out[f"{name}_samples_per_s"] = metrics["samples_per_s"]
-        print(f"{name}_samples_per_s: {metrics['samples_per_s']:.1f}  (test_error {metrics['test_error']:.4f}, "
-              f"all-reduce rounds per step {fmt(metrics.get('allreduce_per_step'))})", flush=True)
+        print(
+            f"{name}_samples_per_s: {metrics['samples_per_s']:.1f}  (test_error {metrics['test_error']:.4f}, "
+            f"all-reduce rounds per step {fmt(metrics.get('allreduce_per_step'))})",
+            flush=True,
+        )
     if errors:
         raise PartFailed("; ".join(errors), out)
     return out
@@ -361,16 +440,30 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
 
     cluster = ray.cluster_resources()
     total = 2 * args.trials
-    sets = ["name=gpu-check", "label_noise_rates=0.4", f"epochs={args.epochs}", f"trials={total}",
-            f"data_subset={args.sweep_subset}", "sharpness_every=0", "fixed.sharpness_measures=m_sharpness"]
+    sets = [
+        "name=gpu-check",
+        "label_noise_rates=0.4",
+        f"epochs={args.epochs}",
+        f"trials={total}",
+        f"data_subset={args.sweep_subset}",
+        "sharpness_every=0",
+        "fixed.sharpness_measures=m_sharpness",
+    ]
     if args.gpus:
         # Every trial at once on the GPUs there are: a ResNet-32 at batch 128 leaves most of one idle.
         share = min(1.0, max(0.01, math.floor(args.gpus / total * 100) / 100))
-        sets += [f"gpus_per_trial={share:g}", f"cpus_per_trial={max(1, int(cluster.get('CPU', 1) // total)):g}",
-                 f"fixed.precision={args.precision}"]
+        sets += [
+            f"gpus_per_trial={share:g}",
+            f"cpus_per_trial={max(1, int(cluster.get('CPU', 1) // total)):g}",
+            f"fixed.precision={args.precision}",
+        ]
     else:
-        sets += ["gpus_per_trial=0", "cpus_per_trial=1", f"fixed.test_subset={args.test_subset}",
-                 "fixed.sharpness_subset=64"]
+        sets += [
+            "gpus_per_trial=0",
+            "cpus_per_trial=1",
+            f"fixed.test_subset={args.test_subset}",
+            "fixed.sharpness_subset=64",
+        ]
     if data_root is None:
         # Crop and flip by 4 pixels would change an 8x8 digit.
         sets += ["dataset=digits", "fixed.augment=false"]
@@ -383,8 +476,13 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
     os.chdir(storage)
     try:
         start = time.perf_counter()
-        plan = prepare(str(SPACE_FILE), sets, data_root=None if data_root is None else str(data_root),
-                       tracking_uri=f"sqlite:///{storage}/mlflow.db", storage_path=str(storage / "runs"))
+        plan = prepare(
+            str(SPACE_FILE),
+            sets,
+            data_root=None if data_root is None else str(data_root),
+            tracking_uri=f"sqlite:///{storage}/mlflow.db",
+            storage_path=str(storage / "runs"),
+        )
         cells = run_sweep(plan)
         wall = time.perf_counter() - start
     finally:
@@ -393,8 +491,10 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
     for cell in cells:
         for trial in cell.trials.values():
             m = trial.metrics
-            print(f"sweep_trial: {cell.cell.label} {trial.optimizer} {trial.status} epochs={m.get('epoch')} "
-                  f"val_error={fmt(m.get('val_error'), 4)} test_error={fmt(m.get('test_error'), 4)}")
+            print(
+                f"sweep_trial: {cell.cell.label} {trial.optimizer} {trial.status} epochs={m.get('epoch')} "
+                f"val_error={fmt(m.get('val_error'), 4)} test_error={fmt(m.get('test_error'), 4)}"
+            )
     client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
     experiment = client.get_experiment_by_name(plan.sweep.name)
     runs = client.search_runs([experiment.experiment_id], "tags.`samtune.role` = 'trial'")
@@ -408,8 +508,10 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
             best = row[family]
             value = best.metrics.get("test_error") if best is not None else None
             out.setdefault(f"sweep_{family}_test_error", value)
-            print(f"sweep_{family}_test_error: {fmt(value, 4)}  ({row['cell']}"
-                  + (f", best {family} trial by val_error: {best.trial_id}, {best.status})" if best else ")"))
+            print(
+                f"sweep_{family}_test_error: {fmt(value, 4)}  ({row['cell']}"
+                + (f", best {family} trial by val_error: {best.trial_id}, {best.status})" if best else ")")
+            )
     if len(runs) != expected or any(v is None for v in out.values()):
         raise RuntimeError(f"the sweep recorded {len(runs)} of {expected} trials in MLflow, best: {out}")
     return out
@@ -418,22 +520,29 @@ def sweep(args, data_root: Path | None, storage: Path) -> dict:
 # ----------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=DATA_ROOT,
-                        help=f"where CIFAR-10 is (a folder or the tarball; default {DATA_ROOT})")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=DATA_ROOT,
+        help=f"where CIFAR-10 is (a folder or the tarball; default {DATA_ROOT})",
+    )
     parser.add_argument("--dry-run", action="store_true", help="the CPU dry run even where there are GPUs")
     parser.add_argument("--skip", action="append", default=[], choices=PARTS, help="leave a part out; repeatable")
     parser.add_argument("--model", help="parts 1-4 (default resnet18; dry run cnn)")
     parser.add_argument("--batch", type=int, default=128, help="per-GPU batch of parts 1-4")
     parser.add_argument("--subset", type=int, help="training images of parts 1-3 (default all; dry run 1024)")
     parser.add_argument("--test-subset", type=int, help="test images evaluated (default all; dry run 256)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                        help="precision of parts 1 and 4 (default bf16; dry run fp32)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), help="precision of parts 1 and 4 (default bf16; dry run fp32)"
+    )
     parser.add_argument("--precision-steps", type=int, help="SAM steps per precision (default 300; dry run 8)")
     parser.add_argument("--loss-rtol", type=float, default=0.1, help="bf16/fp16 final loss 'close' to fp32's")
-    parser.add_argument("--timed-steps", type=int, help="timed steps per variant and round in part 3, 3 rounds "
-                                                        "(default 10; dry run 2)")
-    parser.add_argument("--warmup-steps", type=int, help="untimed steps first, compilation included "
-                                                         "(default 5; dry run 3)")
+    parser.add_argument(
+        "--timed-steps", type=int, help="timed steps per variant and round in part 3, 3 rounds (default 10; dry run 2)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, help="untimed steps first, compilation included (default 5; dry run 3)"
+    )
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor; dry run eager)")
     parser.add_argument("--workers-subset", type=int, help="training images of part 4 (default 20000; dry run 512)")
     parser.add_argument("--workers-epochs", type=int, help="epochs of part 4, the last timed (default 2; dry run 1)")
@@ -441,8 +550,13 @@ def main() -> int:
     parser.add_argument("--trials", type=int, help="sweep trials per optimizer (default 2; dry run 1)")
     parser.add_argument("--sweep-subset", type=int, help="sweep training images (default 10000; dry run 512)")
     parser.add_argument("--sweep-model", help="sweep model (default the file's resnet32; dry run cnn)")
-    parser.add_argument("--sweep-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a further `samtune sweep --set` override, applied last; repeatable")
+    parser.add_argument(
+        "--sweep-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further `samtune sweep --set` override, applied last; repeatable",
+    )
     parser.add_argument("--threads", type=int, help="torch threads in this process (default all)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -487,8 +601,11 @@ def main() -> int:
             parser.error(f"CIFAR-10 not found in {args.data_root}; pass --data-root (see shared/data/README.md)")
         print(f"data: no CIFAR-10 in {args.data_root}; the dry run uses the embedded digits")
         data, data_root = {"dataset": "digits"}, None
-    print(f"data: {data['dataset']}{'' if data_root is None else f' from {data_root}'}; model {args.model}, "
-          f"batch {args.batch}, {time.perf_counter() - started:.1f} s to here", flush=True)
+    print(
+        f"data: {data['dataset']}{'' if data_root is None else f' from {data_root}'}; model {args.model}, "
+        f"batch {args.batch}, {time.perf_counter() - started:.1f} s to here",
+        flush=True,
+    )
 
     figures: dict = {}
     failed: list[str] = []
@@ -530,9 +647,18 @@ def main() -> int:
     print(f"\ntotal_s: {time.perf_counter() - started:.1f}")
     if failed:
         print(f"failed: {' '.join(failed)}")
-    keys = [("sam/sgd_epoch", 2), ("bf16_loss_rel_diff", 4), ("fp16_loss_rel_diff", 4), ("all_finite", 0),
-            ("compile/eager", 2), ("channels_last/eager", 2), ("nccl_samples_per_s", 1),
-            ("gloo_2w_samples_per_s", 1), ("sweep_sgd_test_error", 4), ("sweep_sam_test_error", 4)]
+    keys = [
+        ("sam/sgd_epoch", 2),
+        ("bf16_loss_rel_diff", 4),
+        ("fp16_loss_rel_diff", 4),
+        ("all_finite", 0),
+        ("compile/eager", 2),
+        ("channels_last/eager", 2),
+        ("nccl_samples_per_s", 1),
+        ("gloo_2w_samples_per_s", 1),
+        ("sweep_sgd_test_error", 4),
+        ("sweep_sam_test_error", 4),
+    ]
     print("ratios: " + " ".join(f"{key}={fmt(figures.get(key), digits)}" for key, digits in keys))
     return 1 if failed else 0
 

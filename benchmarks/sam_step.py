@@ -17,6 +17,7 @@ sam/sgd <= 2.05, m8/sam <= 1.3, sam/loop_reference <= 1.0).
 
     python benchmarks/sam_step.py [--batch 128] [--repeats 5] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ class LoopReferenceSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self):
-        norm = torch.norm(torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"]
-                                       if p.grad is not None]), p=2)
+        norm = torch.norm(
+            torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"] if p.grad is not None]), p=2
+        )
         for group in self.param_groups:
             scale = group["rho"] / (norm + 1e-12)
             for p in group["params"]:
@@ -89,8 +91,10 @@ def optimizer_work(model_name: str, shape, batch: int, repeats: int) -> dict[str
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
     kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     out = {}
-    for name, make in (("sam", lambda ps: SAM(ps, rho=0.05, **kwargs)),
-                       ("loop_reference", lambda ps: LoopReferenceSAM(ps, torch.optim.SGD, rho=0.05, **kwargs))):
+    for name, make in (
+        ("sam", lambda ps: SAM(ps, rho=0.05, **kwargs)),
+        ("loop_reference", lambda ps: LoopReferenceSAM(ps, torch.optim.SGD, rho=0.05, **kwargs)),
+    ):
         torch.manual_seed(0)
         model = build_model(model_name, 10, shape)
         opt = make(model.parameters())
@@ -131,8 +135,7 @@ def measure(model_name: str, shape, batch: int, repeats: int) -> dict[str, float
         "sgd": lambda: sam_step(sgd_model, F.cross_entropy, x, y, sgd),
         "sam": lambda: sam_step(sam_model, F.cross_entropy, x, y, sam),
         "m8": lambda: sam_step(m8_model, F.cross_entropy, x, y, m8, m=batch // 8),
-        "m8_vmap": lambda: sam_step(vmap_model, F.cross_entropy, x, y, m8_vmap, m=batch // 8,
-                                    vectorize=True),
+        "m8_vmap": lambda: sam_step(vmap_model, F.cross_entropy, x, y, m8_vmap, m=batch // 8, vectorize=True),
         "loop_reference": lambda: loop_reference_step(loop_model, x, y, loop),
     }
     rounds = {name: [] for name in steps}
@@ -153,8 +156,11 @@ def main() -> None:
     print(f"batch: {args.batch}")
     results = {}
     # The embedded study's CNN on 8x8 digits at its batch of 64, where m = 8 is 8 groups too.
-    for model_name, shape, batch in [("mlp", (3, 32, 32), args.batch), ("resnet20", (3, 32, 32), args.batch),
-                                     ("cnn_small", (1, 8, 8), 64)]:
+    for model_name, shape, batch in [
+        ("mlp", (3, 32, 32), args.batch),
+        ("resnet20", (3, 32, 32), args.batch),
+        ("cnn_small", (1, 8, 8), 64),
+    ]:
         t = measure(model_name, shape, batch, args.repeats)
         results[model_name] = t
         for name, seconds in t.items():
@@ -164,12 +170,16 @@ def main() -> None:
         print(f"{model_name}/m8_vmap/m8: {t['m8_vmap'] / t['m8']:.2f}")
         print(f"{model_name}/sam/loop_reference: {t['sam'] / t['loop_reference']:.2f}")
         work = optimizer_work(model_name, shape, batch, args.repeats)
-        print(f"{model_name}/optimizer_work_ms: sam={work['sam'] * 1e3:.3f} "
-              f"loop_reference={work['loop_reference'] * 1e3:.3f}")
+        print(
+            f"{model_name}/optimizer_work_ms: sam={work['sam'] * 1e3:.3f} "
+            f"loop_reference={work['loop_reference'] * 1e3:.3f}"
+        )
         print(f"{model_name}/optimizer_work/loop_reference: {work['sam'] / work['loop_reference']:.2f}")
     r = results["resnet20"]
-    print(f"ratios: sam/sgd={r['sam'] / r['sgd']:.2f} m8/sam={r['m8'] / r['sam']:.2f} "
-          f"sam/loop_reference={r['sam'] / r['loop_reference']:.2f}")
+    print(
+        f"ratios: sam/sgd={r['sam'] / r['sgd']:.2f} m8/sam={r['m8'] / r['sam']:.2f} "
+        f"sam/loop_reference={r['sam'] / r['loop_reference']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Ends with ``ratios: sam/sgd=X.XX sampa/sgd=Y.YY allreduce/sgd=Z.ZZ`` (per-step s
     python benchmarks/sampa_step.py [--model resnet20] [--batch 128] [--steps 20] [--threads 1]
                                     [--shape 3,32,32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,9 @@ def _one_process(args, method: str) -> float:
 
 def _paired(rank: int, args, init_file: str, out) -> None:
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=10)
+    )
     try:
         model, optimizer, variant = _setup(args, "sampa")
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -122,11 +124,15 @@ def main() -> None:
     args.shape = tuple(int(n) for n in args.shape.split(","))
     sgd, sam = _one_process(args, "sgd"), _one_process(args, "sam")
     sampa, exchange = _two_processes(args)
-    print(f"{args.model} on {args.shape} inputs, batch {args.batch}, {args.threads} thread(s) per process, median of {args.steps} steps")
+    print(
+        f"{args.model} on {args.shape} inputs, batch {args.batch}, {args.threads} thread(s) per process, median of {args.steps} steps"
+    )
     print(f"  sgd   (1 process)   {sgd * 1e3:8.1f} ms/step")
     print(f"  sam   (1 process)   {sam * 1e3:8.1f} ms/step")
-    print(f"  sampa (2 processes) {sampa * 1e3:8.1f} ms/step  (twice SGD's hardware; the exchange alone "
-          f"{exchange * 1e3:.1f} ms)")
+    print(
+        f"  sampa (2 processes) {sampa * 1e3:8.1f} ms/step  (twice SGD's hardware; the exchange alone "
+        f"{exchange * 1e3:.1f} ms)"
+    )
     print(f"ratios: sam/sgd={sam / sgd:.2f} sampa/sgd={sampa / sgd:.2f} allreduce/sgd={exchange / sgd:.2f}")
 
 

@@ -50,6 +50,7 @@ top eigenvalues' relative difference). Target: both speed-ups at least 2. A smok
     python benchmarks/sharpness.py [--examples 256] [--threads 2] [--max-iter 100]
                                    [--max-probes 400] [--sketch 10] [--repeats 0] [--pyhessian]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,9 @@ class Target:
 
     def trace_sample(self, value: float) -> bool:
         self._count(value)
-        return (len(self.values) >= MIN_SAMPLES and rel_se(self.values) <= self.trace_rel_se) \
-            or self.products >= self.cap
+        return (
+            len(self.values) >= MIN_SAMPLES and rel_se(self.values) <= self.trace_rel_se
+        ) or self.products >= self.cap
 
 
 # ------------------------------------------------------------------------------ the baseline
@@ -133,8 +135,7 @@ class PyHessianReference:
         self.grads = [p.grad + 0.0 for p in self.params]
 
     def _hvp(self, v):
-        return torch.autograd.grad(self.grads, self.params, grad_outputs=v, only_inputs=True,
-                                   retain_graph=True)
+        return torch.autograd.grad(self.grads, self.params, grad_outputs=v, only_inputs=True, retain_graph=True)
 
     def eigenvalue(self, target: Target) -> float:
         v = _normalization([torch.randn(p.size()) for p in self.params])
@@ -162,9 +163,11 @@ def _pyhessian_package(target_of):
         # The module, not the class: the package's __init__ rebinds `pyhessian.hessian` to it.
         module = importlib.import_module("pyhessian.hessian")
     except ImportError as err:
-        raise SystemExit("--pyhessian: the pyhessian package is not importable; install it apart "
-                         "from the project: pip install --no-deps --target /tmp/pyhessian "
-                         "pyhessian, then run with PYTHONPATH=/tmp/pyhessian") from err
+        raise SystemExit(
+            "--pyhessian: the pyhessian package is not importable; install it apart "
+            "from the project: pip install --no-deps --target /tmp/pyhessian "
+            "pyhessian, then run with PYTHONPATH=/tmp/pyhessian"
+        ) from err
     product = getattr(module.hessian_vector_product, "wrapped", module.hessian_vector_product)
 
     def counted(grads, params, v):
@@ -187,8 +190,7 @@ def baseline_top(model, x, y, target: Target, package: bool) -> float:
     if package:
         hessian = _pyhessian_package(lambda: (target, "eig"))
         try:
-            hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(
-                maxIter=10 ** 6, tol=0.0, top_n=1)
+            hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(maxIter=10**6, tol=0.0, top_n=1)
         except Reached:
             pass
         value = target.values[-1]
@@ -203,7 +205,7 @@ def baseline_trace(model, x, y, target: Target, package: bool) -> None:
     if package:
         hessian = _pyhessian_package(lambda: (target, "trace"))
         try:
-            hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=10 ** 6, tol=0.0)
+            hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=10**6, tol=0.0)
         except Reached:
             pass
     else:
@@ -248,17 +250,30 @@ class Recorded:
 def samtune_top(model, x, y, reference: float, args) -> dict:
     with Recorded() as rec:
         start = time.perf_counter()
-        est = top_eig_estimate(model, F.cross_entropy, x, y, iters=args.iters, tol=args.eig_error,
-                               batch=len(y), seed=0)
+        est = top_eig_estimate(model, F.cross_entropy, x, y, iters=args.iters, tol=args.eig_error, batch=len(y), seed=0)
         seconds = time.perf_counter() - start
-    return {"value": est.value[0], "products": est.products, "seconds": seconds,
-            "residual": est.residual, "first": rec.first_within(reference, args.eig_error)}
+    return {
+        "value": est.value[0],
+        "products": est.products,
+        "seconds": seconds,
+        "residual": est.residual,
+        "first": rec.first_within(reference, args.eig_error),
+    }
 
 
 def samtune_trace(model, x, y, args, seed: int = 0):
     start = time.perf_counter()
-    est = trace_estimate(model, F.cross_entropy, x, y, probes=args.max_probes, sketch=args.sketch,
-                         rel_se=args.trace_rel_se, batch=len(y), seed=seed)
+    est = trace_estimate(
+        model,
+        F.cross_entropy,
+        x,
+        y,
+        probes=args.max_probes,
+        sketch=args.sketch,
+        rel_se=args.trace_rel_se,
+        batch=len(y),
+        seed=seed,
+    )
     return est, time.perf_counter() - start
 
 
@@ -330,48 +345,62 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-probes", type=int, default=400, help="each trace estimator's cap (products)")
     parser.add_argument("--sketch", type=int, default=10, help="Hutch++ sketch size (products)")
     parser.add_argument("--repeats", type=int, default=0, help="more trace seeds, for the spread")
-    parser.add_argument("--data-root",
-                        default=str(SHARED_CIFAR10) if SHARED_CIFAR10.exists() else None,
-                        help="CIFAR-10 folder or tarball (default: the shared tarball, if present)")
-    parser.add_argument("--pyhessian", action="store_true",
-                        help="baseline: the pyhessian package, on PYTHONPATH (see the module doc)")
+    parser.add_argument(
+        "--data-root",
+        default=str(SHARED_CIFAR10) if SHARED_CIFAR10.exists() else None,
+        help="CIFAR-10 folder or tarball (default: the shared tarball, if present)",
+    )
+    parser.add_argument(
+        "--pyhessian", action="store_true", help="baseline: the pyhessian package, on PYTHONPATH (see the module doc)"
+    )
     return parser.parse_args()
 
 
 def top_eigenvalue(model, x, y, args) -> tuple[float, dict, Target]:
     """The reference, samtune's Lanczos and the baseline's power iteration; printed."""
     start = time.perf_counter()
-    ref = top_eig_estimate(model, F.cross_entropy, x, y, iters=args.reference_iters,
-                           tol=args.reference_tol, batch=len(y), seed=1234)
+    ref = top_eig_estimate(
+        model, F.cross_entropy, x, y, iters=args.reference_iters, tol=args.reference_tol, batch=len(y), seed=1234
+    )
     reference = ref.value[0]
-    print(f"reference: top_eig={reference:.6f} (Lanczos, residual bound {ref.residual:.1e}, "
-          f"{ref.products} products, {time.perf_counter() - start:.1f} s)")
+    print(
+        f"reference: top_eig={reference:.6f} (Lanczos, residual bound {ref.residual:.1e}, "
+        f"{ref.products} products, {time.perf_counter() - start:.1f} s)"
+    )
     ours = samtune_top(model, x, y, reference, args)
     first = ours["first"]
-    print(f"samtune Lanczos, own residual rule: top_eig={ours['value']:.6f} "
-          f"(error {abs(ours['value'] - reference) / abs(reference):.1e}, residual {ours['residual']:.1e}, "
-          f"{ours['products']} products, {ours['seconds']:.1f} s); first within {args.eig_error:g} at "
-          + (f"product {first[0]} ({first[1]:.1f} s)" if first else "no product"))
+    print(
+        f"samtune Lanczos, own residual rule: top_eig={ours['value']:.6f} "
+        f"(error {abs(ours['value'] - reference) / abs(reference):.1e}, residual {ours['residual']:.1e}, "
+        f"{ours['products']} products, {ours['seconds']:.1f} s); first within {args.eig_error:g} at "
+        + (f"product {first[0]} ({first[1]:.1f} s)" if first else "no product")
+    )
     target = Target(reference, args.eig_error, args.trace_rel_se, args.max_iter)
     power = baseline_top(model, x, y, target, args.pyhessian)
     error = abs(power - reference) / abs(reference)
-    print(f"power iteration, stopped within {args.eig_error:g} of the reference: top_eig={power:.6f} "
-          f"(error {error:.1e}, {target.products} products, {target.seconds:.1f} s)"
-          + (f"; reached --max-iter {args.max_iter} before the target" if error > args.eig_error else ""))
+    print(
+        f"power iteration, stopped within {args.eig_error:g} of the reference: top_eig={power:.6f} "
+        f"(error {error:.1e}, {target.products} products, {target.seconds:.1f} s)"
+        + (f"; reached --max-iter {args.max_iter} before the target" if error > args.eig_error else "")
+    )
     return power, ours, target
 
 
 def trace(model, x, y, args) -> tuple[tuple, Target]:
     """samtune's Hutch++ and the baseline's Hutchinson to the same relative standard error; printed."""
     est, seconds = samtune_trace(model, x, y, args)
-    print(f"samtune Hutch++ (sketch {args.sketch}): trace={est.value:.3f} +- {est.stderr:.3f} "
-          f"(rel se {est.stderr / abs(est.value):.3f}, {est.products} products, {seconds:.1f} s)")
+    print(
+        f"samtune Hutch++ (sketch {args.sketch}): trace={est.value:.3f} +- {est.stderr:.3f} "
+        f"(rel se {est.stderr / abs(est.value):.3f}, {est.products} products, {seconds:.1f} s)"
+    )
     target = Target(None, args.eig_error, args.trace_rel_se, args.max_probes)
     baseline_trace(model, x, y, target, args.pyhessian)
     mean, se = statistics.fmean(target.values), rel_se(target.values)
-    print(f"Hutchinson (PyHessian's algorithm): trace={mean:.3f} +- {se * abs(mean):.3f} (rel se {se:.3f}, "
-          f"{target.products} probes, {target.seconds:.1f} s)"
-          + (f"; reached --max-probes {args.max_probes} before the target" if se > args.trace_rel_se else ""))
+    print(
+        f"Hutchinson (PyHessian's algorithm): trace={mean:.3f} +- {se * abs(mean):.3f} (rel se {se:.3f}, "
+        f"{target.products} probes, {target.seconds:.1f} s)"
+        + (f"; reached --max-probes {args.max_probes} before the target" if se > args.trace_rel_se else "")
+    )
     return (est, seconds), target
 
 
@@ -385,9 +414,11 @@ def repeats(model, x, y, args) -> None:
         PyHessianReference(model, x, y).trace(target)
         model.zero_grad(set_to_none=True)
         theirs.append((statistics.fmean(target.values), rel_se(target.values)))
-    print(f"spread over {args.repeats + 1} seeds: Hutch++ sd {statistics.stdev(e.value for e in ours):.3f} "
-          f"vs mean reported se {statistics.fmean(e.stderr for e in ours):.3f}; Hutchinson sd "
-          f"{statistics.stdev(m for m, _ in theirs):.3f} vs {statistics.fmean(s * abs(m) for m, s in theirs):.3f}")
+    print(
+        f"spread over {args.repeats + 1} seeds: Hutch++ sd {statistics.stdev(e.value for e in ours):.3f} "
+        f"vs mean reported se {statistics.fmean(e.stderr for e in ours):.3f}; Hutchinson sd "
+        f"{statistics.stdev(m for m, _ in theirs):.3f} vs {statistics.fmean(s * abs(m) for m, s in theirs):.3f}"
+    )
 
 
 def speedup(baseline_s: float, ours_s: float, capped: bool) -> str:
@@ -399,27 +430,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x, y, source = examples(args.examples, args.data_root)
     model = warmed_up_model(args.model, x, y, args.warmup)
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters())} parameters), examples: "
-          f"{len(y)} ({source}), threads: {args.threads}; baseline: "
-          f"{'pyhessian package' if args.pyhessian else 'PyHessian algorithm (in this file)'}")
+    print(
+        f"model: {args.model} ({sum(p.numel() for p in model.parameters())} parameters), examples: "
+        f"{len(y)} ({source}), threads: {args.threads}; baseline: "
+        f"{'pyhessian package' if args.pyhessian else 'PyHessian algorithm (in this file)'}"
+    )
     power, ours, power_target = top_eigenvalue(model, x, y, args)
     (est, trace_s), hutchinson = trace(model, x, y, args)
     if args.repeats > 0:
         repeats(model, x, y, args)
     costs = product_seconds(model, x, y)
-    print(f"products (graphs kept, median of 3): hvp {costs['hvp'][1]:.3f} s (build {costs['hvp'][0]:.2f} s), "
-          f"ggn {costs['ggn'][1]:.3f} s (build {costs['ggn'][0]:.2f} s)")
+    print(
+        f"products (graphs kept, median of 3): hvp {costs['hvp'][1]:.3f} s (build {costs['hvp'][0]:.2f} s), "
+        f"ggn {costs['ggn'][1]:.3f} s (build {costs['ggn'][0]:.2f} s)"
+    )
     print(f"ggn_product/hvp_product={costs['ggn'][1] / costs['hvp'][1]:.2f}")
     # Products are what the seconds are made of, and do not depend on the machine's load.
-    print(f"products to the targets (baseline/samtune): top_eig={power_target.products}/{ours['products']} "
-          f"trace={hutchinson.products}/{est.products}")
+    print(
+        f"products to the targets (baseline/samtune): top_eig={power_target.products}/{ours['products']} "
+        f"trace={hutchinson.products}/{est.products}"
+    )
     reference = power_target.reference
     top_capped = abs(power - reference) > args.eig_error * abs(reference)
     trace_capped = rel_se(hutchinson.values) > args.trace_rel_se
     # The last line, exactly in this format: scripts read it.
-    print(f"ratios: top_eig_speedup={speedup(power_target.seconds, ours['seconds'], top_capped)} "
-          f"trace_speedup={speedup(hutchinson.seconds, trace_s, trace_capped)} "
-          f"rel_diff={abs(ours['value'] - power) / abs(reference):.4f}")
+    print(
+        f"ratios: top_eig_speedup={speedup(power_target.seconds, ours['seconds'], top_capped)} "
+        f"trace_speedup={speedup(hutchinson.seconds, trace_s, trace_capped)} "
+        f"rel_diff={abs(ours['value'] - power) / abs(reference):.4f}"
+    )
 
 
 if __name__ == "__main__":

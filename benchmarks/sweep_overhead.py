@@ -19,6 +19,7 @@ Prints one `name: value` line per figure and ends with `ratios: sweep_wall/trial
 
     python benchmarks/sweep_overhead.py [--trials 6] [--epochs 16] [--model cnn] [--noise-rates 0.0,0.2,0.4,0.6,0.8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,32 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="trials per cell")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--noise-rates", default="0.0,0.2,0.4,0.6,0.8",
-                        help="the cells (default: the embedded study's); 0.4 alone measures one cell")
+    parser.add_argument(
+        "--noise-rates",
+        default="0.0,0.2,0.4,0.6,0.8",
+        help="the cells (default: the embedded study's); 0.4 alone measures one cell",
+    )
     args = parser.parse_args()
 
     from samtune.sweep.driver import prepare, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
         os.chdir(tmp)
-        plan = prepare(str(ROOT / "search_spaces" / "noisy_digits.py"),
-                       ["name=bench", f"model={args.model}", f"epochs={args.epochs}",
-                        f"trials={args.trials}", f"label_noise_rates={args.noise_rates}",
-                        # ASHA would end trials early and measure scheduling, not overhead.
-                        f"grace_period={args.epochs}", "fixed.sharpness_measures="],
-                       tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage_path=f"{tmp}/runs")
+        plan = prepare(
+            str(ROOT / "search_spaces" / "noisy_digits.py"),
+            [
+                "name=bench",
+                f"model={args.model}",
+                f"epochs={args.epochs}",
+                f"trials={args.trials}",
+                f"label_noise_rates={args.noise_rates}",
+                # ASHA would end trials early and measure scheduling, not overhead.
+                f"grace_period={args.epochs}",
+                "fixed.sharpness_measures=",
+            ],
+            tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+            storage_path=f"{tmp}/runs",
+        )
         import ray
 
         import samtune.sweep.driver
@@ -73,8 +86,12 @@ def main() -> None:
         _, _, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
         ray.shutdown()
 
-    compute = [row.metrics["compute_time_s"] for cell in cells for row in cell.trials.values()
-               if "compute_time_s" in row.metrics]
+    compute = [
+        row.metrics["compute_time_s"]
+        for cell in cells
+        for row in cell.trials.values()
+        if "compute_time_s" in row.metrics
+    ]
     if len(compute) != args.trials * len(cells):
         sys.exit(f"only {len(compute)} of {args.trials * len(cells)} trials reported compute_time_s")
     # Cells run one after the other, each with up to `concurrent` trials at once.

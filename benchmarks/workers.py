@@ -16,6 +16,7 @@ Prints one `name: value` line per figure and ends with
 
     python benchmarks/workers.py [--model cnn] [--batch 128] [--epochs 3] [--steps 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,11 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
         return plain_all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
     rounds = {}
-    for name, m in (("perworker", None), ("synced", config["batch_size"]),
-                    ("groups", config["batch_size"] // world // 4)):
+    for name, m in (
+        ("perworker", None),
+        ("synced", config["batch_size"]),
+        ("groups", config["batch_size"] // world // 4),
+    ):
         cfg = resolve_config({**config, "workers": world, "m": m})
         plan = perturbation_plan(cfg)
         sc = build_scenario(cfg)
@@ -71,9 +75,15 @@ def count_rounds(config: dict, steps: int) -> dict[str, float]:
             for s in range(steps):
                 idx = torch.arange((s * world + rank) * local, (s * world + rank + 1) * local)
                 x, y = to_float(sc.train_x[idx], sc.mean, sc.std), sc.train_y[idx]
-                sam_step(model, F.cross_entropy, x, y, optimizer,
-                         m=plan.m if plan.groups_per_worker > 1 else None,
-                         sync_perturbation=plan.sync_all)
+                sam_step(
+                    model,
+                    F.cross_entropy,
+                    x,
+                    y,
+                    optimizer,
+                    m=plan.m if plan.groups_per_worker > 1 else None,
+                    sync_perturbation=plan.sync_all,
+                )
         finally:
             dist.all_reduce = plain_all_reduce
         rounds[name] = (counts["ddp"] + counts["manual"]) / steps
@@ -107,9 +117,17 @@ def main() -> None:
 
     from samtune.trial.entry import fit
 
-    config = {"dataset": "digits", "model": args.model, "epochs": args.epochs,
-              "batch_size": args.batch, "optimizer": "sam", "rho": 0.05, "lr": 0.05,
-              "sharpness_measures": (), "seed": 0}
+    config = {
+        "dataset": "digits",
+        "model": args.model,
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "optimizer": "sam",
+        "rho": 0.05,
+        "lr": 0.05,
+        "sharpness_measures": (),
+        "seed": 0,
+    }
     torch.set_num_threads(1)
     one = fit(config)
     print(f"samples_per_s_1w: {one['samples_per_s']:.1f}")
@@ -120,10 +138,10 @@ def main() -> None:
             rounds_file = os.path.join(tmp, "rounds.json")
             result = TorchTrainer(
                 bench_worker,
-                train_loop_config={"train": {**config, "workers": 2}, "steps": args.steps,
-                                   "rounds_file": rounds_file},
+                train_loop_config={"train": {**config, "workers": 2}, "steps": args.steps, "rounds_file": rounds_file},
                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                run_config=RunConfig(name="workers-bench", storage_path=tmp)).fit()
+                run_config=RunConfig(name="workers-bench", storage_path=tmp),
+            ).fit()
             with open(rounds_file) as fh:
                 rounds = json.load(fh)
             two = result.metrics["samples_per_s"]
@@ -133,8 +151,10 @@ def main() -> None:
     for name, value in rounds.items():
         print(f"allreduce_per_step_{name}: {value:g}")
     print(f"test_error_1w: {one['test_error']:.4f}  test_error_2w: {result.metrics['test_error']:.4f}")
-    print(f"ratios: allreduce_per_step_perworker={rounds['perworker']:g} "
-          f"allreduce_per_step_synced={rounds['synced']:g} throughput_2w/1w={two / one['samples_per_s']:.2f}")
+    print(
+        f"ratios: allreduce_per_step_perworker={rounds['perworker']:g} "
+        f"allreduce_per_step_synced={rounds['synced']:g} throughput_2w/1w={two / one['samples_per_s']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ neither the backbone nor the labels change with it).
 A sweep without a confirmation stage (``confirm_seeds=0``) has only single searched runs: this
 view then says so and draws nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,15 +38,36 @@ def _estimates(found: list[dict]) -> pd.DataFrame:
             for rule in v["rules"]:
                 est = v["configs"].get(name, {}).get(rule)
                 if est is not None and est.n:
-                    rows.append({"cell": v["cell"], "config": name, "label": label, "selection": RULES[rule],
-                                 "mean": est.mean, "low": est.low, "high": est.high, "seeds": est.n})
+                    rows.append(
+                        {
+                            "cell": v["cell"],
+                            "config": name,
+                            "label": label,
+                            "selection": RULES[rule],
+                            "mean": est.mean,
+                            "low": est.low,
+                            "high": est.high,
+                            "seeds": est.n,
+                        }
+                    )
     return pd.DataFrame(rows, columns=["cell", "config", "label", "selection", "mean", "low", "high", "seeds"])
 
 
 def _m_curve(found: list[dict]) -> pd.DataFrame:
-    rows = [{"cell": v["cell"], "m": m, "selection": RULES[rule], "mean": est[rule].mean,
-             "low": est[rule].low, "high": est[rule].high, "seeds": est[rule].n}
-            for v in found for m, est in v["m_curve"].items() for rule in v["rules"]]
+    rows = [
+        {
+            "cell": v["cell"],
+            "m": m,
+            "selection": RULES[rule],
+            "mean": est[rule].mean,
+            "low": est[rule].low,
+            "high": est[rule].high,
+            "seeds": est[rule].n,
+        }
+        for v in found
+        for m, est in v["m_curve"].items()
+        for rule in v["rules"]
+    ]
     return pd.DataFrame(rows, columns=["cell", "m", "selection", "mean", "low", "high", "seeds"])
 
 
@@ -55,8 +77,7 @@ def _panel(ax, estimates: pd.DataFrame, selection: str, cells: list[str], colors
         part = estimates[(estimates["config"] == name) & (estimates["selection"] == selection)]
         x = [cells.index(c) + (i - 1) * width for c in part["cell"]]
         err = np.array([part["mean"] - part["low"], part["high"] - part["mean"]])
-        ax.errorbar(x, part["mean"], yerr=np.nan_to_num(err), fmt="o", capsize=4, label=label,
-                    color=colors[label])
+        ax.errorbar(x, part["mean"], yerr=np.nan_to_num(err), fmt="o", capsize=4, label=label, color=colors[label])
     ax.set_xticks(range(len(cells)), cells)
     ax.set_title(f"test error at the {selection}", fontsize="medium")
     ax.set_ylabel("test error (mean, 95% CI over seeds)")
@@ -74,16 +95,26 @@ def _draw_starting_points(ax, starts: pd.Series, cells: list[str]) -> None:
     for i, (cell, value) in enumerate(starts.items()):
         if cell in cells:
             # A line, not hlines: the legend's "best" place avoids lines only.
-            ax.plot([cells.index(cell) - 0.45, cells.index(cell) + 0.45], [value, value], color="gray",
-                    linestyle="--", label=None if i else "pretrained, head fit (no finetuning)")
+            ax.plot(
+                [cells.index(cell) - 0.45, cells.index(cell) + 0.45],
+                [value, value],
+                color="gray",
+                linestyle="--",
+                label=None if i else "pretrained, head fit (no finetuning)",
+            )
 
 
 def view(runs: Runs) -> View:
     found = verdicts(runs)
     if not found:
-        return View(figure=None, notes=["This sweep ran no confirmation stage (confirm_seeds=0): every number "
-                                        "in this report is a single run picked as the best of a search, with "
-                                        "no error bar. Set confirm_seeds (e.g. 3) for verdicts with intervals."])
+        return View(
+            figure=None,
+            notes=[
+                "This sweep ran no confirmation stage (confirm_seeds=0): every number "
+                "in this report is a single run picked as the best of a search, with "
+                "no error bar. Set confirm_seeds (e.g. 3) for verdicts with intervals."
+            ],
+        )
     estimates, curve = _estimates(found), _m_curve(found)
     table = pd.DataFrame(verdict_rows(found))
     cells = list(dict.fromkeys(v["cell"] for v in found))
@@ -103,8 +134,14 @@ def view(runs: Runs) -> View:
         ax = axes[-1]
         for cell, part in curve[curve["selection"] == selections[0]].groupby("cell", sort=False):
             err = np.array([part["mean"] - part["low"], part["high"] - part["mean"]])
-            ax.errorbar(part["m"].astype(str).replace("None", "None (whole batch)"), part["mean"], yerr=np.nan_to_num(err), fmt="o-", capsize=4,
-                        label=cell)
+            ax.errorbar(
+                part["m"].astype(str).replace("None", "None (whole batch)"),
+                part["mean"],
+                yerr=np.nan_to_num(err),
+                fmt="o-",
+                capsize=4,
+                label=cell,
+            )
         ax.set_title(f"best SAM configuration against m ({selections[0]})", fontsize="medium")
         ax.set_xlabel("m (examples per perturbation; None = the whole per-worker batch)")
         ax.set_ylabel("test error (mean, 95% CI over seeds)")
@@ -112,9 +149,18 @@ def view(runs: Runs) -> View:
         ax.grid(alpha=0.3)
     figure.suptitle(f"{runs.experiment}: SAM vs SGD on {int(estimates['seeds'].max())} fresh seeds")
     notes = [f"{r['cell']}, {r['selection']}: {r['verdict']}" for r in table.to_dict("records")]
-    notes += [f"{cell}: the pretrained starting point (backbone frozen, a linear head fit to the cell's "
-              f"training labels, before any finetuning step) has test error {value:.3f}"
-              for cell, value in starts.items()]
-    return View(figure=figure, data={"verdicts": table, "estimates": estimates, "m_curve": curve,
-                                     "starting_points": starts.rename("test_error").reset_index()},
-                notes=notes)
+    notes += [
+        f"{cell}: the pretrained starting point (backbone frozen, a linear head fit to the cell's "
+        f"training labels, before any finetuning step) has test error {value:.3f}"
+        for cell, value in starts.items()
+    ]
+    return View(
+        figure=figure,
+        data={
+            "verdicts": table,
+            "estimates": estimates,
+            "m_curve": curve,
+            "starting_points": starts.rename("test_error").reset_index(),
+        },
+        notes=notes,
+    )

@@ -9,6 +9,7 @@ flipped labels; SAM's gain under label noise is resisting that (Foret et al. 202
 Where trials logged no validation error (val_fraction=0) the choice is by final test error, and
 a note says so.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,10 +31,7 @@ def view(runs: Runs) -> View:
     missing = [c for c in CURVES if c not in history]
     if missing:
         return View(figure=None, notes=[f"{', '.join(missing)} not logged; nothing to show."])
-    noisy_cells = [
-        cell for cell in cell_order(plotted)
-        if _noise_rate(plotted[plotted["cell"] == cell]) > 0
-    ]
+    noisy_cells = [cell for cell in cell_order(plotted) if _noise_rate(plotted[plotted["cell"] == cell]) > 0]
     if not noisy_cells:
         return View(figure=None, notes=["No cell with a label-noise rate above zero."])
 
@@ -58,8 +56,11 @@ def view(runs: Runs) -> View:
             mean["n_seeds"] = len(run_ids)
             mean["label_noise_rate"] = _noise_rate(trials)
             curves.append(mean)
-    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
-        columns=["cell", "optimizer_label", "epoch", *CURVES, "n_seeds", "label_noise_rate"])
+    curves = (
+        pd.concat(curves, ignore_index=True)
+        if curves
+        else pd.DataFrame(columns=["cell", "optimizer_label", "epoch", *CURVES, "n_seeds", "label_noise_rate"])
+    )
 
     colors = optimizer_colors(curves["optimizer_label"])
     columns = min(3, len(noisy_cells))
@@ -69,10 +70,10 @@ def view(runs: Runs) -> View:
     for ax, cell in zip(axes, noisy_cells):
         part = curves[curves["cell"] == cell]
         for label, group in part.groupby("optimizer_label"):
-            ax.plot(group["epoch"], group["train_acc_noisy"], color=colors[label],
-                    label=f"{label}: noisy labels")
-            ax.plot(group["epoch"], group["train_acc_true"], color=colors[label], ls="--",
-                    label=f"{label}: true labels")
+            ax.plot(group["epoch"], group["train_acc_noisy"], color=colors[label], label=f"{label}: noisy labels")
+            ax.plot(
+                group["epoch"], group["train_acc_true"], color=colors[label], ls="--", label=f"{label}: true labels"
+            )
         rate = _noise_rate(plotted[plotted["cell"] == cell])
         ax.axhline(1 - rate, color="#999999", lw=0.8, ls=":", label="1 - noise rate")
         ax.set_title(cell, fontsize="medium")
@@ -81,7 +82,7 @@ def view(runs: Runs) -> View:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    for ax in axes[len(noisy_cells):]:
+    for ax in axes[len(noisy_cells) :]:
         ax.set_axis_off()
     figure.suptitle(f"{runs.experiment}: fitting the noisy labels vs the true ones")
     return View(figure=figure, data={"curves": curves}, notes=notes)

@@ -17,6 +17,7 @@ else the cells in order. A finetuning sweep also draws each cell's starting poin
 the pretrained backbone, frozen, with a linear head fit to the cell's training labels, before any
 finetuning step (`pretrained_test_error`), so the finetuned errors read against where they began.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,8 +68,14 @@ def _starting_points(trials: pd.DataFrame, x_of: dict[str, float]) -> pd.DataFra
 
 def _draw_starting_points(ax, starts: pd.DataFrame) -> None:
     if not starts.empty:
-        ax.plot(starts["x"], starts["test_error"], color="gray", linestyle="--", marker="x",
-                label="pretrained, head fit (no finetuning)")
+        ax.plot(
+            starts["x"],
+            starts["test_error"],
+            color="gray",
+            linestyle="--",
+            marker="x",
+            label="pretrained, head fit (no finetuning)",
+        )
 
 
 def view(runs: Runs) -> View:
@@ -89,8 +96,7 @@ def view(runs: Runs) -> View:
         best.insert(0, "epoch", panel)
         # The validation error the choice was made by; NaN where the test error made it.
         chosen = best.pop(chosen_by)
-        best = best.rename(columns={f"{reported}_mean": "test_error",
-                                    f"{reported}_std": "test_error_std"})
+        best = best.rename(columns={f"{reported}_mean": "test_error", f"{reported}_std": "test_error_std"})
         best["val_error"] = chosen if chosen_by == select_by else np.nan
         best["chosen_by"] = chosen_by
         best_frames.append(best)
@@ -99,13 +105,24 @@ def view(runs: Runs) -> View:
     best = _with_hyperparameters(best, plotted)
     best = _with_stopped_early(best, plotted)
     for row in best[best["stopped_early"]].itertuples():
-        notes.append(f"Best-epoch panel, {row.cell}: the best {row.optimizer_label} configuration "
-                     f"ran {int(row.epochs_run)} epoch(s) only (ASHA stopped it); drawn hollow. "
-                     "No trial of it ran the whole budget.")
+        notes.append(
+            f"Best-epoch panel, {row.cell}: the best {row.optimizer_label} configuration "
+            f"ran {int(row.epochs_run)} epoch(s) only (ASHA stopped it); drawn hollow. "
+            "No trial of it ran the whole budget."
+        )
 
-    points = plotted.reindex(columns=["cell", "trial_key", "optimizer_label", "status",
-                                      "final_val_error", "final_test_error", "best_val_error",
-                                      "best_test_error"])
+    points = plotted.reindex(
+        columns=[
+            "cell",
+            "trial_key",
+            "optimizer_label",
+            "status",
+            "final_val_error",
+            "final_test_error",
+            "best_val_error",
+            "best_test_error",
+        ]
+    )
     points["x"] = points["cell"].map(x_of)
 
     gain = _gain_over_sgd(best)
@@ -113,51 +130,70 @@ def view(runs: Runs) -> View:
         notes.append("No SGD trial: the gain table needs an SGD baseline in the cell.")
     missing = [c for c in cells if c not in set(best.loc[best["epoch"] == "final", "cell"])]
     if missing:
-        notes.append("No trial ran to the final epoch in: " + ", ".join(missing) +
-                     " (only the best-epoch panel has them).")
+        notes.append(
+            "No trial ran to the final epoch in: " + ", ".join(missing) + " (only the best-epoch panel has them)."
+        )
 
     starts = _starting_points(plotted, x_of)
     for row in starts.itertuples():
-        notes.append(f"{row.cell}: the pretrained starting point (backbone frozen, a linear head fit "
-                     f"to the cell's training labels, before any finetuning step) has test error "
-                     f"{row.test_error:.3f}")
+        notes.append(
+            f"{row.cell}: the pretrained starting point (backbone frozen, a linear head fit "
+            f"to the cell's training labels, before any finetuning step) has test error "
+            f"{row.test_error:.3f}"
+        )
 
     figure = Figure(figsize=(13, 4.8), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     span = (max(x_of.values()) - min(x_of.values())) if len(x_of) > 1 else 1.0
-    offsets = {label: (i - (len(labels) - 1) / 2) * 0.012 * span for i, label in
-               enumerate(labels)}
+    offsets = {label: (i - (len(labels) - 1) / 2) * 0.012 * span for i, label in enumerate(labels)}
     for ax, (panel, _, reported) in zip(axes, PANELS):
         for label in labels:
             faint = points[points["optimizer_label"] == label]
-            ax.scatter(faint["x"] + offsets[label], faint[reported], s=12, alpha=0.18,
-                       color=colors[label], linewidths=0)
+            ax.scatter(
+                faint["x"] + offsets[label], faint[reported], s=12, alpha=0.18, color=colors[label], linewidths=0
+            )
             chosen = best[(best["epoch"] == panel) & (best["optimizer_label"] == label)]
             chosen = chosen.sort_values("x")
             if chosen.empty:
                 continue
-            ax.errorbar(chosen["x"] + offsets[label], chosen["test_error"],
-                        yerr=chosen["test_error_std"].fillna(0.0), color=colors[label],
-                        marker="o", capsize=3, label=f"best {label}")
+            ax.errorbar(
+                chosen["x"] + offsets[label],
+                chosen["test_error"],
+                yerr=chosen["test_error_std"].fillna(0.0),
+                color=colors[label],
+                marker="o",
+                capsize=3,
+                label=f"best {label}",
+            )
             short = chosen[chosen["stopped_early"]]
-            ax.scatter(short["x"] + offsets[label], short["test_error"], s=40, zorder=3,
-                       facecolors="white", edgecolors=colors[label], linewidths=1.5)
+            ax.scatter(
+                short["x"] + offsets[label],
+                short["test_error"],
+                s=40,
+                zorder=3,
+                facecolors="white",
+                edgecolors=colors[label],
+                linewidths=1.5,
+            )
         _draw_starting_points(ax, starts)
         ax.set_title("final epoch" if panel == "final" else "best epoch (early stopping)")
-        ax.set_xlabel(("label-noise rate of the target" if not starts.empty else "label-noise rate")
-                      if numeric else "cell")
+        ax.set_xlabel(
+            ("label-noise rate of the target" if not starts.empty else "label-noise rate") if numeric else "cell"
+        )
         if not numeric:
             ax.set_xticks(list(x_of.values()), list(x_of.keys()), rotation=20)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test error")
     axes[0].legend(loc="best", fontsize="small")
     if best["stopped_early"].any():
-        axes[1].scatter([], [], s=40, facecolors="white", edgecolors="gray", linewidths=1.5,
-                        label="choice ASHA stopped early")
+        axes[1].scatter(
+            [], [], s=40, facecolors="white", edgecolors="gray", linewidths=1.5, label="choice ASHA stopped early"
+        )
         axes[1].legend(loc="best", fontsize="small")
     figure.suptitle(f"{runs.experiment}: test error, best configuration per optimizer")
-    return View(figure=figure, data={"best": best, "gain": gain, "trials": points, "starting_points": starts},
-                notes=notes)
+    return View(
+        figure=figure, data={"best": best, "gain": gain, "trials": points, "starting_points": starts}, notes=notes
+    )
 
 
 def _with_hyperparameters(best: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
@@ -177,10 +213,8 @@ def _with_stopped_early(best: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFram
     finished = runs["status"].agg(lambda s: bool((s == "finished").any()))
     epochs = runs["epochs_run"].max()
     keys = list(zip(best["cell"], best["config_key"]))
-    best["stopped_early"] = pd.Series([not finished.get(k, True) for k in keys], index=best.index,
-                                      dtype=bool)
-    best["epochs_run"] = pd.Series([float(epochs.get(k, np.nan)) for k in keys], index=best.index,
-                                   dtype=float)
+    best["stopped_early"] = pd.Series([not finished.get(k, True) for k in keys], index=best.index, dtype=bool)
+    best["epochs_run"] = pd.Series([float(epochs.get(k, np.nan)) for k in keys], index=best.index, dtype=float)
     return best
 
 
@@ -194,8 +228,14 @@ def _gain_over_sgd(best: pd.DataFrame) -> pd.DataFrame:
             continue
         baseline = float(sgd["test_error"].iloc[0])
         for _, row in group[group["optimizer_label"] != "SGD"].iterrows():
-            rows.append({"epoch": panel, "cell": cell, "optimizer_label": row["optimizer_label"],
-                         "sgd_test_error": baseline, "test_error": row["test_error"],
-                         "gain": baseline - row["test_error"]})
-    return pd.DataFrame(rows, columns=["epoch", "cell", "optimizer_label", "sgd_test_error",
-                                       "test_error", "gain"])
+            rows.append(
+                {
+                    "epoch": panel,
+                    "cell": cell,
+                    "optimizer_label": row["optimizer_label"],
+                    "sgd_test_error": baseline,
+                    "test_error": row["test_error"],
+                    "gain": baseline - row["test_error"],
+                }
+            )
+    return pd.DataFrame(rows, columns=["epoch", "cell", "optimizer_label", "sgd_test_error", "test_error", "gain"])

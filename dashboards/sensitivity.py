@@ -16,6 +16,7 @@ batch it stands for. Distributions are inferred from the values seen: numbers be
 int) ranges, log-scaled when positive and spanning a factor of 10 or more; anything else
 categorical.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,14 @@ def view(runs: Runs) -> View:
         finished = trials["status"] == "finished"
         pool = trials[family & finished] if family.any() else trials[finished]
         scope = "SAM family" if family.any() else "all trials"
-        pool, scope, used = _enough_trials(runs, pool, trials[family] if family.any() else trials,
-                                           objective, scope, plotted[_sam_family(plotted)] if family.any() else plotted)
+        pool, scope, used = _enough_trials(
+            runs,
+            pool,
+            trials[family] if family.any() else trials,
+            objective,
+            scope,
+            plotted[_sam_family(plotted)] if family.any() else plotted,
+        )
         importance, note = _importance(runs, pool, cell, used, scope=scope)
         importances.append(importance)
         if note:
@@ -97,9 +104,13 @@ def view(runs: Runs) -> View:
             pool, scope, used = _enough_trials(runs, trials[finished], trials, objective, "all optimizers", plotted)
             importance, note = _importance(runs, pool, cell, used, params=common, scope=scope)
         else:
-            importance, note = pd.DataFrame(columns=IMPORTANCE_COLUMNS), (
-                f"{cell}: no importance across optimizers (it needs SAM-family and other "
-                "trials, and a hyperparameter both search).")
+            importance, note = (
+                pd.DataFrame(columns=IMPORTANCE_COLUMNS),
+                (
+                    f"{cell}: no importance across optimizers (it needs SAM-family and other "
+                    "trials, and a hyperparameter both search)."
+                ),
+            )
         importances.append(importance)
         if note:
             notes.append(note)
@@ -115,8 +126,9 @@ def view(runs: Runs) -> View:
     return View(figure=figure, data=data, notes=notes)
 
 
-def _enough_trials(runs: Runs, finished: pd.DataFrame, every: pd.DataFrame, objective: str,
-                   scope: str, everywhere: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+def _enough_trials(
+    runs: Runs, finished: pd.DataFrame, every: pd.DataFrame, objective: str, scope: str, everywhere: pd.DataFrame
+) -> tuple[pd.DataFrame, str, str]:
     """The trials an importance is computed on, their scope and objective.
 
     Trials that ran their whole budget when there are enough of them. Otherwise, where ASHA
@@ -176,8 +188,7 @@ def _common_hyperparameters(runs: Runs, trials: pd.DataFrame, family: pd.Series)
     searched = searched_hyperparameters(runs, trials)
     in_sam = set(searched_hyperparameters(runs, trials[family]))
     in_other = set(searched_hyperparameters(runs, trials[~family]))
-    keep = [p for p in searched
-            if p in ("optimizer", "base_optimizer") or (p in in_sam and p in in_other)]
+    keep = [p for p in searched if p in ("optimizer", "base_optimizer") or (p in in_sam and p in in_other)]
     return keep if any(p in ("optimizer", "base_optimizer") for p in keep) else []
 
 
@@ -207,20 +218,30 @@ def _bins(values: pd.Series) -> tuple[pd.Series, list[str]]:
     return binned.astype(object).where(binned.notna(), None), labels
 
 
-def _heatmap(sam: pd.DataFrame, cell: str, objective: str
-             ) -> tuple[pd.DataFrame, list[str], list[str]]:
+def _heatmap(sam: pd.DataFrame, cell: str, objective: str) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Lowest and mean `objective` per (rho bin, m bin) among `sam` trials, with trial counts;
     also the ordered bin labels of both axes. The columns keep the names `best_val_error` and
     `mean_val_error` whichever error the objective is; `objective` says which."""
-    columns = ["cell", "rho_bin", "m_bin", "rho_index", "m_index", "best_val_error",
-               "mean_val_error", "n_trials", "objective"]
+    columns = [
+        "cell",
+        "rho_bin",
+        "m_bin",
+        "rho_index",
+        "m_index",
+        "best_val_error",
+        "mean_val_error",
+        "n_trials",
+        "objective",
+    ]
     if sam.empty or "rho" not in sam:
         return pd.DataFrame(columns=columns), [], []
-    frame = pd.DataFrame({
-        "rho": pd.to_numeric(sam["rho"], errors="coerce"),
-        "m": effective_m(sam),
-        "val_error": pd.to_numeric(sam[objective], errors="coerce"),
-    })
+    frame = pd.DataFrame(
+        {
+            "rho": pd.to_numeric(sam["rho"], errors="coerce"),
+            "m": effective_m(sam),
+            "val_error": pd.to_numeric(sam[objective], errors="coerce"),
+        }
+    )
     frame = frame[np.isfinite(frame["val_error"])]
     if frame.empty:
         return pd.DataFrame(columns=columns), [], []
@@ -228,27 +249,35 @@ def _heatmap(sam: pd.DataFrame, cell: str, objective: str
     frame["m_bin"], m_labels = _bins(frame["m"])
     rows = []
     for (rho_bin, m_bin), group in frame.groupby(["rho_bin", "m_bin"], sort=False):
-        rows.append({
-            "cell": cell,
-            "rho_bin": rho_bin,
-            "m_bin": m_bin,
-            "rho_index": rho_labels.index(rho_bin),
-            "m_index": m_labels.index(m_bin),
-            "best_val_error": float(group["val_error"].min()),
-            "mean_val_error": float(group["val_error"].mean()),
-            "n_trials": len(group),
-            "objective": objective,
-        })
+        rows.append(
+            {
+                "cell": cell,
+                "rho_bin": rho_bin,
+                "m_bin": m_bin,
+                "rho_index": rho_labels.index(rho_bin),
+                "m_index": m_labels.index(m_bin),
+                "best_val_error": float(group["val_error"].min()),
+                "mean_val_error": float(group["val_error"].mean()),
+                "n_trials": len(group),
+                "objective": objective,
+            }
+        )
     out = pd.DataFrame(rows, columns=columns)
     return out.sort_values(["rho_index", "m_index"], ignore_index=True), rho_labels, m_labels
 
 
-def _draw_heatmap(ax, heatmap: pd.DataFrame, rho_labels: list[str], m_labels: list[str],
-                  cell: str, trials: pd.DataFrame, objective: str) -> None:
+def _draw_heatmap(
+    ax,
+    heatmap: pd.DataFrame,
+    rho_labels: list[str],
+    m_labels: list[str],
+    cell: str,
+    trials: pd.DataFrame,
+    objective: str,
+) -> None:
     ax.set_title(f"{cell}: best {_label(objective)}, SAM, rho x m", fontsize="medium")
     if heatmap.empty:
-        ax.text(0.5, 0.5, "no SAM trial in this cell", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no SAM trial in this cell", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
     grid = np.full((len(rho_labels), len(m_labels)), np.nan)
@@ -259,8 +288,15 @@ def _draw_heatmap(ax, heatmap: pd.DataFrame, rho_labels: list[str], m_labels: li
     for _, r in heatmap.iterrows():
         # Dark text on viridis' bright (high) end, white on its dark end.
         bright = high > low and (r["best_val_error"] - low) / (high - low) > 0.6
-        ax.text(r["m_index"], r["rho_index"], f"{r['best_val_error']:.3f}\nn={r['n_trials']}",
-                ha="center", va="center", fontsize=7, color="black" if bright else "white")
+        ax.text(
+            r["m_index"],
+            r["rho_index"],
+            f"{r['best_val_error']:.3f}\nn={r['n_trials']}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if bright else "white",
+        )
     ax.set_xticks(range(len(m_labels)), m_labels, fontsize=7)
     ax.set_yticks(range(len(rho_labels)), rho_labels, fontsize=7)
     ax.set_xlabel("m (examples per perturbation)")
@@ -269,20 +305,17 @@ def _draw_heatmap(ax, heatmap: pd.DataFrame, rho_labels: list[str], m_labels: li
     sgd = trials[trials["optimizer_label"] == "SGD"]
     if len(sgd):
         best_sgd = pd.to_numeric(sgd[objective], errors="coerce").min()
-        ax.set_title(f"{cell}: best {_label(objective)}, SAM, rho x m (SGD best {best_sgd:.3f})",
-                     fontsize="medium")
+        ax.set_title(f"{cell}: best {_label(objective)}, SAM, rho x m (SGD best {best_sgd:.3f})", fontsize="medium")
 
 
 # -- the learning-rate slice ---------------------------------------------------------------------
 
 
-def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str,
-                objective: str) -> None:
+def _draw_slice(ax, slice_: pd.DataFrame, colors: dict[str, str], cell: str, objective: str) -> None:
     ax.set_title(f"{cell}: {_label(objective)} vs learning rate", fontsize="medium")
     shown = slice_[np.isfinite(slice_["lr"]) & np.isfinite(slice_["val_error"])]
     for label, group in shown.groupby("optimizer_label"):
-        ax.scatter(group["lr"], group["val_error"], s=16, alpha=0.7, color=colors[label],
-                   label=label)
+        ax.scatter(group["lr"], group["val_error"], s=16, alpha=0.7, color=colors[label], label=label)
     if len(shown) and shown["lr"].min() > 0 and shown["lr"].max() / shown["lr"].min() >= 10:
         ax.set_xscale("log")
         # Over about one decade matplotlib labels the minor ticks too, and they overlap.
@@ -301,8 +334,7 @@ def _distribution(values: list):
     """An Optuna distribution that covers `values`, and the values cast to fit it."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in values)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     if numeric:
         low, high = float(min(values)), float(max(values))
         log = low > 0 and high / low >= 10
@@ -314,9 +346,15 @@ def _distribution(values: list):
     return CategoricalDistribution(choices), as_choices
 
 
-def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OBJECTIVE, *,
-                params: list[str] | None = None, scope: str = "SAM family"
-                ) -> tuple[pd.DataFrame, str | None]:
+def _importance(
+    runs: Runs,
+    trials: pd.DataFrame,
+    cell: str,
+    objective: str = OBJECTIVE,
+    *,
+    params: list[str] | None = None,
+    scope: str = "SAM family",
+) -> tuple[pd.DataFrame, str | None]:
     """fANOVA and PED-ANOVA importances of `params` (default: the hyperparameters searched among
     `trials`) for `objective`, every one of `trials` entered as a completed Optuna trial (the
     caller passes only trials that ran their whole budget).
@@ -331,19 +369,23 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OB
     )
 
     empty = pd.DataFrame(columns=IMPORTANCE_COLUMNS)
-    values = pd.to_numeric(trials[objective], errors="coerce") if objective in trials else \
-        pd.Series(np.nan, index=trials.index)
+    values = (
+        pd.to_numeric(trials[objective], errors="coerce")
+        if objective in trials
+        else pd.Series(np.nan, index=trials.index)
+    )
     trials = trials[np.isfinite(values)]
     # What defines a cell (its noise rate) varies only between cells, never within a study.
     searched = [p for p in searched_hyperparameters(runs, trials) if p not in STUDY_KEYS]
     params = searched if params is None else [p for p in params if p in searched]
     if not params:
-        return empty, (f"{cell} ({scope}): no hyperparameter varies, so there is no importance "
-                       "to compute.")
+        return empty, (f"{cell} ({scope}): no hyperparameter varies, so there is no importance to compute.")
     if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
-        return empty, (f"{cell} ({scope}): importance needs at least "
-                       f"{MIN_TRIALS_FOR_IMPORTANCE} trials that ran their whole budget, "
-                       f"found {len(trials)} (more trials per cell: --set trials=N).")
+        return empty, (
+            f"{cell} ({scope}): importance needs at least "
+            f"{MIN_TRIALS_FOR_IMPORTANCE} trials that ran their whole budget, "
+            f"found {len(trials)} (more trials per cell: --set trials=N)."
+        )
     columns_values = {}
     for name in params:
         values = list(effective_m(trials)) if name == "m" else list(trials[name])
@@ -351,11 +393,13 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OB
     distributions = {name: dist for name, (dist, _) in columns_values.items()}
     study_trials = []
     for i, value in enumerate(pd.to_numeric(trials[objective])):
-        study_trials.append(optuna.trial.create_trial(
-            params={name: cast[i] for name, (_, cast) in columns_values.items()},
-            distributions=distributions,
-            value=float(value),
-        ))
+        study_trials.append(
+            optuna.trial.create_trial(
+                params={name: cast[i] for name, (_, cast) in columns_values.items()},
+                distributions=distributions,
+                value=float(value),
+            )
+        )
     quantile = min(0.5, max(0.1, PED_ANOVA_TOP_TRIALS / len(study_trials)))
     evaluators = {
         "fANOVA": FanovaImportanceEvaluator(seed=0),
@@ -372,20 +416,35 @@ def _importance(runs: Runs, trials: pd.DataFrame, cell: str, objective: str = OB
                 # Few trials by design; the note on the page says so, the console need not.
                 warnings.simplefilter("ignore")
                 result = get_param_importances(study, evaluator=evaluator, params=params)
-            rows += [{"cell": cell, "scope": scope, "evaluator": name, "param": p,
-                      "importance": float(v), "n_trials": len(study_trials)}
-                     for p, v in result.items()]
+            rows += [
+                {
+                    "cell": cell,
+                    "scope": scope,
+                    "evaluator": name,
+                    "param": p,
+                    "importance": float(v),
+                    "n_trials": len(study_trials),
+                }
+                for p, v in result.items()
+            ]
     finally:
         optuna.logging.set_verbosity(verbosity)
     return pd.DataFrame(rows, columns=IMPORTANCE_COLUMNS), None
 
 
-def _draw_importance(ax, importance: pd.DataFrame, cell: str, note: str | None,
-                     objective: str, scope: str) -> None:
+def _draw_importance(ax, importance: pd.DataFrame, cell: str, note: str | None, objective: str, scope: str) -> None:
     ax.set_title(f"{cell}: importance for {_label(objective)}, {scope}", fontsize="medium")
     if importance.empty:
-        ax.text(0.5, 0.5, note or "no importance", ha="center", va="center", wrap=True,
-                transform=ax.transAxes, fontsize="small")
+        ax.text(
+            0.5,
+            0.5,
+            note or "no importance",
+            ha="center",
+            va="center",
+            wrap=True,
+            transform=ax.transAxes,
+            fontsize="small",
+        )
         ax.set_axis_off()
         return
     table = importance.pivot(index="param", columns="evaluator", values="importance")

@@ -20,6 +20,7 @@ recomputes every group's tau. Trial keys that only say how sharpness was measure
 `sharpness/<measure>` columns are measures: what a measurement logs beside a value
 (`sharpness/<measure>/<setting>`, its cost or error estimate) is not plotted.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,22 +51,23 @@ MIN_GROUPS = 2
 MEASUREMENT_KEYS = frozenset(key for key in TRIAL_KEYS if key.startswith("sharpness_"))
 
 TAU_COLUMNS = ["measure", "target", "cell", "tau", "low", "high", "n", "text"]
-GRANULATED_COLUMNS = ["measure", "target", "hyperparameter", "psi", "low", "high", "n_groups", "n",
-                      "text"]
-OVERALL_COLUMNS = ["measure", "target", "granulated_tau", "low", "high", "n_hyperparameters", "n",
-                   "text"]
+GRANULATED_COLUMNS = ["measure", "target", "hyperparameter", "psi", "low", "high", "n_groups", "n", "text"]
+OVERALL_COLUMNS = ["measure", "target", "granulated_tau", "low", "high", "n_hyperparameters", "n", "text"]
 
 
 def view(runs: Runs) -> View:
     measures = runs.sharpness_measures
     plotted = runs.plotted
     if not measures:
-        return View(figure=None, notes=[
-            "No sharpness measure was logged (sharpness/<measure>); set sharpness_every or "
-            "keep the end-of-training measurement on to fill this view."])
+        return View(
+            figure=None,
+            notes=[
+                "No sharpness measure was logged (sharpness/<measure>); set sharpness_every or "
+                "keep the end-of-training measurement on to fill this view."
+            ],
+        )
     targets = {name: col for name, col in TARGETS.items() if col in plotted}
-    notes = [f"{col} was not logged; no {name} panel." for name, col in TARGETS.items()
-             if col not in plotted]
+    notes = [f"{col} was not logged; no {name} panel." for name, col in TARGETS.items() if col not in plotted]
     cells = cell_order(plotted)
     palette = {cell: f"C{i % 10}" for i, cell in enumerate(cells)}
     groups, levels = _controlled_groups(runs, plotted)
@@ -79,13 +81,11 @@ def view(runs: Runs) -> View:
             x = pd.to_numeric(plotted[f"sharpness/{measure}"], errors="coerce").to_numpy(float)
             y = pd.to_numeric(plotted[target], errors="coerce").to_numpy(float)
             by_cell = {"all": _tau(x, y)}
-            by_cell.update({cell: _tau(x[plotted["cell"] == cell], y[plotted["cell"] == cell])
-                            for cell in cells})
+            by_cell.update({cell: _tau(x[plotted["cell"] == cell], y[plotted["cell"] == cell]) for cell in cells})
             rows["tau"] += [{**key, "cell": cell, **_columns(est)} for cell, est in by_cell.items()]
             granulated = granulated_tau_interval(x, y, groups, levels, min_groups=MIN_GROUPS)
             _granulated_rows(rows, key, granulated)
-            _draw(ax, plotted["cell"].to_numpy(), x, y, (measure, target_name), palette,
-                  by_cell, granulated)
+            _draw(ax, plotted["cell"].to_numpy(), x, y, (measure, target_name), palette, by_cell, granulated)
             notes.append(_summary(measure, target_name, by_cell, granulated))
     notes += _caveats(rows)
     figure.suptitle(f"{runs.experiment}: sharpness against generalization")
@@ -113,20 +113,43 @@ def _granulated_rows(rows: dict[str, list[dict]], key: dict, granulated: Granula
     """The granulated tau's rows: one per hyperparameter with enough groups, and the overall
     one where there is any."""
     for hp, est in granulated.by_hyperparameter.items():
-        rows["granulated"].append({**key, "hyperparameter": hp, "psi": est.tau, "low": est.low,
-                                   "high": est.high, "n_groups": granulated.groups[hp],
-                                   "n": est.n, "text": est.text()})
+        rows["granulated"].append(
+            {
+                **key,
+                "hyperparameter": hp,
+                "psi": est.tau,
+                "low": est.low,
+                "high": est.high,
+                "n_groups": granulated.groups[hp],
+                "n": est.n,
+                "text": est.text(),
+            }
+        )
     if granulated.by_hyperparameter:
         overall = granulated.overall
-        rows["granulated_overall"].append({
-            **key, "granulated_tau": overall.tau, "low": overall.low, "high": overall.high,
-            "n_hyperparameters": len(granulated.by_hyperparameter), "n": overall.n,
-            "text": overall.text()})
+        rows["granulated_overall"].append(
+            {
+                **key,
+                "granulated_tau": overall.tau,
+                "low": overall.low,
+                "high": overall.high,
+                "n_hyperparameters": len(granulated.by_hyperparameter),
+                "n": overall.n,
+                "text": overall.text(),
+            }
+        )
 
 
-def _draw(ax, cells: np.ndarray, x: np.ndarray, y: np.ndarray, names: tuple[str, str],
-          palette: dict[str, str], by_cell: dict[str, TauInterval],
-          granulated: GranulatedTau) -> None:
+def _draw(
+    ax,
+    cells: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    names: tuple[str, str],
+    palette: dict[str, str],
+    by_cell: dict[str, TauInterval],
+    granulated: GranulatedTau,
+) -> None:
     """One panel: the trials coloured by cell, each cell's tau in the legend, the pooled and
     granulated taus in the title."""
     measure, target_name = names
@@ -134,8 +157,7 @@ def _draw(ax, cells: np.ndarray, x: np.ndarray, y: np.ndarray, names: tuple[str,
     for cell, colour in palette.items():
         part = finite & (cells == cell)
         if part.any():
-            ax.scatter(x[part], y[part], s=14, alpha=0.7, color=colour,
-                       label=f"{cell}: {by_cell[cell].text()}")
+            ax.scatter(x[part], y[part], s=14, alpha=0.7, color=colour, label=f"{cell}: {by_cell[cell].text()}")
     shown = x[finite]
     if len(shown) and shown.min() > 0 and shown.max() / shown.min() >= 100:
         ax.set_xscale("log")
@@ -150,8 +172,7 @@ def _draw(ax, cells: np.ndarray, x: np.ndarray, y: np.ndarray, names: tuple[str,
         ax.legend(fontsize="x-small")
 
 
-def _summary(measure: str, target_name: str, by_cell: dict[str, TauInterval],
-             granulated: GranulatedTau) -> str:
+def _summary(measure: str, target_name: str, by_cell: dict[str, TauInterval], granulated: GranulatedTau) -> str:
     """One sentence per panel: the pooled tau, each cell's, each hyperparameter's psi and the
     granulated tau, with their intervals."""
     parts = [f"{measure} vs {target_name}: all trials: {by_cell['all'].text()}"]
@@ -166,30 +187,40 @@ def _caveats(rows: dict[str, list[dict]]) -> list[str]:
     """What the taus as a whole do not show."""
     notes = []
     if not rows["granulated"]:
-        notes.append("Granulated tau: no hyperparameter has at least "
-                     f"{MIN_GROUPS} groups of trials that differ in it alone.")
-    told = [r for r in rows["tau"] + rows["granulated_overall"]
-            if math.isfinite(r["low"]) and not r["low"] <= 0.0 <= r["high"]]
+        notes.append(
+            f"Granulated tau: no hyperparameter has at least {MIN_GROUPS} groups of trials that differ in it alone."
+        )
+    told = [
+        r
+        for r in rows["tau"] + rows["granulated_overall"]
+        if math.isfinite(r["low"]) and not r["low"] <= 0.0 <= r["high"]
+    ]
     if not told:
-        notes.append("No tau here is distinguishable from 0: these trials do not show any "
-                      "sharpness measure ranking them by generalization.")
+        notes.append(
+            "No tau here is distinguishable from 0: these trials do not show any "
+            "sharpness measure ranking them by generalization."
+        )
     if any(r["low"] == r["high"] for r in told):
-        notes.append("A zero-width interval comes from a ranking every trial agrees with: no "
-                     "resample of these trials can contradict it, which says nothing of other "
-                     "trials.")
+        notes.append(
+            "A zero-width interval comes from a ranking every trial agrees with: no "
+            "resample of these trials can contradict it, which says nothing of other "
+            "trials."
+        )
     return notes
 
 
-def _controlled_groups(runs: Runs, trials: pd.DataFrame
-                       ) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
+def _controlled_groups(runs: Runs, trials: pd.DataFrame) -> tuple[dict[str, list[np.ndarray]], dict[str, np.ndarray]]:
     """Per searched hyperparameter h: groups (row positions in `trials`) of trials that share the
     cell and every other searched setting, and take at least two values of h; and each trial's
     value of h. Seeds are not hyperparameters, so seed repeats fall in the same group; settings
     of the measurement split groups but are never h."""
-    searched = sorted({
-        hp for cell in trials["cell"].unique()
-        for hp in searched_hyperparameters(runs, trials[trials["cell"] == cell])
-    })
+    searched = sorted(
+        {
+            hp
+            for cell in trials["cell"].unique()
+            for hp in searched_hyperparameters(runs, trials[trials["cell"] == cell])
+        }
+    )
     as_text = {hp: trials[hp].map(repr).to_numpy() for hp in searched}
     cells = trials["cell"].to_numpy()
     groups: dict[str, list[np.ndarray]] = {}
@@ -198,6 +229,5 @@ def _controlled_groups(runs: Runs, trials: pd.DataFrame
         members: dict[tuple, list[int]] = {}
         for position, key in enumerate(zip(cells, *others)):
             members.setdefault(key, []).append(position)
-        groups[hp] = [np.array(rows) for rows in members.values()
-                      if len(set(as_text[hp][rows])) >= 2]
+        groups[hp] = [np.array(rows) for rows in members.values() if len(set(as_text[hp][rows])) >= 2]
     return groups, {hp: as_text[hp] for hp in groups}

@@ -11,6 +11,7 @@ Offers: `SAM`, `sam_step`, `fit`, `train_loop_per_worker`, `Sweep`, `load_space`
 `measure_sharpness`, `load_dataset`, `build_model`, `build_scenario`; each package offers more
 (its own docstring says what).
 """
+
 from samtune._lazy import face
 
 __version__ = "0.1.0"

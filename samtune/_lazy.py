@@ -7,6 +7,7 @@ that defines each, read when first used:
 >>> face("samtune.optim")[0]("SAM").__module__
 'samtune.optim.sam'
 """
+
 from __future__ import annotations
 
 import os
@@ -29,25 +30,57 @@ FACES: dict[str, dict[str, str]] = {
     },
     "samtune.models": {
         **dict.fromkeys(("build_model", "MODELS"), "zoo"),
-        **dict.fromkeys(("param_groups", "freeze_batchnorm_stats", "find_head", "replace_head",
-                         "head_parameter_names", "FrozenStatsBatchNorm2d", "FrozenStatsBatchNorm1d"),
-                        "heads"),
+        **dict.fromkeys(
+            (
+                "param_groups",
+                "freeze_batchnorm_stats",
+                "find_head",
+                "replace_head",
+                "head_parameter_names",
+                "FrozenStatsBatchNorm2d",
+                "FrozenStatsBatchNorm1d",
+            ),
+            "heads",
+        ),
         **dict.fromkeys(("load_backbone", "read_state_dict", "resolve_source", "load_source"), "weights"),
     },
     "samtune.optim": {
         "SAM": "sam",
         "sam_step": "step",
-        **dict.fromkeys(("SAMVariant", "make_variant", "variant_from_config", "FullSAM", "EveryKSAM",
-                         "RandomizedSAM", "LookSAM", "AESAM", "VARIANTS"), "variants"),
+        **dict.fromkeys(
+            (
+                "SAMVariant",
+                "make_variant",
+                "variant_from_config",
+                "FullSAM",
+                "EveryKSAM",
+                "RandomizedSAM",
+                "LookSAM",
+                "AESAM",
+                "VARIANTS",
+            ),
+            "variants",
+        ),
     },
     "samtune.report": {
         **dict.fromkeys(("build", "build_report"), "page"),
         "load_runs": "load",
-        **dict.fromkeys(("Runs", "TrialRecord", "ReportError", "NoFinishedTrialsError",
-                         "SHARPNESS_SHARED_KEYS"), "runs"),
+        **dict.fromkeys(
+            ("Runs", "TrialRecord", "ReportError", "NoFinishedTrialsError", "SHARPNESS_SHARED_KEYS"), "runs"
+        ),
         **dict.fromkeys(("View", "ViewSpec"), "views"),
-        **dict.fromkeys(("cell_order", "choice_metric", "best_per_optimizer", "effective_m",
-                         "optimizer_colors", "searched_hyperparameters", "tabulate"), "table"),
+        **dict.fromkeys(
+            (
+                "cell_order",
+                "choice_metric",
+                "best_per_optimizer",
+                "effective_m",
+                "optimizer_colors",
+                "searched_hyperparameters",
+                "tabulate",
+            ),
+            "table",
+        ),
     },
     "samtune.sharpness": {
         **dict.fromkeys(("measure_sharpness", "check_measures", "MEASURES", "SHARED_KEYS"), "measures"),
@@ -69,8 +102,7 @@ FACES: dict[str, dict[str, str]] = {
     "samtune.trial": {
         **dict.fromkeys(("fit", "train_loop_per_worker"), "entry"),
         "run_trial": "ray_trial",
-        **dict.fromkeys(("resolve_config", "perturbation_plan", "Perturbation", "TrialConfigError"),
-                        "config"),
+        **dict.fromkeys(("resolve_config", "perturbation_plan", "Perturbation", "TrialConfigError"), "config"),
         **dict.fromkeys(("worker_resources", "distributed_backend", "WorkerPlacementError"), "placement"),
         **dict.fromkeys(("pretrain", "pretrained_state"), "pretrain"),
     },

@@ -4,6 +4,7 @@ User mistakes (a bad space file, an unknown ``--set`` key, an unreachable servic
 resume) print one line ``samtune: error: ...`` and exit with status 2, before any MLflow run or
 Ray trial exists. An interrupted sweep exits with 130 and says how to resume it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,18 @@ class UsageError(ValueError):
 
 
 def _sweep_flags(p: argparse.ArgumentParser, file_optional: bool = False) -> None:
-    p.add_argument("file", nargs="?" if file_optional else None,
-                   help="search space file, e.g. search_spaces/noisy_digits.py")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a SWEEP setting (e.g. epochs=2, label_noise_rates=0.0,0.4) or a trial "
-                        "setting for every trial (fixed.weight_decay=1e-4); repeatable")
+    p.add_argument(
+        "file", nargs="?" if file_optional else None, help="search space file, e.g. search_spaces/noisy_digits.py"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a SWEEP setting (e.g. epochs=2, label_noise_rates=0.0,0.4) or a trial "
+        "setting for every trial (fixed.weight_decay=1e-4); repeatable",
+    )
     p.add_argument("--trials", type=int, help="trials per cell (same as --set trials=N)")
     p.add_argument("--data-root", help="where CIFAR/ImageFolder data live (default: $SAMTUNE_DATA_ROOT)")
 
@@ -77,61 +85,99 @@ def _settings_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``samtune`` command line: one subcommand per thing it does."""
     parser = argparse.ArgumentParser(prog="samtune", description="When, and how much, does SAM help?")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_sweep_command(sub)
+    _add_check_command(sub)
+    _add_train_command(sub)
+    _add_report_command(sub)
+    _add_ui_command(sub)
+    return parser
 
+
+def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune sweep FILE`: run a study, with where its cluster, store and state are."""
     p = sub.add_parser("sweep", help="run a study: Ray Tune + Optuna over every scenario cell")
     _sweep_flags(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--address", help="an existing Ray cluster this machine is a node of: auto (the one "
-                                      "`ray start` runs here, or $RAY_ADDRESS) or its GCS host:port; without it "
-                                      "the sweep starts a private Ray instance of its own. Ray Client addresses "
-                                      "(ray://) are refused, as the sweep's driver must run here; on several "
-                                      "nodes give a --storage-path every node mounts")
+    p.add_argument(
+        "--address",
+        help="an existing Ray cluster this machine is a node of: auto (the one "
+        "`ray start` runs here, or $RAY_ADDRESS) or its GCS host:port; without it "
+        "the sweep starts a private Ray instance of its own. Ray Client addresses "
+        "(ray://) are refused, as the sweep's driver must run here; on several "
+        "nodes give a --storage-path every node mounts",
+    )
     p.add_argument("--storage-path", help="where trial checkpoints and sweep state live (default ./ray_results)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
-    p.add_argument("--no-report", action="store_true",
-                   help="do not build the report at the end (build it later with `samtune report NAME`)")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not build the report at the end (build it later with `samtune report NAME`)",
+    )
 
+
+def _add_check_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune check FILE`: validate a search space file without running anything."""
     p = sub.add_parser("check", help="validate a search space file without running anything")
     _sweep_flags(p)
 
-    p = sub.add_parser("train", help="train one trial in this process (no Ray, no MLflow)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings_help(),
-                       description=textwrap.fill("With FILE: the trial the sweep of FILE would run in --cell with the values "
-                                   "of --params (--set overrides SWEEP as for sweep), e.g. "
-                                   "samtune train search_spaces/noisy_digits.py --params rho=0.05,m=16,lr=0.1 "
-                                   "--cell 0.4. Without FILE: a trial config from --set/--params trial settings "
-                                   "alone, e.g. --set dataset=cifar100 --set model=resnet18 --save-weights w.pt. "
-                                   "Giving rho or m without optimizer means optimizer=sam."))
+
+def _add_train_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune train [FILE]`: one trial in this process, its settings listed in its help."""
+    p = sub.add_parser(
+        "train",
+        help="train one trial in this process (no Ray, no MLflow)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_settings_help(),
+        description=textwrap.fill(
+            "With FILE: the trial the sweep of FILE would run in --cell with the values "
+            "of --params (--set overrides SWEEP as for sweep), e.g. "
+            "samtune train search_spaces/noisy_digits.py --params rho=0.05,m=16,lr=0.1 "
+            "--cell 0.4. Without FILE: a trial config from --set/--params trial settings "
+            "alone, e.g. --set dataset=cifar100 --set model=resnet18 --save-weights w.pt. "
+            "Giving rho or m without optimizer means optimizer=sam."
+        ),
+    )
     _sweep_flags(p, file_optional=True)
-    p.add_argument("--params", action="append", default=[], metavar="KEY=VALUE,...",
-                   help="the values the space would suggest, e.g. rho=0.05,m=16,lr=0.1 (rho or m without "
-                        "optimizer means optimizer=sam); other trial settings are allowed too; repeatable")
+    p.add_argument(
+        "--params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="the values the space would suggest, e.g. rho=0.05,m=16,lr=0.1 (rho or m without "
+        "optimizer means optimizer=sam); other trial settings are allowed too; repeatable",
+    )
     p.add_argument("--cell", help="label-noise rate of the cell, e.g. 0.4 (default: the first cell)")
     p.add_argument("--checkpoint-dir", help="save every epoch here and resume from it")
     p.add_argument("--save-weights", help="write the final model weights (a state_dict) to this file")
     p.add_argument("--json", action="store_true", help="print each epoch's metrics as a JSON line")
 
+
+def _add_report_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune report NAME`: the maps of a sweep, from its MLflow experiment."""
     p = sub.add_parser("report", help="draw the robustness/sensitivity maps of a sweep")
     p.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     p.add_argument("--tracking-uri")
     p.add_argument("--out", help="output folder (default reports/<experiment>/)")
-    p.add_argument("--all-sweeps", action="store_true",
-                   help="every sweep run under this name, not only the newest")
+    p.add_argument("--all-sweeps", action="store_true", help="every sweep run under this name, not only the newest")
 
+
+def _add_ui_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune ui [SWEEP]`: the MLflow UI over the sweep runs, on loopback unless exposed."""
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the sweep runs")
-    p.add_argument("sweep", nargs="?",
-                   help="the sweep whose runs the printed address opens (default: the newest)")
+    p.add_argument("sweep", nargs="?", help="the sweep whose runs the printed address opens (default: the newest)")
     p.add_argument("--tracking-uri", help="the store the sweeps wrote to (default: as for sweep)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--expose", action="store_true",
-                   help="allow a --host other than this machine's loopback: anyone who reaches that address "
-                        "reads every run, parameter and artifact of the store, with no login")
+    p.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host other than this machine's loopback: anyone who reaches that address "
+        "reads every run, parameter and artifact of the store, with no login",
+    )
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (one is plenty for one person's UI)")
-    return parser
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (one is plenty for one person's UI)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,9 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: BaseException) -> bool:
 
-
-    return isinstance(exc, (SpaceError, SweepError, TrialConfigError, UsageError, DataNotFoundError,
-                            DataUnreadableError, ReportError))
+    return isinstance(
+        exc, (SpaceError, SweepError, TrialConfigError, UsageError, DataNotFoundError, DataUnreadableError, ReportError)
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -167,10 +213,16 @@ def _one_line(exc: BaseException) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
 
-
-    plan = prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
-                   tracking_uri=args.tracking_uri, address=args.address, storage_path=args.storage_path,
-                   resume=args.resume)
+    plan = prepare(
+        args.file,
+        args.sets,
+        trials=args.trials,
+        data_root=args.data_root,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+        storage_path=args.storage_path,
+        resume=args.resume,
+    )
     # Logs and pipes get a wide fixed width; a terminal keeps its own.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
@@ -203,8 +255,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _report_command(plan: Plan) -> str:
 
-    return (f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(plan.tracking_uri))}"
-            f" --out {shlex.quote(str(plan.report_dir))}")
+    return (
+        f"samtune report {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(plan.tracking_uri))}"
+        f" --out {shlex.quote(str(plan.report_dir))}"
+    )
 
 
 def _sweep_report(console: Console, plan: Plan) -> int:
@@ -215,20 +269,27 @@ def _sweep_report(console: Console, plan: Plan) -> int:
     if (plan.sweep_dir / "mlflow-unlogged.jsonl").exists():
         # Records MLflow did not take yet (the message above names them): a report now would
         # leave those trials out, or fail against the same unreachable server.
-        print(f"samtune: the sweep is complete but some of its records are not in MLflow yet, so no report "
-              f"was built; write them with: {plan.resume_command}, which then builds the report",
-              file=sys.stderr)
+        print(
+            f"samtune: the sweep is complete but some of its records are not in MLflow yet, so no report "
+            f"was built; write them with: {plan.resume_command}, which then builds the report",
+            file=sys.stderr,
+        )
         return 0
     try:
         index = build(plan.sweep.name, tracking_uri=plan.tracking_uri, out=plan.report_dir)
     except KeyboardInterrupt:
-        print(f"samtune: interrupted while building the report; the sweep is complete; "
-              f"build the report with: {_report_command(plan)}", file=sys.stderr)
+        print(
+            f"samtune: interrupted while building the report; the sweep is complete; "
+            f"build the report with: {_report_command(plan)}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001  the sweep is done: any report failure is reported, not raised
-        print(f"samtune: the sweep is complete but its report could not be built "
-              f"({type(exc).__name__}: {_one_line(exc)}); build it with: {_report_command(plan)}",
-              file=sys.stderr)
+        print(
+            f"samtune: the sweep is complete but its report could not be built "
+            f"({type(exc).__name__}: {_one_line(exc)}); build it with: {_report_command(plan)}",
+            file=sys.stderr,
+        )
         return 0
     console.print(f"Report written to {os.path.abspath(index)}", highlight=False, markup=False, soft_wrap=True)
     return 0
@@ -246,24 +307,36 @@ def cmd_check(args: argparse.Namespace) -> int:
     except DataNotFoundError:
         # `check` runs where the data may not be (a laptop, before a cluster run): the sweep
         # itself checks the split sizes against the data before any trial.
-        unchecked = (f"note: {sweep.dataset} is not on this machine, so each cell's split was not sized "
-                     f"against it; the sweep does that before its first trial")
+        unchecked = (
+            f"note: {sweep.dataset} is not on this machine, so each cell's split was not sized "
+            f"against it; the sweep does that before its first trial"
+        )
     names = sorted({k for p in sampled for k in p})
     baselines = baseline_trials(sweep, space, sampled)
-    print(f"{args.file}: ok: sweep {sweep.name!r}, {len(sweep.cells())} cell(s) "
-          f"({', '.join(c.label for c in sweep.cells())}), {sweep.trials} trials each, "
-          f"searching {', '.join(names) or 'nothing'}")
+    print(
+        f"{args.file}: ok: sweep {sweep.name!r}, {len(sweep.cells())} cell(s) "
+        f"({', '.join(c.label for c in sweep.cells())}), {sweep.trials} trials each, "
+        f"searching {', '.join(names) or 'nothing'}"
+    )
     for b in baselines:
         print(f"  baseline {b.name}: " + " ".join(f"{k}={v}" for k, v in {**b.point, **b.extras}.items()))
     print(f"  search: {search_label(sweep)}")
     if sweep.confirm_seeds:
         ablation = {c.label: sweep.ablation_ms(c) for c in sweep.cells() if sweep.ablation_ms(c)}
         looks = sweep.design().looks
-        more = (f", then best SGD and best SAM on more seeds (up to {looks[-1]}, in rounds at "
-                f"{', '.join(map(str, looks[1:]))}) while a verdict is undecided") if len(looks) > 1 else ""
-        print(f"  confirmation: best SGD, best SAM and the SAM baseline of each cell on {sweep.confirm_seeds} "
-              f"fresh seeds{more}; equivalent means within +/-{sweep.equivalence_margin:g}"
-              + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}" for cell, ms in ablation.items()))
+        more = (
+            (
+                f", then best SGD and best SAM on more seeds (up to {looks[-1]}, in rounds at "
+                f"{', '.join(map(str, looks[1:]))}) while a verdict is undecided"
+            )
+            if len(looks) > 1
+            else ""
+        )
+        print(
+            f"  confirmation: best SGD, best SAM and the SAM baseline of each cell on {sweep.confirm_seeds} "
+            f"fresh seeds{more}; equivalent means within +/-{sweep.equivalence_margin:g}"
+            + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}" for cell, ms in ablation.items())
+        )
     if unchecked:
         print(unchecked, file=sys.stderr)
     return 0
@@ -283,7 +356,6 @@ def _load_with_overrides(args: argparse.Namespace) -> tuple[Sweep, SpaceFunction
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One trial outside Tune, on the code path of a sweep's trial (`train.fit`)."""
-
 
     _check_outputs(args)
     params = {}
@@ -314,13 +386,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(metrics), flush=True)
         else:
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                             if k in PRINTED or k.startswith("sharpness/"))
+            shown = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in metrics.items()
+                if k in PRINTED or k.startswith("sharpness/")
+            )
             print(shown, flush=True)
 
     saved: dict[str, torch.nn.Module] = {}
-    last = fit(config, report=report, checkpoint_dir=args.checkpoint_dir,
-               on_end=(lambda model: saved.update(model=model)) if args.save_weights else None)
+    last = fit(
+        config,
+        report=report,
+        checkpoint_dir=args.checkpoint_dir,
+        on_end=(lambda model: saved.update(model=model)) if args.save_weights else None,
+    )
     if args.save_weights:
         torch.save(saved["model"].state_dict(), args.save_weights)
         print(f"weights written to {args.save_weights}")
@@ -377,8 +456,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _existing_store(uri)
     with creating_store(uri):  # a sweep creating this store right now finishes its tables first
         name, experiment_id = sweep_experiment(uri, args.sweep)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port), "--workers", str(args.workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
     base = f"http://{args.host}:{args.port}/"
     print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
     # The address that opens on training runs: the UI's own front page opens on GenAI traces.
@@ -396,9 +487,11 @@ def _check_listening_address(host: str, port: int, expose: bool) -> None:
     except ValueError:
         loopback = False
     if not loopback and not expose:
-        raise UsageError(f"--host {host}: the UI would listen beyond this machine, and anyone who reaches "
-                         f"{host}:{port} could read every run, parameter and artifact of the store (MLflow's UI has "
-                         f"no login); add --expose to mean it, or leave --host at 127.0.0.1")
+        raise UsageError(
+            f"--host {host}: the UI would listen beyond this machine, and anyone who reaches "
+            f"{host}:{port} could read every run, parameter and artifact of the store (MLflow's UI has "
+            f"no login); add --expose to mean it, or leave --host at 127.0.0.1"
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # As the server will: a port left in TIME_WAIT by an earlier server is free to take.
@@ -406,18 +499,22 @@ def _check_listening_address(host: str, port: int, expose: bool) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"--port {port}: {host}:{port} cannot be listened on ({exc.strerror or exc}); "
-                             f"another program holds it: pass another --port") from None
+            raise UsageError(
+                f"--port {port}: {host}:{port} cannot be listened on ({exc.strerror or exc}); "
+                f"another program holds it: pass another --port"
+            ) from None
 
 
 def _existing_store(uri: str) -> None:
     """Refuse a local store that does not exist: opening it would create an empty one, and the
     command would show nothing. Say where the runs are not."""
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         if not os.path.isfile(path):
-            raise UsageError(f"no MLflow store at {path}; run `samtune sweep` in this folder first, "
-                             f"or pass --tracking-uri (the one the sweep printed)")
+            raise UsageError(
+                f"no MLflow store at {path}; run `samtune sweep` in this folder first, "
+                f"or pass --tracking-uri (the one the sweep printed)"
+            )
 
 
 def serve(cmd: list[str]) -> int:

@@ -3,6 +3,7 @@ live in `samtune.optim`.
 
 >>> from samtune.sam import SAM, sam_step
 """
+
 from samtune.optim.sam import SAM
 from samtune.optim.step import sam_step
 

@@ -30,6 +30,7 @@ per-seed noise; the union bound's slack covers the heavy-tailed noise the simula
 >>> decide({s: 0.001 * (-1) ** s for s in range(1, 11)}, design).outcome
 'equivalent'
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,10 @@ class Design:
         return [self.alpha * n / total for n in self.looks]
 
     def text(self) -> str:
-        return (f"seeds added in rounds ({', '.join(map(str, self.looks))}) until decided; "
-                f"{1 - self.alpha:.0%} overall, spent over the looks; equivalence within +/-{self.margin:g}")
+        return (
+            f"seeds added in rounds ({', '.join(map(str, self.looks))}) until decided; "
+            f"{1 - self.alpha:.0%} overall, spent over the looks; equivalence within +/-{self.margin:g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,9 @@ def decide(differences: Mapping[int, float], design: Design, seeds: Sequence[int
     for look, (n, alpha) in enumerate(zip(design.looks, design.alphas)):
         values = [differences[s] for s in order[:n] if s in differences]
         interval = mean_interval(values, level=1 - alpha)
-        interval = Estimate(interval.mean, interval.low, interval.high, interval.n, interval.sd,
-                            interval.level, paired=True)
+        interval = Estimate(
+            interval.mean, interval.low, interval.high, interval.n, interval.sd, interval.level, paired=True
+        )
         decision = Decision(outcome_of(interval, design.margin), interval, look, interval.n, design)
         if decision.outcome != "undecided":
             return decision

@@ -16,6 +16,7 @@ same interval, every group's tau recomputed on each resample of the trials.
 >>> difference({0: 0.05, 1: 0.06, 2: 0.05}, {0: 0.10, 1: 0.12, 2: 0.11}).text()
 '-0.057 [-0.071, -0.042]'
 """
+
 from __future__ import annotations
 
 import math
@@ -86,11 +87,11 @@ def difference(a: Mapping[int, float], b: Mapping[int, float], level: float = LE
     mean = ea.mean - eb.mean
     if ea.n < 2 or eb.n < 2:
         return Estimate(mean, math.nan, math.nan, min(ea.n, eb.n), math.nan, level)
-    va, vb = ea.sd ** 2 / ea.n, eb.sd ** 2 / eb.n
+    va, vb = ea.sd**2 / ea.n, eb.sd**2 / eb.n
     se = math.sqrt(va + vb)
     if se == 0:
         return Estimate(mean, mean, mean, min(ea.n, eb.n), 0.0, level)
-    dof = (va + vb) ** 2 / (va ** 2 / (ea.n - 1) + vb ** 2 / (eb.n - 1))
+    dof = (va + vb) ** 2 / (va**2 / (ea.n - 1) + vb**2 / (eb.n - 1))
     half = _t(level, dof) * se
     return Estimate(mean, mean - half, mean + half, min(ea.n, eb.n), se, level)
 
@@ -140,6 +141,7 @@ def weighted_taus(sx: np.ndarray, sy: np.ndarray, weights: np.ndarray) -> np.nda
     trials' sign matrices. Two copies of one trial tie on both sides, so they count in neither the
     numerator nor the denominator: the tau-b of the resampled points, as scipy computes it. NaN
     where a side has no untied pair."""
+
     def pair_sum(matrix: np.ndarray) -> np.ndarray:
         return ((weights @ matrix) * weights).sum(axis=1)
 
@@ -178,15 +180,15 @@ def _interval(estimate: float, replicates: np.ndarray, n: int, confidence: float
     """The percentile interval of the finite replicates; none where fewer than half of the
     resamples have a tau (resampling then mostly draws ties) or below MIN_TRIALS_FOR_INTERVAL."""
     finite = replicates[np.isfinite(replicates)]
-    if (not math.isfinite(estimate) or n < MIN_TRIALS_FOR_INTERVAL
-            or len(finite) < max(1, len(replicates) // 2)):
+    if not math.isfinite(estimate) or n < MIN_TRIALS_FOR_INTERVAL or len(finite) < max(1, len(replicates) // 2):
         return TauInterval(float(estimate), math.nan, math.nan, n, confidence)
     low, high = np.quantile(finite, [(1 - confidence) / 2, (1 + confidence) / 2])
     return TauInterval(float(estimate), float(low), float(high), n, confidence)
 
 
-def kendall_tau_interval(x: Sequence[float], y: Sequence[float], *, confidence: float = LEVEL,
-                         resamples: int = RESAMPLES, seed: int = 0) -> TauInterval:
+def kendall_tau_interval(
+    x: Sequence[float], y: Sequence[float], *, confidence: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0
+) -> TauInterval:
     """Kendall's tau-b between ``x`` and ``y`` (one pair per trial; pairs with a non-finite side
     dropped) and its percentile bootstrap interval: ``resamples`` draws of the trials with
     replacement, pairs kept together. NaN tau where either side is constant; no interval below
@@ -224,8 +226,9 @@ def _level_codes(values: Sequence[Hashable]) -> np.ndarray:
     return np.array([codes.setdefault(v, len(codes)) for v in values], dtype=int)
 
 
-def _group_taus(xs: np.ndarray, ys: np.ndarray, groups: Sequence[Sequence[int]],
-                codes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _group_taus(
+    xs: np.ndarray, ys: np.ndarray, groups: Sequence[Sequence[int]], codes: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
     """Each group's tau under each row of ``weights`` (one column per group); NaN where the
     trials drawn from the group take fewer than two values of the hyperparameter (``codes``),
     since the group then no longer varies it, or where the tau is undefined."""
@@ -248,11 +251,17 @@ def _mean_of_finite(values: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
 
 
-def granulated_tau_interval(x: Sequence[float], y: Sequence[float],
-                            groups: Mapping[str, Sequence[Sequence[int]]],
-                            levels: Mapping[str, Sequence[Hashable]], *, min_groups: int = 2,
-                            confidence: float = LEVEL, resamples: int = RESAMPLES,
-                            seed: int = 0) -> GranulatedTau:
+def granulated_tau_interval(
+    x: Sequence[float],
+    y: Sequence[float],
+    groups: Mapping[str, Sequence[Sequence[int]]],
+    levels: Mapping[str, Sequence[Hashable]],
+    *,
+    min_groups: int = 2,
+    confidence: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> GranulatedTau:
     """Jiang et al. 2019's granulated Kendall tau between ``x`` and ``y`` (one value per trial)
     with percentile bootstrap intervals over trials.
 
@@ -279,11 +288,12 @@ def granulated_tau_interval(x: Sequence[float], y: Sequence[float],
             counted[hp] = [g[finite[g]] for g in kept]
     members = np.unique(np.concatenate([g for gs in counted.values() for g in gs] or [[]])).astype(int)
     weights = _bootstrap_weights(members, len(xs), resamples, seed)
-    psi = {hp: _mean_of_finite(_group_taus(xs, ys, gs, codes[hp], weights))
-           for hp, gs in counted.items()}
-    by_hp = {hp: _interval(values[0], values[1:], len(np.unique(np.concatenate(counted[hp]))),
-                           confidence) for hp, values in psi.items()}
-    overall = (np.mean(np.column_stack(list(psi.values())), axis=1) if psi
-               else np.full(len(weights), np.nan))
-    return GranulatedTau(_interval(overall[0], overall[1:], len(members), confidence), by_hp,
-                         {hp: len(gs) for hp, gs in counted.items()})
+    psi = {hp: _mean_of_finite(_group_taus(xs, ys, gs, codes[hp], weights)) for hp, gs in counted.items()}
+    by_hp = {
+        hp: _interval(values[0], values[1:], len(np.unique(np.concatenate(counted[hp]))), confidence)
+        for hp, values in psi.items()
+    }
+    overall = np.mean(np.column_stack(list(psi.values())), axis=1) if psi else np.full(len(weights), np.nan)
+    return GranulatedTau(
+        _interval(overall[0], overall[1:], len(members), confidence), by_hp, {hp: len(gs) for hp, gs in counted.items()}
+    )

@@ -11,6 +11,7 @@ at n seeds), with the interval that decided it. Each is given under two selectio
 which: the final epoch, and the epoch of lowest validation error (early stopping on the noisy
 validation set, which under label noise can change the answer).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,13 @@ COMPARED = (("best_sam", "best_sgd"), ("sam_baseline", "best_sgd"))
 SeedValues = dict[str, dict[str, dict[int, float]]]
 
 
-def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]] | None = None,
-                 metric: str = "test_error", design: Design | None = None) -> dict[str, Any]:
+def cell_verdict(
+    cell: str,
+    values: SeedValues,
+    params: dict[str, dict[str, Any]] | None = None,
+    metric: str = "test_error",
+    design: Design | None = None,
+) -> dict[str, Any]:
     """The verdict of one cell from its confirmation results: estimates per configuration and
     rule, the SAM - SGD decisions with their intervals, and the m curve (configurations named
     ``m=<m>``). `design`: the sweep's looks and margin; None judges all the seeds at once (one
@@ -45,37 +51,67 @@ def cell_verdict(cell: str, values: SeedValues, params: dict[str, dict[str, Any]
     if design is None:
         most = max((len(v) for by_rule in values.values() for v in by_rule.values()), default=0)
         design = Design(looks=(max(most, 1),))
-    out: dict[str, Any] = {"cell": cell, "metric": metric, "rules": rules, "configs": {},
-                           "differences": {}, "decisions": {}, "rows": {}, "m_curve": {},
-                           "design": {"looks": list(design.looks), "alpha": design.alpha, "margin": design.margin}}
+    out: dict[str, Any] = {
+        "cell": cell,
+        "metric": metric,
+        "rules": rules,
+        "configs": {},
+        "differences": {},
+        "decisions": {},
+        "rows": {},
+        "m_curve": {},
+        "design": {"looks": list(design.looks), "alpha": design.alpha, "margin": design.margin},
+    }
     for name in sorted(values):
-        out["configs"][name] = {"params": (params or {}).get(name, {}), **{
-            # In seed order: a sum in the order runs happened to end differs in the last bit.
-            rule: mean_interval(_by_seed(values[name].get(rule, {}))) for rule in rules}}
-    for first, second in COMPARED:
-        if first in values and second in values:
-            key = f"{first} - {second}"
-            out["decisions"][key] = {rule: decide(paired(values[first].get(rule, {}), values[second].get(rule, {})),
-                                                  design) for rule in rules}
-            out["differences"][key] = {rule: d.interval for rule, d in out["decisions"][key].items()}
-    main = out["decisions"].get("best_sam - best_sgd", {})
+        out["configs"][name] = {
+            "params": (params or {}).get(name, {}),
+            **{
+                # In seed order: a sum in the order runs happened to end differs in the last bit.
+                rule: mean_interval(_by_seed(values[name].get(rule, {})))
+                for rule in rules
+            },
+        }
+    out["decisions"] = _decisions(values, rules, design)
+    out["differences"] = {key: {r: d.interval for r, d in by_rule.items()} for key, by_rule in out["decisions"].items()}
+    out["rows"] = _decided_rows(values, out["decisions"].get("best_sam - best_sgd", {}), design)
+    out["m_curve"] = _m_curve(values, out["configs"], rules)
+    return out
+
+
+def _decisions(values: SeedValues, rules: list[str], design: Design) -> dict[str, dict[str, Decision]]:
+    """Per compared pair present (`COMPARED`) and rule, the decision of their difference paired by seed."""
+    return {
+        f"{first} - {second}": {
+            rule: decide(paired(values[first].get(rule, {}), values[second].get(rule, {})), design) for rule in rules
+        }
+        for first, second in COMPARED
+        if first in values and second in values
+    }
+
+
+def _decided_rows(values: SeedValues, main: dict[str, Decision], design: Design) -> dict[str, dict[str, Estimate]]:
+    """Per rule of the SAM - SGD decision, best SGD's and best SAM's estimates on the seeds it used."""
+    rows = {}
     for rule, decision in main.items():
         # SGD and SAM on the seeds the decision used (a row decided early is not shown on seeds
         # the cell ran later for its other row).
         used = sorted(paired(values["best_sam"].get(rule, {}), values["best_sgd"].get(rule, {})))
-        used = used[:design.looks[decision.look]]
-        out["rows"][rule] = {name: mean_interval([values[name][rule][s] for s in used])
-                             for name in ("best_sgd", "best_sam")}
+        used = used[: design.looks[decision.look]]
+        rows[rule] = {name: mean_interval([values[name][rule][s] for s in used]) for name in ("best_sgd", "best_sam")}
+    return rows
+
+
+def _m_curve(values: SeedValues, configs: dict[str, Any], rules: list[str]) -> dict[str, dict[str, Any]]:
+    """The estimates per m of the configurations named ``m=<m>``, best SAM's own m included (added
+    to `configs` when no configuration of the ablation has it), largest m first."""
     curve = [name for name in values if name.startswith("m=")]
     if curve and "best_sam" in values:
         # The best SAM configuration is a point of its own m ablation, at its own m.
-        own = f"m={out['configs']['best_sam']['params'].get('m')}"
+        own = f"m={configs['best_sam']['params'].get('m')}"
         if own not in values:
-            out["configs"][own] = out["configs"]["best_sam"]
+            configs[own] = configs["best_sam"]
             curve.append(own)
-    for name in sorted(curve, key=_m_order):
-        out["m_curve"][name[2:]] = {rule: out["configs"][name][rule] for rule in rules}
-    return out
+    return {name[2:]: {rule: configs[name][rule] for rule in rules} for name in sorted(curve, key=_m_order)}
 
 
 def _by_seed(by_seed: dict[int, float]) -> list[float]:
@@ -100,13 +136,22 @@ def verdict_rows(verdicts: list[dict[str, Any]]) -> list[dict[str, str]]:
             sgd = shown.get("best_sgd") or v["configs"].get("best_sgd", {}).get(rule)
             sam = shown.get("best_sam") or v["configs"].get("best_sam", {}).get(rule)
             decision: Decision | None = decisions.get(rule) if decisions else None
-            rows.append({"cell": v["cell"], "selection": RULES[rule],
-                         "SGD": sgd.text() if sgd else "-", "SAM": sam.text() if sam else "-",
-                         "SAM - SGD": decision.interval.text() if decision else "-",
-                         "verdict": f"none: {missing}" if missing else
-                         decision.text() if decision else "needs both SGD and SAM runs",
-                         "seeds": str(decision.n) if decision else "0",
-                         "decided": decision.where() if decision else "-"})
+            rows.append(
+                {
+                    "cell": v["cell"],
+                    "selection": RULES[rule],
+                    "SGD": sgd.text() if sgd else "-",
+                    "SAM": sam.text() if sam else "-",
+                    "SAM - SGD": decision.interval.text() if decision else "-",
+                    "verdict": f"none: {missing}"
+                    if missing
+                    else decision.text()
+                    if decision
+                    else "needs both SGD and SAM runs",
+                    "seeds": str(decision.n) if decision else "0",
+                    "decided": decision.where() if decision else "-",
+                }
+            )
     return rows
 
 
@@ -117,22 +162,37 @@ def markdown(verdicts: list[dict[str, Any]], metric: str = "test_error") -> str:
         return ""
     head = list(rows[0])
     design = verdicts[0].get("design", {})
-    lines = [f"**SAM vs SGD, {metric}**: SGD and SAM as mean [95% CI] over the confirmation seeds the "
-             f"decision used; SAM - SGD with the interval that decided (seeds added in rounds at "
-             f"{', '.join(map(str, design.get('looks', [])))} until decided, "
-             f"{1 - design.get('alpha', 0.05):.0%} overall; equivalent: within +/-{design.get('margin', 0.01):g})",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"**SAM vs SGD, {metric}**: SGD and SAM as mean [95% CI] over the confirmation seeds the "
+        f"decision used; SAM - SGD with the interval that decided (seeds added in rounds at "
+        f"{', '.join(map(str, design.get('looks', [])))} until decided, "
+        f"{1 - design.get('alpha', 0.05):.0%} overall; equivalent: within +/-{design.get('margin', 0.01):g})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def jsonable(value: Any) -> Any:
     if isinstance(value, Decision):
-        return {"outcome": value.outcome, "look": value.look, "n": value.n, "text": value.text(),
-                "interval": jsonable(value.interval)}
+        return {
+            "outcome": value.outcome,
+            "look": value.look,
+            "n": value.n,
+            "text": value.text(),
+            "interval": jsonable(value.interval),
+        }
     if isinstance(value, Estimate):
-        return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n,
-                "level": value.level, "paired": value.paired}
+        return {
+            "mean": value.mean,
+            "low": value.low,
+            "high": value.high,
+            "n": value.n,
+            "level": value.level,
+            "paired": value.paired,
+        }
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

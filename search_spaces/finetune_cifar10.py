@@ -10,6 +10,7 @@ Budget: 2 cells x 16 trials x 30 epochs of a ResNet-18, one GPU per trial.
 Needs CIFAR-10 and CIFAR-100 on disk: ``--data-root`` or ``SAMTUNE_DATA_ROOT`` (see README).
 This file is Python and runs with your rights, like any script you run.
 """
+
 from samtune.sweep import Sweep
 
 
@@ -20,7 +21,7 @@ def space(trial):
     trial.suggest_float("backbone_lr_scale", 0.01, 1.0, log=True)
     if optimizer == "sam":
         trial.suggest_float("rho", 0.01, 0.5, log=True)
-        trial.suggest_categorical("m", [32, None])   # None = the whole per-worker batch of 128
+        trial.suggest_categorical("m", [32, None])  # None = the whole per-worker batch of 128
     return {"weight_decay": 1e-4, "momentum": 0.9}
 
 

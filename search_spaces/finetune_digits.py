@@ -13,6 +13,7 @@ fraction of the head's.
 Default budget: 2 cells x 10 trials x 15 epochs, under 2 minutes on 2 CPU cores (README, measured).
 This file is Python and runs with your rights, like any script you run.
 """
+
 from samtune.sweep import Sweep
 
 

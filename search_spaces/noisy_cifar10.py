@@ -17,6 +17,7 @@ the trial's MLflow run says which and why (``--set fixed.sharpness_subset=256`` 
 Needs CIFAR-10 on disk: ``--data-root`` or ``SAMTUNE_DATA_ROOT`` (see README).
 This file is Python and runs with your rights, like any script you run.
 """
+
 from samtune.sweep import Sweep
 
 
@@ -46,9 +47,9 @@ SWEEP = Sweep(
     metric="val_error",
     mode="min",
     seed=0,
-    grace_period=25,          # epochs: noise is memorised late, so no early verdict before this
+    grace_period=25,  # epochs: noise is memorised late, so no early verdict before this
     reduction_factor=3,
-    sharpness_every=25,       # sharpness curves over training, not only at the end
+    sharpness_every=25,  # sharpness curves over training, not only at the end
     fixed={"lr_schedule": "cosine", "augment": True, "sharpness_budget_s": 300},
     # Baselines at the SAM paper's settings (lr 0.1, rho 0.05, m = the per-worker batch); every
     # pick confirmed on 3 fresh seeds, and the best SAM at each m in the 40% cell.

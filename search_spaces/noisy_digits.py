@@ -7,6 +7,7 @@ Default budget: sized to finish in under 10 minutes on 2 CPU cores (see README, 
 
 This file is Python and runs with your rights, like any script you run.
 """
+
 from samtune.sweep import Sweep
 
 

@@ -1,4 +1,5 @@
 """Shared test setup: one thread per process, so several test processes share 2 cores fairly."""
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,5 +1,6 @@
 """Turning a search into an answer: declared baselines, the confirmation runs a cell gets, and the
 intervals and verdicts on them, checked against scipy and a bootstrap."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,18 @@ from samtune.verdicts import cell_verdict, markdown, verdict_rows
 
 
 def sweep(**changes):
-    return Sweep(**{"name": "t", "dataset": "digits", "model": "cnn", "epochs": 2, "batch_size": 64,
-                    "trials": 4, "label_noise_rates": (0.0, 0.4), **changes})
+    return Sweep(
+        **{
+            "name": "t",
+            "dataset": "digits",
+            "model": "cnn",
+            "epochs": 2,
+            "batch_size": 64,
+            "trials": 4,
+            "label_noise_rates": (0.0, 0.4),
+            **changes,
+        }
+    )
 
 
 def space(trial):
@@ -58,21 +69,26 @@ def test_the_paired_difference_is_scipys_paired_t_interval():
     # Pairing removes the seed's spread: the unpaired (Welch) interval is far wider and covers 0.
     unpaired = difference({s + 100: v for s, v in sam.items()}, sgd)
     welch = scipy_stats.ttest_ind(list(sam.values()), list(sgd.values()), equal_var=False).confidence_interval(0.95)
-    assert not unpaired.paired and (unpaired.low, unpaired.high) == (pytest.approx(welch.low), pytest.approx(welch.high))
+    assert not unpaired.paired and (unpaired.low, unpaired.high) == (
+        pytest.approx(welch.low),
+        pytest.approx(welch.high),
+    )
     assert not est.covers_zero and unpaired.covers_zero
 
 
 def test_the_t_interval_agrees_with_a_bootstrap_on_many_seeds():
     rng = np.random.default_rng(0)
     xs = rng.normal(0.2, 0.03, size=40)
-    boot = scipy_stats.bootstrap((xs,), np.mean, confidence_level=0.95, n_resamples=4000, method="percentile",
-                                 random_state=1).confidence_interval
+    boot = scipy_stats.bootstrap(
+        (xs,), np.mean, confidence_level=0.95, n_resamples=4000, method="percentile", random_state=1
+    ).confidence_interval
     est = mean_interval(list(xs))
     assert est.low == pytest.approx(boot.low, abs=0.003) and est.high == pytest.approx(boot.high, abs=0.003)
 
 
 def test_one_seed_gives_a_mean_without_an_interval():
     assert "1 seed" in mean_interval([0.1]).text() and math.isnan(mean_interval([0.1]).low)
+
 
 # ------------------------------------------------------------------------------ baselines
 
@@ -85,14 +101,21 @@ def test_baselines_are_declared_not_sampled_and_fill_searched_settings_with_defa
 
 
 def test_a_declared_rho_and_baseline_params_reach_the_baseline_config():
-    swept = sweep(baselines=({"optimizer": "sgd"}, {"optimizer": "sam", "rho": 0.1, "sam_variant": "looksam"}),
-                  baseline_params={"lr": 0.2})
+    swept = sweep(
+        baselines=({"optimizer": "sgd"}, {"optimizer": "sam", "rho": 0.1, "sam_variant": "looksam"}),
+        baseline_params={"lr": 0.2},
+    )
     sgd, sam = baseline_trials(swept, space, BOTH)
     assert sam.point == {"optimizer": "sam", "rho": 0.1, "m": None, "lr": 0.2}
     # A setting the space does not search is added to the baseline's config by the searcher.
     assert sam.extras == {"sam_variant": "looksam"}
-    search = CellSearch([_Fixed({"optimizer": "sam", "rho": 0.1})] * 1, trials=3, metric="val_error", mode="min",
-                        baselines=[sgd.extras, sam.extras])
+    search = CellSearch(
+        [_Fixed({"optimizer": "sam", "rho": 0.1})] * 1,
+        trials=3,
+        metric="val_error",
+        mode="min",
+        baselines=[sgd.extras, sam.extras],
+    )
     first, second, third = (search.suggest(str(i)) for i in range(3))
     assert first["baseline"] and not first.get("sam_variant")
     assert second["baseline"] and second["sam_variant"] == "looksam" and second["rho"] == 0.1
@@ -111,10 +134,14 @@ def test_a_baseline_value_the_space_does_not_offer_is_refused_before_any_trial()
     with pytest.raises(SpaceError, match=r"baselines\[1\]: rho=0.9 \(declared\) is not among what the space offers"):
         baseline_trials(sweep(baselines=({"optimizer": "sgd"}, {"optimizer": "sam", "rho": 0.9})), space, BOTH)
     with pytest.raises(SpaceError, match=r"lr=0.05 \(its default\) is not among .* declare a value"):
-        baseline_trials(sweep(), lambda t: t.suggest_categorical("optimizer", ["sgd", "sam"]) and
-                        t.suggest_float("lr", 0.1, 0.5), BOTH)
+        baseline_trials(
+            sweep(),
+            lambda t: t.suggest_categorical("optimizer", ["sgd", "sam"]) and t.suggest_float("lr", 0.1, 0.5),
+            BOTH,
+        )
     # A space that offers only one optimizer has no SGD-vs-SAM baselines to declare.
     assert baseline_trials(sweep(), space, [{"optimizer": "sam"}]) == []
+
 
 # ------------------------------------------------------------------------------ confirmation
 
@@ -122,10 +149,12 @@ def test_a_baseline_value_the_space_does_not_offer_is_refused_before_any_trial()
 def searched(cell, best_sgd=0.2, best_sam=0.1, sam_m=16):
     result = CellResult(cell)
     result.trials["a"] = TrialRow("a", {"optimizer": "sgd", "lr": 0.1}, "finished", metrics={"val_error": best_sgd})
-    result.trials["b"] = TrialRow("b", {"optimizer": "sam", "lr": 0.2, "rho": 0.2, "m": sam_m}, "finished",
-                                  metrics={"val_error": best_sam})
-    result.trials["c"] = TrialRow("c", {"optimizer": "sam", "lr": 0.3, "rho": 0.3}, "stopped",
-                                  metrics={"val_error": 0.01})  # ASHA stopped it: not a pick
+    result.trials["b"] = TrialRow(
+        "b", {"optimizer": "sam", "lr": 0.2, "rho": 0.2, "m": sam_m}, "finished", metrics={"val_error": best_sam}
+    )
+    result.trials["c"] = TrialRow(
+        "c", {"optimizer": "sam", "lr": 0.3, "rho": 0.3}, "stopped", metrics={"val_error": 0.01}
+    )  # ASHA stopped it: not a pick
     return result
 
 
@@ -139,8 +168,10 @@ def test_each_cell_confirms_its_picks_on_every_seed_exactly_once():
         assert r.config["seed"] == r.seed and r.config["data_seed"] == 0 and r.config["confirms"] == r.name
         assert r.config["label_noise_rate"] == r.cell.label_noise_rate and not r.config["baseline"]
     # m=16 is the best SAM configuration itself and m=5 does not divide 64: neither runs again.
-    names = {"noise=0": ["best_sgd", "best_sam", "sam_baseline"],
-             "noise=0.4": ["best_sgd", "best_sam", "sam_baseline", "m=None", "m=32"]}
+    names = {
+        "noise=0": ["best_sgd", "best_sam", "sam_baseline"],
+        "noise=0.4": ["best_sgd", "best_sam", "sam_baseline", "m=None", "m=32"],
+    }
     for label, expected in names.items():
         assert sorted(per_cell[label]) == sorted((n, s) for n in expected for s in (1, 2, 3))
     assert results[1].aliases == {"m=16": "best_sam"}
@@ -154,24 +185,39 @@ def confirmed(cell, errors: dict[str, list[float]], best_epoch_shift=0.0):
     result = CellResult(cell)
     for name, values in errors.items():
         for seed, value in enumerate(values, start=1):
-            result.reruns[(name, seed)] = TrialRow(f"{name}{seed}", {"optimizer": name}, "finished",
-                                                   metrics={"test_error": value},
-                                                   best_epoch={"test_error": value + best_epoch_shift,
-                                                               "val_error": 0.1})
+            result.reruns[(name, seed)] = TrialRow(
+                f"{name}{seed}",
+                {"optimizer": name},
+                "finished",
+                metrics={"test_error": value},
+                best_epoch={"test_error": value + best_epoch_shift, "val_error": 0.1},
+            )
     return result
 
 
 def test_the_verdict_table_names_a_winner_only_where_the_interval_excludes_zero():
     clear, unclear = sweep().cells()
-    verdicts = [cell_verdict(clear.label, *seed_values(confirmed(
-                    clear, {"best_sgd": [0.30, 0.32, 0.31], "best_sam": [0.20, 0.21, 0.21]}))),
-                cell_verdict(unclear.label, *seed_values(confirmed(
-                    unclear, {"best_sgd": [0.30, 0.35, 0.28], "best_sam": [0.31, 0.29, 0.30]},
-                    best_epoch_shift=-0.05)))]
+    verdicts = [
+        cell_verdict(
+            clear.label,
+            *seed_values(confirmed(clear, {"best_sgd": [0.30, 0.32, 0.31], "best_sam": [0.20, 0.21, 0.21]})),
+        ),
+        cell_verdict(
+            unclear.label,
+            *seed_values(
+                confirmed(
+                    unclear, {"best_sgd": [0.30, 0.35, 0.28], "best_sam": [0.31, 0.29, 0.30]}, best_epoch_shift=-0.05
+                )
+            ),
+        ),
+    ]
     rows = verdict_rows(verdicts)
     assert [(r["cell"], r["selection"]) for r in rows] == [
-        ("noise=0", "final epoch"), ("noise=0", "best validation epoch"),
-        ("noise=0.4", "final epoch"), ("noise=0.4", "best validation epoch")]
+        ("noise=0", "final epoch"),
+        ("noise=0", "best validation epoch"),
+        ("noise=0.4", "final epoch"),
+        ("noise=0.4", "best validation epoch"),
+    ]
     assert rows[0]["verdict"].startswith("SAM better: lower by 0.103") and rows[0]["seeds"] == "3"
     assert rows[0]["decided"] == "look 1 of 1, 95.0% interval"
     assert rows[2]["verdict"].startswith("undecided at 3 seeds")
@@ -185,10 +231,12 @@ def test_a_baseline_that_is_also_the_best_configuration_runs_once():
     swept = sweep(confirm_seeds=2, fixed={"sharpness_measures": ""})
     sgd, sam = baseline_trials(swept, space, BOTH)
     result = CellResult(swept.cells()[0])
-    result.trials["a"] = TrialRow("a", {**sgd.settings, "sharpness_measures": ""}, "finished",
-                                  metrics={"val_error": 0.2})
-    result.trials["b"] = TrialRow("b", {**sam.settings, "sharpness_measures": ""}, "finished",
-                                  metrics={"val_error": 0.1})
+    result.trials["a"] = TrialRow(
+        "a", {**sgd.settings, "sharpness_measures": ""}, "finished", metrics={"val_error": 0.2}
+    )
+    result.trials["b"] = TrialRow(
+        "b", {**sam.settings, "sharpness_measures": ""}, "finished", metrics={"val_error": 0.1}
+    )
     runs = reruns(swept, [result], [sgd, sam])
     assert sorted({r.name for r in runs}) == ["best_sam", "best_sgd"] and len(runs) == 4
     assert result.aliases == {"sam_baseline": "best_sam"}
@@ -231,13 +279,19 @@ def test_a_cell_that_lost_its_sgd_baseline_answers_none_and_says_why():
 
     cell = sweep().cells()[0]
     result = confirmed(cell, {"best_sgd": [0.30, 0.32, 0.31], "best_sam": [0.20, 0.21, 0.21]})
-    result.trials["base"] = TrialRow("base", {"optimizer": "sgd", "lr": 0.05}, "failed", baseline=True,
-                                     error="FileNotFoundError: checkpoint_000002/trial.pt")
+    result.trials["base"] = TrialRow(
+        "base",
+        {"optimizer": "sgd", "lr": 0.05},
+        "failed",
+        baseline=True,
+        error="FileNotFoundError: checkpoint_000002/trial.pt",
+    )
     result.trials["a"] = TrialRow("a", {"optimizer": "sgd", "lr": 0.2}, "finished", metrics={"val_error": 0.3})
     result.trials["b"] = TrialRow("b", {"optimizer": "sam", "lr": 0.2}, "finished", metrics={"val_error": 0.2})
     rows = verdict_rows([judged(result, Design(looks=(3,)))])
-    assert rows and all(r["verdict"] == "none: its SGD baseline failed (FileNotFoundError: "
-                        "checkpoint_000002/trial.pt)" for r in rows)
+    assert rows and all(
+        r["verdict"] == "none: its SGD baseline failed (FileNotFoundError: checkpoint_000002/trial.pt)" for r in rows
+    )
     # The same cell with its baseline: a verdict.
     result.trials["base"].status = "finished"
     assert verdict_rows([judged(result, Design(looks=(3,)))])[0]["verdict"].startswith("SAM better")

@@ -3,6 +3,7 @@
 Each case runs the real command (`samtune.cli.main`) in an empty folder and then checks that no
 MLflow store and no Ray trial folder appeared there.
 """
+
 import textwrap
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from samtune.cli import main
 
-GOOD = textwrap.dedent('''
+GOOD = textwrap.dedent("""
     from samtune.sweep.study import Sweep
 
     def space(trial):
@@ -22,9 +23,8 @@ GOOD = textwrap.dedent('''
 
     SWEEP = Sweep(name="t", dataset=DATASET, model=MODEL, label_noise_rates=RATES,
                   epochs=2, batch_size=32, trials=2)
-''')
-DEFAULTS = {"RHO_LOW": "0.01", "M_CHOICES": "[8, None]", "DATASET": '"digits"', "MODEL": '"mlp"',
-            "RATES": "(0.0, 0.4)"}
+""")
+DEFAULTS = {"RHO_LOW": "0.01", "M_CHOICES": "[8, None]", "DATASET": '"digits"', "MODEL": '"mlp"', "RATES": "(0.0, 0.4)"}
 
 
 def space_file(tmp_path, text=None, name="space.py", **subs):
@@ -122,153 +122,349 @@ CASES = [
     ("not python", lambda t: ["check", space_file(t, name="space.txt")], "not a Python file"),
     ("syntax error", lambda t: ["check", space_file(t, "x = (\n")], "space.py:1: syntax error"),
     ("no SWEEP", lambda t: ["check", space_file(t, "def space(trial):\n    pass\n")], "defines no SWEEP"),
-    ("no space function", lambda t: ["check", space_file(t, GOOD.replace("def space(trial)", "def other(trial)"))],
-     "defines no space(trial)"),
-    ("unknown Sweep key", lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, epoch=3)"))],
-     "Sweep has no setting 'epoch'"),
-    ("space suggests baseline", lambda t: ["check", space_file(t, GOOD.replace(
-        'trial.suggest_float("rho"', 'trial.suggest_categorical("baseline", [True]); trial.suggest_float("rho"'))],
-     "space suggests 'baseline', which the sweep sets per trial"),
-    ("fixed sets baseline", lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, fixed={'baseline': True})"))],
-     "fixed sets 'baseline', which the sweep sets per trial"),
+    (
+        "no space function",
+        lambda t: ["check", space_file(t, GOOD.replace("def space(trial)", "def other(trial)"))],
+        "defines no space(trial)",
+    ),
+    (
+        "unknown Sweep key",
+        lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, epoch=3)"))],
+        "Sweep has no setting 'epoch'",
+    ),
+    (
+        "space suggests baseline",
+        lambda t: [
+            "check",
+            space_file(
+                t,
+                GOOD.replace(
+                    'trial.suggest_float("rho"',
+                    'trial.suggest_categorical("baseline", [True]); trial.suggest_float("rho"',
+                ),
+            ),
+        ],
+        "space suggests 'baseline', which the sweep sets per trial",
+    ),
+    (
+        "fixed sets baseline",
+        lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, fixed={'baseline': True})"))],
+        "fixed sets 'baseline', which the sweep sets per trial",
+    ),
     ("wrong type", lambda t: ["check", space_file(t, GOOD.replace("epochs=2", 'epochs="two"'))], "epochs='two'"),
     ("empty range", lambda t: ["check", space_file(t, RHO_LOW="0.9")], "empty range: low=0.9 is above high=0.5"),
-    ("rho below zero", lambda t: ["check", space_file(t, RHO_LOW="-0.1")],
-     "rho range [-0.1, 0.5] includes a bad value: rho=-0.1: expected a number >= 0"),
-    ("m does not divide batch", lambda t: ["check", space_file(t, M_CHOICES="[8, 12]")],
-     "m=12 does not divide the per-worker batch 32"),
+    (
+        "rho below zero",
+        lambda t: ["check", space_file(t, RHO_LOW="-0.1")],
+        "rho range [-0.1, 0.5] includes a bad value: rho=-0.1: expected a number >= 0",
+    ),
+    (
+        "m does not divide batch",
+        lambda t: ["check", space_file(t, M_CHOICES="[8, 12]")],
+        "m=12 does not divide the per-worker batch 32",
+    ),
     ("noise rate 1", lambda t: ["check", space_file(t, RATES="(0.0, 1.0)")], "expected a number >= 0 and < 1"),
-    ("rates equal to the cells' precision", lambda t: ["check", space_file(t, RATES="(0.3, 0.1 + 0.2)")],
-     "0.3, 0.30000000000000004 are all the cell noise=0.3"),
-    ("rates equal to the cells' precision, by --set",
-     lambda t: ["sweep", space_file(t), "--set", "label_noise_rates=0.3,0.30000000000001"],
-     "are all the cell noise=0.3"),
+    (
+        "rates equal to the cells' precision",
+        lambda t: ["check", space_file(t, RATES="(0.3, 0.1 + 0.2)")],
+        "0.3, 0.30000000000000004 are all the cell noise=0.3",
+    ),
+    (
+        "rates equal to the cells' precision, by --set",
+        lambda t: ["sweep", space_file(t), "--set", "label_noise_rates=0.3,0.30000000000001"],
+        "are all the cell noise=0.3",
+    ),
     ("ui on no port", lambda t: ["ui", "--port", "99999"], "--port 99999: expected a port number from 1 to 65535"),
-    ("truncated CIFAR tarball", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
-                                           "--data-root", cifar_root(t, "truncated")],
-     "cannot be read ("),
-    ("CIFAR batch file missing", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
-                                            "--data-root", cifar_root(t, "missing")],
-     "cannot be read (missing file"),
-    ("report of a missing store", lambda t: ["report", "t", "--tracking-uri", f"sqlite:///{t}/none.db"],
-     "no MLflow store at"),
-    ("report from an unreachable server", lambda t: ["report", "t", "--tracking-uri", "http://127.0.0.1:9"],
-     "--tracking-uri: "),
+    (
+        "truncated CIFAR tarball",
+        lambda t: [
+            "sweep",
+            space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
+            "--data-root",
+            cifar_root(t, "truncated"),
+        ],
+        "cannot be read (",
+    ),
+    (
+        "CIFAR batch file missing",
+        lambda t: [
+            "sweep",
+            space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
+            "--data-root",
+            cifar_root(t, "missing"),
+        ],
+        "cannot be read (missing file",
+    ),
+    (
+        "report of a missing store",
+        lambda t: ["report", "t", "--tracking-uri", f"sqlite:///{t}/none.db"],
+        "no MLflow store at",
+    ),
+    (
+        "report from an unreachable server",
+        lambda t: ["report", "t", "--tracking-uri", "http://127.0.0.1:9"],
+        "--tracking-uri: ",
+    ),
     ("report --out a file", lambda t: ["report", "t", "--out", space_file(t)], "is a file; the report is a folder"),
-    ("sqlite store naming a folder", lambda t: ["sweep", space_file(t), "--tracking-uri", f"sqlite:///{t}"],
-     "is a folder; name the store's file in it"),
-    ("sweep name of 300 characters", lambda t: ["check", space_file(t), "--set", "name=" + "a" * 300],
-     "300 characters; at most 100"),
-    ("train --save-weights into no folder",
-     lambda t: ["train", space_file(t), "--save-weights", str(t / "nowhere" / "w.pt")], "no folder"),
-    ("train --checkpoint-dir naming a file",
-     lambda t: ["train", space_file(t), "--checkpoint-dir", space_file(t)], "is a file; expected a folder"),
-    ("class selection beyond the dataset", lambda t: ["sweep", space_file(t), "--set", "dataset=digits[5-12]"],
-     "has classes 0..9; selection [5, 6, 7, 8, 9, 10, 11, 12] names [10, 11, 12]"),
-    ("malformed class selection", lambda t: ["check", space_file(t), "--set", "dataset=digits[5-"],
-     "malformed class selection in dataset 'digits[5-'"),
+    (
+        "sqlite store naming a folder",
+        lambda t: ["sweep", space_file(t), "--tracking-uri", f"sqlite:///{t}"],
+        "is a folder; name the store's file in it",
+    ),
+    (
+        "sweep name of 300 characters",
+        lambda t: ["check", space_file(t), "--set", "name=" + "a" * 300],
+        "300 characters; at most 100",
+    ),
+    (
+        "train --save-weights into no folder",
+        lambda t: ["train", space_file(t), "--save-weights", str(t / "nowhere" / "w.pt")],
+        "no folder",
+    ),
+    (
+        "train --checkpoint-dir naming a file",
+        lambda t: ["train", space_file(t), "--checkpoint-dir", space_file(t)],
+        "is a file; expected a folder",
+    ),
+    (
+        "class selection beyond the dataset",
+        lambda t: ["sweep", space_file(t), "--set", "dataset=digits[5-12]"],
+        "has classes 0..9; selection [5, 6, 7, 8, 9, 10, 11, 12] names [10, 11, 12]",
+    ),
+    (
+        "malformed class selection",
+        lambda t: ["check", space_file(t), "--set", "dataset=digits[5-"],
+        "malformed class selection in dataset 'digits[5-'",
+    ),
     ("empty noise rates", lambda t: ["check", space_file(t, RATES="()")], "label_noise_rates is empty"),
-    ("unknown dataset", lambda t: ["check", space_file(t, DATASET='"digitz"')],
-     "unknown dataset 'digitz'; expected one of"),
-    ("unknown model", lambda t: ["check", space_file(t, MODEL='"resnet7"')],
-     "unknown model 'resnet7'; expected one of"),
+    (
+        "unknown dataset",
+        lambda t: ["check", space_file(t, DATASET='"digitz"')],
+        "unknown dataset 'digitz'; expected one of",
+    ),
+    (
+        "unknown model",
+        lambda t: ["check", space_file(t, MODEL='"resnet7"')],
+        "unknown model 'resnet7'; expected one of",
+    ),
     # Names a trial resolves, refused before Ray or MLflow start: every trial would fail on them.
-    ("unknown torchvision model", lambda t: ["check", space_file(t), "--set", "model=torchvision:nosuchnet"],
-     "model='torchvision:nosuchnet': unknown torchvision model 'nosuchnet'"),
-    ("unknown torchvision model, in a sweep",
-     lambda t: ["sweep", space_file(t), "--set", "model=torchvision:nosuchnet"], "unknown torchvision model"),
-    ("torchvision model on grey images", lambda t: ["sweep", space_file(t), "--set", "model=torchvision:resnet18"],
-     "model 'torchvision:resnet18' expects 3-channel images, but dataset 'digits' has 1 channel(s)"),
-    ("missing ImageFolder path", lambda t: ["sweep", space_file(t, DATASET=f'"imagefolder:{t}/nopets"')],
-     "/nopets does not exist"),
-    ("space raises", lambda t: ["check", space_file(t, GOOD.replace("    optimizer =", "    1 / 0\n    optimizer ="))],
-     "ZeroDivisionError"),
+    (
+        "unknown torchvision model",
+        lambda t: ["check", space_file(t), "--set", "model=torchvision:nosuchnet"],
+        "model='torchvision:nosuchnet': unknown torchvision model 'nosuchnet'",
+    ),
+    (
+        "unknown torchvision model, in a sweep",
+        lambda t: ["sweep", space_file(t), "--set", "model=torchvision:nosuchnet"],
+        "unknown torchvision model",
+    ),
+    (
+        "torchvision model on grey images",
+        lambda t: ["sweep", space_file(t), "--set", "model=torchvision:resnet18"],
+        "model 'torchvision:resnet18' expects 3-channel images, but dataset 'digits' has 1 channel(s)",
+    ),
+    (
+        "missing ImageFolder path",
+        lambda t: ["sweep", space_file(t, DATASET=f'"imagefolder:{t}/nopets"')],
+        "/nopets does not exist",
+    ),
+    (
+        "space raises",
+        lambda t: ["check", space_file(t, GOOD.replace("    optimizer =", "    1 / 0\n    optimizer ="))],
+        "ZeroDivisionError",
+    ),
     ("unknown --set key", lambda t: ["sweep", space_file(t), "--set", "epoch=3"], "Sweep has no setting 'epoch'"),
     ("--set wrong type", lambda t: ["sweep", space_file(t), "--set", "epochs=abc"], "epochs=abc"),
     ("--set without =", lambda t: ["sweep", space_file(t), "--set", "epochs"], "expects key=value"),
     ("--set trials=0", lambda t: ["sweep", space_file(t), "--set", "trials=0"], "trials=0"),
-    ("--set unknown trial key", lambda t: ["sweep", space_file(t), "--set", "fixed.lrr=0.1"],
-     "unknown trial setting 'lrr' (did you mean 'lr'?)"),
-    ("--resume with nothing", lambda t: ["sweep", space_file(t), "--resume", "--storage-path", str(t / "runs")],
-     "nothing to resume"),
-    ("unreachable --address", lambda t: ["sweep", space_file(t), "--address", "127.0.0.1:9"],
-     "no Ray cluster answers there"),
-    ("unreachable --tracking-uri", lambda t: ["sweep", space_file(t), "--tracking-uri", "http://127.0.0.1:9"],
-     "is not reachable"),
+    (
+        "--set unknown trial key",
+        lambda t: ["sweep", space_file(t), "--set", "fixed.lrr=0.1"],
+        "unknown trial setting 'lrr' (did you mean 'lr'?)",
+    ),
+    (
+        "--resume with nothing",
+        lambda t: ["sweep", space_file(t), "--resume", "--storage-path", str(t / "runs")],
+        "nothing to resume",
+    ),
+    (
+        "unreachable --address",
+        lambda t: ["sweep", space_file(t), "--address", "127.0.0.1:9"],
+        "no Ray cluster answers there",
+    ),
+    (
+        "unreachable --tracking-uri",
+        lambda t: ["sweep", space_file(t), "--tracking-uri", "http://127.0.0.1:9"],
+        "is not reachable",
+    ),
     # More workers than this machine holds: refused from its CPU count, before Ray starts.
-    ("more workers than this machine holds", lambda t: ["sweep", space_file(t, M_CHOICES="[None]"), "--set",
-                                                        "workers=32", "--set", "fixed.cpus_per_worker=1"],
-     "32 workers x 1 CPU need 32 CPUs"),
+    (
+        "more workers than this machine holds",
+        lambda t: [
+            "sweep",
+            space_file(t, M_CHOICES="[None]"),
+            "--set",
+            "workers=32",
+            "--set",
+            "fixed.cpus_per_worker=1",
+        ],
+        "32 workers x 1 CPU need 32 CPUs",
+    ),
     # The refusal names the server, never its password.
-    ("unreachable --tracking-uri with a password", lambda t: ["sweep", space_file(t), "--tracking-uri",
-                                                              "http://alice:s3cret@127.0.0.1:9"],
-     "http://alice:***@127.0.0.1:9"),
+    (
+        "unreachable --tracking-uri with a password",
+        lambda t: ["sweep", space_file(t), "--tracking-uri", "http://alice:s3cret@127.0.0.1:9"],
+        "http://alice:***@127.0.0.1:9",
+    ),
     ("missing --data-root", lambda t: ["sweep", space_file(t), "--data-root", str(t / "nodata")], "no such folder"),
-    ("missing dataset offline", lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'),
-                                           "--data-root", str(t)], "CIFAR-10 not found, and downloads are off"),
-    ("empty image class", lambda t: ["sweep", space_file(t, DATASET=image_tree(t))], "class folder train/b/ holds no images"),
-    ("storage path through a link loop", lambda t: ["sweep", space_file(t), "--storage-path", storage_loop(t)],
-     "/loop/runs: the links at "),
+    (
+        "missing dataset offline",
+        lambda t: ["sweep", space_file(t, DATASET='"cifar10"', MODEL='"resnet20"'), "--data-root", str(t)],
+        "CIFAR-10 not found, and downloads are off",
+    ),
+    (
+        "empty image class",
+        lambda t: ["sweep", space_file(t, DATASET=image_tree(t))],
+        "class folder train/b/ holds no images",
+    ),
+    (
+        "storage path through a link loop",
+        lambda t: ["sweep", space_file(t), "--storage-path", storage_loop(t)],
+        "/loop/runs: the links at ",
+    ),
     # A damaged image is named, by check and sweep as by train, before any epoch.
-    ("zero-byte image, in check", lambda t: ["check", space_file(t, DATASET=damaged_image_tree(t, "empty"))],
-     "pets/train/b/bad.jpg is empty (0 bytes)"),
-    ("zero-byte image, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "empty")),
-                                                    "--params", "optimizer=sgd,lr=0.1"],
-     "pets/train/b/bad.jpg is empty (0 bytes)"),
-    ("text file named .png, in sweep", lambda t: ["sweep", space_file(t, DATASET=damaged_image_tree(t, "text"))],
-     "pets/train/b/bad.png cannot be decoded (not an image"),
-    ("text file named .png, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "text")),
-                                                    "--params", "optimizer=sgd,lr=0.1"],
-     "pets/train/b/bad.png cannot be decoded (not an image"),
-    ("truncated JPEG, in train", lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "truncated")),
-                                                    "--params", "optimizer=sgd,lr=0.1"],
-     "pets/train/b/bad.jpg cannot be decoded (truncated or damaged"),
+    (
+        "zero-byte image, in check",
+        lambda t: ["check", space_file(t, DATASET=damaged_image_tree(t, "empty"))],
+        "pets/train/b/bad.jpg is empty (0 bytes)",
+    ),
+    (
+        "zero-byte image, in train",
+        lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "empty")), "--params", "optimizer=sgd,lr=0.1"],
+        "pets/train/b/bad.jpg is empty (0 bytes)",
+    ),
+    (
+        "text file named .png, in sweep",
+        lambda t: ["sweep", space_file(t, DATASET=damaged_image_tree(t, "text"))],
+        "pets/train/b/bad.png cannot be decoded (not an image",
+    ),
+    (
+        "text file named .png, in train",
+        lambda t: ["train", space_file(t, DATASET=damaged_image_tree(t, "text")), "--params", "optimizer=sgd,lr=0.1"],
+        "pets/train/b/bad.png cannot be decoded (not an image",
+    ),
+    (
+        "truncated JPEG, in train",
+        lambda t: [
+            "train",
+            space_file(t, DATASET=damaged_image_tree(t, "truncated")),
+            "--params",
+            "optimizer=sgd,lr=0.1",
+        ],
+        "pets/train/b/bad.jpg cannot be decoded (truncated or damaged",
+    ),
     ("unwritable storage", lambda t: ["sweep", space_file(t), "--storage-path", "/proc/samtune"], "cannot write"),
     # Ray Client runs Tune's driver on the cluster, away from the MLflow writer and the live view.
-    ("ray client --address", lambda t: ["sweep", space_file(t), "--address", "ray://127.0.0.1:10001"],
-     "Ray Client (ray://) is not supported"),
-    ("tracking URI of no store", lambda t: ["sweep", space_file(t), "--tracking-uri", "foo://x"],
-     "--tracking-uri: foo://x: not an MLflow tracking URI"),
-    ("in-memory sqlite store", lambda t: ["sweep", space_file(t), "--tracking-uri", "sqlite://"],
-     "not an in-memory store"),
-    ("damaged sweep.json on --resume", lambda t: ["sweep", damaged_state(t), "--resume",
-                                                  "--storage-path", str(t / "runs")], "sweep.json is damaged"),
+    (
+        "ray client --address",
+        lambda t: ["sweep", space_file(t), "--address", "ray://127.0.0.1:10001"],
+        "Ray Client (ray://) is not supported",
+    ),
+    (
+        "tracking URI of no store",
+        lambda t: ["sweep", space_file(t), "--tracking-uri", "foo://x"],
+        "--tracking-uri: foo://x: not an MLflow tracking URI",
+    ),
+    (
+        "in-memory sqlite store",
+        lambda t: ["sweep", space_file(t), "--tracking-uri", "sqlite://"],
+        "not an in-memory store",
+    ),
+    (
+        "damaged sweep.json on --resume",
+        lambda t: ["sweep", damaged_state(t), "--resume", "--storage-path", str(t / "runs")],
+        "sweep.json is damaged",
+    ),
     # A quote in the name would end the string of the MLflow filter that finds the runs again.
-    ("quote in the sweep name", lambda t: ["sweep", space_file(t), "--set", "name=it's"],
-     "name=\"it's\": expected letters, digits"),
-    ("slash in the sweep name", lambda t: ["check", space_file(t, GOOD.replace('name="t"', 'name="a/b"'))],
-     "name='a/b': expected letters, digits"),
+    (
+        "quote in the sweep name",
+        lambda t: ["sweep", space_file(t), "--set", "name=it's"],
+        'name="it\'s": expected letters, digits',
+    ),
+    (
+        "slash in the sweep name",
+        lambda t: ["check", space_file(t, GOOD.replace('name="t"', 'name="a/b"'))],
+        "name='a/b': expected letters, digits",
+    ),
     # Metrics no trial reports every epoch: ASHA and Tune would fail every trial on its first result.
-    ("metric trials do not report", lambda t: ["sweep", space_file(t), "--set", "metric=val_accuracy"],
-     "metric='val_accuracy': not a metric trials report"),
-    ("val_error without a validation split", lambda t: ["sweep", space_file(t), "--set", "fixed.val_fraction=0"],
-     "metric='val_error' with val_fraction=0: there is no validation split"),
+    (
+        "metric trials do not report",
+        lambda t: ["sweep", space_file(t), "--set", "metric=val_accuracy"],
+        "metric='val_accuracy': not a metric trials report",
+    ),
+    (
+        "val_error without a validation split",
+        lambda t: ["sweep", space_file(t), "--set", "fixed.val_fraction=0"],
+        "metric='val_error' with val_fraction=0: there is no validation split",
+    ),
     # What every trial would reject, refused before any: the sweep would otherwise train fully.
-    ("unknown sharpness measure", lambda t: ["sweep", space_file(t), "--set", "fixed.sharpness_measures=m_sharpnes"],
-     "unknown sharpness measure 'm_sharpnes'"),
-    ("batch larger than the training split", lambda t: ["sweep", space_file(t), "--set", "batch_size=4096"],
-     # 1,797 digits, 360 of them the test split, a tenth of the rest for validation: 1,293.
-     "cell noise=0: batch_size=4096 is larger than the 1293 training examples 'digits' leaves after its "
-     "validation split"),
-    ("batch larger than the split, in check", lambda t: ["check", space_file(t), "--set", "batch_size=4096"],
-     "batch_size=4096 is larger than the 1293 training examples"),
-    ("label noise on one class", lambda t: ["sweep", space_file(t, DATASET=one_class_tree(t))],
-     "cell noise=0.4: label noise needs at least 2 classes, got num_classes=1"),
-    ("sharpness metric measured at the end only",
-     lambda t: ["sweep", space_file(t), "--set", "metric=sharpness/m_sharpness"],
-     "metric='sharpness/m_sharpness' is measured only at the last epoch (sharpness_every=0)"),
-    ("training-subset metric measured at the end only",
-     lambda t: ["check", space_file(t), "--set", "metric=generalization_gap", "--set", "fixed.train_eval_every=0"],
-     "metric='generalization_gap' is measured only at the last epoch (train_eval_every=0), but ASHA needs it "
-     "every epoch"),
-    ("sharpness metric not measured",
-     lambda t: ["check", space_file(t), "--set", "metric=sharpness/m_sharpness", "--set", "sharpness_every=1",
-                "--set", "fixed.sharpness_measures=hessian_trace"],
-     "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']"),
+    (
+        "unknown sharpness measure",
+        lambda t: ["sweep", space_file(t), "--set", "fixed.sharpness_measures=m_sharpnes"],
+        "unknown sharpness measure 'm_sharpnes'",
+    ),
+    (
+        "batch larger than the training split",
+        lambda t: ["sweep", space_file(t), "--set", "batch_size=4096"],
+        # 1,797 digits, 360 of them the test split, a tenth of the rest for validation: 1,293.
+        "cell noise=0: batch_size=4096 is larger than the 1293 training examples 'digits' leaves after its "
+        "validation split",
+    ),
+    (
+        "batch larger than the split, in check",
+        lambda t: ["check", space_file(t), "--set", "batch_size=4096"],
+        "batch_size=4096 is larger than the 1293 training examples",
+    ),
+    (
+        "label noise on one class",
+        lambda t: ["sweep", space_file(t, DATASET=one_class_tree(t))],
+        "cell noise=0.4: label noise needs at least 2 classes, got num_classes=1",
+    ),
+    (
+        "sharpness metric measured at the end only",
+        lambda t: ["sweep", space_file(t), "--set", "metric=sharpness/m_sharpness"],
+        "metric='sharpness/m_sharpness' is measured only at the last epoch (sharpness_every=0)",
+    ),
+    (
+        "training-subset metric measured at the end only",
+        lambda t: ["check", space_file(t), "--set", "metric=generalization_gap", "--set", "fixed.train_eval_every=0"],
+        "metric='generalization_gap' is measured only at the last epoch (train_eval_every=0), but ASHA needs it "
+        "every epoch",
+    ),
+    (
+        "sharpness metric not measured",
+        lambda t: [
+            "check",
+            space_file(t),
+            "--set",
+            "metric=sharpness/m_sharpness",
+            "--set",
+            "sharpness_every=1",
+            "--set",
+            "fixed.sharpness_measures=hessian_trace",
+        ],
+        "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']",
+    ),
 ]
 # Cases that reach a network address: refused within seconds, not after a connection timeout.
-FAST = {"more workers than this machine holds", "unreachable --address", "unreachable --tracking-uri", "unreachable --tracking-uri with a password", "ray client --address",
-        "report from an unreachable server"}
+FAST = {
+    "more workers than this machine holds",
+    "unreachable --address",
+    "unreachable --tracking-uri",
+    "unreachable --tracking-uri with a password",
+    "ray client --address",
+    "report from an unreachable server",
+}
 
 
 def damaged_state(t):

@@ -2,6 +2,7 @@
 
 `sweep` runs end to end in test_sweep.py; its user mistakes are in test_bad_input.py.
 """
+
 import json
 import os
 from pathlib import Path
@@ -41,9 +42,23 @@ def test_check_applies_overrides_before_judging(capsys):
 
 def test_train_runs_the_trial_a_sweep_would_run_in_the_chosen_cell(capsys):
     # The documented example: rho and m without an optimizer mean SAM (the space asks for one).
-    code = cli.main(["train", DIGITS, "--params", "rho=0.05,m=16,lr=0.1", "--cell", "0.4",
-                     "--set", "model=mlp", "--set", "epochs=2", "--set", "fixed.sharpness_measures=",
-                     "--json"])
+    code = cli.main(
+        [
+            "train",
+            DIGITS,
+            "--params",
+            "rho=0.05,m=16,lr=0.1",
+            "--cell",
+            "0.4",
+            "--set",
+            "model=mlp",
+            "--set",
+            "epochs=2",
+            "--set",
+            "fixed.sharpness_measures=",
+            "--json",
+        ]
+    )
     assert code == 0
     epochs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
@@ -79,8 +94,9 @@ def fake_sweep(monkeypatch, tmp_path, outcome=None):
     from samtune.sweep.space_file import load_space
 
     sweep, space = load_space(DIGITS)
-    plan = Plan(sweep, space, DIGITS, tmp_path / "runs" / sweep.name, f"sqlite:///{tmp_path}/mlflow.db",
-                None, False, "abc123")
+    plan = Plan(
+        sweep, space, DIGITS, tmp_path / "runs" / sweep.name, f"sqlite:///{tmp_path}/mlflow.db", None, False, "abc123"
+    )
 
     def run_sweep(plan, view=None):
         plan.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +126,7 @@ def test_a_sweep_ends_by_building_its_report_and_saying_where_it_is(monkeypatch,
     assert f"Report written to {report}/index.html" in out
     # --no-report: no report, and the command that draws it later, into the same folder.
     assert cli.main(["sweep", DIGITS, "--no-report"]) == 0 and len(calls) == 1
-    assert (f"samtune report noisy-digits --tracking-uri {plan.tracking_uri} --out {report}"
-            in capsys.readouterr().out)
+    assert f"samtune report noisy-digits --tracking-uri {plan.tracking_uri} --out {report}" in capsys.readouterr().out
 
 
 def test_sweeps_of_one_name_keep_their_own_reports(monkeypatch, tmp_path, capsys):
@@ -122,8 +137,12 @@ def test_sweeps_of_one_name_keep_their_own_reports(monkeypatch, tmp_path, capsys
     import samtune.cli
 
     first = fake_sweep(monkeypatch, tmp_path)
-    second = dataclasses.replace(first, sweep_dir=tmp_path / "elsewhere" / "noisy-digits",
-                                 tracking_uri=f"sqlite:///{tmp_path}/other.db", sweep_id="def456")
+    second = dataclasses.replace(
+        first,
+        sweep_dir=tmp_path / "elsewhere" / "noisy-digits",
+        tracking_uri=f"sqlite:///{tmp_path}/other.db",
+        sweep_id="def456",
+    )
 
     def build(experiment, tracking_uri=None, out=None, **kwargs):
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -153,9 +172,11 @@ def test_a_report_that_fails_leaves_the_sweep_a_success_and_says_how_to_retry(mo
     monkeypatch.setattr("samtune.cli.build", build)
     assert cli.main(["sweep", DIGITS]) == 0
     err = capsys.readouterr().err.strip()
-    assert err == ("samtune: the sweep is complete but its report could not be built (ReportError: no views "
-                   f"folder); build it with: samtune report noisy-digits --tracking-uri {plan.tracking_uri} "
-                   f"--out {plan.report_dir}")
+    assert err == (
+        "samtune: the sweep is complete but its report could not be built (ReportError: no views "
+        f"folder); build it with: samtune report noisy-digits --tracking-uri {plan.tracking_uri} "
+        f"--out {plan.report_dir}"
+    )
 
 
 def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_path, capsys):
@@ -190,14 +211,32 @@ def test_the_resume_command_it_prints_resumes_the_sweep_as_it_was_started(tmp_pa
     (tmp_path / "sub").mkdir()
     space = tmp_path / "sub" / "my space.py"  # a space in the name: the command quotes it
     space.write_text(Path(DIGITS).read_text())
-    argv = ["sweep", "sub/my space.py", "--set", "epochs=2", "--set", "label_noise_rates=0.0,0.4",
-            "--trials", "3", "--data-root", "data", "--storage-path", str(tmp_path / "runs")]
+    argv = [
+        "sweep",
+        "sub/my space.py",
+        "--set",
+        "epochs=2",
+        "--set",
+        "label_noise_rates=0.0,0.4",
+        "--trials",
+        "3",
+        "--data-root",
+        "data",
+        "--storage-path",
+        str(tmp_path / "runs"),
+    ]
 
     def plan_of(words, resume=False):
         args = cli.build_parser().parse_args(words)
-        return prepare(args.file, args.sets, trials=args.trials, data_root=args.data_root,
-                       tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=args.storage_path,
-                       resume=resume)
+        return prepare(
+            args.file,
+            args.sets,
+            trials=args.trials,
+            data_root=args.data_root,
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            storage_path=args.storage_path,
+            resume=resume,
+        )
 
     started = plan_of(argv)
     write_state(started)
@@ -229,8 +268,10 @@ def test_report_builds_the_named_sweep_from_the_store_the_sweep_wrote(monkeypatc
     assert cli.main(["report", "noisy-digits"]) == 0
     assert cli.main(["report", "noisy-digits", "--tracking-uri", "http://127.0.0.1:5000", "--out", "maps"]) == 0
     # Default: MLflow's local SQLite store in this folder, as an absolute path (what `sweep` uses).
-    assert calls == [("noisy-digits", f"sqlite:///{tmp_path}/mlflow.db", None),
-                     ("noisy-digits", "http://127.0.0.1:5000", "maps")]
+    assert calls == [
+        ("noisy-digits", f"sqlite:///{tmp_path}/mlflow.db", None),
+        ("noisy-digits", "http://127.0.0.1:5000", "maps"),
+    ]
     assert f"report written to {tmp_path}/out/index.html" in capsys.readouterr().out
 
 
@@ -244,8 +285,12 @@ def test_ui_serves_the_default_store_on_localhost_only(monkeypatch, tmp_path):
     (cmd,) = launched
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     options = dict(zip(cmd[4::2], cmd[5::2]))
-    assert options == {"--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db", "--host": "127.0.0.1",
-                       "--port": "5123", "--workers": "1"}
+    assert options == {
+        "--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "--host": "127.0.0.1",
+        "--port": "5123",
+        "--workers": "1",
+    }
 
 
 @pytest.mark.slow
@@ -260,8 +305,13 @@ def test_sigterm_to_ui_stops_the_mlflow_server_and_its_workers(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "samtune.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "samtune.cli", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while True:  # until the server answers
@@ -295,7 +345,8 @@ def test_an_mlflow_environment_variable_is_the_store_for_every_command(monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     monkeypatch.setattr("samtune.sweep.store.check_reachable", lambda uri: None)
     calls = []
-    monkeypatch.setattr("samtune.cli.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri)
-                        or tmp_path)
+    monkeypatch.setattr(
+        "samtune.cli.build", lambda e, tracking_uri=None, out=None, **_: calls.append(tracking_uri) or tmp_path
+    )
     assert cli.main(["report", "x"]) == 0 and calls == ["http://127.0.0.1:5999"]
     assert not os.path.exists(tmp_path / "mlflow.db")

@@ -1,5 +1,6 @@
 """Sweeps with Ray Train workers: several cells and workers in one sweep, and worker groups that
 cannot be placed."""
+
 import csv
 import json
 import signal
@@ -24,16 +25,39 @@ def test_the_embedded_study_with_two_workers_finishes_every_trial_of_every_cell(
     machine (every core spinning) the second trial used to wait out its placement timeout."""
     if machine == "busy":
         request.getfixturevalue("busy_machine")
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "confirm_seeds=0",
-           "--set", "epochs=2", "--set", "trials=2", "--set", "workers=2",
-           "--set", "label_noise_rates=0.0,0.4", "--set", "fixed.sharpness_measures=m_sharpness,hessian_trace",
-           # A budget the m-sharpness measure (2 gradient passes) fits in and the Hessian trace does
-           # not, however loaded the machine: with 2,000 probes the trace expects 8,001 passes. (At
-           # 24 probes, 97 passes, no fixed budget split them: a pass on the 512 examples measured took
-           # 0.025 s quiet and 0.5 s beside three other jobs, and m-sharpness was skipped there.)
-           "--set", "fixed.sharpness_settings={'hessian_trace': {'probes': 2000}}",
-           "--set", "fixed.sharpness_budget_s=3",
-           "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(EMBEDDED),
+        "--set",
+        "name=t",
+        "--set",
+        "confirm_seeds=0",
+        "--set",
+        "epochs=2",
+        "--set",
+        "trials=2",
+        "--set",
+        "workers=2",
+        "--set",
+        "label_noise_rates=0.0,0.4",
+        "--set",
+        "fixed.sharpness_measures=m_sharpness,hessian_trace",
+        # A budget the m-sharpness measure (2 gradient passes) fits in and the Hessian trace does
+        # not, however loaded the machine: with 2,000 probes the trace expects 8,001 passes. (At
+        # 24 probes, 97 passes, no fixed budget split them: a pass on the 512 examples measured took
+        # 0.025 s quiet and 0.5 s beside three other jobs, and m-sharpness was skipped there.)
+        "--set",
+        "fixed.sharpness_settings={'hessian_trace': {'probes': 2000}}",
+        "--set",
+        "fixed.sharpness_budget_s=3",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
     # Minutes on a quiet machine; a loaded one (every core spinning, other jobs) may take several times that.
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=2400)
     out = proc.stdout + proc.stderr
@@ -75,6 +99,7 @@ def test_a_sweeps_ray_runs_its_workers_at_the_drivers_priority(tmp_path):
         ray.shutdown()
     start_ray(None)
     try:
+
         @ray.remote(num_cpus=1)
         def niceness():
             return os.nice(0)
@@ -111,11 +136,21 @@ def test_a_worker_group_that_cannot_be_placed_fails_its_trial_with_the_missing_r
 
     squatter = Squatter.remote()
     two_cpu_ray.get(squatter.ping.remote())
-    config = {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 64, "workers": 2,
-              "optimizer": "sgd", "sharpness_measures": "", "placement_timeout_s": 3}
+    config = {
+        "dataset": "digits",
+        "model": "mlp",
+        "epochs": 1,
+        "batch_size": 64,
+        "workers": 2,
+        "optimizer": "sgd",
+        "sharpness_measures": "",
+        "placement_timeout_s": 3,
+    }
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": 1}), param_space=config,
-        run_config=tune.RunConfig(name="unplaceable", storage_path=str(tmp_path), verbose=0))
+        tune.with_resources(run_trial, {"cpu": 1}),
+        param_space=config,
+        run_config=tune.RunConfig(name="unplaceable", storage_path=str(tmp_path), verbose=0),
+    )
     grid = tuner.fit()
     (error,) = grid.errors
     text = str(error)
@@ -132,7 +167,8 @@ PER_WORKER_SAM = (
     "SWEEP = Sweep(name='t', dataset='digits', model='{model}', epochs={epochs}, batch_size=64, trials=1,\n"
     "              workers=2, label_noise_rates=(0.2,), seed=3,\n"
     "              fixed={{'sharpness_measures': '', 'placement_timeout_s': {timeout},\n"
-    "                     'max_failures': {max_failures}}})\n")
+    "                     'max_failures': {max_failures}}})\n"
+)
 
 
 def space_file(tmp_path, epochs=2, timeout=300, model="mlp", max_failures=2):
@@ -142,8 +178,18 @@ def space_file(tmp_path, epochs=2, timeout=300, model="mlp", max_failures=2):
 
 
 def sweep_at(tmp_path, space, *extra, folder="runs"):
-    return [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / folder),
-            "--tracking-uri", f"sqlite:///{tmp_path}/{folder}.db", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(space),
+        "--storage-path",
+        str(tmp_path / folder),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/{folder}.db",
+        *extra,
+    ]
 
 
 def trial_runs(tmp_path, folder="runs"):
@@ -181,8 +227,14 @@ def two_nodes():
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_train_as_on_one_node(tmp_path, two_nodes):
     space = space_file(tmp_path)
-    proc = subprocess.run(sweep_at(tmp_path, space, "--address", two_nodes.address),
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_at(tmp_path, space, "--address", two_nodes.address),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     client, (trial,) = trial_runs(tmp_path)
     assert trial.data.tags["samtune.status"] == "finished"
@@ -196,8 +248,9 @@ def test_two_workers_on_two_nodes_train_as_on_one_node(tmp_path, two_nodes):
     assert [m.value for m in client.get_metric_history(trial.info.run_id, "allreduce_per_step")] == [1, 1]
 
     # The same sweep on this machine alone (a private one-node Ray instance): the same numbers.
-    alone = subprocess.run(sweep_at(tmp_path, space, folder="alone"), cwd=tmp_path, env=env(),
-                           capture_output=True, text=True, timeout=900)
+    alone = subprocess.run(
+        sweep_at(tmp_path, space, folder="alone"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900
+    )
     assert alone.returncode == 0, (alone.stdout + alone.stderr)[-4000:]
     one_client, (one,) = trial_runs(tmp_path, "alone")
     assert one.data.metrics["nodes"] == 1
@@ -227,8 +280,14 @@ def wait_for_epoch(tmp_path, proc, epoch, timeout=300):
 @pytest.mark.slow
 def test_a_trial_that_loses_a_node_resumes_from_its_checkpoint_when_a_node_comes_back(tmp_path, two_nodes):
     space = space_file(tmp_path, epochs=10, model="cnn", timeout=120)
-    proc = subprocess.Popen(sweep_at(tmp_path, space, "--address", two_nodes.address), cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        sweep_at(tmp_path, space, "--address", two_nodes.address),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_epoch(tmp_path, proc, 2)
         (lost,) = two_nodes.worker_nodes
@@ -257,8 +316,14 @@ def test_a_trial_that_loses_a_node_resumes_from_its_checkpoint_when_a_node_comes
 @pytest.mark.slow
 def test_a_trial_whose_lost_node_does_not_come_back_fails_naming_the_missing_resources(tmp_path, two_nodes):
     space = space_file(tmp_path, epochs=10, model="cnn", timeout=10, max_failures=1)
-    proc = subprocess.Popen(sweep_at(tmp_path, space, "--address", two_nodes.address), cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        sweep_at(tmp_path, space, "--address", two_nodes.address),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_epoch(tmp_path, proc, 2)
         (lost,) = two_nodes.worker_nodes
@@ -272,12 +337,16 @@ def test_a_trial_whose_lost_node_does_not_come_back_fails_naming_the_missing_res
     # node left) and failed again; the sweep then ended, saying why.
     client, (trial,) = trial_runs(tmp_path)
     assert trial.data.tags["samtune.status"] == "failed"
-    reason = ("WorkerPlacementError: 2 training workers of 1 CPU each could not be placed within "
-              "placement_timeout_s=10 s: the Ray cluster has 1 alive node(s)")
+    reason = (
+        "WorkerPlacementError: 2 training workers of 1 CPU each could not be placed within "
+        "placement_timeout_s=10 s: the Ray cluster has 1 alive node(s)"
+    )
     assert reason in trial.data.tags["samtune.error"]
     assert reason in out
-    assert f"trial {trial.data.tags['samtune.trial_key'].rsplit('/', 1)[1]} failed and restarts from its last " \
-           f"checkpoint: samtune.trial.placement.{reason}" in out
+    assert (
+        f"trial {trial.data.tags['samtune.trial_key'].rsplit('/', 1)[1]} failed and restarts from its last "
+        f"checkpoint: samtune.trial.placement.{reason}" in out
+    )
     epochs = epochs_logged(client, trial)
     assert epochs == list(range(1, len(epochs) + 1)) and 2 <= len(epochs) < 10
     assert "Traceback" not in out, out
@@ -288,14 +357,14 @@ PROBE = (
     "import json, sys, ray\n"
     "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
     "print(json.dumps({'total': ray.cluster_resources(), 'free': ray.available_resources(),\n"
-    "                  'nodes': [n['NodeID'] for n in ray.nodes() if n['Alive']]}))\n")
+    "                  'nodes': [n['NodeID'] for n in ray.nodes() if n['Alive']]}))\n"
+)
 
 
 def probe():
     """The resources of the cluster `ray start` runs here, read by a driver of its own (found as
     `--address auto` finds it: Ray's token authentication admits a driver that way)."""
-    out = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True,
-                         timeout=120, env=env())
+    out = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True, timeout=120, env=env())
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -317,10 +386,22 @@ def ray_start_cluster(tmp_path):
         port = s.getsockname()[1]
     ray_cli = Path(sys.executable).with_name("ray")
     log = open(tmp_path / "ray-start.log", "w")
-    proc = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--port={port}",
-                             "--num-cpus=1", '--resources={"outside": 1}',
-                             "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env())
+    proc = subprocess.Popen(
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=1",
+            '--resources={"outside": 1}',
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env(),
+    )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -339,18 +420,41 @@ def ray_start_cluster(tmp_path):
 
 
 def digits_sweep(tmp_path, *extra):
-    return [sys.executable, "-m", "samtune.cli", "sweep", str(EMBEDDED), "--set", "name=t", "--set", "confirm_seeds=0", "--set", "model=mlp",
-            "--set", "epochs=3", "--set", "trials=1", "--set", "label_noise_rates=0.0",
-            "--set", "fixed.sharpness_measures=", "--storage-path", str(tmp_path / "runs"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/runs.db", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(EMBEDDED),
+        "--set",
+        "name=t",
+        "--set",
+        "confirm_seeds=0",
+        "--set",
+        "model=mlp",
+        "--set",
+        "epochs=3",
+        "--set",
+        "trials=1",
+        "--set",
+        "label_noise_rates=0.0",
+        "--set",
+        "fixed.sharpness_measures=",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/runs.db",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_without_address_a_sweep_runs_on_its_own_ray_beside_a_running_cluster(tmp_path, ray_start_cluster):
     outside = probe()
     assert cpu_and_outside(outside["total"]) == {"CPU": 1.0, "outside": 1.0}
-    proc = subprocess.Popen(digits_sweep(tmp_path), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        digits_sweep(tmp_path), cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         # While its trial trains, the other cluster has all its resources free.
         deadline = time.time() + 300
@@ -376,8 +480,14 @@ def test_without_address_a_sweep_runs_on_its_own_ray_beside_a_running_cluster(tm
 @pytest.mark.slow
 def test_with_address_auto_a_sweep_runs_its_trials_on_the_running_cluster(tmp_path, ray_start_cluster):
     (node,) = probe()["nodes"]
-    proc = subprocess.run(digits_sweep(tmp_path, "--address", "auto"), cwd=tmp_path, env=env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        digits_sweep(tmp_path, "--address", "auto"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     _, (trial,) = trial_runs(tmp_path)
     assert trial.data.tags["samtune.status"] == "finished"
@@ -391,9 +501,11 @@ def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_pat
 
     from samtune.sweep import cluster as sweep_module
 
-    nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
-             {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
-             {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3"}]
+    nodes = [
+        {"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
+        {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
+        {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3"},
+    ]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     asked = []
 
@@ -402,8 +514,11 @@ def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_pat
         return [True, False]
 
     monkeypatch.setattr(sweep_module, "read_on_every_node", answers)
-    with pytest.raises(sweep_module.SweepError, match=r"--storage-path .*: 1 of the Ray cluster's 2 nodes cannot "
-                                                      r"reach it \(10\.0\.0\.2 \(bbbbbbbb\)\); every node must"):
+    with pytest.raises(
+        sweep_module.SweepError,
+        match=r"--storage-path .*: 1 of the Ray cluster's 2 nodes cannot "
+        r"reach it \(10\.0\.0\.2 \(bbbbbbbb\)\); every node must",
+    ):
         sweep_module.check_shared_storage(tmp_path)
     assert asked == [(2, True)]  # only alive nodes are asked, and the file was there to read
     assert not list(tmp_path.iterdir())  # the probe file is gone

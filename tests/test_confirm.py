@@ -1,5 +1,6 @@
 """The confirmation stage inside a real sweep: two cells on a local Ray, interrupted mid-stage and
 resumed; every configuration runs on every seed exactly once, and the verdict reaches MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,19 @@ SWEEP = Sweep(name='t', dataset='digits', model='cnn', epochs=6, batch_size=64, 
 
 
 def sweep_cmd(tmp_path, *extra):
-    return [sys.executable, "-m", "samtune.cli", "sweep", str(tmp_path / "space.py"), "--no-report",
-            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(tmp_path / "space.py"),
+        "--no-report",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        *extra,
+    ]
 
 
 def ended_reruns(tmp_path) -> int:
@@ -43,20 +55,31 @@ def ended_reruns(tmp_path) -> int:
         _, by_role = runs_of(tmp_path)
     except Exception:  # noqa: BLE001  the store is still being created: look again
         return 0
-    return sum(r.data.tags.get("samtune.status") == "finished"
-               for role in ("confirm", "ablation") for r in by_role.get(role, []))
+    return sum(
+        r.data.tags.get("samtune.status") == "finished"
+        for role in ("confirm", "ablation")
+        for r in by_role.get(role, [])
+    )
 
 
 @pytest.mark.slow
 def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp_path):
     (tmp_path / "space.py").write_text(SPACE)
-    proc = subprocess.Popen(sweep_cmd(tmp_path), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        sweep_cmd(tmp_path),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while ended_reruns(tmp_path) < 2:
-            assert proc.poll() is None, f"the sweep ended before its confirmation stage was interrupted:\n" \
-                                        f"{proc.stdout.read()[-3000:]}"
+            assert proc.poll() is None, (
+                f"the sweep ended before its confirmation stage was interrupted:\n{proc.stdout.read()[-3000:]}"
+            )
             assert time.time() < deadline, "no confirmation run ended in time"
             time.sleep(1)
         proc.send_signal(signal.SIGINT)
@@ -66,22 +89,34 @@ def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp
             proc.kill()
     assert proc.returncode == 130, out[-3000:]
     hint = [line for line in out.splitlines() if "interrupted in the confirmation stage" in line][-1]
-    resumed = subprocess.run([sys.executable, "-m", "samtune.cli", *shlex.split(hint.split("with: ", 1)[1])[1:],
-                              "--no-report"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "samtune.cli", *shlex.split(hint.split("with: ", 1)[1])[1:], "--no-report"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "SAM vs SGD, test error on 2 fresh seeds" in resumed.stdout, resumed.stdout[-3000:]
     # The stage said where it was, in plain lines off a terminal.
-    assert re.search(r"^confirmation round 1: (\d+)/\1 runs ended, \d+/\d+ epochs, \w+ in, done$", resumed.stdout,
-                     flags=re.M), resumed.stdout[-3000:]
+    assert re.search(
+        r"^confirmation round 1: (\d+)/\1 runs ended, \d+/\d+ epochs, \w+ in, done$", resumed.stdout, flags=re.M
+    ), resumed.stdout[-3000:]
 
     client, by_role = runs_of(tmp_path)
     reruns = by_role["confirm"] + by_role["ablation"]
     # Two trials a cell: its baselines, which are also its best SGD and SAM configurations; so the
     # SAM baseline and the ablation's m=None are the best SAM runs, and only m=16 runs again.
-    seen = Counter((r.data.tags["samtune.cell"], r.data.tags["samtune.confirms"], r.data.tags["samtune.seed"])
-                   for r in reruns)
-    assert seen == {(cell, name, seed): 1 for cell in ("noise=0", "noise=0.4")
-                    for name in ("best_sgd", "best_sam", "m=16") for seed in ("1", "2")}
+    seen = Counter(
+        (r.data.tags["samtune.cell"], r.data.tags["samtune.confirms"], r.data.tags["samtune.seed"]) for r in reruns
+    )
+    assert seen == {
+        (cell, name, seed): 1
+        for cell in ("noise=0", "noise=0.4")
+        for name in ("best_sgd", "best_sam", "m=16")
+        for seed in ("1", "2")
+    }
     cells = {r.info.run_id: r for r in by_role["cell"]}
     for r in reruns:
         assert r.data.tags["samtune.status"] == "finished" and epochs_logged(client, r) == [1, 2, 3, 4, 5, 6]
@@ -89,16 +124,20 @@ def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp
         assert r.data.params["seed"] == r.data.tags["samtune.seed"] and r.data.params["data_seed"] == "0"
     assert {r.data.params["m"] for r in by_role["ablation"]} == {"16"}
     # The declared SAM baseline reached the trainer with its rho, its other settings at their defaults.
-    baseline = [t for t in by_role["trial"] if t.data.params.get("baseline") == "True"
-                and t.data.params["optimizer"] == "sam"]
-    assert len(baseline) == 2 and all(t.data.params["rho"] == "0.07" and t.data.params["lr"] == "0.05"
-                                      and t.data.params["m"] == "None" for t in baseline)
+    baseline = [
+        t for t in by_role["trial"] if t.data.params.get("baseline") == "True" and t.data.params["optimizer"] == "sam"
+    ]
+    assert len(baseline) == 2 and all(
+        t.data.params["rho"] == "0.07" and t.data.params["lr"] == "0.05" and t.data.params["m"] == "None"
+        for t in baseline
+    )
     # The answer is on the sweep's run, where the MLflow UI shows it first, and the experiment says
     # it holds training runs (so the UI opens on them).
     (sweep_run,) = by_role["sweep"]
     assert "SAM vs SGD" in sweep_run.data.tags["mlflow.note.content"]
-    assert client.get_experiment(sweep_run.info.experiment_id).tags["mlflow.experimentKind"] == \
-        "custom_model_development"
+    assert (
+        client.get_experiment(sweep_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    )
     # Each cell's run names its data as an MLflow dataset input: the noise rate, and a digest of
     # the labels trained on (different per cell: each cell draws its own noise).
     digests = set()

@@ -1,4 +1,5 @@
 """Datasets, normalisation and batched augmentation."""
+
 from __future__ import annotations
 
 import io
@@ -53,9 +54,11 @@ def test_digits_are_cached_once_and_read_back_without_importing_scikit_learn(tmp
     for key in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(ds, key), fresh[key]), key
     # A trial process: the cache is read, scikit-learn (about 1.2 s to import) is not loaded.
-    code = ("import sys; from samtune.data import load_dataset; "
-            f"ds = load_dataset('digits', cache_dir={str(tmp_path)!r}); "
-            "print(len(ds.train_y), 'sklearn' in sys.modules)")
+    code = (
+        "import sys; from samtune.data import load_dataset; "
+        f"ds = load_dataset('digits', cache_dir={str(tmp_path)!r}); "
+        "print(len(ds.train_y), 'sklearn' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1437", "False"]
     # A damaged cache is rebuilt, with a warning, never trusted.
@@ -69,7 +72,9 @@ def test_to_float_normalises_each_channel():
     x = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
     out = to_float(x, mean, std)
-    expected = (x.double() / 255 - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(std).double().view(1, 3, 1, 1)
+    expected = (x.double() / 255 - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(std).double().view(
+        1, 3, 1, 1
+    )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one per channel"):
@@ -96,7 +101,7 @@ def test_augment_batch_crops_within_padding_and_flips_deterministically():
         match = None
         for dy in range(5):
             for dx in range(5):
-                win = padded[i, :, dy:dy + 8, dx:dx + 8]
+                win = padded[i, :, dy : dy + 8, dx : dx + 8]
                 if torch.equal(out[i], win):
                     match = (dy, dx, False)
                 elif torch.equal(out[i], win.flip(2)):
@@ -133,8 +138,9 @@ SHARED_TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 CIFAR10_ORDER = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_CLASS = {"train": 12, "test": 4}
 
-needs_shared = pytest.mark.skipif(not SHARED_TARBALL.is_file(),
-                                  reason=f"shared CIFAR-10 copy not found at {SHARED_TARBALL}")
+needs_shared = pytest.mark.skipif(
+    not SHARED_TARBALL.is_file(), reason=f"shared CIFAR-10 copy not found at {SHARED_TARBALL}"
+)
 
 
 def pil_decode(blob: bytes) -> torch.Tensor:
@@ -231,8 +237,12 @@ def write_canonical_cifar10(folder: Path, subset) -> None:
         order = rng.permutation(len(y))  # canonical batches are not sorted by class
         chunks = np.array_split(order, len(files))
         for fname, idx in zip(files, chunks):
-            batch = {"batch_label": fname, "labels": [int(v) for v in y[idx]],
-                     "data": x[idx].reshape(len(idx), -1).numpy(), "filenames": [f"{i}.png" for i in idx]}
+            batch = {
+                "batch_label": fname,
+                "labels": [int(v) for v in y[idx]],
+                "data": x[idx].reshape(len(idx), -1).numpy(),
+                "filenames": [f"{i}.png" for i in idx],
+            }
             (folder / fname).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR10_ORDER}))
 
@@ -276,6 +286,7 @@ def test_second_load_reads_the_cache_and_does_not_decode(cifar_subset, tmp_path,
 def _refuse(what):
     def refuse(*args, **kwargs):
         raise AssertionError(f"{what} again although a valid cache exists")
+
     return refuse
 
 
@@ -316,8 +327,9 @@ def test_pickled_cifar10_tarball_is_decompressed_once_then_cached(cifar_subset, 
         assert torch.equal(getattr(again, key), getattr(reference, key)), key
     assert again.classes == reference.classes == CIFAR10_ORDER
     # The tarball itself passed as the data root goes through the same cache.
-    assert torch.equal(load_dataset("cifar10", archive, cache_dir=tmp_path / "cache", download=False).train_x,
-                       reference.train_x)
+    assert torch.equal(
+        load_dataset("cifar10", archive, cache_dir=tmp_path / "cache", download=False).train_x, reference.train_x
+    )
 
 
 @needs_shared
@@ -330,7 +342,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(cifar_subset, tmp_path, damage):
     if damage == "flip":  # inside the image tensor: only the checksum can notice
         blob[len(blob) // 2] ^= 0xFF
     elif damage == "truncate":
-        del blob[len(blob) // 3:]
+        del blob[len(blob) // 3 :]
     else:
         blob[:] = b"not a tensor file"
     cache_file.write_bytes(bytes(blob))
@@ -506,8 +518,13 @@ def test_class_selection_keeps_and_relabels_those_classes():
         assert torch.equal(getattr(part, f"{split}_y"), expected)
     assert parse_dataset_name("cifar100[10-12,3]") == ("cifar100", [3, 10, 11, 12])
     assert parse_dataset_name("imagefolder:/data/pets") == ("imagefolder:/data/pets", None)
-    for bad, message in (("digits[4-2]", "reversed"), ("digits[1,1]", "twice"), ("digits[a]", "malformed"),
-                         ("digits[0-4", "malformed"), ("digits[10]", "names \\[10\\]")):
+    for bad, message in (
+        ("digits[4-2]", "reversed"),
+        ("digits[1,1]", "twice"),
+        ("digits[a]", "malformed"),
+        ("digits[0-4", "malformed"),
+        ("digits[10]", "names \\[10\\]"),
+    ):
         with pytest.raises(ValueError, match=message):
             load_dataset(bad)
     with pytest.raises(ValueError, match="empty class selection"):

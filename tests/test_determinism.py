@@ -1,5 +1,6 @@
 """The deterministic search: every suggestion and every early stop a function of results alone,
 whatever order trials end in and however many run at once."""
+
 import heapq
 import random
 
@@ -32,8 +33,7 @@ class Remembering(Searcher):
 def simulate(cells: int, trials: int, batch: int | None, slots: int, seed: int) -> dict:
     """Drive a CellSearch as Tune does: fill free slots, end the trial due first (random
     durations), repeat. Returns (cell, trial number) -> config."""
-    search = CellSearch([Remembering() for _ in range(cells)], trials, metric="v", mode="min",
-                        baselines=1, batch=batch)
+    search = CellSearch([Remembering() for _ in range(cells)], trials, metric="v", mode="min", baselines=1, batch=batch)
     rng = random.Random(seed)
     running: list[tuple[float, int, str]] = []
     configs, now, made, finished = {}, 0.0, 0, False
@@ -132,14 +132,16 @@ def test_a_trial_is_judged_only_against_earlier_batches():
     assert asha.on_trial_result(None, FakeTrial(ids[5]), {"epoch": 5, "val_error": 1.0}) == FIFOScheduler.CONTINUE
     # A baseline is recorded at its rung but never stopped.
     search.numbers["b"] = (0, 4)
-    assert asha.on_trial_result(None, FakeTrial("b", baseline=True), {"epoch": 8, "val_error": 1.0}) \
+    assert (
+        asha.on_trial_result(None, FakeTrial("b", baseline=True), {"epoch": 8, "val_error": 1.0})
         == FIFOScheduler.CONTINUE
+    )
     assert search.rungs[0][8] == {4: 1.0}
 
 
 # -- the proof: the same sweep, one trial at a time and two at once on a busy machine ------------
 
-RERUN_SPACE = '''
+RERUN_SPACE = """
 from samtune.sweep import Sweep
 
 
@@ -155,7 +157,7 @@ SWEEP = Sweep(name="t", dataset="digits", model="mlp", label_noise_rates=(0.0, 0
               batch_size=64, trials=6, seed=3, grace_period=1, reduction_factor=2, search_batch=2,
               confirm_seeds=3, max_confirm_seeds=5, equivalence_margin=0.01, data_subset=600,
               fixed={"sharpness_measures": ""})
-'''
+"""
 
 
 def _sweep_table(folder):
@@ -168,19 +170,29 @@ def _sweep_table(folder):
     trials = {}
     for run in by_role["trial"]:
         params = {k: v for k, v in run.data.params.items() if k not in ("data_root",)}
-        history = {m: [(h.step, round(h.value, 10)) for h in client.get_metric_history(run.info.run_id, m)]
-                   for m in ("val_error", "test_error", "train_loss")}
+        history = {
+            m: [(h.step, round(h.value, 10)) for h in client.get_metric_history(run.info.run_id, m)]
+            for m in ("val_error", "test_error", "train_loss")
+        }
         trials[(cells[run.data.tags["mlflow.parentRunId"]], int(params["trial_number"]))] = (
-            params, run.data.tags["samtune.status"], history)
-    reruns = {(cells[r.data.tags["mlflow.parentRunId"]], r.data.tags["samtune.confirms"], r.data.tags["samtune.seed"]):
-              round(r.data.metrics["test_error"], 10) for r in by_role.get("confirm", [])}
+            params,
+            run.data.tags["samtune.status"],
+            history,
+        )
+    reruns = {
+        (cells[r.data.tags["mlflow.parentRunId"]], r.data.tags["samtune.confirms"], r.data.tags["samtune.seed"]): round(
+            r.data.metrics["test_error"], 10
+        )
+        for r in by_role.get("confirm", [])
+    }
     (verdicts,) = folder.glob("runs/t/verdicts/verdicts.md")
     return trials, reruns, verdicts.read_text()
 
 
 @pytest.mark.slow
 def test_the_same_sweep_gives_the_same_answer_one_trial_at_a_time_and_two_at_once_on_a_busy_machine(
-        tmp_path, busy_machine):
+    tmp_path, busy_machine
+):
     import subprocess
     import sys
 
@@ -192,8 +204,19 @@ def test_the_same_sweep_gives_the_same_answer_one_trial_at_a_time_and_two_at_onc
     for name, concurrent in (("one", 1), ("two", 2)):
         folder = tmp_path / name
         folder.mkdir()
-        cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--set", f"max_concurrent={concurrent}",
-               "--storage-path", str(folder / "runs"), "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "samtune.cli",
+            "sweep",
+            str(space),
+            "--set",
+            f"max_concurrent={concurrent}",
+            "--storage-path",
+            str(folder / "runs"),
+            "--tracking-uri",
+            f"sqlite:///{folder}/mlflow.db",
+        ]
         proc = subprocess.run(cmd, cwd=folder, env=env(), capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         tables.append(_sweep_table(folder))

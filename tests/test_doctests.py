@@ -1,4 +1,5 @@
 """The docstring examples of samtune's modules run, so the documentation cannot drift from the code."""
+
 from __future__ import annotations
 
 import doctest
@@ -8,12 +9,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                 for p in (ROOT / "samtune").rglob("*.py"))
+MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "samtune").rglob("*.py")
+)
 
 #: The public entry points; each shows how it is called in a docstring example.
-ENTRY_POINTS = ["SAM", "sam_step", "train_loop_per_worker", "fit", "Sweep", "load_space",
-                "measure_sharpness", "load_dataset", "build_model", "build_scenario"]
+ENTRY_POINTS = [
+    "SAM",
+    "sam_step",
+    "train_loop_per_worker",
+    "fit",
+    "Sweep",
+    "load_space",
+    "measure_sharpness",
+    "load_dataset",
+    "build_model",
+    "build_scenario",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
 """One driver per sweep: the storage lock, against live and killed holders."""
+
 import os
 import signal
 import subprocess
@@ -9,12 +10,14 @@ import pytest
 
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 
-HOLD = ("import sys, time\n"
-        "from pathlib import Path\n"
-        "from samtune.sweep.driver_lock import DriverLock\n"
-        "lock = DriverLock.acquire(Path(sys.argv[1]), 't')\n"
-        "print('held', flush=True)\n"
-        "time.sleep(600)\n")
+HOLD = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from samtune.sweep.driver_lock import DriverLock\n"
+    "lock = DriverLock.acquire(Path(sys.argv[1]), 't')\n"
+    "print('held', flush=True)\n"
+    "time.sleep(600)\n"
+)
 
 
 def test_a_second_holder_in_this_process_is_refused_until_the_first_lets_go(tmp_path):
@@ -47,20 +50,35 @@ def test_the_sweep_refuses_a_second_driver_before_reading_the_sweep(tmp_path, ca
     from samtune.cli import main
 
     space = tmp_path / "s.py"
-    space.write_text("from samtune.sweep import Sweep\n"
-                     "def space(trial):\n"
-                     "    trial.suggest_float('lr', 0.01, 0.1)\n"
-                     "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=1, batch_size=64, trials=1)\n")
+    space.write_text(
+        "from samtune.sweep import Sweep\n"
+        "def space(trial):\n"
+        "    trial.suggest_float('lr', 0.01, 0.1)\n"
+        "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=1, batch_size=64, trials=1)\n"
+    )
     (tmp_path / "runs").mkdir()
     holder = DriverLock.acquire(tmp_path / "runs", "t")
     try:
         # Even --resume of a sweep with no state yet is refused for the lock, not for the state.
         for extra in ([], ["--resume"]):
-            assert main(["sweep", str(space), "--storage-path", str(tmp_path / "runs"),
-                         "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *extra]) == 2
+            assert (
+                main(
+                    [
+                        "sweep",
+                        str(space),
+                        "--storage-path",
+                        str(tmp_path / "runs"),
+                        "--tracking-uri",
+                        f"sqlite:///{tmp_path}/m.db",
+                        *extra,
+                    ]
+                )
+                == 2
+            )
             err = capsys.readouterr().err
-            assert err.startswith("samtune: error: sweep 't' is already running (driver pid ") and \
-                err.count("\n") == 1, err
+            assert (
+                err.startswith("samtune: error: sweep 't' is already running (driver pid ") and err.count("\n") == 1
+            ), err
     finally:
         holder.release()
     assert not (tmp_path / "runs" / "t").exists() and not (tmp_path / "m.db").exists()

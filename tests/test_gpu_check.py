@@ -1,6 +1,7 @@
 """`benchmarks/gpu_check.py` without a GPU: its CPU dry run goes through every part (training
 through `fit`, SAM steps in fp32 and bf16, torch.compile, gloo workers under Ray Train, the shrunk
 noisy-CIFAR-10 sweep on a real local Ray) and reports figures that parse and are finite."""
+
 import math
 import os
 import re
@@ -12,8 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-COMPUTED = ("sam/sgd_epoch", "bf16_loss_rel_diff", "compile/eager", "channels_last/eager",
-            "gloo_2w_samples_per_s", "sweep_sgd_test_error", "sweep_sam_test_error")
+COMPUTED = (
+    "sam/sgd_epoch",
+    "bf16_loss_rel_diff",
+    "compile/eager",
+    "channels_last/eager",
+    "gloo_2w_samples_per_s",
+    "sweep_sgd_test_error",
+    "sweep_sam_test_error",
+)
 
 
 def figure(out: str, name: str) -> float:
@@ -38,7 +46,7 @@ def test_the_cpu_dry_run_computes_every_figure_it_can_and_says_why_not_the_other
 
     last = out.strip().splitlines()[-1]
     assert last.startswith("ratios: "), last
-    ratios = dict(pair.split("=", 1) for pair in last[len("ratios: "):].split())
+    ratios = dict(pair.split("=", 1) for pair in last[len("ratios: ") :].split())
     assert set(COMPUTED) | {"fp16_loss_rel_diff", "nccl_samples_per_s", "all_finite"} <= set(ratios)
     for key in COMPUTED:
         assert math.isfinite(float(ratios[key])) and float(ratios[key]) >= 0, (key, ratios[key])

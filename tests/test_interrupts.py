@@ -1,5 +1,6 @@
 """Ctrl-C during a sweep is never lost, against Tune's own SIGINT handler (the real one, as
 ``Tuner.fit()`` installs it) rather than a stand-in."""
+
 import os
 import signal
 import time

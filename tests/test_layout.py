@@ -1,6 +1,7 @@
 """The package's shape, read from its source with `ast`: imports point down, every trial key and
 metric name is listed once (in the contract), no function grows past one screen and no class
 past 250 lines."""
+
 from __future__ import annotations
 
 import ast
@@ -18,15 +19,21 @@ PACKAGE = ROOT / "samtune"
 #: Each package's floor: a module may import from its own package or from a lower floor only.
 FLOORS = {
     "samtune._lazy": 0,
-    "samtune.contract": 1, "samtune.stats": 1,
-    "samtune.optim": 2, "samtune.models": 2, "samtune.sharpness": 2,
-    "samtune.sequential": 2, "samtune.verdicts": 3,
+    "samtune.contract": 1,
+    "samtune.stats": 1,
+    "samtune.optim": 2,
+    "samtune.models": 2,
+    "samtune.sharpness": 2,
+    "samtune.sequential": 2,
+    "samtune.verdicts": 3,
     "samtune.data": 3,
     "samtune.trial": 4,
-    "samtune.sweep": 5, "samtune.report": 5,
+    "samtune.sweep": 5,
+    "samtune.report": 5,
     "samtune.cli": 6,
     # The faces: `import samtune` and the README's `from samtune.sam import SAM`.
-    "samtune": 7, "samtune.sam": 7,
+    "samtune": 7,
+    "samtune.sam": 7,
 }
 
 #: Packages a function may import where it is used (heavy, and not needed by every caller).
@@ -53,7 +60,7 @@ def imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
     base = node.module or ""
     if node.level:
         package = module.split(".") if is_package else module.split(".")[:-1]
-        base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+        base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
     if base.split(".")[0] != "samtune":
         return []
     return [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
@@ -87,7 +94,7 @@ def test_the_import_graph_has_no_cycle():
         state[module] = "open"
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -99,18 +106,27 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_imports_point_down():
-    upward = [f"{source} -> {target}" for source, targets in import_graph().items() for target in targets
-              if not target.startswith(".".join(source.split(".")[:2]) + ".")
-              and ".".join(target.split(".")[:2]) != ".".join(source.split(".")[:2])
-              and floor(target) >= floor(source)]
+    upward = [
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if not target.startswith(".".join(source.split(".")[:2]) + ".")
+        and ".".join(target.split(".")[:2]) != ".".join(source.split(".")[:2])
+        and floor(target) >= floor(source)
+    ]
     assert not upward, f"imports from a floor not below the importer: {upward}"
 
 
 def test_the_contract_is_free_of_torch():
     for path in (PACKAGE / "contract").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.split(".")[0] in ("torch", "ray", "mlflow", "numpy") for n in names), path
 
 
@@ -128,24 +144,32 @@ def test_function_level_imports_are_only_for_heavy_optional_packages():
                     names = ["." if node.level else (node.module or "")]
                 else:
                     continue
-                found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
-                          if n.split(".")[0] not in HEAVY_OPTIONAL]
+                found += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} {n}"
+                    for n in names
+                    if n.split(".")[0] not in HEAVY_OPTIONAL
+                ]
     assert not found, f"move these imports to the top of their module: {sorted(set(found))}"
 
 
 def test_no_function_is_longer_than_a_screen():
-    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in modules().values() for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > 60]
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
     assert not long, f"functions over 60 lines: {long}"
 
 
 def test_no_class_is_longer_than_250_lines():
     """A class that long carries more than one concept: split it along them."""
-    long = [f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in modules().values() for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250]
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250
+    ]
     assert not long, f"classes over 250 lines: {long}"
 
 
@@ -244,8 +268,11 @@ def test_no_module_imports_another_modules_private_names():
     for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("samtune"):
-                crossing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
-                             if a.name.startswith("_") and not a.name.startswith("__")]
+                crossing += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not crossing, crossing
 
 
@@ -253,6 +280,8 @@ def test_tests_patch_no_private_name():
     patched = []
     for path in sorted((ROOT / "tests").glob("*.py")):
         text = path.read_text()
-        patched += [f"{path.name}: {m}" for m in re.findall(r"setattr\([^,\n]*samtune[\w.]*\._\w+|setattr\(\w+, \"_\w+\"", text)]
+        patched += [
+            f"{path.name}: {m}" for m in re.findall(r"setattr\([^,\n]*samtune[\w.]*\._\w+|setattr\(\w+, \"_\w+\"", text)
+        ]
     # torchvision's own integrity check is the one private name patched: it is not samtune's.
     assert [p for p in patched if "_check_integrity" not in p] == []

@@ -1,4 +1,5 @@
 """Model registry: shapes, norms, heads, frozen BatchNorm statistics."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,19 @@ def test_models_map_digits_and_cifar_shapes_to_logits(name, norm):
         assert (nn.GroupNorm in kinds) == (norm == "group")
 
 
-@pytest.mark.parametrize("name,params", [("cnn", 94762), ("cnn_small", 24346), ("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6),
-                                         ("resnet18", 11.2e6), ("wrn16_8", 11.0e6), ("wrn28_10", 36.5e6)])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("cnn", 94762),
+        ("cnn_small", 24346),
+        ("resnet20", 0.27e6),
+        ("resnet32", 0.46e6),
+        ("resnet56", 0.85e6),
+        ("resnet18", 11.2e6),
+        ("wrn16_8", 11.0e6),
+        ("wrn28_10", 36.5e6),
+    ],
+)
 def test_reference_architectures_have_their_published_size(name, params):
     model = build_model(name, 10, (3, 32, 32))
     count = sum(p.numel() for p in model.parameters())

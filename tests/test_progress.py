@@ -1,4 +1,5 @@
 """Where a sweep is: each stage's done/total and its time left, live or as plain log lines."""
+
 import io
 
 from rich.console import Console
@@ -61,8 +62,7 @@ def test_off_a_terminal_the_view_prints_a_progress_line_every_period_and_once_at
     assert out.getvalue() == ""  # not yet time
     clock.now += PROGRESS_EVERY_S / 2
     view.tick()
-    assert out.getvalue().splitlines() == [
-        "confirmation round 2: 0/2 runs ended, 1/4 epochs, 30s in, about 1m30s left"]
+    assert out.getvalue().splitlines() == ["confirmation round 2: 0/2 runs ended, 1/4 epochs, 30s in, about 1m30s left"]
     for _ in range(3):
         stage.epoch_done()
     stage.run_ended()
@@ -81,10 +81,13 @@ def _live_view_at(width):
     sweep = Sweep(name="narrow", dataset="digits", model="cnn", epochs=16, batch_size=64, trials=2)
     cell = sweep.cells()[0]
     result = CellResult(cell)
-    result.trials["f3a9c2d1"] = TrialRow("f3a9c2d1", {"optimizer": "sam", "lr": 0.0123, "rho": 0.0456, "m": 16},
-                                         status="running", epoch=7,
-                                         metrics={"val_error": 0.41667, "test_error": 0.07222,
-                                                  "train_acc_true": 0.931, "train_acc_noisy": 0.602})
+    result.trials["f3a9c2d1"] = TrialRow(
+        "f3a9c2d1",
+        {"optimizer": "sam", "lr": 0.0123, "rho": 0.0456, "m": 16},
+        status="running",
+        epoch=7,
+        metrics={"val_error": 0.41667, "test_error": 0.07222, "train_acc_true": 0.931, "train_acc_noisy": 0.602},
+    )
     recorder = SimpleNamespace(cell=cell, ended=0, result=result)
     out = io.StringIO()
     view = SweepView(Console(file=out, width=width, force_terminal=True, color_system=None))

@@ -13,6 +13,7 @@ MLflow layout is the sweep's own) into a SQLite store under a temporary folder:
 
 Expected values are computed here from what was logged, by plain Python, or are closed forms.
 """
+
 from __future__ import annotations
 
 import base64
@@ -47,14 +48,14 @@ VIEWS = ("answer", "robustness", "sensitivity", "sharpness", "memorization")
 
 EXPERIMENT = "synthetic"
 EPOCHS = 3
-BATCH = 64                   # m=None stands for the whole per-worker batch: 64 here
+BATCH = 64  # m=None stands for the whole per-worker batch: 64 here
 NOISE = (0.0, 0.4)
 SGD_LRS = (0.03, 0.1, 0.3)
 SAM_LRS = (0.03, 0.1)
 RHOS = (0.02, 0.1, 0.5)
 MS = (8, None)
 BEST_RHO = 0.1
-SEED_SPREAD = 0.01           # the best SGD config's two seeds sit this far either side of its mean
+SEED_SPREAD = 0.01  # the best SGD config's two seeds sit this far either side of its mean
 MEASURES = ("adaptive_sharpness", "hessian_trace", "m_sharpness")
 # Per-epoch offsets of validation/test error over the final value: a memorizing run (SGD under
 # label noise) is best at epoch 2, every other run keeps improving.
@@ -74,8 +75,7 @@ def sharpness_bookkeeping() -> dict[str, float]:
     key it starts logging later is logged by the synthetic sweep too."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     x, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
-    logged = measure_sharpness(model, F.cross_entropy, x, y, measures=["adaptive_sharpness"],
-                               params=["0"])
+    logged = measure_sharpness(model, F.cross_entropy, x, y, measures=["adaptive_sharpness"], params=["0"])
     del logged["sharpness/adaptive_sharpness"]  # the value itself: each trial logs its own
     return logged
 
@@ -89,8 +89,7 @@ def cell_label(noise: float) -> str:
 
 def sam_val(noise, lr, rho, m):
     # lr matters most (a 0.3 step), rho next (0.024 at rho 0.02 or 0.5, 0 at 0.1), m barely.
-    return (0.05 + 0.3 * noise + 0.3 * (lr == 0.03) + 0.05 * math.log10(rho / BEST_RHO) ** 2
-            + 0.002 * (m is None))
+    return 0.05 + 0.3 * noise + 0.3 * (lr == 0.03) + 0.05 * math.log10(rho / BEST_RHO) ** 2 + 0.002 * (m is None)
 
 
 def sgd_val(noise, lr):
@@ -122,11 +121,24 @@ class Trial:
 
 
 def base_config(noise: float, seed: int = 0) -> dict:
-    return {"dataset": "digits", "model": "cnn", "scenario": "label_noise",
-            "label_noise_rate": noise, "label_noise_kind": "symmetric", "epochs": EPOCHS,
-            "batch_size": BATCH, "seed": seed, "data_seed": 0, "data_subset": None,
-            "workers": 1, "use_gpu": False, "sharpness_every": 0, "weight_decay": 5e-4,
-            "momentum": 0.9, "sharpness_measures": MEASURES}
+    return {
+        "dataset": "digits",
+        "model": "cnn",
+        "scenario": "label_noise",
+        "label_noise_rate": noise,
+        "label_noise_kind": "symmetric",
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "seed": seed,
+        "data_seed": 0,
+        "data_subset": None,
+        "workers": 1,
+        "use_gpu": False,
+        "sharpness_every": 0,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "sharpness_measures": MEASURES,
+    }
 
 
 def synthetic_trials() -> list[Trial]:
@@ -141,10 +153,16 @@ def synthetic_trials() -> list[Trial]:
         cell = cell_label(noise)
         # (optimizer, searched values, final val error, seed, shift of this seed's errors)
         runs = [("sgd", {"lr": lr}, sgd_val(noise, lr), 0, 0.0) for lr in SGD_LRS if lr != 0.1]
-        runs += [("sgd", {"lr": 0.1}, sgd_val(noise, 0.1), seed, shift)
-                 for seed, shift in ((0, -SEED_SPREAD), (1, SEED_SPREAD))]
-        runs += [("sam", {"lr": lr, "rho": rho, "m": m}, sam_val(noise, lr, rho, m), 0, 0.0)
-                 for lr in SAM_LRS for rho in RHOS for m in MS]
+        runs += [
+            ("sgd", {"lr": 0.1}, sgd_val(noise, 0.1), seed, shift)
+            for seed, shift in ((0, -SEED_SPREAD), (1, SEED_SPREAD))
+        ]
+        runs += [
+            ("sam", {"lr": lr, "rho": rho, "m": m}, sam_val(noise, lr, rho, m), 0, 0.0)
+            for lr in SAM_LRS
+            for rho in RHOS
+            for m in MS
+        ]
         for optimizer, space, val, seed, shift in runs:
             memorizes = optimizer == "sgd" and noise > 0
             offsets = MEMORIZING if memorizes else IMPROVING
@@ -157,27 +175,44 @@ def synthetic_trials() -> list[Trial]:
             if optimizer == "sam":
                 # Confounded by lr: within a cell tau is 1/11, controlled for lr it is -1.
                 sharpness["adaptive_sharpness"] = 10.0 * (space["lr"] == 0.03) - final_test
-            add(cell, noise, "finished", {**base_config(noise, seed), "optimizer": optimizer, **space},
-                [final_val + o for o in offsets], [test + o for o in offsets],
-                acc_noisy=list(acc[0]), acc_true=list(acc[1]), sharpness=sharpness)
+            add(
+                cell,
+                noise,
+                "finished",
+                {**base_config(noise, seed), "optimizer": optimizer, **space},
+                [final_val + o for o in offsets],
+                [test + o for o in offsets],
+                acc_noisy=list(acc[0]),
+                acc_true=list(acc[1]),
+                sharpness=sharpness,
+            )
         # Tempting numbers on trials that must never be plotted.
         sam_space = {"optimizer": "sam", "lr": 0.1, "rho": 0.1, "m": 8}
         add(cell, noise, "failed", {**base_config(noise), **sam_space}, [0.001], [0.001])
-        add(cell, noise, "diverged", {**base_config(noise), **sam_space, "lr": 5.0},
-            [0.001, 1.0], [0.001, 1.0])
+        add(cell, noise, "diverged", {**base_config(noise), **sam_space, "lr": 5.0}, [0.001, 1.0], [0.001, 1.0])
         if noise == 0:
-            add(cell, noise, "running", {**base_config(noise), **sam_space, "lr": 0.2}, [0.001],
-                [0.001])
+            add(cell, noise, "running", {**base_config(noise), **sam_space, "lr": 0.2}, [0.001], [0.001])
         else:
-            add(cell, noise, "stopped", {**base_config(noise), **sam_space, "lr": 0.5}, [0.6],
-                [0.6], acc_noisy=[0.3], acc_true=[0.3])
+            add(
+                cell,
+                noise,
+                "stopped",
+                {**base_config(noise), **sam_space, "lr": 0.5},
+                [0.6],
+                [0.6],
+                acc_noisy=[0.3],
+                acc_true=[0.3],
+            )
     return trials
 
 
 # (optimizer, searched values, final test error) of a sweep trained with val_fraction=0.
-NO_VALIDATION = (("sgd", {"lr": 0.03}, 0.40), ("sgd", {"lr": 0.1}, 0.30),
-                 ("sam", {"lr": 0.03, "rho": 0.1, "m": 8}, 0.25),
-                 ("sam", {"lr": 0.1, "rho": 0.1, "m": 8}, 0.20))
+NO_VALIDATION = (
+    ("sgd", {"lr": 0.03}, 0.40),
+    ("sgd", {"lr": 0.1}, 0.30),
+    ("sam", {"lr": 0.03, "rho": 0.1, "m": 8}, 0.25),
+    ("sam", {"lr": 0.1, "rho": 0.1, "m": 8}, 0.20),
+)
 
 
 def no_validation_trials() -> list[Trial]:
@@ -187,15 +222,23 @@ def no_validation_trials() -> list[Trial]:
     for i, (optimizer, space, final) in enumerate(NO_VALIDATION):
         offsets = MEMORIZING if optimizer == "sgd" else IMPROVING
         acc = ACC["memorizing" if optimizer == "sgd" else "resisting"]
-        trials.append(Trial(f"no-validation/cell-0_noise-0.4/{i:05d}", cell_label(noise), noise,
-                            "finished", {**base_config(noise), "optimizer": optimizer, **space},
-                            [], [final + o for o in offsets], acc_noisy=list(acc[0]),
-                            acc_true=list(acc[1])))
+        trials.append(
+            Trial(
+                f"no-validation/cell-0_noise-0.4/{i:05d}",
+                cell_label(noise),
+                noise,
+                "finished",
+                {**base_config(noise), "optimizer": optimizer, **space},
+                [],
+                [final + o for o in offsets],
+                acc_noisy=list(acc[0]),
+                acc_true=list(acc[1]),
+            )
+        )
     return trials
 
 
-def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path,
-                sweep_key: str | None = None) -> str:
+def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path, sweep_key: str | None = None) -> str:
     """Write `trials` the way the sweep driver does; returns the sweep run's id. `sweep_key`
     (trial keys start with it) names a further sweep under the same experiment name."""
     from mlflow.tracking import MlflowClient
@@ -207,34 +250,48 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path,
         client.create_experiment(experiment, artifact_location=(folder / experiment).as_uri())
     tracker = Tracker(uri, experiment, folder / f"{sweep_key}-unlogged.jsonl")
     tracker.declare(sweep_key, experiment, "sweep", **{"samtune.space_file": "/spaces/synthetic.py"})
-    tracker.log_params(sweep_key, {"name": experiment, "epochs": EPOCHS,
-                                    "label_noise_rates": sorted({t.noise for t in trials})})
+    tracker.log_params(
+        sweep_key, {"name": experiment, "epochs": EPOCHS, "label_noise_rates": sorted({t.noise for t in trials})}
+    )
     cells = {}
     for trial in trials:
         cell_key = trial.key.rsplit("/", 1)[0]
         if cell_key not in cells:
             cells[cell_key] = trial.cell
-            tracker.declare(cell_key, trial.cell, "cell", parent=sweep_key,
-                            **{"samtune.cell": trial.cell})
-            tracker.log_params(cell_key, {"scenario": "label_noise", "label_noise_rate": trial.noise,
-                                          "label_noise_kind": "symmetric"})
-        tracker.declare(trial.key, f"{trial.cell} {trial.key[-5:]}", "trial", parent=cell_key,
-                        **{"samtune.cell": trial.cell, "samtune.trial_key": trial.key,
-                           "samtune.status": "running"})
+            tracker.declare(cell_key, trial.cell, "cell", parent=sweep_key, **{"samtune.cell": trial.cell})
+            tracker.log_params(
+                cell_key, {"scenario": "label_noise", "label_noise_rate": trial.noise, "label_noise_kind": "symmetric"}
+            )
+        tracker.declare(
+            trial.key,
+            f"{trial.cell} {trial.key[-5:]}",
+            "trial",
+            parent=cell_key,
+            **{"samtune.cell": trial.cell, "samtune.trial_key": trial.key, "samtune.status": "running"},
+        )
         tracker.log_params(trial.key, trial.config)
         for i, test in enumerate(trial.test):
             epoch = i + 1
             # No val list: a trial trained without a validation split (val_fraction=0).
             val = trial.val[i] if trial.val else None
-            metrics = {"epoch": epoch, "test_error": test, "train_loss": 1.0 / epoch,
-                       "lr": trial.config["lr"] * (1 - i / EPOCHS), "diverged": int(test == 1.0)}
+            metrics = {
+                "epoch": epoch,
+                "test_error": test,
+                "train_loss": 1.0 / epoch,
+                "lr": trial.config["lr"] * (1 - i / EPOCHS),
+                "diverged": int(test == 1.0),
+            }
             if val is not None:
                 metrics["val_error"] = val
             if trial.acc_noisy:
                 # As train reports it: the gap is taken from the eval-mode training error.
                 train_error = 1 - trial.acc_noisy[i]
-                metrics.update(train_acc_noisy=trial.acc_noisy[i], train_acc_true=trial.acc_true[i],
-                               train_error=train_error, generalization_gap=test - train_error)
+                metrics.update(
+                    train_acc_noisy=trial.acc_noisy[i],
+                    train_acc_true=trial.acc_true[i],
+                    train_error=train_error,
+                    generalization_gap=test - train_error,
+                )
             if epoch == len(trial.test) and trial.sharpness:
                 # Measured at the end of training, logged with the last epoch (as train does),
                 # with everything measure_sharpness logs beside the values: none is a measure.
@@ -255,9 +312,12 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path,
 # noise=0: SAM clearly lower; noise=0.4: the seeds disagree, the interval covers 0. At noise=0
 # the SAM baseline is the best SAM configuration itself (run once, named twice).
 CONFIRMED = {
-    ("noise=0", "best_sgd"): (0.30, 0.32, 0.31), ("noise=0", "best_sam"): (0.20, 0.21, 0.21),
-    ("noise=0.4", "best_sgd"): (0.40, 0.45, 0.38), ("noise=0.4", "best_sam"): (0.41, 0.39, 0.40),
-    ("noise=0.4", "sam_baseline"): (0.44, 0.43, 0.45), ("noise=0.4", "m=8"): (0.36, 0.37, 0.35),
+    ("noise=0", "best_sgd"): (0.30, 0.32, 0.31),
+    ("noise=0", "best_sam"): (0.20, 0.21, 0.21),
+    ("noise=0.4", "best_sgd"): (0.40, 0.45, 0.38),
+    ("noise=0.4", "best_sam"): (0.41, 0.39, 0.40),
+    ("noise=0.4", "sam_baseline"): (0.44, 0.43, 0.45),
+    ("noise=0.4", "m=8"): (0.36, 0.37, 0.35),
 }
 
 
@@ -272,11 +332,26 @@ def write_confirmations(uri: str, experiment: str, folder: Path) -> None:
             tracker.set_tags(cell_key, {"samtune.aliases": "sam_baseline:best_sam"})
         for seed, final in enumerate(errors, start=1):
             key = f"{cell_key}/{name}/seed{seed}"
-            tracker.declare(key, f"{cell} {name} seed {seed}", "ablation" if name.startswith("m=") else "confirm",
-                            parent=cell_key, **{"samtune.cell": cell, "samtune.confirms": name,
-                                                "samtune.seed": str(seed), "samtune.status": "running"})
-            tracker.log_params(key, {**base_config(noise, seed), "optimizer": name.split("_")[-1]
-                                     if name.startswith("best") else "sam", "confirms": name})
+            tracker.declare(
+                key,
+                f"{cell} {name} seed {seed}",
+                "ablation" if name.startswith("m=") else "confirm",
+                parent=cell_key,
+                **{
+                    "samtune.cell": cell,
+                    "samtune.confirms": name,
+                    "samtune.seed": str(seed),
+                    "samtune.status": "running",
+                },
+            )
+            tracker.log_params(
+                key,
+                {
+                    **base_config(noise, seed),
+                    "optimizer": name.split("_")[-1] if name.startswith("best") else "sam",
+                    "confirms": name,
+                },
+            )
             for epoch, (val, test) in enumerate(((0.5, final), (0.2, final - 0.02), (0.3, final)), start=1):
                 tracker.log_metrics(key, {"epoch": epoch, "val_error": val, "test_error": test}, step=epoch)
             tracker.set_status(key, "finished")
@@ -290,9 +365,15 @@ def store(tmp_path_factory):
     trials = synthetic_trials()
     sweep_run_id = write_sweep(uri, EXPERIMENT, trials, folder)
     config = {**base_config(0.0), "optimizer": "sgd", "lr": 0.1}
-    write_sweep(uri, "nothing-finished", [
-        Trial(f"nothing-finished/cell-0_noise-0/{i:05d}", "noise=0", 0.0, status, config, [0.3], [0.3])
-        for i, status in enumerate(("failed", "failed", "running"))], folder)
+    write_sweep(
+        uri,
+        "nothing-finished",
+        [
+            Trial(f"nothing-finished/cell-0_noise-0/{i:05d}", "noise=0", 0.0, status, config, [0.3], [0.3])
+            for i, status in enumerate(("failed", "failed", "running"))
+        ],
+        folder,
+    )
     write_sweep(uri, "no-validation", no_validation_trials(), folder)
     write_confirmations(uri, EXPERIMENT, folder)
     return {"uri": uri, "trials": trials, "sweep_run_id": sweep_run_id, "folder": folder}
@@ -326,8 +407,7 @@ def test_runs_table_reads_the_tracking_layout_back(store, report):
         # "None" (m = whole batch) and keys an SGD trial never had both read back as None.
         assert row["m"] == t.config["m"] if t.config.get("m") is not None else row["m"] is None
         assert row["sharpness_measures"] == json.dumps(list(MEASURES))
-    assert runs.status_counts() == {"finished": 32, "failed": 2, "diverged": 2, "running": 1,
-                                    "stopped": 1}
+    assert runs.status_counts() == {"finished": 32, "failed": 2, "diverged": 2, "running": 1, "stopped": 1}
     # Settings logged beside a measure (sharpness/<measure>/<setting>) and what it was measured
     # on (sharpness/subset, /seed, /batch, /num_params) are not measures.
     assert {f"sharpness/{k}" for k in SHARED_KEYS} <= set(SHARPNESS_BOOKKEEPING)
@@ -339,8 +419,7 @@ def test_the_report_knows_every_key_measure_sharpness_logs_beside_the_measures()
     # The report keeps its own copy (so it need not import torch); it must not drift.
     assert SHARPNESS_SHARED_KEYS == set(SHARED_KEYS)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    shared = measure_sharpness(model, F.cross_entropy, torch.zeros(4, 2),
-                               torch.zeros(4, dtype=torch.long), measures=[])
+    shared = measure_sharpness(model, F.cross_entropy, torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), measures=[])
     assert set(shared) == {f"sharpness/{k}" for k in SHARPNESS_SHARED_KEYS}
 
 
@@ -355,7 +434,7 @@ def test_failed_diverged_and_interrupted_trials_are_counted_and_never_plotted(st
     for frame in (data["robustness"]["best"], data["sensitivity"]["heatmap"]):
         assert (frame.filter(like="val_error") > 0.01).all().all()
     html = built.index.read_text()
-    excluded_section = html[html.index('<section id="excluded">'):]
+    excluded_section = html[html.index('<section id="excluded">') :]
     assert "5 trials carry no plottable numbers" in excluded_section
     for key in excluded:
         assert key in excluded_section
@@ -423,13 +502,26 @@ def test_a_best_epoch_choice_that_asha_stopped_is_drawn_hollow_and_named(tmp_pat
     prefix = f"short-best/cell-0_noise-{noise}"
     sam = {"optimizer": "sam", "rho": 0.1, "m": 8}
     trials = [
-        Trial(f"{prefix}/00000", cell, noise, "finished", {**base_config(noise), "optimizer": "sgd",
-              "lr": 0.1}, [0.80, 0.85, 0.90], [0.60, 0.65, 0.70]),
+        Trial(
+            f"{prefix}/00000",
+            cell,
+            noise,
+            "finished",
+            {**base_config(noise), "optimizer": "sgd", "lr": 0.1},
+            [0.80, 0.85, 0.90],
+            [0.60, 0.65, 0.70],
+        ),
         # Its one epoch validates better than any SGD epoch: the best-epoch panel chooses it.
-        Trial(f"{prefix}/00001", cell, noise, "stopped", {**base_config(noise), **sam, "lr": 0.3},
-              [0.70], [0.50]),
-        Trial(f"{prefix}/00002", cell, noise, "finished", {**base_config(noise), **sam, "lr": 0.03},
-              [0.88, 0.86, 0.84], [0.66, 0.64, 0.62]),
+        Trial(f"{prefix}/00001", cell, noise, "stopped", {**base_config(noise), **sam, "lr": 0.3}, [0.70], [0.50]),
+        Trial(
+            f"{prefix}/00002",
+            cell,
+            noise,
+            "finished",
+            {**base_config(noise), **sam, "lr": 0.03},
+            [0.88, 0.86, 0.84],
+            [0.66, 0.64, 0.62],
+        ),
     ]
     write_sweep(uri, "short-best", trials, tmp_path)
     built = build_report("short-best", tracking_uri=uri, out=tmp_path / "out", strict=True)
@@ -496,25 +588,46 @@ def test_importance_across_optimizers_uses_what_every_optimizer_has(report):
 def importance_records(extra=()):
     """Twelve finished SAM trials where lr matters most, rho next and m barely (as in the
     synthetic sweep), plus `extra` (status, lr, rho, m, value) trials."""
-    specs = [("finished", lr, rho, m, sam_val(0.0, lr, rho, m if m == 8 else None))
-             for lr in SAM_LRS for rho in RHOS for m in (8, 16)] + list(extra)
-    return [TrialRecord(
-        run_id=f"r{i}", tags={"samtune.cell": "noise=0", "samtune.status": status},
-        params={"optimizer": "sam", "lr": repr(lr), "rho": repr(rho), "m": str(m),
-                "batch_size": "64", "label_noise_rate": "0.0", "seed": "0"},
-        # A stopped trial's only value is that of its first epoch.
-        history={"val_error": [(1 if status == "stopped" else EPOCHS, value)],
-                 "test_error": [(1 if status == "stopped" else EPOCHS, value)]})
-        for i, (status, lr, rho, m, value) in enumerate(specs)]
+    specs = [
+        ("finished", lr, rho, m, sam_val(0.0, lr, rho, m if m == 8 else None))
+        for lr in SAM_LRS
+        for rho in RHOS
+        for m in (8, 16)
+    ] + list(extra)
+    return [
+        TrialRecord(
+            run_id=f"r{i}",
+            tags={"samtune.cell": "noise=0", "samtune.status": status},
+            params={
+                "optimizer": "sam",
+                "lr": repr(lr),
+                "rho": repr(rho),
+                "m": str(m),
+                "batch_size": "64",
+                "label_noise_rate": "0.0",
+                "seed": "0",
+            },
+            # A stopped trial's only value is that of its first epoch.
+            history={
+                "val_error": [(1 if status == "stopped" else EPOCHS, value)],
+                "test_error": [(1 if status == "stopped" else EPOCHS, value)],
+            },
+        )
+        for i, (status, lr, rho, m, value) in enumerate(specs)
+    ]
 
 
 def importance_ranking(records):
     spec = next(s for s in discover_views() if s.name == "sensitivity")
     importance = spec.function(tabulate("importance", records)).data["importance"]
     importance = importance[importance["scope"] == "SAM family"]
-    return {evaluator: (list(group.sort_values("importance", ascending=False)["param"]),
-                        dict(zip(group["param"], group["importance"])))
-            for evaluator, group in importance.groupby("evaluator")}
+    return {
+        evaluator: (
+            list(group.sort_values("importance", ascending=False)["param"]),
+            dict(zip(group["param"], group["importance"])),
+        )
+        for evaluator, group in importance.groupby("evaluator")
+    }
 
 
 def test_an_asha_stopped_trial_does_not_move_the_importance():
@@ -540,8 +653,10 @@ def test_trials_without_validation_error_are_reported_by_test_error(store, tmp_p
     assert set(runs.trials["best_by"]) == {"test_error"}
     views = {r.spec.name: r.view for r in built.views}
     for name in ("robustness", "sensitivity", "memorization"):
-        assert any("val_fraction=0" in note and "final_test_error" in note
-                   for note in views[name].notes), (name, views[name].notes)
+        assert any("val_fraction=0" in note and "final_test_error" in note for note in views[name].notes), (
+            name,
+            views[name].notes,
+        )
     best = views["robustness"].data["best"].set_index(["epoch", "optimizer_label"])
     for label, optimizer in (("SGD", "sgd"), ("SAM", "sam")):
         finals = {space["lr"]: final for opt, space, final in NO_VALIDATION if opt == optimizer}
@@ -570,8 +685,7 @@ def test_choice_metric_keeps_validation_error_where_every_trial_has_it():
     mixed = both.assign(final_val_error=[0.1, float("nan")])
     column, note = choice_metric(mixed, "final_val_error")
     assert column == "final_test_error" and note.startswith("1 of 2 trials")
-    assert choice_metric(both.drop(columns="final_val_error"), "final_val_error")[0] == \
-        "final_test_error"
+    assert choice_metric(both.drop(columns="final_val_error"), "final_val_error")[0] == "final_test_error"
     with pytest.raises(ValueError, match="validation-error column"):
         choice_metric(both, "final_test_error")
 
@@ -588,13 +702,22 @@ def test_heatmap_bins_a_continuous_rho_geometrically():
     # Twenty SAM trials with rho spread log-uniformly over [0.01, 0.5]: too many values for one
     # square each, so they fall in geometric ranges that hold 3 or 4 trials each.
     rhos = np.geomspace(0.01, 0.5, 20)
-    records = [TrialRecord(
-        run_id=f"r{i}", tags={"samtune.cell": "noise=0", "samtune.status": "finished"},
-        params={"optimizer": "sam", "lr": str(0.05 + 0.01 * (i % 3)), "rho": repr(float(rho)),
-                "m": "8", "batch_size": "64", "label_noise_rate": "0.0"},
-        history={"val_error": [(1, 0.1 + abs(math.log10(rho / BEST_RHO)))],
-                 "test_error": [(1, 0.1)]})
-        for i, rho in enumerate(rhos)]
+    records = [
+        TrialRecord(
+            run_id=f"r{i}",
+            tags={"samtune.cell": "noise=0", "samtune.status": "finished"},
+            params={
+                "optimizer": "sam",
+                "lr": str(0.05 + 0.01 * (i % 3)),
+                "rho": repr(float(rho)),
+                "m": "8",
+                "batch_size": "64",
+                "label_noise_rate": "0.0",
+            },
+            history={"val_error": [(1, 0.1 + abs(math.log10(rho / BEST_RHO)))], "test_error": [(1, 0.1)]},
+        )
+        for i, rho in enumerate(rhos)
+    ]
     runs = tabulate("continuous", records)
     spec = next(s for s in discover_views() if s.name == "sensitivity")
     heat = spec.function(runs).data["heatmap"]
@@ -631,8 +754,7 @@ def test_granulated_tau_sees_through_the_learning_rate(report):
     psi = psi[(psi["measure"] == "adaptive_sharpness") & (psi["target"] == "test error")]
     # Jiang et al.'s psi per hyperparameter: lr moves both up (+1), rho and m alone rank the
     # measure against the error (-1); their mean is the granulated tau.
-    assert dict(zip(psi["hyperparameter"], psi["psi"])) == pytest.approx(
-        {"lr": 1.0, "rho": -1.0, "m": -1.0})
+    assert dict(zip(psi["hyperparameter"], psi["psi"])) == pytest.approx({"lr": 1.0, "rho": -1.0, "m": -1.0})
     assert dict(zip(psi["hyperparameter"], psi["n_groups"])) == {"lr": 12, "rho": 8, "m": 12}
     overall = data["sharpness"]["granulated_overall"].set_index(["measure", "target"])
     assert overall.loc[("adaptive_sharpness", "test error"), "granulated_tau"] == pytest.approx(-1 / 3)
@@ -699,14 +821,18 @@ def test_the_page_is_self_contained(report):
     built, _ = report
     page = parse(built.index.read_text(encoding="utf-8"))
     assert {"script", "link", "iframe", "object", "embed", "video", "audio", "source"}.isdisjoint(
-        tag for tag, _ in page.tags)
+        tag for tag, _ in page.tags
+    )
     for tag, attrs in page.tags:
         for name in ("src", "href", "srcset", "poster", "data", "action"):
             value = attrs.get(name)
             if value is not None:
                 # Images inline, links only to anchors on the page.
-                assert value.startswith("data:image/png;base64,") if name == "src" else \
-                    value.startswith("#"), (tag, name, value[:80])
+                assert value.startswith("data:image/png;base64,") if name == "src" else value.startswith("#"), (
+                    tag,
+                    name,
+                    value[:80],
+                )
     assert "url(" not in page.style and "@import" not in page.style and "@font-face" not in page.style
     for name in VIEWS:
         assert len(page.images[name]) == 1, name
@@ -735,16 +861,26 @@ def test_every_view_in_the_folder_is_shown_a_failing_one_says_why_and_stale_pngs
         "ORDER = 1\n"
         "def view(runs):\n"
         "    return View(figure=None, data={'counts': runs.trials.groupby('cell').size()"
-        ".rename('n').reset_index()}, notes=['no figure here'])\n")
+        ".rename('n').reset_index()}, notes=['no figure here'])\n"
+    )
     (views / "broken.py").write_text('"""Broken."""\ndef view(runs):\n    raise KeyError("lr")\n')
     (views / "_helper.py").write_text("raise RuntimeError('not a view: never imported')\n")
     specs = discover_views(views)
     assert [(s.name, s.title, s.caption, s.order) for s in specs] == [
-        ("counts", "Counts: trials per cell", "A table and no figure.", 1), ("broken", "Broken", "", 100)]
-    runs = tabulate("tiny", [TrialRecord(
-        run_id="r0", params={"optimizer": "sgd", "lr": "0.1"},
-        tags={"samtune.cell": "noise=0", "samtune.status": "finished"},
-        history={"val_error": [(1, 0.2)], "test_error": [(1, 0.25)]})])
+        ("counts", "Counts: trials per cell", "A table and no figure.", 1),
+        ("broken", "Broken", "", 100),
+    ]
+    runs = tabulate(
+        "tiny",
+        [
+            TrialRecord(
+                run_id="r0",
+                params={"optimizer": "sgd", "lr": "0.1"},
+                tags={"samtune.cell": "noise=0", "samtune.status": "finished"},
+                history={"val_error": [(1, 0.2)], "test_error": [(1, 0.25)]},
+            )
+        ],
+    )
     rendered = render_views(runs, specs)
     assert rendered[1].view is None and rendered[1].error == "KeyError: 'lr'"
     with pytest.raises(KeyError):
@@ -772,8 +908,9 @@ def test_a_view_must_return_a_view(tmp_path):
 
 
 def test_an_experiment_with_no_finished_trial_is_a_clear_error(store, tmp_path, capsys):
-    with pytest.raises(NoFinishedTrialsError,
-                       match=r"'nothing-finished' has no finished trial to report \(2 failed, 1 running\)"):
+    with pytest.raises(
+        NoFinishedTrialsError, match=r"'nothing-finished' has no finished trial to report \(2 failed, 1 running\)"
+    ):
         build_report("nothing-finished", tracking_uri=store["uri"], out=tmp_path)
     code = cli.main(["report", "nothing-finished", "--tracking-uri", store["uri"], "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -786,8 +923,9 @@ def test_a_sweep_run_again_under_its_name_is_reported_alone(tmp_path):
     config = {**base_config(0.0), "optimizer": "sgd"}
 
     def one_trial(sweep_key, lr, error):
-        return Trial(f"{sweep_key}/cell-0_noise-0/00000", "noise=0", 0.0, "finished",
-                     {**config, "lr": lr}, [error], [error])
+        return Trial(
+            f"{sweep_key}/cell-0_noise-0/00000", "noise=0", 0.0, "finished", {**config, "lr": lr}, [error], [error]
+        )
 
     write_sweep(uri, "again", [one_trial("again@first", 0.1, 0.3)], tmp_path, sweep_key="again@first")
     time.sleep(0.01)  # the newer sweep run starts later
@@ -810,14 +948,15 @@ def test_an_unknown_experiment_exits_2_with_one_line(store, tmp_path, capsys):
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed here (CI installs Debian's chromium)")
+    CHROMIUM is None, reason="Chromium is not installed here (CI installs Debian's chromium)"
+)
 
 
 @dataclass
 class Browsed:
     dom: str
-    console: list[str]      # console messages of the page
-    requests: list[str]     # URLs the page asked the network for
+    console: list[str]  # console messages of the page
+    requests: list[str]  # URLs the page asked the network for
     screenshot: Path
 
 
@@ -827,12 +966,28 @@ def open_in_chromium(page: Path, folder: Path) -> Browsed:
     and a screenshot."""
     netlog, shot = folder / "netlog.json", folder / "screenshot.png"
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={folder / 'profile'}", "--enable-logging=stderr", "--v=0",
-         f"--log-net-log={netlog}", f"--screenshot={shot}", "--window-size=1280,1600",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={folder / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--log-net-log={netlog}",
+            f"--screenshot={shot}",
+            "--window-size=1280,1600",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads(netlog.read_text())
     event_names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
@@ -840,9 +995,12 @@ def open_in_chromium(page: Path, folder: Path) -> Browsed:
     for event in log["events"]:
         params = event.get("params") or {}
         # Chromium's own housekeeping (update checks) has no origin; the page's requests do.
-        if (event_names.get(event["type"]) == "URL_REQUEST_START_JOB" and "url" in params
-                and params.get("initiator") != "not an origin"
-                and not params["url"].startswith(("file:", "data:"))):
+        if (
+            event_names.get(event["type"]) == "URL_REQUEST_START_JOB"
+            and "url" in params
+            and params.get("initiator") != "not an origin"
+            and not params["url"].startswith(("file:", "data:"))
+        ):
             requests.append(params["url"])
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     return Browsed(proc.stdout, console, requests, shot)
@@ -852,8 +1010,9 @@ def open_in_chromium(page: Path, folder: Path) -> Browsed:
 def test_the_browser_check_sees_a_network_request_and_a_console_error(tmp_path):
     # The check below would pass vacuously if it could not see these.
     page = tmp_path / "bad.html"
-    page.write_text('<html><body><img src="http://example.invalid/x.png">'
-                    '<script>console.error("probe")</script></body></html>')
+    page.write_text(
+        '<html><body><img src="http://example.invalid/x.png"><script>console.error("probe")</script></body></html>'
+    )
     seen = open_in_chromium(page, tmp_path)
     assert set(seen.requests) == {"http://example.invalid/x.png"}
     assert len(seen.console) == 1 and '"probe"' in seen.console[0]
@@ -885,15 +1044,31 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
     def samtune(*args):
-        return subprocess.run([sys.executable, "-m", "samtune.cli", *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "samtune.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
 
-    sweep = samtune("sweep", str(REPO / "search_spaces/noisy_digits.py"), "--set", "epochs=2",
-                    "--set", "trials=2", "--set", "label_noise_rates=0.0,0.4",
-                    # A short confirmation stage, so the answer view has runs to draw.
-                    "--set", "confirm_seeds=2", "--set", "m_ablation=8",
-                    "--set", "fixed.sharpness_measures=m_sharpness",
-                    "--storage-path", str(tmp_path / "ray"), "--tracking-uri", uri)
+    sweep = samtune(
+        "sweep",
+        str(REPO / "search_spaces/noisy_digits.py"),
+        "--set",
+        "epochs=2",
+        "--set",
+        "trials=2",
+        "--set",
+        "label_noise_rates=0.0,0.4",
+        # A short confirmation stage, so the answer view has runs to draw.
+        "--set",
+        "confirm_seeds=2",
+        "--set",
+        "m_ablation=8",
+        "--set",
+        "fixed.sharpness_measures=m_sharpness",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        uri,
+    )
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     made = samtune("report", "noisy-digits", "--tracking-uri", uri, "--out", str(tmp_path / "out"))
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
@@ -937,17 +1112,34 @@ def test_cells_too_small_for_importance_pool_every_trial_at_the_epoch_all_reache
     # the cells: lr decides it (a 0.3 step), rho next, m not at all.
     records = []
     for c, noise in enumerate((0.0, 0.2, 0.4)):
-        for i, (lr, rho, m) in enumerate([(0.03, 0.02, 8), (0.1, 0.1, 16), (0.03, 0.1, 16), (0.1, 0.5, 8),
-                                          (0.03, 0.5, 16), (0.1, 0.02, 8)]):
+        for i, (lr, rho, m) in enumerate(
+            [(0.03, 0.02, 8), (0.1, 0.1, 16), (0.03, 0.1, 16), (0.1, 0.5, 8), (0.03, 0.5, 16), (0.1, 0.02, 8)]
+        ):
             value = noise + 0.3 * (lr == 0.03) + 0.05 * math.log10(rho / 0.1) ** 2
             epochs = 1 if i >= 4 else 3
-            records.append(TrialRecord(
-                run_id=f"r{c}{i}", tags={"samtune.cell": f"noise={noise:g}",
-                                         "samtune.status": "stopped" if epochs == 1 else "finished"},
-                params={"optimizer": "sam", "lr": repr(lr), "rho": repr(rho), "m": str(m), "batch_size": "64",
-                        "label_noise_rate": repr(noise), "seed": "0", "epochs": "3"},
-                history={"val_error": [(e, value + 0.1 / e) for e in range(1, epochs + 1)],
-                         "test_error": [(e, value) for e in range(1, epochs + 1)]}))
+            records.append(
+                TrialRecord(
+                    run_id=f"r{c}{i}",
+                    tags={
+                        "samtune.cell": f"noise={noise:g}",
+                        "samtune.status": "stopped" if epochs == 1 else "finished",
+                    },
+                    params={
+                        "optimizer": "sam",
+                        "lr": repr(lr),
+                        "rho": repr(rho),
+                        "m": str(m),
+                        "batch_size": "64",
+                        "label_noise_rate": repr(noise),
+                        "seed": "0",
+                        "epochs": "3",
+                    },
+                    history={
+                        "val_error": [(e, value + 0.1 / e) for e in range(1, epochs + 1)],
+                        "test_error": [(e, value) for e in range(1, epochs + 1)],
+                    },
+                )
+            )
     spec = next(s for s in discover_views() if s.name == "sensitivity")
     importance = spec.function(tabulate("pooled", records)).data["importance"]
     sam = importance[importance["scope"].str.startswith("SAM family")]
@@ -970,15 +1162,28 @@ def finetune_records(role_tags=lambda cell, optimizer, seed: {}) -> list[TrialRe
         for optimizer, end in (("sgd", 0.06), ("sam", 0.04)):
             for seed in range(3):
                 errors = [start - 0.01, end + noise / 10 + 0.002 * seed]
-                records.append(TrialRecord(
-                    run_id=f"{cell}-{optimizer}-{seed}",
-                    tags={"samtune.cell": cell, "samtune.status": "finished", **role_tags(cell, optimizer, seed)},
-                    params={"optimizer": optimizer, "lr": "0.05", "rho": "0.05" if optimizer == "sam" else "None",
-                            "scenario": "finetune", "label_noise_rate": repr(noise), "seed": str(seed),
-                            "epochs": "2", "batch_size": "64", "dataset": "digits[5-9]"},
-                    history={"val_error": [(1, errors[0]), (2, errors[1])],
-                             "test_error": [(1, errors[0]), (2, errors[1])],
-                             "pretrained_test_error": [(1, start)]}))
+                records.append(
+                    TrialRecord(
+                        run_id=f"{cell}-{optimizer}-{seed}",
+                        tags={"samtune.cell": cell, "samtune.status": "finished", **role_tags(cell, optimizer, seed)},
+                        params={
+                            "optimizer": optimizer,
+                            "lr": "0.05",
+                            "rho": "0.05" if optimizer == "sam" else "None",
+                            "scenario": "finetune",
+                            "label_noise_rate": repr(noise),
+                            "seed": str(seed),
+                            "epochs": "2",
+                            "batch_size": "64",
+                            "dataset": "digits[5-9]",
+                        },
+                        history={
+                            "val_error": [(1, errors[0]), (2, errors[1])],
+                            "test_error": [(1, errors[0]), (2, errors[1])],
+                            "pretrained_test_error": [(1, start)],
+                        },
+                    )
+                )
     return records
 
 
@@ -998,8 +1203,9 @@ def test_the_answer_view_gives_a_finetuning_cells_starting_point_beside_sgd_and_
     from samtune.report.answers import confirmation_frame
 
     names = {"sgd": "best_sgd", "sam": "best_sam"}
-    confirmations = finetune_records(lambda cell, optimizer, seed: {
-        "samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)})
+    confirmations = finetune_records(
+        lambda cell, optimizer, seed: {"samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)}
+    )
     runs = tabulate("finetune", finetune_records())
     runs.confirmations = confirmation_frame(confirmations)
     spec = next(s for s in discover_views() if s.name == "answer")
@@ -1023,8 +1229,9 @@ def test_the_answer_view_says_a_cell_lost_its_sgd_baseline_instead_of_a_verdict(
     from samtune.report.answers import confirmation_frame
 
     names = {"sgd": "best_sgd", "sam": "best_sam"}
-    confirmations = finetune_records(lambda cell, optimizer, seed: {
-        "samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)})
+    confirmations = finetune_records(
+        lambda cell, optimizer, seed: {"samtune.confirms": names[optimizer], "samtune.seed": str(seed + 1)}
+    )
     records = finetune_records()
     lost = next(r for r in records if r.run_id == "noise=0.4-sgd-0")
     lost.tags["samtune.status"] = "failed"

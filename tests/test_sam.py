@@ -1,4 +1,5 @@
 """SAM / ASAM and the m-sharpness step, checked against closed forms and hand-written references."""
+
 import copy
 import warnings
 
@@ -76,8 +77,10 @@ def reference_sam_sgd(model, x, y, rho, lr, momentum, wd, steps, adaptive=False,
     names = [n for n, _ in model.named_parameters()]
     bufs = [None] * len(params)
     for _ in range(steps):
+
         def loss_at(ws):
             return F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ws)), (x,)), y)
+
         ws = [p.clone().requires_grad_() for p in params]
         g = torch.autograd.grad(loss_at(ws), ws)
         if adaptive:
@@ -85,7 +88,7 @@ def reference_sam_sgd(model, x, y, rho, lr, momentum, wd, steps, adaptive=False,
             norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
             eps = [rho * ti * ti * gi / norm for ti, gi in zip(t, g)]
         else:
-            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
             eps = [rho * gi / norm for gi in g]
         wp = [(p + e).requires_grad_() for p, e in zip(params, eps)]
         g2 = torch.autograd.grad(loss_at(wp), wp)
@@ -100,8 +103,9 @@ def reference_sam_sgd(model, x, y, rho, lr, momentum, wd, steps, adaptive=False,
 def test_sam_step_equals_hand_written_two_pass_reference(adaptive):
     model = mlp()
     x, y = batch()
-    expected = reference_sam_sgd(copy.deepcopy(model), x, y, rho=0.1, lr=0.2, momentum=0.9,
-                                 wd=1e-3, steps=3, adaptive=adaptive)
+    expected = reference_sam_sgd(
+        copy.deepcopy(model), x, y, rho=0.1, lr=0.2, momentum=0.9, wd=1e-3, steps=3, adaptive=adaptive
+    )
     opt = SAM(model.parameters(), rho=0.1, adaptive=adaptive, lr=0.2, momentum=0.9, weight_decay=1e-3)
     for _ in range(3):
         sam_step(model, F.cross_entropy, x, y, opt)
@@ -135,10 +139,13 @@ def test_step_without_closure_names_what_is_missing():
         opt.step()
 
 
-@pytest.mark.parametrize("base, kwargs", [
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
-    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
-])
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    ],
+)
 def test_rho_zero_is_bit_identical_to_the_base_optimizer(base, kwargs):
     x, y = batch()
     m_sam, m_base, m_closure = mlp(bn=True), mlp(bn=True), mlp(bn=True)
@@ -163,6 +170,7 @@ def test_rho_zero_is_bit_identical_to_the_base_optimizer(base, kwargs):
             loss = F.cross_entropy(m_closure(x), y)
             loss.backward()
             return loss
+
         o_closure.step(closure)
     assert passes == 4  # one pass per step
     for a, b, c in zip(m_sam.state_dict().values(), m_base.state_dict().values(), m_closure.state_dict().values()):
@@ -183,8 +191,7 @@ def test_weights_return_exactly_to_w_before_the_base_step():
 # -- m-sharpness ------------------------------------------------------------------------------
 
 
-def reference_grouped_gradient(model, x, y, m, rho, adaptive=False, eta=0.01, wd_in_eps=0.0,
-                               loss_fn=F.cross_entropy):
+def reference_grouped_gradient(model, x, y, m, rho, adaptive=False, eta=0.01, wd_in_eps=0.0, loss_fn=F.cross_entropy):
     """Explicit loop over groups: eps_j from group j's gradient (SAM: rho d / ||d||, ASAM:
     rho T^2 d / ||T d|| with T = |w| + eta, d = g + wd_in_eps * w), gradient of group j at
     w + eps_j, averaged. Written without the library. A model in train mode normalises each group
@@ -199,7 +206,7 @@ def reference_grouped_gradient(model, x, y, m, rho, adaptive=False, eta=0.01, wd
         return torch.autograd.grad(loss_fn(torch.func.functional_call(model, dict(zip(names, ws)), (xs,)), ys), ws)
 
     for j in range(groups):
-        xs, ys = x[j * m:(j + 1) * m], y[j * m:(j + 1) * m]
+        xs, ys = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
         d = [gi + wd_in_eps * p for gi, p in zip(grad_at(params, xs, ys), params)]
         t = [p.abs() + eta if adaptive else torch.ones_like(p) for p in params]
         norm = torch.sqrt(sum(((ti * di) ** 2).sum() for ti, di in zip(t, d)))
@@ -236,11 +243,13 @@ def test_grouped_step_equals_explicit_loop_with_asam_and_weight_decay_in_eps(vec
     model = mlp()
     x, y = batch(24)
     lr, wd, eta = 0.5, 0.05, 0.1
-    expected_grad = reference_grouped_gradient(copy.deepcopy(model), x, y, 8, rho=0.2, adaptive=adaptive,
-                                               eta=eta, wd_in_eps=wd if perturb_wd else 0.0)
+    expected_grad = reference_grouped_gradient(
+        copy.deepcopy(model), x, y, 8, rho=0.2, adaptive=adaptive, eta=eta, wd_in_eps=wd if perturb_wd else 0.0
+    )
     w0 = [p.detach().clone() for p in model.parameters()]
-    opt = SAM(model.parameters(), rho=0.2, adaptive=adaptive, eta=eta, lr=lr, weight_decay=wd,
-              perturb_weight_decay=perturb_wd)
+    opt = SAM(
+        model.parameters(), rho=0.2, adaptive=adaptive, eta=eta, lr=lr, weight_decay=wd, perturb_weight_decay=perturb_wd
+    )
     sam_step(model, F.cross_entropy, x, y, opt, m=8, vectorize=vectorize)
     # Plain SGD with weight decay: w1 = w0 - lr * (grad + wd * w0).
     for p, p0, g in zip(model.parameters(), w0, expected_grad):
@@ -309,8 +318,7 @@ def test_vmap_failure_falls_back_to_the_loop_with_batchnorm_advanced_once(monkey
 
     x, y = batch(24)
     loop_model, auto_model = mlp(bn=True), mlp(bn=True)
-    sam_step(loop_model, F.cross_entropy, x, y, SAM(loop_model.parameters(), rho=0.5, lr=0.3),
-             m=8, vectorize=False)
+    sam_step(loop_model, F.cross_entropy, x, y, SAM(loop_model.parameters(), rho=0.5, lr=0.3), m=8, vectorize=False)
 
     real_vmap, calls = sam_module.vmap, []
 
@@ -322,6 +330,7 @@ def test_vmap_failure_falls_back_to_the_loop_with_batchnorm_advanced_once(monkey
             if len(calls) == 2:  # after the first pass has run, as an op without a batching rule would
                 raise RuntimeError("no batching rule")
             return batched(*inputs)
+
         return call
 
     # The automatic route takes vmap off CPU; pretend this CPU is such a device.
@@ -345,8 +354,7 @@ def test_grouped_step_keeps_frozen_batchnorm_counters_still():
     for vectorize in (True, False):
         model = freeze_batchnorm_stats(mlp(bn=True))
         before = copy.deepcopy(model[1].state_dict())
-        sam_step(model, F.cross_entropy, x, y, SAM(model.parameters(), rho=0.5, lr=0.3), m=8,
-                 vectorize=vectorize)
+        sam_step(model, F.cross_entropy, x, y, SAM(model.parameters(), rho=0.5, lr=0.3), m=8, vectorize=vectorize)
         for key, value in model[1].state_dict().items():
             if key.startswith("running") or key == "num_batches_tracked":
                 assert torch.equal(value, before[key]), (vectorize, key)
@@ -467,7 +475,7 @@ def test_scaled_first_pass_keeps_small_fp16_gradients_from_underflowing(m, vecto
     expected_grad = reference_grouped_gradient(exact, x, y, m or 24, rho=0.5, loss_fn=tiny_loss)
     w0 = [p.detach().clone() for p in model.parameters()]
     opt = SAM(model.parameters(), rho=0.5, lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
     sam_step(model, tiny_loss, x, y, opt, m=m, vectorize=vectorize, scaler=scaler)
     for p, p0, g in zip(model.parameters(), w0, expected_grad):
         # float16 keeps about 3 significant digits of each scaled gradient.
@@ -480,12 +488,14 @@ def test_weight_decay_in_eps_is_the_same_with_a_grad_scaler(m, vectorize, adapti
     x, y = batch(24)
     model = mlp()
     lr, wd = 0.5, 0.05
-    expected_grad = reference_grouped_gradient(copy.deepcopy(model), x, y, m or 24, rho=0.2,
-                                               adaptive=adaptive, eta=0.1, wd_in_eps=wd)
+    expected_grad = reference_grouped_gradient(
+        copy.deepcopy(model), x, y, m or 24, rho=0.2, adaptive=adaptive, eta=0.1, wd_in_eps=wd
+    )
     w0 = [p.detach().clone() for p in model.parameters()]
-    opt = SAM(model.parameters(), rho=0.2, adaptive=adaptive, eta=0.1, lr=lr, weight_decay=wd,
-              perturb_weight_decay=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    opt = SAM(
+        model.parameters(), rho=0.2, adaptive=adaptive, eta=0.1, lr=lr, weight_decay=wd, perturb_weight_decay=True
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     sam_step(model, F.cross_entropy, x, y, opt, m=m, vectorize=vectorize, scaler=scaler)
     for p, p0, g in zip(model.parameters(), w0, expected_grad):
         torch.testing.assert_close(p.detach(), p0 - lr * (g + wd * p0), rtol=1e-10, atol=1e-12)
@@ -527,30 +537,41 @@ def test_lr_scheduler_drives_the_base_optimizer_without_warnings():
         for _ in range(2):
             sam_step(model, F.cross_entropy, x, y, opt)
             sched.step()
-    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * (1 + torch.cos(torch.tensor(torch.pi / 2)).item()) / 2)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.1 * (1 + torch.cos(torch.tensor(torch.pi / 2)).item()) / 2
+    )
 
 
 # -- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(rho=-0.1), r"rho must be a number >= 0.*rho=-0.1"),
-    (dict(rho="0.1"), r"rho must be a number"),
-    (dict(adaptive=True, eta=0.0), r"eta must be > 0.*eta=0.0"),
-    (dict(adaptive=True, eta=-1), r"eta must be > 0"),
-    (dict(base_optimizer="sgd"), r"base_optimizer must be a torch.optim.Optimizer class"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rho=-0.1), r"rho must be a number >= 0.*rho=-0.1"),
+        (dict(rho="0.1"), r"rho must be a number"),
+        (dict(adaptive=True, eta=0.0), r"eta must be > 0.*eta=0.0"),
+        (dict(adaptive=True, eta=-1), r"eta must be > 0"),
+        (dict(base_optimizer="sgd"), r"base_optimizer must be a torch.optim.Optimizer class"),
+    ],
+)
 def test_bad_optimizer_settings_raise_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SAM(mlp().parameters(), **{"lr": 0.1, **kwargs})
 
 
-@pytest.mark.parametrize("group, message", [
-    ({"adaptive": True, "eta": 0}, r"parameter group 1: eta must be > 0 for adaptive SAM \(ASAM\), got eta=0"),
-    ({"adaptive": True, "eta": -0.5}, r"parameter group 1: eta must be > 0.*eta=-0.5"),
-    ({"rho": -1}, r"parameter group 1: rho must be a number >= 0.*rho=-1"),
-    ({"adaptive": "yes"}, r"parameter group 1: adaptive must be True \(ASAM\) or False \(SAM\), got adaptive='yes'"),
-])
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"adaptive": True, "eta": 0}, r"parameter group 1: eta must be > 0 for adaptive SAM \(ASAM\), got eta=0"),
+        ({"adaptive": True, "eta": -0.5}, r"parameter group 1: eta must be > 0.*eta=-0.5"),
+        ({"rho": -1}, r"parameter group 1: rho must be a number >= 0.*rho=-1"),
+        (
+            {"adaptive": "yes"},
+            r"parameter group 1: adaptive must be True \(ASAM\) or False \(SAM\), got adaptive='yes'",
+        ),
+    ],
+)
 @pytest.mark.parametrize("how", ["constructor", "add_param_group"])
 def test_bad_group_settings_raise_a_clear_error(group, message, how):
     model = mlp()
@@ -578,13 +599,16 @@ def test_add_param_group_fills_sam_defaults_and_the_base_optimizer_steps_the_gro
     assert all(not torch.equal(p, b) for p, b in zip(model[2].parameters(), before))
 
 
-@pytest.mark.parametrize("m, message", [
-    (0, r"positive integer, got m=0"),
-    (-4, r"positive integer, got m=-4"),
-    (2.5, r"positive integer, got m=2.5"),
-    (5, r"m=5 must divide the local batch size 24"),
-    (48, r"m=48 must divide the local batch size 24"),
-])
+@pytest.mark.parametrize(
+    "m, message",
+    [
+        (0, r"positive integer, got m=0"),
+        (-4, r"positive integer, got m=-4"),
+        (2.5, r"positive integer, got m=2.5"),
+        (5, r"m=5 must divide the local batch size 24"),
+        (48, r"m=48 must divide the local batch size 24"),
+    ],
+)
 def test_bad_m_raises_a_clear_error(m, message):
     model = mlp()
     x, y = batch(24)
@@ -592,10 +616,13 @@ def test_bad_m_raises_a_clear_error(m, message):
         sam_step(model, F.cross_entropy, x, y, SAM(model.parameters(), lr=0.1), m=m)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(sync_perturbation=True), r"sync_perturbation=True .* contradicts m=8.*local batch of 24"),
-    (dict(perturbation_group=object()), r"perturbation_group .* contradicts m=8.*use m=None \(or m=24\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sync_perturbation=True), r"sync_perturbation=True .* contradicts m=8.*local batch of 24"),
+        (dict(perturbation_group=object()), r"perturbation_group .* contradicts m=8.*use m=None \(or m=24\)"),
+    ],
+)
 def test_shared_perturbation_with_m_sharpness_groups_is_refused(kwargs, message):
     model = mlp()
     x, y = batch(24)

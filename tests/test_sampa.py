@@ -1,5 +1,6 @@
 """SAMPa-lambda: the update written out by hand in this file, in one process and on two gloo
 workers that compute one gradient each; the trial's checks of its settings; a Ray Train trial."""
+
 import copy
 import datetime
 import gc
@@ -30,8 +31,9 @@ def lr_at(t):
 
 
 def optimizer_and_schedule(model, lam=LAM, rho=RHO):
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MOMENTUM,
-              weight_decay=WD, variant=SAMPa(lam=lam))
+    opt = SAM(
+        model.parameters(), torch.optim.SGD, rho=rho, lr=LR, momentum=MOMENTUM, weight_decay=WD, variant=SAMPa(lam=lam)
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_at(t) / LR)
     return opt, schedule
 
@@ -104,7 +106,7 @@ def test_sampa_lambda_ends(lam):
 
 
 def test_sampa_first_step_is_the_plain_sgd_step():
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     model, plain = mlp(), mlp()
     opt, _ = optimizer_and_schedule(model)
     sam_step(model, F.cross_entropy, x, y, opt)
@@ -135,8 +137,9 @@ def test_sampa_resumed_from_a_checkpoint_takes_the_same_next_updates(tmp_path):
     model = mlp(bn=True)
     opt, schedule = optimizer_and_schedule(model)
     train(model, data[:3], opt, schedule)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict()},
-               tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "schedule": schedule.state_dict()}, tmp_path / "ckpt.pt"
+    )
     train(model, data[3:], opt, schedule)
 
     resumed = mlp(seed=4, bn=True)
@@ -161,7 +164,7 @@ def test_sampa_batchnorm_statistics_advance_once_per_step_at_the_auxiliary_point
 
 def test_sampa_refuses_m_groups_fp16_scaling_and_a_closure():
     model = mlp()
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     opt, _ = optimizer_and_schedule(model)
     with pytest.raises(ValueError, match=r"sam_variant='sampa' takes one perturbation per step.*m=8"):
         sam_step(model, F.cross_entropy, x, y, opt, m=8)
@@ -176,8 +179,9 @@ def test_sampa_refuses_m_groups_fp16_scaling_and_a_closure():
 
 def _paired_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         out = {}
         for bn in (False, True):
@@ -200,8 +204,12 @@ def _paired_run(bn):
     opt, schedule = optimizer_and_schedule(model.module)
     own = msharpness.own_all_reduces
     losses = train(model, batches(STEPS), opt, schedule)  # both ranks of the pair: the same batches
-    return {"state": {k: v.clone() for k, v in model.module.state_dict().items()}, "losses": losses,
-            "own": msharpness.own_all_reduces - own, "ddp": len(ddp_rounds)}
+    return {
+        "state": {k: v.clone() for k, v in model.module.state_dict().items()},
+        "losses": losses,
+        "own": msharpness.own_all_reduces - own,
+        "ddp": len(ddp_rounds),
+    }
 
 
 def test_sampa_on_two_gloo_workers_equals_the_update_by_hand(tmp_path):
@@ -231,24 +239,29 @@ def test_sampa_on_two_gloo_workers_equals_the_update_by_hand(tmp_path):
 
 
 def test_trial_config_pairs_the_workers_for_sampa():
-    plan = perturbation_plan(resolve_config({"optimizer": "sam", "sam_variant": "sampa", "workers": 4,
-                                             "batch_size": 64}))
+    plan = perturbation_plan(
+        resolve_config({"optimizer": "sam", "sam_variant": "sampa", "workers": 4, "batch_size": 64})
+    )
     assert plan.paired and plan.data_shards == 2 and plan.per_worker_batch == 32
-    assert plan.describe() == ("m=32: SAMPa on 2 pairs of workers, each pair on its own batch of 32, "
-                               "one gradient per worker")
+    assert plan.describe() == (
+        "m=32: SAMPa on 2 pairs of workers, each pair on its own batch of 32, one gradient per worker"
+    )
     assert variant_from_config({"sam_variant": "sampa", "sampa_lambda": 0.5}).lam == 0.5
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"workers": 3, "batch_size": 63}, "workers must be 1 or even, got workers=3"),
-    ({"workers": 2, "m": 16}, r"local batch of 64, so it does not combine with m=16"),
-    ({"workers": 2, "sync_perturbation": True}, "sync_perturbation=True"),
-    ({"workers": 4, "batch_size": 65}, "batch_size=65 does not split evenly over the 2 pairs"),
-    ({"m": 16}, r"sam_variant='sampa' takes one perturbation per step for the whole per-worker batch"),
-    ({"sampa_lambda": 1.5}, r"sampa_lambda must be a probability in \[0, 1\], got 1.5"),
-    ({"optimizer": "asam"}, "needs optimizer='sam'"),
-    ({"precision": "fp16", "use_gpu": True}, "fp16 loss scaling"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"workers": 3, "batch_size": 63}, "workers must be 1 or even, got workers=3"),
+        ({"workers": 2, "m": 16}, r"local batch of 64, so it does not combine with m=16"),
+        ({"workers": 2, "sync_perturbation": True}, "sync_perturbation=True"),
+        ({"workers": 4, "batch_size": 65}, "batch_size=65 does not split evenly over the 2 pairs"),
+        ({"m": 16}, r"sam_variant='sampa' takes one perturbation per step for the whole per-worker batch"),
+        ({"sampa_lambda": 1.5}, r"sampa_lambda must be a probability in \[0, 1\], got 1.5"),
+        ({"optimizer": "asam"}, "needs optimizer='sam'"),
+        ({"precision": "fp16", "use_gpu": True}, "fp16 loss scaling"),
+    ],
+)
 def test_trial_config_refuses_what_sampa_cannot_run(config, message):
     with pytest.raises(TrialConfigError, match=message):
         resolve_config({"optimizer": "sam", "sam_variant": "sampa", **config})
@@ -262,15 +275,26 @@ def test_a_two_worker_ray_train_trial_trains_with_sampa_and_one_collective_per_s
 
     from samtune.trial.entry import train_loop_per_worker
 
-    config = {"dataset": "digits", "model": "mlp", "epochs": 4, "batch_size": 64, "workers": 2,
-              "optimizer": "sam", "sam_variant": "sampa", "rho": 0.1, "lr": 0.05,
-              "sharpness_measures": ""}
+    config = {
+        "dataset": "digits",
+        "model": "mlp",
+        "epochs": 4,
+        "batch_size": 64,
+        "workers": 2,
+        "optimizer": "sam",
+        "sam_variant": "sampa",
+        "rho": 0.1,
+        "lr": 0.05,
+        "sharpness_measures": "",
+    }
     ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="ERROR")
     try:
         result = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config,
+            train_loop_per_worker,
+            train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=RunConfig(name="sampa", storage_path=str(tmp_path))).fit()
+            run_config=RunConfig(name="sampa", storage_path=str(tmp_path)),
+        ).fit()
     finally:
         ray.shutdown()
     epochs = result.metrics_dataframe.sort_values("epoch")
@@ -278,5 +302,6 @@ def test_a_two_worker_ray_train_trial_trains_with_sampa_and_one_collective_per_s
     assert epochs["test_error"].iloc[-1] < epochs["test_error"].iloc[0]
     assert epochs["train_loss"].iloc[-1] < epochs["train_loss"].iloc[0]
     assert (epochs["allreduce_per_step"] == 1).all()
-    assert epochs["m_plan"].iloc[-1] == ("m=64: SAMPa on 1 pair of workers, each pair on its own "
-                                         "batch of 64, one gradient per worker")
+    assert epochs["m_plan"].iloc[-1] == (
+        "m=64: SAMPa on 1 pair of workers, each pair on its own batch of 64, one gradient per worker"
+    )

@@ -1,4 +1,5 @@
 """Label noise, splits and the scenarios built from a trial config."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,9 +111,14 @@ def test_asymmetric_scenario_on_cifar10_and_a_clear_error_elsewhere(monkeypatch)
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=gen)
-    fake = Dataset(name="cifar10", train_x=images,
-                   train_y=torch.arange(1000) % 10, test_x=torch.zeros(20, 3, 4, 4, dtype=torch.uint8),
-                   test_y=torch.arange(20) % 10, classes=list(CIFAR10))
+    fake = Dataset(
+        name="cifar10",
+        train_x=images,
+        train_y=torch.arange(1000) % 10,
+        test_x=torch.zeros(20, 3, 4, 4, dtype=torch.uint8),
+        test_y=torch.arange(20) % 10,
+        classes=list(CIFAR10),
+    )
     monkeypatch.setattr(scenarios, "load_dataset", lambda name, root=None: fake)
     sc = build_scenario({"dataset": "cifar10", "label_noise_rate": 0.4, "label_noise_kind": "asymmetric"})
     assert sc.cell == "noise=0.4 asymmetric"
@@ -209,9 +215,11 @@ def saved_weights(path: Path, num_classes: int = 10, norm: str = "batch", wrap=N
     return {k: v.clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("wrap", [None, lambda s: {"model": s, "epoch": 3},
-                                  lambda s: {f"module.{k}": v for k, v in s.items()}],
-                         ids=["state_dict", "checkpoint", "ddp"])
+@pytest.mark.parametrize(
+    "wrap",
+    [None, lambda s: {"model": s, "epoch": 3}, lambda s: {f"module.{k}": v for k, v in s.items()}],
+    ids=["state_dict", "checkpoint", "ddp"],
+)
 def test_finetune_loads_the_backbone_and_puts_a_new_head_for_the_target_classes(tmp_path, wrap):
     source = saved_weights(tmp_path / "w.pt", wrap=wrap)
     sc = build_scenario({**FINETUNE, "finetune_source": str(tmp_path / "w.pt")})
@@ -222,7 +230,7 @@ def test_finetune_loads_the_backbone_and_puts_a_new_head_for_the_target_classes(
     backbone = [k for k in source if not k.startswith("head.")]
     assert len(backbone) == len(state) - 2 and all(torch.equal(state[k], source[k]) for k in backbone)
     # The head is the model's own fresh initialisation (nn.Linear's uniform(+-1/sqrt(fan_in))).
-    assert float(model.head.weight.abs().max()) <= 128 ** -0.5
+    assert float(model.head.weight.abs().max()) <= 128**-0.5
     assert sc.freeze_bn is False and sc.backbone_lr_scale == 1.0
     # Test set: only digits 5..9, relabelled 0..4, clean.
     full = load_dataset("digits")
@@ -231,8 +239,9 @@ def test_finetune_loads_the_backbone_and_puts_a_new_head_for_the_target_classes(
 
 def test_finetune_freezes_batchnorm_statistics_when_asked(tmp_path):
     source = saved_weights(tmp_path / "w.pt")
-    sc = build_scenario({**FINETUNE, "finetune_source": str(tmp_path / "w.pt"), "freeze_bn": True,
-                         "backbone_lr_scale": 0.1})
+    sc = build_scenario(
+        {**FINETUNE, "finetune_source": str(tmp_path / "w.pt"), "freeze_bn": True, "backbone_lr_scale": 0.1}
+    )
     model = sc.build_model("cnn", "batch").train()
     assert all(type(m) is FrozenStatsBatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     model(sc.train_x[:32].float())
@@ -313,8 +322,7 @@ def _scenario_with_pretraining(config):
 
 def test_a_dataset_source_is_pretrained_once_and_learns_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 3, "batch_size": 64,
-              "epochs": 1}
+    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 3, "batch_size": 64, "epochs": 1}
     sc = _scenario_with_pretraining(config)
     (weights,) = (tmp_path / "cache" / "pretrained").glob("*.pt")
     # The pretrained network (with its own head) classifies the source task's test digits.
@@ -362,8 +370,14 @@ def test_a_dataset_source_pretrains_inside_one_rank_of_a_process_group(tmp_path,
         monkeypatch.setattr(dist, name, collective)
     with pytest.raises(TrialConfigError, match="torch.distributed is initialised with 2 ranks"):
         fit({"dataset": "digits", "epochs": 1})  # a plain fit() still refuses, as documented
-    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 1, "pretrain_subset": 256,
-              "epochs": 1, "batch_size": 64}
+    config = {
+        **FINETUNE,
+        "finetune_source": "digits[0-4]",
+        "pretrain_epochs": 1,
+        "pretrain_subset": 256,
+        "epochs": 1,
+        "batch_size": 64,
+    }
     sc = _scenario_with_pretraining(config)
     (weights,) = (tmp_path / "cache" / "pretrained").glob("*.pt")
     state = read_state_dict(weights)
@@ -407,9 +421,17 @@ def test_a_finetuning_trial_reports_its_pretrained_starting_point_with_its_first
     from samtune.trial.entry import fit
 
     monkeypatch.setenv("SAMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    config = {**FINETUNE, "finetune_source": "digits[0-4]", "pretrain_epochs": 6, "batch_size": 64,
-              "epochs": 2, "lr": 0.02, "backbone_lr_scale": 0.1, "label_noise_rate": 0.4,
-              "sharpness_measures": ()}
+    config = {
+        **FINETUNE,
+        "finetune_source": "digits[0-4]",
+        "pretrain_epochs": 6,
+        "batch_size": 64,
+        "epochs": 2,
+        "lr": 0.02,
+        "backbone_lr_scale": 0.1,
+        "label_noise_rate": 0.4,
+        "sharpness_measures": (),
+    }
     epochs = []
     fit(config, report=epochs.append)
     first, second = epochs

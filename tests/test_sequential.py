@@ -1,6 +1,7 @@
 """Verdicts that decide, checked by simulation: cells with known effects, per-seed noise normal
 and heavy-tailed, every decision made as the sweep makes it (a look after each round, the first
 look that decides wins)."""
+
 import math
 import zlib
 
@@ -31,8 +32,9 @@ def simulate(effect: float, sd: float, kind: str, seed: int) -> list:
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
-@pytest.mark.parametrize("effect,sd", [(0.0, 0.03), (0.05, 0.03), (-0.05, 0.03), (0.0, 0.005),
-                                       (0.02, 0.01), (0.01, 0.05)])
+@pytest.mark.parametrize(
+    "effect,sd", [(0.0, 0.03), (0.05, 0.03), (-0.05, 0.03), (0.0, 0.005), (0.02, 0.01), (0.01, 0.05)]
+)
 def test_the_interval_a_decision_used_covers_the_true_difference(kind, effect, sd):
     decisions = simulate(effect, sd, kind, seed=zlib.crc32(repr((kind, effect, sd)).encode()))
     covered = np.mean([d.interval.low <= effect <= d.interval.high for d in decisions])
@@ -106,8 +108,17 @@ def test_outcomes_against_the_interval():
 def test_a_sweep_states_its_design_and_refuses_a_maximum_below_its_first_round():
     from samtune.contract.values import SpaceError
 
-    sweep = Sweep(name="d", dataset="digits", model="cnn", epochs=2, batch_size=32, trials=2,
-                  confirm_seeds=3, max_confirm_seeds=10, equivalence_margin=0.02)
+    sweep = Sweep(
+        name="d",
+        dataset="digits",
+        model="cnn",
+        epochs=2,
+        batch_size=32,
+        trials=2,
+        confirm_seeds=3,
+        max_confirm_seeds=10,
+        equivalence_margin=0.02,
+    )
     assert sweep.design() == Design(looks=(3, 6, 10), margin=0.02)
     assert sweep.replace(max_confirm_seeds=None).design().looks == (3,)
     with pytest.raises(SpaceError, match="max_confirm_seeds=2 is below confirm_seeds=3"):

@@ -1,4 +1,5 @@
 """Sharpness measures against closed forms (a quadratic loss) and dense Hessians (small networks)."""
+
 import math
 
 import numpy as np
@@ -54,6 +55,7 @@ def quad_loss(a):
     def loss(out, y):
         w = out[0]
         return 0.5 * w @ a @ w
+
     return loss
 
 
@@ -110,7 +112,7 @@ def test_trace_hutchinson_is_unbiased():
     est = hessian_trace(model, quad_loss(a), x, y, probes=4000, method="hutchinson", probe_batch=500)
     # Rademacher variance is 2 * sum_{i!=j} A_ij^2; the estimate must sit within 4 standard errors.
     off = a - torch.diag(torch.diag(a))
-    se = math.sqrt(2 * float((off ** 2).sum()) / 4000)
+    se = math.sqrt(2 * float((off**2).sum()) / 4000)
     assert abs(est - float(a.trace())) < 4 * se
 
 
@@ -219,18 +221,37 @@ def test_measuring_leaves_the_model_exactly_as_found():
     model(x)  # put something in the running stats
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    out = measure_sharpness(model, F.cross_entropy, x, y, seed=1,
-                            measures=["m_sharpness", "adaptive_sharpness", "adaptive_sharpness_linf",
-                                      "avg_sharpness", "hessian_top_eig", "hessian_trace", "pac_bayes_sigma"],
-                            m_sharpness={"m": 32, "steps": 3})
+    out = measure_sharpness(
+        model,
+        F.cross_entropy,
+        x,
+        y,
+        seed=1,
+        measures=[
+            "m_sharpness",
+            "adaptive_sharpness",
+            "adaptive_sharpness_linf",
+            "avg_sharpness",
+            "hessian_top_eig",
+            "hessian_trace",
+            "pac_bayes_sigma",
+        ],
+        m_sharpness={"m": 32, "steps": 3},
+    )
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert all(p.grad is None for p in model.parameters())
     assert out["sharpness/m_sharpness/m"] == 32 and out["sharpness/m_sharpness/steps"] == 3
     assert out["sharpness/subset"] == 64
-    for name in ("m_sharpness", "adaptive_sharpness", "avg_sharpness", "hessian_top_eig", "hessian_trace",
-                 "pac_bayes_sigma"):
+    for name in (
+        "m_sharpness",
+        "adaptive_sharpness",
+        "avg_sharpness",
+        "hessian_top_eig",
+        "hessian_trace",
+        "pac_bayes_sigma",
+    ):
         assert math.isfinite(out[f"sharpness/{name}"])
     assert out["sharpness/m_sharpness"] >= 0 and out["sharpness/hessian_top_eig"] > 0
 
@@ -327,8 +348,7 @@ def test_auto_keeps_graphs_only_within_this_process_share_of_free_memory(monkeyp
     # rounding (the free memory is still the patched one: the half share runs forward mode).
     common = dict(measures=["hessian_top_eig"], batch=8)
     whole = values(measure_sharpness(model, F.cross_entropy, x, y, **common))
-    half = values(measure_sharpness(model, F.cross_entropy, x, y, hessian_top_eig={"memory_share": 0.5},
-                                    **common))
+    half = values(measure_sharpness(model, F.cross_entropy, x, y, hessian_top_eig={"memory_share": 0.5}, **common))
     assert whole.keys() == half.keys()
     assert half == pytest.approx(whole, rel=1e-9)
 
@@ -340,8 +360,7 @@ def test_hutchpp_with_fewer_probes_than_3n_is_unbiased():
     a = spd(n, seed=5)
     model = Quadratic(a, torch.zeros(n))
     x, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
-    estimates = np.array([hessian_trace(model, quad_loss(a), x, y, probes=10, seed=s)
-                          for s in range(runs)])
+    estimates = np.array([hessian_trace(model, quad_loss(a), x, y, probes=10, seed=s) for s in range(runs)])
     se = estimates.std(ddof=1) / math.sqrt(runs)
     assert abs(estimates.mean() - float(a.trace())) < 4 * se
     # The estimates do vary: the branch under test ran, not the exact sketch-covers-all one.
@@ -361,7 +380,7 @@ def one_step_rise(model, x, y, rho):
     clone = copy.deepcopy(model)
     loss = F.cross_entropy(clone(x), y)
     loss.backward()
-    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in clone.parameters()))
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in clone.parameters()))
     with torch.no_grad():
         for p in clone.parameters():
             p += rho * p.grad / norm
@@ -375,7 +394,7 @@ def test_m_sharpness_is_the_mean_one_step_rise_over_disjoint_batches():
     y = torch.randint(0, 3, (26,), generator=torch.Generator().manual_seed(12))
     rho, m = 0.1, 8
     # Batches [0:8], [8:16], [16:24]; the last 2 examples make a partial batch, dropped.
-    per_batch = [one_step_rise(model, x[i:i + m], y[i:i + m], rho) for i in (0, 8, 16)]
+    per_batch = [one_step_rise(model, x[i : i + m], y[i : i + m], rho) for i in (0, 8, 16)]
     expected = float(np.mean([rise for rise, _ in per_batch]))
     value = m_sharpness(model, F.cross_entropy, x, y, rho=rho, m=m)
     assert value == pytest.approx(expected, rel=1e-10)
@@ -385,8 +404,7 @@ def test_m_sharpness_is_the_mean_one_step_rise_over_disjoint_batches():
     # The grouping is what is measured: one batch of all 24 examples gives another number.
     whole, _ = one_step_rise(model, x[:24], y[:24], rho)
     assert abs(whole - expected) > 0.05 * expected
-    assert m_sharpness(model, F.cross_entropy, x[:24], y[:24], rho=rho, m=24) == \
-        pytest.approx(whole, rel=1e-10)
+    assert m_sharpness(model, F.cross_entropy, x[:24], y[:24], rho=rho, m=24) == pytest.approx(whole, rel=1e-10)
 
 
 def test_adaptive_average_sharpness_is_half_sigma_squared_weighted_diagonal():
@@ -409,19 +427,21 @@ def test_adaptive_average_sharpness_is_half_sigma_squared_weighted_diagonal():
 SEEDED = ("avg_sharpness", "hessian_top_eig", "hessian_trace", "ggn_top_eig", "ggn_trace", "pac_bayes_sigma")
 
 
-
 def test_the_seed_decides_the_seeded_measures_and_only_those():
     model = small_net()
     x = torch.randn(64, 5, generator=torch.Generator().manual_seed(13))
     y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(14))
     # Lanczos stopped before convergence and Hutch++ with a partial sketch: both depend on the
     # random start / probes, as the Monte Carlo measures do.
-    settings = {"hessian_top_eig": {"iters": 4, "tol": 0.0}, "hessian_trace": {"probes": 10},
-                "ggn_top_eig": {"iters": 4, "tol": 0.0}, "ggn_trace": {"probes": 10}}
+    settings = {
+        "hessian_top_eig": {"iters": 4, "tol": 0.0},
+        "hessian_trace": {"probes": 10},
+        "ggn_top_eig": {"iters": 4, "tol": 0.0},
+        "ggn_trace": {"probes": 10},
+    }
 
     def measure(seed):
-        return values(measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
-                                        seed=seed, **settings))
+        return values(measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES), seed=seed, **settings))
 
     first, again, other = measure(1), measure(1), measure(2)
     assert first == again
@@ -444,8 +464,7 @@ def test_every_setting_is_logged_with_the_value_norm_and_filter_included():
         _, defaults, fixed = MEASURES[name]
         assert math.isfinite(out[f"sharpness/{name}"]), name
         for key, setting in {**defaults, **fixed}.items():
-            logged = f"sharpness/{name}/{key}/{setting}" if isinstance(setting, str) else \
-                f"sharpness/{name}/{key}"
+            logged = f"sharpness/{name}/{key}/{setting}" if isinstance(setting, str) else f"sharpness/{name}/{key}"
             assert logged in out, logged
     assert out["sharpness/adaptive_sharpness/norm/l2"] == 1.0
     assert out["sharpness/adaptive_sharpness_linf/norm/linf"] == 1.0
@@ -557,10 +576,14 @@ def test_ggn_measures_match_the_dense_ggn_and_equal_the_hessian_for_linear_logit
     xl = torch.randn(24, 4, generator=torch.Generator().manual_seed(22))
     yl = torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(23))
     common = dict(k=2, iters=25, batch=10, seed=4)
-    assert np.allclose(ggn_top_eig(linear, F.cross_entropy, xl, yl, **common),
-                       hessian_top_eig(linear, F.cross_entropy, xl, yl, **common), rtol=1e-9)
-    assert ggn_trace(linear, nn.CrossEntropyLoss(), xl, yl, probes=75, batch=10) == \
-        pytest.approx(hessian_trace(linear, F.cross_entropy, xl, yl, probes=75, batch=10), rel=1e-9)
+    assert np.allclose(
+        ggn_top_eig(linear, F.cross_entropy, xl, yl, **common),
+        hessian_top_eig(linear, F.cross_entropy, xl, yl, **common),
+        rtol=1e-9,
+    )
+    assert ggn_trace(linear, nn.CrossEntropyLoss(), xl, yl, probes=75, batch=10) == pytest.approx(
+        hessian_trace(linear, F.cross_entropy, xl, yl, probes=75, batch=10), rel=1e-9
+    )
 
 
 def test_ggn_measures_refuse_a_loss_that_is_not_cross_entropy(quad):
@@ -568,8 +591,13 @@ def test_ggn_measures_refuse_a_loss_that_is_not_cross_entropy(quad):
     with pytest.raises(ValueError, match="cross-entropy"):
         ggn_trace(model, loss, x, y)
     with pytest.raises(ValueError, match="cross-entropy"):
-        measure_sharpness(small_net(), nn.CrossEntropyLoss(reduction="sum"), torch.randn(8, 5),
-                          torch.randint(0, 3, (8,)), measures=["ggn_top_eig"])
+        measure_sharpness(
+            small_net(),
+            nn.CrossEntropyLoss(reduction="sum"),
+            torch.randn(8, 5),
+            torch.randint(0, 3, (8,)),
+            measures=["ggn_top_eig"],
+        )
 
 
 # ------------------------------------------------------------------------------ uncertainty, cost
@@ -584,14 +612,14 @@ def test_trace_standard_error_matches_the_spread_of_50_seeds(method, probes):
     spread = np.std([e.value for e in est], ddof=1)
     # The root mean square of the reported standard errors (its square is unbiased for the
     # variance) against the standard deviation of the 50 estimates.
-    reported = math.sqrt(np.mean([e.stderr ** 2 for e in est]))
+    reported = math.sqrt(np.mean([e.stderr**2 for e in est]))
     assert spread / 1.5 < reported < spread * 1.5
     assert all(e.products == probes for e in est)
     assert abs(np.mean([e.value for e in est]) - float(a.trace())) < 4 * spread / math.sqrt(runs)
     if method == "hutchinson":
         # And against the closed form: Rademacher variance 2 sum_{i != j} A_ij^2 per probe.
         off = a - torch.diag(torch.diag(a))
-        assert reported == pytest.approx(math.sqrt(2 * float((off ** 2).sum()) / probes), rel=0.2)
+        assert reported == pytest.approx(math.sqrt(2 * float((off**2).sum()) / probes), rel=0.2)
 
 
 def test_a_relative_standard_error_target_stops_the_trace_when_met():
@@ -627,10 +655,10 @@ def test_average_sharpness_standard_error_matches_the_spread_of_50_seeds(quad):
     model, loss, x, y, a, _ = quad
     est = [avg_sharpness_estimate(model, loss, x, y, sigma=0.05, samples=8, seed=s) for s in range(50)]
     spread = np.std([e.value for e in est], ddof=1)
-    reported = math.sqrt(np.mean([e.stderr ** 2 for e in est]))
+    reported = math.sqrt(np.mean([e.stderr**2 for e in est]))
     assert spread / 1.5 < reported < spread * 1.5
     # Closed form of one antithetic pair on a quadratic: 0.5 z^T B z, variance 0.5 tr(B^2).
-    b = 0.05 ** 2 * a
+    b = 0.05**2 * a
     assert reported == pytest.approx(math.sqrt(0.5 * float((b @ b).trace()) / 8), rel=0.25)
 
 
@@ -638,8 +666,9 @@ def test_every_measure_logs_its_seconds_and_the_estimators_their_uncertainty():
     model = small_net()
     x = torch.randn(32, 5, generator=torch.Generator().manual_seed(24))
     y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(25))
-    out = measure_sharpness(model, F.cross_entropy, x, y, measures=list(MEASURES),
-                            ggn_trace={"probes": 10}, hessian_trace={"probes": 10})
+    out = measure_sharpness(
+        model, F.cross_entropy, x, y, measures=list(MEASURES), ggn_trace={"probes": 10}, hessian_trace={"probes": 10}
+    )
     for name in MEASURES:
         assert out[f"sharpness/{name}/seconds"] > 0, name
     for name in ("hessian_top_eig", "ggn_top_eig"):
@@ -686,8 +715,15 @@ def test_a_trial_with_a_tiny_sharpness_budget_reports_what_it_skipped():
     from samtune.trial.entry import fit
 
     torch.set_default_dtype(torch.float32)
-    config = {"dataset": "digits", "model": "mlp", "epochs": 1, "data_subset": 256, "sharpness_subset": 64,
-              "sharpness_measures": ("m_sharpness", "hessian_trace"), "sharpness_budget_s": 1e-3}
+    config = {
+        "dataset": "digits",
+        "model": "mlp",
+        "epochs": 1,
+        "data_subset": 256,
+        "sharpness_subset": 64,
+        "sharpness_measures": ("m_sharpness", "hessian_trace"),
+        "sharpness_budget_s": 1e-3,
+    }
     last = fit(config)
     assert last["sharpness/hessian_trace/skipped"] == 1.0 and "sharpness/hessian_trace" not in last
     assert "hessian_trace skipped" in last[SHARPNESS_SKIPPED_NOTE]

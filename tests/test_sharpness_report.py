@@ -5,6 +5,7 @@ References are independent of the code under test: scipy's `kendalltau` on expli
 resampled points, `scipy.stats.bootstrap` with that statistic, a brute-force bootstrap of the
 granulated tau written here with Python loops, and hand counts of concordant pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,9 +79,16 @@ def test_interval_agrees_with_scipy_bootstrap(n, slope, ties):
     x, y = correlated(n, slope, seed=3, ties=ties)
     resamples = 4000
     ours = [kendall_tau_interval(x, y, resamples=resamples, seed=s) for s in range(10)]
-    reference = bootstrap((x, y), lambda a, b: kendalltau(a, b).statistic, paired=True,
-                          vectorized=False, method="percentile", n_resamples=resamples,
-                          confidence_level=0.95, random_state=np.random.default_rng(0))
+    reference = bootstrap(
+        (x, y),
+        lambda a, b: kendalltau(a, b).statistic,
+        paired=True,
+        vectorized=False,
+        method="percentile",
+        n_resamples=resamples,
+        confidence_level=0.95,
+        random_state=np.random.default_rng(0),
+    )
     ref = reference.confidence_interval
     for end, ref_end in (("low", ref.low), ("high", ref.high)):
         values = [getattr(e, end) for e in ours]
@@ -150,8 +158,7 @@ def _design(seed: int):
     rho = np.array([c[1] for c in cells])
     x = lr + 0.5 * rho + rng.normal(scale=1.0, size=len(cells))
     y = 0.5 * lr - 0.3 * rho + rng.normal(scale=1.0, size=len(cells))
-    groups = {"lr": [np.flatnonzero(rho == r) for r in range(3)],
-              "rho": [np.flatnonzero(lr == v) for v in range(4)]}
+    groups = {"lr": [np.flatnonzero(rho == r) for r in range(3)], "rho": [np.flatnonzero(lr == v) for v in range(4)]}
     return x, y, groups, {"lr": lr, "rho": rho}
 
 
@@ -177,12 +184,12 @@ def _brute_granulated(x, y, groups, levels, drawn) -> float:
 def test_granulated_interval_agrees_with_a_brute_force_bootstrap():
     x, y, groups, levels = _design(seed=4)
     resamples = 1500
-    ours = [granulated_tau_interval(x, y, groups, levels, resamples=resamples, seed=s).overall
-            for s in range(8)]
+    ours = [granulated_tau_interval(x, y, groups, levels, resamples=resamples, seed=s).overall for s in range(8)]
     assert ours[0].tau == pytest.approx(_brute_granulated(x, y, groups, levels, np.arange(len(x))))
     rng = np.random.default_rng(11)
-    replicates = np.array([_brute_granulated(x, y, groups, levels, rng.integers(0, len(x), len(x)))
-                           for _ in range(resamples)])
+    replicates = np.array(
+        [_brute_granulated(x, y, groups, levels, rng.integers(0, len(x), len(x))) for _ in range(resamples)]
+    )
     replicates = replicates[np.isfinite(replicates)]
     ref_low, ref_high = np.quantile(replicates, [0.025, 0.975])
     for end, ref_end in (("low", ref_low), ("high", ref_high)):
@@ -195,25 +202,34 @@ def test_granulated_interval_agrees_with_a_brute_force_bootstrap():
 # -- the view ------------------------------------------------------------------------------------
 
 
-def _record(i: int, noise: float, lr: float, rho: float, seed: int, value: float,
-            error: float) -> TrialRecord:
+def _record(i: int, noise: float, lr: float, rho: float, seed: int, value: float, error: float) -> TrialRecord:
     rng = np.random.default_rng(i)
-    params = {"optimizer": "sam", "lr": str(lr), "rho": str(rho), "seed": str(seed),
-              "label_noise_rate": str(noise),
-              # How sharpness was measured differs by seed: not a hyperparameter to rank.
-              "sharpness_settings": str({"m_sharpness": {"rho": 0.05 * (seed + 1)}})}
-    final = {"val_error": error, "test_error": error, "generalization_gap": error - 0.1,
-             "sharpness/m_sharpness": value,
-             # What a measurement logs beside its value: settings, cost, error estimate.
-             "sharpness/m_sharpness/rho": 0.05 * (seed + 1),
-             "sharpness/m_sharpness/products": float(rng.integers(10, 100)),
-             "sharpness/m_sharpness/seconds": float(rng.uniform(1, 5)),
-             "sharpness/m_sharpness/stderr": float(rng.uniform(0, 0.1)),
-             "sharpness/m_sharpness/residual": float(rng.uniform(0, 0.1)),
-             "sharpness/m_sharpness/skipped": float(rng.integers(0, 2)),
-             "sharpness/m_sharpness/expected_s": float(rng.uniform(1, 5)),
-             "sharpness/m_sharpness/left_s": float(rng.uniform(1, 5)),
-             "sharpness/subset": 256.0, "sharpness/seed": 0.0}
+    params = {
+        "optimizer": "sam",
+        "lr": str(lr),
+        "rho": str(rho),
+        "seed": str(seed),
+        "label_noise_rate": str(noise),
+        # How sharpness was measured differs by seed: not a hyperparameter to rank.
+        "sharpness_settings": str({"m_sharpness": {"rho": 0.05 * (seed + 1)}}),
+    }
+    final = {
+        "val_error": error,
+        "test_error": error,
+        "generalization_gap": error - 0.1,
+        "sharpness/m_sharpness": value,
+        # What a measurement logs beside its value: settings, cost, error estimate.
+        "sharpness/m_sharpness/rho": 0.05 * (seed + 1),
+        "sharpness/m_sharpness/products": float(rng.integers(10, 100)),
+        "sharpness/m_sharpness/seconds": float(rng.uniform(1, 5)),
+        "sharpness/m_sharpness/stderr": float(rng.uniform(0, 0.1)),
+        "sharpness/m_sharpness/residual": float(rng.uniform(0, 0.1)),
+        "sharpness/m_sharpness/skipped": float(rng.integers(0, 2)),
+        "sharpness/m_sharpness/expected_s": float(rng.uniform(1, 5)),
+        "sharpness/m_sharpness/left_s": float(rng.uniform(1, 5)),
+        "sharpness/subset": 256.0,
+        "sharpness/seed": 0.0,
+    }
     history = {key: [(2, v)] for key, v in final.items()}
     history["test_error"] = [(1, error + 0.1), (2, error)]
     return TrialRecord(f"run{i}", params, {"samtune.status": "finished"}, history)
@@ -226,8 +242,7 @@ def _runs():
         for rho in (0.05, 0.1):
             for seed in (0, 1):
                 value = 10 * lr + rho + rng.normal(scale=0.05)
-                records.append(_record(len(records), 0.0, lr, rho, seed, value,
-                                       0.1 + lr + rng.normal(scale=0.05)))
+                records.append(_record(len(records), 0.0, lr, rho, seed, value, 0.1 + lr + rng.normal(scale=0.05)))
     for k, lr in enumerate((0.03, 0.1, 0.3, 0.03)):  # a cell too small for an interval
         records.append(_record(len(records), 0.4, lr, 0.05, k, lr + 0.01 * k, 0.4 + lr))
     return tabulate("view", records)
@@ -245,8 +260,9 @@ def test_the_view_gives_every_tau_with_its_interval():
     pooled = rows.loc[("test error", "all")]
     plotted = runs.plotted
     assert pooled["n"] == 16
-    assert pooled["tau"] == pytest.approx(kendalltau(plotted["sharpness/m_sharpness"],
-                                                     plotted["final_test_error"]).statistic)
+    assert pooled["tau"] == pytest.approx(
+        kendalltau(plotted["sharpness/m_sharpness"], plotted["final_test_error"]).statistic
+    )
     assert pooled["low"] <= pooled["tau"] <= pooled["high"]
     assert TAU_TEXT.fullmatch(pooled["text"].removesuffix(", not distinguishable from 0"))
     small = rows.loc[("test error", "noise=0.4")]

@@ -2,6 +2,7 @@
 
 Fast: nothing here trains, starts Ray or touches MLflow.
 """
+
 import pickle
 import textwrap
 from pathlib import Path
@@ -18,7 +19,7 @@ from samtune.sweep.validate import validate_trial_config
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.py"))
 
-SPACE = '''
+SPACE = """
 from samtune.sweep.study import Sweep
 
 def space(trial):
@@ -31,7 +32,7 @@ def space(trial):
 
 SWEEP = Sweep(name="s", dataset="digits", model="mlp", label_noise_rates=(0.0, 0.4),
               epochs=3, batch_size=32, trials=4, seed=7)
-'''
+"""
 
 
 def write(tmp_path, text, name="space.py"):
@@ -79,8 +80,17 @@ def test_asha_grace_period_defaults_to_a_quarter_of_the_epochs_and_never_exceeds
 
 def test_overrides_are_parsed_by_the_type_of_the_setting_and_leave_the_original_alone():
     sweep = small_sweep()
-    changed = apply_overrides(sweep, ["epochs=2", "label_noise_rates=0.0,0.4", "fixed.m=none",
-                                      "fixed.weight_decay=1e-4", "max_concurrent=none", "name=other"])
+    changed = apply_overrides(
+        sweep,
+        [
+            "epochs=2",
+            "label_noise_rates=0.0,0.4",
+            "fixed.m=none",
+            "fixed.weight_decay=1e-4",
+            "max_concurrent=none",
+            "name=other",
+        ],
+    )
     assert changed.epochs == 2 and isinstance(changed.epochs, int)
     assert changed.label_noise_rates == (0.0, 0.4)
     assert changed.fixed == {"m": None, "weight_decay": 1e-4}
@@ -88,14 +98,17 @@ def test_overrides_are_parsed_by_the_type_of_the_setting_and_leave_the_original_
     assert sweep.epochs == 3 and sweep.fixed == {}
 
 
-@pytest.mark.parametrize("item, fragment", [
-    ("epoch=2", "Sweep has no setting 'epoch' (did you mean 'epochs'?)"),
-    ("lr=0.1", "for a trial setting use --set fixed.lr=..."),
-    ("epochs=2.5", "epochs=2.5: expected an integer"),
-    ("fixed.seed=1", "'seed' is a Sweep setting; use --set seed=..."),
-    ("fixed.optimizer=adam", "expected one of ['sgd', 'sam', 'asam']"),
-    ("batch_size=30", "m=8"),  # a fixed m=8 no longer divides the per-worker batch
-])
+@pytest.mark.parametrize(
+    "item, fragment",
+    [
+        ("epoch=2", "Sweep has no setting 'epoch' (did you mean 'epochs'?)"),
+        ("lr=0.1", "for a trial setting use --set fixed.lr=..."),
+        ("epochs=2.5", "epochs=2.5: expected an integer"),
+        ("fixed.seed=1", "'seed' is a Sweep setting; use --set seed=..."),
+        ("fixed.optimizer=adam", "expected one of ['sgd', 'sam', 'asam']"),
+        ("batch_size=30", "m=8"),  # a fixed m=8 no longer divides the per-worker batch
+    ],
+)
 def test_bad_overrides_name_the_setting_and_what_was_expected(item, fragment):
     sweep = small_sweep(fixed={"m": 8})
     with pytest.raises(SpaceError) as info:
@@ -123,8 +136,9 @@ def test_noise_rates_must_lie_in_zero_to_one_exclusive():
 
 
 def test_check_space_finds_a_bad_value_anywhere_in_a_range_and_names_its_line(tmp_path):
-    path = write(tmp_path, SPACE.replace('trial.suggest_float("rho", 0.01, 0.5)',
-                                         'trial.suggest_float("rho", -0.2, 0.5)'))
+    path = write(
+        tmp_path, SPACE.replace('trial.suggest_float("rho", 0.01, 0.5)', 'trial.suggest_float("rho", -0.2, 0.5)')
+    )
     sweep, space = load_space(path)
     with pytest.raises(SpaceError) as info:
         check_space(sweep, space, samples=16)
@@ -133,8 +147,9 @@ def test_check_space_finds_a_bad_value_anywhere_in_a_range_and_names_its_line(tm
 
 
 def test_a_space_may_not_search_what_the_sweep_fixes_per_cell(tmp_path):
-    path = write(tmp_path, SPACE.replace('trial.suggest_float("lr", 0.01, 0.5, log=True)',
-                                         'trial.suggest_int("epochs", 1, 4)'))
+    path = write(
+        tmp_path, SPACE.replace('trial.suggest_float("lr", 0.01, 0.5, log=True)', 'trial.suggest_int("epochs", 1, 4)')
+    )
     sweep, space = load_space(path)
     with pytest.raises(SpaceError, match="space.py:6: space suggests 'epochs', which the Sweep fixes"):
         check_space(sweep, space, samples=4)
@@ -165,8 +180,14 @@ def test_a_trial_by_hand_gets_the_config_the_sweep_would_run(tmp_path):
     sweep, space = load_space(write(tmp_path, SPACE))
     cell = sweep.cell("0.4")
     config = fixed_trial_config(sweep, space, cell, {"optimizer": "sam", "lr": 0.1, "rho": 0.05, "m": 8})
-    assert config == {**sweep.base_config(cell), "optimizer": "sam", "lr": 0.1, "rho": 0.05, "m": 8,
-                      "weight_decay": 1e-4}
+    assert config == {
+        **sweep.base_config(cell),
+        "optimizer": "sam",
+        "lr": 0.1,
+        "rho": 0.05,
+        "m": 8,
+        "weight_decay": 1e-4,
+    }
     sgd = fixed_trial_config(sweep, space, cell, {"optimizer": "sgd", "lr": 0.1})
     assert "rho" not in sgd and sgd["label_noise_rate"] == 0.4
     with pytest.raises(SpaceError, match="the space asks for 'rho'"):
@@ -177,9 +198,20 @@ def test_a_trial_by_hand_gets_the_config_the_sweep_would_run(tmp_path):
         sweep.cell(0.3)
 
 
-@pytest.mark.parametrize("name, ok", [("noisy-digits", True), ("run 2.b_c", True), ("it's", False),
-                                      ("a/b", False), ('q"', False), (" lead", False), ("trail ", False),
-                                      (".hidden", False), ("", False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("noisy-digits", True),
+        ("run 2.b_c", True),
+        ("it's", False),
+        ("a/b", False),
+        ('q"', False),
+        (" lead", False),
+        ("trail ", False),
+        (".hidden", False),
+        ("", False),
+    ],
+)
 def test_a_sweep_name_is_one_an_mlflow_filter_and_a_folder_can_hold(name, ok):
     if ok:
         assert small_sweep(name=name).name == name
@@ -192,8 +224,12 @@ def test_the_metric_must_be_one_every_trial_reports_every_epoch(tmp_path):
     # Reported every epoch: accepted.
     assert small_sweep(metric="test_error", fixed={"val_fraction": 0.0}).metric == "test_error"
     assert small_sweep(metric="sharpness/m_sharpness", sharpness_every=1).sharpness_every == 1
-    assert small_sweep(metric="sharpness/hessian_top_eig_2", sharpness_every=1,
-                       fixed={"sharpness_measures": "hessian_top_eig"}).metric == "sharpness/hessian_top_eig_2"
+    assert (
+        small_sweep(
+            metric="sharpness/hessian_top_eig_2", sharpness_every=1, fixed={"sharpness_measures": "hessian_top_eig"}
+        ).metric
+        == "sharpness/hessian_top_eig_2"
+    )
     # Never, or not every epoch: refused before anything runs.
     with pytest.raises(SpaceError, match="val_loss' with val_fraction=0"):
         small_sweep(metric="val_loss", fixed={"val_fraction": 0.0})
@@ -202,7 +238,8 @@ def test_the_metric_must_be_one_every_trial_reports_every_epoch(tmp_path):
     with pytest.raises(SpaceError, match="not among the measured sharpness_measures"):
         small_sweep(metric="sharpness/m_sharpness", sharpness_every=1, fixed={"sharpness_measures": ""})
     # A space that returns val_fraction=0 itself is caught by the check of what it produces.
-    sweep, space = load_space(write(tmp_path, SPACE.replace('{"weight_decay": 1e-4}',
-                                                            '{"weight_decay": 1e-4, "val_fraction": 0.0}')))
+    sweep, space = load_space(
+        write(tmp_path, SPACE.replace('{"weight_decay": 1e-4}', '{"weight_decay": 1e-4, "val_fraction": 0.0}'))
+    )
     with pytest.raises(SpaceError, match="space.py: space\\(trial\\) gave metric='val_error' with val_fraction=0"):
         check_space(sweep, space, samples=2)

@@ -2,6 +2,7 @@
 embedded data (slow): the MLflow layout, ASHA stopping trials, resume after the driver is
 interrupted or killed, a worker killed mid-trial, a diverging trial. The end-to-end tests run the
 real command in a subprocess on a real local Ray instance."""
+
 import json
 import os
 import re
@@ -40,8 +41,9 @@ def lr_space(trial):  # at module level: a saved searcher pickles its space
 
 
 def searcher(epochs=4):
-    return AshaAwareOptunaSearch(space=lr_space, metric="val_error", mode="min", epochs=epochs,
-                                 sampler=optuna.samplers.TPESampler(seed=0))
+    return AshaAwareOptunaSearch(
+        space=lr_space, metric="val_error", mode="min", epochs=epochs, sampler=optuna.samplers.TPESampler(seed=0)
+    )
 
 
 def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=False, asha_stops=False):
@@ -62,11 +64,11 @@ def run_trial(search, trial_id, errors, last_epoch=None, diverged=False, error=F
 
 def test_optuna_sees_an_asha_stop_as_pruned_a_divergence_as_a_bad_result_and_a_crash_as_a_failure():
     search = searcher(epochs=4)
-    run_trial(search, "full", [0.6, 0.5, 0.4, 0.3], asha_stops=True)    # max_t reached
+    run_trial(search, "full", [0.6, 0.5, 0.4, 0.3], asha_stops=True)  # max_t reached
     run_trial(search, "stopped", [0.5, 0.2], asha_stops=True)  # better so far, but ASHA ended it at epoch 2
     run_trial(search, "diverged", [0.9], diverged=True)
     run_trial(search, "crashed", [0.7], error=True)
-    run_trial(search, "first-rung", [0.8], asha_stops=True)   # stopped on its only result
+    run_trial(search, "first-rung", [0.8], asha_stops=True)  # stopped on its only result
     study = search._ot_study
     by_number = {t.number: t for t in study.trials}
     full, stopped, diverged, crashed, first_rung = (by_number[i] for i in range(5))
@@ -97,7 +99,7 @@ def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_sur
         dealt.append(search.cell_of[f"t{n}"])
         marked.append(config["baseline"])
     assert dealt == [0, 0, 0, 1]
-    assert marked == [True, True, False, True]   # each cell's first two trials are its baselines
+    assert marked == [True, True, False, True]  # each cell's first two trials are its baselines
     search.on_trial_result("t3", {"val_error": 0.9, "epoch": 1, "training_iteration": 1, "diverged": 0})
     search.on_trial_complete("t0", {"val_error": 0.2, "epoch": 4, "training_iteration": 4, "diverged": 0})
     search.on_trial_complete("ghost", {"val_error": 0.1})  # a trial no cell dealt: ignored
@@ -115,8 +117,9 @@ def test_cells_get_their_budgets_in_order_each_study_only_its_own_trials_and_sur
         assert second.trials[0].intermediate_values == {1: 0.9}
         assert all(not t.intermediate_values for t in first.trials)
     # The same seed, the same suggestions, restored or not.
-    assert [t.params for t in restored.searchers[1]._ot_study.trials] == \
-        [t.params for t in search.searchers[1]._ot_study.trials]
+    assert [t.params for t in restored.searchers[1]._ot_study.trials] == [
+        t.params for t in search.searchers[1]._ot_study.trials
+    ]
 
 
 def test_asha_judges_a_trial_only_against_its_own_cell():
@@ -131,13 +134,19 @@ def test_asha_judges_a_trial_only_against_its_own_cell():
 
     # Cell 0.0 (clean labels) reaches low errors, cell 0.6 high ones. Results in the order a sweep
     # running both cells would give them.
-    events = [("a", 0.0, 0.10), ("b", 0.0, 0.05), ("x", 0.6, 0.50), ("y", 0.6, 0.45), ("z", 0.6, 0.40),
-              ("c", 0.0, 0.30)]
+    events = [
+        ("a", 0.0, 0.10),
+        ("b", 0.0, 0.05),
+        ("x", 0.6, 0.50),
+        ("y", 0.6, 0.45),
+        ("z", 0.6, 0.40),
+        ("c", 0.0, 0.30),
+    ]
     trials = {tid: SimpleNamespace(trial_id=tid, config={"label_noise_rate": rate}) for tid, rate, _ in events}
     cells = CellScheduler([0.0, 0.6], [asha(), asha()], max_t=4)
     cells.set_search_properties("val_error", "min")
-    alone = {0.0: asha(), 0.6: asha()}    # the reference: one ASHA fed only its cell's trials
-    shared = asha()                      # and what one ASHA for every cell would decide
+    alone = {0.0: asha(), 0.6: asha()}  # the reference: one ASHA fed only its cell's trials
+    shared = asha()  # and what one ASHA for every cell would decide
     for t in trials.values():
         cells.on_trial_add(None, t)
         alone[t.config["label_noise_rate"]].on_trial_add(None, t)
@@ -155,8 +164,10 @@ def test_asha_judges_a_trial_only_against_its_own_cell():
         cells.on_trial_add(None, SimpleNamespace(trial_id="q", config={"label_noise_rate": 0.3}))
     # A cell's baseline is never stopped before its budget's end, yet its result counts at its
     # rung as it would in plain ASHA: the next trial there is judged against it.
-    first, base, third = (SimpleNamespace(trial_id=tid, config={"label_noise_rate": 0.0, "baseline": tid == "base"})
-                          for tid in ("first", "base", "third"))
+    first, base, third = (
+        SimpleNamespace(trial_id=tid, config={"label_noise_rate": 0.0, "baseline": tid == "base"})
+        for tid in ("first", "base", "third")
+    )
     cells, plain = CellScheduler([0.0], [asha()], max_t=4), asha()
     for t in (first, base, third):
         cells.on_trial_add(None, t)
@@ -202,8 +213,9 @@ def fake_trial(trial_id, **params):
 
 
 def test_a_failed_baseline_trial_is_what_its_cell_is_missing(tmp_path):
-    sweep = Sweep(name="lost", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4,
-                  label_noise_rates=(0.0,))
+    sweep = Sweep(
+        name="lost", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4, label_noise_rates=(0.0,)
+    )
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", sweep.name, tmp_path / "spool.jsonl")
     tracker.declare("lost", "lost", "sweep")
     cell = sweep.cells()[0]
@@ -212,16 +224,16 @@ def test_a_failed_baseline_trial_is_what_its_cell_is_missing(tmp_path):
         trial = fake_trial(name, **sweep.trial_config(cell, {"optimizer": optimizer, "lr": 0.1}), baseline=baseline)
         recorder.trial_start(trial)
         if name != "base":
-            recorder.trial_result(trial, {"epoch": 3, "val_error": 0.3, "train_loss": 0.3, "diverged": 0,
-                                          "done": True})
+            recorder.trial_result(trial, {"epoch": 3, "val_error": 0.3, "train_loss": 0.3, "diverged": 0, "done": True})
         recorder.trial_end(trial, failed=name == "base")
     assert tracker.close() is None
     assert recorder.result.missing().startswith("its SGD baseline failed (")
 
 
 def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
-    sweep = Sweep(name="layout", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4,
-                  label_noise_rates=(0.0, 0.4))
+    sweep = Sweep(
+        name="layout", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=4, label_noise_rates=(0.0, 0.4)
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, sweep.name, tmp_path / "spool.jsonl")
     tracker.declare("layout", "layout", "sweep")
@@ -233,8 +245,16 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
         recorder.trial_start(trial)
         for epoch, value in enumerate(errors, start=1):
             diverged = value != value
-            recorder.trial_result(trial, {"epoch": epoch, "val_error": 1.0 if diverged else value,
-                                          "train_loss": value, "diverged": int(diverged), "done": False})
+            recorder.trial_result(
+                trial,
+                {
+                    "epoch": epoch,
+                    "val_error": 1.0 if diverged else value,
+                    "train_loss": value,
+                    "diverged": int(diverged),
+                    "done": False,
+                },
+            )
         recorder.trial_end(trial, failed=False)
     crashed = fake_trial("failed", **sweep.trial_config(cell, {"optimizer": "sam", "lr": 0.1, "rho": 0.1}))
     recorder.trial_start(crashed)
@@ -249,8 +269,11 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
     (sweep_run,), (cell_run,) = by_role["sweep"], by_role["cell"]
     assert cell_run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
     assert cell_run.data.tags["samtune.cell"] == "noise=0.4"
-    assert cell_run.data.params == {"scenario": "label_noise", "label_noise_rate": "0.4",
-                                    "label_noise_kind": "symmetric"}
+    assert cell_run.data.params == {
+        "scenario": "label_noise",
+        "label_noise_rate": "0.4",
+        "label_noise_kind": "symmetric",
+    }
     trials = {r.data.tags["samtune.trial_key"].rsplit("/", 1)[1]: r for r in by_role["trial"]}
     assert set(trials) == {"finished", "stopped", "diverged", "failed"}
     for name, run in trials.items():
@@ -278,6 +301,7 @@ class Unreachable:
     def __getattr__(self, name):
         def call(*args, **kwargs):
             raise ConnectionError("tracking server unreachable")
+
         return call
 
 
@@ -297,13 +321,14 @@ def test_records_a_driver_could_not_write_are_written_by_the_next_driver(tmp_pat
     # A resumed sweep: a new driver, the server back, the same spool.
     second = Tracker(uri, "exp", spool)
     second.declare("exp/c/t", "t", "trial", parent="exp/c", **{"samtune.trial_key": "exp/c/t"})
-    second.log_metrics("exp/c/t", {"epoch": 2, "val_error": 0.25}, step=2)   # replayed: skipped
+    second.log_metrics("exp/c/t", {"epoch": 2, "val_error": 0.25}, step=2)  # replayed: skipped
     second.log_metrics("exp/c/t", {"epoch": 3, "val_error": 0.2}, step=3)
     second.set_status("exp/c/t", "finished")
     assert second.close() is None and not spool.exists()
     client = MlflowClient(uri)
-    runs = {r.data.tags["samtune.role"]: r for r in
-            client.search_runs([client.get_experiment_by_name("exp").experiment_id])}
+    runs = {
+        r.data.tags["samtune.role"]: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    }
     assert set(runs) == {"sweep", "cell", "trial"}
     trial = runs["trial"]
     assert trial.data.tags["mlflow.parentRunId"] == runs["cell"].info.run_id
@@ -319,8 +344,13 @@ def test_the_best_of_a_cell_ran_its_whole_budget_when_any_trial_did():
     res = CellResult(cell)
 
     def row(tid, optimizer, status, value):
-        res.trials[tid] = TrialRow(tid, {"optimizer": optimizer}, status, 4 if status == "finished" else 1,
-                                   {"val_error": value, "test_error": value})
+        res.trials[tid] = TrialRow(
+            tid,
+            {"optimizer": optimizer},
+            status,
+            4 if status == "finished" else 1,
+            {"val_error": value, "test_error": value},
+        )
 
     # ASHA stopped the SAM trial after one epoch on a value no finished trial reached; the ASAM
     # trial ran all four epochs. The SGD family has only a stopped trial: that one stands.
@@ -338,14 +368,15 @@ def test_the_best_of_a_cell_ran_its_whole_budget_when_any_trial_did():
 
 def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    first = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
-                    tracking_uri=uri)
+    first = prepare(
+        str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"), tracking_uri=uri
+    )
     write_state(first)
     first.lock.release()  # its driver has ended (the resumed one below is the next)
-    second = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "b"),
-                     tracking_uri=uri)
-    resumed = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"),
-                      resume=True)
+    second = prepare(
+        str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "b"), tracking_uri=uri
+    )
+    resumed = prepare(str(SPACE), ["name=same", "label_noise_rates=0.4"], storage_path=str(tmp_path / "a"), resume=True)
     assert first.sweep_id and second.sweep_id != first.sweep_id
     # --resume reads the id (and the store) back from sweep.json.
     assert (resumed.sweep_id, resumed.tracking_uri) == (first.sweep_id, uri)
@@ -377,8 +408,12 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
 
 
 def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_path, monkeypatch):
-    plan = prepare(str(SPACE), ["name=nostore"], storage_path=str(tmp_path / "runs"),
-                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    plan = prepare(
+        str(SPACE),
+        ["name=nostore"],
+        storage_path=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
     monkeypatch.setattr(samtune.sweep.driver, "start_ray", lambda address: None)
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0})
 
@@ -393,8 +428,9 @@ def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_p
 
 
 def test_sweep_json_is_replaced_whole_and_never_overwritten(tmp_path):
-    plan = prepare(str(SPACE), ["name=state"], storage_path=str(tmp_path / "runs"),
-                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    plan = prepare(
+        str(SPACE), ["name=state"], storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"
+    )
     write_state(plan)
     saved = json.loads((plan.sweep_dir / "sweep.json").read_text())
     assert saved["sweep_id"] == plan.sweep_id and saved["sweep"]["name"] == "state"
@@ -416,16 +452,23 @@ def test_a_resume_of_a_changed_search_space_is_refused_saying_what_changed(tmp_p
     space.write_text(text + "\n# a comment\n")
     prepare(str(space), resume=True, **where).lock.release()
     # Another categorical choice and another range: two search spaces in one study.
-    space.write_text(text.replace('[8, 16, None]', '[8, 32, None]').replace('0.01, 0.5, log=True)\n    if',
-                                                                          '0.001, 0.5, log=True)\n    if'))
+    space.write_text(
+        text.replace("[8, 16, None]", "[8, 32, None]").replace(
+            "0.01, 0.5, log=True)\n    if", "0.001, 0.5, log=True)\n    if"
+        )
+    )
     with pytest.raises(SweepError) as refused:
         prepare(str(space), resume=True, **where)
     message = str(refused.value)
     assert message.startswith("--resume: the search space changed since the sweep started (")
-    assert "m: was CategoricalDistribution(choices=(8, 16, None)), now CategoricalDistribution(choices=(8, 32, " \
-           "None))" in message
-    assert "lr: was FloatDistribution(high=0.5, log=True, low=0.01, step=None), now " \
-           "FloatDistribution(high=0.5, log=True, low=0.001, step=None)" in message
+    assert (
+        "m: was CategoricalDistribution(choices=(8, 16, None)), now CategoricalDistribution(choices=(8, 32, "
+        "None))" in message
+    )
+    assert (
+        "lr: was FloatDistribution(high=0.5, log=True, low=0.01, step=None), now "
+        "FloatDistribution(high=0.5, log=True, low=0.001, step=None)" in message
+    )
     assert message.endswith("start a new sweep with --set name=...")
 
 
@@ -433,11 +476,29 @@ def test_a_resume_of_a_changed_search_space_is_refused_saying_what_changed(tmp_p
 
 
 def sweep_cmd(tmp_path, *extra, name="t"):
-    return [sys.executable, "-m", "samtune.cli", "sweep", str(SPACE), "--set", f"name={name}",
-            "--set", "model=mlp", "--set", "batch_size=128", "--set", "fixed.sharpness_measures=m_sharpness",
-            # The search alone: the confirmation stage has tests of its own (test_confirm.py).
-            "--set", "confirm_seeds=0",
-            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(SPACE),
+        "--set",
+        f"name={name}",
+        "--set",
+        "model=mlp",
+        "--set",
+        "batch_size=128",
+        "--set",
+        "fixed.sharpness_measures=m_sharpness",
+        # The search alone: the confirmation stage has tests of its own (test_confirm.py).
+        "--set",
+        "confirm_seeds=0",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        *extra,
+    ]
 
 
 def env(**extra):
@@ -451,8 +512,17 @@ def sweep_space(tmp_path, filename, text):
     """Write a search space file and run `samtune sweep` on it to the end (exit status 0)."""
     space = tmp_path / filename
     space.write_text(text)
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--storage-path", str(tmp_path / "runs"),
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(space),
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -477,14 +547,20 @@ def epochs_logged(client, run):
 
 @pytest.mark.slow
 def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
-    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=3",
-                                    "--set", "label_noise_rates=0.0,0.4"),
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=3", "--set", "label_noise_rates=0.0,0.4"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "best configuration per cell" in proc.stdout and "samtune ui" in proc.stdout
     # Off a terminal the sweep says where it is in plain lines, the stage's last one when it ends.
-    assert re.search(r"^search: 6/6 trials ended, \d+/\d+ epochs, \w+ in, done$", proc.stdout, flags=re.M), \
-        proc.stdout[-3000:]
+    assert re.search(r"^search: 6/6 trials ended, \d+/\d+ epochs, \w+ in, done$", proc.stdout, flags=re.M), proc.stdout[
+        -3000:
+    ]
     # The sweep ends by building its report and saying where it is.
     (index,) = re.findall(r"^Report written to (.+index\.html)$", proc.stdout, flags=re.M)
     # Beside the sweep, in a folder named by its id: another sweep of the name keeps its own.
@@ -515,14 +591,18 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
         kids = [t for t in trials if t.data.tags["mlflow.parentRunId"] == cell.info.run_id]
         assert {"sgd", "sam"} <= {t.data.params["optimizer"] for t in kids}
     # Each cell's Optuna study holds every trial, with the values MLflow has for it.
-    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=2, batch_size=128, trials=3,
-                  label_noise_rates=(0.0, 0.4))
+    sweep = Sweep(
+        name="t", dataset="digits", model="mlp", epochs=2, batch_size=128, trials=3, label_noise_rates=(0.0, 0.4)
+    )
     for cell in sweep.cells():
         study = load_study(tmp_path / "runs" / "t", cell)
         assert len(study.trials) == 3
         assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
-        logged = sorted((t.data.params["optimizer"], float(t.data.params["lr"])) for t in trials
-                        if t.data.tags["samtune.cell"] == cell.label)
+        logged = sorted(
+            (t.data.params["optimizer"], float(t.data.params["lr"]))
+            for t in trials
+            if t.data.tags["samtune.cell"] == cell.label
+        )
         assert sorted((t.params["optimizer"], t.params["lr"]) for t in study.trials) == logged
     # One Tuner runs both cells: the trial processes that served the first cell serve the second
     # (Tune reports each result's process id), so no cell pays for new processes importing torch.
@@ -540,14 +620,17 @@ def test_asha_stops_a_trial_that_is_behind_at_its_rung(tmp_path):
     # Trials are suggested one at a time (search_batch=1: each judged against every earlier one)
     # and alternate a working and a hopeless learning rate: each hopeless trial reaches the first
     # rung (epoch 1) behind a recorded working one, so ASHA stops it there.
-    sweep_space(tmp_path, "asha.py",
+    sweep_space(
+        tmp_path,
+        "asha.py",
         "from samtune.sweep import Sweep\n"
         "def space(trial):\n"
         "    trial.suggest_categorical('optimizer', ['sgd'])\n"
         "    return {'lr': 0.2 if trial.number % 2 == 0 else 1e-6}\n"
         "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=128, trials=4,\n"
         "              grace_period=1, reduction_factor=2, max_concurrent=1, search_batch=1,\n"
-        "              fixed={'sharpness_measures': ''})\n")
+        "              fixed={'sharpness_measures': ''})\n",
+    )
     client, by_role = runs_of(tmp_path)
     status = Counter((float(t.data.params["lr"]), t.data.tags["samtune.status"]) for t in by_role["trial"])
     assert status == {(0.2, "finished"): 2, (1e-6, "stopped"): 2}
@@ -567,8 +650,10 @@ def wait_for_finished_trials(tmp_path, count, proc, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the sweep ended (exit {proc.returncode}) before it could be interrupted:\n"
-                                 + (proc.stdout.read() if proc.stdout else "")[-3000:])
+            raise AssertionError(
+                f"the sweep ended (exit {proc.returncode}) before it could be interrupted:\n"
+                + (proc.stdout.read() if proc.stdout else "")[-3000:]
+            )
         # Once sweep.json is written the sweep's store exists whole: opening a store that is
         # still being created would race its table migrations.
         if (tmp_path / "runs" / "t" / "sweep.json").exists():
@@ -603,8 +688,15 @@ def check_complete_once(tmp_path, trials_per_cell, cells):
 def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path, how):
     # Epochs enough that the signal, sent once 2 of the 8 trials ended, always lands mid-sweep.
     args = ("--set", "epochs=5", "--set", "trials=4", "--set", "label_noise_rates=0.0,0.4")
-    proc = subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        sweep_cmd(tmp_path, *args),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_finished_trials(tmp_path, 2, proc)
         if how in ("SIGINT", "SIGTERM"):
@@ -633,30 +725,50 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
     # The Optuna searcher continued where it stopped: each cell's study holds the budget's trials,
     # numbered in order, all ended, and the SGD/SAM starting points (points_to_evaluate) were
     # asked once, not again by the resumed driver.
-    sweep = Sweep(name="t", dataset="digits", model="mlp", epochs=5, batch_size=128, trials=4,
-                  label_noise_rates=(0.0, 0.4))
+    sweep = Sweep(
+        name="t", dataset="digits", model="mlp", epochs=5, batch_size=128, trials=4, label_noise_rates=(0.0, 0.4)
+    )
     for cell in sweep.cells():
         study = load_study(tmp_path / "runs" / "t", cell)
         assert [t.number for t in study.trials] == [0, 1, 2, 3], [(t.number, t.state) for t in study.trials]
-        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, \
-            [(t.number, t.state) for t in study.trials]
-        enqueued = [(t.number, t.system_attrs["fixed_params"]) for t in study.trials
-                    if "fixed_params" in t.system_attrs]
+        assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, [
+            (t.number, t.state) for t in study.trials
+        ]
+        enqueued = [
+            (t.number, t.system_attrs["fixed_params"]) for t in study.trials if "fixed_params" in t.system_attrs
+        ]
         # The declared baselines: SGD, and SAM at the paper's rho and m, the rest at its defaults.
-        assert enqueued == [(0, {"optimizer": "sgd", "lr": 0.05}),
-                            (1, {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "m": None})]
+        assert enqueued == [
+            (0, {"optimizer": "sgd", "lr": 0.05}),
+            (1, {"optimizer": "sam", "lr": 0.05, "rho": 0.05, "m": None}),
+        ]
 
 
 @pytest.mark.slow
 def test_a_sweep_whose_every_trial_failed_exits_non_zero_saying_why(tmp_path):
     # No restarts allowed, and every trial raises after its first epoch.
-    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=2",
-                                    "--set", "label_noise_rates=0.0", "--set", "fixed.max_failures=0"),
-                          cwd=tmp_path, env=env(SAMTUNE_FAULT_RAISE_EPOCH="1"), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_cmd(
+            tmp_path,
+            "--set",
+            "epochs=2",
+            "--set",
+            "trials=2",
+            "--set",
+            "label_noise_rates=0.0",
+            "--set",
+            "fixed.max_failures=0",
+        ),
+        cwd=tmp_path,
+        env=env(SAMTUNE_FAULT_RAISE_EPOCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "samtune: every trial of the sweep failed; the first: RuntimeError: injected fault after epoch 1" \
-        in proc.stderr, proc.stderr[-3000:]
+    assert (
+        "samtune: every trial of the sweep failed; the first: RuntimeError: injected fault after epoch 1" in proc.stderr
+    ), proc.stderr[-3000:]
     _, by_role = runs_of(tmp_path)
     assert [t.data.tags["samtune.status"] for t in by_role["trial"]] == ["failed", "failed"]
     assert all(t.data.tags.get("samtune.error") for t in by_role["trial"])
@@ -666,10 +778,25 @@ def test_a_sweep_whose_every_trial_failed_exits_non_zero_saying_why(tmp_path):
 def test_a_trial_killed_on_its_last_allowed_failure_fails_the_sweep_rather_than_interrupting_it(tmp_path):
     # No restarts allowed, and the trial's process is SIGKILLed after its first epoch: Tune saves
     # such a trial as still RUNNING, which read as "interrupted" (exit 130) on every --resume.
-    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=2", "--set", "trials=1", "--no-report",
-                                    "--set", "label_noise_rates=0.0", "--set", "fixed.max_failures=0"),
-                          cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="1"), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_cmd(
+            tmp_path,
+            "--set",
+            "epochs=2",
+            "--set",
+            "trials=1",
+            "--no-report",
+            "--set",
+            "label_noise_rates=0.0",
+            "--set",
+            "fixed.max_failures=0",
+        ),
+        cwd=tmp_path,
+        env=env(SAMTUNE_FAULT_KILL_EPOCH="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "samtune: every trial of the sweep failed; the first: The actor is dead" in proc.stderr
     _, by_role = runs_of(tmp_path)
@@ -682,10 +809,25 @@ def test_a_trial_killed_on_its_last_allowed_failure_fails_the_sweep_rather_than_
 @pytest.mark.slow
 def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_path):
     # One trial long enough that both refusals land while it trains.
-    args = ("--set", "epochs=60", "--set", "trials=1", "--set", "label_noise_rates=0.0",
-            "--set", "fixed.sharpness_measures=")
-    proc = subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = (
+        "--set",
+        "epochs=60",
+        "--set",
+        "trials=1",
+        "--set",
+        "label_noise_rates=0.0",
+        "--set",
+        "fixed.sharpness_measures=",
+    )
+    proc = subprocess.Popen(
+        sweep_cmd(tmp_path, *args),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while not list((tmp_path / "runs" / "t" / "trials").glob("*/progress.csv")):
@@ -693,12 +835,16 @@ def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_pa
             time.sleep(0.5)
         # A second driver of the running sweep, new or resuming, is refused in one line, naming it.
         for extra in ((), ("--resume",)):
-            second = subprocess.run(sweep_cmd(tmp_path, *args, *extra), cwd=tmp_path, env=env(),
-                                    capture_output=True, text=True, timeout=300)
+            second = subprocess.run(
+                sweep_cmd(tmp_path, *args, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300
+            )
             assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-            assert re.fullmatch(rf"samtune: error: sweep 't' is already running \(driver pid {proc.pid} on "
-                                rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
-                                rf"--resume\n", second.stderr), second.stderr
+            assert re.fullmatch(
+                rf"samtune: error: sweep 't' is already running \(driver pid {proc.pid} on "
+                rf"\S+ since [0-9: -]+\); wait for it to end, or stop it and finish it with "
+                rf"--resume\n",
+                second.stderr,
+            ), second.stderr
         assert proc.poll() is None, "the sweep ended before the second drivers were refused"
         # The driver alone, as `kill -9 PID` does: its Ray processes are left to notice.
         os.kill(proc.pid, signal.SIGKILL)
@@ -709,8 +855,14 @@ def test_a_running_sweep_refuses_a_second_driver_and_a_killed_one_resumes(tmp_pa
     # The killed driver holds nothing, and what its Ray left running (its agents outlive it by
     # up to a minute, still listening) does not confuse the next driver: --resume, started at
     # once, finishes the sweep.
-    resumed = subprocess.run(sweep_cmd(tmp_path, *args, "--resume", "--no-report"), cwd=tmp_path, env=env(),
-                             capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        sweep_cmd(tmp_path, *args, "--resume", "--no-report"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     check_complete_once(tmp_path, trials_per_cell=1, cells=1)
     # And nothing of the killed driver's Ray stays behind for long.
@@ -727,17 +879,32 @@ def _live_processes_of_group(group: int) -> list[str]:
 
 @pytest.mark.slow
 def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path):
-    proc = subprocess.run(sweep_cmd(tmp_path, "--set", "epochs=3", "--set", "trials=1",
-                                    "--set", "label_noise_rates=0.2", "--set", "grace_period=3"),
-                          cwd=tmp_path, env=env(SAMTUNE_FAULT_KILL_EPOCH="2"), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        sweep_cmd(
+            tmp_path,
+            "--set",
+            "epochs=3",
+            "--set",
+            "trials=1",
+            "--set",
+            "label_noise_rates=0.2",
+            "--set",
+            "grace_period=3",
+        ),
+        cwd=tmp_path,
+        env=env(SAMTUNE_FAULT_KILL_EPOCH="2"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from ray.tune import ExperimentAnalysis
 
     # The fault happened: Tune saw the trial's process die once and restarted it. Had it trained
     # from scratch it would have reached epoch 2 again and been killed until its restarts ran out.
-    (cell,) = Sweep(name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=1,
-                    label_noise_rates=(0.2,)).cells()
+    (cell,) = Sweep(
+        name="t", dataset="digits", model="mlp", epochs=3, batch_size=128, trials=1, label_noise_rates=(0.2,)
+    ).cells()
     (tune_trial,) = ExperimentAnalysis(str(tmp_path / "runs" / "t" / "trials")).trials
     assert tune_trial.status == "TERMINATED" and tune_trial.num_failures == 1
     client, by_role = runs_of(tmp_path)
@@ -750,7 +917,9 @@ def test_a_killed_worker_restarts_from_its_checkpoint_into_the_same_run(tmp_path
 
 @pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
-    sweep_space(tmp_path, "diverge.py",
+    sweep_space(
+        tmp_path,
+        "diverge.py",
         "from samtune.sweep import Sweep\n"
         "def space(trial):\n"
         "    opt = trial.suggest_categorical('optimizer', ['sgd', 'sam'])\n"
@@ -758,13 +927,15 @@ def test_a_diverging_trial_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_pat
         "        return {'rho': 5.0, 'lr': 10.0}\n"
         "    return {'lr': 0.05}\n"
         "SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=3, batch_size=128, trials=2,\n"
-        "              grace_period=3, fixed={'sharpness_measures': ''})\n")
+        "              grace_period=3, fixed={'sharpness_measures': ''})\n",
+    )
     client, by_role = runs_of(tmp_path)
     status = {t.data.params["optimizer"]: t for t in by_role["trial"]}
     assert status["sam"].data.tags["samtune.status"] == "diverged"
     assert status["sam"].data.metrics["diverged"] == 1.0
     assert "train_loss" not in status["sam"].data.metrics or all(
-        m.value == m.value for m in client.get_metric_history(status["sam"].info.run_id, "train_loss"))
+        m.value == m.value for m in client.get_metric_history(status["sam"].info.run_id, "train_loss")
+    )
     assert status["sgd"].data.tags["samtune.status"] == "finished"
     # It ended by itself, before its budget of 3 epochs, and ASHA did not stop it (grace_period=3).
     steps = epochs_logged(client, status["sam"])
@@ -785,13 +956,30 @@ def test_the_summary_marks_a_best_pick_that_asha_stopped():
     from samtune.sweep.view import print_summary
 
     def row(optimizer, status, epoch, val, test):
-        return TrialRow("t", {"optimizer": optimizer, "lr": 0.1}, status=status, epoch=epoch,
-                        metrics={"val_error": val, "test_error": test, "epoch": epoch})
+        return TrialRow(
+            "t",
+            {"optimizer": optimizer, "lr": 0.1},
+            status=status,
+            epoch=epoch,
+            metrics={"val_error": val, "test_error": test, "epoch": epoch},
+        )
 
-    rows = [{"cell": "noise=0.4", "sgd": row("sgd", "finished", 16, 0.5, 0.3),
-             "sam": row("sam", "finished", 16, 0.4, 0.1), "failed": 0, "diverged": 0},
-            {"cell": "noise=0.8", "sgd": row("sgd", "finished", 16, 0.8, 0.6),
-             "sam": row("sam", "stopped", 4, 0.9, 0.9), "failed": 0, "diverged": 0}]
+    rows = [
+        {
+            "cell": "noise=0.4",
+            "sgd": row("sgd", "finished", 16, 0.5, 0.3),
+            "sam": row("sam", "finished", 16, 0.4, 0.1),
+            "failed": 0,
+            "diverged": 0,
+        },
+        {
+            "cell": "noise=0.8",
+            "sgd": row("sgd", "finished", 16, 0.8, 0.6),
+            "sam": row("sam", "stopped", 4, 0.9, 0.9),
+            "failed": 0,
+            "diverged": 0,
+        },
+    ]
     plan = SimpleNamespace(sweep=SimpleNamespace(name="s", metric="val_error"), tracking_uri="sqlite:///x.db")
     out = StringIO()
     print_summary(Console(file=out, width=250, color_system=None), plan, rows)
@@ -847,7 +1035,7 @@ def test_a_state_cut_short_by_a_kill_is_put_back_from_the_copy_of_the_step_befor
     older.write_text('{"session": 1}')
     state = cell / "experiment_state-2026-01-02_00-00-00.json"
     state.write_text('{"step": 41}')
-    StateBackup(str(cell)).on_step_begin(41, [])   # the copy of the newest, as the step begins
+    StateBackup(str(cell)).on_step_begin(41, [])  # the copy of the newest, as the step begins
     assert (cell / STATE_BACKUP).read_text() == '{"step": 41}'
     state.write_text('{"trial_data": [["{\\"trial_id')  # the write of step 41, cut short
     assert resumable(cell)
@@ -865,8 +1053,11 @@ def test_trials_the_driver_saw_fail_are_saved_as_failed_and_no_other(tmp_path):
         return [json.dumps({"trial_id": trial_id, "status": status, "config": {"lr": 0.1}}), "{}"]
 
     state = tmp_path / "experiment_state-2026-01-02_00-00-00.json"
-    state.write_text(json.dumps({"trial_data": [trial("a", "RUNNING"), trial("b", "RUNNING"),
-                                                trial("c", "TERMINATED")], "runner_data": {}}))
+    state.write_text(
+        json.dumps(
+            {"trial_data": [trial("a", "RUNNING"), trial("b", "RUNNING"), trial("c", "TERMINATED")], "runner_data": {}}
+        )
+    )
     # "a" died on its last allowed failure; "b" is still training; "c" finished.
     assert settle_failed_trials(tmp_path, {"a", "c"}) == 1
     saved = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
@@ -882,7 +1073,7 @@ def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):
     cell.mkdir()
     assert not resumable(cell)
     (cell / "tuner.pkl").write_bytes(b"")
-    assert not resumable(cell)   # Tune would refuse: no experiment state yet
+    assert not resumable(cell)  # Tune would refuse: no experiment state yet
     (cell / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     assert resumable(cell)
 
@@ -893,12 +1084,31 @@ def test_the_embedded_finetuning_study_pretrains_once_and_finetunes_every_trial(
     pretrained once for all trials of both cells (and cached for the next sweep)."""
     space = ROOT / "search_spaces" / "finetune_digits.py"
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "samtune.cli", "sweep", str(space), "--set", "name=t", "--set", "epochs=2",
-           "--set", "trials=2", "--set", "fixed.pretrain_epochs=2", "--set", "fixed.sharpness_measures=m_sharpness",
-           "--storage-path", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-           "--no-report"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(SAMTUNE_CACHE_DIR=str(cache)), capture_output=True,
-                          text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "samtune.cli",
+        "sweep",
+        str(space),
+        "--set",
+        "name=t",
+        "--set",
+        "epochs=2",
+        "--set",
+        "trials=2",
+        "--set",
+        "fixed.pretrain_epochs=2",
+        "--set",
+        "fixed.sharpness_measures=m_sharpness",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--no-report",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env(SAMTUNE_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, by_role = runs_of(tmp_path)
     trials = by_role["trial"]

@@ -1,5 +1,6 @@
 """MLflow records from the driver: found again instead of duplicated, and kept (then written) when
 the tracking server goes away; a real `mlflow server` is stopped mid-sweep."""
+
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ class FlakyClient:
             if self.down:
                 raise ConnectionError("tracking server unreachable")
             return attr(*args, **kwargs)
+
         return call
 
 
@@ -64,8 +66,9 @@ def test_records_are_kept_while_the_server_is_down_and_written_once_it_is_back(t
     assert tracker.close() is None  # everything written now
     assert not spool.exists()
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
-                                filter_string="tags.`samtune.role` = 'trial'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("exp").experiment_id], filter_string="tags.`samtune.role` = 'trial'"
+    )
     assert history(client, run.info.run_id) == [1, 2, 3]
     assert run.data.tags["samtune.status"] == "finished"
 
@@ -93,8 +96,11 @@ def test_non_finite_values_are_never_logged(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, "exp", tmp_path / "s.jsonl")
     tracker.declare("k", "k", "trial")
-    tracker.log_metrics("k", {"epoch": 1, "train_loss": float("nan"), "val_error": float("inf"),
-                              "test_error": 0.2, "note": "text"}, step=1)
+    tracker.log_metrics(
+        "k",
+        {"epoch": 1, "train_loss": float("nan"), "val_error": float("inf"), "test_error": 0.2, "note": "text"},
+        step=1,
+    )
     tracker.close()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
@@ -122,9 +128,9 @@ def test_a_write_that_reached_the_server_before_timing_out_is_not_logged_twice(t
     tracker.declare("exp/t1", "t1", "trial")
     tracker.log_metrics("exp/t1", {"epoch": 1, "val_error": 0.5}, step=1)
     client.writes_then_fails = 1
-    tracker.log_metrics("exp/t1", {"epoch": 2, "val_error": 0.4}, step=2)   # written, then "timed out"
+    tracker.log_metrics("exp/t1", {"epoch": 2, "val_error": 0.4}, step=2)  # written, then "timed out"
     assert tracker.pending == 1
-    tracker.log_metrics("exp/t1", {"epoch": 3, "val_error": 0.3}, step=3)   # the retry goes first
+    tracker.log_metrics("exp/t1", {"epoch": 3, "val_error": 0.3}, step=3)  # the retry goes first
     assert tracker.close() is None
     mlflow = MlflowClient(uri)
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
@@ -186,8 +192,11 @@ def test_a_background_tracker_never_makes_the_caller_wait_and_keeps_the_order(tm
     mlflow = MlflowClient(uri)
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
     assert history(mlflow, run.info.run_id) == [1, 2, 3]
-    assert [m.value for m in sorted(mlflow.get_metric_history(run.info.run_id, "val_error"),
-                                    key=lambda m: m.step)] == [0.5, 0.25, 0.5 / 3]
+    assert [m.value for m in sorted(mlflow.get_metric_history(run.info.run_id, "val_error"), key=lambda m: m.step)] == [
+        0.5,
+        0.25,
+        0.5 / 3,
+    ]
     assert run.data.tags["samtune.status"] == "finished" and run.info.status == "FINISHED"
 
 
@@ -237,7 +246,9 @@ def test_a_trial_run_tune_never_heard_of_is_retired_not_counted(tmp_path):
     assert tracker.retire_unknown_trials("sw/cell-0", {"aaa", "ccc"}) == ["sw/cell-0/bbb"]
     assert tracker.close() is None
     mlflow = MlflowClient(uri)
-    runs = {r.data.tags["samtune.key"]: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])}
+    runs = {
+        r.data.tags["samtune.key"]: r for r in mlflow.search_runs([mlflow.get_experiment_by_name("exp").experiment_id])
+    }
     lost = runs["sw/cell-0/bbb"]
     assert lost.data.tags["samtune.role"] == "lost" and lost.data.tags["samtune.status"] == "lost"
     assert lost.info.status == "KILLED" and history(mlflow, lost.info.run_id) == [1]  # its epochs are kept
@@ -246,8 +257,9 @@ def test_a_trial_run_tune_never_heard_of_is_retired_not_counted(tmp_path):
 
 
 def test_the_spool_message_names_the_command_that_replays_it(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "s.jsonl",
-                      replay_hint="samtune sweep space.py --resume")
+    tracker = Tracker(
+        f"sqlite:///{tmp_path}/mlflow.db", "exp", tmp_path / "s.jsonl", replay_hint="samtune sweep space.py --resume"
+    )
     tracker.client = FlakyClient(tracker.client)
     tracker.client.down = True
     tracker.declare("exp", "exp", "sweep")
@@ -277,10 +289,27 @@ def free_port():
 def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_path):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1",
-         "--default-artifact-root", (tmp_path / "artifacts").as_uri()],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--workers",
+            "1",
+            "--default-artifact-root",
+            (tmp_path / "artifacts").as_uri(),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     sweep = None
     try:
@@ -296,19 +325,49 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         sweep = subprocess.Popen(
-            [sys.executable, "-m", "samtune.cli", "sweep", str(root / "search_spaces/noisy_digits.py"),
-             "--set", "name=away", "--set", "confirm_seeds=0", "--set", "model=mlp", "--set", "batch_size=128", "--set", "epochs=6",
-             "--set", "trials=2", "--set", "label_noise_rates=0.2", "--set", "grace_period=6",
-             "--set", "fixed.sharpness_measures=", "--storage-path", str(tmp_path / "runs"),
-             "--tracking-uri", uri],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "samtune.cli",
+                "sweep",
+                str(root / "search_spaces/noisy_digits.py"),
+                "--set",
+                "name=away",
+                "--set",
+                "confirm_seeds=0",
+                "--set",
+                "model=mlp",
+                "--set",
+                "batch_size=128",
+                "--set",
+                "epochs=6",
+                "--set",
+                "trials=2",
+                "--set",
+                "label_noise_rates=0.2",
+                "--set",
+                "grace_period=6",
+                "--set",
+                "fixed.sharpness_measures=",
+                "--storage-path",
+                str(tmp_path / "runs"),
+                "--tracking-uri",
+                uri,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         client = MlflowClient(uri)
         deadline = time.time() + 300
         while True:  # wait for a trial's run to reach the server, then take the server away
             exp = client.get_experiment_by_name("away")
             if exp is not None and client.search_runs(
-                    [exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'"):
+                [exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'"
+            ):
                 break
             assert time.time() < deadline and sweep.poll() is None, "no trial reached the server"
             time.sleep(0.2)
@@ -336,8 +395,10 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
     # (read from its store, now that it is stopped) or in the spool, the last ones in the spool.
     stored = MlflowClient(f"sqlite:///{tmp_path}/server.db")
     (exp,) = [e for e in stored.search_experiments() if e.name == "away"]
-    on_server = {run.data.tags["samtune.trial_key"]: {m.step for m in stored.get_metric_history(run.info.run_id, "epoch")}
-                 for run in stored.search_runs([exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'")}
+    on_server = {
+        run.data.tags["samtune.trial_key"]: {m.step for m in stored.get_metric_history(run.info.run_id, "epoch")}
+        for run in stored.search_runs([exp.experiment_id], filter_string="tags.`samtune.role` = 'trial'")
+    }
     trial_keys = set(on_server) | {r["run"] for r in records if r["tags"].get("samtune.role") == "trial"}
     assert len(trial_keys) == 2
     for key in trial_keys:
@@ -362,8 +423,13 @@ def test_a_new_store_and_the_data_cache_are_their_owners_only(tmp_path):
         store = tmp_path / "mlflow.db"
         assert store.stat().st_size > 0 and store.stat().st_mode & 0o077 == 0
         cache = tmp_path / "cache"
-        tensors = {"train_x": torch.zeros(2, 1), "train_y": torch.zeros(2, dtype=torch.long),
-                   "test_x": torch.zeros(1, 1), "test_y": torch.zeros(1, dtype=torch.long), "classes": ["a"]}
+        tensors = {
+            "train_x": torch.zeros(2, 1),
+            "train_y": torch.zeros(2, dtype=torch.long),
+            "test_x": torch.zeros(1, 1),
+            "test_y": torch.zeros(1, dtype=torch.long),
+            "classes": ["a"],
+        }
         cached("digits", tmp_path / "s.jsonl", "f" * 64, lambda: tensors, cache)
         (written,) = cache.glob("*.samtune.pt")
         assert written.stat().st_mode & 0o077 == 0 and cache.stat().st_mode & 0o077 == 0

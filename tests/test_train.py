@@ -1,6 +1,7 @@
 """The training function: learning, exact resume, divergence, config errors, the sharpness hook,
 and the multi-worker SAM step (per-worker, grouped, k-worker and classic perturbations) checked
 against SAM computed by hand on the same examples."""
+
 import gc
 import math
 import os
@@ -16,14 +17,12 @@ from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_co
 from samtune.trial.entry import fit
 from samtune.trial.placement import distributed_backend, worker_resources
 
-BASE = {"dataset": "digits", "model": "cnn", "epochs": 2, "batch_size": 64, "lr": 0.05,
-        "sharpness_measures": ()}
+BASE = {"dataset": "digits", "model": "cnn", "epochs": 2, "batch_size": 64, "lr": 0.05, "sharpness_measures": ()}
 
 
 def weights_after(config, **kw):
     box = {}
-    metrics = fit(config, on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}),
-                  **kw)
+    metrics = fit(config, on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}), **kw)
     return metrics, box.get("state")
 
 
@@ -31,9 +30,21 @@ def test_fit_learns_digits_and_reports_every_metric():
     seen = []
     last = fit({**BASE, "epochs": 3, "optimizer": "sam"}, report=seen.append)
     assert [m["epoch"] for m in seen] == [1, 2, 3]
-    for key in ("train_loss", "train_acc_noisy", "train_acc_true", "train_error", "val_error",
-                "val_loss", "test_error", "test_loss", "generalization_gap", "epoch_time_s",
-                "samples_per_s", "train_time_s", "diverged"):
+    for key in (
+        "train_loss",
+        "train_acc_noisy",
+        "train_acc_true",
+        "train_error",
+        "val_error",
+        "val_loss",
+        "test_error",
+        "test_loss",
+        "generalization_gap",
+        "epoch_time_s",
+        "samples_per_s",
+        "train_time_s",
+        "diverged",
+    ):
         assert key in last, key
     assert last["test_error"] < 0.15
     assert last["diverged"] == 0
@@ -44,8 +55,12 @@ def test_fit_learns_digits_and_reports_every_metric():
     compute = [m["compute_time_s"] for m in seen]
     assert compute == sorted(compute) and all(c > t for c, t in zip(compute, (m["train_time_s"] for m in seen)))
     # How m was realised: one eps from the whole batch of the single worker.
-    assert (last["m_effective"], last["m_workers"], last["m_groups_per_worker"],
-            last["m_per_worker_batch"]) == (64, 1, 1, 64)
+    assert (last["m_effective"], last["m_workers"], last["m_groups_per_worker"], last["m_per_worker_batch"]) == (
+        64,
+        1,
+        1,
+        64,
+    )
     assert last["m_plan"] == "m=64: one eps from the whole batch"
     # cosine schedule: after the last step of the last epoch the multiplier is cos(pi) -> 0
     assert seen[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 3)), rel=0.02)
@@ -72,8 +87,9 @@ def test_sam_with_rho_zero_trains_exactly_like_sgd():
 def test_the_training_subset_is_evaluated_at_the_epochs_train_eval_every_names(every, measured):
     full, reduced = [], []
     _, w_full = weights_after({**BASE, "epochs": 3, "label_noise_rate": 0.4}, report=full.append)
-    _, w_reduced = weights_after({**BASE, "epochs": 3, "label_noise_rate": 0.4, "train_eval_every": every},
-                                 report=reduced.append)
+    _, w_reduced = weights_after(
+        {**BASE, "epochs": 3, "label_noise_rate": 0.4, "train_eval_every": every}, report=reduced.append
+    )
     train_keys = ("train_error", "generalization_gap", "flipped_acc_noisy", "flipped_acc_true")
     assert [r["epoch"] for r in reduced if set(train_keys) <= set(r)] == measured
     assert not any(k in r for r in reduced if r["epoch"] not in measured for k in train_keys)
@@ -81,8 +97,9 @@ def test_the_training_subset_is_evaluated_at_the_epochs_train_eval_every_names(e
     assert all(torch.equal(w_full[k], w_reduced[k]) for k in w_full)
     for r in reduced:
         same = full[r["epoch"] - 1]
-        assert {k: r[k] for k in train_keys + ("test_error", "val_error") if k in r} == \
-               {k: same[k] for k in train_keys + ("test_error", "val_error") if k in r}
+        assert {k: r[k] for k in train_keys + ("test_error", "val_error") if k in r} == {
+            k: same[k] for k in train_keys + ("test_error", "val_error") if k in r
+        }
 
 
 def test_same_seed_same_run_and_other_seed_differs():
@@ -97,12 +114,26 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("config", [
-    {**BASE, "epochs": 4, "optimizer": "sam", "m": 16, "label_noise_rate": 0.2},
-    # ASAM around AdamW, randomized SAM steps (variant state), constant LR, one epoch done
-    {**BASE, "model": "mlp", "epochs": 3, "optimizer": "asam", "base_optimizer": "adamw",
-     "lr": 1e-3, "rho": 0.5, "sam_variant": "rst", "lr_schedule": "constant", "data_subset": 600},
-], ids=["sam-groups", "asam-adamw-rst"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {**BASE, "epochs": 4, "optimizer": "sam", "m": 16, "label_noise_rate": 0.2},
+        # ASAM around AdamW, randomized SAM steps (variant state), constant LR, one epoch done
+        {
+            **BASE,
+            "model": "mlp",
+            "epochs": 3,
+            "optimizer": "asam",
+            "base_optimizer": "adamw",
+            "lr": 1e-3,
+            "rho": 0.5,
+            "sam_variant": "rst",
+            "lr_schedule": "constant",
+            "data_subset": 600,
+        },
+    ],
+    ids=["sam-groups", "asam-adamw-rst"],
+)
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, config):
     full, w_full = weights_after(config)
     crash_at = config["epochs"] // 2
@@ -114,8 +145,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, config
     with pytest.raises(Crash):
         fit(config, report=crash, checkpoint_dir=tmp_path)
     epochs = []
-    resumed, w_resumed = weights_after(config, report=lambda m: epochs.append(m["epoch"]),
-                                       checkpoint_dir=tmp_path)
+    resumed, w_resumed = weights_after(config, report=lambda m: epochs.append(m["epoch"]), checkpoint_dir=tmp_path)
     assert epochs == list(range(crash_at + 1, config["epochs"] + 1))  # nothing repeated or skipped
     for k in w_full:
         assert torch.equal(w_full[k], w_resumed[k]), k
@@ -131,6 +161,7 @@ def test_divergence_is_a_bad_result_not_a_crash(tmp_path):
     assert last["val_error"] == 1.0 and last["test_error"] == 1.0
     # Whatever metric the sweep optimises, the diverged result carries it, at its worst.
     from samtune.contract.metrics import OPTIMISABLE
+
     assert set(OPTIMISABLE) <= set(last)
     assert last["train_error"] == 1.0 and last["train_acc_noisy"] == 0.0
     assert last["val_loss"] == last["train_loss"] == BASE.get("divergence_loss", 1e3)
@@ -141,22 +172,25 @@ def test_divergence_is_a_bad_result_not_a_crash(tmp_path):
     assert fit(config, report=again.append, checkpoint_dir=tmp_path) == last and again == []
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"m": 24}, "m=24 does not divide the per-worker batch 64"),
-    ({"workers": 3}, "does not split evenly over workers=3"),
-    ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
-    ({"lr": 0.0}, "lr must be > 0"),
-    ({"rho": -0.1}, "rho must be >= 0"),
-    ({"epochs": 0}, "epochs must be a positive integer"),
-    ({"precision": "fp16"}, "precision='fp16' needs use_gpu=True"),
-    ({"precision": "int8"}, "precision='int8' is not one of"),
-    ({"backend": "mpi"}, "backend='mpi' is not one of"),
-    ({"optimizer": "sam", "sam_variant": "lookahead"}, "sam_variant='lookahead'"),
-    ({"optimizer": "sam", "sam_variant": "looksam", "m": 16}, "does not combine with m=16"),
-    ({"workers": 4, "m": 48}, "not k x 16 with k dividing workers=4"),
-    ({"workers": 2, "m": 16, "sync_perturbation": True}, "sync_perturbation=True means m = the global batch 64"),
-    ({"sharpness_settings": "rho=0.1"}, "sharpness_settings must be a dict"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"m": 24}, "m=24 does not divide the per-worker batch 64"),
+        ({"workers": 3}, "does not split evenly over workers=3"),
+        ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"rho": -0.1}, "rho must be >= 0"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"precision": "fp16"}, "precision='fp16' needs use_gpu=True"),
+        ({"precision": "int8"}, "precision='int8' is not one of"),
+        ({"backend": "mpi"}, "backend='mpi' is not one of"),
+        ({"optimizer": "sam", "sam_variant": "lookahead"}, "sam_variant='lookahead'"),
+        ({"optimizer": "sam", "sam_variant": "looksam", "m": 16}, "does not combine with m=16"),
+        ({"workers": 4, "m": 48}, "not k x 16 with k dividing workers=4"),
+        ({"workers": 2, "m": 16, "sync_perturbation": True}, "sync_perturbation=True means m = the global batch 64"),
+        ({"sharpness_settings": "rho=0.1"}, "sharpness_settings must be a dict"),
+    ],
+)
 def test_impossible_settings_are_named(change, message):
     with pytest.raises(TrialConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         resolve_config({**BASE, **change})
@@ -168,20 +202,23 @@ def test_use_gpu_without_cuda_is_named(monkeypatch):
         fit({**BASE, "use_gpu": True})
 
 
-@pytest.mark.parametrize("batch, workers, m, sync, expected", [
-    # (m, per-worker batch, workers, eps per worker, workers sharing one eps)
-    (64, 1, None, False, (64, 64, 1, 1, 1)),
-    (64, 2, None, False, (32, 32, 2, 1, 1)),     # per-worker: each worker's own batch
-    (64, 2, 8, False, (8, 32, 2, 4, 1)),         # groups of 8 inside each worker
-    (64, 2, 64, False, (64, 32, 2, 1, 2)),       # the global batch: classic SAM
-    (64, 4, 32, False, (32, 16, 4, 1, 2)),       # pairs of workers
-    (64, 4, None, True, (64, 16, 4, 1, 4)),      # sync_perturbation
-])
+@pytest.mark.parametrize(
+    "batch, workers, m, sync, expected",
+    [
+        # (m, per-worker batch, workers, eps per worker, workers sharing one eps)
+        (64, 1, None, False, (64, 64, 1, 1, 1)),
+        (64, 2, None, False, (32, 32, 2, 1, 1)),  # per-worker: each worker's own batch
+        (64, 2, 8, False, (8, 32, 2, 4, 1)),  # groups of 8 inside each worker
+        (64, 2, 64, False, (64, 32, 2, 1, 2)),  # the global batch: classic SAM
+        (64, 4, 32, False, (32, 16, 4, 1, 2)),  # pairs of workers
+        (64, 4, None, True, (64, 16, 4, 1, 4)),  # sync_perturbation
+    ],
+)
 def test_perturbation_plan_follows_m(batch, workers, m, sync, expected):
-    plan = perturbation_plan(resolve_config({**BASE, "batch_size": batch, "workers": workers, "m": m,
-                                             "sync_perturbation": sync}))
-    assert (plan.m, plan.per_worker_batch, plan.workers, plan.groups_per_worker,
-            plan.workers_per_eps) == expected
+    plan = perturbation_plan(
+        resolve_config({**BASE, "batch_size": batch, "workers": workers, "m": m, "sync_perturbation": sync})
+    )
+    assert (plan.m, plan.per_worker_batch, plan.workers, plan.groups_per_worker, plan.workers_per_eps) == expected
     assert plan.sync_all == (workers > 1 and expected[4] == workers)
     assert f"m={expected[0]}" in plan.describe()
 
@@ -200,10 +237,14 @@ def test_worker_resources_fit_beside_the_trial_and_refuse_impossible_requests():
     assert worker_resources(cfg, cluster_cpus=2.0, driver_cpu=0.01) == {"CPU": 0.9}
     assert worker_resources(cfg, cluster_cpus=16.0) == {"CPU": 1.0}
     assert worker_resources(resolve_config({**BASE, "workers": 4}), cluster_cpus=2.0) == {"CPU": 0.5}
-    with pytest.raises(TrialConfigError, match=r"need 4 CPUs \(and 0.01 for the trial's driver\), but the "
-                                               "Ray cluster has 2"):
-        worker_resources(resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0,
-                         driver_cpu=0.01)
+    with pytest.raises(
+        TrialConfigError,
+        match=r"need 4 CPUs \(and 0.01 for the trial's driver\), but the "
+        "Ray cluster has 2",
+    ):
+        worker_resources(
+            resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0, driver_cpu=0.01
+        )
     with pytest.raises(TrialConfigError, match=r"need 4 CPUs, but the Ray cluster has 2"):
         worker_resources(resolve_config({**BASE, "workers": 2, "cpus_per_worker": 2.0}), cluster_cpus=2.0)
     assert distributed_backend(cfg, {"CPU": 0.5}) == "gloo"
@@ -218,8 +259,11 @@ def test_gpu_workers_get_a_gpu_each_or_share_one_over_gloo():
     with pytest.raises(TrialConfigError, match="use_gpu=True but the Ray cluster has no GPU"):
         worker_resources(gpu, cluster_cpus=8.0, cluster_gpus=0.0)
     with pytest.raises(TrialConfigError, match="need 2 GPUs, but the Ray cluster has 1"):
-        worker_resources(resolve_config({**BASE, "workers": 2, "use_gpu": True, "gpus_per_worker": 1.0}),
-                         cluster_cpus=8.0, cluster_gpus=1.0)
+        worker_resources(
+            resolve_config({**BASE, "workers": 2, "use_gpu": True, "gpus_per_worker": 1.0}),
+            cluster_cpus=8.0,
+            cluster_gpus=1.0,
+        )
 
 
 def test_compiled_model_trains_like_the_plain_one():
@@ -242,10 +286,18 @@ def test_bf16_autocast_trains_and_rounds_differently():
 def test_sharpness_is_measured_on_the_documented_subset_without_disturbing_training():
     from samtune.sharpness.measures import measure_sharpness
 
-    config = {**BASE, "model": "mlp", "epochs": 2, "optimizer": "sam", "data_subset": 600,
-              "label_noise_rate": 0.3, "sharpness_every": 1, "sharpness_subset": 128,
-              "sharpness_measures": ("m_sharpness", "avg_sharpness"),
-              "sharpness_settings": {"m_sharpness": {"rho": 0.1}}}
+    config = {
+        **BASE,
+        "model": "mlp",
+        "epochs": 2,
+        "optimizer": "sam",
+        "data_subset": 600,
+        "label_noise_rate": 0.3,
+        "sharpness_every": 1,
+        "sharpness_subset": 128,
+        "sharpness_measures": ("m_sharpness", "avg_sharpness"),
+        "sharpness_settings": {"m_sharpness": {"rho": 0.1}},
+    }
     seen = []
     box = {}
     last = fit(config, report=seen.append, on_end=lambda m: box.update(model=m))
@@ -262,8 +314,7 @@ def test_sharpness_is_measured_on_the_documented_subset_without_disturbing_train
     idx = torch.randperm(len(sc.train_y), generator=torch.Generator().manual_seed(0 + 7919))[:128]
     x, y = to_float(sc.train_x[idx], sc.mean, sc.std), sc.train_y[idx]
     assert not torch.equal(y, sc.train_y_true[idx])
-    again = measure_sharpness(model, F.cross_entropy, x, y, measures=("m_sharpness",), seed=0,
-                              m_sharpness={"rho": 0.1})
+    again = measure_sharpness(model, F.cross_entropy, x, y, measures=("m_sharpness",), seed=0, m_sharpness={"rho": 0.1})
     assert last["sharpness/m_sharpness"] == pytest.approx(again["sharpness/m_sharpness"], rel=1e-6)
 
 
@@ -309,9 +360,21 @@ def test_backbone_lr_scale_scales_the_pretrained_layers_step(tmp_path):
     # One step (64 examples, batch 64) of SAM without momentum or weight decay: the update is
     # -lr x gradient at w + eps, and the gradient does not depend on the learning rate, so the
     # backbone's step at backbone_lr_scale s is exactly s times its step at scale 1.
-    config = {**BASE, "dataset": "digits[5-9]", "scenario": "finetune", "finetune_source": str(tmp_path / "w.pt"),
-              "epochs": 1, "data_subset": 64, "val_fraction": 0.0, "batch_size": 64, "optimizer": "sam",
-              "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant"}
+    config = {
+        **BASE,
+        "dataset": "digits[5-9]",
+        "scenario": "finetune",
+        "finetune_source": str(tmp_path / "w.pt"),
+        "epochs": 1,
+        "data_subset": 64,
+        "val_fraction": 0.0,
+        "batch_size": 64,
+        "optimizer": "sam",
+        "lr": 0.5,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "lr_schedule": "constant",
+    }
     full, w_full = weights_after(config)
     slow, w_slow = weights_after({**config, "backbone_lr_scale": 0.1})
     probe, w_probe = weights_after({**config, "backbone_lr_scale": 0.0})
@@ -337,27 +400,36 @@ def test_backbone_lr_scale_scales_the_pretrained_layers_step(tmp_path):
 
 def test_worker_resources_check_the_largest_node_not_only_the_totals(monkeypatch):
     three = resolve_config({**BASE, "workers": 2, "cpus_per_worker": 3.0})
-    with pytest.raises(TrialConfigError, match="one training worker needs 3 CPU on a single node, but the "
-                                               "largest node has 2 CPU"):
+    with pytest.raises(
+        TrialConfigError, match="one training worker needs 3 CPU on a single node, but the largest node has 2 CPU"
+    ):
         worker_resources(three, cluster_cpus=8.0, nodes=[{"CPU": 2.0}] * 4)  # 8 CPUs, none holds 3
     assert worker_resources(three, cluster_cpus=8.0, nodes=[{"CPU": 4.0}] * 2) == {"CPU": 3.0}
     four = resolve_config({**BASE, "workers": 4, "cpus_per_worker": 1.5})
     assert worker_resources(four, cluster_cpus=8.0, nodes=[{"CPU": 2.0}] * 4) == {"CPU": 1.5}
-    with pytest.raises(TrialConfigError, match=r"4 workers of 1.5 CPU each do not fit: the Ray cluster's 3 "
-                                               r"node\(s\) hold 3 such workers"):
+    with pytest.raises(
+        TrialConfigError,
+        match=r"4 workers of 1.5 CPU each do not fit: the Ray cluster's 3 "
+        r"node\(s\) hold 3 such workers",
+    ):
         worker_resources(four, cluster_cpus=7.5, nodes=[{"CPU": 2.5}] * 3)  # the totals would fit
     gpu = resolve_config({**BASE, "workers": 3, "batch_size": 63, "use_gpu": True})
     # Two one-GPU nodes and 3 workers: a 0.66 share each, and no GPU holds two of them.
     with pytest.raises(TrialConfigError, match=r"3 workers of 1 CPU \+ 0.66 GPU each do not fit: .* hold 2 "):
         worker_resources(gpu, cluster_cpus=16.0, cluster_gpus=2.0, nodes=[{"CPU": 8.0, "GPU": 1.0}] * 2)
     with pytest.raises(TrialConfigError, match="needs 1 CPU \\+ 1 GPU on a single node"):
-        worker_resources(resolve_config({**BASE, "workers": 2, "use_gpu": True}), cluster_cpus=9.0,
-                         cluster_gpus=2.0, nodes=[{"CPU": 8.0, "GPU": 0.0}, {"CPU": 0.5, "GPU": 2.0}])
+        worker_resources(
+            resolve_config({**BASE, "workers": 2, "use_gpu": True}),
+            cluster_cpus=9.0,
+            cluster_gpus=2.0,
+            nodes=[{"CPU": 8.0, "GPU": 0.0}, {"CPU": 0.5, "GPU": 2.0}],
+        )
     # Without explicit figures, the connected cluster's alive nodes (ray.nodes()) are checked.
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 10.0})
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}},
-                                               {"Alive": False, "Resources": {"CPU": 8.0}}])
+    monkeypatch.setattr(
+        ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    )
     with pytest.raises(TrialConfigError, match="largest node has 2 CPU"):
         worker_resources(three)
 
@@ -377,7 +449,7 @@ def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_ste
         opt = SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
         norms = []
         for s in range(3):
-            xb, yb = x[64 * s:64 * (s + 1)], y[64 * s:64 * (s + 1)]
+            xb, yb = x[64 * s : 64 * (s + 1)], y[64 * s : 64 * (s + 1)]
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 sam_step(model, F.cross_entropy, xb, yb, opt, m=m, max_grad_norm=clip, scaler=scaler)
             norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
@@ -388,21 +460,21 @@ def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_ste
         assert min(norms) < 0.5 + 1e-6  # what the base optimizer stepped with was clipped
         unclipped, raw_norms = run(m=m, clip=None)
         assert min(raw_norms) > 0.5  # ... from gradients that were larger
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
         scaled, _ = run(scaler, m=m)
         # A power-of-two loss scale is exact in float32, eps is normalised, the gradient is
         # unscaled once before clipping: the same update as without scaling.
         for a, b, _c in zip(reference, scaled, unclipped):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         assert any(not torch.allclose(a, c, rtol=1e-5, atol=1e-6) for a, c in zip(reference, unclipped))
-        assert scaler.get_scale() == 2.0 ** 12  # no overflow, no skipped step
+        assert scaler.get_scale() == 2.0**12  # no overflow, no skipped step
     # fp16 autocast on CPU, where the build supports it: the scaled steps stay near fp32's.
     try:
         with torch.autocast("cpu", dtype=torch.float16):
             torch.nn.Linear(4, 4)(torch.randn(2, 4))
     except RuntimeError:
         return
-    half, _ = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), dtype=torch.float16)
+    half, _ = run(torch.amp.GradScaler("cpu", init_scale=2.0**12), dtype=torch.float16)
     reference, _ = run()
     for a, b in zip(reference, half):
         torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
@@ -411,9 +483,21 @@ def test_grad_scaler_and_clipping_through_both_sam_passes_match_the_unscaled_ste
 # ------------------------------------------------------------------------------ multi-worker
 # No BatchNorm, no momentum, constant LR: one SAM step is w -= lr * mean over groups of the
 # gradient at w + eps_group, so the by-hand reference below is the whole algorithm.
-STEPS = {"dataset": "digits", "model": "mlp", "norm": "none", "epochs": 1, "batch_size": 400,
-         "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "optimizer": "sam", "rho": 0.5,
-         "lr_schedule": "constant", "sharpness_measures": (), "seed": 3}
+STEPS = {
+    "dataset": "digits",
+    "model": "mlp",
+    "norm": "none",
+    "epochs": 1,
+    "batch_size": 400,
+    "lr": 0.1,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "optimizer": "sam",
+    "rho": 0.5,
+    "lr_schedule": "constant",
+    "sharpness_measures": (),
+    "seed": 3,
+}
 
 
 def sam_by_hand(config, world, m):
@@ -430,17 +514,17 @@ def sam_by_hand(config, world, m):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + 1))
     shards = [order[r::world] for r in range(world)]
     for s in range(steps):
-        batches = [shard[s * local:(s + 1) * local] for shard in shards]
+        batches = [shard[s * local : (s + 1) * local] for shard in shards]
         if m <= local:
-            groups = [b[j:j + m] for b in batches for j in range(0, local, m)]
+            groups = [b[j : j + m] for b in batches for j in range(0, local, m)]
         else:
             k = m // local
-            groups = [torch.cat(batches[i:i + k]) for i in range(0, world, k)]
+            groups = [torch.cat(batches[i : i + k]) for i in range(0, world, k)]
         total = [torch.zeros_like(p) for p in params]
         for idx in groups:
             x, y = to_float(sc.train_x[idx], sc.mean, sc.std), sc.train_y[idx]
             g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-            scale = cfg["rho"] / torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            scale = cfg["rho"] / torch.sqrt(sum((gi**2).sum() for gi in g))
             with torch.no_grad():
                 for p, gi in zip(params, g):
                     p.add_(scale * gi)
@@ -544,8 +628,10 @@ def probe_workers(config):
         records.clear()
         box, seen = {}, []
         _train(run, LocalSession(seen.append, None), on_end=lambda m, box=box: box.update(state=m.state_dict()))
-        torch.save({"records": list(records), "state": box["state"], "metrics": seen},
-                   os.path.join(config["out"], f"{name}-{rank}.pt"))
+        torch.save(
+            {"records": list(records), "state": box["state"], "metrics": seen},
+            os.path.join(config["out"], f"{name}-{rank}.pt"),
+        )
     if config.get("public"):  # and the public entry point, reporting its checkpoint to Ray
         train_loop_per_worker(config["public"])
 
@@ -616,13 +702,17 @@ def test_two_gloo_workers_per_worker_grouped_and_classic_sam(ray_cluster, tmp_pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    runs = {"per_worker": {**STEPS, "workers": 2}, "groups": {**STEPS, "workers": 2, "m": 50},
-            "classic": {**STEPS, "workers": 2, "m": 400}}
+    runs = {
+        "per_worker": {**STEPS, "workers": 2},
+        "groups": {**STEPS, "workers": 2, "m": 50},
+        "classic": {**STEPS, "workers": 2, "m": 400},
+    }
     result = TorchTrainer(
         probe_workers,
         train_loop_config={"runs": runs, "out": str(tmp_path), "public": runs["per_worker"]},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name="probe", storage_path=str(tmp_path / "ray"))).fit()
+        run_config=RunConfig(name="probe", storage_path=str(tmp_path / "ray")),
+    ).fit()
 
     per_worker = load_probe(tmp_path, "per_worker", 2)
     check_replicas(per_worker, first_pass_shared=False)
@@ -691,9 +781,19 @@ def test_four_workers_share_each_eps_in_pairs(tmp_path):
     assert ranks[0]["metrics"][-1]["m_workers"] == 2
 
 
-FINETUNE_RANKS = {"dataset": "digits[5-9]", "scenario": "finetune", "finetune_source": "digits[0-4]",
-                  "model": "cnn", "epochs": 2, "batch_size": 64, "workers": 2, "optimizer": "sam",
-                  "pretrain_epochs": 2, "label_noise_rate": 0.2, "sharpness_measures": ()}
+FINETUNE_RANKS = {
+    "dataset": "digits[5-9]",
+    "scenario": "finetune",
+    "finetune_source": "digits[0-4]",
+    "model": "cnn",
+    "epochs": 2,
+    "batch_size": 64,
+    "workers": 2,
+    "optimizer": "sam",
+    "pretrain_epochs": 2,
+    "label_noise_rate": 0.2,
+    "sharpness_measures": (),
+}
 
 
 def _finetune_rank_worker(rank, out, init, cache):
@@ -707,8 +807,11 @@ def _finetune_rank_worker(rank, out, init, cache):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         seen, box = [], {}
-        _train(FINETUNE_RANKS, LocalSession(seen.append, None),
-               on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}))
+        _train(
+            FINETUNE_RANKS,
+            LocalSession(seen.append, None),
+            on_end=lambda m: box.update(state={k: v.clone() for k, v in m.state_dict().items()}),
+        )
         torch.save({"metrics": seen, "state": box["state"]}, os.path.join(out, f"finetune-{rank}.pt"))
     finally:
         gc.collect()  # no DDP module may outlive its process group (gloo aborts at teardown)
@@ -728,11 +831,16 @@ def test_two_ranks_finetune_from_a_dataset_source_pretrained_inside_the_workers(
     ranks = [torch.load(tmp_path / f"finetune-{r}.pt", weights_only=True) for r in range(2)]
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k
-    assert ranks[0]["metrics"] == [{**m, "epoch_time_s": ranks[0]["metrics"][i]["epoch_time_s"],
-                                    "samples_per_s": ranks[0]["metrics"][i]["samples_per_s"],
-                                    "train_time_s": ranks[0]["metrics"][i]["train_time_s"],
-                                    "compute_time_s": ranks[0]["metrics"][i]["compute_time_s"]}
-                                   for i, m in enumerate(ranks[1]["metrics"])]
+    assert ranks[0]["metrics"] == [
+        {
+            **m,
+            "epoch_time_s": ranks[0]["metrics"][i]["epoch_time_s"],
+            "samples_per_s": ranks[0]["metrics"][i]["samples_per_s"],
+            "train_time_s": ranks[0]["metrics"][i]["train_time_s"],
+            "compute_time_s": ranks[0]["metrics"][i]["compute_time_s"],
+        }
+        for i, m in enumerate(ranks[1]["metrics"])
+    ]
     last = ranks[0]["metrics"][-1]
     assert last["m_workers"] == 1 and last["m_per_worker_batch"] == 32 and "per-worker eps" in last["m_plan"]
     assert last["test_error"] < 0.2 and last["lr_backbone"] == last["lr"]
@@ -767,14 +875,20 @@ def test_asha_sees_every_epoch_through_run_trial(ray_cluster, tmp_path, workers)
 
     from samtune.trial.ray_trial import run_trial
 
-    config = {**BASE, "epochs": 3, "workers": workers, "model": "mlp", "batch_size": 128,
-              "optimizer": "sam", "seed": tune.grid_search([0, 1] if workers == 2 else [0])}
+    config = {
+        **BASE,
+        "epochs": 3,
+        "workers": workers,
+        "model": "mlp",
+        "batch_size": 128,
+        "optimizer": "sam",
+        "seed": tune.grid_search([0, 1] if workers == 2 else [0]),
+    }
     scheduler = _recording_asha(stop_first_after=1 if workers == 2 else None)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": 1}),
         param_space=config,
-        tune_config=tune.TuneConfig(metric="val_error", mode="min", scheduler=scheduler,
-                                    max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(metric="val_error", mode="min", scheduler=scheduler, max_concurrent_trials=1),
         run_config=tune.RunConfig(name=f"w{workers}", storage_path=str(tmp_path), verbose=0),
     )
     grid = tuner.fit()

@@ -5,6 +5,7 @@ only a browser shows which view it opened) and, as a control, the UI's front pag
 experiment without it, which MLflow 3 opens on its GenAI traces: the check would otherwise pass
 if the UI showed runs everywhere.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,10 +43,14 @@ def make_store(folder: Path, sweeps: list[str]) -> str:
     for name in sweeps:
         experiment = client.create_experiment(name)
         client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        sweep = client.create_run(experiment, run_name=f"{name}-sweep",
-                                  tags={ROLE_TAG: "sweep", DESCRIPTION_TAG: "SAM lower by 0.068"})
-        cell = client.create_run(experiment, run_name=f"{name}-cell-noise-0.4",
-                                 tags={ROLE_TAG: "cell", "mlflow.parentRunId": sweep.info.run_id})
+        sweep = client.create_run(
+            experiment, run_name=f"{name}-sweep", tags={ROLE_TAG: "sweep", DESCRIPTION_TAG: "SAM lower by 0.068"}
+        )
+        cell = client.create_run(
+            experiment,
+            run_name=f"{name}-cell-noise-0.4",
+            tags={ROLE_TAG: "cell", "mlflow.parentRunId": sweep.info.run_id},
+        )
         client.log_metric(cell.info.run_id, "test_error", 0.05)
         for run in (cell, sweep):
             client.set_terminated(run.info.run_id)
@@ -109,7 +114,8 @@ def test_ui_on_a_store_without_sweeps_points_at_the_experiment_list(monkeypatch,
     monkeypatch.setattr("samtune.cli.serve", lambda cmd: 0)
     assert cli.main(["ui", "--tracking-uri", uri, "--port", "5123"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "the sweeps: http://127.0.0.1:5123/#/experiments?workflowType=machine_learning")
+        "the sweeps: http://127.0.0.1:5123/#/experiments?workflowType=machine_learning"
+    )
 
 
 def _free_port() -> int:
@@ -139,11 +145,25 @@ def _text(dom: str) -> str:
 
 def _load(url: str, folder: Path) -> str:
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={folder}", "--virtual-time-budget=20000", "--window-size=1280,1000",
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={folder}",
+            "--virtual-time-budget=20000",
+            "--window-size=1280,1000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -153,9 +173,13 @@ def _load(url: str, folder: Path) -> str:
 def test_the_printed_address_opens_the_sweeps_runs_in_a_browser(tmp_path):
     uri = make_store(tmp_path, ["noisy-digits"])
     port = _free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "samtune.cli", "ui", "--tracking-uri", uri,
-                           "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "samtune.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         address = None
         deadline = time.time() + 120

@@ -1,5 +1,6 @@
 """Cheaper SAM variants: which steps take two passes, and what each step computes, checked
 against the papers' rules written out by hand in this file."""
+
 import copy
 import gc
 import math
@@ -36,8 +37,10 @@ def mlp(seed=0, bn=False):
 def batches(steps, n=24, seed=1):
     """A different batch every step, so gradient norms move from step to step."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 6, generator=g, dtype=torch.float64) * (1 + (t % 3)),
-             torch.randint(0, 3, (n,), generator=g)) for t in range(steps)]
+    return [
+        (torch.randn(n, 6, generator=g, dtype=torch.float64) * (1 + (t % 3)), torch.randint(0, 3, (n,), generator=g))
+        for t in range(steps)
+    ]
 
 
 def sam_optimizer(model, variant=None, **kwargs):
@@ -79,6 +82,7 @@ def run_with_closure(model, opt, data):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
         pattern.append(counter.count - before)
     return pattern
@@ -96,14 +100,16 @@ def reference_run(model, data, rule):
     bufs = [None] * len(params)
     pattern = []
     for t, (x, y) in enumerate(data):
+
         def grad_at(ws, x=x, y=y):
             ws = [w.clone().requires_grad_() for w in ws]
             loss = F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ws)), (x,)), y)
             return list(torch.autograd.grad(loss, ws))
+
         g = grad_at(params)
         choice = rule(t, g)
         if isinstance(choice, str) and choice == "sam":
-            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
             d = grad_at([p + RHO * gi / norm for p, gi in zip(params, g)])
             if hasattr(rule, "after_sam"):
                 rule.after_sam(g, d)
@@ -132,8 +138,9 @@ def assert_weights(model, expected):
 def test_every_k_takes_sam_on_multiples_of_k_and_plain_steps_in_between():
     data = batches(8)
     model = mlp()
-    expected, expected_pattern = reference_run(copy.deepcopy(model), data,
-                                               lambda t, g: "sam" if t % 3 == 0 else "plain")
+    expected, expected_pattern = reference_run(
+        copy.deepcopy(model), data, lambda t, g: "sam" if t % 3 == 0 else "plain"
+    )
     pattern = run(model, sam_optimizer(model, EveryKSAM(k=3)), data)
     assert pattern == expected_pattern == [2, 1, 1, 2, 1, 1, 2, 1]
     assert_weights(model, expected)
@@ -178,8 +185,9 @@ def test_rst_draws_one_seeded_uniform_per_step_and_takes_sam_below_p():
     model = mlp()
     draws = torch.Generator().manual_seed(123)
     u = [float(torch.rand((), generator=draws)) for _ in range(12)]
-    expected, expected_pattern = reference_run(copy.deepcopy(model), data,
-                                               lambda t, g: "sam" if u[t] < 0.4 else "plain")
+    expected, expected_pattern = reference_run(
+        copy.deepcopy(model), data, lambda t, g: "sam" if u[t] < 0.4 else "plain"
+    )
     pattern = run(model, sam_optimizer(model, RandomizedSAM(p=0.4, seed=123)), data)
     assert pattern == expected_pattern
     assert 1 in pattern and 2 in pattern
@@ -223,10 +231,16 @@ def test_rst_linear_schedule_moves_p_from_start_to_end():
 
 def test_rst_from_config_uses_the_documented_seed_and_keys():
     v = variant_from_config({"sam_variant": "rst", "sam_p": 0.25, "seed": 4, "looksam_alpha": 9.0})
-    assert v.settings() == {"p": 0.25, "schedule": "constant", "p_start": 0.0, "total_steps": None,
-                            "seed": 4 * 1000 + 606}
-    w = variant_from_config({"sam_variant": "rst", "rst_schedule": "linear", "rst_p_start": 0.1,
-                             "sam_seed": 11}, total_steps=50)
+    assert v.settings() == {
+        "p": 0.25,
+        "schedule": "constant",
+        "p_start": 0.0,
+        "total_steps": None,
+        "seed": 4 * 1000 + 606,
+    }
+    w = variant_from_config(
+        {"sam_variant": "rst", "rst_schedule": "linear", "rst_p_start": 0.1, "sam_seed": 11}, total_steps=50
+    )
     assert w.settings() == {"p": 0.5, "schedule": "linear", "p_start": 0.1, "total_steps": 50, "seed": 11}
 
 
@@ -256,8 +270,8 @@ class LookSAMRule:
     def __call__(self, t, g):
         if t % self.k == 0:
             return "sam"
-        g_norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
-        v_norm = torch.sqrt(sum((vi ** 2).sum() for vi in self.g_v))
+        g_norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        v_norm = torch.sqrt(sum((vi**2).sum() for vi in self.g_v))
         return [gi + self.alpha * g_norm / v_norm * vi for gi, vi in zip(g, self.g_v)]
 
     def after_sam(self, g, g_s):
@@ -280,8 +294,11 @@ def test_looksam_reused_gradient_equals_its_formula(closure):
 def test_looksam_keeps_its_previous_direction_when_the_new_one_is_not_finite():
     v = LookSAM(k=3, alpha=0.5)
     v.store([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 1.0])])  # g_v = (0, 1), as above
-    for g, g_s in [([3.0, 0.0], [float("inf"), 1.0]), ([float("nan"), 0.0], [1.0, 1.0]),
-                   ([0.0, 0.0], [1.0, float("inf")])]:
+    for g, g_s in [
+        ([3.0, 0.0], [float("inf"), 1.0]),
+        ([float("nan"), 0.0], [1.0, 1.0]),
+        ([0.0, 0.0], [1.0, float("inf")]),
+    ]:
         v.store([torch.tensor(g)], [torch.tensor(g_s)])
         assert torch.equal(v.direction[0], torch.tensor([0.0, 1.0])), (g, g_s)
     fresh = LookSAM(k=3)
@@ -296,6 +313,7 @@ def test_looksam_overflowing_sam_step_is_skipped_and_the_old_direction_reused():
     x[0, 0] = float("inf")  # step 3 (a SAM step) gets nan gradients, as an fp16 overflow would
     data[3] = (x, y)
     model = mlp()
+
     class WithoutStep3(LookSAMRule):
         def __call__(self, t, g):
             return super().__call__(t if t < 3 else t + 1, g)
@@ -304,10 +322,10 @@ def test_looksam_overflowing_sam_step_is_skipped_and_the_old_direction_reused():
     expected, pattern = reference_run(copy.deepcopy(model), data[:3] + data[4:], WithoutStep3(k=3, alpha=0.6))
     assert pattern == [2, 1, 1, 1, 1]
     opt = sam_optimizer(model, LookSAM(k=3, alpha=0.6))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for xb, yb in data:
         sam_step(model, F.cross_entropy, xb, yb, opt, scaler=scaler)
-    assert scaler.get_scale() == 2.0 ** 9  # exactly one skipped step
+    assert scaler.get_scale() == 2.0**9  # exactly one skipped step
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-7, atol=1e-9)
 
@@ -331,7 +349,7 @@ class AESAMRule:
         self.mu = self.var = 0.0
 
     def __call__(self, t, g):
-        s = float(sum((gi ** 2).sum() for gi in g))
+        s = float(sum((gi**2).sum() for gi in g))
         self.mu = self.delta * self.mu + (1 - self.delta) * s
         self.var = self.delta * self.var + (1 - self.delta) * (s - self.mu) ** 2
         c = t / self.total * self.l1 + (1 - t / self.total) * self.l2
@@ -373,7 +391,7 @@ def test_ae_sam_with_a_grad_scaler_decides_on_the_unscaled_norm():
     oa, ob = sam_optimizer(a, make()), sam_optimizer(b, make())
     pa = run(a, oa, data)
     counter, pb = PassCounter(b), []
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for x, y in data:
         before = counter.count
         sam_step(b, F.cross_entropy, x, y, ob, scaler=scaler)
@@ -444,18 +462,21 @@ def test_resuming_with_another_variant_or_none_is_refused(tmp_path):
 # -- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"sam_variant": "lookSAM"}, r"sam_variant='lookSAM' is not one of \('full', 'every_k', 'rst'"),
-    ({"sam_variant": "every_k", "sam_k": 0}, r"sam_k must be an integer >= 1, got 0"),
-    ({"sam_variant": "looksam", "sam_k": 2.5}, r"sam_k must be an integer >= 1, got 2.5"),
-    ({"sam_variant": "rst", "sam_p": 1.5}, r"sam_p must be a probability in \[0, 1\], got 1.5"),
-    ({"sam_variant": "rst", "rst_schedule": "cosine"}, r"rst_schedule='cosine' is not one of"),
-    ({"sam_variant": "rst", "rst_schedule": "linear"}, r"linear.*sam_total_steps"),
-    ({"sam_variant": "looksam", "looksam_alpha": -0.1}, r"looksam_alpha must be a number >= 0"),
-    ({"sam_variant": "ae_sam", "ae_sam_delta": 1.0, "sam_total_steps": 9}, r"ae_sam_delta must be in \(0, 1\)"),
-    ({"sam_variant": "ae_sam"}, r"ae_sam_lambda2 to ae_sam_lambda1.*sam_total_steps"),
-    ({"sam_variant": "ae_sam", "sam_total_steps": 0}, r"sam_total_steps must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"sam_variant": "lookSAM"}, r"sam_variant='lookSAM' is not one of \('full', 'every_k', 'rst'"),
+        ({"sam_variant": "every_k", "sam_k": 0}, r"sam_k must be an integer >= 1, got 0"),
+        ({"sam_variant": "looksam", "sam_k": 2.5}, r"sam_k must be an integer >= 1, got 2.5"),
+        ({"sam_variant": "rst", "sam_p": 1.5}, r"sam_p must be a probability in \[0, 1\], got 1.5"),
+        ({"sam_variant": "rst", "rst_schedule": "cosine"}, r"rst_schedule='cosine' is not one of"),
+        ({"sam_variant": "rst", "rst_schedule": "linear"}, r"linear.*sam_total_steps"),
+        ({"sam_variant": "looksam", "looksam_alpha": -0.1}, r"looksam_alpha must be a number >= 0"),
+        ({"sam_variant": "ae_sam", "ae_sam_delta": 1.0, "sam_total_steps": 9}, r"ae_sam_delta must be in \(0, 1\)"),
+        ({"sam_variant": "ae_sam"}, r"ae_sam_lambda2 to ae_sam_lambda1.*sam_total_steps"),
+        ({"sam_variant": "ae_sam", "sam_total_steps": 0}, r"sam_total_steps must be an integer >= 1, got 0"),
+    ],
+)
 def test_bad_variant_settings_raise_a_clear_error(config, message):
     with pytest.raises(ValueError, match=message):
         variant_from_config(config)
@@ -526,8 +547,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
     torch.set_num_threads(1)
     # A short timeout: workers that disagree on a second pass fail instead of hanging.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         torch.save([_ddp_run(rank, config) for config in DDP_CONFIGS], f"{out_dir}/rank{rank}.pt")
     finally:
@@ -606,8 +628,7 @@ def msam_adamw_by_hand(model, data, rho, lr, betas, eps, wd):
         g = grad_at(model, point, x, y)
         m = {k: (1 - b1) * g[k] + (0 if m is None else b1 * m[k]) for k in w}
         s = {k: (1 - b2) * g[k] ** 2 + (0 if s is None else b2 * s[k]) for k in w}
-        w = {k: w[k] * (1 - lr * wd) - lr / (1 - b1 ** t) * m[k]
-             / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in w}
+        w = {k: w[k] * (1 - lr * wd) - lr / (1 - b1**t) * m[k] / ((s[k] / (1 - b2**t)).sqrt() + eps) for k in w}
     return w
 
 
@@ -627,7 +648,7 @@ def test_msam_with_sgd_equals_its_update_by_hand_from_the_first_step():
 
 
 def test_msam_first_step_is_the_plain_sgd_step():
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     model, plain = mlp(), mlp()
     sam_step(model, F.cross_entropy, x, y, sam_optimizer(model, "msam"))
     sgd = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
@@ -642,8 +663,9 @@ def test_msam_with_adamw_equals_its_update_by_hand():
     model = mlp()
     betas, eps, lr, wd = (0.9, 0.999), 1e-8, 0.01, 0.05
     expected = msam_adamw_by_hand(copy.deepcopy(model), data, RHO, lr, betas, eps, wd)
-    opt = SAM(model.parameters(), torch.optim.AdamW, rho=RHO, lr=lr, betas=betas, eps=eps,
-              weight_decay=wd, variant="msam")
+    opt = SAM(
+        model.parameters(), torch.optim.AdamW, rho=RHO, lr=lr, betas=betas, eps=eps, weight_decay=wd, variant="msam"
+    )
     run(model, opt, data)
     assert_close_weights(model, expected)
 
@@ -654,11 +676,13 @@ def test_msam_through_step_with_closure_matches_sam_step():
     run(a, sam_optimizer(a, "msam"), data)
     opt = sam_optimizer(b, "msam")
     for x, y in data:
+
         def closure(x=x, y=y):
             opt.zero_grad()
             loss = F.cross_entropy(b(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
@@ -713,7 +737,7 @@ def test_msam_resumed_from_a_checkpoint_takes_the_same_next_update(tmp_path):
 
 def test_msam_refuses_m_sharpness_groups_and_asam():
     model = mlp()
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     with pytest.raises(ValueError, match=r"sam_variant='msam' takes one perturbation per step.*m=8"):
         sam_step(model, F.cross_entropy, x, y, sam_optimizer(model, "msam"), m=8)
     opt = sam_optimizer(model, "msam", adaptive=True)

@@ -11,6 +11,7 @@ names listed here (optimizers, schedules, noise kinds, ...) are the ones the lay
 >>> DEFAULTS["batch_size"]
 64
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,14 @@ SAM_VARIANTS = ("full", "every_k", "rst", "looksam", "ae_sam", "msam", "sampa")
 RST_SCHEDULES = ("constant", "linear")
 
 #: The sharpness measures a trial takes when its config does not name them.
-DEFAULT_MEASURES = ("m_sharpness", "adaptive_sharpness", "adaptive_sharpness_linf", "avg_sharpness",
-                    "hessian_top_eig", "hessian_trace")
+DEFAULT_MEASURES = (
+    "m_sharpness",
+    "adaptive_sharpness",
+    "adaptive_sharpness_linf",
+    "avg_sharpness",
+    "hessian_top_eig",
+    "hessian_trace",
+)
 
 
 def _key(kind: str, default: Any, doc: str, **spec: Any) -> Setting:
@@ -54,8 +61,7 @@ TRIAL_KEYS: dict[str, Setting] = {
     "data_seed": _key("int", None, "fixes subset, noise, split (None: seed)", optional=True, low=0),
     "scenario": _choice("label_noise", SCENARIOS, "label_noise, finetune"),
     "label_noise_rate": _key("float", 0.0, "fraction of flipped labels", **_UNIT),
-    "label_noise_kind": _choice("symmetric", NOISE_KINDS,
-                                "symmetric, pairflip, asymmetric (CIFAR-10 class map)"),
+    "label_noise_kind": _choice("symmetric", NOISE_KINDS, "symmetric, pairflip, asymmetric (CIFAR-10 class map)"),
     "val_fraction": _key("float", 0.1, "validation share of training set", **_UNIT),
     "augment": _key("bool", None, "random crop + flip (None: scenario default)", optional=True),
     # -- model
@@ -68,25 +74,40 @@ TRIAL_KEYS: dict[str, Setting] = {
     "workers": _key("int", 1, "data-parallel workers per trial", low=1),
     "use_gpu": _key("bool", False, "train on GPUs"),
     "baseline": _key("bool", False, "one of its cell's baseline trials (set by the sweep): ASHA never stops it"),
-    "trial_number": _key("int", None, "set by the sweep: the trial's place in its cell's search (0, 1, ...); "
-                         "it fixes the trial's search batch, and ties between picks go to the lower number",
-                         optional=True, low=0),
-    "confirms": _key("str", None, "set by the sweep on a confirmation run: the configuration it repeats "
-                     "(best_sgd, best_sam, sam_baseline, or m=<m> in the m ablation)", optional=True),
-    "cpus_per_worker": _key("float", None, "CPUs per Ray Train worker (None: what fits beside the trial)",
-                            optional=True, **_POSITIVE),
-    "gpus_per_worker": _key("float", None, "GPU share per worker (None: 1 each, or a share when workers "
-                            "outnumber the GPUs)", optional=True, **_POSITIVE),
-    "backend": _choice(None, BACKENDS, "torch.distributed backend (None: nccl on GPUs, else gloo)",
-                       optional=True),
+    "trial_number": _key(
+        "int",
+        None,
+        "set by the sweep: the trial's place in its cell's search (0, 1, ...); "
+        "it fixes the trial's search batch, and ties between picks go to the lower number",
+        optional=True,
+        low=0,
+    ),
+    "confirms": _key(
+        "str",
+        None,
+        "set by the sweep on a confirmation run: the configuration it repeats "
+        "(best_sgd, best_sam, sam_baseline, or m=<m> in the m ablation)",
+        optional=True,
+    ),
+    "cpus_per_worker": _key(
+        "float", None, "CPUs per Ray Train worker (None: what fits beside the trial)", optional=True, **_POSITIVE
+    ),
+    "gpus_per_worker": _key(
+        "float",
+        None,
+        "GPU share per worker (None: 1 each, or a share when workers outnumber the GPUs)",
+        optional=True,
+        **_POSITIVE,
+    ),
+    "backend": _choice(None, BACKENDS, "torch.distributed backend (None: nccl on GPUs, else gloo)", optional=True),
     "precision": _choice("fp32", PRECISIONS, "fp32, bf16 autocast, fp16 autocast + loss scaling (GPU)"),
-    "channels_last": _key("bool", None, "channels-last memory format (None: on for CUDA convnets)",
-                          optional=True),
+    "channels_last": _key("bool", None, "channels-last memory format (None: on for CUDA convnets)", optional=True),
     "compile": _key("bool", False, "torch.compile the model"),
     "compile_backend": _key("str", "inductor", "torch.compile backend"),
     "max_failures": _key("int", 2, "worker-group restarts from the last checkpoint", low=0),
-    "placement_timeout_s": _key("float", 300.0, "workers > 1: seconds a worker group may wait for its "
-                                "resources", **_POSITIVE),
+    "placement_timeout_s": _key(
+        "float", 300.0, "workers > 1: seconds a worker group may wait for its resources", **_POSITIVE
+    ),
     # -- optimizer
     "optimizer": _choice("sgd", OPTIMIZERS, "sgd, sam, asam (adaptive SAM)"),
     "base_optimizer": _choice("sgd", BASE_OPTIMIZERS, "the optimizer SAM wraps"),
@@ -101,63 +122,104 @@ TRIAL_KEYS: dict[str, Setting] = {
     "rho": _key("float", 0.05, "SAM radius", low=0.0),
     "eta": _key("float", 0.01, "ASAM's eta", low=0.0),
     "m": _key("int", None, "m-sharpness group size (None: the per-worker batch)", optional=True, low=1),
-    "m_vmap": _key("bool", None, "m < the batch: run the groups in one batched torch.func.vmap pass "
-                   "(None: on accelerators only; on a CPU it pays for small inputs, see "
-                   "benchmarks/sam_step.py)", optional=True),
+    "m_vmap": _key(
+        "bool",
+        None,
+        "m < the batch: run the groups in one batched torch.func.vmap pass "
+        "(None: on accelerators only; on a CPU it pays for small inputs, see "
+        "benchmarks/sam_step.py)",
+        optional=True,
+    ),
     "sync_perturbation": _key("bool", False, "one SAM perturbation for the whole global batch"),
-    "sam_variant": _choice("full", SAM_VARIANTS, "SAM variant ('full': every step two passes; cheaper "
-                           "ones in samtune.optim.variants)"),
-    "sam_k": _key("int", None, "every_k's period, LookSAM's recompute period (None: 2, 5)",
-                  optional=True, low=1),
+    "sam_variant": _choice(
+        "full", SAM_VARIANTS, "SAM variant ('full': every step two passes; cheaper ones in samtune.optim.variants)"
+    ),
+    "sam_k": _key("int", None, "every_k's period, LookSAM's recompute period (None: 2, 5)", optional=True, low=1),
     "sam_p": _key("float", None, "rst's probability (None: 0.5)", optional=True, low=0.0, high=1.0),
     "rst_schedule": _choice(None, RST_SCHEDULES, "rst's schedule (None: constant)", optional=True),
-    "rst_p_start": _key("float", None, "rst's linear schedule at t = 0 (None: 0.0)", optional=True,
-                        low=0.0, high=1.0),
-    "looksam_alpha": _key("float", None, "LookSAM's weight of the reused direction (None: 0.7)",
-                          optional=True, low=0.0),
+    "rst_p_start": _key("float", None, "rst's linear schedule at t = 0 (None: 0.0)", optional=True, low=0.0, high=1.0),
+    "looksam_alpha": _key(
+        "float", None, "LookSAM's weight of the reused direction (None: 0.7)", optional=True, low=0.0
+    ),
     "ae_sam_lambda1": _key("float", None, "AE-SAM's threshold factor at the end (None: -1.0)", optional=True),
     "ae_sam_lambda2": _key("float", None, "AE-SAM's threshold factor at the start (None: 1.0)", optional=True),
-    "ae_sam_delta": _key("float", None, "AE-SAM's forgetting factor (None: 0.9)", optional=True,
-                         low=0.0, low_open=True, high=1.0, high_open=True),
-    "sam_total_steps": _key("int", None, "T for rst's linear schedule and AE-SAM (None: the trial's steps)",
-                            optional=True, low=1),
+    "ae_sam_delta": _key(
+        "float",
+        None,
+        "AE-SAM's forgetting factor (None: 0.9)",
+        optional=True,
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        high_open=True,
+    ),
+    "sam_total_steps": _key(
+        "int", None, "T for rst's linear schedule and AE-SAM (None: the trial's steps)", optional=True, low=1
+    ),
     "sam_seed": _key("int", None, "rst's random stream (None: seed * 1000 + 606)", optional=True),
-    "sampa_lambda": _key("float", None, "SAMPa's weight of the auxiliary gradient (None: 0.2)",
-                         optional=True, low=0.0, high=1.0),
+    "sampa_lambda": _key(
+        "float", None, "SAMPa's weight of the auxiliary gradient (None: 0.2)", optional=True, low=0.0, high=1.0
+    ),
     # -- sharpness
-    "sharpness_measures": _key("any", DEFAULT_MEASURES, "sharpness measures: a tuple of names or 'a,b'; "
-                               "'' for none, 'default'", optional=True),
-    "sharpness_settings": _key("any", None, "per-measure overrides, e.g. {'m_sharpness': {'rho': 0.1}}",
-                               optional=True),
-    "train_eval_every": _key("int", 1, "measure train_error, generalization_gap and the flipped labels' "
-                             "accuracies every k epochs (0: at the last epoch only)", low=0),
+    "sharpness_measures": _key(
+        "any", DEFAULT_MEASURES, "sharpness measures: a tuple of names or 'a,b'; '' for none, 'default'", optional=True
+    ),
+    "sharpness_settings": _key("any", None, "per-measure overrides, e.g. {'m_sharpness': {'rho': 0.1}}", optional=True),
+    "train_eval_every": _key(
+        "int",
+        1,
+        "measure train_error, generalization_gap and the flipped labels' "
+        "accuracies every k epochs (0: at the last epoch only)",
+        low=0,
+    ),
     "sharpness_every": _key("int", 0, "measure sharpness every k epochs (0: at the end only)", low=0),
     "sharpness_subset": _key("int", 1024, "examples used to measure sharpness", low=1),
-    "sharpness_budget_s": _key("float", None, "seconds a sharpness measurement may take; measures that "
-                               "would not fit are skipped (None: no limit)", optional=True, **_POSITIVE),
+    "sharpness_budget_s": _key(
+        "float",
+        None,
+        "seconds a sharpness measurement may take; measures that would not fit are skipped (None: no limit)",
+        optional=True,
+        **_POSITIVE,
+    ),
     # -- finetuning
-    "finetune_source": _key("str", None, "finetune: pretrained weights (file, dataset, torchvision:, MLflow URI)",
-                            optional=True),
+    "finetune_source": _key(
+        "str", None, "finetune: pretrained weights (file, dataset, torchvision:, MLflow URI)", optional=True
+    ),
     "freeze_bn": _key("bool", False, "keep BatchNorm statistics fixed while finetuning"),
-    "backbone_lr_scale": _key("float", None, "finetune: learning-rate multiplier for pretrained layers "
-                              "(None: 1.0)", optional=True, low=0.0),
-    "pretrain_epochs": _key("int", None, "finetune: epochs of the pretraining stage (None: epochs)",
-                            optional=True, low=1),
+    "backbone_lr_scale": _key(
+        "float", None, "finetune: learning-rate multiplier for pretrained layers (None: 1.0)", optional=True, low=0.0
+    ),
+    "pretrain_epochs": _key(
+        "int", None, "finetune: epochs of the pretraining stage (None: epochs)", optional=True, low=1
+    ),
     "pretrain_lr": _key("float", None, "finetune: pretraining lr (None: 0.05)", optional=True, **_POSITIVE),
-    "pretrain_subset": _key("int", None, "finetune: source examples pretrained on (None: all)",
-                            optional=True, low=1),
+    "pretrain_subset": _key("int", None, "finetune: source examples pretrained on (None: all)", optional=True, low=1),
     "pretrain_seed": _key("int", None, "finetune: pretraining seed (None: 0)", optional=True, low=0),
-    "pretrain_batch_size": _key("int", None, "finetune: pretraining batch size (None: 128)",
-                                optional=True, low=1),
+    "pretrain_batch_size": _key("int", None, "finetune: pretraining batch size (None: 128)", optional=True, low=1),
 }
 
 #: The trainer's defaults, key by key (a view of `TRIAL_KEYS`).
 DEFAULTS: dict[str, Any] = {name: key.default for name, key in TRIAL_KEYS.items()}
 
 #: Keys that define the study (the cell and the budget); a space may not suggest them.
-STUDY_KEYS = frozenset({"dataset", "data_root", "data_subset", "data_seed", "scenario", "label_noise_rate",
-                        "label_noise_kind", "epochs", "workers", "use_gpu", "seed", "baseline", "confirms",
-                        "trial_number"})
+STUDY_KEYS = frozenset(
+    {
+        "dataset",
+        "data_root",
+        "data_subset",
+        "data_seed",
+        "scenario",
+        "label_noise_rate",
+        "label_noise_kind",
+        "epochs",
+        "workers",
+        "use_gpu",
+        "seed",
+        "baseline",
+        "confirms",
+        "trial_number",
+    }
+)
 
 #: A cell's baseline trials unless its Sweep declares others: SGD, and SAM at the SAM paper's
 #: defaults (rho = 0.05, one perturbation per worker's whole batch); every other setting the space
@@ -166,16 +228,38 @@ PAPER_BASELINES = ({"optimizer": "sgd"}, {"optimizer": "sam", "rho": 0.05, "m": 
 
 #: The trial keys a `Sweep` sets from its own fields, and the field that sets each: a space's
 #: ``fixed`` and ``--set fixed.KEY`` may not set them.
-SWEEP_FIELDS = {"dataset": "dataset", "model": "model", "scenario": "scenario", "epochs": "epochs",
-                "batch_size": "batch_size", "seed": "seed", "data_seed": "seed", "workers": "workers",
-                "label_noise_rate": "label_noise_rates", "label_noise_kind": "label_noise_kind",
-                "data_subset": "data_subset", "use_gpu": "gpus_per_trial", "sharpness_every": "sharpness_every"}
+SWEEP_FIELDS = {
+    "dataset": "dataset",
+    "model": "model",
+    "scenario": "scenario",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "data_seed": "seed",
+    "workers": "workers",
+    "label_noise_rate": "label_noise_rates",
+    "label_noise_kind": "label_noise_kind",
+    "data_subset": "data_subset",
+    "use_gpu": "gpus_per_trial",
+    "sharpness_every": "sharpness_every",
+}
 
 #: Keys that vary between trials without being a hyperparameter of the study: the seed is noise to
 #: average over, the rest are resources and bookkeeping (``baseline`` marks a cell's baseline
 #: trials, which ASHA lets run their budget). The report does not rank them by importance.
-NUISANCE_KEYS = frozenset({"seed", "data_root", "workers", "use_gpu", "sharpness_every", "sharpness_subset",
-                           "sharpness_budget_s", "baseline", "trial_number"})
+NUISANCE_KEYS = frozenset(
+    {
+        "seed",
+        "data_root",
+        "workers",
+        "use_gpu",
+        "sharpness_every",
+        "sharpness_subset",
+        "sharpness_budget_s",
+        "baseline",
+        "trial_number",
+    }
+)
 
 #: The settings that tell trials apart at a glance: the live view shows these first.
 HEADLINE_KEYS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")

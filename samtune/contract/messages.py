@@ -6,6 +6,7 @@ addresses with their credentials masked.
 >>> masked("https://token@host/x and sqlite:///tmp/mlflow.db")
 'https://***@host/x and sqlite:///tmp/mlflow.db'
 """
+
 from __future__ import annotations
 
 import re
@@ -17,10 +18,12 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s
 def masked(text: str) -> str:
     """``text`` with the password (or the lone token) of every URL in it replaced by ``***``:
     what a message, log line, tag or printed command may show of a tracking URI."""
+
     def hide(m: re.Match[str]) -> str:
-        if ":" in m.group(0)[len(m.group("scheme")):]:
+        if ":" in m.group(0)[len(m.group("scheme")) :]:
             return f"{m.group('scheme')}{m.group('user')}:***@"
         return f"{m.group('scheme')}***@"
+
     return _CREDENTIALS.sub(hide, text)
 
 

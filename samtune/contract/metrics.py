@@ -12,6 +12,7 @@ measured on) at the epochs they are measured; their names belong to `samtune.sha
 >>> "lr" in OPTIMISABLE
 False
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,20 +36,34 @@ _VAL = "every epoch, with a validation split (val_fraction > 0)"
 #: Every per-epoch metric, in the order the README lists them.
 METRICS: dict[str, Metric] = {
     "epoch": Metric(_EVERY, False, "the epoch just finished (1, 2, ...)"),
-    "train_loss": Metric(_EVERY, True, "running mean of the training loss over the epoch (train mode, "
-                         "augmented batches, noisy labels)", worst='loss'),
+    "train_loss": Metric(
+        _EVERY,
+        True,
+        "running mean of the training loss over the epoch (train mode, augmented batches, noisy labels)",
+        worst="loss",
+    ),
     "train_acc_noisy": Metric(_EVERY, True, "running accuracy on the labels trained on", worst=0.0),
     "train_acc_true": Metric(_EVERY, True, "running accuracy on the clean labels", worst=0.0),
-    "train_error": Metric(_TRAIN_EVAL, True, "eval-mode top-1 error on a fixed 1,024-example training subset, "
-                          "against the labels trained on", worst=1.0),
-    "flipped_acc_noisy": Metric(_TRAIN_EVAL + ", when the eval subset holds flipped labels", False,
-                                "accuracy on the flipped examples against their noisy label (memorisation)"),
-    "flipped_acc_true": Metric(_TRAIN_EVAL + ", when the eval subset holds flipped labels", False,
-                               "accuracy on the flipped examples against their true label"),
+    "train_error": Metric(
+        _TRAIN_EVAL,
+        True,
+        "eval-mode top-1 error on a fixed 1,024-example training subset, against the labels trained on",
+        worst=1.0,
+    ),
+    "flipped_acc_noisy": Metric(
+        _TRAIN_EVAL + ", when the eval subset holds flipped labels",
+        False,
+        "accuracy on the flipped examples against their noisy label (memorisation)",
+    ),
+    "flipped_acc_true": Metric(
+        _TRAIN_EVAL + ", when the eval subset holds flipped labels",
+        False,
+        "accuracy on the flipped examples against their true label",
+    ),
     "val_error": Metric(_VAL, True, "top-1 error on the held-out part of the noisy training set", worst=1.0),
-    "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set", worst='loss'),
+    "val_loss": Metric(_VAL, True, "mean cross-entropy on the held-out part of the noisy training set", worst="loss"),
     "test_error": Metric(_EVERY, True, "top-1 error on the clean test set", worst=1.0),
-    "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set", worst='loss'),
+    "test_loss": Metric(_EVERY, True, "mean cross-entropy on the clean test set", worst="loss"),
     "generalization_gap": Metric(_TRAIN_EVAL, True, "test_error - train_error", worst=1.0),
     "epoch_time_s": Metric(_EVERY, True, "seconds of this epoch"),
     "samples_per_s": Metric(_EVERY, True, "training examples per second", worst=0.0),
@@ -56,19 +71,24 @@ METRICS: dict[str, Metric] = {
     "compute_time_s": Metric(_EVERY, True, "cumulative seconds of training, evaluation and sharpness alone"),
     "lr": Metric(_EVERY, False, "the head's (the schedule's) learning rate"),
     "lr_backbone": Metric("every epoch, finetuning", False, "the pretrained layers' learning rate"),
-    "pretrained_test_error": Metric("first epoch, finetuning", False,
-                                    "the starting point's test error: the pretrained backbone, frozen, "
-                                    "with a linear head fit to the training labels, before any step"),
-    "pretrained_val_error": Metric("first epoch, finetuning, with a validation split", False,
-                                   "the starting point's validation error (as pretrained_test_error)"),
+    "pretrained_test_error": Metric(
+        "first epoch, finetuning",
+        False,
+        "the starting point's test error: the pretrained backbone, frozen, "
+        "with a linear head fit to the training labels, before any step",
+    ),
+    "pretrained_val_error": Metric(
+        "first epoch, finetuning, with a validation split",
+        False,
+        "the starting point's validation error (as pretrained_test_error)",
+    ),
     "diverged": Metric(_EVERY, False, "1 when the loss went non-finite or above divergence_loss"),
     "m_effective": Metric("every epoch, SAM/ASAM", False, "examples behind one perturbation"),
     "m_workers": Metric("every epoch, SAM/ASAM", False, "workers sharing one perturbation"),
     "m_groups_per_worker": Metric("every epoch, SAM/ASAM", False, "perturbations per worker per step"),
     "m_per_worker_batch": Metric("every epoch, SAM/ASAM", False, "the per-worker batch"),
     "nodes": Metric("every epoch, under Ray", False, "distinct Ray nodes the trial's workers run on"),
-    "allreduce_per_step": Metric("every epoch, several workers", False,
-                                 "gradient all-reduce rounds per training step"),
+    "allreduce_per_step": Metric("every epoch, several workers", False, "gradient all-reduce rounds per training step"),
 }
 
 #: What a sweep may optimise (besides a ``sharpness/<measure>`` measured every epoch).
@@ -103,8 +123,11 @@ def worst_values(divergence_loss: float) -> dict[str, float]:
     >>> worst_values(1e3)["test_error"], worst_values(1e3)["val_loss"]
     (1.0, 1000.0)
     """
-    return {name: float(divergence_loss) if m.worst == "loss" else float(m.worst)
-            for name, m in METRICS.items() if m.worst is not None}
+    return {
+        name: float(divergence_loss) if m.worst == "loss" else float(m.worst)
+        for name, m in METRICS.items()
+        if m.worst is not None
+    }
 
 
 def reported_metrics() -> tuple[str, ...]:

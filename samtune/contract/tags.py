@@ -4,6 +4,7 @@ the MLflow UI's searches read them.
 >>> ROLE_TAG, ROLES[:4]
 ('samtune.role', ('sweep', 'cell', 'trial', 'lost'))
 """
+
 from __future__ import annotations
 
 #: What a run is in its sweep: one of `ROLES`.

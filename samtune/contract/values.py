@@ -5,6 +5,7 @@ bounds), how a value given in Python is checked and how one given on the command
 field share. A bad value raises `SpaceError` (a ValueError) with a one-line message naming the
 setting and what it expects.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,20 +29,21 @@ def suggest(value: str, options: Iterable[str]) -> str:
 class Setting:
     """What one setting accepts: a kind, optional None, choices, bounds and an extra check."""
 
-    kind: str                                  # "int" | "float" | "str" | "bool"
-    optional: bool = False                     # None allowed
+    kind: str  # "int" | "float" | "str" | "bool"
+    optional: bool = False  # None allowed
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
-    low: float | None = None                   # lower bound
-    low_open: bool = False                     # value must be > low (else >= low)
-    high: float | None = None                  # upper bound
-    high_open: bool = False                    # value must be < high (else <= high)
+    low: float | None = None  # lower bound
+    low_open: bool = False  # value must be > low (else >= low)
+    high: float | None = None  # upper bound
+    high_open: bool = False  # value must be < high (else <= high)
     check: Callable[[str, Any], None] | None = None
     doc: str = ""
-    default: Any = None                        # a trial key's default (what the trainer uses)
+    default: Any = None  # a trial key's default (what the trainer uses)
 
     def expected(self) -> str:
-        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False",
-                "any": "a value"}[self.kind]
+        kind = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False", "any": "a value"}[
+            self.kind
+        ]
         if self.choices is not None:
             kind = f"one of {list(self._choices())}"
         bounds = []
@@ -71,8 +73,9 @@ class Setting:
             if not isinstance(value, str):
                 raise SpaceError(f"{key}={value!r}: expected {self.expected()}, got {type(value).__name__}")
             if self.choices is not None and value not in self._choices():
-                raise SpaceError(f"{key}={value!r}: expected one of {list(self._choices())}"
-                                 + suggest(value, self._choices()))
+                raise SpaceError(
+                    f"{key}={value!r}: expected one of {list(self._choices())}" + suggest(value, self._choices())
+                )
             if self.check is not None:
                 self.check(key, value)
             return value

@@ -10,6 +10,7 @@ Offers: `load_dataset`, `parse_dataset_name`, `select_classes`, `Dataset`, `DATA
 `build_scenario`, `Scenario`, `split_sizes`; `apply_label_noise`, `asymmetric_class_map`. Kept:
 how each source is read (cifar, images) and cached (cache).
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

@@ -8,6 +8,7 @@ tensors: a stale cache is never used and a corrupt one is rebuilt. Parallel load
 wait for a single builder. Measured on the shared 60,000-JPEG CIFAR-10 tarball (2 shared CPU
 cores): first decode about 6 s, cached load well under 3 s; see ``benchmarks/data.py``.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,6 +40,7 @@ def cache_dir_for(source: Path) -> Path:
 
 
 # --- the tensor cache -------------------------------------------------------------------------
+
 
 def _digest(tensors: dict) -> str:
     h = hashlib.sha256()
@@ -79,8 +81,7 @@ def _write_cache(path: Path, fingerprint: str, tensors: dict) -> None:
         torch.save(blob, tmp)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     except OSError as exc:
-        warnings.warn(f"could not write dataset cache {path} ({exc}); the next load decodes again",
-                      stacklevel=3)
+        warnings.warn(f"could not write dataset cache {path} ({exc}); the next load decodes again", stacklevel=3)
 
 
 def cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict], cache_dir: Path | None) -> dict:

@@ -11,6 +11,7 @@ canonical one is refused with a `DataUnreadableError` naming it. A tarball of th
 unpacked (tarfile's ``data`` filter) into the cache folder, read the same way, and kept only as
 the tensor cache of `samtune.data.cache`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -74,6 +75,7 @@ CIFAR: dict[str, CifarSpec] = {
 
 # --- the pickled files, read by torchvision ---------------------------------------------------
 
+
 class _ChecksumMismatch(ValueError):
     """A canonical CIFAR file whose md5 is not the published one; it was not unpickled."""
 
@@ -112,9 +114,13 @@ def cifar_from_pickles(key: str, folder: Path) -> dict:
         if mismatch is None:
             raise
         raise _ChecksumMismatch(mismatch) from None
-    return {"train_x": _as_nchw(train.data), "train_y": torch.tensor(train.targets, dtype=torch.int64),
-            "test_x": _as_nchw(test.data), "test_y": torch.tensor(test.targets, dtype=torch.int64),
-            "classes": list(train.classes)}
+    return {
+        "train_x": _as_nchw(train.data),
+        "train_y": torch.tensor(train.targets, dtype=torch.int64),
+        "test_x": _as_nchw(test.data),
+        "test_y": torch.tensor(test.targets, dtype=torch.int64),
+        "classes": list(train.classes),
+    }
 
 
 def _first_mismatch(cls: type[Any], folder: Path) -> str | None:
@@ -123,8 +129,7 @@ def _first_mismatch(cls: type[Any], folder: Path) -> str | None:
 
     for name, md5 in _canonical_files(cls):
         if not check_integrity(str(folder / name), md5):
-            return (f"{name} is not the published file: its md5 differs from {md5}, so it was not "
-                    "unpickled")
+            return f"{name} is not the published file: its md5 differs from {md5}, so it was not unpickled"
     return None
 
 
@@ -172,6 +177,7 @@ def _cifar_from_tarball(key: str, path: Path, cache_dir: Path | None) -> dict:
 
 # --- where CIFAR may be -----------------------------------------------------------------------
 
+
 def _tar_has_pickles(path: Path, folder: str) -> bool:
     try:
         with tarfile.open(path) as tf:
@@ -207,8 +213,7 @@ def _cifar_candidates(key: str, root: Path) -> list[tuple[str, Path]]:
     return unique
 
 
-def load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | None,
-                download: bool | None) -> Dataset:
+def load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | None, download: bool | None) -> Dataset:
     root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     tried: list[str] = []
     first_batch = "data_batch_1" if key == "cifar10" else "train"
@@ -217,10 +222,18 @@ def load_cifar(key: str, data_root: str | os.PathLike | None, cache_dir: Path | 
         tried.append(f"{path} ({kind})")
         try:
             tensors = _read_cifar_candidate(key, kind, path, first_batch, cache_dir)
-        except (OSError, EOFError, KeyError, zlib.error, tarfile.TarError, pickle.UnpicklingError,
-                _ChecksumMismatch) as exc:
-            raise DataUnreadableError(f"{key} at {path} cannot be read ({_unreadable_reason(exc)}); replace "
-                                      f"it with a whole copy or remove it") from None
+        except (
+            OSError,
+            EOFError,
+            KeyError,
+            zlib.error,
+            tarfile.TarError,
+            pickle.UnpicklingError,
+            _ChecksumMismatch,
+        ) as exc:
+            raise DataUnreadableError(
+                f"{key} at {path} cannot be read ({_unreadable_reason(exc)}); replace it with a whole copy or remove it"
+            ) from None
         if tensors is not None:
             break
     if tensors is None:
@@ -257,8 +270,10 @@ def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:
     classes = list(tensors["classes"])
     expected = CIFAR10_CLASSES if key == "cifar10" else sorted(classes)
     if sorted(classes) != sorted(expected) or len(classes) != (10 if key == "cifar10" else 100):
-        raise ValueError(f"{spec['title']} source has classes {classes}; expected {len(expected)} classes "
-                         f"{expected if key == 'cifar10' else '(the CIFAR-100 fine labels)'}")
+        raise ValueError(
+            f"{spec['title']} source has classes {classes}; expected {len(expected)} classes "
+            f"{expected if key == 'cifar10' else '(the CIFAR-100 fine labels)'}"
+        )
     train_y, test_y = tensors["train_y"], tensors["test_y"]
     if classes != expected:
         # ImageFolder sorts folder names; map each to CIFAR's index for that name.
@@ -267,8 +282,14 @@ def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:
     for split, x in (("train", tensors["train_x"]), ("test", tensors["test_x"])):
         if tuple(x.shape[1:]) != (3, 32, 32):
             raise ValueError(f"{spec['title']} {split} images have shape {tuple(x.shape[1:])}; expected (3, 32, 32)")
-    return Dataset(name=key, train_x=tensors["train_x"], train_y=train_y, test_x=tensors["test_x"],
-                   test_y=test_y, classes=list(expected))
+    return Dataset(
+        name=key,
+        train_x=tensors["train_x"],
+        train_y=train_y,
+        test_x=tensors["test_x"],
+        test_y=test_y,
+        classes=list(expected),
+    )
 
 
 def _host_reachable(url: str, timeout: float) -> bool:

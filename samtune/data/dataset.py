@@ -2,6 +2,7 @@
 
 Also the per-channel statistics of the known datasets, used to normalise their batches.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ follow sorted class-folder names, as in ``torchvision.datasets.ImageFolder``; im
 RGB in batches and must share one size. A tarball is read in one pass without unpacking it. The
 decoded tensors go through the on-disk cache of `samtune.data.cache`.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,6 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 # --- reading trees: a directory on disk or a tarball read in one pass ---------------------------
+
 
 def is_tarball(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith((".tar.gz", ".tgz", ".tar"))
@@ -76,8 +78,9 @@ def _is_image(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _tree_from_tar(files: dict[str, bytes], dirs: set[str], root: str, source: Path
-                   ) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
+def _tree_from_tar(
+    files: dict[str, bytes], dirs: set[str], root: str, source: Path
+) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
     """{split: {class: [(name, bytes), ...]}} for the ImageFolder tree under ``root`` in a tarball."""
     base = f"{root}/" if root else ""
     tree: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
@@ -85,11 +88,11 @@ def _tree_from_tar(files: dict[str, bytes], dirs: set[str], root: str, source: P
         rel = norm(name)
         if not rel.startswith(base):
             continue
-        parts = rel[len(base):].split("/")
+        parts = rel[len(base) :].split("/")
         if len(parts) == 3 and parts[0] in ("train", "test", "val") and _is_image(parts[2]):
             tree.setdefault(parts[0], {}).setdefault(parts[1], []).append((rel, files[name]))
     for d in dirs:  # directories with no images still count as (empty) classes
-        parts = norm(d)[len(base):].split("/") if norm(d).startswith(base) else []
+        parts = norm(d)[len(base) :].split("/") if norm(d).startswith(base) else []
         if len(parts) == 2 and parts[0] in ("train", "test", "val") and not parts[1].startswith("."):
             tree.setdefault(parts[0], {}).setdefault(parts[1], [])
     return tree
@@ -119,8 +122,10 @@ def _tree_from_dir(root: Path) -> dict[str, dict[str, list[Path]]]:
 def _check_tree(tree: dict[str, dict[str, list]], where: str) -> tuple[str, list[str]]:
     """Validate train/test class folders; return (test split name, sorted class names)."""
     if "train" not in tree:
-        raise ValueError(f"{where}: no 'train/<class>/' folders found; expected an ImageFolder tree "
-                         "train/<class>/<image> and test/<class>/<image> (or val/)")
+        raise ValueError(
+            f"{where}: no 'train/<class>/' folders found; expected an ImageFolder tree "
+            "train/<class>/<image> and test/<class>/<image> (or val/)"
+        )
     test_split = "test" if "test" in tree else "val" if "val" in tree else None
     if test_split is None:
         raise ValueError(f"{where}: has train/ but no test/ or val/ split")
@@ -128,17 +133,21 @@ def _check_tree(tree: dict[str, dict[str, list]], where: str) -> tuple[str, list
     if not classes:
         raise ValueError(f"{where}: train/ holds no class folders")
     if sorted(tree[test_split]) != classes:
-        raise ValueError(f"{where}: class folders differ between train/ ({classes}) and "
-                         f"{test_split}/ ({sorted(tree[test_split])})")
+        raise ValueError(
+            f"{where}: class folders differ between train/ ({classes}) and {test_split}/ ({sorted(tree[test_split])})"
+        )
     for split in ("train", test_split):
         for c in classes:
             if not tree[split][c]:
-                raise ValueError(f"{where}: class folder {split}/{c}/ holds no images "
-                                 f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
+                raise ValueError(
+                    f"{where}: class folder {split}/{c}/ holds no images "
+                    f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove it or add images"
+                )
     return test_split, classes
 
 
 # --- decoding ---------------------------------------------------------------------------------
+
 
 def decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
     """Decode encoded images to one uint8 [N, 3, H, W] tensor.
@@ -167,8 +176,10 @@ def decode_images(blobs: list[bytes], names: list[str]) -> Tensor:
     shape = images[0].shape
     for i, img in enumerate(images):
         if img.shape != shape:
-            raise ValueError(f"image {names[i]} has shape {tuple(img.shape)} (C, H, W) but {names[0]} has "
-                             f"{tuple(shape)}; all images of a dataset must share one size")
+            raise ValueError(
+                f"image {names[i]} has shape {tuple(img.shape)} (C, H, W) but {names[0]} has "
+                f"{tuple(shape)}; all images of a dataset must share one size"
+            )
     return torch.stack(images)
 
 
@@ -211,16 +222,19 @@ def _decode_tree(tree: dict, test_split: str, classes: list[str], read: Callable
 
 # --- ImageFolder sources ---------------------------------------------------------------------
 
-def load_image_tree(path: Path, name: str, cache_dir: Path | None,
-                     tar_root_hint: tuple[str, ...] = ()) -> dict:
+
+def load_image_tree(path: Path, name: str, cache_dir: Path | None, tar_root_hint: tuple[str, ...] = ()) -> dict:
     """Tensors of an ImageFolder tree at ``path`` (a directory or a tarball holding one)."""
     if is_tarball(path):
+
         def build() -> dict:
             files, dirs = read_tar(path)
             roots = _find_split_roots(files)
             if not roots:
-                raise ValueError(f"{path}: no ImageFolder tree inside (expected members like "
-                                 "<root>/train/<class>/<image> and <root>/test/<class>/<image>)")
+                raise ValueError(
+                    f"{path}: no ImageFolder tree inside (expected members like "
+                    "<root>/train/<class>/<image> and <root>/test/<class>/<image>)"
+                )
             if len(roots) > 1:
                 preferred = [r for r in roots if r.rsplit("/", 1)[-1] in tar_root_hint]
                 if len(preferred) != 1:

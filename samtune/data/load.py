@@ -29,6 +29,7 @@ finetune on ``cifar10[5-9]``).
 Decoded images are cached on disk as one tensor file (`samtune.data.cache`), so only the first
 load of a source decodes it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,9 +75,13 @@ def build_digits() -> dict:
     )
     train_idx_t = torch.from_numpy(train_idx).sort().values
     test_idx_t = torch.from_numpy(test_idx).sort().values
-    return {"train_x": x[train_idx_t].contiguous(), "train_y": y[train_idx_t].contiguous(),
-            "test_x": x[test_idx_t].contiguous(), "test_y": y[test_idx_t].contiguous(),
-            "classes": [str(i) for i in range(10)]}
+    return {
+        "train_x": x[train_idx_t].contiguous(),
+        "train_y": y[train_idx_t].contiguous(),
+        "test_x": x[test_idx_t].contiguous(),
+        "test_y": y[test_idx_t].contiguous(),
+        "classes": [str(i) for i in range(10)],
+    }
 
 
 def _load_digits(cache_dir: Path | None) -> Dataset:
@@ -86,17 +91,29 @@ def _load_digits(cache_dir: Path | None) -> Dataset:
     if source is None:
         tensors = build_digits()
     else:
-        fingerprint = hashlib.sha256(f"{source_fingerprint(source)}|{version('scikit-learn')}|"
-                                     f"{DIGITS_TEST_SIZE}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(
+            f"{source_fingerprint(source)}|{version('scikit-learn')}|{DIGITS_TEST_SIZE}".encode()
+        ).hexdigest()
         # Never next to the source: that is scikit-learn's installed package.
         directory = cache_dir or Path(os.environ.get("SAMTUNE_CACHE_DIR") or samtune_home()).expanduser()
         tensors = cached("digits", source, fingerprint, build_digits, directory)
-    return Dataset(name="digits", train_x=tensors["train_x"], train_y=tensors["train_y"],
-                   test_x=tensors["test_x"], test_y=tensors["test_y"], classes=list(tensors["classes"]))
+    return Dataset(
+        name="digits",
+        train_x=tensors["train_x"],
+        train_y=tensors["train_y"],
+        test_x=tensors["test_x"],
+        test_y=tensors["test_y"],
+        classes=list(tensors["classes"]),
+    )
 
 
-def load_dataset(name: str, data_root: str | os.PathLike | None = None, *,
-                 cache_dir: str | os.PathLike | None = None, download: bool | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    data_root: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool | None = None,
+) -> Dataset:
     """Load ``digits``, ``cifar10``, ``cifar100`` or ``imagefolder:<path>`` as in-memory tensors.
 
     Any name may end in a class selection such as ``[0-4]`` (see the module doc).
@@ -133,8 +150,9 @@ def parse_dataset_name(name: str) -> tuple[str, list[int] | None]:
     match = re.fullmatch(r"(.*?)\[([^\[\]]*)\]", text)
     if match is None:
         if text.endswith("]") or ("[" in text and not text.lower().startswith("imagefolder:")):
-            raise ValueError(f"malformed class selection in dataset {name!r}; expected e.g. 'cifar10[0-4]' "
-                             "or 'cifar100[3,7,10-19]'")
+            raise ValueError(
+                f"malformed class selection in dataset {name!r}; expected e.g. 'cifar10[0-4]' or 'cifar100[3,7,10-19]'"
+            )
         return text, None
     base, body = match.group(1).strip(), match.group(2)
     indices: list[int] = []
@@ -142,8 +160,10 @@ def parse_dataset_name(name: str) -> tuple[str, list[int] | None]:
         part = part.strip()
         bounds = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if bounds is None:
-            raise ValueError(f"malformed class selection [{body}] in dataset {name!r}; expected class "
-                             "indices and ranges like [0-4] or [3,7,10-19]")
+            raise ValueError(
+                f"malformed class selection [{body}] in dataset {name!r}; expected class "
+                "indices and ranges like [0-4] or [3,7,10-19]"
+            )
         if bounds.group(3) is not None:
             indices.append(int(bounds.group(3)))
         else:
@@ -170,8 +190,9 @@ def select_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
         raise ValueError(f"class selection {list(classes)} names a class twice")
     bad = [c for c in chosen if not 0 <= c < dataset.num_classes]
     if bad:
-        raise ValueError(f"dataset {dataset.name!r} has classes 0..{dataset.num_classes - 1}; "
-                         f"selection {chosen} names {bad}")
+        raise ValueError(
+            f"dataset {dataset.name!r} has classes 0..{dataset.num_classes - 1}; selection {chosen} names {bad}"
+        )
     remap = torch.full((dataset.num_classes,), -1, dtype=torch.int64)
     remap[torch.tensor(chosen)] = torch.arange(len(chosen))
     parts = {}
@@ -180,8 +201,9 @@ def select_classes(dataset: Dataset, classes: Sequence[int]) -> Dataset:
         keep = (y >= 0).nonzero().flatten()
         parts[f"{split}_x"] = getattr(dataset, f"{split}_x")[keep].contiguous()
         parts[f"{split}_y"] = y[keep].contiguous()
-    return Dataset(name=f"{dataset.name}[{_format_selection(chosen)}]", classes=[dataset.classes[c] for c in chosen],
-                   **parts)
+    return Dataset(
+        name=f"{dataset.name}[{_format_selection(chosen)}]", classes=[dataset.classes[c] for c in chosen], **parts
+    )
 
 
 def _format_selection(indices: list[int]) -> str:
@@ -198,8 +220,9 @@ def _format_selection(indices: list[int]) -> str:
     return ",".join(runs)
 
 
-def _load_base(name: str, data_root: str | os.PathLike | None, cache_dir: str | os.PathLike | None,
-               download: bool | None) -> Dataset:
+def _load_base(
+    name: str, data_root: str | os.PathLike | None, cache_dir: str | os.PathLike | None, download: bool | None
+) -> Dataset:
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     text = name.strip()
     key = text.lower()
@@ -210,10 +233,20 @@ def _load_base(name: str, data_root: str | os.PathLike | None, cache_dir: str | 
     if key.startswith("imagefolder:"):
         path = Path(text.split(":", 1)[1]).expanduser()
         if not path.exists():
-            raise DataNotFoundError(f"ImageFolder path {path} does not exist; expected a folder with "
-                                    "train/<class>/<image> and test/<class>/<image>, or a .tar.gz of one")
+            raise DataNotFoundError(
+                f"ImageFolder path {path} does not exist; expected a folder with "
+                "train/<class>/<image> and test/<class>/<image>, or a .tar.gz of one"
+            )
         tensors = load_image_tree(path, f"imagefolder-{path.name}", cache)
-        return Dataset(name=f"imagefolder:{path}", train_x=tensors["train_x"], train_y=tensors["train_y"],
-                       test_x=tensors["test_x"], test_y=tensors["test_y"], classes=list(tensors["classes"]))
-    raise ValueError(f"unknown dataset {name!r}; expected 'digits', 'cifar10', 'cifar100' or 'imagefolder:<path>'"
-                     ", optionally followed by a class selection such as [0-4]")
+        return Dataset(
+            name=f"imagefolder:{path}",
+            train_x=tensors["train_x"],
+            train_y=tensors["train_y"],
+            test_x=tensors["test_x"],
+            test_y=tensors["test_y"],
+            classes=list(tensors["classes"]),
+        )
+    raise ValueError(
+        f"unknown dataset {name!r}; expected 'digits', 'cifar10', 'cifar100' or 'imagefolder:<path>'"
+        ", optionally followed by a class selection such as [0-4]"
+    )

@@ -17,6 +17,7 @@ Kinds, as in the label-noise experiments of the SAM paper (Foret et al., 2020) a
 off its diagonal in every source row (Patrini et al.'s T) up to rounding; the other classes keep
 all their labels. Which labels flip, and to what, is fixed by the seed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,14 @@ ASYMMETRIC_NOISE_MAPS: dict[str, dict[str, str]] = {
 }
 
 
-def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str = "symmetric",
-                      seed: int = 0, class_map: dict[int, int] | None = None) -> tuple[Tensor, Tensor]:
+def apply_label_noise(
+    labels: Tensor,
+    rate: float,
+    num_classes: int,
+    kind: str = "symmetric",
+    seed: int = 0,
+    class_map: dict[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Flip labels at ``rate``; return ``(noisy_labels, flipped_indices)``.
 
     ``symmetric``: exactly ``round(rate * len(labels))`` labels flip, each to a uniformly random
@@ -54,8 +61,7 @@ def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str =
     labels = labels.to(torch.int64)
     n = labels.numel()
     if n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range "
-                         f"{int(labels.min())}..{int(labels.max())}")
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range {int(labels.min())}..{int(labels.max())}")
     gen = torch.Generator().manual_seed(int(seed))
     if kind == "asymmetric":
         return _asymmetric_noise(labels, rate, num_classes, class_map, gen)
@@ -73,15 +79,19 @@ def apply_label_noise(labels: Tensor, rate: float, num_classes: int, kind: str =
     return noisy, flipped
 
 
-def _asymmetric_noise(labels: Tensor, rate: float, num_classes: int, class_map: dict[int, int] | None,
-                      gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _asymmetric_noise(
+    labels: Tensor, rate: float, num_classes: int, class_map: dict[int, int] | None, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
     if not class_map:
-        raise ValueError("label_noise_kind='asymmetric' needs a class_map {source class: target class}; "
-                         "samtune.data.noise.asymmetric_class_map gives the known ones")
+        raise ValueError(
+            "label_noise_kind='asymmetric' needs a class_map {source class: target class}; "
+            "samtune.data.noise.asymmetric_class_map gives the known ones"
+        )
     for src, dst in class_map.items():
         if not (0 <= int(src) < num_classes and 0 <= int(dst) < num_classes) or int(src) == int(dst):
-            raise ValueError(f"asymmetric class_map entry {src} -> {dst} must join two different classes "
-                             f"in 0..{num_classes - 1}")
+            raise ValueError(
+                f"asymmetric class_map entry {src} -> {dst} must join two different classes in 0..{num_classes - 1}"
+            )
     noisy = labels.clone()
     chosen = []
     # One class after another in ascending order, so the draws (and the result) depend only on
@@ -107,12 +117,16 @@ def asymmetric_class_map(dataset: str, classes: list[str]) -> dict[int, int]:
     base, _ = parse_dataset_name(dataset)
     names = ASYMMETRIC_NOISE_MAPS.get(base.lower())
     if names is None:
-        raise ValueError(f"label_noise_kind='asymmetric' has a class map for {sorted(ASYMMETRIC_NOISE_MAPS)} "
-                         f"only (Patrini et al. 2017), not for dataset {dataset!r}; use 'symmetric' or "
-                         "'pairflip' there")
+        raise ValueError(
+            f"label_noise_kind='asymmetric' has a class map for {sorted(ASYMMETRIC_NOISE_MAPS)} "
+            f"only (Patrini et al. 2017), not for dataset {dataset!r}; use 'symmetric' or "
+            "'pairflip' there"
+        )
     index = {name: i for i, name in enumerate(classes)}
     mapping = {index[a]: index[b] for a, b in names.items() if a in index and b in index}
     if not mapping:
-        raise ValueError(f"dataset {dataset!r} keeps no pair of the asymmetric noise map {names} "
-                         f"(its classes: {classes}); select classes that include one, or use 'symmetric'")
+        raise ValueError(
+            f"dataset {dataset!r} keeps no pair of the asymmetric noise map {names} "
+            f"(its classes: {classes}); select classes that include one, or use 'symmetric'"
+        )
     return mapping

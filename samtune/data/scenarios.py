@@ -26,6 +26,7 @@ subset is drawn before the validation split, and ``data_seed`` (default: ``seed`
 subset, the noise and the split: set it apart from ``seed`` to vary model initialisation over
 one fixed noisy dataset. ``augment`` unset: on for images of 32x32 and larger.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -144,8 +145,10 @@ def _add_pretrained(scenario: Scenario, config: dict[str, Any], state: dict[str,
     """Fill in the finetuning fields: starting weights, frozen BN, backbone learning-rate scale."""
     source = config.get("finetune_source")
     if not source:
-        raise ValueError("scenario 'finetune' needs finetune_source: a weights file, a dataset to pretrain "
-                         "on (e.g. 'cifar100' or 'cifar10[0-4]'), 'torchvision:<Weights>' or an MLflow URI")
+        raise ValueError(
+            "scenario 'finetune' needs finetune_source: a weights file, a dataset to pretrain "
+            "on (e.g. 'cifar100' or 'cifar10[0-4]'), 'torchvision:<Weights>' or an MLflow URI"
+        )
     scale = 1.0 if config.get("backbone_lr_scale") is None else float(config["backbone_lr_scale"])
     if not scale >= 0.0:
         raise ValueError(f"backbone_lr_scale must be >= 0, got {config['backbone_lr_scale']!r}")
@@ -252,8 +255,9 @@ def _noisy_labels(dataset: Dataset, config: dict[str, Any], y: Tensor, data_seed
     class_map = None
     if noise_kind == "asymmetric":
         class_map = asymmetric_class_map(str(config.get("dataset", dataset.name)), list(dataset.classes))
-    noisy, flipped = apply_label_noise(y, rate, dataset.num_classes, noise_kind,
-                                       seed=data_seed * 1000 + _NOISE_STREAM, class_map=class_map)
+    noisy, flipped = apply_label_noise(
+        y, rate, dataset.num_classes, noise_kind, seed=data_seed * 1000 + _NOISE_STREAM, class_map=class_map
+    )
     is_flipped = torch.zeros(len(y), dtype=torch.bool)
     is_flipped[flipped] = True
     return noisy, is_flipped

@@ -4,6 +4,7 @@ Each function works on a whole batch ``[N, C, H, W]`` at once, on any device: ra
 flip (`augment_batch`), uint8 to normalised float (`to_float`) and the per-channel statistics
 that normalisation uses (`channel_stats`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,9 +46,7 @@ def to_float(x_uint8: Tensor, mean: Sequence[float] | Tensor, std: Sequence[floa
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).reshape(-1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).reshape(-1)
     if mean_t.numel() not in (1, c) or std_t.numel() not in (1, c):
-        raise ValueError(
-            f"mean/std need 1 or {c} values (one per channel), got {mean_t.numel()} and {std_t.numel()}"
-        )
+        raise ValueError(f"mean/std need 1 or {c} values (one per channel), got {mean_t.numel()} and {std_t.numel()}")
     # Fold /255 into the affine map: one multiply-add over the batch instead of three passes.
     scale = (1.0 / (255.0 * std_t)).reshape(-1, 1, 1)
     shift = (-mean_t / std_t).reshape(-1, 1, 1)

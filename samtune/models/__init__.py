@@ -5,6 +5,7 @@ Offers: `build_model` and `MODELS` (zoo); `param_groups`, `freeze_batchnorm_stat
 (heads); `load_backbone`, `read_state_dict`, `resolve_source`, `load_source` (weights). Kept: the
 architectures' building blocks, each in the module that uses it.
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

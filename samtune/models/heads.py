@@ -5,6 +5,7 @@
 class count, `param_groups` gives the head and the backbone their own learning rates, and
 `freeze_batchnorm_stats` keeps BatchNorm running statistics at their pretrained values.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -78,8 +79,9 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
     frozen_stats = True  # read by the sharpness measures, which keep these statistics
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps
+        )
 
 
 class FrozenStatsBatchNorm1d(nn.BatchNorm1d):
@@ -88,8 +90,9 @@ class FrozenStatsBatchNorm1d(nn.BatchNorm1d):
     frozen_stats = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps
+        )
 
 
 def freeze_batchnorm_stats(model: nn.Module) -> nn.Module:

@@ -24,6 +24,7 @@ file, and `resolve_source` refuses it; the trial pretrains its model on that dat
 `load_backbone` puts such weights into a freshly built model for the target task: every tensor
 except the classification head must fit; the head stays freshly initialised for the new classes.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,10 @@ _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
 
 def _how_to_make(path: str) -> str:
-    return (f"write one with `samtune train --set dataset=<source> --set model=<model> --save-weights {path}`, "
-            f"or set finetune_source to a dataset name (e.g. 'cifar100') to pretrain on it once")
+    return (
+        f"write one with `samtune train --set dataset=<source> --set model=<model> --save-weights {path}`, "
+        f"or set finetune_source to a dataset name (e.g. 'cifar100') to pretrain on it once"
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -60,18 +63,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle errors, zip errors: all mean "not weights"
-        raise ValueError(f"finetune_source {path} is not a PyTorch weights file readable with "
-                         f"weights_only=True ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"finetune_source {path} is not a PyTorch weights file readable with "
+            f"weights_only=True ({type(exc).__name__}: {exc})"
+        ) from exc
     state = blob
     if isinstance(blob, dict) and not _is_tensor_dict(blob):
         state = next((blob[k] for k in _STATE_KEYS if isinstance(blob.get(k), dict)), None)
     if not isinstance(state, dict) or not state or not _is_tensor_dict(state):
         keys = list(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
-        raise ValueError(f"finetune_source {path} holds no state_dict (found {keys}); expected a dict of "
-                         f"tensors, or a checkpoint with one under {list(_STATE_KEYS)}")
+        raise ValueError(
+            f"finetune_source {path} holds no state_dict (found {keys}); expected a dict of "
+            f"tensors, or a checkpoint with one under {list(_STATE_KEYS)}"
+        )
     # Weights saved from a DistributedDataParallel wrapper carry its attribute name.
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -92,15 +99,20 @@ def load_backbone(model: nn.Module, state: dict[str, Tensor], source: str = "fin
     backbone = {k: v for k, v in state.items() if k not in head}
     missing = sorted(k for k in own if k not in head and k not in backbone)
     unexpected = sorted(k for k in backbone if k not in own)
-    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in backbone.items()
-                    if k in own and v.shape != own[k].shape)
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in backbone.items()
+        if k in own and v.shape != own[k].shape
+    )
     if missing or unexpected or shapes:
         parts = []
         for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (source vs model)", shapes)):
             if items:
                 parts.append(f"{what}: {items[:5]}{' ...' if len(items) > 5 else ''} ({len(items)})")
-        raise ValueError(f"weights from {source} do not fit {type(model).__name__} apart from its head "
-                         f"({'; '.join(parts)}); pretrain the same model, norm and input channels")
+        raise ValueError(
+            f"weights from {source} do not fit {type(model).__name__} apart from its head "
+            f"({'; '.join(parts)}); pretrain the same model, norm and input channels"
+        )
     model.load_state_dict(backbone, strict=False)
     return model
 
@@ -115,8 +127,10 @@ def resolve_source(source: str) -> Path:
     """
     text = str(source).strip()
     if not text:
-        raise ValueError("finetune_source is empty; give a weights file, a dataset name to pretrain on, "
-                         "'torchvision:<Weights>' or an MLflow URI")
+        raise ValueError(
+            "finetune_source is empty; give a weights file, a dataset name to pretrain on, "
+            "'torchvision:<Weights>' or an MLflow URI"
+        )
     if text.startswith(MLFLOW_SCHEMES):
         return _from_mlflow(text)
     if text.startswith("torchvision:"):
@@ -126,9 +140,11 @@ def resolve_source(source: str) -> Path:
         return path
     if path.suffix in WEIGHT_SUFFIXES or os.sep in text:
         raise FileNotFoundError(f"finetune_source file {path} does not exist; {_how_to_make(text)}")
-    raise ValueError(f"finetune_source {text!r} is neither an existing file, a dataset to pretrain on "
-                     "(digits, cifar10, cifar100, imagefolder:<path>, optionally with [classes]), "
-                     "'torchvision:<Weights>' nor an MLflow URI (runs:/..., models:/...)")
+    raise ValueError(
+        f"finetune_source {text!r} is neither an existing file, a dataset to pretrain on "
+        "(digits, cifar10, cifar100, imagefolder:<path>, optionally with [classes]), "
+        "'torchvision:<Weights>' nor an MLflow URI (runs:/..., models:/...)"
+    )
 
 
 def load_source(source: str) -> dict[str, Tensor]:
@@ -142,15 +158,19 @@ def _from_torchvision_cache(weights_name: str) -> Path:
     try:
         weights = torchvision.models.get_weight(weights_name.strip())
     except (ValueError, KeyError, AttributeError) as exc:
-        raise ValueError(f"unknown torchvision weights {weights_name!r}; expected a name like "
-                         "'ResNet18_Weights.IMAGENET1K_V1' (see torchvision.models.list_models and "
-                         "get_model_weights)") from exc
+        raise ValueError(
+            f"unknown torchvision weights {weights_name!r}; expected a name like "
+            "'ResNet18_Weights.IMAGENET1K_V1' (see torchvision.models.list_models and "
+            "get_model_weights)"
+        ) from exc
     filename = weights.url.rsplit("/", 1)[-1]
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not path.is_file():
-        raise FileNotFoundError(f"torchvision weights {weights_name} are not in the local cache at {path}; "
-                                f"samtune does not download them. Copy {filename} (from {weights.url}) there, "
-                                f"set TORCH_HOME to where it is, or give finetune_source as its file path")
+        raise FileNotFoundError(
+            f"torchvision weights {weights_name} are not in the local cache at {path}; "
+            f"samtune does not download them. Copy {filename} (from {weights.url}) there, "
+            f"set TORCH_HOME to where it is, or give finetune_source as its file path"
+        )
     return path
 
 
@@ -160,12 +180,15 @@ def _from_mlflow(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors: the same advice
-        raise FileNotFoundError(f"cannot fetch finetune_source {uri} from MLflow (tracking URI "
-                                f"{mlflow.get_tracking_uri()}): {exc}") from exc
+        raise FileNotFoundError(
+            f"cannot fetch finetune_source {uri} from MLflow (tracking URI {mlflow.get_tracking_uri()}): {exc}"
+        ) from exc
     if local.is_file():
         return local
     found = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if len(found) != 1:
-        raise ValueError(f"MLflow artifact {uri} is a folder with {len(found)} weights files "
-                         f"({[str(p.relative_to(local)) for p in found][:5]}); point the URI at one file")
+        raise ValueError(
+            f"MLflow artifact {uri} is a folder with {len(found)} weights files "
+            f"({[str(p.relative_to(local)) for p in found][:5]}); point the URI at one file"
+        )
     return found[0]

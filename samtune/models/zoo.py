@@ -23,6 +23,7 @@ examples, so per-group m-sharpness perturbations stay independent) or ``"none"``
 Every samtune model keeps its classifier in ``model.head`` (an ``nn.Linear``); ``replace_head``
 and ``head_parameter_names`` find it for torchvision models too.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -66,8 +67,13 @@ def norm1d(norm: str, features: int) -> nn.Module:
 class MLP(nn.Module):
     """Flatten -> [Linear -> norm -> ReLU] x len(hidden) -> head."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], norm: str = "batch",
-                 hidden: tuple[int, ...] = (512, 512)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        norm: str = "batch",
+        hidden: tuple[int, ...] = (512, 512),
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
@@ -91,16 +97,24 @@ class SmallCNN(nn.Module):
     8x8 inputs end at 2x2, 32x32 inputs at 8x8, before a global average pool and the head.
     """
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], norm: str = "batch",
-                 widths: tuple[int, int, int] = (32, 64, 128)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        norm: str = "batch",
+        widths: tuple[int, int, int] = (32, 64, 128),
+    ) -> None:
         super().__init__()
         c = input_shape[0]
         w1, w2, w3 = widths
         self.features = nn.Sequential(
-            *_conv_block(c, w1, norm), nn.MaxPool2d(2),
-            *_conv_block(w1, w2, norm), nn.MaxPool2d(2),
+            *_conv_block(c, w1, norm),
+            nn.MaxPool2d(2),
+            *_conv_block(w1, w2, norm),
+            nn.MaxPool2d(2),
             *_conv_block(w2, w3, norm),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(w3, num_classes)
 
@@ -147,12 +161,20 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stem, stages of BasicBlocks, global average pool, linear head."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], widths: tuple[int, ...],
-                 blocks: tuple[int, ...], norm: str, shortcut: str) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        widths: tuple[int, ...],
+        blocks: tuple[int, ...],
+        norm: str,
+        shortcut: str,
+    ) -> None:
         super().__init__()
         c = input_shape[0]
-        self.stem = nn.Sequential(nn.Conv2d(c, widths[0], 3, 1, 1, bias=norm == "none"),
-                                  norm2d(norm, widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, widths[0], 3, 1, 1, bias=norm == "none"), norm2d(norm, widths[0]), nn.ReLU(inplace=True)
+        )
         layers: list[nn.Module] = []
         cin = widths[0]
         for i, (width, n) in enumerate(zip(widths, blocks)):
@@ -180,8 +202,7 @@ class WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.n2 = norm2d(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                         if (stride != 1 or cin != cout) else None)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
 
     def forward(self, x: Tensor) -> Tensor:
         o = F.relu(self.n1(x))
@@ -194,8 +215,7 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-k: (depth-4)/6 blocks per stage, widths 16k/32k/64k."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], depth: int, k: int,
-                 norm: str) -> None:
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], depth: int, k: int, norm: str) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
@@ -209,8 +229,7 @@ class WideResNet(nn.Module):
                 layers.append(WideBlock(cin, width, 2 if (i > 0 and j == 0) else 1, norm))
                 cin = width
         self.layers = nn.Sequential(*layers)
-        self.final = nn.Sequential(norm2d(norm, cin), nn.ReLU(inplace=True),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.final = nn.Sequential(norm2d(norm, cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -245,8 +264,7 @@ def _swap_batchnorm(module: nn.Module, norm: str) -> None:
             _swap_batchnorm(child, norm)
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int],
-                norm: str = "batch") -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: tuple[int, int, int], norm: str = "batch") -> nn.Module:
     """Build model ``name`` for ``num_classes`` outputs and inputs of shape ``(C, H, W)``.
 
     ``torchvision:<name>`` builds a torchvision classifier without weights and with a fresh head;
@@ -285,8 +303,10 @@ def check_torchvision_arch(arch: str) -> None:
     if arch not in available:
         close = difflib.get_close_matches(arch, available, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown torchvision model {arch!r}{hint}; expected one of torchvision.models.list_models()"
-                         f", e.g. 'resnet18', 'resnet50', 'mobilenet_v3_small'")
+        raise ValueError(
+            f"unknown torchvision model {arch!r}{hint}; expected one of torchvision.models.list_models()"
+            f", e.g. 'resnet18', 'resnet50', 'mobilenet_v3_small'"
+        )
 
 
 def _build_torchvision(arch: str, num_classes: int, input_shape: tuple[int, int, int], norm: str) -> nn.Module:

@@ -8,6 +8,7 @@ under a variant (closure_step), the variant an optimizer follows and its checkpo
 (attached), the m-sharpness and data-parallel passes (msharpness), and the MSAM and SAMPa steps
 (msam, sampa).
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

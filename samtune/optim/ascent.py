@@ -6,6 +6,7 @@
 with one norm over every group, as in the paper, and eps = 0 where that norm is not finite (an
 fp16 overflow): then the step is the base optimizer's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -30,8 +31,9 @@ def groups_with_grads(param_groups: Sequence[dict]) -> Groups:
     return out
 
 
-def ascent_direction(group: dict, params: list[Tensor], loss_scale: float | Tensor = 1.0,
-                     perturb_weight_decay: bool = False) -> list[Tensor] | tuple[Tensor, ...]:
+def ascent_direction(
+    group: dict, params: list[Tensor], loss_scale: float | Tensor = 1.0, perturb_weight_decay: bool = False
+) -> list[Tensor] | tuple[Tensor, ...]:
     """T g: the ascent direction whose norm normalises eps (T = 1 unless adaptive)."""
     grads: list[Tensor] | tuple[Tensor, ...] = [p.grad for p in params if p.grad is not None]
     if perturb_weight_decay and group.get("weight_decay", 0):
@@ -54,9 +56,11 @@ def adaptive_scale(group: dict, params: list[Tensor]) -> list[Tensor] | tuple[Te
     return scale
 
 
-def move_to_peak(groups: Groups, directions: list[list[Tensor] | tuple[Tensor, ...]],
-                 buffers: Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]],
-                 ) -> list[tuple[list[Tensor], list[Tensor]]]:
+def move_to_peak(
+    groups: Groups,
+    directions: list[list[Tensor] | tuple[Tensor, ...]],
+    buffers: Callable[[list[Tensor]], tuple[list[Tensor], list[Tensor]]],
+) -> list[tuple[list[Tensor], list[Tensor]]]:
     """Move each group's `params` from w to w + eps, given their ascent `directions`; `buffers`
     gives the tensors w is saved in and eps computed in. Returns (params, saved w) per group.
     Called without autograd (`SAM.first_step`)."""

@@ -2,6 +2,7 @@
 (a trainer that restores the optimizer first and passes the variant to `sam_step` afterwards):
 the state waits here and the variant resumes from it once attached.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -28,8 +29,10 @@ class AttachedVariant:
             self.variant = new
             return new
         if new is not current and (new.name, new.settings()) != (current.name, current.settings()):
-            raise ValueError(f"this optimizer already follows {current!r}; a run keeps one SAM "
-                             f"variant (got {new!r}): build a new SAM optimizer to change it")
+            raise ValueError(
+                f"this optimizer already follows {current!r}; a run keeps one SAM "
+                f"variant (got {new!r}): build a new SAM optimizer to change it"
+            )
         return current
 
     def active(self) -> SAMVariant | None:
@@ -37,8 +40,10 @@ class AttachedVariant:
         if self.variant is None and self.pending_state is not None:
             name = self.pending_state.get("name")
             if name != "full":
-                raise ValueError(f"the loaded checkpoint follows sam_variant={name!r}; pass the same "
-                                 f"variant (SAM(variant=...) or sam_step(variant=...)) to resume it")
+                raise ValueError(
+                    f"the loaded checkpoint follows sam_variant={name!r}; pass the same "
+                    f"variant (SAM(variant=...) or sam_step(variant=...)) to resume it"
+                )
         return self.variant
 
     def state_dict(self) -> dict | None:

@@ -5,6 +5,7 @@ which LookSAM may reuse a stored direction in), one pass at the momentum-perturb
 (MSAM), or, adaptively, SAM only when the gradient's norm says the step needs it. SAMPa's paired
 pass needs the previous batch, which a closure cannot give.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,8 +33,10 @@ def closure_step(optimizer: SAM, variant: SAMVariant | None, closure: Callable[[
     following `variant` (None: every step both passes). Returns the loss of the first call."""
     plan = variant.plan() if variant is not None else SAM_STEP
     if plan == PAIRED_STEP:
-        raise ValueError("sam_variant='sampa' takes a gradient on the previous batch, which a "
-                         "closure cannot give: train with samtune.optim.step.sam_step")
+        raise ValueError(
+            "sam_variant='sampa' takes a gradient on the previous batch, which a "
+            "closure cannot give: train with samtune.optim.step.sam_step"
+        )
     if plan == MOMENTUM_STEP:
         momentum_first_step(optimizer)
     with torch.enable_grad():

@@ -23,6 +23,7 @@ the same, except that its SGD adds weight decay at w_t + eps_t where this step a
 (as SAM does). Under DistributedDataParallel the buffer is the same on every worker, so is eps,
 and the single pass all-reduces as a plain step does.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -81,11 +82,15 @@ def momentum_first_step(optimizer: SAM) -> None:
     groups = []
     for group in optimizer.param_groups:
         if group["adaptive"]:
-            raise ValueError("sam_variant='msam' moves along the momentum buffer; ASAM's adaptive "
-                             "scaling is not defined for it: use optimizer 'sam'")
-        pairs = [(p, v) for p, v in zip(group["params"], momentum_buffers(optimizer.base_optimizer,
-                                                                          group["params"]))
-                 if v is not None]
+            raise ValueError(
+                "sam_variant='msam' moves along the momentum buffer; ASAM's adaptive "
+                "scaling is not defined for it: use optimizer 'sam'"
+            )
+        pairs = [
+            (p, v)
+            for p, v in zip(group["params"], momentum_buffers(optimizer.base_optimizer, group["params"]))
+            if v is not None
+        ]
         if pairs:
             groups.append((group, [p for p, _ in pairs], [v for _, v in pairs]))
     optimizer._perturbed = []

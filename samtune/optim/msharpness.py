@@ -14,6 +14,7 @@ are all-reduced here, by hand; `own_all_reduces` counts those rounds.
 BatchNorm running statistics advance once per step: the second pass runs with them frozen, and
 the groups' statistics are merged into one update.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,17 @@ def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def whole_batch_sam(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
-                    scaler: torch.amp.GradScaler | None, sync_perturbation: bool,
-                    perturbation_group: dist.ProcessGroup | None,
-                    between: Callable[[], bool] | None = None) -> tuple[Tensor, Tensor, bool]:
+def whole_batch_sam(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    scaler: torch.amp.GradScaler | None,
+    sync_perturbation: bool,
+    perturbation_group: dist.ProcessGroup | None,
+    between: Callable[[], bool] | None = None,
+) -> tuple[Tensor, Tensor, bool]:
     """Both passes on the whole local batch; `between` (a variant's hook) runs after the first
     pass and may stop there. Returns (loss, logits, whether the second pass ran)."""
     ddp = is_ddp(model)
@@ -109,8 +117,16 @@ def vmap_by_default(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def grouped_sam(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM, m: int,
-                vectorize: bool | None, scaler: torch.amp.GradScaler | None) -> tuple[Tensor, Tensor]:
+def grouped_sam(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    m: int,
+    vectorize: bool | None,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[Tensor, Tensor]:
     """Each group of m gets its own eps; the base step uses the mean of the groups' gradients
     at their own perturbed weights. Runs on the unwrapped module and all-reduces by hand under
     DDP (one flattened round), since DDP's hooks only see its own forward."""
@@ -145,8 +161,9 @@ def _sam_params(optimizer: SAM, module: nn.Module) -> tuple[dict[str, Tensor], l
     return named, [group_of[id(p)] for p in named.values()]
 
 
-def group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
-               optimizer: SAM, loss_scale: float | Tensor = 1.0) -> list[Tensor]:
+def group_eps(
+    grads: list[Tensor], params: list[Tensor], settings: list[dict], optimizer: SAM, loss_scale: float | Tensor = 1.0
+) -> list[Tensor]:
     """eps per group from per-group gradients stacked on dim 0: [G, *p.shape] each. The
     gradients may carry `loss_scale` (see `SAM.first_step`)."""
     groups = grads[0].shape[0]
@@ -174,8 +191,9 @@ def group_eps(grads: list[Tensor], params: list[Tensor], settings: list[dict],
     return eps
 
 
-def _grouped_vmap(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM,
-                  loss_scale: float | Tensor) -> tuple[Tensor, Tensor]:
+def _grouped_vmap(
+    module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM, loss_scale: float | Tensor
+) -> tuple[Tensor, Tensor]:
     named, settings = _sam_params(optimizer, module)
     names = list(named)
     params = [named[n].detach() for n in names]
@@ -184,13 +202,15 @@ def _grouped_vmap(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, op
     groups = xg.shape[0]
     norm_names = [n for n, b in buffers.items() if _is_norm_stat(module, n)]
 
-    def group_loss(trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor,
-                   y: Tensor) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+    def group_loss(
+        trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
         out = functional_call(module, ({**trainable, **frozen}, {**buffers, **group_buffers}), (x,))
         return loss_fn(out, y), (out, group_buffers)
 
-    def scaled_group_loss(trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor,
-                          y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    def scaled_group_loss(
+        trainable: dict[str, Tensor], group_buffers: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, dict[str, Tensor]]]:
         # The gradient of the scaled loss, as the second pass's, so fp16 gradients don't
         # underflow; eps is normalised, so the scale cancels in it.
         loss, (out, new) = group_loss(trainable, group_buffers, x, y)
@@ -199,14 +219,17 @@ def _grouped_vmap(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, op
     # First pass: a gradient per group at w. BatchNorm buffers go in as per-group copies so each
     # group updates its own; they are merged into one update at the end.
     stacked = {n: buffers[n].unsqueeze(0).repeat(groups, *([1] * buffers[n].dim())) for n in norm_names}
-    first = vmap(grad_and_value(scaled_group_loss, has_aux=True), in_dims=(None, 0, 0, 0),
-                 randomness="different")
+    first = vmap(grad_and_value(scaled_group_loss, has_aux=True), in_dims=(None, 0, 0, 0), randomness="different")
     grads, (_, (losses, logits, new_buffers)) = first(dict(zip(names, params)), stacked, xg, yg)
     with torch.no_grad():
         # Statistics: the groups' mean. The batch counter: any group's, as every group advanced
         # it alike (or, for layers that hold their statistics, not at all).
-        merged = {n: new_buffers[n].float().mean(0).to(buffers[n].dtype) if buffers[n].is_floating_point()
-                  else new_buffers[n][0].clone() for n in norm_names}
+        merged = {
+            n: new_buffers[n].float().mean(0).to(buffers[n].dtype)
+            if buffers[n].is_floating_point()
+            else new_buffers[n][0].clone()
+            for n in norm_names
+        }
     eps = group_eps([grads[n] for n in names], params, settings, optimizer, loss_scale)
 
     # Second pass: the summed loss of all groups at their own w + eps_g has, as gradient with
@@ -228,11 +251,15 @@ def _is_norm_stat(module: nn.Module, buffer_name: str) -> bool:
     owner_name, _, leaf = buffer_name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return isinstance(owner, nn.modules.batchnorm._NormBase) and leaf in (
-        "running_mean", "running_var", "num_batches_tracked")
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    )
 
 
-def _grouped_loop(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM,
-                  loss_scale: float | Tensor) -> tuple[Tensor, Tensor]:
+def _grouped_loop(
+    module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, optimizer: SAM, loss_scale: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """The same computation one group at a time, for models vmap cannot batch. Each group's
     two passes run back to back, so only one eps is alive at a time (memory O(1) in groups)."""
     named, settings = _sam_params(optimizer, module)
@@ -277,8 +304,7 @@ def _grouped_loop(module: nn.Module, loss_fn: LossFn, xg: Tensor, yg: Tensor, op
 
 def _all_reduce_grads(optimizer: SAM, group: dist.ProcessGroup | None) -> None:
     """Average the gradients across a process group in one flattened all-reduce."""
-    all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None],
-                    group)
+    all_reduce_mean([p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None], group)
 
 
 #: All-reduce rounds this process's SAM steps made themselves (beside DDP's own), for the

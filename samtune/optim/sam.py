@@ -16,6 +16,7 @@ The training step around this optimizer (m-sharpness, DistributedDataParallel, f
 BatchNorm statistics) is `samtune.optim.step.sam_step`; the rules that skip the second pass on
 some steps are in `samtune.optim.variants`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -97,8 +98,7 @@ class SAM(torch.optim.Optimizer):
         _check_group_settings({"rho": rho, "adaptive": adaptive, "eta": eta}, where="")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
-                f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, "
-                f"got {base_optimizer!r}"
+                f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base_optimizer!r}"
             )
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         # Every group, the constructor's included, goes through `add_param_group`, which checks it.
@@ -122,8 +122,7 @@ class SAM(torch.optim.Optimizer):
             ValueError: the group's `rho < 0`, or `eta <= 0` with `adaptive=True`.
         """
         if not isinstance(param_group, dict):
-            raise ValueError(f"a parameter group must be a dict with 'params', got "
-                             f"{type(param_group).__name__}")
+            raise ValueError(f"a parameter group must be a dict with 'params', got {type(param_group).__name__}")
         for key in ("rho", "adaptive", "eta"):
             param_group.setdefault(key, self.defaults[key])
         _check_group_settings(param_group, where=f"parameter group {len(self.param_groups)}: ")
@@ -154,8 +153,9 @@ class SAM(torch.optim.Optimizer):
         groups = groups_with_grads(self.param_groups)
         if not groups:
             return
-        directions = [ascent_direction(group, params, loss_scale, self.perturb_weight_decay)
-                      for group, params in groups]
+        directions = [
+            ascent_direction(group, params, loss_scale, self.perturb_weight_decay) for group, params in groups
+        ]
         perturbed = move_to_peak(groups, directions, self._buffers)
         self._perturbed = perturbed
         if zero_grad:
@@ -175,7 +175,8 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     def step(  # type: ignore[override]  # torch types the closure as returning float; SAM's returns the loss
-        self, closure: Callable[[], Tensor] | None = None,
+        self,
+        closure: Callable[[], Tensor] | None = None,
     ) -> Tensor | None:
         """The full SAM step, like any PyTorch optimizer.
 

@@ -34,6 +34,7 @@ BatchNorm running statistics advance once per step, in the pass at y_{t+1} on B_
 the pairs); the pass at x~_t runs with them frozen. The loss and logits returned are the pass's
 at y_{t+1} on B_t, the current batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,14 @@ from samtune.optim.variants import SAMPa
 _NORM_FLOOR = 1e-12
 
 
-def sampa_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
-                    targets: Tensor, optimizer: SAM, variant: SAMPa) -> tuple[Tensor, Tensor]:
+def sampa_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    variant: SAMPa,
+) -> tuple[Tensor, Tensor]:
     """Leave G_t (module docstring) in every parameter's `.grad` of a `samtune.optim.sam.SAM`
     optimizer, with the weights at x_t; update `variant`'s kept gradient and batch. Returns the
     detached (loss, logits) of the pass at y_{t+1} on this batch.
@@ -75,16 +82,17 @@ def sampa_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
     previous = variant.previous if kept is not None and variant.previous is not None else (inputs, targets)
     if role != 1:
         with frozen_norm_stats(module):
-            perturbed, perturbed_loss, logits = _gradient_at(module, loss_fn, *previous, params, optimizer,
-                                                             _ascent(optimizer, kept))
+            perturbed, perturbed_loss, logits = _gradient_at(
+                module, loss_fn, *previous, params, optimizer, _ascent(optimizer, kept)
+            )
     if role == 0:
         # The even rank learns the logits' shape from its own pass (the odd rank sends them).
         logits = logits.new_zeros((targets.shape[0], *logits.shape[1:]))
-        perturbed, aux, loss, logits = _exchange(module, params, perturbed, perturbed_loss, logits,
-                                                 role, pairs)
+        perturbed, aux, loss, logits = _exchange(module, params, perturbed, perturbed_loss, logits, role, pairs)
     else:
-        aux, loss, logits = _gradient_at(module, loss_fn, inputs, targets, params, optimizer,
-                                         _extrapolation(optimizer, kept))
+        aux, loss, logits = _gradient_at(
+            module, loss_fn, inputs, targets, params, optimizer, _extrapolation(optimizer, kept)
+        )
         if role == 1:
             perturbed, aux, loss, logits = _exchange(module, params, aux, loss, logits, role, pairs)
     lam = variant.lam
@@ -101,14 +109,23 @@ def _role(model: nn.Module) -> tuple[int | None, int]:
         return None, 1
     world = dist.get_world_size()
     if world % 2:
-        raise ValueError(f"sam_variant='sampa' pairs the workers (one computes the perturbed "
-                         f"gradient, the other the auxiliary one): it needs an even number of "
-                         f"workers, got {world}")
+        raise ValueError(
+            f"sam_variant='sampa' pairs the workers (one computes the perturbed "
+            f"gradient, the other the auxiliary one): it needs an even number of "
+            f"workers, got {world}"
+        )
     return dist.get_rank() % 2, world // 2
 
 
-def _gradient_at(module: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, params: list[Tensor],
-                 optimizer: SAM, shift: list[Tensor | None] | None) -> tuple[list[Tensor], Tensor, Tensor]:
+def _gradient_at(
+    module: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    params: list[Tensor],
+    optimizer: SAM,
+    shift: list[Tensor | None] | None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
     """The gradient (zero where none) at the weights moved by `shift`, which are put back exactly
     afterwards; with the detached loss and logits."""
     saved = None
@@ -177,8 +194,9 @@ def _sgd_direction(base: torch.optim.SGD, group: dict, p: Tensor, g: Tensor) -> 
     return d_p + new * mu if group["nesterov"] else new
 
 
-def _exchange(module: nn.Module, params: list[Tensor], half: list[Tensor], loss: Tensor, logits: Tensor,
-              role: int, pairs: int) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+def _exchange(
+    module: nn.Module, params: list[Tensor], half: list[Tensor], loss: Tensor, logits: Tensor, role: int, pairs: int
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """One all-reduce: each rank adds its half (and the odd ranks their BatchNorm statistics,
     `loss` and `logits`) into a zero buffer; the sum over the pairs' ranks, divided by the pair
     count, is every half's mean."""
@@ -204,8 +222,9 @@ def _exchange(module: nn.Module, params: list[Tensor], half: list[Tensor], loss:
     flat /= pairs
     with torch.no_grad():
         if stats:
-            torch._foreach_copy_(stats, [s.view_as(b) for s, b in
-                                         zip(parts[2].split([b.numel() for b in stats]), stats)])
+            torch._foreach_copy_(
+                stats, [s.view_as(b) for s, b in zip(parts[2].split([b.numel() for b in stats]), stats)]
+            )
         if role == 0:  # the odd rank's pass counted this step's batch
             for b in counts:
                 b.add_(1)

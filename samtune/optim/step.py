@@ -16,6 +16,7 @@ passes (on paired workers under DDP, one collective); see `samtune.optim.msam` a
 all-reduced like any plain step's. AE-SAM's and LookSAM's first pass is the SAM step's first pass, so their SAM steps cost
 two passes and their plain steps one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -49,10 +50,18 @@ from samtune.optim.variants import (
 
 
 def sam_step(
-    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, targets: Tensor,
-    optimizer: torch.optim.Optimizer, m: int | None = None, *, sync_perturbation: bool = False,
-    perturbation_group: dist.ProcessGroup | None = None, vectorize: bool | None = None,
-    max_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    m: int | None = None,
+    *,
+    sync_perturbation: bool = False,
+    perturbation_group: dist.ProcessGroup | None = None,
+    vectorize: bool | None = None,
+    max_grad_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     variant: SAMVariant | str | Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One training step with SAM's two passes (or one, for a plain optimizer or `rho == 0`).
@@ -95,14 +104,37 @@ def sam_step(
     optimizer.zero_grad(set_to_none=True)
     if not (isinstance(optimizer, SAM) and optimizer.takes_two_passes):
         return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler)
+    sync, group = sync_perturbation, perturbation_group  # short names keep the call to one line of arguments
+    return _sam_optimizer_step(
+        model, loss_fn, inputs, targets, optimizer, m, vectorize, max_grad_norm, scaler, sync, group
+    )
+
+
+def _sam_optimizer_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    m: int,
+    vectorize: bool | None,
+    max_grad_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+    sync_perturbation: bool,
+    perturbation_group: dist.ProcessGroup | None,
+) -> tuple[Tensor, Tensor]:
+    """A SAM optimizer's step, in the form its variant plans: the variant's plain, momentum or
+    paired step, else SAM's two passes on the whole local batch or on its groups of `m`."""
+    batch = inputs.shape[0]
+    base = optimizer.base_optimizer
     chosen = _active_variant(optimizer, m, batch)
     plan = chosen.plan() if chosen is not None else SAM_STEP
     if chosen is not None and plan in (PLAIN_STEP, MOMENTUM_STEP, PAIRED_STEP):
-        return _variant_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler,
-                             chosen, plan)
+        return _variant_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler, chosen, plan)
     if m == batch:
-        loss, logits, took_sam = _whole_batch_step(model, loss_fn, inputs, targets, optimizer, scaler,
-                                                   sync_perturbation, perturbation_group, chosen, plan)
+        loss, logits, took_sam = _whole_batch_step(
+            model, loss_fn, inputs, targets, optimizer, scaler, sync_perturbation, perturbation_group, chosen, plan
+        )
     else:
         loss, logits = grouped_sam(model, loss_fn, inputs, targets, optimizer, m, vectorize, scaler)
         took_sam = True
@@ -110,18 +142,27 @@ def sam_step(
     return loss, logits
 
 
-def _check_arguments(optimizer: torch.optim.Optimizer, m: int | None, batch: int, sync_perturbation: bool,
-                     perturbation_group: dist.ProcessGroup | None,
-                     variant: SAMVariant | str | Mapping[str, Any] | None) -> int:
+def _check_arguments(
+    optimizer: torch.optim.Optimizer,
+    m: int | None,
+    batch: int,
+    sync_perturbation: bool,
+    perturbation_group: dist.ProcessGroup | None,
+    variant: SAMVariant | str | Mapping[str, Any] | None,
+) -> int:
     """The group size (the local batch for None), after the checks `sam_step` lists; a variant
     given here is attached to a SAM optimizer."""
     m = _check_m(m, batch)
     if m != batch and (sync_perturbation or perturbation_group is not None):
-        shared = ("sync_perturbation=True (one eps from the whole global batch)" if sync_perturbation
-                  else "perturbation_group (one eps shared by a group of workers)")
+        shared = (
+            "sync_perturbation=True (one eps from the whole global batch)"
+            if sync_perturbation
+            else "perturbation_group (one eps shared by a group of workers)"
+        )
         raise ValueError(
             f"{shared} contradicts m={m}, which gives each group of {m} examples of the local "
-            f"batch of {batch} its own eps; use m=None (or m={batch}) with it, or drop it")
+            f"batch of {batch} its own eps; use m=None (or m={batch}) with it, or drop it"
+        )
     if variant is not None:
         if isinstance(optimizer, SAM):
             optimizer.use_variant(variant)
@@ -129,7 +170,8 @@ def _check_arguments(optimizer: torch.optim.Optimizer, m: int | None, batch: int
             raise ValueError(
                 f"sam_variant={as_variant(variant).name!r} chooses between SAM and plain steps, "
                 f"so it needs a SAM optimizer (optimizer 'sam' or 'asam'); got "
-                f"{type(optimizer).__name__}")
+                f"{type(optimizer).__name__}"
+            )
     return m
 
 
@@ -141,13 +183,22 @@ def _active_variant(optimizer: SAM, m: int, batch: int) -> SAMVariant | None:
         raise ValueError(
             f"sam_variant={chosen.name!r} {chosen.whole_batch_reason}, so it does not combine "
             f"with m-sharpness groups (m={m} < local batch {batch}); use m=None or the variants "
-            f"every_k / rst")
+            f"every_k / rst"
+        )
     return chosen
 
 
-def _one_pass_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor,
-                   optimizer: torch.optim.Optimizer, base: torch.optim.Optimizer, max_grad_norm: float | None,
-                   scaler: torch.amp.GradScaler | None, chosen: SAMVariant | None = None) -> tuple[Tensor, Tensor]:
+def _one_pass_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    base: torch.optim.Optimizer,
+    max_grad_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+    chosen: SAMVariant | None = None,
+) -> tuple[Tensor, Tensor]:
     """A step with the plain gradient: a plain optimizer, `rho == 0`, or a variant's plain step
     (`chosen`, which LookSAM adds its stored direction to)."""
     logits = model(inputs)
@@ -159,9 +210,18 @@ def _one_pass_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: T
     return loss.detach(), logits.detach()
 
 
-def _variant_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
-                  base: torch.optim.Optimizer, max_grad_norm: float | None, scaler: torch.amp.GradScaler | None,
-                  chosen: SAMVariant, plan: str) -> tuple[Tensor, Tensor]:
+def _variant_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    base: torch.optim.Optimizer,
+    max_grad_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+    chosen: SAMVariant,
+    plan: str,
+) -> tuple[Tensor, Tensor]:
     """A variant's plain step; MSAM's one pass at the momentum-perturbed weights
     (`samtune.optim.msam`); or SAMPa's two independent gradients (`samtune.optim.sampa`). Each
     ends with the base optimizer's step from w."""
@@ -171,8 +231,10 @@ def _variant_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Te
         # Weights restored by `_finish_step`, before the base optimizer steps.
         return _one_pass_step(model, loss_fn, inputs, targets, optimizer, base, max_grad_norm, scaler, chosen)
     if scaler is not None:
-        raise ValueError("sam_variant='sampa' keeps the auxiliary gradient from one step to the next, "
-                         "which fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'")
+        raise ValueError(
+            "sam_variant='sampa' keeps the auxiliary gradient from one step to the next, "
+            "which fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'"
+        )
     if not isinstance(chosen, SAMPa):
         raise TypeError(f"a paired step is SAMPa's, got {chosen!r}")
     loss, logits = sampa_gradients(model, loss_fn, inputs, targets, optimizer, chosen)
@@ -180,18 +242,32 @@ def _variant_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Te
     return loss, logits
 
 
-def _whole_batch_step(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, optimizer: SAM,
-                      scaler: torch.amp.GradScaler | None, sync_perturbation: bool,
-                      perturbation_group: dist.ProcessGroup | None, chosen: SAMVariant | None,
-                      plan: str) -> tuple[Tensor, Tensor, bool]:
+def _whole_batch_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: SAM,
+    scaler: torch.amp.GradScaler | None,
+    sync_perturbation: bool,
+    perturbation_group: dist.ProcessGroup | None,
+    chosen: SAMVariant | None,
+    plan: str,
+) -> tuple[Tensor, Tensor, bool]:
     """Both passes on the whole local batch, with AE-SAM's decision or LookSAM's stored direction
     between them. Returns (loss, logits, whether the second pass ran)."""
     between = None
     if chosen is not None and (plan == ADAPTIVE_STEP or chosen.keeps_direction):
-        between = _VariantFirstPass(chosen, optimizer, adaptive=plan == ADAPTIVE_STEP,
-                                    local=is_ddp(model) and not sync_perturbation, scaler=scaler)
-    loss, logits, took_sam = whole_batch_sam(model, loss_fn, inputs, targets, optimizer, scaler,
-                                              sync_perturbation, perturbation_group, between)
+        between = _VariantFirstPass(
+            chosen,
+            optimizer,
+            adaptive=plan == ADAPTIVE_STEP,
+            local=is_ddp(model) and not sync_perturbation,
+            scaler=scaler,
+        )
+    loss, logits, took_sam = whole_batch_sam(
+        model, loss_fn, inputs, targets, optimizer, scaler, sync_perturbation, perturbation_group, between
+    )
     if between is not None and between.first is not None:
         between.variant.store(between.first, optimizer.gradients())
     return loss, logits, took_sam
@@ -206,8 +282,9 @@ class _VariantFirstPass:
     pass. Called with the first pass's gradients in `.grad`; returns whether to take the second.
     """
 
-    def __init__(self, variant: SAMVariant, optimizer: SAM, adaptive: bool, local: bool,
-                 scaler: torch.amp.GradScaler | None) -> None:
+    def __init__(
+        self, variant: SAMVariant, optimizer: SAM, adaptive: bool, local: bool, scaler: torch.amp.GradScaler | None
+    ) -> None:
         self.variant, self.optimizer, self.adaptive = variant, optimizer, adaptive
         self.local = local  # the first pass ran in no_sync(): gradients are this worker's own
         self.scaler = scaler
@@ -247,8 +324,14 @@ def _check_m(m: int | None, batch: int) -> int:
     return m
 
 
-def _finish_step(optimizer: torch.optim.Optimizer, base: torch.optim.Optimizer, max_grad_norm: float | None,
-                 scaler: torch.amp.GradScaler | None, took_sam: bool, variant: SAMVariant | None = None) -> None:
+def _finish_step(
+    optimizer: torch.optim.Optimizer,
+    base: torch.optim.Optimizer,
+    max_grad_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+    took_sam: bool,
+    variant: SAMVariant | None = None,
+) -> None:
     """Clip and step with the gradient of the last pass (unscaled exactly once), then count the
     step in the variant's schedule."""
     if scaler is not None:

@@ -67,6 +67,7 @@ Trial-config keys (read by `variant_from_config`; unset or None means the defaul
 
 Knobs that do not belong to the chosen variant are ignored (a search space may carry them all).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,11 +78,11 @@ import torch
 from torch import Tensor
 
 # What a variant asks for at the start of a step.
-SAM_STEP = "sam"            # two passes: gradient at w, then at w + eps
-PLAIN_STEP = "plain"        # one pass, the base optimizer's step
+SAM_STEP = "sam"  # two passes: gradient at w, then at w + eps
+PLAIN_STEP = "plain"  # one pass, the base optimizer's step
 ADAPTIVE_STEP = "adaptive"  # one pass, then `decide(squared gradient norm)` picks
 MOMENTUM_STEP = "momentum"  # one pass, at w + eps with eps from the base optimizer's momentum
-PAIRED_STEP = "paired"      # two independent passes (SAMPa), in parallel on paired workers
+PAIRED_STEP = "paired"  # two independent passes (SAMPa), in parallel on paired workers
 
 # Keeps divisions finite when a gradient or a stored direction is exactly zero.
 _FLOOR = 1e-12
@@ -100,11 +101,11 @@ class SAMVariant:
     name: ClassVar[str] = ""
     uses_whole_batch_gradient: ClassVar[bool] = False  # True: no m-sharpness groups
     whole_batch_reason: ClassVar[str] = "decides from the whole local batch's gradient"
-    keeps_direction: ClassVar[bool] = False            # True: LookSAM's store/reuse hooks apply
+    keeps_direction: ClassVar[bool] = False  # True: LookSAM's store/reuse hooks apply
 
     def __init__(self) -> None:
-        self.steps = 0       # steps taken so far (t of the next step)
-        self.sam_steps = 0   # of which took two passes
+        self.steps = 0  # steps taken so far (t of the next step)
+        self.sam_steps = 0  # of which took two passes
 
     def plan(self) -> str:
         raise NotImplementedError
@@ -132,8 +133,7 @@ class SAMVariant:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "settings": self.settings(), "steps": self.steps,
-                "sam_steps": self.sam_steps}
+        return {"name": self.name, "settings": self.settings(), "steps": self.steps, "sam_steps": self.sam_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state`. Raises ValueError when it belongs to another variant or other
@@ -183,8 +183,14 @@ class RandomizedSAM(SAMVariant):
     name = "rst"
     SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "linear")
 
-    def __init__(self, p: float = 0.5, schedule: str = "constant", p_start: float = 0.0,
-                 total_steps: int | None = None, seed: int = _RST_STREAM) -> None:
+    def __init__(
+        self,
+        p: float = 0.5,
+        schedule: str = "constant",
+        p_start: float = 0.0,
+        total_steps: int | None = None,
+        seed: int = _RST_STREAM,
+    ) -> None:
         super().__init__()
         self.p = _check_probability("sam_p", p)
         if schedule not in self.SCHEDULES:
@@ -193,11 +199,14 @@ class RandomizedSAM(SAMVariant):
         self.p_start = _check_probability("rst_p_start", p_start)
         # T matters to the linear schedule only; kept out of a constant rule's settings so a
         # changed epoch count does not make it a different rule.
-        self.total_steps = (None if total_steps is None or schedule == "constant"
-                            else _check_int("sam_total_steps", total_steps, 1))
+        self.total_steps = (
+            None if total_steps is None or schedule == "constant" else _check_int("sam_total_steps", total_steps, 1)
+        )
         if schedule == "linear" and self.total_steps is None:
-            raise ValueError("rst_schedule='linear' moves p over the whole run: give the planned "
-                             "number of steps (sam_total_steps / total_steps)")
+            raise ValueError(
+                "rst_schedule='linear' moves p over the whole run: give the planned "
+                "number of steps (sam_total_steps / total_steps)"
+            )
         self.seed = _check_int("sam_seed", seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -215,8 +224,13 @@ class RandomizedSAM(SAMVariant):
         return SAM_STEP if u < self.probability(self.steps) else PLAIN_STEP
 
     def settings(self) -> dict[str, Any]:
-        return {"p": self.p, "schedule": self.schedule, "p_start": self.p_start,
-                "total_steps": self.total_steps, "seed": self.seed}
+        return {
+            "p": self.p,
+            "schedule": self.schedule,
+            "p_start": self.p_start,
+            "total_steps": self.total_steps,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self._generator.get_state()}
@@ -280,8 +294,9 @@ class LookSAM(SAMVariant):
         if self.direction is None:
             raise ValueError("LookSAM has no stored direction yet: the first step must be a SAM step")
         if len(grads) != len(self.direction):
-            raise ValueError(f"LookSAM stored g_v for {len(self.direction)} parameters, the "
-                             f"optimizer now has {len(grads)}")
+            raise ValueError(
+                f"LookSAM stored g_v for {len(self.direction)} parameters, the optimizer now has {len(grads)}"
+            )
         live = [g for g in grads if g is not None]
         stored = [v for v in self.direction if v is not None]
         if not live or not stored:
@@ -297,8 +312,9 @@ class LookSAM(SAMVariant):
         return {"k": self.k, "alpha": self.alpha}
 
     def state_dict(self) -> dict[str, Any]:
-        direction = None if self.direction is None else [
-            None if v is None else v.detach().clone() for v in self.direction]
+        direction = (
+            None if self.direction is None else [None if v is None else v.detach().clone() for v in self.direction]
+        )
         return {**super().state_dict(), "direction": direction}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -313,21 +329,26 @@ class AESAM(SAMVariant):
     name = "ae_sam"
     uses_whole_batch_gradient = True
 
-    def __init__(self, lambda1: float = -1.0, lambda2: float = 1.0, delta: float = 0.9,
-                 total_steps: int | None = None) -> None:
+    def __init__(
+        self, lambda1: float = -1.0, lambda2: float = 1.0, delta: float = 0.9, total_steps: int | None = None
+    ) -> None:
         super().__init__()
         for key, value in (("ae_sam_lambda1", lambda1), ("ae_sam_lambda2", lambda2)):
             if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{key} must be a finite number, got {value!r}")
         if not _is_number(delta) or not 0.0 < delta < 1.0:
-            raise ValueError(f"ae_sam_delta must be in (0, 1) (the forgetting factor of the running "
-                             f"mean and variance), got {delta!r}")
+            raise ValueError(
+                f"ae_sam_delta must be in (0, 1) (the forgetting factor of the running "
+                f"mean and variance), got {delta!r}"
+            )
         self.lambda1, self.lambda2, self.delta = float(lambda1), float(lambda2), float(delta)
         self.total_steps = None if total_steps is None else _check_int("sam_total_steps", total_steps, 1)
         if self.total_steps is None and self.lambda1 != self.lambda2:
-            raise ValueError("ae_sam's threshold c_t moves from ae_sam_lambda2 to ae_sam_lambda1 "
-                             "over the run: give the planned number of steps (sam_total_steps / "
-                             "total_steps), or set ae_sam_lambda1 == ae_sam_lambda2")
+            raise ValueError(
+                "ae_sam's threshold c_t moves from ae_sam_lambda2 to ae_sam_lambda1 "
+                "over the run: give the planned number of steps (sam_total_steps / "
+                "total_steps), or set ae_sam_lambda1 == ae_sam_lambda2"
+            )
         self.mean = 0.0
         self.var = 0.0
 
@@ -350,8 +371,7 @@ class AESAM(SAMVariant):
         return s >= self.mean + self.threshold_factor(self.steps) * math.sqrt(self.var)
 
     def settings(self) -> dict[str, Any]:
-        return {"lambda1": self.lambda1, "lambda2": self.lambda2, "delta": self.delta,
-                "total_steps": self.total_steps}
+        return {"lambda1": self.lambda1, "lambda2": self.lambda2, "delta": self.delta, "total_steps": self.total_steps}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mean": self.mean, "var": self.var}
@@ -402,8 +422,7 @@ class SAMPa(SAMVariant):
         return {"lam": self.lam}
 
     def state_dict(self) -> dict[str, Any]:
-        aux = None if self.aux_grad is None else [None if g is None else g.detach().clone()
-                                                  for g in self.aux_grad]
+        aux = None if self.aux_grad is None else [None if g is None else g.detach().clone() for g in self.aux_grad]
         previous = None if self.previous is None else tuple(t.detach().clone() for t in self.previous)
         return {**super().state_dict(), "aux_grad": aux, "previous": previous}
 
@@ -439,6 +458,7 @@ def variant_from_config(config: Mapping[str, Any], total_steps: int | None = Non
     passes it here. Raises ValueError naming the offending key for unknown names and
     out-of-range knobs, and for scheduled rules without T.
     """
+
     def get(key: str, default: Any) -> Any:
         value = config.get(key)
         return default if value is None else value
@@ -454,13 +474,22 @@ def variant_from_config(config: Mapping[str, Any], total_steps: int | None = Non
         seed = config.get("sam_seed")
         if seed is None:
             seed = _check_int("seed", get("seed", 0)) * 1000 + _RST_STREAM
-        return RandomizedSAM(p=get("sam_p", 0.5), schedule=get("rst_schedule", "constant"),
-                             p_start=get("rst_p_start", 0.0), total_steps=total_steps, seed=seed)
+        return RandomizedSAM(
+            p=get("sam_p", 0.5),
+            schedule=get("rst_schedule", "constant"),
+            p_start=get("rst_p_start", 0.0),
+            total_steps=total_steps,
+            seed=seed,
+        )
     if name == "looksam":
         return LookSAM(k=get("sam_k", 5), alpha=get("looksam_alpha", 0.7))
     if name == "ae_sam":
-        return AESAM(lambda1=get("ae_sam_lambda1", -1.0), lambda2=get("ae_sam_lambda2", 1.0),
-                     delta=get("ae_sam_delta", 0.9), total_steps=total_steps)
+        return AESAM(
+            lambda1=get("ae_sam_lambda1", -1.0),
+            lambda2=get("ae_sam_lambda2", 1.0),
+            delta=get("ae_sam_delta", 0.9),
+            total_steps=total_steps,
+        )
     if name == "msam":
         return MomentumSAM()
     if name == "sampa":
@@ -502,5 +531,6 @@ def as_variant(variant: SAMVariant | str | Mapping[str, Any]) -> SAMVariant:
         return make_variant(variant)
     if isinstance(variant, Mapping):
         return variant_from_config(variant)
-    raise ValueError(f"variant must be a SAMVariant, a variant name or a trial config dict, "
-                     f"got {type(variant).__name__}")
+    raise ValueError(
+        f"variant must be a SAMVariant, a variant name or a trial config dict, got {type(variant).__name__}"
+    )

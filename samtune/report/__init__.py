@@ -10,6 +10,7 @@ Offers: `build` and `build_report` (page), `load_runs` (load), `Runs`, `TrialRec
 `searched_hyperparameters`, `tabulate` (table). Kept: the confirmation runs and verdicts read back
 (answers) and the MLflow UI page `samtune ui` opens (landing).
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

@@ -5,6 +5,7 @@ runs tagged ``samtune.role=confirm`` (or ``ablation``), ``samtune.confirms`` and
 under their cell's run. `confirmation_frame` tabulates them, one row per run, with the test error
 under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,18 @@ from samtune.report.runs import Runs, TrialRecord
 from samtune.report.table import cell_order
 from samtune.verdicts import cell_verdict
 
-COLUMNS = ["cell", "confirms", "seed", "status", *HEADLINE_KEYS, "final_test_error", "best_test_error",
-           "best_epoch", "pretrained_test_error", "run_id"]
+COLUMNS = [
+    "cell",
+    "confirms",
+    "seed",
+    "status",
+    *HEADLINE_KEYS,
+    "final_test_error",
+    "best_test_error",
+    "best_epoch",
+    "pretrained_test_error",
+    "run_id",
+]
 
 
 def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]:
@@ -41,13 +52,20 @@ def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
         final = record.history.get("test_error", [])
         start = record.history.get("pretrained_test_error", [])
         best, epoch = _at_best_validation(record, "test_error")
-        rows.append({"cell": record.tags.get(CELL_TAG, ""), "confirms": record.tags.get(CONFIRMS_TAG, ""),
-                     "seed": int(record.tags.get(SEED_TAG, record.params.get("seed", 0))),
-                     "status": record.tags.get(STATUS_TAG, ""),
-                     **{key: record.params.get(key) for key in HEADLINE_KEYS},
-                     "final_test_error": final[-1][1] if final else math.nan,
-                     "best_test_error": best, "best_epoch": epoch,
-                     "pretrained_test_error": start[0][1] if start else math.nan, "run_id": record.run_id})
+        rows.append(
+            {
+                "cell": record.tags.get(CELL_TAG, ""),
+                "confirms": record.tags.get(CONFIRMS_TAG, ""),
+                "seed": int(record.tags.get(SEED_TAG, record.params.get("seed", 0))),
+                "status": record.tags.get(STATUS_TAG, ""),
+                **{key: record.params.get(key) for key in HEADLINE_KEYS},
+                "final_test_error": final[-1][1] if final else math.nan,
+                "best_test_error": best,
+                "best_epoch": epoch,
+                "pretrained_test_error": start[0][1] if start else math.nan,
+                "run_id": record.run_id,
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -65,9 +83,14 @@ def verdicts(runs: Runs) -> list[dict[str, Any]]:
         values: dict[str, dict[str, dict[int, float]]] = {}
         params = {str(name): {"m": _m(group["m"].iloc[0])} for name, group in part.groupby("confirms")}
         for name, group in part.groupby("confirms"):
-            values[str(name)] = {rule: {int(r.seed): float(getattr(r, column)) for r in group.itertuples()
-                                        if math.isfinite(getattr(r, column))}
-                                 for rule, column in (("final", "final_test_error"), ("best_epoch", "best_test_error"))}
+            values[str(name)] = {
+                rule: {
+                    int(r.seed): float(getattr(r, column))
+                    for r in group.itertuples()
+                    if math.isfinite(getattr(r, column))
+                }
+                for rule, column in (("final", "final_test_error"), ("best_epoch", "best_test_error"))
+            }
         for alias, name in _aliases(runs, cell).items():
             if name in values and alias not in values:
                 values[alias] = values[name]

@@ -11,6 +11,7 @@ click lands on its runs, with the sweep run's verdict in its description.
 >>> experiment_page(None)
 '#/experiments?workflowType=machine_learning'
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ tagged `samtune.role=trial` (with `samtune.cell`, `samtune.status`, `samtune.tri
 under cell runs (`samtune.role=cell`) under the sweep's run (`samtune.role=sweep`); params are
 the flat trial config, metrics are logged per epoch with `step=epoch`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,11 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
     )
     runs.design = design_of(sweeps[-1].data.params) if sweeps else None
     runs.confirmations = confirmation_frame([_trial_record(client, run) for run in reruns])
-    runs.aliases = {c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG]
-                    for c in _search_runs(client, exp.experiment_id, "cell") if ALIASES_TAG in c.data.tags}
+    runs.aliases = {
+        c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG]
+        for c in _search_runs(client, exp.experiment_id, "cell")
+        if ALIASES_TAG in c.data.tags
+    }
     return runs
 
 
@@ -75,8 +79,10 @@ def _search_runs(client: Any, experiment_id: str, role: str) -> list:
 def _nested_under(client: Any, experiment_id: str, sweep_run_id: str, trials: list) -> list:
     """The trials whose parent is the sweep run or one of its cell runs."""
     parents = {sweep_run_id} | {
-        cell.info.run_id for cell in _search_runs(client, experiment_id, "cell")
-        if cell.data.tags.get("mlflow.parentRunId") == sweep_run_id}
+        cell.info.run_id
+        for cell in _search_runs(client, experiment_id, "cell")
+        if cell.data.tags.get("mlflow.parentRunId") == sweep_run_id
+    }
     return [t for t in trials if t.data.tags.get("mlflow.parentRunId") in parents]
 
 

@@ -6,6 +6,7 @@ HTML page (`write_report`): every figure inlined, the numbers behind it, the tri
 the figures, beside a PNG per view and the tidy tables as CSV; the files are then logged back to
 the sweep's MLflow run.
 """
+
 from __future__ import annotations
 
 import base64
@@ -107,9 +108,9 @@ def _page_head(runs: Runs, rendered: Sequence[RenderedView]) -> list[str]:
         + f" Cells: {esc(', '.join(cell_order(runs.plotted)))}.</p>",
         f"<p>Tracking URI: <code>{esc(masked(str(runs.tracking_uri)))}</code>. Generated "
         f"{_dt.datetime.now().isoformat(timespec='seconds')}.</p>",
-        "<nav>" + "".join(
-            f'<a href="#{esc(r.spec.name)}">{esc(r.spec.title)}</a>' for r in rendered
-        ) + '<a href="#excluded">Excluded trials</a></nav>',
+        "<nav>"
+        + "".join(f'<a href="#{esc(r.spec.name)}">{esc(r.spec.title)}</a>' for r in rendered)
+        + '<a href="#excluded">Excluded trials</a></nav>',
     ]
 
 
@@ -137,8 +138,7 @@ def _view_section(item: RenderedView, out: Path) -> list[str]:
     for note in view.notes:
         parts.append(f'<p class="note">{esc(note)}</p>')
     for name, df in view.data.items():
-        parts.append(f"<details><summary>{esc(name)} ({len(df)} rows)</summary>"
-                     f"{_table(df)}</details>")
+        parts.append(f"<details><summary>{esc(name)} ({len(df)} rows)</summary>{_table(df)}</details>")
     parts.append("</section>")
     return parts
 
@@ -149,8 +149,7 @@ def _excluded_section(runs: Runs) -> list[str]:
     if runs.excluded.empty:
         parts.append("<p>None: every trial finished or was stopped early.</p>")
     else:
-        parts.append(f"<p>{len(runs.excluded)} trials carry no plottable numbers and are left out of "
-                     "every figure.</p>")
+        parts.append(f"<p>{len(runs.excluded)} trials carry no plottable numbers and are left out of every figure.</p>")
         parts.append(_table(_excluded_table(runs)))
     parts.append("</section>")
     return parts
@@ -216,9 +215,7 @@ def build_report(
     if runs.plotted.empty:
         counts = runs.status_counts()
         what = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no trial runs yet"
-        raise NoFinishedTrialsError(
-            f"experiment {experiment!r} has no finished trial to report ({what})"
-        )
+        raise NoFinishedTrialsError(f"experiment {experiment!r} has no finished trial to report ({what})")
     specs = discover_views(dashboards_dir)
     with warnings.catch_warnings():
         # Views fit on few trials by design; their caveats go into the notes, not the console.
@@ -226,8 +223,7 @@ def build_report(
         rendered = render_views(runs, specs, strict=strict)
     index = write_report(runs, rendered, out if out is not None else _default_out(experiment))
     files = [index, index.parent / "trials.csv", index.parent / "history.csv"] + [
-        index.parent / f"{r.spec.name}.png" for r in rendered
-        if r.view is not None and r.view.figure is not None
+        index.parent / f"{r.spec.name}.png" for r in rendered if r.view is not None and r.view.figure is not None
     ]
     if log_artifacts:
         _log_to_sweep_run(runs, files)
@@ -237,8 +233,7 @@ def build_report(
 def _log_to_sweep_run(runs: Runs, files: Sequence[Path]) -> None:
     """Log `files` under `report/` as artifacts of the sweep's run; only a log line without one."""
     if runs.sweep_run_id is None:
-        log.info("no sweep run (tag %s=sweep) in %r; report not logged to MLflow",
-                 ROLE_TAG, runs.experiment)
+        log.info("no sweep run (tag %s=sweep) in %r; report not logged to MLflow", ROLE_TAG, runs.experiment)
         return
     from mlflow import MlflowClient
 
@@ -248,8 +243,7 @@ def _log_to_sweep_run(runs: Runs, files: Sequence[Path]) -> None:
         client.log_artifact(runs.sweep_run_id, str(path), artifact_path="report")
 
 
-def build(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None,
-          **options: Any) -> Path:
+def build(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None, **options: Any) -> Path:
     """Build the report of one sweep and return the path of its index.html.
 
     Same arguments (``options``: `build_report`'s keyword-only ones), behaviour and errors as

@@ -10,6 +10,7 @@ decides). The validation error is optional (a trial trained with `val_fraction=0
 views that choose by it fall back to the test error where it is missing, through
 `samtune.report.table.choice_metric`, and say so in a note.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -62,8 +63,7 @@ def design_of(params: dict[str, str]) -> Design | None:
     first = int(params.get("confirm_seeds") or 0)
     last = params.get("max_confirm_seeds")
     last_n = int(last) if last not in (None, "", "None") else first
-    return Design(looks=looks_between(max(first, 1), max(last_n, first, 1)),
-                  margin=float(params["equivalence_margin"]))
+    return Design(looks=looks_between(max(first, 1), max(last_n, first, 1)), margin=float(params["equivalence_margin"]))
 
 
 @dataclass
@@ -121,8 +121,11 @@ class Runs:
         """
         names = []
         for col in self.trials.columns:
-            if (col.startswith("sharpness/") and col.count("/") == 1
-                    and col.split("/", 1)[1] not in SHARPNESS_SHARED_KEYS):
+            if (
+                col.startswith("sharpness/")
+                and col.count("/") == 1
+                and col.split("/", 1)[1] not in SHARPNESS_SHARED_KEYS
+            ):
                 values = pd.to_numeric(self.plotted[col], errors="coerce")
                 if np.isfinite(values).any():
                     names.append(col.split("/", 1)[1])

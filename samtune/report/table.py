@@ -3,6 +3,7 @@ which also settles each trial's status), and what the views in `dashboards/` sha
 cells, the hyperparameters a sweep searched, the metric to choose configurations by, the best
 configuration per optimizer, the m-sharpness group each trial used, a colour per optimizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,23 @@ from samtune.contract.tags import CELL_TAG, STATUS_TAG, TRIAL_KEY_TAG
 from samtune.report.runs import PLOTTED_STATUSES, Runs, TrialRecord
 
 # MLflow's own run states, for trials that never set samtune.status (e.g. a crashed process).
-_MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed",
-                  "RUNNING": "running", "SCHEDULED": "running"}
+_MLFLOW_STATUS = {
+    "FINISHED": "finished",
+    "FAILED": "failed",
+    "KILLED": "killed",
+    "RUNNING": "running",
+    "SCHEDULED": "running",
+}
 
 # Fixed colours so that one optimizer looks the same in every view.
-_OPTIMIZER_COLORS = {"SGD": "#444444", "SAM": "#1f77b4", "ASAM": "#ff7f0e",
-                     "AdamW": "#7f7f7f", "SAM(AdamW)": "#2ca02c", "ASAM(AdamW)": "#d62728"}
+_OPTIMIZER_COLORS = {
+    "SGD": "#444444",
+    "SAM": "#1f77b4",
+    "ASAM": "#ff7f0e",
+    "AdamW": "#7f7f7f",
+    "SAM(AdamW)": "#2ca02c",
+    "ASAM(AdamW)": "#d62728",
+}
 
 
 _EXTRA_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -127,8 +139,9 @@ def _parse_param(value: str) -> Any:
         return value
 
 
-def _trial_row(record: TrialRecord, params: dict[str, Any],
-               history: dict[str, dict[int, float]]) -> tuple[dict[str, Any], str]:
+def _trial_row(
+    record: TrialRecord, params: dict[str, Any], history: dict[str, dict[int, float]]
+) -> tuple[dict[str, Any], str]:
     """One row of `Runs.trials` and the trial's settled status (see `_settled_status`)."""
     status = record.tags.get(STATUS_TAG) or _MLFLOW_STATUS.get(record.run_status, "unknown")
     status = status.lower()
@@ -141,9 +154,7 @@ def _trial_row(record: TrialRecord, params: dict[str, Any],
     }
     row.update(params)
     row["optimizer_label"] = _optimizer_label(params)
-    row["config_key"] = json.dumps(
-        {k: params[k] for k in sorted(params) if k != "seed"}, default=str, sort_keys=True
-    )
+    row["config_key"] = json.dumps({k: params[k] for k in sorted(params) if k != "seed"}, default=str, sort_keys=True)
     epochs = _epochs(history)
     row["epochs_run"] = max(epochs) if epochs else 0
     row.update(_last_values(history))
@@ -216,8 +227,7 @@ def _history_points(row: dict[str, Any], history: dict[str, dict[int, float]]) -
 
 
 def _trials_frame(rows: list[dict[str, Any]], param_names: list[str]) -> pd.DataFrame:
-    base_cols = ["run_id", "trial_key", "cell", "status", "epochs_run", "config_key",
-                 "optimizer_label", "start_time"]
+    base_cols = ["run_id", "trial_key", "cell", "status", "epochs_run", "config_key", "optimizer_label", "start_time"]
     trials = pd.DataFrame(rows, columns=None if rows else base_cols)
     # A config key missing from some trials (a conditional parameter) reads as None, as logged.
     for key in param_names:
@@ -229,17 +239,17 @@ def _trials_frame(rows: list[dict[str, Any]], param_names: list[str]) -> pd.Data
 def _history_frame(history_rows: list[dict[str, Any]]) -> pd.DataFrame:
     history_df = pd.DataFrame(history_rows)
     if history_df.empty:
-        return pd.DataFrame(
-            columns=["run_id", "trial_key", "cell", "optimizer_label", "config_key", "epoch"]
-        )
+        return pd.DataFrame(columns=["run_id", "trial_key", "cell", "optimizer_label", "config_key", "epoch"])
     return history_df.sort_values(["cell", "run_id", "epoch"], ignore_index=True)
 
 
 def _tidy_param_column(column: pd.Series) -> pd.Series:
     """A param column of plain numbers becomes numeric; anything mixed stays object with None."""
     values = [v for v in column if v is not None]
-    if values and len(values) == len(column) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    if (
+        values
+        and len(values) == len(column)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
         return pd.to_numeric(column)
     return column
@@ -293,20 +303,21 @@ def choice_metric(trials: pd.DataFrame, column: str) -> tuple[str, str | None]:
     fallback = column.replace("val_error", "test_error")
     if trials.empty:
         return column, None
-    values = pd.to_numeric(trials[column], errors="coerce") if column in trials else pd.Series(
-        np.nan, index=trials.index)
+    values = (
+        pd.to_numeric(trials[column], errors="coerce") if column in trials else pd.Series(np.nan, index=trials.index)
+    )
     missing = int((~np.isfinite(values.to_numpy(dtype=float))).sum())
     if missing == 0:
         return column, None
-    return fallback, (f"{missing} of {len(trials)} trials logged no validation error "
-                      f"(val_fraction=0), so configurations are chosen by {fallback} instead of "
-                      f"{column}: the test set takes part in the choice and the result is "
-                      "optimistic.")
+    return fallback, (
+        f"{missing} of {len(trials)} trials logged no validation error "
+        f"(val_fraction=0), so configurations are chosen by {fallback} instead of "
+        f"{column}: the test set takes part in the choice and the result is "
+        "optimistic."
+    )
 
 
-def best_per_optimizer(
-    trials: pd.DataFrame, select_by: str, report: Sequence[str] = ()
-) -> pd.DataFrame:
+def best_per_optimizer(trials: pd.DataFrame, select_by: str, report: Sequence[str] = ()) -> pd.DataFrame:
     """Per (cell, optimizer_label): the configuration with the lowest mean `select_by`.
 
     Seed repeats of one configuration (same `config_key`) are averaged first. Returns one row per
@@ -333,11 +344,9 @@ def best_per_optimizer(
                 select_by: float(pd.to_numeric(seeds[select_by]).mean()),
             }
             for col in report:
-                values = pd.to_numeric(seeds[col], errors="coerce") if col in seeds else pd.Series(
-                    dtype=float)
+                values = pd.to_numeric(seeds[col], errors="coerce") if col in seeds else pd.Series(dtype=float)
                 entry[f"{col}_mean"] = float(values.mean()) if len(values) else float("nan")
-                entry[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float(
-                    "nan")
+                entry[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             per_config.append(entry)
         rows.append(min(per_config, key=lambda e: e[select_by]))
     return pd.DataFrame(rows, columns=columns)

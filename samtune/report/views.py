@@ -12,6 +12,7 @@ else is edited. Where the views are looked for, first hit wins:
 3. a `samtune.dashboards` package, if the build ships the same files as package data,
 4. otherwise `discover_views` raises `ReportError` naming the folders it tried.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -89,9 +90,7 @@ def discover_views(dashboards_dir: str | Path | None = None) -> list[ViewSpec]:
     tried = _view_folders(dashboards_dir)
     folder = next((f for f in tried if f.is_dir()), None)
     if folder is None:
-        raise ReportError(
-            "no views folder found; tried " + ", ".join(str(f) for f in tried)
-        )
+        raise ReportError("no views folder found; tried " + ", ".join(str(f) for f in tried))
     specs = []
     for path in sorted(folder.glob("*.py")):
         if path.name.startswith("_"):
@@ -101,14 +100,16 @@ def discover_views(dashboards_dir: str | Path | None = None) -> list[ViewSpec]:
         if not callable(function):
             raise ReportError(f"view file {path} defines no function view(runs) -> View")
         title, caption = _title_and_caption(module.__doc__ or path.stem)
-        specs.append(ViewSpec(
-            name=path.stem,
-            title=title,
-            caption=caption,
-            order=int(getattr(module, "ORDER", 100)),
-            path=path,
-            function=function,
-        ))
+        specs.append(
+            ViewSpec(
+                name=path.stem,
+                title=title,
+                caption=caption,
+                order=int(getattr(module, "ORDER", 100)),
+                path=path,
+                function=function,
+            )
+        )
     if not specs:
         raise ReportError(f"views folder {folder} holds no view file (*.py)")
     return sorted(specs, key=lambda s: (s.order, s.name))

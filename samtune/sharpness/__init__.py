@@ -29,6 +29,7 @@ Offers: `measure_sharpness`, `check_measures`, `MEASURES`, `SHARED_KEYS` (measur
 `hessian_trace`, `pac_bayes_sigma` (curvature). Kept: the Gauss-Newton products (ggn), the costs
 and time budget (budget) and the value-with-error type the estimators return (estimate).
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

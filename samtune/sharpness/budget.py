@@ -11,6 +11,7 @@ seconds; a measure *would not fit* when the seconds used so far plus its expecte
 the budget. Expected costs are upper bounds (Lanczos usually stops well before ``iters``), so
 under a tight budget a measure may be skipped that would have fitted, never the other way round.
 """
+
 from __future__ import annotations
 
 import time
@@ -67,8 +68,9 @@ def cheapest_first(measures: Iterable[str], used: Callable[[str], dict[str, Any]
     return sorted(measures, key=lambda name: PASSES[name](used(name)))
 
 
-def gradient_pass_seconds(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch: int,
-                          params: Sequence[str] | None) -> float:
+def gradient_pass_seconds(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch: int, params: Sequence[str] | None
+) -> float:
     """Seconds of one gradient pass over (x, y) in chunks of ``batch``, as the measures run it."""
     start = time.perf_counter()
     with measuring(model):
@@ -97,9 +99,11 @@ class Budget:
         return self.expected_s(name, used) <= self.left_s()
 
     def skipped(self, name: str, used: dict[str, Any]) -> dict[str, float]:
-        return {f"sharpness/{name}/skipped": 1.0,
-                f"sharpness/{name}/expected_s": self.expected_s(name, used),
-                f"sharpness/{name}/left_s": max(self.left_s(), 0.0)}
+        return {
+            f"sharpness/{name}/skipped": 1.0,
+            f"sharpness/{name}/expected_s": self.expected_s(name, used),
+            f"sharpness/{name}/left_s": max(self.left_s(), 0.0),
+        }
 
 
 def skipped_note(logged: dict[str, float]) -> str | None:
@@ -115,5 +119,8 @@ def skipped_note(logged: dict[str, float]) -> str | None:
     names = [k.split("/")[1] for k, v in logged.items() if k.endswith("/skipped") and v]
     if not names:
         return None
-    return "; ".join(f"{n} skipped: expected {logged[f'sharpness/{n}/expected_s']:.1f} s, "
-                     f"{logged[f'sharpness/{n}/left_s']:.1f} s of the sharpness budget left" for n in names)
+    return "; ".join(
+        f"{n} skipped: expected {logged[f'sharpness/{n}/expected_s']:.1f} s, "
+        f"{logged[f'sharpness/{n}/left_s']:.1f} s of the sharpness budget left"
+        for n in names
+    )

@@ -14,6 +14,7 @@ cross-entropy's only) from `samtune.sharpness.ggn`. The iteration loops keep the
 on the device: the only host syncs are Lanczos's convergence tests (every 5 steps on an
 accelerator).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ from samtune.sharpness.ggn import GGN
 from samtune.sharpness.hvp import HVP, FlatLoss, LossFn, chunks, measuring
 
 
-def _products(curvature: str, f: FlatLoss, x: Tensor, y: Tensor, batch: int, mode: str,
-              probe_batch: int, memory_share: float) -> Callable[[Tensor], Tensor]:
+def _products(
+    curvature: str, f: FlatLoss, x: Tensor, y: Tensor, batch: int, mode: str, probe_batch: int, memory_share: float
+) -> Callable[[Tensor], Tensor]:
     """The curvature-vector product engine: the Hessian's (`HVP`) or the Gauss-Newton's (`GGN`)."""
     if curvature == "hessian":
         return HVP(f, x, y, batch, mode, probe_batch=probe_batch, memory_share=memory_share)
@@ -39,8 +41,16 @@ def _products(curvature: str, f: FlatLoss, x: Tensor, y: Tensor, batch: int, mod
     raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
 
 
-def _lanczos(hvp: Callable[[Tensor], Tensor], n: int, k: int, iters: int, tol: float,
-             gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, float, int]:
+def _lanczos(
+    hvp: Callable[[Tensor], Tensor],
+    n: int,
+    k: int,
+    iters: int,
+    tol: float,
+    gen: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, float, int]:
     """Ritz values (ascending) of the matrix after at most `iters` Lanczos steps with full
     reorthogonalisation, the largest residual bound ``beta_j |s_j|`` of the top k of them (each
     is that close to a true eigenvalue), and the products spent. Stops early once the top-k
@@ -92,10 +102,22 @@ def _tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
     return t
 
 
-def top_eig_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, k: int = 1,
-                     iters: int = 40, tol: float = 1e-3, seed: int = 0, batch: int = 512,
-                     mode: str = "auto", params: Sequence[str] | None = None,
-                     memory_share: float = 1.0, curvature: str = "hessian") -> Estimate[list[float]]:
+def top_eig_estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    k: int = 1,
+    iters: int = 40,
+    tol: float = 1e-3,
+    seed: int = 0,
+    batch: int = 512,
+    mode: str = "auto",
+    params: Sequence[str] | None = None,
+    memory_share: float = 1.0,
+    curvature: str = "hessian",
+) -> Estimate[list[float]]:
     """The k largest (algebraic) eigenvalues, descending, of the Hessian (``curvature="hessian"``)
     or the Gauss-Newton matrix (``"ggn"``, cross-entropy only) of the mean loss on (x, y), with
     the Lanczos residual bound and the products spent.
@@ -141,8 +163,7 @@ def _rademacher(gen: torch.Generator, count: int, like: Tensor) -> Tensor:
 class _Remainder:
     """Hutchinson samples ``g^T A g`` of Rademacher probes projected off the sketched range."""
 
-    def __init__(self, apply: Callable[[Tensor], Tensor], q: Tensor | None, gen: torch.Generator,
-                 w: Tensor):
+    def __init__(self, apply: Callable[[Tensor], Tensor], q: Tensor | None, gen: torch.Generator, w: Tensor):
         self.apply, self.q, self.gen, self.w = apply, q, gen, w
         self.samples = torch.zeros(0, device=w.device, dtype=w.dtype)
 
@@ -163,8 +184,16 @@ class _Remainder:
 MIN_SAMPLES = 10
 
 
-def _hutchpp(apply: Callable[[Tensor], Tensor], w: Tensor, probes: int, method: str,
-             sketch: int | None, rel_se: float | None, block: int, gen: torch.Generator) -> Estimate[float]:
+def _hutchpp(
+    apply: Callable[[Tensor], Tensor],
+    w: Tensor,
+    probes: int,
+    method: str,
+    sketch: int | None,
+    rel_se: float | None,
+    block: int,
+    gen: torch.Generator,
+) -> Estimate[float]:
     """Hutch++ (or Hutchinson, ``sketch=0``) on the products ``apply``; see `trace_estimate`."""
     n = w.numel()
     sketch = 0 if method == "hutchinson" or probes < 3 else min(probes // 3 if sketch is None else sketch, n)
@@ -191,11 +220,24 @@ def _within(remainder: _Remainder, exact: float | Tensor, rel_se: float) -> bool
     return se is not None and se <= rel_se * abs(float(exact + remainder.samples.mean()))
 
 
-def trace_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, probes: int = 24,
-                   method: str = "hutchpp", probe_batch: int | None = None, seed: int = 0,
-                   batch: int = 512, mode: str = "auto", params: Sequence[str] | None = None,
-                   memory_share: float = 1.0, sketch: int | None = None,
-                   rel_se: float | None = None, curvature: str = "hessian") -> Estimate[float]:
+def trace_estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    probes: int = 24,
+    method: str = "hutchpp",
+    probe_batch: int | None = None,
+    seed: int = 0,
+    batch: int = 512,
+    mode: str = "auto",
+    params: Sequence[str] | None = None,
+    memory_share: float = 1.0,
+    sketch: int | None = None,
+    rel_se: float | None = None,
+    curvature: str = "hessian",
+) -> Estimate[float]:
     """Trace of the Hessian (``curvature="hessian"``) or of the Gauss-Newton matrix (``"ggn"``,
     cross-entropy only) of the mean loss on (x, y), from at most ``probes`` products with
     Rademacher probes: Hutch++ (``"hutchpp"``, Meyer et al. 2021) or plain Hutchinson; with its
@@ -225,8 +267,10 @@ def trace_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, p
     (6, True)
     """
     if probes < 1 or method not in ("hutchpp", "hutchinson") or (rel_se is not None and rel_se <= 0):
-        raise ValueError(f"need probes >= 1, method 'hutchpp' or 'hutchinson' and rel_se > 0 or None, "
-                         f"got probes={probes}, method={method!r}, rel_se={rel_se}")
+        raise ValueError(
+            f"need probes >= 1, method 'hutchpp' or 'hutchinson' and rel_se > 0 or None, "
+            f"got probes={probes}, method={method!r}, rel_se={rel_se}"
+        )
     with measuring(model):
         f = FlatLoss(model, loss_fn, params)
         if probe_batch is None:
@@ -247,9 +291,21 @@ def ggn_trace(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, **setting
     return trace_estimate(model, loss_fn, x, y, curvature="ggn", **settings).value
 
 
-def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, target: float = 0.1,
-                    samples: int = 8, steps: int = 12, low: float = 1e-5, high: float = 1.0,
-                    seed: int = 0, batch: int = 512, params: Sequence[str] | None = None) -> float:
+def pac_bayes_sigma(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    target: float = 0.1,
+    samples: int = 8,
+    steps: int = 12,
+    low: float = 1e-5,
+    high: float = 1.0,
+    seed: int = 0,
+    batch: int = 512,
+    params: Sequence[str] | None = None,
+) -> float:
     """Largest sigma with ``E[err(w + N(0, sigma^2 I))] - err(w) <= target`` (Jiang et al. 2019),
     by ``steps`` bisections in log space between ``low`` and ``high``; the error is the
     classification error (argmax of the model's output). Every bisection step uses the same
@@ -259,18 +315,18 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, 
     Raises ValueError unless ``0 < low < high``, ``target > 0``, ``samples >= 1``, ``steps >= 1``.
     """
     if not (0 < low < high) or target <= 0 or samples < 1 or steps < 1:
-        raise ValueError(f"need 0 < low < high, target > 0, samples >= 1, steps >= 1; got low={low}, "
-                         f"high={high}, target={target}, samples={samples}, steps={steps}")
+        raise ValueError(
+            f"need 0 < low < high, target > 0, samples >= 1, steps >= 1; got low={low}, "
+            f"high={high}, target={target}, samples={samples}, steps={steps}"
+        )
     with measuring(model), torch.no_grad():
         f = FlatLoss(model, loss_fn, params)
         parts = chunks(len(y), batch)
         gen = torch.Generator(device=f.w.device).manual_seed(seed)
-        noise = [torch.randn(f.w.shape, generator=gen, device=f.w.device, dtype=f.w.dtype)
-                 for _ in range(samples)]
+        noise = [torch.randn(f.w.shape, generator=gen, device=f.w.device, dtype=f.w.dtype) for _ in range(samples)]
 
         def error(flat: Tensor) -> Tensor:
-            wrong = sum((functional_call(model, f.unflatten(flat), (x[p],)).argmax(1) != y[p]).sum()
-                        for p in parts)
+            wrong = sum((functional_call(model, f.unflatten(flat), (x[p],)).argmax(1) != y[p]).sum() for p in parts)
             return wrong / len(y)
 
         base = error(f.w)

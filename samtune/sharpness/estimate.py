@@ -5,6 +5,7 @@ them, the curvature products it used, the Lanczos residual bound and the standar
 `Estimate.logged` gives those as the ``sharpness/<measure>/<key>`` suffixes a trial logs (the
 contract's `SHARPNESS_ESTIMATE_KEYS`).
 """
+
 from __future__ import annotations
 
 import math

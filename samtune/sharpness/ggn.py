@@ -13,6 +13,7 @@ the Hessian's product there.)
 
 Only the cross-entropy loss has this ``H_L``: `GGN` refuses any other ``loss_fn``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,8 +37,7 @@ def is_cross_entropy(loss_fn: Any) -> bool:
     """
     if loss_fn is F.cross_entropy:
         return True
-    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None
-            and loss_fn.reduction == "mean")
+    return isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
 
 
 def _softmax_hessian_times(p: Tensor, u: Tensor) -> Tensor:
@@ -69,8 +69,7 @@ class _ChunkGraph:
         return out
 
     def _one(self, v: Tensor) -> Tensor:
-        (out,) = torch.autograd.grad(self.z, self.leaf, _softmax_hessian_times(self.p, self._jv(v)),
-                                     retain_graph=True)
+        (out,) = torch.autograd.grad(self.z, self.leaf, _softmax_hessian_times(self.p, self._jv(v)), retain_graph=True)
         return out
 
 
@@ -84,16 +83,27 @@ class GGN:
     Raises ValueError for a loss other than cross-entropy or an unknown mode.
     """
 
-    def __init__(self, f: FlatLoss, x: Tensor, y: Tensor, batch: int = 512, mode: str = "auto",
-                 probe_batch: int = 1, memory_share: float = 1.0):
+    def __init__(
+        self,
+        f: FlatLoss,
+        x: Tensor,
+        y: Tensor,
+        batch: int = 512,
+        mode: str = "auto",
+        probe_batch: int = 1,
+        memory_share: float = 1.0,
+    ):
         if not is_cross_entropy(f.loss_fn):
-            raise ValueError("the GGN measures are defined for the cross-entropy loss (the trial's "
-                             f"F.cross_entropy), got {f.loss_fn!r}")
+            raise ValueError(
+                "the GGN measures are defined for the cross-entropy loss (the trial's "
+                f"F.cross_entropy), got {f.loss_fn!r}"
+            )
         if mode not in ("auto", "graph", "chunk"):
             raise ValueError(f"ggn mode must be 'auto', 'graph' or 'chunk', got {mode!r}")
         if batch < 1 or probe_batch < 1 or not 0 < memory_share <= 1:
-            raise ValueError(f"need batch >= 1, probe_batch >= 1, 0 < memory_share <= 1; got "
-                             f"{batch}, {probe_batch}, {memory_share}")
+            raise ValueError(
+                f"need batch >= 1, probe_batch >= 1, 0 < memory_share <= 1; got {batch}, {probe_batch}, {memory_share}"
+            )
         self.f, self.x = f, x
         self.parts = chunks(len(y), batch)
         # Each chunk's graph gives the summed loss's GGN: 1/len(y) makes it the mean's.
@@ -118,11 +128,11 @@ class GGN:
     def _chunk_products(self, graph: _ChunkGraph, vs: Tensor) -> Tensor:
         out = torch.empty_like(vs)
         for i in range(0, len(vs), self.probe_batch):
-            block = vs[i:i + self.probe_batch]
+            block = vs[i : i + self.probe_batch]
             try:
-                out[i:i + len(block)] = graph.products(block, batched=len(block) > 1)
+                out[i : i + len(block)] = graph.products(block, batched=len(block) > 1)
             except RuntimeError:  # an op without a batching rule: one probe at a time
-                out[i:i + len(block)] = graph.products(block, batched=False)
+                out[i : i + len(block)] = graph.products(block, batched=False)
         return out
 
     def __call__(self, vs: Tensor) -> Tensor:

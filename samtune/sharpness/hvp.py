@@ -9,6 +9,7 @@ graph when it fits in memory (the fastest on CPU), otherwise from ``torch.func``
 forward-over-reverse (``jvp(grad(f))``), falling back to reverse-over-reverse where an op lacks
 forward-mode support; on an accelerator probes are batched (``vmap`` / batched backward).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,11 @@ def measuring(model: nn.Module) -> Iterator[None]:
     was_training = {m: m.training for m in model.modules()}
     saved = []
     for m in model.modules():
-        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                and not getattr(m, "frozen_stats", False)):
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and not getattr(m, "frozen_stats", False)
+        ):
             saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
             m.running_mean = m.running_var = m.num_batches_tracked = None
     model.train()
@@ -69,8 +73,10 @@ class FlatLoss:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         chosen = [(n, p) for n, p in named if _selected(n, params)]
         if not chosen:
-            raise ValueError(f"params={params!r} selects no trainable parameter; names start with "
-                             f"{sorted({n.split('.')[0] for n, _ in named})}")
+            raise ValueError(
+                f"params={params!r} selects no trainable parameter; names start with "
+                f"{sorted({n.split('.')[0] for n, _ in named})}"
+            )
         self.names = [n for n, _ in chosen]
         self.shapes = [p.shape for _, p in chosen]
         self.numels = [p.numel() for _, p in chosen]
@@ -156,8 +162,16 @@ class HVP:
       blocks in graph mode shrink so that the batched backward's transient memory fits too.
     """
 
-    def __init__(self, f: FlatLoss, x: Tensor, y: Tensor, batch: int = 512, mode: str = "auto",
-                 probe_batch: int = 8, memory_share: float = 1.0):
+    def __init__(
+        self,
+        f: FlatLoss,
+        x: Tensor,
+        y: Tensor,
+        batch: int = 512,
+        mode: str = "auto",
+        probe_batch: int = 8,
+        memory_share: float = 1.0,
+    ):
         if mode not in ("auto", "graph", "forward", "reverse"):
             raise ValueError(f"hvp mode must be 'auto', 'graph', 'forward' or 'reverse', got {mode!r}")
         if batch < 1 or probe_batch < 1:
@@ -222,7 +236,7 @@ class HVP:
             if not g.requires_grad:
                 continue
             for i in range(0, len(vs), self.probe_batch):
-                block = vs[i:i + self.probe_batch]
+                block = vs[i : i + self.probe_batch]
                 if len(block) == 1:
                     (h,) = torch.autograd.grad(g, leaf, block[0], retain_graph=True)
                     out[i] += weight * h
@@ -231,7 +245,7 @@ class HVP:
                     (h,) = torch.autograd.grad(g, leaf, block, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an op without a batching rule: one probe at a time
                     h = torch.stack([torch.autograd.grad(g, leaf, v, retain_graph=True)[0] for v in block])
-                out[i:i + len(block)] += weight * h
+                out[i : i + len(block)] += weight * h
         return out
 
     # ---- torch.func engines
@@ -247,15 +261,15 @@ class HVP:
         for part, weight in zip(self.parts, self.weights):
             x, y = self.x[part], self.y[part]
             for i in range(0, len(vs), self.probe_batch):
-                block = vs[i:i + self.probe_batch]
+                block = vs[i : i + self.probe_batch]
                 try:
-                    out[i:i + len(block)] += weight * vmap(lambda v, x=x, y=y: self._one(v, x, y))(block)
+                    out[i : i + len(block)] += weight * vmap(lambda v, x=x, y=y: self._one(v, x, y))(block)
                 except (NotImplementedError, RuntimeError):
                     if self.mode == "forward":
                         self.mode = "reverse"  # an op without forward-mode AD: reverse-over-reverse
                         return self._func_products(vs)
                     # vmap itself failed (an op without a batching rule): one probe at a time.
-                    out[i:i + len(block)] += weight * torch.stack([self._one(v, x, y) for v in block])
+                    out[i : i + len(block)] += weight * torch.stack([self._one(v, x, y) for v in block])
         return out
 
     def __call__(self, vs: Tensor) -> Tensor:

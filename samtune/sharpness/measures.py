@@ -3,6 +3,7 @@ settings (`MEASURES`), checking a trial's choice before training (`check_measure
 them into the flat ``sharpness/...`` metrics a trial logs (`measure_sharpness`). The measures
 themselves are defined in `samtune.sharpness.worst_case` and `samtune.sharpness.curvature`.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,10 +36,8 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
     "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1}, {}),
     # Both adaptive balls (L2 and L-infinity) are among the default measures: each costs two
     # gradient passes over the subset, little next to the Hessian measures' tens of products.
-    "adaptive_sharpness": (adaptive_sharpness, {"rho": 0.5, "m": 128, "steps": 1, "eta": 0.0},
-                           {"norm": "l2"}),
-    "adaptive_sharpness_linf": (adaptive_sharpness, {"rho": 0.002, "m": 128, "steps": 1, "eta": 0.0},
-                                {"norm": "linf"}),
+    "adaptive_sharpness": (adaptive_sharpness, {"rho": 0.5, "m": 128, "steps": 1, "eta": 0.0}, {"norm": "l2"}),
+    "adaptive_sharpness_linf": (adaptive_sharpness, {"rho": 0.002, "m": 128, "steps": 1, "eta": 0.0}, {"norm": "linf"}),
     "avg_sharpness": (avg_sharpness_estimate, {"sigma": 0.01, "samples": 8, "adaptive": False}, {}),
     "hessian_top_eig": (partial(top_eig_estimate, curvature="hessian"), {"k": 1, "iters": 40, "tol": 1e-3}, {}),
     "hessian_trace": (partial(trace_estimate, curvature="hessian"), {"probes": 24, "method": "hutchpp"}, {}),
@@ -46,8 +45,7 @@ MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] =
     # of the network): cheaper products than the Hessian's, for cross-entropy losses only.
     "ggn_top_eig": (partial(top_eig_estimate, curvature="ggn"), {"k": 1, "iters": 40, "tol": 1e-3}, {}),
     "ggn_trace": (partial(trace_estimate, curvature="ggn"), {"probes": 24, "method": "hutchpp"}, {}),
-    "pac_bayes_sigma": (pac_bayes_sigma, {"target": 0.1, "samples": 8, "steps": 12, "low": 1e-5,
-                                          "high": 1.0}, {}),
+    "pac_bayes_sigma": (pac_bayes_sigma, {"target": 0.1, "samples": 8, "steps": 12, "low": 1e-5, "high": 1.0}, {}),
 }
 
 _CURVATURE = {"hessian_top_eig", "hessian_trace", "ggn_top_eig", "ggn_trace"}
@@ -55,8 +53,9 @@ _SEEDED = {"avg_sharpness", "pac_bayes_sigma"} | _CURVATURE
 _CHUNKED = {"avg_sharpness", "pac_bayes_sigma"} | _CURVATURE
 
 # Settings that change speed or memory only, never the value: accepted, not logged.
-_ENGINE = {name: {"mode", "memory_share"} | ({"probe_batch"} if name.endswith("_trace") else set())
-           for name in _CURVATURE}
+_ENGINE = {
+    name: {"mode", "memory_share"} | ({"probe_batch"} if name.endswith("_trace") else set()) for name in _CURVATURE
+}
 
 
 #: Keys `sharpness/<key>` that measure_sharpness logs beside the measures (the contract's list).
@@ -79,18 +78,40 @@ def check_measures(measures: Iterable[str], settings: dict[str, Any] | None = No
             raise ValueError(f"{name}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
 
 
-def _check(measures: list[str], settings: dict[str, Any], loss_fn: LossFn) -> None:
-    """`check_measures`, and the GGN measures' loss, before any measure runs."""
+def _check(
+    measures: list[str],
+    settings: dict[str, Any],
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    batch: int,
+    budget_s: float | None,
+) -> None:
+    """Every argument `measure_sharpness` refuses (the examples, the batch, the budget,
+    `check_measures`, and the GGN measures' loss), before any measure runs."""
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"need as many inputs as labels and at least one; got {len(x)} inputs, {len(y)} labels")
+    if batch < 1 or (budget_s is not None and not budget_s > 0):
+        raise ValueError(f"need batch >= 1 and budget_s > 0 or None, got batch={batch}, budget_s={budget_s}")
     check_measures(measures, settings)
     ggn = [name for name in measures if name.startswith("ggn_")]
     if ggn and not is_cross_entropy(loss_fn):
         raise ValueError(f"{ggn} are defined for the cross-entropy loss only, got {loss_fn!r}")
 
 
-def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
-                      measures: Iterable[str] = DEFAULT_MEASURES, seed: int = 0, batch: int = 512,
-                      params: Sequence[str] | None = None, budget_s: float | None = None,
-                      **settings: dict[str, Any]) -> dict[str, float]:
+def measure_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    measures: Iterable[str] = DEFAULT_MEASURES,
+    seed: int = 0,
+    batch: int = 512,
+    params: Sequence[str] | None = None,
+    budget_s: float | None = None,
+    **settings: dict[str, Any],
+) -> dict[str, float]:
     """Measure each of ``measures`` on (x, y), cheapest first, and return what to log, all floats:
 
     - ``"sharpness/<measure>"``: the value (``*_top_eig`` with ``k > 1`` adds
@@ -132,26 +153,49 @@ def measure_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *
     True
     """
     measures = list(measures)
-    if len(x) != len(y) or len(y) == 0:
-        raise ValueError(f"need as many inputs as labels and at least one; got {len(x)} inputs, "
-                         f"{len(y)} labels")
-    if batch < 1 or (budget_s is not None and not budget_s > 0):
-        raise ValueError(f"need batch >= 1 and budget_s > 0 or None, got batch={batch}, budget_s={budget_s}")
-    _check(measures, settings, loss_fn)
+    _check(measures, settings, loss_fn, x, y, batch, budget_s)
     if isinstance(params, str):  # one name or prefix, not the characters of one
         params = [params]
+    return _measure_all(model, loss_fn, x, y, measures, settings, seed, batch, params, budget_s)
+
+
+def _measure_all(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    measures: list[str],
+    settings: dict[str, Any],
+    seed: int,
+    batch: int,
+    params: Sequence[str] | None,
+    budget_s: float | None,
+) -> dict[str, float]:
+    """What `measure_sharpness` logs, of checked arguments: the shared metrics, then each measure,
+    cheapest first, that the budget has room for."""
     out = _shared_metrics(FlatLoss(model, loss_fn, params).w.numel(), len(y), seed, batch, params)
-    budget = None if budget_s is None or not measures else \
-        Budget(budget_s, lambda: gradient_pass_seconds(model, loss_fn, x, y, batch, params))
+    budget = (
+        None
+        if budget_s is None or not measures
+        else Budget(budget_s, lambda: gradient_pass_seconds(model, loss_fn, x, y, batch, params))
+    )
     for name in cheapest_first(measures, lambda n: _settings(n, settings.get(n, {}), len(y))[0]):
-        out.update(_within_budget(budget, name, model, loss_fn, x, y, settings.get(name, {}), seed,
-                                  batch, params))
+        out.update(_within_budget(budget, name, model, loss_fn, x, y, settings.get(name, {}), seed, batch, params))
     return out
 
 
-def _within_budget(budget: Budget | None, name: str, model: nn.Module, loss_fn: LossFn, x: Tensor,
-                   y: Tensor, extra: dict[str, Any], seed: int, batch: int,
-                   params: Sequence[str] | None) -> dict[str, float]:
+def _within_budget(
+    budget: Budget | None,
+    name: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    extra: dict[str, Any],
+    seed: int,
+    batch: int,
+    params: Sequence[str] | None,
+) -> dict[str, float]:
     """`_measure`, or what a measure logs when the budget has no room for it."""
     used = _settings(name, extra, len(y))[0]
     if budget is not None and not budget.fits(name, used):
@@ -159,8 +203,9 @@ def _within_budget(budget: Budget | None, name: str, model: nn.Module, loss_fn: 
     return _measure(name, model, loss_fn, x, y, extra, seed, batch, params)
 
 
-def _shared_metrics(num_params: int, subset: int, seed: int, batch: int,
-                    params: Sequence[str] | None) -> dict[str, float]:
+def _shared_metrics(
+    num_params: int, subset: int, seed: int, batch: int, params: Sequence[str] | None
+) -> dict[str, float]:
     """What every measure was measured on: the ``SHARED_KEYS`` and the ``params`` filter."""
     shared = {"subset": subset, "seed": seed, "batch": batch, "num_params": num_params}
     out: dict[str, float] = {f"sharpness/{key}": float(shared[key]) for key in SHARED_KEYS}
@@ -182,8 +227,17 @@ def _settings(name: str, extra: dict[str, Any], subset: int) -> tuple[dict[str, 
     return used, {k: v for k, v in extra.items() if k in engine}
 
 
-def _measure(name: str, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, extra: dict[str, Any],
-             seed: int, batch: int, params: Sequence[str] | None) -> dict[str, float]:
+def _measure(
+    name: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    extra: dict[str, Any],
+    seed: int,
+    batch: int,
+    params: Sequence[str] | None,
+) -> dict[str, float]:
     """One measure's value(s), its cost and uncertainty, and the settings it ran with."""
     fn, _, fixed = MEASURES[name]
     used, engine = _settings(name, extra, len(y))

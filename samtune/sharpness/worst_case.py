@@ -9,6 +9,7 @@
 - ``avg_sharpness``: ``E[L(w + delta)] - L(w)``, ``delta ~ N(0, sigma^2 diag(c^2))``, ``c = 1`` or
   ``|w|`` (``adaptive=True``), Monte Carlo over ``samples`` antithetic pairs (+delta, -delta).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,7 @@ from samtune.sharpness.hvp import FlatLoss, LossFn, chunks, measuring
 
 
 # ------------------------------------------------------------------------------ worst case
-def _ascent(f: FlatLoss, x: Tensor, y: Tensor, rho: float, steps: int, scale: Tensor | None,
-            norm: str) -> Tensor:
+def _ascent(f: FlatLoss, x: Tensor, y: Tensor, rho: float, steps: int, scale: Tensor | None, norm: str) -> Tensor:
     """max over the (scaled) ball of L(w + eps) - L(w), by projected normalised gradient ascent."""
     base, g = f.gradient(f.w, x, y)
     best = torch.zeros((), device=f.w.device, dtype=base.dtype)
@@ -55,8 +55,20 @@ def _project(eps: Tensor, rho: float, scale: Tensor | None, norm: str, t2: Tenso
     return eps * torch.clamp(rho / size.clamp_min(1e-12), max=1.0)
 
 
-def _worst_case(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, rho: float, m: int, steps: int,
-                adaptive: bool, eta: float, norm: str, params: Sequence[str] | None) -> Tensor:
+def _worst_case(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rho: float,
+    m: int,
+    steps: int,
+    adaptive: bool,
+    eta: float,
+    norm: str,
+    params: Sequence[str] | None,
+) -> Tensor:
     if rho < 0 or steps < 1 or m < 1:
         raise ValueError(f"need rho >= 0, steps >= 1, m >= 1; got rho={rho}, steps={steps}, m={m}")
     if norm not in ("l2", "linf"):
@@ -69,26 +81,57 @@ def _worst_case(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, rho:
     return torch.stack(values).mean()
 
 
-def m_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, rho: float = 0.05,
-                m: int = 128, steps: int = 1, params: Sequence[str] | None = None) -> float:
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rho: float = 0.05,
+    m: int = 128,
+    steps: int = 1,
+    params: Sequence[str] | None = None,
+) -> float:
     """Mean over disjoint batches of m examples of the worst-case loss rise in the L2 ball of
     radius rho (a last partial batch is dropped unless it is the only one)."""
-    return float(_worst_case(model, loss_fn, x, y, rho=rho, m=m, steps=steps, adaptive=False,
-                             eta=0.0, norm="l2", params=params))
+    return float(
+        _worst_case(model, loss_fn, x, y, rho=rho, m=m, steps=steps, adaptive=False, eta=0.0, norm="l2", params=params)
+    )
 
 
-def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, rho: float = 0.5,
-                       m: int = 128, steps: int = 1, eta: float = 0.0, norm: str = "l2",
-                       params: Sequence[str] | None = None) -> float:
+def adaptive_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rho: float = 0.5,
+    m: int = 128,
+    steps: int = 1,
+    eta: float = 0.0,
+    norm: str = "l2",
+    params: Sequence[str] | None = None,
+) -> float:
     """Worst-case sharpness over the ball scaled by ``|w| + eta`` (L2 or L-infinity)."""
-    return float(_worst_case(model, loss_fn, x, y, rho=rho, m=m, steps=steps, adaptive=True,
-                             eta=eta, norm=norm, params=params))
+    return float(
+        _worst_case(model, loss_fn, x, y, rho=rho, m=m, steps=steps, adaptive=True, eta=eta, norm=norm, params=params)
+    )
 
 
 # ------------------------------------------------------------------------------ average case
-def avg_sharpness_estimate(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *,
-                           sigma: float = 0.01, samples: int = 8, adaptive: bool = False, seed: int = 0,
-                           batch: int = 512, params: Sequence[str] | None = None) -> Estimate[float]:
+def avg_sharpness_estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    sigma: float = 0.01,
+    samples: int = 8,
+    adaptive: bool = False,
+    seed: int = 0,
+    batch: int = 512,
+    params: Sequence[str] | None = None,
+) -> Estimate[float]:
     """``E[L(w + delta)] - L(w)`` with ``delta ~ N(0, sigma^2 c^2)``, c = 1 or |w|; Monte Carlo
     over ``samples`` independent antithetic pairs, with its standard error (the pairs' sample
     standard deviation over the square root of their number; None for one pair)."""

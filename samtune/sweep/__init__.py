@@ -16,6 +16,7 @@ writer: runs by key (run_keys), one record written to its run (run_writes), the 
 training from waiting on MLflow (write_queue), the spool of records not yet written (spool) and
 where the store is (store); the rest of each module named above is the sweep's own.
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

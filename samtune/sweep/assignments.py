@@ -1,4 +1,5 @@
 """The command line's ``key=value`` items (``--set``, ``--params``): split, and rate lists read."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -9,6 +9,7 @@ declared value the space's range or choices do not hold is refused before any tr
 searcher enqueues each baseline's answers as a trial to evaluate first (Optuna's
 ``enqueue_trial``), and ASHA never stops a baseline (`samtune.sweep.search.CellScheduler`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -45,13 +46,16 @@ class _DeclaredTrial:
         value = self.values[name] if declared else DEFAULTS.get(name)
         if not fits(value):
             source = "declared" if declared else "its default"
-            raise SpaceError(f"{self.where}{name}={value!r} ({source}) is not among what the space offers "
-                             f"({offered}); declare a value it offers in baseline_params or baselines")
+            raise SpaceError(
+                f"{self.where}{name}={value!r} ({source}) is not among what the space offers "
+                f"({offered}); declare a value it offers in baseline_params or baselines"
+            )
         self.params[name] = value
         return value
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
-                      log: bool = False) -> float:
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
         return self._answer(name, lambda v: _number(v) and low <= v <= high, f"{low:g} to {high:g}")
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:

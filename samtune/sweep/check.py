@@ -3,6 +3,7 @@ Optuna trials and validates every value it can produce in every cell; `space_fin
 what a space searches, so that ``--resume`` refuses a changed one; `fixed_trial_config` builds
 the one trial ``samtune train FILE --params ...`` runs by hand.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Suggestion:
     name: str
-    kind: str                       # "float" | "int" | "categorical"
+    kind: str  # "float" | "int" | "categorical"
     low: Any = None
     high: Any = None
     step: Any = None
@@ -61,8 +62,9 @@ class _CheckingTrial:
         if (error := study_key_error(name, f"{line}space suggests {name!r}")) is not None:
             raise error
 
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
-                      log: bool = False) -> float:
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
         line = self._line()
         self._check_name(name, line)
         for bound in (low, high):
@@ -82,8 +84,10 @@ class _CheckingTrial:
         self._check_name(name, line)
         for bound in (low, high, step):
             if isinstance(bound, bool) or not isinstance(bound, int):
-                raise SpaceError(f"{line}{name}: suggest_int needs integer bounds and step, got "
-                                 f"low={low!r}, high={high!r}, step={step!r}")
+                raise SpaceError(
+                    f"{line}{name}: suggest_int needs integer bounds and step, got "
+                    f"low={low!r}, high={high!r}, step={step!r}"
+                )
         if low > high:
             raise SpaceError(f"{line}{name}: empty range: low={low} is above high={high}")
         if step < 1:
@@ -119,9 +123,11 @@ class _CheckingTrial:
         # A space runs on Optuna's trials during the search, but also on the cell's declared
         # baselines and on these dry runs, which hold values and nothing else: anything beyond
         # suggesting would fail (or mean something else) there, so it is refused here, first.
-        raise SpaceError(f"{self._line()}space(trial) uses trial.{item}: a space may only call trial.suggest_float, "
-                         "suggest_int and suggest_categorical (its trials are also the declared baselines, "
-                         "which hold values only); keep other state outside the space")
+        raise SpaceError(
+            f"{self._line()}space(trial) uses trial.{item}: a space may only call trial.suggest_float, "
+            "suggest_int and suggest_categorical (its trials are also the declared baselines, "
+            "which hold values only); keep other state outside the space"
+        )
 
 
 def _candidates(s: _Suggestion) -> list[Any]:
@@ -137,8 +143,9 @@ def _candidates(s: _Suggestion) -> list[Any]:
     return [s.low, s.high]
 
 
-def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
-                with_constants: bool = False) -> list[dict[str, Any]]:
+def check_space(
+    sweep: Sweep, space: Callable[[Any], Any], samples: int = 64, with_constants: bool = False
+) -> list[dict[str, Any]]:
     """Run ``space`` on ``samples`` random Optuna trials and validate everything it can produce.
 
     Every suggest call is checked (known setting, not one the Sweep fixes, non-empty range, every
@@ -186,8 +193,11 @@ def check_space(sweep: Sweep, space: Callable[[Any], Any], samples: int = 64,
                     try:
                         validate_trial_config({**config, s.name: value})
                     except SpaceError as exc:
-                        rng = (f"choices {list(s.choices)}" if s.kind == "categorical"
-                               else f"range [{s.low:g}, {s.high:g}]")
+                        rng = (
+                            f"choices {list(s.choices)}"
+                            if s.kind == "categorical"
+                            else f"range [{s.low:g}, {s.high:g}]"
+                        )
                         raise SpaceError(f"{s.line}{s.name} {rng} includes a bad value: {exc}") from None
         sampled.append(params if with_constants else suggested)
         study.tell(trial, 0.0)
@@ -205,8 +215,10 @@ def _with_constants(suggested: dict[str, Any], returned: dict[str, Any] | None, 
         if key in suggested:
             # The returned constant would win over the suggestion in every trial, baselines
             # included, while the search believed it was searching the setting.
-            raise SpaceError(f"{shown}: space(trial) suggests {key!r} and also returns {key}={value!r}, which "
-                             f"would replace every suggested value; suggest it or return it, not both")
+            raise SpaceError(
+                f"{shown}: space(trial) suggests {key!r} and also returns {key}={value!r}, which "
+                f"would replace every suggested value; suggest it or return it, not both"
+            )
         params[key] = value
     return params
 
@@ -246,8 +258,7 @@ def _check_returned_key(key: str, shown: str) -> None:
         raise error
 
 
-def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell,
-                       params: dict[str, Any]) -> dict[str, Any]:
+def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell, params: dict[str, Any]) -> dict[str, Any]:
     """The trial config the sweep would run in ``cell`` if the space suggested ``params``.
 
     ``space`` runs on an Optuna ``FixedTrial`` holding ``params``, so conditional parameters and
@@ -268,8 +279,9 @@ def fixed_trial_config(sweep: Sweep, space: Callable[[Any], Any], cell: Cell,
     except ValueError as exc:
         missing = str(exc).split("'")[1] if str(exc).count("'") >= 2 else None
         if missing is not None and "not found" in str(exc):
-            raise SpaceError(f"--params: the space asks for {missing!r} in this branch; "
-                             f"add it, e.g. --params {missing}=...") from None
+            raise SpaceError(
+                f"--params: the space asks for {missing!r} in this branch; add it, e.g. --params {missing}=..."
+            ) from None
         raise SpaceError(f"space(trial) raised ValueError: {first_line(exc)}") from None
     config = {**sweep.base_config(cell), **returned, **trial.params, **params}
     return validate_trial_config(config, where="")

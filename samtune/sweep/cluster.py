@@ -2,6 +2,7 @@
 the storage folder writable (and reached by every node of a cluster), the cluster address
 answering, and Ray started or joined.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ def storage_folder(storage_path: str) -> Path:
     except (RuntimeError, OSError) as exc:
         # Python 3.11 and 3.12 say RuntimeError("Symlink loop from ..."), later ones OSError(ELOOP).
         where = getattr(exc, "filename", None) or str(exc).rpartition(" from ")[2].strip("'")
-        raise SweepError(f"--storage-path {storage_path}: the links at {where} point round in a loop; "
-                         f"give a storage path that leads to a folder") from None
+        raise SweepError(
+            f"--storage-path {storage_path}: the links at {where} point round in a loop; "
+            f"give a storage path that leads to a folder"
+        ) from None
 
 
 def check_storage(storage: Path) -> None:
@@ -55,8 +58,10 @@ def check_storage(storage: Path) -> None:
         raise SweepError(f"--storage-path {storage}: cannot write there ({exc.strerror or exc})") from None
     free = shutil.disk_usage(storage).free
     if free < MIN_FREE_BYTES:
-        raise SweepError(f"--storage-path {storage}: only {free / 2**20:.0f} MiB free; a sweep needs at least "
-                         f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints")
+        raise SweepError(
+            f"--storage-path {storage}: only {free / 2**20:.0f} MiB free; a sweep needs at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints"
+        )
 
 
 def check_shared_storage(storage: Path) -> None:
@@ -76,14 +81,19 @@ def check_shared_storage(storage: Path) -> None:
     probe = storage / f".samtune-shared-{token[:8]}"
     probe.write_text(token)
     try:
-        blind = [f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
-                 for n, seen in zip(nodes, read_on_every_node(nodes, str(probe), token)) if not seen]
+        blind = [
+            f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+            for n, seen in zip(nodes, read_on_every_node(nodes, str(probe), token))
+            if not seen
+        ]
     finally:
         probe.unlink(missing_ok=True)
     if blind:
-        raise SweepError(f"--storage-path {storage}: {len(blind)} of the Ray cluster's {len(nodes)} nodes cannot "
-                         f"reach it ({', '.join(blind)}); every node must reach the same path, so put it on a "
-                         f"file system all nodes mount")
+        raise SweepError(
+            f"--storage-path {storage}: {len(blind)} of the Ray cluster's {len(nodes)} nodes cannot "
+            f"reach it ({', '.join(blind)}); every node must reach the same path, so put it on a "
+            f"file system all nodes mount"
+        )
 
 
 def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: float = 120.0) -> list[bool]:
@@ -93,8 +103,10 @@ def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: floa
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0)(_reads_token)
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(path, token) for n in nodes]
+    refs = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, token)
+        for n in nodes
+    ]
     seen = []
     for ref in refs:
         try:
@@ -120,9 +132,11 @@ def check_address(address: str) -> None:
         # Ray Client runs Tune's driver on the cluster: the callbacks that write MLflow, draw the
         # live view and rebuild finished trials from the local sweep folder would run there, not
         # here, and the sweep would record nothing.
-        raise SweepError(f"--address {address}: Ray Client (ray://) is not supported, since the sweep's "
-                         f"driver must run where samtune runs; run samtune on a node of that cluster with "
-                         f"--address auto (and a --storage-path every node shares)")
+        raise SweepError(
+            f"--address {address}: Ray Client (ray://) is not supported, since the sweep's "
+            f"driver must run where samtune runs; run samtune on a node of that cluster with "
+            f"--address auto (and a --storage-path every node shares)"
+        )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise SweepError(f"--address {address}: expected auto or host:port of a Ray cluster this machine is a node of")
@@ -155,9 +169,15 @@ def start_ray(address: str | None) -> None:
         # neither over- nor under-packs trials. "local" starts a new instance where a bare
         # ray.init() would join a `ray start` cluster (and refuse these resources).
         cpus = local_cpus()
-        ray.init(address="local", num_cpus=cpus, num_gpus=_local_gpus(), runtime_env=runtime_env,
-                 log_to_driver=False, logging_level=logging.ERROR,
-                 dashboard_host="127.0.0.1")
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            num_gpus=_local_gpus(),
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            dashboard_host="127.0.0.1",
+        )
 
 
 def local_cpus() -> int:

@@ -15,6 +15,7 @@ every epoch in full (no ASHA). Each is an MLflow run under its cell's run, tagge
 configuration) and ``samtune.seed``, keyed by those two, so a resumed stage continues its runs
 instead of adding new ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -139,8 +140,15 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], l
                 # last epoch only: the verdicts read test and validation errors from these runs,
                 # the views sharpness from the search's trials; in the embedded study the measures
                 # cost as much as the 16 epochs of training, the training subset a tenth of them.
-                config = {**base, **settings, "seed": seed, "confirms": name, "baseline": False,
-                          "sharpness_measures": "", "train_eval_every": 0}
+                config = {
+                    **base,
+                    **settings,
+                    "seed": seed,
+                    "confirms": name,
+                    "baseline": False,
+                    "sharpness_measures": "",
+                    "train_eval_every": 0,
+                }
                 if sweep.vary_noise_draw:
                     config["data_seed"] = seed
                 out.append(Rerun(result.cell, name, seed, config))
@@ -160,6 +168,7 @@ def longest_first(runs: list[Rerun]) -> list[Rerun]:
     >>> [r.name for r in longest_first(runs)]
     ['m=8', 'best_sam', 'm=16', 'sam_baseline', 'best_sgd']
     """
+
     def cost(run: Rerun) -> tuple[bool, int]:
         config = run.config
         m = config.get("m")
@@ -199,14 +208,20 @@ class StageRecorder(Recorder):
         return row
 
     def seen_ending(self, trial_id: str) -> bool:
-        return any(r.trial_id == trial_id and r.status in ("finished", "stopped", "diverged", "failed")
-                   for r in self.result.reruns.values())
+        return any(
+            r.trial_id == trial_id and r.status in ("finished", "stopped", "diverged", "failed")
+            for r in self.result.reruns.values()
+        )
 
     def trial_start(self, trial: Trial) -> None:
         name, seed = self._id(trial)
-        self.tracker.declare(self._key(trial), f"{self.cell.label} {name} seed {seed}", role_of(name),
-                             parent=self.cell_key, **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name,
-                                                      SEED_TAG: str(seed), STATUS_TAG: "running"})
+        self.tracker.declare(
+            self._key(trial),
+            f"{self.cell.label} {name} seed {seed}",
+            role_of(name),
+            parent=self.cell_key,
+            **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name, SEED_TAG: str(seed), STATUS_TAG: "running"},
+        )
         self.tracker.log_params(self._key(trial), trial.config)
         self._row(trial).status = "running"
 
@@ -229,8 +244,7 @@ class RerunSearch(PickledSearcher):
         pass
 
 
-def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int,
-                 resources: dict[str, float]) -> Tuner:
+def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int, resources: dict[str, float]) -> Tuner:
     """A round's Tuner: restored from ``<sweep>/<folder>`` when a driver left it unfinished."""
     from ray import tune
 
@@ -240,16 +254,27 @@ def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int,
         return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         function,
-        tune_config=tune.TuneConfig(num_samples=len(runs), search_alg=RerunSearch([r.config for r in runs]),
-                                    max_concurrent_trials=concurrent,
-                                    reuse_actors=reuse_trial_processes(plan.sweep)),
+        tune_config=tune.TuneConfig(
+            num_samples=len(runs),
+            search_alg=RerunSearch([r.config for r in runs]),
+            max_concurrent_trials=concurrent,
+            reuse_actors=reuse_trial_processes(plan.sweep),
+        ),
         run_config=run_config(plan, folder, SweepCallback(plan.sweep.cells(), stage="confirm:")),
     )
 
 
-def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tracker: Tracker,
-            sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch,
-            view: Any = None) -> int:
+def confirm(
+    plan: Plan,
+    results: list[CellResult],
+    baselines: list[Baseline],
+    tracker: Tracker,
+    sweep_key: str,
+    concurrent: int,
+    resources: dict[str, float],
+    watch: InterruptWatch,
+    view: Any = None,
+) -> int:
     """Run (or finish) the confirmation stage, round after round, until every cell's verdict is
     decided or its seeds reach ``max_confirm_seeds``; its rows land in ``results``. Returns how
     many runs of the current round are still to end (0 when the stage is complete).
@@ -269,16 +294,25 @@ def confirm(plan: Plan, results: list[CellResult], baselines: list[Baseline], tr
     return 0
 
 
-def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellResult], tracker: Tracker,
-                   sweep_key: str, concurrent: int, resources: dict[str, float], watch: InterruptWatch,
-                   view: Any) -> int:
+def _confirm_round(
+    plan: Plan,
+    look: int,
+    runs: list[Rerun],
+    results: list[CellResult],
+    tracker: Tracker,
+    sweep_key: str,
+    concurrent: int,
+    resources: dict[str, float],
+    watch: InterruptWatch,
+    view: Any,
+) -> int:
     sweep = plan.sweep
-    recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r)
-                 for r in results}
+    recorders = {r.cell.slug: StageRecorder(sweep, r.cell, tracker, sweep_key, r) for r in results}
     # The view (if any) shows where the round is; its table stays on the search's trials.
     # Its costliest runs start first (`longest_first`), so the pace only gets better.
-    progress = StageProgress(f"confirmation round {look + 1}", runs=len(runs), epochs=len(runs) * sweep.epochs,
-                             upper_bound=True)
+    progress = StageProgress(
+        f"confirmation round {look + 1}", runs=len(runs), epochs=len(runs) * sweep.epochs, upper_bound=True
+    )
     for recorder in recorders.values():
         recorder.progress = progress
         if view is not None:
@@ -287,14 +321,19 @@ def _confirm_round(plan: Plan, look: int, runs: list[Rerun], results: list[CellR
         for result in results:
             if result.aliases:
                 # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
-                tracker.set_tags(f"{sweep_key}/{result.cell.slug}", {ALIASES_TAG: ",".join(
-                    f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))})
+                tracker.set_tags(
+                    f"{sweep_key}/{result.cell.slug}",
+                    {ALIASES_TAG: ",".join(f"{alias}:{name}" for alias, name in sorted(result.aliases.items()))},
+                )
     per_cell = Counter(r.cell.label for r in runs)
     seeds = confirmation_seeds(sweep, look)
     which = "" if look == 0 else f"round {look + 1}, for the verdicts still undecided; "
-    print(f"confirming ({which}{len(runs)} runs on seeds {seeds[0]}-{seeds[-1]}: "
-          f"{', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
-          f"{', '.join(sorted({r.name for r in runs}, key=_order))}", flush=True)
+    print(
+        f"confirming ({which}{len(runs)} runs on seeds {seeds[0]}-{seeds[-1]}: "
+        f"{', '.join(f'{cell}: {n}' for cell, n in per_cell.items())}); picks: "
+        f"{', '.join(sorted({r.name for r in runs}, key=_order))}",
+        flush=True,
+    )
     if view is not None:
         view.stage(progress)
     folder = round_folder(look)

@@ -1,6 +1,7 @@
 """Each cell's data as an MLflow dataset input of its run: the MLflow UI then names, next to the
 runs, what they trained on (the dataset and its label noise) and a digest of the labels trained
 on, so two cells (or two sweeps) that saw the same noisy labels show the same digest."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,13 +23,22 @@ def cell_dataset(sweep: Sweep, cell: Cell) -> dict[str, Any]:
     config = {**sweep.base_config(cell), "scenario": "label_noise"}
     scenario = build_scenario(config)
     digest = hashlib.sha256(scenario.train_y.numpy().tobytes()).hexdigest()[:16]
-    profile = {"train_examples": int(len(scenario.train_y)), "val_examples": int(len(scenario.val_y)),
-               "test_examples": int(len(scenario.test_y)), "classes": int(scenario.num_classes),
-               "label_noise_rate": cell.label_noise_rate, "label_noise_kind": sweep.label_noise_kind,
-               "flipped_labels": int((scenario.train_y != scenario.train_y_true).sum()),
-               "data_seed": config.get("data_seed")}
-    return {"name": f"{sweep.dataset} {cell.label}", "digest": digest,
-            "source": f"{sweep.dataset} (data_root={config.get('data_root')})", "profile": profile}
+    profile = {
+        "train_examples": int(len(scenario.train_y)),
+        "val_examples": int(len(scenario.val_y)),
+        "test_examples": int(len(scenario.test_y)),
+        "classes": int(scenario.num_classes),
+        "label_noise_rate": cell.label_noise_rate,
+        "label_noise_kind": sweep.label_noise_kind,
+        "flipped_labels": int((scenario.train_y != scenario.train_y_true).sum()),
+        "data_seed": config.get("data_seed"),
+    }
+    return {
+        "name": f"{sweep.dataset} {cell.label}",
+        "digest": digest,
+        "source": f"{sweep.dataset} (data_root={config.get('data_root')})",
+        "profile": profile,
+    }
 
 
 def log_cell_datasets(sweep: Sweep, tracker: Tracker, sweep_key: str) -> None:

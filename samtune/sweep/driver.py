@@ -15,6 +15,7 @@ checkpoints, every cell's searcher state) and, if the tracking server failed, th
 records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
 each cell's Optuna searcher continues from its saved state.
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,9 +83,17 @@ if TYPE_CHECKING:
     from ray.tune.schedulers import TrialScheduler
 
 
-def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = None,
-            data_root: str | None = None, tracking_uri: str | None = None, address: str | None = None,
-            storage_path: str | None = None, resume: bool = False) -> Plan:
+def prepare(
+    path: str,
+    overrides: Sequence[str] = (),
+    *,
+    trials: int | None = None,
+    data_root: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    storage_path: str | None = None,
+    resume: bool = False,
+) -> Plan:
     """Load and check everything a sweep needs, creating nothing in MLflow or Ray.
 
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
@@ -107,12 +116,12 @@ def prepare(path: str, overrides: Sequence[str] = (), *, trials: int | None = No
     if address:
         check_address(address)
     flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
-    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id,
-                flags, lock)
+    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, lock)
 
 
-def _checked_sweep(path: str, overrides: Sequence[str], trials: int | None,
-                   data_root: str | None) -> tuple[Sweep, SpaceFunction]:
+def _checked_sweep(
+    path: str, overrides: Sequence[str], trials: int | None, data_root: str | None
+) -> tuple[Sweep, SpaceFunction]:
     """The space file's sweep with the command line's changes, its space sampled and its data
     read: every trial config it can produce is one its trials accept."""
     sweep, space = load_space(path)
@@ -144,18 +153,22 @@ def _hold(storage: Path, sweep: Sweep) -> DriverLock:
     except SweepBusy as exc:
         raise SweepError(str(exc)) from None
     except OSError as exc:
-        raise SweepError(f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there "
-                         f"({exc.strerror or exc})") from None
+        raise SweepError(
+            f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there ({exc.strerror or exc})"
+        ) from None
 
 
-def _sweep_id(state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool,
-              tracking_uri: str | None) -> tuple[str, str | None]:
+def _sweep_id(
+    state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool, tracking_uri: str | None
+) -> tuple[str, str | None]:
     """The sweep's id and the tracking URI asked for: a new id for a new sweep; with ``--resume``
     the saved id (and URI, unless one is given), once the sweep is found unchanged."""
     if not resume:
         if state_file.exists():
-            raise SweepError(f"sweep {sweep.name!r} already has results in {state_file.parent}; finish it with "
-                             f"--resume, or start another with --set name=... or --storage-path")
+            raise SweepError(
+                f"sweep {sweep.name!r} already has results in {state_file.parent}; finish it with "
+                f"--resume, or start another with --set name=... or --storage-path"
+            )
         return uuid.uuid4().hex[:8], tracking_uri
     saved = read_state(state_file, sweep)
     _check_unchanged(saved, sweep, space)
@@ -167,17 +180,22 @@ def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) 
     """Raise SweepError when the sweep or its search space differ from what sweep.json saved."""
     if saved["sweep"] != jsonable(sweep.to_dict()):
         changed = sorted(k for k in saved["sweep"] if saved["sweep"][k] != jsonable(sweep.to_dict()).get(k))
-        raise SweepError(f"--resume: the sweep changed since it started ({', '.join(changed)}); "
-                         f"resume it with the same file and --set values, or start a new one with --set name=...")
+        raise SweepError(
+            f"--resume: the sweep changed since it started ({', '.join(changed)}); "
+            f"resume it with the same file and --set values, or start a new one with --set name=..."
+        )
     if isinstance(saved.get("space"), dict):  # sweeps from before the fingerprint: unchecked
         changes = fingerprint_changes(saved["space"], space_fingerprint(sweep, space))
         if changes:
-            raise SweepError(f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
-                             f"resume it with the space as it was, or start a new sweep with --set name=...")
+            raise SweepError(
+                f"--resume: the search space changed since the sweep started ({'; '.join(changes)}); "
+                f"resume it with the space as it was, or start a new sweep with --set name=..."
+            )
 
 
-def _resume_flags(overrides: Sequence[str], trials: int | None, data_root: str | None,
-                  storage: Path | None, address: str | None) -> tuple[str, ...]:
+def _resume_flags(
+    overrides: Sequence[str], trials: int | None, data_root: str | None, storage: Path | None, address: str | None
+) -> tuple[str, ...]:
     """The command-line flags that made this sweep what it is, for the --resume command."""
     flags = [f for value in overrides for f in ("--set", value)]
     if trials is not None:
@@ -212,8 +230,9 @@ def trial_resources(sweep: Sweep, cluster: dict[str, float]) -> tuple[dict[str, 
             raise SweepError(str(exc)) from None
         need = tune_res["cpu"] + per * sweep.workers
     if need > cpus + 1e-9:
-        raise SweepError(f"one trial needs {need:g} CPUs but the Ray cluster has {cpus:g}; "
-                         f"lower cpus_per_trial or workers")
+        raise SweepError(
+            f"one trial needs {need:g} CPUs but the Ray cluster has {cpus:g}; lower cpus_per_trial or workers"
+        )
     if sweep.gpus_per_trial > gpus:
         raise SweepError(f"gpus_per_trial={sweep.gpus_per_trial:g} but the Ray cluster has {gpus:g} GPUs")
     fit = int(cpus // need + 1e-9)
@@ -228,7 +247,6 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]) -> Tuner:
     """The sweep's one Tuner: restored from its folder on --resume, else built afresh."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     sweep = plan.sweep
@@ -241,37 +259,81 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]) -> Tuner:
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
         return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
-    baselines = baseline_points(plan)
-    searchers = [
-        AshaAwareOptunaSearch(
-            space=CellSpace(plan.space, sweep.base_config(cell)), metric=sweep.metric, mode=sweep.mode,
-            sampler=optuna.samplers.TPESampler(seed=sweep.seed * 1009 + cell.index,
-                                               n_startup_trials=max(2, min(10, sweep.trials // 3))),
-            points_to_evaluate=[copy.deepcopy(b.point) for b in baselines] or None, epochs=sweep.epochs)
-        for cell in cells]
-    search = CellSearch(searchers, sweep.trials, metric=sweep.metric, mode=sweep.mode,
-                        baselines=[b.extras for b in baselines],
-                        batch=sweep.search_batch if sweep.deterministic else None)
-    scheduler: TrialScheduler
-    if sweep.deterministic:
-        scheduler = BatchedASHA(search, max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
-                                reduction_factor=sweep.reduction_factor, metric=sweep.metric, mode=sweep.mode)
-    else:
-        scheduler = CellScheduler(
-            [c.label_noise_rate for c in cells],
-            [ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.asha_grace_period,
-                           reduction_factor=sweep.reduction_factor) for _ in cells],
-            max_t=sweep.epochs)
+    search = _cell_search(plan)
+    scheduler = _scheduler(sweep, search)
     return tune.Tuner(
         function,
-        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.trials * len(cells),
-                                    search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
-                                    scheduler=scheduler, max_concurrent_trials=concurrent,
-                                    reuse_actors=reuse_trial_processes(sweep)),
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.trials * len(cells),
+            search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
+            scheduler=scheduler,
+            max_concurrent_trials=concurrent,
+            reuse_actors=reuse_trial_processes(sweep),
+        ),
         run_config=run_config(plan, TUNE_DIR, SweepCallback(cells)),
     )
 
 
+def _cell_search(plan: Plan) -> CellSearch:
+    """The search algorithm: each cell's own TPE study, seeded per cell and starting from the
+    baselines, dealt out by `CellSearch` cell after cell (in batches, for a deterministic sweep)."""
+    import optuna
+
+    sweep = plan.sweep
+    baselines = baseline_points(plan)
+    searchers = [
+        AshaAwareOptunaSearch(
+            space=CellSpace(plan.space, sweep.base_config(cell)),
+            metric=sweep.metric,
+            mode=sweep.mode,
+            sampler=optuna.samplers.TPESampler(
+                seed=sweep.seed * 1009 + cell.index, n_startup_trials=max(2, min(10, sweep.trials // 3))
+            ),
+            points_to_evaluate=[copy.deepcopy(b.point) for b in baselines] or None,
+            epochs=sweep.epochs,
+        )
+        for cell in sweep.cells()
+    ]
+    return CellSearch(
+        searchers,
+        sweep.trials,
+        metric=sweep.metric,
+        mode=sweep.mode,
+        baselines=[b.extras for b in baselines],
+        batch=sweep.search_batch if sweep.deterministic else None,
+    )
+
+
+def _scheduler(sweep: Sweep, search: CellSearch) -> TrialScheduler:
+    """The early stopping: each cell's own ASHA, kept apart by `CellScheduler`; for a deterministic
+    sweep, `BatchedASHA`, whose rungs' records `search` keeps."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    cells = sweep.cells()
+    if sweep.deterministic:
+        return BatchedASHA(
+            search,
+            max_t=sweep.epochs,
+            grace_period=sweep.asha_grace_period,
+            reduction_factor=sweep.reduction_factor,
+            metric=sweep.metric,
+            mode=sweep.mode,
+        )
+    return CellScheduler(
+        [c.label_noise_rate for c in cells],
+        [
+            ASHAScheduler(
+                time_attr="epoch",
+                max_t=sweep.epochs,
+                grace_period=sweep.asha_grace_period,
+                reduction_factor=sweep.reduction_factor,
+            )
+            for _ in cells
+        ],
+        max_t=sweep.epochs,
+    )
 
 
 def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
@@ -294,23 +356,33 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     try:
         cells = sweep.cells()
         recorders = _recorders(sweep, tracker, sweep_key, view)
-        _show_stage(view, recorders.values(), StageProgress(
-            "search", runs=sweep.trials * len(cells), epochs=sweep.trials * len(cells) * sweep.epochs,
-            upper_bound=sweep.asha_grace_period < sweep.epochs, unit="trials"))
+        _show_stage(
+            view,
+            recorders.values(),
+            StageProgress(
+                "search",
+                runs=sweep.trials * len(cells),
+                epochs=sweep.trials * len(cells) * sweep.epochs,
+                upper_bound=sweep.asha_grace_period < sweep.epochs,
+                unit="trials",
+            ),
+        )
         if not plan.resume:
             log_cell_datasets(sweep, tracker, sweep_key)
         ended = _fit(plan, concurrent, resources, recorders, watch)
         unfinished = [cell for cell in cells if ended[cell.slug] < sweep.trials]
         if unfinished:
-            raise SweepInterrupted(f"interrupted in cell {unfinished[0].label}; finish the sweep with: "
-                                   f"{plan.resume_command}")
+            raise SweepInterrupted(
+                f"interrupted in cell {unfinished[0].label}; finish the sweep with: {plan.resume_command}"
+            )
         results = [recorders[cell.slug].result for cell in cells]
         if sweep.confirm_seeds:
-            left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch,
-                           view)
+            left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch, view)
             if left:
-                raise SweepInterrupted(f"interrupted in the confirmation stage ({left} runs to go); finish the "
-                                       f"sweep with: {plan.resume_command}")
+                raise SweepInterrupted(
+                    f"interrupted in the confirmation stage ({left} runs to go); finish the "
+                    f"sweep with: {plan.resume_command}"
+                )
             _record_verdicts(plan, tracker, sweep_key, results)
         tracker.set_status(sweep_key, "finished")
         completed = True
@@ -348,8 +420,13 @@ def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
     import ray
 
     try:
-        tracker = Tracker(plan.tracking_uri, plan.sweep.name, plan.sweep_dir / "mlflow-unlogged.jsonl",
-                          replay_hint=plan.resume_command, background=True)
+        tracker = Tracker(
+            plan.tracking_uri,
+            plan.sweep.name,
+            plan.sweep_dir / "mlflow-unlogged.jsonl",
+            replay_hint=plan.resume_command,
+            background=True,
+        )
     except Exception as exc:  # noqa: BLE001  a store MLflow cannot open: nothing is recorded yet
         raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
     try:
@@ -359,8 +436,7 @@ def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
         try:
             tracker.wait_open()
         except Exception as exc:  # noqa: BLE001
-            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it "
-                             f"({first_line(exc)})") from None
+            raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
     except BaseException:
         tracker.discard()
         raise
@@ -379,8 +455,9 @@ def _recorders(sweep: Sweep, tracker: Tracker, sweep_key: str, view: Any) -> dic
     return recorders
 
 
-def _fit(plan: Plan, concurrent: int, resources: dict[str, float], recorders: dict[str, Recorder],
-         watch: InterruptWatch) -> dict[str, int]:
+def _fit(
+    plan: Plan, concurrent: int, resources: dict[str, float], recorders: dict[str, Recorder], watch: InterruptWatch
+) -> dict[str, int]:
     """Run the sweep's Tuner with its trial events going to `recorders`; returns how many trials
     of each cell (by slug) have ended, as Tune saved them (`reconcile`)."""
     with recording_to(recorders):

@@ -5,6 +5,7 @@ Two drivers of one sweep would both run every trial into the same folder and rec
 SIGKILLed driver never blocks the `--resume` that finishes its sweep, and no stale lock file
 needs cleaning: the file stays, naming its last holder, and only the lock on it matters.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -42,10 +43,16 @@ class DriverLock:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise SweepBusy(f"sweep {name!r} is already running ({holder}); wait for it to end, or stop it "
-                            f"and finish it with --resume") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                  "command": " ".join(sys.argv)}
+            raise SweepBusy(
+                f"sweep {name!r} is already running ({holder}); wait for it to end, or stop it "
+                f"and finish it with --resume"
+            ) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         return cls(path, fd)

@@ -1,6 +1,7 @@
 """The errors a sweep gives its user: it cannot start (`SweepError`), or it stopped before its
 end (`SweepInterrupted`, which ``--resume`` finishes).
 """
+
 from __future__ import annotations
 
 

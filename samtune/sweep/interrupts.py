@@ -17,6 +17,7 @@ SIGTERM (what `kill`, systemd, Kubernetes and Slurm send first) is a Ctrl-C too:
 it into a SIGINT to this process, so whichever SIGINT handler is in place saves the sweep and it
 ends with the resume command, instead of Ray's own SIGTERM handler tearing the driver down.
 """
+
 from __future__ import annotations
 
 import os

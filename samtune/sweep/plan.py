@@ -1,4 +1,5 @@
 """What a sweep is to run, decided before its first trial: the `Plan` and where its files live."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,15 @@ class Plan:
     @property
     def resume_command(self) -> str:
         """The command that finishes this sweep, ready to paste."""
-        return " ".join(["samtune", "sweep", shlex.quote(shown_path(self.space_path)),
-                         *(shlex.quote(f) for f in self.flags), "--resume"])
+        return " ".join(
+            [
+                "samtune",
+                "sweep",
+                shlex.quote(shown_path(self.space_path)),
+                *(shlex.quote(f) for f in self.flags),
+                "--resume",
+            ]
+        )
 
 
 def shown_path(path: str) -> str:

@@ -6,6 +6,7 @@ label noise on a dataset of one class. The dataset is read once here (from its c
 of a second), and each cell's split sized without building it
 (`samtune.data.scenarios.split_sizes`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -49,7 +50,8 @@ def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
                     f"cell {cell.label}: batch_size={cfg['batch_size']} is larger than the {sizes.train} training "
                     f"examples {sweep.dataset!r} leaves after its validation split"
                     + (f" ({per_worker} per worker)" if cfg["workers"] > 1 else "")
-                    + "; lower batch_size or val_fraction")
+                    + "; lower batch_size or val_fraction"
+                )
 
 
 def _check_models_fit(sweep: Sweep, input_shape: tuple[int, int, int], variants: list[dict[str, Any]]) -> None:
@@ -59,5 +61,7 @@ def _check_models_fit(sweep: Sweep, input_shape: tuple[int, int, int], variants:
     models = {str({**base, **p}["model"]) for p in variants}
     for model in sorted(models):
         if model.startswith("torchvision:") and input_shape[0] != 3:
-            raise PreflightError(f"model {model!r} expects 3-channel images, but dataset {sweep.dataset!r} has "
-                                 f"{input_shape[0]} channel(s); choose a model of the zoo (e.g. 'cnn')")
+            raise PreflightError(
+                f"model {model!r} expects 3-channel images, but dataset {sweep.dataset!r} has "
+                f"{input_shape[0]} channel(s); choose a model of the zoo (e.g. 'cnn')"
+            )

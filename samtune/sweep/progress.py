@@ -6,6 +6,7 @@ an estimate, said as one ("about"). It is an upper bound ("at most") where the p
 get better: in a search with early stopping, whose total is the budget's, which stopped trials
 never reach; and in a confirmation round, whose costliest runs start first.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,8 +64,10 @@ class StageProgress:
 
     def text(self) -> str:
         elapsed = self.clock() - self.started
-        line = (f"{self.name}: {self.runs_ended}/{self.runs} {self.unit} ended, "
-                f"{self.epochs_done}/{self.epochs} epochs, {duration(elapsed)} in")
+        line = (
+            f"{self.name}: {self.runs_ended}/{self.runs} {self.unit} ended, "
+            f"{self.epochs_done}/{self.epochs} epochs, {duration(elapsed)} in"
+        )
         if self.runs_ended >= self.runs:
             return line + ", done"
         left = self.seconds_left()

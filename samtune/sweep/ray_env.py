@@ -4,6 +4,7 @@ Ray Train's generation is chosen where a trial runs; Tune's output settings wher
 driver runs. Set in this process before Ray is imported, and handed to a Ray job's workers,
 which on a cluster started by `ray start` do not inherit this process's environment.
 """
+
 from __future__ import annotations
 
 import os

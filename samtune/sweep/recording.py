@@ -4,6 +4,7 @@ the rows of the live view. Also what a resumed driver needs to pick the records 
 sweep's ``sweep.json`` (`write_state`) and the records of trials that ended while no driver was
 listening (`reconcile`).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,16 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Driver-side bookkeeping of one cell: MLflow records and the live view's rows."""
 
-    def __init__(self, sweep: Sweep, cell: Cell, tracker: Tracker, sweep_key: str,
-                 on_change: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None,
-                 result: CellResult | None = None):
+    def __init__(
+        self,
+        sweep: Sweep,
+        cell: Cell,
+        tracker: Tracker,
+        sweep_key: str,
+        on_change: Callable[[], None] | None = None,
+        on_done: Callable[[], None] | None = None,
+        result: CellResult | None = None,
+    ):
         """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended.
         `result`: the cell's rows so far (a later stage of the sweep adds to them); given, the
         cell's run exists already and is not declared again."""
@@ -67,10 +75,15 @@ class Recorder:
         self.result = result if result is not None else CellResult(cell)
         if result is not None:
             return
-        tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key,
-                        **{CELL_TAG: cell.label})
-        tracker.log_params(self.cell_key, {"scenario": sweep.scenario, "label_noise_rate": cell.label_noise_rate,
-                                           "label_noise_kind": sweep.label_noise_kind})
+        tracker.declare(self.cell_key, cell.label, "cell", parent=sweep_key, **{CELL_TAG: cell.label})
+        tracker.log_params(
+            self.cell_key,
+            {
+                "scenario": sweep.scenario,
+                "label_noise_rate": cell.label_noise_rate,
+                "label_noise_kind": sweep.label_noise_kind,
+            },
+        )
 
     def _key(self, trial: Trial) -> str:
         return f"{self.cell_key}/{trial.trial_id}"
@@ -79,9 +92,12 @@ class Recorder:
         row = self.result.trials.get(trial.trial_id)
         if row is None:
             params = {k: v for k, v in trial.config.items() if k not in self._cell_keys}
-            row = self.result.trials[trial.trial_id] = TrialRow(trial.trial_id, params,
-                                                                number=trial.config.get("trial_number"),
-                                                                baseline=bool(trial.config.get("baseline")))
+            row = self.result.trials[trial.trial_id] = TrialRow(
+                trial.trial_id,
+                params,
+                number=trial.config.get("trial_number"),
+                baseline=bool(trial.config.get("baseline")),
+            )
         return row
 
     @property
@@ -91,9 +107,13 @@ class Recorder:
 
     def trial_start(self, trial: Trial) -> None:
         key = self._key(trial)
-        self.tracker.declare(key, f"{self.cell.label} {trial.trial_id}", "trial", parent=self.cell_key,
-                             **{CELL_TAG: self.cell.label, TRIAL_KEY_TAG: key,
-                                STATUS_TAG: "running"})
+        self.tracker.declare(
+            key,
+            f"{self.cell.label} {trial.trial_id}",
+            "trial",
+            parent=self.cell_key,
+            **{CELL_TAG: self.cell.label, TRIAL_KEY_TAG: key, STATUS_TAG: "running"},
+        )
         self.tracker.log_params(key, trial.config)
         self._row(trial).status = "running"
         self.on_change()
@@ -102,8 +122,7 @@ class Recorder:
         row = self._row(trial)
         # Only finite numbers count: a diverged epoch's NaN, or the gaps of a progress table read
         # back on resume, are neither logged nor shown.
-        metrics = {k: v for k, v in result.items()
-                   if (k in METRICS or k.startswith("sharpness/")) and finite(v)}
+        metrics = {k: v for k, v in result.items() if (k in METRICS or k.startswith("sharpness/")) and finite(v)}
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         self.tracker.log_metrics(self._key(trial), metrics, step=epoch)
         skipped = result.get(SHARPNESS_SKIPPED_NOTE)
@@ -164,8 +183,14 @@ def trial_error(trial: Trial) -> str:
     except OSError:
         return ""
     # Tune writes each failure's traceback; the exception is its last unindented line.
-    return next((line.strip() for line in reversed(lines) if line.strip() and not line[0].isspace()
-                 and not line.startswith("Failure #")), "")
+    return next(
+        (
+            line.strip()
+            for line in reversed(lines)
+            if line.strip() and not line[0].isspace() and not line.startswith("Failure #")
+        ),
+        "",
+    )
 
 
 # The recorders of this driver process, by cell folder name, while its Tuner runs (`recording_to`).
@@ -210,8 +235,9 @@ class SweepCallback(Callback):
         if (r := self._recorder(trial)) is not None:
             r.trial_start(trial)
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
         if (r := self._recorder(trial)) is not None:
             r.trial_result(trial, result)
 
@@ -225,8 +251,12 @@ class SweepCallback(Callback):
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if (r := self._recorder(trial)) is not None:
-            log.warning("%s trial %s failed and restarts from its last checkpoint: %s",
-                        r.cell.label, trial.trial_id, trial_error(trial) or "(no error recorded)")
+            log.warning(
+                "%s trial %s failed and restarts from its last checkpoint: %s",
+                r.cell.label,
+                trial.trial_id,
+                trial_error(trial) or "(no error recorded)",
+            )
 
 
 class TrialFailureFilter(logging.Filter):
@@ -255,9 +285,14 @@ def write_state(plan: Plan) -> None:
     state_file = plan.sweep_dir / "sweep.json"
     if state_file.exists():
         return
-    state = {"sweep": jsonable(plan.sweep.to_dict()), "space_file": plan.space_path,
-             "space": space_fingerprint(plan.sweep, plan.space),
-             "tracking_uri": plan.tracking_uri, "sweep_id": plan.sweep_id, "started": time.time()}
+    state = {
+        "sweep": jsonable(plan.sweep.to_dict()),
+        "space_file": plan.space_path,
+        "space": space_fingerprint(plan.sweep, plan.space),
+        "tracking_uri": plan.tracking_uri,
+        "sweep_id": plan.sweep_id,
+        "started": time.time(),
+    }
     # Its own user only: the folder holds pickles (Tune's state, the searchers') that a resume loads.
     plan.sweep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = state_file.with_name(f".sweep.json.{os.getpid()}.tmp")
@@ -268,19 +303,26 @@ def write_state(plan: Plan) -> None:
 def search_label(sweep: Sweep) -> str:
     """How a sweep searches, in words: what its run is labelled with and its header says."""
     if sweep.deterministic:
-        return (f"deterministic: trials suggested and stopped in batches of {sweep.search_batch} per cell, "
-                "from results alone")
+        return (
+            f"deterministic: trials suggested and stopped in batches of {sweep.search_batch} per cell, "
+            "from results alone"
+        )
     return "asynchronous: suggestions and early stops depend on the order results arrive in"
 
 
 def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     """Declare the sweep's MLflow run (with its settings as params); returns its key."""
     sweep = plan.sweep
-    tracker.declare(plan.sweep_key, sweep.name, "sweep", **{SPACE_FILE_TAG: plan.space_path,
-                                                            SWEEP_ID_TAG: plan.sweep_id,
-                                                            SEARCH_TAG: search_label(sweep)})
-    tracker.log_params(plan.sweep_key, {k: v for k, v in sweep.to_dict().items() if k != "fixed"}
-                       | {f"fixed.{k}": v for k, v in sweep.fixed.items()})
+    tracker.declare(
+        plan.sweep_key,
+        sweep.name,
+        "sweep",
+        **{SPACE_FILE_TAG: plan.space_path, SWEEP_ID_TAG: plan.sweep_id, SEARCH_TAG: search_label(sweep)},
+    )
+    tracker.log_params(
+        plan.sweep_key,
+        {k: v for k, v in sweep.to_dict().items() if k != "fixed"} | {f"fixed.{k}": v for k, v in sweep.fixed.items()},
+    )
     return plan.sweep_key
 
 
@@ -296,8 +338,9 @@ def reconcile(plan: Plan, recorders: Mapping[str, Recorder], folder: str = TUNE_
     from ray.tune import ExperimentAnalysis
 
     ended = {slug: 0 for slug in recorders}
-    failed = {trial_id for r in recorders.values() for trial_id, row in r.result.trials.items()
-              if row.status == "failed"}
+    failed = {
+        trial_id for r in recorders.values() for trial_id, row in r.result.trials.items() if row.status == "failed"
+    }
     settle_failed_trials(plan.sweep_dir / folder, failed)
     try:
         analysis = ExperimentAnalysis(str(plan.sweep_dir / folder))
@@ -330,6 +373,9 @@ def reconcile(plan: Plan, recorders: Mapping[str, Recorder], folder: str = TUNE_
         if folder == TUNE_DIR and plan.resume and ended[slug] >= plan.sweep.trials:
             lost = recorder.tracker.retire_unknown_trials(recorder.cell_key, known[slug])
             for key in lost:
-                log.warning("trial %s was started by the killed driver before Tune saved it; Tune ran "
-                            "another trial in its place, and its MLflow run is tagged samtune.role=lost", key)
+                log.warning(
+                    "trial %s was started by the killed driver before Tune saved it; Tune ran "
+                    "another trial in its place, and its MLflow run is tagged samtune.role=lost",
+                    key,
+                )
     return ended

@@ -5,6 +5,7 @@
 trial's two newest checkpoints so the state stays small and never names a deleted one, and
 `read_state` reads the sweep's ``sweep.json`` back.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def resumable(folder: Path) -> bool:
         return True
     backup = folder / STATE_BACKUP
     if backup.exists() and _whole_json(backup):
-        log.warning("Tune's experiment state %s was cut short when the driver was killed; it is put "
-                    "back from the copy taken one step earlier", newest)
+        log.warning(
+            "Tune's experiment state %s was cut short when the driver was killed; it is put "
+            "back from the copy taken one step earlier",
+            newest,
+        )
         tmp = newest.with_name(f".{newest.name}.tmp")
         shutil.copyfile(backup, tmp)
         os.replace(tmp, newest)
@@ -143,8 +147,9 @@ class CheckpointPruner(Callback):
     after 200, rewritten at every step for every trial).
     """
 
-    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint,
-                      **info: Any) -> None:
+    def on_checkpoint(
+        self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint, **info: Any
+    ) -> None:
         fs = getattr(checkpoint, "filesystem", None)
         if fs is not None and getattr(fs, "type_name", "local") != "local":
             return  # remote storage: left to its own lifecycle rules
@@ -169,14 +174,18 @@ EXPERIMENT_STATE_PERIOD_S = 0
 def read_state(state_file: Path, sweep: Sweep) -> dict[str, Any]:
     """The saved sweep.json for --resume; SweepError when it is missing or unreadable."""
     if not state_file.exists():
-        raise SweepError(f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "
-                         f"(is --storage-path the one the sweep ran with?)")
+        raise SweepError(
+            f"--resume: nothing to resume for sweep {sweep.name!r}: {state_file} does not exist "
+            f"(is --storage-path the one the sweep ran with?)"
+        )
     try:
         saved = json.loads(state_file.read_text())
         if not isinstance(saved, dict) or not isinstance(saved.get("sweep"), dict):
             raise ValueError("no 'sweep' entry")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SweepError(f"--resume: {state_file} is damaged ({type(exc).__name__}: {first_line(exc)}); "
-                         f"this sweep cannot be resumed; start it again with --set name=... "
-                         f"or another --storage-path") from None
+        raise SweepError(
+            f"--resume: {state_file} is damaged ({type(exc).__name__}: {first_line(exc)}); "
+            f"this sweep cannot be resumed; start it again with --set name=... "
+            f"or another --storage-path"
+        ) from None
     return saved

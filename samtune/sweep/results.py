@@ -2,6 +2,7 @@
 per cell (`CellResult`, with its best trial), the best SGD and SAM trial of each cell
 (`summarize`), and a cell's Optuna study as Tune last saved it (`load_study`).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,11 @@ class CellResult:
     def missing(self) -> str:
         """What this cell's verdict lacks, and why: a baseline trial that failed, or an optimizer
         with no trial that ran to compare; '' when it lacks nothing."""
-        reasons = [f"its {row.optimizer.upper()} baseline failed ({row.error or 'no error was recorded'})"
-                   for row in self.trials.values() if row.baseline and row.status == "failed"]
+        reasons = [
+            f"its {row.optimizer.upper()} baseline failed ({row.error or 'no error was recorded'})"
+            for row in self.trials.values()
+            if row.baseline and row.status == "failed"
+        ]
         ran = {row.optimizer for row in self.trials.values() if row.status in ("finished", "stopped")}
         for name, family in (("SGD", {"sgd"}), ("SAM", {"sam", "asam"})):
             if self.trials and not ran & family:
@@ -71,8 +75,11 @@ class CellResult:
         sign = 1.0 if mode == "min" else -1.0
         names = (optimizer,) if isinstance(optimizer, str) else optimizer
         for status in ("finished", "stopped"):
-            rows = [r for r in self.trials.values() if r.status == status
-                    and finite(r.metrics.get(metric)) and (names is None or r.optimizer in names)]
+            rows = [
+                r
+                for r in self.trials.values()
+                if r.status == status and finite(r.metrics.get(metric)) and (names is None or r.optimizer in names)
+            ]
             if rows:
                 # A tie goes to the trial suggested first: not to whichever happened to end first.
                 return min(rows, key=lambda r: (sign * r.metrics[metric], _order(r)))
@@ -109,9 +116,12 @@ def summarize(plan: Plan, results: list[CellResult]) -> list[dict[str, Any]]:
     sweep = plan.sweep
     rows = []
     for res in results:
-        entry: dict[str, Any] = {"cell": res.cell.label, "trials": len(res.trials),
-                                 "failed": sum(r.status == "failed" for r in res.trials.values()),
-                                 "diverged": sum(r.status == "diverged" for r in res.trials.values())}
+        entry: dict[str, Any] = {
+            "cell": res.cell.label,
+            "trials": len(res.trials),
+            "failed": sum(r.status == "failed" for r in res.trials.values()),
+            "diverged": sum(r.status == "diverged" for r in res.trials.values()),
+        }
         for family, names in (("sgd", ("sgd",)), ("sam", ("sam", "asam"))):
             # One pick over the whole family, so a finished ASAM trial is not passed over for a
             # SAM trial that ASHA stopped.

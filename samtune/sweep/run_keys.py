@@ -2,6 +2,7 @@
 the store (a resumed sweep, a restarted trial) or created there on their first write, with the
 last epoch each has logged, so no step is logged twice.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,8 +61,9 @@ class RunKeys:
     def add(self, run: dict[str, Any]) -> None:
         """Declare a run as a spool line names it (``run``, ``name``, ``tags``, ``parent``)."""
         if run["run"] not in self.specs:
-            self.specs[run["run"]] = RunSpec(run["run"], run.get("name") or run["run"],
-                                             dict(run.get("tags") or {}), run.get("parent"))
+            self.specs[run["run"]] = RunSpec(
+                run["run"], run.get("name") or run["run"], dict(run.get("tags") or {}), run.get("parent")
+            )
 
     def run_id(self, key: str) -> str | None:
         spec = self.specs.get(key)
@@ -84,8 +86,9 @@ class RunKeys:
             found = client.get_experiment_by_name(self.experiment)
             if found is not None and found.lifecycle_stage == "deleted":
                 client.restore_experiment(found.experiment_id)
-            self._experiment_id = (found.experiment_id if found is not None
-                                   else client.create_experiment(self.experiment))
+            self._experiment_id = (
+                found.experiment_id if found is not None else client.create_experiment(self.experiment)
+            )
             # The MLflow UI opens an experiment of no kind on its GenAI traces; this one holds
             # training runs, and says so.
             client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -98,8 +101,7 @@ class RunKeys:
             return spec.run_id
         experiment = self.experiment_id()
         client = self.client()
-        found = client.search_runs([experiment], filter_string=f"tags.`{KEY_TAG}` = {quoted(key)}",
-                                   max_results=1)
+        found = client.search_runs([experiment], filter_string=f"tags.`{KEY_TAG}` = {quoted(key)}", max_results=1)
         if found:
             spec.run_id = found[0].info.run_id
             # Continue after the last logged epoch: a resumed trial never logs a step twice.
@@ -120,8 +122,10 @@ class RunKeys:
         `samtune.sweep.tracking.Tracker.retire_unknown_trials`); returns the keys retired."""
         client = self.client()
         runs = client.search_runs(
-            [self.experiment_id()], filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{KEY_TAG}` LIKE "
-                                                  f"{quoted(cell_key + '/%')}", max_results=10_000)
+            [self.experiment_id()],
+            filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{KEY_TAG}` LIKE {quoted(cell_key + '/%')}",
+            max_results=10_000,
+        )
         retired = []
         for run in runs:
             key = run.data.tags.get(KEY_TAG, "")
@@ -129,9 +133,11 @@ class RunKeys:
                 continue
             client.set_tag(run.info.run_id, ROLE_TAG, "lost")
             client.set_tag(run.info.run_id, STATUS_TAG, "lost")
-            client.set_tag(run.info.run_id, NOTE_TAG,
-                           "started by a sweep driver that was killed before Tune saved it; "
-                           "another trial ran in its place")
+            client.set_tag(
+                run.info.run_id,
+                NOTE_TAG,
+                "started by a sweep driver that was killed before Tune saved it; another trial ran in its place",
+            )
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, status="KILLED")
             self.specs.pop(key, None)

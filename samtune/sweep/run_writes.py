@@ -1,6 +1,7 @@
 """Writing one record to its MLflow run: params and metrics in batches MLflow accepts, a trial's
 status as a tag and an MLflow run status, and no metric step a run already has.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,7 @@ if TYPE_CHECKING:
 
 
 #: The MLflow run status each final trial status ends its run with (``running`` ends none).
-MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED",
-                 "failed": "FAILED"}
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
 
 # MLflow's limits on one `log_batch` call.
 PARAMS_PER_BATCH = 100
@@ -54,8 +54,9 @@ class RunWriter:
         elif record.kind == "dataset":
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
-            client.log_inputs(run_id, [DatasetInput(
-                Dataset(**record.payload), tags=[InputTag("mlflow.data.context", "training")])])
+            client.log_inputs(
+                run_id, [DatasetInput(Dataset(**record.payload), tags=[InputTag("mlflow.data.context", "training")])]
+            )
         else:  # pragma: no cover - internal
             raise ValueError(record.kind)
 
@@ -66,7 +67,7 @@ class RunWriter:
         existing = client.get_run(run_id).data.params
         params = [Param(k, v) for k, v in record.payload.items() if k not in existing]
         for i in range(0, len(params), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH])
+            client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
 
     def _metrics(self, client: MlflowClient, run_id: str, record: Record, spec: RunSpec) -> None:
         from mlflow.entities import Metric
@@ -85,5 +86,5 @@ class RunWriter:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, record.step) for k, v in record.payload.items()]
         for i in range(0, len(metrics), METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metrics[i:i + METRICS_PER_BATCH])
+            client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
         spec.last_step = record.step

@@ -16,6 +16,7 @@ True
 >>> stops(0.24, [0.2, 0.25, 0.3, 0.4], mode="min", reduction_factor=2)
 False
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,7 @@ class BatchedASHA(FIFOScheduler):
     A cell's baseline trials are recorded but never stopped.
     """
 
-    def __init__(self, search: Any, max_t: int, grace_period: int, reduction_factor: float,
-                 metric: str, mode: str):
+    def __init__(self, search: Any, max_t: int, grace_period: int, reduction_factor: float, metric: str, mode: str):
         super().__init__()
         self.search = search
         self.max_t = max_t

@@ -6,6 +6,7 @@ cell its own ASHA, `AshaAwareOptunaSearch` tells Optuna which trials ASHA stoppe
 `baseline_points` chooses each cell's first trials (one per optimizer) so that every cell has its
 own baselines.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,10 +66,16 @@ class AshaAwareOptunaSearch(OptunaSearch):
         self._epochs = epochs
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = (not error and result is not None and bool(result) and trial_id in self._ot_trials
-                         and trial_id not in self._completed_trials
-                         and not (finite(result.get("diverged")) and result["diverged"])
-                         and finite(result.get("epoch")) and result["epoch"] < self._epochs)
+        stopped_early = (
+            not error
+            and result is not None
+            and bool(result)
+            and trial_id in self._ot_trials
+            and trial_id not in self._completed_trials
+            and not (finite(result.get("diverged")) and result["diverged"])
+            and finite(result.get("epoch"))
+            and result["epoch"] < self._epochs
+        )
         if not stopped_early or result is None:
             super().on_trial_complete(trial_id, result=result, error=error)
             return
@@ -125,14 +132,21 @@ class CellSearch(PickledSearcher):
     """
 
     extras: list[dict[str, Any]] = []  # a searcher saved before baselines were declared has none
-    batch: int | None = None           # saved before batches: asynchronous
+    batch: int | None = None  # saved before batches: asynchronous
     numbers: dict[str, tuple[int, int]] = {}
     ended: dict[int, set[int]] = {}
     queued: dict[int, list[tuple[str, dict | None]]] = {}
     rungs: dict[int, dict[int, dict[int, float]]] = {}
 
-    def __init__(self, searchers: Sequence[Searcher], trials: int, metric: str, mode: str,
-                 baselines: int | Sequence[dict[str, Any]] = (), batch: int | None = None):
+    def __init__(
+        self,
+        searchers: Sequence[Searcher],
+        trials: int,
+        metric: str,
+        mode: str,
+        baselines: int | Sequence[dict[str, Any]] = (),
+        batch: int | None = None,
+    ):
         """`baselines`: a cell's first trials are its baselines (its searcher's points to
         evaluate), and their configs carry ``baseline=True``; given as the declared settings the
         space does not search of each (`Baseline.extras`, added to its config), or as a count."""
@@ -140,11 +154,11 @@ class CellSearch(PickledSearcher):
         self.searchers = list(searchers)
         self.trials = trials
         self.extras = [{}] * baselines if isinstance(baselines, int) else [dict(e) for e in baselines]
-        self.cell_of: dict[str, int] = {}   # Tune trial id -> cell index
+        self.cell_of: dict[str, int] = {}  # Tune trial id -> cell index
         self.batch = batch
-        self.numbers = {}   # Tune trial id -> (cell index, trial number in the cell)
-        self.ended = {i: set() for i in range(len(self.searchers))}   # cell -> numbers ended
-        self.queued = {i: [] for i in range(len(self.searchers))}     # cell -> suggested, not issued
+        self.numbers = {}  # Tune trial id -> (cell index, trial number in the cell)
+        self.ended = {i: set() for i in range(len(self.searchers))}  # cell -> numbers ended
+        self.queued = {i: [] for i in range(len(self.searchers))}  # cell -> suggested, not issued
         # cell -> rung (epoch) -> trial number -> its metric there: what `BatchedASHA` judges by.
         self.rungs = {i: {} for i in range(len(self.searchers))}
 
@@ -160,11 +174,10 @@ class CellSearch(PickledSearcher):
                 self.cell_of[trial_id] = index
                 self.numbers[trial_id] = (index, number)
                 first = number < len(self.extras)
-                return {**config, **(self.extras[number] if first else {}), "baseline": first,
-                        "trial_number": number}
+                return {**config, **(self.extras[number] if first else {}), "baseline": first, "trial_number": number}
             if self.batch is None:
                 return config  # the cell's searcher is not ready: ask again later
-            waiting = True      # this cell waits for its batch to end; another cell may start
+            waiting = True  # this cell waits for its batch to end; another cell may start
         return None if waiting else Searcher.FINISHED
 
     def _from_batch(self, index: int, number: int, trial_id: str) -> dict | None:
@@ -227,8 +240,10 @@ class CellScheduler(FIFOScheduler):
     def _of(self, trial: Trial) -> TrialScheduler:
         index = cell_index(self.rates, trial.config)
         if index is None:
-            raise ValueError(f"trial {trial.trial_id} belongs to no cell of this sweep "
-                             f"(label_noise_rate={trial.config.get('label_noise_rate')!r})")
+            raise ValueError(
+                f"trial {trial.trial_id} belongs to no cell of this sweep "
+                f"(label_noise_rate={trial.config.get('label_noise_rate')!r})"
+            )
         return self.schedulers[index]
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:

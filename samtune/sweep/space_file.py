@@ -15,6 +15,7 @@ empty ranges, ``rho < 0``, an ``m`` that does not divide the per-worker batch, n
 [0, 1), unknown dataset/model names). Each problem is one `SpaceError` (a ValueError) whose
 message is one line naming the file, the line where it can, the setting and what was expected.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,9 @@ def _exec_space_file(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise SpaceError(f"{shown}: is a directory, expected a search space .py file")
     if path.suffix != ".py":
-        raise SpaceError(f"{shown}: not a Python file (a search space file is a .py file defining space(trial) and SWEEP)")
+        raise SpaceError(
+            f"{shown}: not a Python file (a search space file is a .py file defining space(trial) and SWEEP)"
+        )
     try:
         source = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:

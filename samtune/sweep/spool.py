@@ -7,6 +7,7 @@ a later driver on the same spool (``--resume``) writes them first and nothing is
 driver processes. A record the server refuses for good is set aside in ``<spool>.rejected.jsonl``
 (same format, with its ``error``) instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ log = logging.getLogger("samtune.sweep.tracking")
 class Record:
     """One write to run `key`, waiting for the store."""
 
-    kind: str                # "params" | "metrics" | "tags" | "status" | "end" | "artifacts" | "dataset"
+    kind: str  # "params" | "metrics" | "tags" | "status" | "end" | "artifacts" | "dataset"
     key: str
     payload: Any
     step: int | None = None
@@ -49,10 +50,16 @@ class Spool:
 
     def line(self, record: Record) -> dict[str, Any]:
         spec = self.runs.specs.get(record.key)
-        return {"run": record.key, "name": spec.name if spec else record.key,
-                "tags": spec.tags if spec else {}, "parent": spec.parent if spec else None,
-                "ancestors": self.runs.ancestors(record.key),
-                "kind": record.kind, "step": record.step, "data": record.payload}
+        return {
+            "run": record.key,
+            "name": spec.name if spec else record.key,
+            "tags": spec.tags if spec else {},
+            "parent": spec.parent if spec else None,
+            "ancestors": self.runs.ancestors(record.key),
+            "kind": record.kind,
+            "step": record.step,
+            "data": record.payload,
+        }
 
     def write(self, records: list[Record]) -> None:
         """Replace the spool with `records` (at once: a crash leaves the old one or the new)."""
@@ -90,5 +97,10 @@ class Spool:
         os.makedirs(os.path.dirname(os.path.abspath(self.rejected_path)), exist_ok=True)
         with open(self.rejected_path, "a") as fh:
             fh.write(json.dumps({**self.line(record), "error": failure_text(exc)}, default=str) + "\n")
-        log.warning("MLflow refused a %s record of run %s (%s); it is saved in %s and not retried",
-                    record.kind, record.key, failure_text(exc), self.rejected_path)
+        log.warning(
+            "MLflow refused a %s record of run %s (%s); it is saved in %s and not retried",
+            record.kind,
+            record.key,
+            failure_text(exc),
+            self.rejected_path,
+        )

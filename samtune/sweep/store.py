@@ -4,6 +4,7 @@ anything (`check_tracking_uri`, `check_reachable`), short HTTP timeouts (`fail_f
 and the opening of a store's client (`open_client`), whose new SQLite file only its owner may read
 (`private_file`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -73,12 +74,14 @@ def check_tracking_uri(uri: str) -> None:
         return
     if scheme in ("sqlite", "file"):
         # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db.
-        path = uri[len("sqlite:///"):] if scheme == "sqlite" else urlparse(uri).path
+        path = uri[len("sqlite:///") :] if scheme == "sqlite" else urlparse(uri).path
         if not uri.startswith("sqlite:///") and scheme == "sqlite" or not path:
             raise ValueError(f"{uri}: expected sqlite:///path/to/mlflow.db (a file, not an in-memory store)")
         if scheme == "sqlite" and os.path.isdir(path):
-            raise ValueError(f"{uri}: {path} is a folder; name the store's file in it, e.g. "
-                             f"sqlite:///{os.path.join(path, 'mlflow.db')}")
+            raise ValueError(
+                f"{uri}: {path} is a folder; name the store's file in it, e.g. "
+                f"sqlite:///{os.path.join(path, 'mlflow.db')}"
+            )
         folder = os.path.abspath(os.path.dirname(path) if scheme == "sqlite" else path)
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
@@ -91,8 +94,10 @@ def check_tracking_uri(uri: str) -> None:
         MlflowClient(uri)
     except Exception as exc:  # noqa: BLE001  MLflow's registry, a missing driver, a bad host
         if "unsupported URI" in str(exc) or "registered tracking store" in str(exc):
-            raise ValueError(f"{uri}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
-                             f"use sqlite:///path/mlflow.db, a folder, or http(s)://host:port") from None
+            raise ValueError(
+                f"{uri}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
+                f"use sqlite:///path/mlflow.db, a folder, or http(s)://host:port"
+            ) from None
         raise ValueError(f"{uri}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
@@ -105,7 +110,6 @@ def private_file(path: str | os.PathLike) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
-
 
 
 def new_sqlite_file(uri: str) -> str | None:

@@ -3,6 +3,7 @@ what to optimise, validated when built by `samtune.sweep.sweep_checks`), its sce
 the trial configs it derives, and the command line's ``--set`` changes to it (`apply_overrides`,
 read by `samtune.sweep.assignments`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,16 @@ from samtune.sweep.sweep_checks import MAX_NAME, SWEEP_SPECS, check_sweep, study
 from samtune.sweep.validate import parse_trial_value
 
 # Names defined in the modules above are offered here as well: the study's names in one place.
-__all__ = ["MAX_NAME", "REQUIRED", "Cell", "Sweep", "apply_overrides", "parse_assignments", "study_key_error",
-           "unknown_sweep_key"]
+__all__ = [
+    "MAX_NAME",
+    "REQUIRED",
+    "Cell",
+    "Sweep",
+    "apply_overrides",
+    "parse_assignments",
+    "study_key_error",
+    "unknown_sweep_key",
+]
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class Cell:
 
     index: int
     label_noise_rate: float
-    label: str            # e.g. "noise=0.4": what the user reads and what MLflow tags carry
+    label: str  # e.g. "noise=0.4": what the user reads and what MLflow tags carry
 
     @property
     def slug(self) -> str:
@@ -110,12 +119,14 @@ class Sweep:
         """The m values of the m ablation (of ``cell``: none outside ``m_ablation_rates``) that
         divide the per-worker batch (None: the whole batch). It runs on the confirmation seeds,
         so not at all with ``confirm_seeds=0``."""
-        if not self.confirm_seeds or (cell is not None and self.m_ablation_rates is not None
-                                      and cell.label_noise_rate not in self.m_ablation_rates):
+        if not self.confirm_seeds or (
+            cell is not None
+            and self.m_ablation_rates is not None
+            and cell.label_noise_rate not in self.m_ablation_rates
+        ):
             return ()
         local = self.batch_size // self.workers
         return tuple(m for m in self.m_ablation if m is None or local % m == 0)
-
 
     def cells(self) -> list[Cell]:
         """The scenario cells, in the order given."""
@@ -132,8 +143,10 @@ class Sweep:
         for cell in self.cells():
             if math.isclose(cell.label_noise_rate, value, abs_tol=1e-12):
                 return cell
-        raise SpaceError(f"--cell {rate}: this sweep has no such cell; its rates are "
-                         f"{', '.join(f'{r:g}' for r in self.label_noise_rates)}")
+        raise SpaceError(
+            f"--cell {rate}: this sweep has no such cell; its rates are "
+            f"{', '.join(f'{r:g}' for r in self.label_noise_rates)}"
+        )
 
     def base_config(self, cell: Cell) -> dict[str, Any]:
         """The trial config every trial of ``cell`` starts from (space values are added on top)."""
@@ -196,13 +209,18 @@ class Sweep:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Sweep))
 
 
-REQUIRED = tuple(f.name for f in dataclasses.fields(Sweep)
-                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+REQUIRED = tuple(
+    f.name
+    for f in dataclasses.fields(Sweep)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
 
 
 def unknown_sweep_key(key: str) -> str:
-    return (f"Sweep has no setting {key!r}{suggest(key, _FIELD_NAMES)}; "
-            f"settings: {', '.join(_FIELD_NAMES)} (trial settings go in fixed={{...}})")
+    return (
+        f"Sweep has no setting {key!r}{suggest(key, _FIELD_NAMES)}; "
+        f"settings: {', '.join(_FIELD_NAMES)} (trial settings go in fixed={{...}})"
+    )
 
 
 def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:

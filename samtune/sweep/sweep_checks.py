@@ -3,6 +3,7 @@ name an experiment, a folder and run keys, distinct cell rates, a metric trials 
 that divide the batch, and fixed, baseline and ablation settings that are trial settings; and
 which keys the study sets itself, so a space or ``fixed`` may not (`study_key_error`).
 """
+
 from __future__ import annotations
 
 import re
@@ -21,16 +22,18 @@ def study_key_error(key: str, what: str) -> SpaceError | None:
     """The error for `what` (e.g. "space suggests 'epochs'") touching a key the study sets, with
     where it is set instead; None for a key anyone may set."""
     if key == "baseline":
-        return SpaceError(f"{what}, which the sweep sets per trial (a cell's first SGD and SAM trials "
-                          "are its baselines)")
+        return SpaceError(
+            f"{what}, which the sweep sets per trial (a cell's first SGD and SAM trials are its baselines)"
+        )
     if key == "confirms":
         return SpaceError(f"{what}, which the sweep sets on its confirmation runs")
     if key == "trial_number":
         return SpaceError(f"{what}, which the sweep sets per trial (its place in its cell's search)")
     if key in STUDY_KEYS:
         owner = SWEEP_FIELDS.get(key, key)
-        return SpaceError(f"{what}, which the Sweep fixes per cell; use --set {owner}=... "
-                          f"(or Sweep({owner}=...) in the file)")
+        return SpaceError(
+            f"{what}, which the Sweep fixes per cell; use --set {owner}=... (or Sweep({owner}=...) in the file)"
+        )
     return None
 
 
@@ -62,15 +65,29 @@ SWEEP_SPECS: dict[str, Setting] = {
     "grace_period": Setting("int", optional=True, low=1, doc="ASHA: epochs before a trial may stop"),
     "reduction_factor": Setting("float", low=1.0, low_open=True, doc="ASHA: keep 1/this at each rung"),
     "sharpness_every": TRIAL_KEYS["sharpness_every"],
-    "deterministic": Setting("bool", doc="search in batches, each decision a function of results alone "
-                             "(False: asynchronous, decisions depend on timing)"),
-    "search_batch": Setting("int", low=1, doc="deterministic search: trials of a cell suggested together, "
-                            "from the results of every earlier batch"),
+    "deterministic": Setting(
+        "bool",
+        doc="search in batches, each decision a function of results alone "
+        "(False: asynchronous, decisions depend on timing)",
+    ),
+    "search_batch": Setting(
+        "int",
+        low=1,
+        doc="deterministic search: trials of a cell suggested together, from the results of every earlier batch",
+    ),
     "confirm_seeds": Setting("int", low=0, doc="fresh seeds each confirmed configuration runs on (0: none)"),
-    "max_confirm_seeds": Setting("int", optional=True, low=1, doc="seeds a cell's picks may reach while "
-                                 "its verdict is undecided (None: confirm_seeds, one round)"),
-    "equivalence_margin": Setting("float", low=0.0, low_open=True, doc="SAM and SGD are equivalent when the "
-                                  "interval of their difference lies within +/- this"),
+    "max_confirm_seeds": Setting(
+        "int",
+        optional=True,
+        low=1,
+        doc="seeds a cell's picks may reach while its verdict is undecided (None: confirm_seeds, one round)",
+    ),
+    "equivalence_margin": Setting(
+        "float",
+        low=0.0,
+        low_open=True,
+        doc="SAM and SGD are equivalent when the interval of their difference lies within +/- this",
+    ),
     "vary_noise_draw": Setting("bool", doc="confirmation seeds also draw the label noise anew"),
 }
 
@@ -81,21 +98,27 @@ def check_sweep(sweep: Sweep) -> None:
     for key, spec in SWEEP_SPECS.items():
         object.__setattr__(sweep, key, spec.validate(key, getattr(sweep, key)))
     if not NAME_CHARS.fullmatch(sweep.name):
-        raise SpaceError(f"name={sweep.name!r}: expected letters, digits, '.', '_', '-' and inner "
-                         f"spaces, starting with a letter or digit, e.g. name='noisy-digits'")
+        raise SpaceError(
+            f"name={sweep.name!r}: expected letters, digits, '.', '_', '-' and inner "
+            f"spaces, starting with a letter or digit, e.g. name='noisy-digits'"
+        )
     if len(sweep.name) > MAX_NAME:
         # It names folders and files (with suffixes), which file systems cap at 255 bytes.
         raise SpaceError(f"name={sweep.name[:20]}...: {len(sweep.name)} characters; at most {MAX_NAME}")
     object.__setattr__(sweep, "label_noise_rates", validated_rates(sweep.label_noise_rates))
     metrics = reported_metrics()
     if sweep.metric not in metrics and not sweep.metric.startswith("sharpness/"):
-        raise SpaceError(f"metric={sweep.metric!r}: not a metric trials report; expected one of {list(metrics)} or "
-                         f"'sharpness/<measure>'{suggest(sweep.metric, metrics)}")
+        raise SpaceError(
+            f"metric={sweep.metric!r}: not a metric trials report; expected one of {list(metrics)} or "
+            f"'sharpness/<measure>'{suggest(sweep.metric, metrics)}"
+        )
     if sweep.batch_size % sweep.workers:
         raise SpaceError(f"batch_size={sweep.batch_size} is not divisible by workers={sweep.workers}")
     if sweep.workers > 1 and sweep.gpus_per_trial not in (0.0, float(sweep.workers)):
-        raise SpaceError(f"gpus_per_trial={sweep.gpus_per_trial:g} with workers={sweep.workers}: each worker "
-                         f"takes one whole GPU, so gpus_per_trial must be 0 or {sweep.workers}")
+        raise SpaceError(
+            f"gpus_per_trial={sweep.gpus_per_trial:g} with workers={sweep.workers}: each worker "
+            f"takes one whole GPU, so gpus_per_trial must be 0 or {sweep.workers}"
+        )
     if not isinstance(sweep.fixed, dict):
         raise SpaceError(f"fixed={sweep.fixed!r}: expected a dict of trial settings")
     for key in sweep.fixed:
@@ -112,8 +135,10 @@ def check_sweep(sweep: Sweep) -> None:
     validate_trial_config(sweep.base_config(sweep.cells()[0]), where="")
     check_answer_fields(sweep)
     if sweep.max_confirm_seeds is not None and sweep.max_confirm_seeds < sweep.confirm_seeds:
-        raise SpaceError(f"max_confirm_seeds={sweep.max_confirm_seeds} is below confirm_seeds="
-                         f"{sweep.confirm_seeds}: the first round already runs that many seeds")
+        raise SpaceError(
+            f"max_confirm_seeds={sweep.max_confirm_seeds} is below confirm_seeds="
+            f"{sweep.confirm_seeds}: the first round already runs that many seeds"
+        )
     check_metric_reported(sweep.metric, sweep.base_config(sweep.cells()[0]))
 
 
@@ -121,19 +146,31 @@ def check_answer_fields(sweep: Sweep) -> None:
     """The baselines, their declared settings and the m ablation: trial settings each."""
     if sweep.baselines is not None:
         if not isinstance(sweep.baselines, (list, tuple)) or not all(isinstance(b, dict) for b in sweep.baselines):
-            raise SpaceError(f"baselines={sweep.baselines!r}: expected a tuple of dicts of trial settings, "
-                             "e.g. ({'optimizer': 'sgd'}, {'optimizer': 'sam', 'rho': 0.05})")
-        object.__setattr__(sweep, "baselines", tuple(
-            validate_trial_config(dict(b), where=f"baselines[{i}]: ", whole=False)
-            for i, b in enumerate(sweep.baselines)))
+            raise SpaceError(
+                f"baselines={sweep.baselines!r}: expected a tuple of dicts of trial settings, "
+                "e.g. ({'optimizer': 'sgd'}, {'optimizer': 'sam', 'rho': 0.05})"
+            )
+        object.__setattr__(
+            sweep,
+            "baselines",
+            tuple(
+                validate_trial_config(dict(b), where=f"baselines[{i}]: ", whole=False)
+                for i, b in enumerate(sweep.baselines)
+            ),
+        )
     if not isinstance(sweep.baseline_params, dict):
         raise SpaceError(f"baseline_params={sweep.baseline_params!r}: expected a dict of trial settings")
-    object.__setattr__(sweep, "baseline_params",
-                       validate_trial_config(dict(sweep.baseline_params), where="baseline_params: ", whole=False))
+    object.__setattr__(
+        sweep,
+        "baseline_params",
+        validate_trial_config(dict(sweep.baseline_params), where="baseline_params: ", whole=False),
+    )
     ms = (sweep.m_ablation,) if sweep.m_ablation is None or isinstance(sweep.m_ablation, int) else sweep.m_ablation
     if not isinstance(ms, (list, tuple)):
-        raise SpaceError(f"m_ablation={sweep.m_ablation!r}: expected a tuple of m values (None: the whole "
-                         "per-worker batch), e.g. (None, 32, 16, 8, 4)")
+        raise SpaceError(
+            f"m_ablation={sweep.m_ablation!r}: expected a tuple of m values (None: the whole "
+            "per-worker batch), e.g. (None, 32, 16, 8, 4)"
+        )
     object.__setattr__(sweep, "m_ablation", tuple(TRIAL_KEYS["m"].validate("m_ablation", m) for m in ms))
     if sweep.m_ablation_rates is not None:
         # A rate that is no cell (--set label_noise_rates left it out) ablates nothing.
@@ -156,7 +193,9 @@ def validated_rates(rates: Any) -> tuple[float, ...]:
     shown = [f"{r:g}" for r in out]
     twins = sorted({label for label in shown if shown.count(label) > 1})
     if twins:
-        raise SpaceError(f"label_noise_rates={list(rates)}: {', '.join(repr(r) for r in out if f'{r:g}' in twins)} "
-                         f"are all the cell noise={twins[0]} (rates count to 6 significant digits); "
-                         "give each rate once")
+        raise SpaceError(
+            f"label_noise_rates={list(rates)}: {', '.join(repr(r) for r in out if f'{r:g}' in twins)} "
+            f"are all the cell noise={twins[0]} (rates count to 6 significant digits); "
+            "give each rate once"
+        )
     return out

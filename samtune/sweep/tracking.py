@@ -53,6 +53,7 @@ what failed (`samtune.sweep.write_queue`), the spool that keeps what is not writ
 (`samtune.sweep.spool`), and where the store is (`samtune.sweep.store`, whose names this module
 also offers). `close()` names the spool when records are left in it.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,16 @@ from samtune.sweep.write_queue import WriteQueue
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["DEFAULT_TRACKING_URI", "STATUSES", "Tracker", "check_reachable", "check_tracking_uri",
-           "fail_fast_environment", "private_file", "resolve_tracking_uri"]
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "STATUSES",
+    "Tracker",
+    "check_reachable",
+    "check_tracking_uri",
+    "fail_fast_environment",
+    "private_file",
+    "resolve_tracking_uri",
+]
 
 
 STATUSES = ("running", "finished", "stopped", "diverged", "failed")
@@ -89,8 +98,15 @@ STATUSES = ("running", "finished", "stopped", "diverged", "failed")
 class Tracker:
     """The sweep's MLflow writer. Runs are named by keys; MLflow ids are resolved lazily."""
 
-    def __init__(self, tracking_uri: str, experiment: str, spool_path: str | os.PathLike,
-                 retry_after_s: float = 10.0, replay_hint: str | None = None, background: bool = False):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        spool_path: str | os.PathLike,
+        retry_after_s: float = 10.0,
+        replay_hint: str | None = None,
+        background: bool = False,
+    ):
         """`replay_hint`: the command that writes a left-over spool later, named in messages.
         `background`: write from a thread of this tracker's own (the store is opened there too:
         `wait_open` says whether it could be)."""
@@ -107,8 +123,14 @@ class Tracker:
         self._ended: set[str] = set()
         self._runs = RunKeys(experiment, lambda: self.client)
         self._spool = Spool(spool_path, self._runs)
-        self._queue = WriteQueue(RunWriter(self._runs, lambda: self.client), self._spool,
-                                 lambda: self._open_error is None, retry_after_s, tracking_uri, replay_hint)
+        self._queue = WriteQueue(
+            RunWriter(self._runs, lambda: self.client),
+            self._spool,
+            lambda: self._open_error is None,
+            retry_after_s,
+            tracking_uri,
+            replay_hint,
+        )
         self._queue.records.extend(self._spool.load())
         if background:
             self._queue.start(self._open)
@@ -170,8 +192,7 @@ class Tracker:
         self._client = value
 
     # -- declaring runs -------------------------------------------------------------------------
-    def declare(self, key: str, name: str, role: str, parent: str | None = None,
-                **tags: str) -> None:
+    def declare(self, key: str, name: str, role: str, parent: str | None = None, **tags: str) -> None:
         """Declare the run `key` (created, or found again, on first write)."""
         self._runs.declare(key, name, role, parent, tags)
 
@@ -185,8 +206,11 @@ class Tracker:
 
     def log_metrics(self, key: str, metrics: dict[str, Any], step: int) -> None:
         """Log the finite numeric values of `metrics` at `step` (a step already logged is skipped)."""
-        clean = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        clean = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         if clean:
             self._queue.submit(Record("metrics", key, clean, step=int(step)))
 
@@ -207,8 +231,19 @@ class Tracker:
 
     def log_dataset(self, key: str, name: str, digest: str, source: str, profile: dict[str, Any]) -> None:
         """An MLflow dataset input of run `key` (what the UI's Datasets column shows)."""
-        self._queue.submit(Record("dataset", key, {"name": name, "digest": digest, "source_type": "samtune",
-                                                   "source": source, "profile": json.dumps(profile)}))
+        self._queue.submit(
+            Record(
+                "dataset",
+                key,
+                {
+                    "name": name,
+                    "digest": digest,
+                    "source_type": "samtune",
+                    "source": source,
+                    "profile": json.dumps(profile),
+                },
+            )
+        )
 
     def retire_unknown_trials(self, cell_key: str, known: set[str]) -> list[str]:
         """Mark as lost every trial run under `cell_key` whose trial id is not in `known`.
@@ -241,19 +276,22 @@ class Tracker:
         """Stop the writer thread and flush a last time. Returns a message naming what could not
         be written, or None."""
         self._queue.stop()
-        rejected = (f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}"
-                    if self.rejected else None)
+        rejected = f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}" if self.rejected else None
         if self._open_error is not None:
             with self._queue.lock:
                 if self._queue.records:
                     self._spool.write(self._queue.records)
-            return (f"MLflow at {self.uri} could not be opened ({failure_text(self._open_error)}): "
-                    f"{self.pending} record(s) were not logged; they are saved in {self.spool_path}")
+            return (
+                f"MLflow at {self.uri} could not be opened ({failure_text(self._open_error)}): "
+                f"{self.pending} record(s) were not logged; they are saved in {self.spool_path}"
+            )
         if self.flush():
             return rejected
         replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""
-        return (f"MLflow at {self.uri} could not be reached: {self.pending} record(s) were not "
-                f"logged; they are saved in {self.spool_path}{replay}" + (f"; {rejected}" if rejected else ""))
+        return (
+            f"MLflow at {self.uri} could not be reached: {self.pending} record(s) were not "
+            f"logged; they are saved in {self.spool_path}{replay}" + (f"; {rejected}" if rejected else "")
+        )
 
     @property
     def pending(self) -> int:

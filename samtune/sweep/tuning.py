@@ -1,6 +1,7 @@
 """What both of a sweep's Tuners share: the trial function with its resources, whether a trial
 process serves the next trial, and the run config (callbacks, failures, checkpoints) that makes
 them resumable."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def run_config(plan: Plan, folder: str, callback: SweepCallback) -> RunConfig:
 
     path = Path(plan.sweep_dir) / folder
     return tune.RunConfig(
-        name=folder, storage_path=str(plan.sweep_dir), verbose=0,
+        name=folder,
+        storage_path=str(plan.sweep_dir),
+        verbose=0,
         # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
         callbacks=[callback, CSVLoggerCallback(), CheckpointPruner(), StateBackup(str(path))],
         # A crashed trial process restarts from its last checkpoint as often as the sweep allows.

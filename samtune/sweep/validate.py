@@ -5,6 +5,7 @@ model names checked against what the data and model layers read (`TRIAL_SETTINGS
 between keys by the trainer's own `samtune.trial.config.resolve_config`; and whether trials would
 report, every epoch, the metric a sweep optimises (`check_metric_reported`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,10 @@ def _check_dataset(key: str, value: str) -> None:
         if not base.split(":", 1)[1].strip():
             raise SpaceError(f"{key}='imagefolder:' needs a path, e.g. 'imagefolder:/data/pets'")
         return
-    raise SpaceError(f"unknown {key} {value!r}; expected one of {list(DATASETS)} or 'imagefolder:<path>', "
-                     f"optionally with a class selection such as [0-4]" + suggest(base, DATASETS))
+    raise SpaceError(
+        f"unknown {key} {value!r}; expected one of {list(DATASETS)} or 'imagefolder:<path>', "
+        f"optionally with a class selection such as [0-4]" + suggest(base, DATASETS)
+    )
 
 
 def _check_model(key: str, value: str) -> None:
@@ -49,8 +52,9 @@ def _check_model(key: str, value: str) -> None:
         return
     models = sorted(MODELS)
     if value not in models:
-        raise SpaceError(f"unknown {key} {value!r}; expected one of {list(models)} or 'torchvision:<name>'"
-                         + suggest(value, models))
+        raise SpaceError(
+            f"unknown {key} {value!r}; expected one of {list(models)} or 'torchvision:<name>'" + suggest(value, models)
+        )
 
 
 def check_metric_reported(metric: str, config: dict[str, Any], where: str = "") -> None:
@@ -60,23 +64,29 @@ def check_metric_reported(metric: str, config: dict[str, Any], where: str = "") 
     that is missing from some epochs fails every trial instead of guiding the search.
     """
     if metric in ("val_error", "val_loss") and config.get("val_fraction") == 0:
-        raise SpaceError(f"{where}metric={metric!r} with val_fraction=0: there is no validation split, so "
-                         f"no trial reports {metric}; set fixed.val_fraction > 0 or metric="
-                         f"{metric.replace('val_', 'test_')!r}")
+        raise SpaceError(
+            f"{where}metric={metric!r} with val_fraction=0: there is no validation split, so "
+            f"no trial reports {metric}; set fixed.val_fraction > 0 or metric="
+            f"{metric.replace('val_', 'test_')!r}"
+        )
     train_every = config.get("train_eval_every", 1)
     if metric in ("train_error", "generalization_gap", "flipped_acc_noisy", "flipped_acc_true") and train_every != 1:
-        raise SpaceError(f"{where}metric={metric!r} is measured only "
-                         f"{'at the last epoch' if train_every == 0 else f'every {train_every} epochs'} "
-                         f"(train_eval_every={train_every}), but ASHA needs it every epoch; "
-                         f"set train_eval_every=1 or optimise val_error")
+        raise SpaceError(
+            f"{where}metric={metric!r} is measured only "
+            f"{'at the last epoch' if train_every == 0 else f'every {train_every} epochs'} "
+            f"(train_eval_every={train_every}), but ASHA needs it every epoch; "
+            f"set train_eval_every=1 or optimise val_error"
+        )
     if not metric.startswith("sharpness/"):
         return
     every = config.get("sharpness_every") or 0
     if every != 1:
-        raise SpaceError(f"{where}metric={metric!r} is measured only "
-                         f"{'at the last epoch' if every == 0 else f'every {every} epochs'} "
-                         f"(sharpness_every={every}), but ASHA needs it every epoch; "
-                         f"set sharpness_every=1 or optimise val_error")
+        raise SpaceError(
+            f"{where}metric={metric!r} is measured only "
+            f"{'at the last epoch' if every == 0 else f'every {every} epochs'} "
+            f"(sharpness_every={every}), but ASHA needs it every epoch; "
+            f"set sharpness_every=1 or optimise val_error"
+        )
     measures = config.get("sharpness_measures")
     # The trainer's reading of the setting: None or "default" is its default list, "" none.
     if measures is None or measures == "default":
@@ -87,8 +97,10 @@ def check_metric_reported(metric: str, config: dict[str, Any], where: str = "") 
     name = metric.split("/")[1]
     # ``hessian_top_eig_2`` is the second eigenvalue of the ``hessian_top_eig`` measure.
     if name not in measures and re.sub(r"_\d+$", "", name) not in measures:
-        raise SpaceError(f"{where}metric={metric!r}: {name!r} is not among the measured sharpness_measures "
-                         f"{sorted(measures) or '(none)'}; add it to fixed.sharpness_measures")
+        raise SpaceError(
+            f"{where}metric={metric!r}: {name!r} is not among the measured sharpness_measures "
+            f"{sorted(measures) or '(none)'}; add it to fixed.sharpness_measures"
+        )
 
 
 #: The trial keys as the sweep checks them: the contract's, with the dataset and model names
@@ -102,8 +114,10 @@ TRIAL_SETTINGS: dict[str, Setting] = {
 
 def trial_spec(key: str, where: str) -> Setting:
     if key not in TRIAL_SETTINGS:
-        raise SpaceError(f"{where}unknown trial setting {key!r}{suggest(key, TRIAL_SETTINGS)}; "
-                         f"known: {', '.join(sorted(TRIAL_SETTINGS))}")
+        raise SpaceError(
+            f"{where}unknown trial setting {key!r}{suggest(key, TRIAL_SETTINGS)}; "
+            f"known: {', '.join(sorted(TRIAL_SETTINGS))}"
+        )
     return TRIAL_SETTINGS[key]
 
 

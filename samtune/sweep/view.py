@@ -5,6 +5,7 @@ one line per finished trial instead, so logs stay readable. Either way it says w
 is: the current stage's runs and epochs done and its time left (`samtune.sweep.progress`), live
 on a terminal, as a plain line every `PROGRESS_EVERY_S` seconds elsewhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ if TYPE_CHECKING:
 #: Seconds between two progress lines when the output is not a terminal.
 PROGRESS_EVERY_S = 30.0
 
-_STATUS_STYLE = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red",
-                 "failed": "bold red", "pending": "dim"}
+_STATUS_STYLE = {
+    "running": "cyan",
+    "finished": "green",
+    "stopped": "yellow",
+    "diverged": "red",
+    "failed": "bold red",
+    "pending": "dim",
+}
 
 
 def fmt(value: Any) -> str:
@@ -56,8 +63,13 @@ class SweepView:
         self.console = console or Console()
         self.max_rows = max_rows
         self.live: Live | None = None
-        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.console)
+        self.progress = Progress(
+            TextColumn("{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
         self.tasks: dict[str, Any] = {}
         self.recorder: Recorder | None = None
         self.metric, self.mode = "val_error", "min"
@@ -68,9 +80,11 @@ class SweepView:
     def start(self, plan: Plan, cells: list[Cell]) -> None:
         sweep = plan.sweep
         self.metric, self.mode, self.epochs = sweep.metric, sweep.mode, sweep.epochs
-        self.console.print(f"[bold]samtune sweep[/] {sweep.name}: {len(cells)} cell(s) x {sweep.trials} trials, "
-                           f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {masked(plan.tracking_uri)}",
-                           soft_wrap=True)
+        self.console.print(
+            f"[bold]samtune sweep[/] {sweep.name}: {len(cells)} cell(s) x {sweep.trials} trials, "
+            f"{sweep.model} on {sweep.dataset}, {sweep.epochs} epochs; MLflow: {masked(plan.tracking_uri)}",
+            soft_wrap=True,
+        )
         for cell in cells:
             self.tasks[cell.slug] = self.progress.add_task(cell.label, total=sweep.trials)
         if self.console.is_terminal:
@@ -108,9 +122,11 @@ class SweepView:
             tag = f"{recorder.cell.slug}/{row.trial_id}"
             if row.status in ("finished", "stopped", "diverged", "failed") and tag not in self._printed:
                 self._printed.add(tag)
-                self.console.print(f"{recorder.cell.label:<10} {row.trial_id:<12} {row.status:<9} "
-                                   f"epoch {row.epoch:>3}  {self._params(row)}  {self._metrics(row)}",
-                                   highlight=False)
+                self.console.print(
+                    f"{recorder.cell.label:<10} {row.trial_id:<12} {row.status:<9} "
+                    f"epoch {row.epoch:>3}  {self._params(row)}  {self._metrics(row)}",
+                    highlight=False,
+                )
                 if row.error:
                     self.console.print(f"{'':<23} {row.error}", highlight=False, markup=False)
         self.tick()
@@ -119,8 +135,10 @@ class SweepView:
         self.update(recorder)
         best = recorder.result.best(self.metric, self.mode)
         if self.live is None and best is not None:
-            self.console.print(f"{recorder.cell.label}: best {self.metric}={fmt(best.metrics[self.metric])} "
-                               f"({self._params(best)})", highlight=False)
+            self.console.print(
+                f"{recorder.cell.label}: best {self.metric}={fmt(best.metrics[self.metric])} ({self._params(best)})",
+                highlight=False,
+            )
 
     def stop(self) -> None:
         if self.live is not None:
@@ -144,8 +162,10 @@ class SweepView:
             parts.append(self._trial_table(rec))
             best = rec.result.best(self.metric, self.mode)
             if best is not None:
-                parts.append(f"[bold]best so far[/] {self.metric}={fmt(best.metrics[self.metric])} "
-                             f"test_error={fmt(best.metrics.get('test_error'))}  {self._params(best)}")
+                parts.append(
+                    f"[bold]best so far[/] {self.metric}={fmt(best.metrics[self.metric])} "
+                    f"test_error={fmt(best.metrics.get('test_error'))}  {self._params(best)}"
+                )
         return Group(*parts)
 
     def _trial_table(self, rec: Recorder) -> Table:
@@ -160,8 +180,9 @@ class SweepView:
             "params": self._params,
             self.metric: lambda r: fmt(r.metrics.get(self.metric)),
             "test_error": lambda r: fmt(r.metrics.get("test_error")),
-            "acc true/noisy": lambda r: f"{fmt(r.metrics.get('train_acc_true'))}/"
-                                        f"{fmt(r.metrics.get('train_acc_noisy'))}",
+            "acc true/noisy": lambda r: (
+                f"{fmt(r.metrics.get('train_acc_true'))}/{fmt(r.metrics.get('train_acc_noisy'))}"
+            ),
         }
         droppable = ["acc true/noisy", "params"]
         while True:
@@ -183,37 +204,74 @@ def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> N
     first, see `CellResult.best`), and how to look at the runs."""
     metric = plan.sweep.metric
     table = Table(title=f"{plan.sweep.name}: best configuration per cell (by {metric})")
-    for col in ("cell", "SGD " + metric, "SGD test", "SAM " + metric, "SAM test", "SAM - SGD test",
-                "best SAM settings", "failed/diverged"):
+    for col in (
+        "cell",
+        "SGD " + metric,
+        "SGD test",
+        "SAM " + metric,
+        "SAM test",
+        "SAM - SGD test",
+        "best SAM settings",
+        "failed/diverged",
+    ):
         table.add_column(col)
     early = False
     for r in rows:
-        sgd, sam = r["sgd"], r["sam"]
-        delta = "-"
-        if sgd is not None and sam is not None and "test_error" in sgd.metrics and "test_error" in sam.metrics:
-            d = sam.metrics["test_error"] - sgd.metrics["test_error"]
-            delta = f"[{'green' if d < 0 else 'red'}]{d:+.3f}[/]"
-        settings = " ".join(f"{k}={fmt(sam.params.get(k))}" for k in ("optimizer", "lr", "rho", "m")
-                            if sam is not None and k in sam.params) if sam is not None else "-"
-
-        def value(pick: TrialRow | None, key: str) -> str:
-            if pick is None:
-                return "-"
-            # A pick ASHA stopped early: its numbers are from an earlier epoch than the rest.
-            return fmt(pick.metrics.get(key)) + (f" (ep {pick.epoch})*"
-                                                 if pick.status != "finished" else "")
-
-        early |= any(p is not None and p.status != "finished" for p in (sgd, sam))
-        table.add_row(r["cell"], value(sgd, metric), value(sgd, "test_error"), value(sam, metric),
-                      value(sam, "test_error"), delta, settings, f"{r['failed']}/{r['diverged']}")
+        early |= any(p is not None and p.status != "finished" for p in (r["sgd"], r["sam"]))
+        table.add_row(*_summary_cells(r, metric))
     console.print(table)
     if early:
-        console.print("* no trial of that optimizer ran the whole budget in that cell; the best one "
-                      "ASHA stopped is shown, with its last epoch.", highlight=False, markup=False)
+        console.print(
+            "* no trial of that optimizer ran the whole budget in that cell; the best one "
+            "ASHA stopped is shown, with its last epoch.",
+            highlight=False,
+            markup=False,
+        )
     uri = plan.tracking_uri
     # The report (built next by `samtune sweep`) says where it is itself.
-    console.print(f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(uri))}",
-                  highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(uri))}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _summary_cells(r: dict[str, Any], metric: str) -> list[str]:
+    """One cell's row of the summary: best SGD's and best SAM's numbers, their test error's
+    difference, best SAM's settings, and the failed/diverged trial counts."""
+    sgd, sam = r["sgd"], r["sam"]
+    delta = "-"
+    if sgd is not None and sam is not None and "test_error" in sgd.metrics and "test_error" in sam.metrics:
+        d = sam.metrics["test_error"] - sgd.metrics["test_error"]
+        delta = f"[{'green' if d < 0 else 'red'}]{d:+.3f}[/]"
+    settings = (
+        " ".join(
+            f"{k}={fmt(sam.params.get(k))}"
+            for k in ("optimizer", "lr", "rho", "m")
+            if sam is not None and k in sam.params
+        )
+        if sam is not None
+        else "-"
+    )
+    return [
+        r["cell"],
+        _pick_value(sgd, metric),
+        _pick_value(sgd, "test_error"),
+        _pick_value(sam, metric),
+        _pick_value(sam, "test_error"),
+        delta,
+        settings,
+        f"{r['failed']}/{r['diverged']}",
+    ]
+
+
+def _pick_value(pick: TrialRow | None, key: str) -> str:
+    """A best trial's value of `key`, marked with its last epoch if ASHA stopped it early."""
+    if pick is None:
+        return "-"
+    # A pick ASHA stopped early: its numbers are from an earlier epoch than the rest.
+    return fmt(pick.metrics.get(key)) + (f" (ep {pick.epoch})*" if pick.status != "finished" else "")
 
 
 def print_verdicts(console: Console, plan: Plan, results: list[CellResult]) -> None:
@@ -224,11 +282,16 @@ def print_verdicts(console: Console, plan: Plan, results: list[CellResult]) -> N
     if not rows:
         return
     looks = plan.sweep.design().looks
-    seeds = f"{looks[0]} fresh seeds" if len(looks) == 1 else \
-        f"fresh seeds added in rounds ({', '.join(map(str, looks))}) until decided"
-    table = Table(title=f"{plan.sweep.name}: SAM vs SGD, test error on {seeds} (best configurations of "
-                        f"the search, run again; SGD, SAM: mean [95% CI] on the seeds the verdict used; "
-                        f"SAM - SGD: the interval that decided)")
+    seeds = (
+        f"{looks[0]} fresh seeds"
+        if len(looks) == 1
+        else f"fresh seeds added in rounds ({', '.join(map(str, looks))}) until decided"
+    )
+    table = Table(
+        title=f"{plan.sweep.name}: SAM vs SGD, test error on {seeds} (best configurations of "
+        f"the search, run again; SGD, SAM: mean [95% CI] on the seeds the verdict used; "
+        f"SAM - SGD: the interval that decided)"
+    )
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
@@ -237,5 +300,9 @@ def print_verdicts(console: Console, plan: Plan, results: list[CellResult]) -> N
     for v in verdicts:
         if v["m_curve"]:
             points = "  ".join(f"m={m}: {est[v['rules'][0]].text()}" for m, est in v["m_curve"].items())
-            console.print(f"m ablation, {v['cell']} ({RULES[v['rules'][0]]}): {points}", highlight=False,
-                          markup=False, soft_wrap=True)
+            console.print(
+                f"m ablation, {v['cell']} ({RULES[v['rules'][0]]}): {points}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )

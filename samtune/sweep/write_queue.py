@@ -16,6 +16,7 @@ server refuses for good (an MLflow error such as ``INVALID_PARAMETER_VALUE``, e.
 MLflow does not allow) would block every record behind it: it is set aside, with a warning, and
 the queue goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,15 @@ class WriteQueue:
     kept in `spool` while the store fails. `uri` and `replay_hint` (the command that writes a
     left-over spool later) are named in the warning."""
 
-    def __init__(self, writer: RunWriter, spool: Spool, can_write: Callable[[], bool],
-                 retry_after_s: float, uri: str, replay_hint: str | None):
+    def __init__(
+        self,
+        writer: RunWriter,
+        spool: Spool,
+        can_write: Callable[[], bool],
+        retry_after_s: float,
+        uri: str,
+        replay_hint: str | None,
+    ):
         self.writer = writer
         self.spool = spool
         self.can_write = can_write
@@ -71,8 +79,7 @@ class WriteQueue:
     # -- the writer thread ----------------------------------------------------------------------
     def start(self, prepare: Callable[[], None]) -> None:
         """Drain from a thread of this queue's own, which first calls `prepare` (opens the store)."""
-        self._thread = threading.Thread(target=self._serve, args=(prepare,), name="samtune-mlflow",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(prepare,), name="samtune-mlflow", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -155,8 +162,13 @@ class WriteQueue:
         if not self._warned:
             self._warned = True
             replay = f" (or later by `{self.replay_hint}`)" if self.replay_hint else ""
-            log.warning("MLflow at %s failed (%s); training goes on, records are kept in %s "
-                        "and retried%s", self.uri, failure_text(exc), self.spool.path, replay)
+            log.warning(
+                "MLflow at %s failed (%s); training goes on, records are kept in %s and retried%s",
+                self.uri,
+                failure_text(exc),
+                self.spool.path,
+                replay,
+            )
 
     def _reject(self, record: Record, exc: Exception) -> None:
         """Set aside a record the server refuses for good, so the ones behind it get written."""

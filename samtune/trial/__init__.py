@@ -77,6 +77,7 @@ Offers: `fit` and `train_loop_per_worker` (entry), `run_trial` (ray_trial), `res
 (pretrain). Kept: the loop and its steps (loop, state, build, epoch, evaluate, session), the
 finetuning start (probe) and the random streams (seeding).
 """
+
 from samtune._lazy import face
 
 __getattr__, __dir__, __all__ = face(__name__)

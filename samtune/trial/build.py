@@ -2,6 +2,7 @@
 optimizer), the LR schedule, and the DistributedDataParallel wrapping and process groups of a
 data-parallel trial.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,13 +34,15 @@ def trial_device(cfg: dict[str, Any], rank: int) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     torch.cuda.set_device(device)
     if cfg["precision"] == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TrialConfigError(f"precision='bf16' but {torch.cuda.get_device_name(device)} has no "
-                               f"bf16 support; use 'fp16' or 'fp32'")
+        raise TrialConfigError(
+            f"precision='bf16' but {torch.cuda.get_device_name(device)} has no bf16 support; use 'fp16' or 'fp32'"
+        )
     return device
 
 
-def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int,
-                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: dict[str, Any], model: nn.Module, total_steps: int, backbone_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """The trial's optimizer: the plain base optimizer for `sgd`, SAM around it for `sam`/`asam`
     (following the config's `sam_variant`, planned over `total_steps`).
 
@@ -63,12 +66,20 @@ def build_optimizer(cfg: dict[str, Any], model: nn.Module, total_steps: int,
     if cfg["optimizer"] == "sgd":
         return base(params, **kwargs)
     variant = variant_from_settings(cfg, total_steps)
-    return SAM(params, base_optimizer=base, rho=cfg["rho"], adaptive=cfg["optimizer"] == "asam",
-               eta=cfg["eta"], variant=None if variant.name == "full" else variant, **kwargs)
+    return SAM(
+        params,
+        base_optimizer=base,
+        rho=cfg["rho"],
+        adaptive=cfg["optimizer"] == "asam",
+        eta=cfg["eta"],
+        variant=None if variant.name == "full" else variant,
+        **kwargs,
+    )
 
 
-def build_schedule(cfg: dict[str, Any], optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LR multiplier: linear warmup, then cosine to 0, constant, or /10 at 50% and 75%."""
     total = cfg["epochs"] * steps_per_epoch
     warmup = cfg["warmup_epochs"] * steps_per_epoch
@@ -128,8 +139,7 @@ class RoundCounter:
 
         def counting(state: dist.ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
             self._ddp += int(bucket.is_last())
-            return default_hooks.allreduce_hook(
-                state, bucket)  # type: ignore[arg-type]  # torch's hint omits None, the default group DDP passes
+            return default_hooks.allreduce_hook(state, bucket)  # type: ignore[arg-type]  # torch's hint omits None, the default group DDP passes
 
         # DDP checks a hook's annotations against the real classes, and this module's are strings
         # (postponed evaluation): the checked ones are handed over evaluated.

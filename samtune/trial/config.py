@@ -6,6 +6,7 @@ formed across workers (`perturbation_plan`, m-sharpness).
 >>> perturbation_plan(cfg).describe()
 "m=16: 2 groups of 16 in each worker's batch of 32, each with its own eps"
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,20 +60,25 @@ class Perturbation:
     def describe(self) -> str:
         if self.paired:
             pairs = self.workers // 2
-            return (f"m={self.m}: SAMPa on {pairs} pair{'s' if pairs > 1 else ''} of workers, each "
-                    f"pair on its own batch of {self.per_worker_batch}, one gradient per worker")
+            return (
+                f"m={self.m}: SAMPa on {pairs} pair{'s' if pairs > 1 else ''} of workers, each "
+                f"pair on its own batch of {self.per_worker_batch}, one gradient per worker"
+            )
         if self.groups_per_worker > 1:
-            return (f"m={self.m}: {self.groups_per_worker} groups of {self.m} in each worker's "
-                    f"batch of {self.per_worker_batch}, each with its own eps")
+            return (
+                f"m={self.m}: {self.groups_per_worker} groups of {self.m} in each worker's "
+                f"batch of {self.per_worker_batch}, each with its own eps"
+            )
         if self.workers == 1:
             return f"m={self.m}: one eps from the whole batch"
         if self.workers_per_eps == 1:
-            return (f"m={self.m}: per-worker eps, first pass inside no_sync() on each of "
-                    f"{self.workers} workers")
+            return f"m={self.m}: per-worker eps, first pass inside no_sync() on each of {self.workers} workers"
         if self.sync_all:
             return f"m={self.m}: first gradient all-reduced over all {self.workers} workers (classic SAM)"
-        return (f"m={self.m}: first gradient all-reduced within {self.workers // self.workers_per_eps} "
-                f"groups of {self.workers_per_eps} workers")
+        return (
+            f"m={self.m}: first gradient all-reduced within {self.workers // self.workers_per_eps} "
+            f"groups of {self.workers_per_eps} workers"
+        )
 
 
 def perturbation_plan(cfg: dict[str, Any]) -> Perturbation:
@@ -88,8 +94,9 @@ def perturbation_plan(cfg: dict[str, Any]) -> Perturbation:
     m = cfg["m"]
     if cfg["sync_perturbation"]:
         if m is not None and m != batch:
-            raise TrialConfigError(f"sync_perturbation=True means m = the global batch {batch}, "
-                                   f"but m={m}; drop one of the two")
+            raise TrialConfigError(
+                f"sync_perturbation=True means m = the global batch {batch}, but m={m}; drop one of the two"
+            )
         m = batch
     if m is None:
         m = local
@@ -97,14 +104,16 @@ def perturbation_plan(cfg: dict[str, Any]) -> Perturbation:
         raise TrialConfigError(f"m must be a positive integer or None, got {m!r}")
     if m <= local:
         if local % m:
-            raise TrialConfigError(f"m={m} does not divide the per-worker batch {local} "
-                                   f"(batch_size={batch} / workers={workers})")
+            raise TrialConfigError(
+                f"m={m} does not divide the per-worker batch {local} (batch_size={batch} / workers={workers})"
+            )
         return Perturbation(m, local, workers, local // m, 1)
     k = m // local
     if m % local or workers % k:
         raise TrialConfigError(
             f"m={m} does not divide the per-worker batch {local} (batch_size={batch} / "
-            f"workers={workers}) and is not k x {local} with k dividing workers={workers}")
+            f"workers={workers}) and is not k x {local} with k dividing workers={workers}"
+        )
     return Perturbation(m, local, workers, 1, k)
 
 
@@ -119,17 +128,21 @@ def _paired_plan(cfg: dict[str, Any]) -> Perturbation:
     if workers % 2:
         raise TrialConfigError(
             f"sam_variant='sampa' pairs the workers (one computes the perturbed gradient, the "
-            f"other the auxiliary one): workers must be 1 or even, got workers={workers}")
+            f"other the auxiliary one): workers must be 1 or even, got workers={workers}"
+        )
     pairs = workers // 2
     if batch % pairs:
-        raise TrialConfigError(f"batch_size={batch} does not split evenly over the {pairs} pairs "
-                               f"of workers={workers} (sam_variant='sampa'); use a multiple of {pairs}")
+        raise TrialConfigError(
+            f"batch_size={batch} does not split evenly over the {pairs} pairs "
+            f"of workers={workers} (sam_variant='sampa'); use a multiple of {pairs}"
+        )
     local = batch // pairs
     if cfg["sync_perturbation"] or (cfg["m"] is not None and cfg["m"] != local):
         raise TrialConfigError(
             f"sam_variant='sampa' takes one perturbation per step for the whole local batch of "
             f"{local}, so it does not combine with m={cfg['m']} or sync_perturbation=True; "
-            f"leave both unset")
+            f"leave both unset"
+        )
     return Perturbation(local, local, workers, 1, 1, paired=True)
 
 
@@ -139,16 +152,23 @@ def _check_variant(cfg: dict[str, Any], plan: Perturbation) -> None:
     if variant.uses_whole_batch_gradient and plan.groups_per_worker > 1:
         raise TrialConfigError(
             f"sam_variant={variant.name!r} {variant.whole_batch_reason.replace('local', 'per-worker')}, "
-            f"so it does not combine with m={plan.m} < per-worker batch {plan.per_worker_batch}")
+            f"so it does not combine with m={plan.m} < per-worker batch {plan.per_worker_batch}"
+        )
     if variant.name in ("msam", "sampa") and cfg["optimizer"] == "asam":
-        raise TrialConfigError(f"sam_variant={variant.name!r} needs optimizer='sam': ASAM's "
-                               f"adaptive scaling is not defined for its perturbation")
+        raise TrialConfigError(
+            f"sam_variant={variant.name!r} needs optimizer='sam': ASAM's "
+            f"adaptive scaling is not defined for its perturbation"
+        )
     if variant.name == "msam" and cfg["base_optimizer"] == "sgd" and not cfg["momentum"] > 0:
-        raise TrialConfigError("sam_variant='msam' perturbs along SGD's momentum buffer: it needs "
-                               f"momentum > 0, got momentum={cfg['momentum']!r}")
+        raise TrialConfigError(
+            "sam_variant='msam' perturbs along SGD's momentum buffer: it needs "
+            f"momentum > 0, got momentum={cfg['momentum']!r}"
+        )
     if variant.name == "sampa" and cfg["precision"] == "fp16":
-        raise TrialConfigError("sam_variant='sampa' keeps a gradient from one step to the next, which "
-                               "fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'")
+        raise TrialConfigError(
+            "sam_variant='sampa' keeps a gradient from one step to the next, which "
+            "fp16 loss scaling would rescale or skip: use precision 'bf16' or 'fp32'"
+        )
 
 
 def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +180,12 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     Unknown keys are kept (the sweep may add its own bookkeeping keys).
     """
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k not in DEFAULTS}}
-    for key, options in (("optimizer", OPTIMIZERS), ("base_optimizer", BASE_OPTIMIZERS),
-                         ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS)):
+    for key, options in (
+        ("optimizer", OPTIMIZERS),
+        ("base_optimizer", BASE_OPTIMIZERS),
+        ("lr_schedule", LR_SCHEDULES),
+        ("precision", PRECISIONS),
+    ):
         if cfg[key] not in options:
             raise TrialConfigError(f"{key}={cfg[key]!r} is not one of {options}")
     if cfg["backend"] is not None and cfg["backend"] not in BACKENDS:
@@ -176,12 +200,15 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
     if not cfg["rho"] >= 0:
         raise TrialConfigError(f"rho must be >= 0, got {cfg['rho']!r}")
     if cfg["batch_size"] % cfg["workers"] and not _paired(cfg):
-        raise TrialConfigError(f"batch_size={cfg['batch_size']} does not split evenly over "
-                               f"workers={cfg['workers']}; use a multiple of {cfg['workers']}")
+        raise TrialConfigError(
+            f"batch_size={cfg['batch_size']} does not split evenly over "
+            f"workers={cfg['workers']}; use a multiple of {cfg['workers']}"
+        )
     plan = perturbation_plan(cfg)
     if cfg["precision"] == "fp16" and not cfg["use_gpu"]:
-        raise TrialConfigError("precision='fp16' needs use_gpu=True (its loss scaling is for CUDA); "
-                               "use 'bf16' or 'fp32' on CPUs")
+        raise TrialConfigError(
+            "precision='fp16' needs use_gpu=True (its loss scaling is for CUDA); use 'bf16' or 'fp32' on CPUs"
+        )
     if cfg["sharpness_every"] < 0:
         raise TrialConfigError(f"sharpness_every must be >= 0, got {cfg['sharpness_every']!r}")
     measures = cfg["sharpness_measures"]
@@ -189,8 +216,9 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         measures = DEFAULTS["sharpness_measures"] if measures == "default" else measures.split(",")
     cfg["sharpness_measures"] = tuple(name.strip() for name in (measures or ()) if name.strip())
     if cfg["sharpness_settings"] is not None and not isinstance(cfg["sharpness_settings"], dict):
-        raise TrialConfigError(f"sharpness_settings must be a dict of per-measure settings, "
-                               f"got {cfg['sharpness_settings']!r}")
+        raise TrialConfigError(
+            f"sharpness_settings must be a dict of per-measure settings, got {cfg['sharpness_settings']!r}"
+        )
     try:
         check_measures(cfg["sharpness_measures"], cfg["sharpness_settings"])
     except ValueError as exc:

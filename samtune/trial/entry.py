@@ -3,6 +3,7 @@ one rank of a plain `torch.distributed` job); both go through `train`, which fir
 finetune source where the config names a dataset. The sweep's way in is
 `samtune.trial.ray_trial.run_trial`.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ from samtune.trial.pretrain import pretrained_state
 from samtune.trial.session import LocalSession, RaySession, Session, in_ray_train
 
 
-def train(config: dict[str, Any], session: Session,
-          on_end: Callable[[nn.Module], None] | None = None) -> dict[str, Any]:
+def train(
+    config: dict[str, Any], session: Session, on_end: Callable[[nn.Module], None] | None = None
+) -> dict[str, Any]:
     """The trial's steps after its pretraining step: a finetuning trial whose ``finetune_source``
     names a dataset gets the pretrained weights first (`samtune.trial.pretrain`, cached), then
     `samtune.trial.loop.run` trains. Returns the last epoch's metrics."""
@@ -27,9 +29,14 @@ def train(config: dict[str, Any], session: Session,
     return run(cfg, session, on_end, initial_state=pretrained_state(cfg))
 
 
-def fit(config: dict[str, Any], report: Callable[[dict], None] | None = None,
-        checkpoint_dir: str | os.PathLike | None = None,
-        on_end: Callable[[nn.Module], None] | None = None, *, alone: bool = False) -> dict[str, Any]:
+def fit(
+    config: dict[str, Any],
+    report: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    on_end: Callable[[nn.Module], None] | None = None,
+    *,
+    alone: bool = False,
+) -> dict[str, Any]:
     """Train one trial in this process (one worker, no Ray) and return the last epoch's metrics.
 
     `report` receives each epoch's metrics. With `checkpoint_dir`, a checkpoint is written there
@@ -51,12 +58,16 @@ def fit(config: dict[str, Any], report: Callable[[dict], None] | None = None,
     """
     cfg = resolve_config(config)
     if cfg["workers"] != 1:
-        raise TrialConfigError(f"fit() trains in this process: workers must be 1, got {cfg['workers']};"
-                               " run several workers through run_trial or TorchTrainer")
+        raise TrialConfigError(
+            f"fit() trains in this process: workers must be 1, got {cfg['workers']};"
+            " run several workers through run_trial or TorchTrainer"
+        )
     session = LocalSession(report, None if checkpoint_dir is None else str(checkpoint_dir), alone=alone)
     if session.world_size != 1:
-        raise TrialConfigError("fit() trains one process, but torch.distributed is initialised with "
-                               f"{session.world_size} ranks; call train_loop_per_worker on every rank")
+        raise TrialConfigError(
+            "fit() trains one process, but torch.distributed is initialised with "
+            f"{session.world_size} ranks; call train_loop_per_worker on every rank"
+        )
     return train(cfg, session, on_end)
 
 

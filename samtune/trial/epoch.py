@@ -1,6 +1,7 @@
 """One epoch of training on this worker: its share of the epoch's shuffle, one SAM (or SGD) step
 per batch, and a divergence check every few steps that every worker decides alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def train_epoch(state: TrialState, epoch: int) -> dict[str, Any]:
     if state.rounds is not None:
         state.rounds.start()
     for step in range(state.steps):
-        loss = _train_step(state, order[step * batch:(step + 1) * batch], gen, sums, batch_n)
+        loss = _train_step(state, order[step * batch : (step + 1) * batch], gen, sums, batch_n)
         # A cheap divergence check every few steps (one host sync), always at the end; every
         # worker takes the same decision, so none is left waiting in a collective.
         check = step % DIVERGENCE_CHECK_EVERY == DIVERGENCE_CHECK_EVERY - 1 or step == state.steps - 1
@@ -66,9 +67,15 @@ def train_epoch(state: TrialState, epoch: int) -> dict[str, Any]:
     if diverged:
         return {"epoch_time_s": epoch_time, "train_time_s": state.train_time, "diverged": 1}
     n_seen = float(sums[3])
-    return {"train_loss": float(sums[0]) / n_seen, "train_acc_noisy": float(sums[1]) / n_seen,
-            "train_acc_true": float(sums[2]) / n_seen, "epoch_time_s": epoch_time,
-            "samples_per_s": n_seen / epoch_time, "train_time_s": state.train_time, "diverged": 0}
+    return {
+        "train_loss": float(sums[0]) / n_seen,
+        "train_acc_noisy": float(sums[1]) / n_seen,
+        "train_acc_true": float(sums[2]) / n_seen,
+        "epoch_time_s": epoch_time,
+        "samples_per_s": n_seen / epoch_time,
+        "train_time_s": state.train_time,
+        "diverged": 0,
+    }
 
 
 def _train_step(state: TrialState, idx: Tensor, gen: torch.Generator, sums: Tensor, batch_n: Tensor) -> Tensor:
@@ -85,14 +92,19 @@ def _train_step(state: TrialState, idx: Tensor, gen: torch.Generator, sums: Tens
         loss, logits = sam_step(state.model, F.cross_entropy, xb, yb, state.optimizer, **state.step_settings)
     state.schedule.step()
     pred = logits.argmax(1)
-    sums += torch.stack([loss.double() * len(yb), (pred == yb).sum().double(),
-                         (pred == state.train.y_true[idx]).sum().double(), batch_n])
+    sums += torch.stack(
+        [
+            loss.double() * len(yb),
+            (pred == yb).sum().double(),
+            (pred == state.train.y_true[idx]).sum().double(),
+            batch_n,
+        ]
+    )
     return loss
 
 
 def _loss_diverged(state: TrialState, loss: Tensor) -> bool:
     """Whether the loss went non-finite or above `divergence_loss` on any worker (a collective)."""
     value = float(loss)
-    bad = torch.tensor([float(not math.isfinite(value) or value > state.cfg["divergence_loss"])],
-                       device=state.device)
+    bad = torch.tensor([float(not math.isfinite(value) or value > state.cfg["divergence_loss"])], device=state.device)
     return all_reduce(bad, state.world).item() > 0

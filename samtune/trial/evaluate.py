@@ -2,6 +2,7 @@
 the validation split and the test set (`evaluate`, every worker), and the sharpness measures
 (`measure`, rank 0, at the epochs that measure them).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def evaluate(state: TrialState, epoch: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _evaluate(state: TrialState, x: Tensor, y: Tensor, y_true: Tensor | None = None,
-              batch: int = 1024) -> dict[str, float]:
+def _evaluate(
+    state: TrialState, x: Tensor, y: Tensor, y_true: Tensor | None = None, batch: int = 1024
+) -> dict[str, float]:
     """Eval-mode top-1 `error` and mean cross-entropy `loss` of the trial's model on (x, y).
 
     Each worker takes a strided share and the sums are all-reduced once, so every worker must
@@ -64,10 +66,10 @@ def _evaluate(state: TrialState, x: Tensor, y: Tensor, y_true: Tensor | None = N
     # wrong, summed loss, examples, flipped examples, flipped predicted as noisy, as true label
     sums = torch.zeros(6, dtype=torch.float64, device=device)
     for i in range(0, len(ys), batch):
-        xb = to_float(xs[i:i + batch].to(device, non_blocking=True), *state.norm)
+        xb = to_float(xs[i : i + batch].to(device, non_blocking=True), *state.norm)
         if state.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yb = ys[i:i + batch].to(device)
+        yb = ys[i : i + batch].to(device)
         with state.autocast:
             logits = model(xb)
         logits = logits.float()
@@ -76,7 +78,7 @@ def _evaluate(state: TrialState, x: Tensor, y: Tensor, y_true: Tensor | None = N
         sums[1] += F.cross_entropy(logits, yb, reduction="sum")
         sums[2] += len(yb)
         if ts is not None:
-            tb = ts[i:i + batch].to(device)
+            tb = ts[i : i + batch].to(device)
             flipped = yb != tb
             sums[3] += flipped.sum()
             sums[4] += (flipped & (pred == yb)).sum()
@@ -120,8 +122,9 @@ def measure(state: TrialState, epoch: int) -> dict[str, Any]:
     return _measure_sharpness(cfg, state.module, state.scenario, state.device)
 
 
-def _measure_sharpness(cfg: dict[str, Any], model: nn.Module, scenario: Scenario,
-                       device: torch.device) -> dict[str, Any]:
+def _measure_sharpness(
+    cfg: dict[str, Any], model: nn.Module, scenario: Scenario, device: torch.device
+) -> dict[str, Any]:
     idx = sharpness_indices(len(scenario.train_y), cfg["seed"], cfg["sharpness_subset"])
     x = to_float(scenario.train_x[idx].to(device), scenario.mean, scenario.std)
     y = scenario.train_y[idx].to(device)
@@ -130,9 +133,16 @@ def _measure_sharpness(cfg: dict[str, Any], model: nn.Module, scenario: Scenario
     for name in ("hessian_top_eig", "hessian_trace"):
         if name in cfg["sharpness_measures"]:
             settings.setdefault(name, {}).setdefault("memory_share", share)
-    out: dict[str, Any] = measure_sharpness(model, F.cross_entropy, x, y, measures=cfg["sharpness_measures"],
-                                            seed=cfg["seed"], budget_s=cfg["sharpness_budget_s"],
-                                            **settings)  # type: ignore[arg-type]  # keys are measure names (checked)
+    out: dict[str, Any] = measure_sharpness(
+        model,
+        F.cross_entropy,
+        x,
+        y,
+        measures=cfg["sharpness_measures"],
+        seed=cfg["seed"],
+        budget_s=cfg["sharpness_budget_s"],
+        **settings,  # type: ignore[arg-type]  # keys are measure names (checked)
+    )
     note = skipped_note(out)
     if note is not None:
         out[SHARPNESS_SKIPPED_NOTE] = note

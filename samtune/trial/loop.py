@@ -2,6 +2,7 @@
 `train_epoch`, `evaluate`, `measure` and `report`; a diverged epoch ends the trial with a bad
 result instead (`diverged_result`), and `inject_fault` lets resilience tests break a worker.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,12 @@ from samtune.trial.session import Session
 from samtune.trial.state import TrialState, checkpoint, restore, setup
 
 
-def run(config: dict[str, Any], session: Session, on_end: Callable[[nn.Module], None] | None = None,
-        initial_state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+def run(
+    config: dict[str, Any],
+    session: Session,
+    on_end: Callable[[nn.Module], None] | None = None,
+    initial_state: dict[str, Tensor] | None = None,
+) -> dict[str, Any]:
     """Train one trial on this worker, reporting every epoch to `session`, and return the last
     epoch's metrics. A run resumed after its last epoch, or after it diverged, returns the
     checkpoint's metrics without training again. `on_end` receives the trained (unwrapped) model
@@ -53,8 +58,9 @@ def run(config: dict[str, Any], session: Session, on_end: Callable[[nn.Module], 
     return state.last
 
 
-def epoch_metrics(state: TrialState, epoch: int, trained: dict[str, Any],
-                  evaluated: dict[str, float]) -> dict[str, Any]:
+def epoch_metrics(
+    state: TrialState, epoch: int, trained: dict[str, Any], evaluated: dict[str, float]
+) -> dict[str, Any]:
     """A finished epoch's metrics from its training (`train_epoch`) and evaluation (`evaluate`),
     with the learning rates and how the perturbation and the workers were arranged."""
     metrics = {
@@ -75,9 +81,13 @@ def epoch_metrics(state: TrialState, epoch: int, trained: dict[str, Any],
         metrics["lr_backbone"] = backbone_lr(state.optimizer, state.scenario.backbone_lr_scale)
     if state.cfg["optimizer"] != "sgd":
         plan = state.plan
-        metrics.update(m_effective=plan.m, m_workers=plan.workers_per_eps,
-                       m_groups_per_worker=plan.groups_per_worker,
-                       m_per_worker_batch=plan.per_worker_batch, m_plan=plan.describe())
+        metrics.update(
+            m_effective=plan.m,
+            m_workers=plan.workers_per_eps,
+            m_groups_per_worker=plan.groups_per_worker,
+            m_per_worker_batch=plan.per_worker_batch,
+            m_plan=plan.describe(),
+        )
     if "train_error" in evaluated:  # not at every epoch with train_eval_every
         metrics["generalization_gap"] = metrics["test_error"] - metrics["train_error"]
     if state.placement:
@@ -91,8 +101,13 @@ def diverged_result(cfg: dict[str, Any], epoch: int, trained: dict[str, Any]) ->
     """The last result of a trial whose loss diverged in epoch `epoch`: every metric a sweep may
     optimise at its worst (Tune refuses a result that lacks the sweep's metric, and a finite
     worst value keeps the trial a bad result), with the epoch's times."""
-    return {"epoch": epoch, "diverged": 1, **worst_values(cfg["divergence_loss"]),
-            "epoch_time_s": trained["epoch_time_s"], "train_time_s": trained["train_time_s"]}
+    return {
+        "epoch": epoch,
+        "diverged": 1,
+        **worst_values(cfg["divergence_loss"]),
+        "epoch_time_s": trained["epoch_time_s"],
+        "train_time_s": trained["train_time_s"],
+    }
 
 
 def report(state: TrialState, epoch: int, metrics: dict[str, Any]) -> None:

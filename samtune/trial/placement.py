@@ -5,6 +5,7 @@ backend, the share of a machine's memory a worker may plan on, and the nodes the
 >>> worker_resources({"workers": 2, "cpus_per_worker": None, "use_gpu": False}, cluster_cpus=2)
 {'CPU': 1.0}
 """
+
 from __future__ import annotations
 
 import json
@@ -85,10 +86,13 @@ def trial_driver_resources(cluster: dict[str, float]) -> dict[str, float]:
     return {"cpu": 0.01, "gpu": 0.0}
 
 
-def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
-                     cluster_gpus: float | None = None,
-                     nodes: list[dict[str, float]] | None = None,
-                     driver_cpu: float = 0.0) -> dict[str, float]:
+def worker_resources(
+    cfg: dict[str, Any],
+    cluster_cpus: float | None = None,
+    cluster_gpus: float | None = None,
+    nodes: list[dict[str, float]] | None = None,
+    driver_cpu: float = 0.0,
+) -> dict[str, float]:
     """Ray resources of one training worker of a multi-worker trial: {"CPU": c} (+ {"GPU": g}).
 
     CPUs: `cpus_per_worker`, else what fits beside the trial's driver (`driver_cpu`, see
@@ -110,8 +114,11 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
         cluster_cpus = float(total.get("CPU", 0.0)) if cluster_cpus is None else cluster_cpus
         cluster_gpus = float(total.get("GPU", 0.0)) if cluster_gpus is None else cluster_gpus
         if nodes is None:
-            nodes = [{"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0))}
-                     for n in ray.nodes() if n.get("Alive")]
+            nodes = [
+                {"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0))}
+                for n in ray.nodes()
+                if n.get("Alive")
+            ]
     if nodes is None:
         nodes = [{"CPU": cluster_cpus, "GPU": cluster_gpus or 0.0}]
     workers = cfg["workers"]
@@ -124,23 +131,33 @@ def worker_resources(cfg: dict[str, Any], cluster_cpus: float | None = None,
         held = f" (and {driver_cpu:g} for the trial's driver)" if driver_cpu else ""
         raise TrialConfigError(
             f"{workers} workers x {per:g} CPU need {per * workers:g} CPUs{held}, but the Ray cluster has "
-            f"{cluster_cpus:g}; lower workers or cpus_per_worker")
+            f"{cluster_cpus:g}; lower workers or cpus_per_worker"
+        )
     resources = {"CPU": per}
     gpu = 0.0
     if cfg["use_gpu"]:
-        if not cluster_gpus:
-            raise TrialConfigError("use_gpu=True but the Ray cluster has no GPU")
-        gpu = cfg["gpus_per_worker"]
-        if gpu is None:
-            gpu = 1.0 if cluster_gpus >= workers else math.floor(cluster_gpus / workers * 100) / 100
-        if not gpu > 0 or (gpu > 1 and not float(gpu).is_integer()):
-            raise TrialConfigError(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {gpu!r}")
-        if gpu * workers > cluster_gpus + 1e-9:
-            raise TrialConfigError(f"{workers} workers x {gpu:g} GPU need {gpu * workers:g} GPUs, but the "
-                                   f"Ray cluster has {cluster_gpus:g}; lower workers or gpus_per_worker")
+        gpu = _worker_gpus(cfg["gpus_per_worker"], workers, cluster_gpus)
         resources["GPU"] = gpu
     _check_placement(workers, per, gpu, nodes)
     return resources
+
+
+def _worker_gpus(gpu: float | None, workers: int, cluster_gpus: float | None) -> float:
+    """GPUs of one worker of a `use_gpu` trial: `gpus_per_worker` (``gpu``), else 1 each, or an
+    equal share when the cluster has fewer GPUs than workers. Raises `TrialConfigError` when the
+    cluster has no GPU, for a share that is neither in (0, 1] nor whole, or more than it has."""
+    if not cluster_gpus:
+        raise TrialConfigError("use_gpu=True but the Ray cluster has no GPU")
+    if gpu is None:
+        gpu = 1.0 if cluster_gpus >= workers else math.floor(cluster_gpus / workers * 100) / 100
+    if not gpu > 0 or (gpu > 1 and not float(gpu).is_integer()):
+        raise TrialConfigError(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {gpu!r}")
+    if gpu * workers > cluster_gpus + 1e-9:
+        raise TrialConfigError(
+            f"{workers} workers x {gpu:g} GPU need {gpu * workers:g} GPUs, but the "
+            f"Ray cluster has {cluster_gpus:g}; lower workers or gpus_per_worker"
+        )
+    return gpu
 
 
 def _worker_slots(node: dict[str, float], cpus: float, gpus: float) -> int:
@@ -166,14 +183,18 @@ def _check_placement(workers: int, cpus: float, gpus: float, nodes: list[dict[st
         largest_gpu = max(n.get("GPU", 0.0) for n in nodes)
         raise TrialConfigError(
             f"one training worker needs {want} on a single node, but the largest node has "
-            f"{largest_cpu:g} CPU" + (f" and {largest_gpu:g} GPU" if gpus else "")
-            + "; lower cpus_per_worker" + (" or gpus_per_worker" if gpus else ""))
+            f"{largest_cpu:g} CPU"
+            + (f" and {largest_gpu:g} GPU" if gpus else "")
+            + "; lower cpus_per_worker"
+            + (" or gpus_per_worker" if gpus else "")
+        )
     slots = sum(_worker_slots(n, cpus, gpus) for n in nodes)
     if slots < workers:
         raise TrialConfigError(
             f"{workers} workers of {want} each do not fit: the Ray cluster's {len(nodes)} node(s) "
             f"hold {slots} such workers (a worker never spans nodes); lower workers, "
-            "cpus_per_worker" + (" or gpus_per_worker" if gpus else ""))
+            "cpus_per_worker" + (" or gpus_per_worker" if gpus else "")
+        )
 
 
 def distributed_backend(cfg: dict[str, Any], resources: dict[str, float]) -> str:
@@ -227,12 +248,16 @@ def placement_message(cfg: dict[str, Any], resources: dict[str, float]) -> str:
     per = " + ".join(f"{v:g} {k}" for k, v in resources.items())
     wait = cfg["placement_timeout_s"]
     try:
-        free = ", ".join(f"{v:g} {k}" for k, v in sorted(ray.available_resources().items())
-                         if k in ("CPU", "GPU")) or "nothing"
+        free = (
+            ", ".join(f"{v:g} {k}" for k, v in sorted(ray.available_resources().items()) if k in ("CPU", "GPU"))
+            or "nothing"
+        )
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     except Exception:  # noqa: BLE001  the cluster itself is gone: say what was asked
         free, nodes = "unknown", 0
-    return (f"{cfg['workers']} training workers of {per} each could not be placed within "
-            f"placement_timeout_s={wait:g} s: "
-            f"the Ray cluster has {nodes} alive node(s) and {free} free; bring the missing capacity "
-            "back, or lower workers, cpus_per_worker or gpus_per_worker")
+    return (
+        f"{cfg['workers']} training workers of {per} each could not be placed within "
+        f"placement_timeout_s={wait:g} s: "
+        f"the Ray cluster has {nodes} alive node(s) and {free} free; bring the missing capacity "
+        "back, or lower workers, cpus_per_worker or gpus_per_worker"
+    )

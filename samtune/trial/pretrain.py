@@ -5,6 +5,7 @@ the pretraining config, behind a file lock so parallel trials wait for one pretr
 each running it. The other kinds of source (a file, torchvision weights, an MLflow URI) are read
 by `samtune.models.weights`, which describes them all.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,6 +30,7 @@ PRETRAIN_FORMAT = "samtune-pretrain-v1"  # part of the cache key: bump when pret
 
 # --- sources that name a dataset -------------------------------------------------------------
 
+
 def _is_dataset_name(source: str) -> bool:
     try:
         base, _ = parse_dataset_name(source)
@@ -39,6 +41,7 @@ def _is_dataset_name(source: str) -> bool:
 
 # --- pretraining on a source dataset ---------------------------------------------------------
 
+
 def pretrain_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     """The trial config that pretrains ``config``'s model on dataset ``source``.
 
@@ -47,6 +50,7 @@ def pretrain_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     ``pretrain_subset``/``pretrain_seed`` override epochs (default: the trial's), lr (0.05),
     batch size (128, whatever the trial's ``batch_size``), examples (all), seed (0).
     """
+
     def get(key: str, default: Any) -> Any:
         value = config.get(key)
         return default if value is None else value
@@ -112,8 +116,11 @@ def pretrain(config: dict[str, Any], source: str | None = None, path: str | os.P
         if path is None and target.is_file():
             return target
         saved: dict[str, Tensor] = {}
-        metrics = run(resolve_config(cfg), LocalSession(None, None, alone=True), on_end=lambda model: saved.update(
-            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+        metrics = run(
+            resolve_config(cfg),
+            LocalSession(None, None, alone=True),
+            on_end=lambda model: saved.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}),
+        )
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         torch.save(saved, tmp)
         os.replace(tmp, target)  # atomic: a waiting trial never reads half a file

@@ -12,6 +12,7 @@ are the head's inputs. The head is multinomial logistic regression with a small 
 by full-batch L-BFGS from zero: a convex problem, so the fit is deterministic and draws nothing
 from any random stream (a trial's streams stay as they were). Every worker fits the same head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -79,7 +80,7 @@ def _features(state: TrialState, x: Tensor, batch: int = 1024) -> Tensor:
     model.eval()
     try:
         for i in range(0, len(x), batch):
-            xb = to_float(x[i:i + batch].to(state.device), *state.norm)
+            xb = to_float(x[i : i + batch].to(state.device), *state.norm)
             if state.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with state.autocast:
@@ -93,4 +94,3 @@ def _features(state: TrialState, x: Tensor, batch: int = 1024) -> Tensor:
 def _error(state: TrialState, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
     logits = _features(state, x) @ weight.T + bias
     return float((logits.argmax(1) != y.to(logits.device)).float().mean())
-

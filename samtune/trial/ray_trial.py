@@ -2,6 +2,7 @@
 trial process; several run as a `TorchTrainer` started inside the trial, with their resources
 kept for restarts and a bounded wait for their placement.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ def _run_workers(cfg: dict[str, Any]) -> None:
         train_loop_per_worker,
         train_loop_config=cfg,
         torch_config=TorchConfig(backend=distributed_backend(cfg, resources)),
-        scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=cfg["use_gpu"],
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg["workers"], use_gpu=cfg["use_gpu"], resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name="workers",
             # Inside the trial folder: the same trial restarted finds its run and resumes it.

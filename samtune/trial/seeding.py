@@ -8,6 +8,7 @@ True
 >>> sorted(fixed_train_order(4, seed=0).tolist())
 [0, 1, 2, 3]
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,4 +39,4 @@ def fixed_train_order(n: int, seed: int) -> Tensor:
 def sharpness_indices(n: int, seed: int, subset: int) -> Tensor:
     """The training examples sharpness is measured on: the first `subset` of `fixed_train_order`
     (the same examples at every epoch)."""
-    return fixed_train_order(n, seed)[:min(subset, n)]
+    return fixed_train_order(n, seed)[: min(subset, n)]

@@ -2,6 +2,7 @@
 process (a checkpoint folder, or none) or Ray (a Train worker's or a Tune trial's report and
 checkpoint). The checkpoint itself is one ``trial.pt`` file, written atomically.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,7 @@ class Session:
 class LocalSession(Session):
     """This process; with an initialised `torch.distributed` group (torchrun), one rank of it."""
 
-    def __init__(self, report: Callable[[dict], None] | None, checkpoint_dir: str | None,
-                 alone: bool = False):
+    def __init__(self, report: Callable[[dict], None] | None, checkpoint_dir: str | None, alone: bool = False):
         self._report = report
         self._dir = checkpoint_dir
         # A pretraining stage inside a worker must not kill it for a fault meant for the trial.
@@ -86,8 +86,11 @@ class RaySession(Session):
             older = _older_readable(str(checkpoint.path))
             if older is None:
                 raise
-            print(f"samtune: checkpoint {checkpoint.path} cannot be read ({type(exc).__name__}: {exc}); "
-                  f"resuming from {older[0]}", file=sys.stderr)
+            print(
+                f"samtune: checkpoint {checkpoint.path} cannot be read ({type(exc).__name__}: {exc}); "
+                f"resuming from {older[0]}",
+                file=sys.stderr,
+            )
             return older[1]
 
 

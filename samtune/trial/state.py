@@ -2,6 +2,7 @@
 schedule, the data resident on the device), `restore` continues it from the session's
 checkpoint, and `checkpoint` is what every epoch's report saves.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,7 @@ class TrialState:
         return unwrap_ddp(self.model)  # no collective inside an evaluation forward
 
 
-def setup(config: dict[str, Any], session: Session,
-          initial_state: dict[str, Tensor] | None = None) -> TrialState:
+def setup(config: dict[str, Any], session: Session, initial_state: dict[str, Tensor] | None = None) -> TrialState:
     """Build this worker's trial from its config: the scenario, the model (placed, compiled and
     wrapped for data parallelism as the config asks), optimizer, schedule and data on the device.
 
@@ -119,24 +119,57 @@ def setup(config: dict[str, Any], session: Session,
     rounds = RoundCounter(model) if world > 1 else None
     perturbation_group = perturbation_groups(plan, rank) if world > 1 else None
     steps = _steps_per_epoch(cfg, plan, len(scenario.train_y), world)
-    optimizer = build_optimizer(cfg, module, total_steps=cfg["epochs"] * steps,
-                                backbone_lr_scale=scenario.backbone_lr_scale)
+    optimizer = build_optimizer(
+        cfg, module, total_steps=cfg["epochs"] * steps, backbone_lr_scale=scenario.backbone_lr_scale
+    )
     schedule = build_schedule(cfg, optimizer, steps)
     scaler = torch.amp.GradScaler("cuda") if cfg["precision"] == "fp16" else None
-    norm = (torch.as_tensor(scenario.mean, dtype=torch.float32, device=device),
-            torch.as_tensor(scenario.std, dtype=torch.float32, device=device))
+    norm = (
+        torch.as_tensor(scenario.mean, dtype=torch.float32, device=device),
+        torch.as_tensor(scenario.std, dtype=torch.float32, device=device),
+    )
     if cfg["optimizer"] != "sgd" and rank == 0:
         log.info("SAM perturbation %s", plan.describe())
     train, fixed = _resident_examples(cfg, scenario, device)
     return TrialState(
-        cfg=cfg, session=session, plan=plan, device=device, scenario=scenario, model=model,
-        module=module, optimizer=optimizer, schedule=schedule, scaler=scaler, steps=steps,
-        train=train, fixed=fixed, norm=norm, channels_last=channels_last,
+        cfg=cfg,
+        session=session,
+        plan=plan,
+        device=device,
+        scenario=scenario,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=scaler,
+        steps=steps,
+        train=train,
+        fixed=fixed,
+        norm=norm,
+        channels_last=channels_last,
         autocast=_autocast(cfg, device),
-        step_settings={"m": plan.m if plan.groups_per_worker > 1 else None,
-                       "vectorize": cfg["m_vmap"], "sync_perturbation": plan.sync_all, "perturbation_group": perturbation_group,
-                       "max_grad_norm": cfg["max_grad_norm"], "scaler": scaler},
-        rounds=rounds, placement=node_placement(world))
+        step_settings=_step_settings(cfg, plan, perturbation_group, scaler),
+        rounds=rounds,
+        placement=node_placement(world),
+    )
+
+
+def _step_settings(
+    cfg: dict[str, Any],
+    plan: Perturbation,
+    perturbation_group: torch.distributed.ProcessGroup | None,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
+    """`sam_step`'s keyword arguments on this worker: its m-sharpness groups, how its perturbation
+    is shared under DDP, gradient clipping and the fp16 loss scaler."""
+    return {
+        "m": plan.m if plan.groups_per_worker > 1 else None,
+        "vectorize": cfg["m_vmap"],
+        "sync_perturbation": plan.sync_all,
+        "perturbation_group": perturbation_group,
+        "max_grad_norm": cfg["max_grad_norm"],
+        "scaler": scaler,
+    }
 
 
 def _build_module(cfg: dict[str, Any], scenario: Scenario, device: torch.device) -> tuple[nn.Module, bool]:
@@ -164,8 +197,9 @@ def _wrap_for_training(cfg: dict[str, Any], module: nn.Module, device: torch.dev
 def _steps_per_epoch(cfg: dict[str, Any], plan: Perturbation, n_train: int, world: int) -> int:
     steps = (n_train // (plan.data_shards if world > 1 else 1)) // plan.per_worker_batch
     if steps < 1:
-        raise TrialConfigError(f"batch_size={cfg['batch_size']} is larger than the {n_train} training "
-                               f"examples of this scenario")
+        raise TrialConfigError(
+            f"batch_size={cfg['batch_size']} is larger than the {n_train} training examples of this scenario"
+        )
     return steps
 
 
@@ -200,8 +234,13 @@ def restore(state: TrialState) -> None:
 
 def checkpoint(state: TrialState, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """What `restore` reads back: the trial as it stands after epoch `epoch`."""
-    return {"model": state.module.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "schedule": state.schedule.state_dict(),
-            "scaler": state.scaler.state_dict() if state.scaler is not None else {},
-            "epoch": epoch, "train_time_s": state.train_time, "compute_time_s": state.compute_time,
-            "metrics": dict(metrics)}
+    return {
+        "model": state.module.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+        "epoch": epoch,
+        "train_time_s": state.train_time,
+        "compute_time_s": state.compute_time,
+        "metrics": dict(metrics),
+    }
