@@ -53,6 +53,8 @@ from samtune.trial.entry import fit
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# The sweep ran to the end, but records MLflow did not take wait in its spool (--resume writes them).
+EXIT_INCOMPLETE = 3
 
 
 class UsageError(ValueError):
@@ -246,6 +248,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         first = next((row.error for row in rows if row.error), "no error was recorded")
         print(f"samtune: every trial of the sweep failed; the first: {first}", file=sys.stderr)
         return EXIT_FAILED
+    if (plan.sweep_dir / "mlflow-unlogged.jsonl").exists():
+        # Records MLflow did not take (the message above names them): a report now would leave
+        # those trials out, and a script must not take the sweep for complete.
+        print(
+            f"samtune: the sweep ran to the end but some of its records are not in MLflow yet, so no report "
+            f"was built; write them with: {plan.resume_command}, which then builds the report",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
     if args.no_report:
         # soft_wrap: a command to paste stays on one line, however long its paths.
         console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False, soft_wrap=True)
@@ -266,15 +277,6 @@ def _sweep_report(console: Console, plan: Plan) -> int:
     whatever happens here, so a report that fails says why and how to build it again, and the
     sweep still succeeds."""
 
-    if (plan.sweep_dir / "mlflow-unlogged.jsonl").exists():
-        # Records MLflow did not take yet (the message above names them): a report now would
-        # leave those trials out, or fail against the same unreachable server.
-        print(
-            f"samtune: the sweep is complete but some of its records are not in MLflow yet, so no report "
-            f"was built; write them with: {plan.resume_command}, which then builds the report",
-            file=sys.stderr,
-        )
-        return 0
     try:
         index = build(plan.sweep.name, tracking_uri=plan.tracking_uri, out=plan.report_dir)
     except KeyboardInterrupt:

@@ -184,7 +184,8 @@ def test_no_report_is_drawn_while_records_wait_in_the_spool(monkeypatch, tmp_pat
     plan.sweep_dir.mkdir(parents=True)
     (plan.sweep_dir / "mlflow-unlogged.jsonl").write_text("{}\n")
     monkeypatch.setattr("samtune.cli.build", lambda *a, **k: pytest.fail("report built from a partial store"))
-    assert cli.main(["sweep", DIGITS]) == 0
+    # Exit 3, not 0: a script must not take a sweep whose store is incomplete for done.
+    assert cli.main(["sweep", DIGITS]) == cli.EXIT_INCOMPLETE == 3
     err = capsys.readouterr().err
     assert "not in MLflow yet, so no report was built" in err
     # The file lies outside the working folder: shown by its absolute path, not by ../../..

@@ -71,7 +71,7 @@ from samtune.sweep.search import (
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.study import Sweep, apply_overrides
-from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
 from samtune.trial.config import TrialConfigError, resolve_config
 from samtune.trial.placement import trial_driver_resources, worker_resources
@@ -113,6 +113,10 @@ def prepare(
         check_tracking_uri(uri)
     except (ConnectionError, ValueError) as exc:
         raise SweepError(f"--tracking-uri: {exc}") from None
+    try:
+        store_wait_s()
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
     if address:
         check_address(address)
     flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
@@ -476,7 +480,7 @@ def _close(tracker: Tracker, watch: InterruptWatch, view: Any, completed: bool) 
     watch.remove()
     if not completed:
         tracker.end_open_runs()
-    message = tracker.close()
+    message = tracker.close(wait_s=store_wait_s())
     if view is not None:
         view.stop()
     if message:

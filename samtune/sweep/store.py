@@ -8,6 +8,7 @@ and the opening of a store's client (`open_client`), whose new SQLite file only 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 import urllib.error
@@ -46,6 +47,24 @@ def fail_fast_environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # MLflow logs every failed SQLite statement (a lock another process holds, say) with two
+    # tracebacks at ERROR; the tracker says in one line what failed and what became of the
+    # records, so those would only bury it.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+#: How long the end of a sweep waits for a store that does not take its last records (a SQLite
+#: file another process holds locked, a server restarting) before it leaves them in the spool.
+STORE_WAIT_S = 120.0
+
+
+def store_wait_s() -> float:
+    """`STORE_WAIT_S`, or the seconds ``SAMTUNE_STORE_WAIT_S`` says (0: do not wait)."""
+    text = os.environ.get("SAMTUNE_STORE_WAIT_S", "").strip()
+    try:
+        return max(0.0, float(text)) if text else STORE_WAIT_S
+    except ValueError:
+        raise ValueError(f"SAMTUNE_STORE_WAIT_S={text!r}: expected a number of seconds") from None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -57,6 +57,7 @@ also offers). `close()` names the spool when records are left in it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -74,6 +75,7 @@ from samtune.sweep.store import (
     open_client,
     private_file,
     resolve_tracking_uri,
+    store_wait_s,
 )
 from samtune.sweep.write_queue import WriteQueue
 
@@ -89,10 +91,14 @@ __all__ = [
     "fail_fast_environment",
     "private_file",
     "resolve_tracking_uri",
+    "store_wait_s",
 ]
 
 
 STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+
+# The tracker's warnings: one logger says what became of the records.
+log = logging.getLogger("samtune.sweep.tracking")
 
 
 class Tracker:
@@ -272,9 +278,10 @@ class Tracker:
         """Try to write everything queued, from this thread; True when nothing is left."""
         return self._queue.drain()
 
-    def close(self) -> str | None:
-        """Stop the writer thread and flush a last time. Returns a message naming what could not
-        be written, or None."""
+    def close(self, wait_s: float = 0.0) -> str | None:
+        """Stop the writer thread and flush a last time, retrying for up to `wait_s` seconds what
+        the store does not take at once (said in one line when it waits). Returns a message
+        naming what could not be written, or None."""
         self._queue.stop()
         rejected = f"{self.rejected} record(s) MLflow refused are in {self.rejected_path}" if self.rejected else None
         if self._open_error is not None:
@@ -285,12 +292,21 @@ class Tracker:
                 f"MLflow at {self.uri} could not be opened ({failure_text(self._open_error)}): "
                 f"{self.pending} record(s) were not logged; they are saved in {self.spool_path}"
             )
-        if self.flush():
+        if self._queue.drain_within(wait_s, self._waiting):
             return rejected
         replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""
         return (
             f"MLflow at {self.uri} could not be reached: {self.pending} record(s) were not "
             f"logged; they are saved in {self.spool_path}{replay}" + (f"; {rejected}" if rejected else "")
+        )
+
+    def _waiting(self, seconds: float, why: str) -> None:
+        log.warning(
+            "MLflow at %s is not taking the last %d record(s) (%s); retrying for up to %.0f s",
+            self.uri,
+            self.pending,
+            why,
+            seconds,
         )
 
     @property

@@ -35,6 +35,10 @@ log = logging.getLogger("samtune.sweep.tracking")
 PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"})
 
 MAX_BACKOFF_S = 120.0
+# Pauses between the last attempts when a sweep ends: short first (a lock is often held for
+# seconds), never so long that the store coming back goes unnoticed for long.
+FIRST_PAUSE_S = 1.0
+MAX_PAUSE_S = 15.0
 
 
 def is_permanent(exc: Exception) -> bool:
@@ -75,6 +79,8 @@ class WriteQueue:
         self._backoff_s = retry_after_s
         self._warned = False
         self.failures = 0
+        # The last failure, as a message shows it (`failure_text`): named while the end waits.
+        self.last_failure = ""
 
     # -- the writer thread ----------------------------------------------------------------------
     def start(self, prepare: Callable[[], None]) -> None:
@@ -153,7 +159,24 @@ class WriteQueue:
                 self.spool.remove()  # everything reached the server after all
         return True
 
+    def drain_within(self, seconds: float, waiting: Callable[[float, str], None]) -> bool:
+        """Drain, retrying for up to `seconds` what the store does not take now (a SQLite file
+        another process holds locked, a server restarting): True when nothing is left.
+        `waiting(seconds left, why)` is called once, before the first pause."""
+        deadline = time.monotonic() + seconds
+        pause = FIRST_PAUSE_S
+        while not self.drain():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.can_write():
+                return False
+            if pause == FIRST_PAUSE_S:
+                waiting(left, self.last_failure)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_PAUSE_S)
+        return True
+
     def _failed(self, exc: Exception) -> None:
+        self.last_failure = failure_text(exc)
         if self.failures:  # failing again: wait longer before the next attempt
             self._backoff_s = min(MAX_BACKOFF_S, self._backoff_s * 2)
         self.failures += 1
