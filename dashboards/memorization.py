@@ -2,7 +2,8 @@
 
 Training accuracy on the noisy labels and on the true labels, by epoch. Per cell with a noise
 rate above zero, for each optimizer the configuration chosen as in the robustness view (lowest
-final validation error among trials that ran every epoch, seed repeats averaged): solid,
+final validation error among trials that ran every epoch, seed repeats averaged; the sweep's
+own picks where it recorded them, ties to the trial suggested first): solid,
 accuracy on the labels it trained on (noisy); dashed, accuracy on the true labels. Once the
 solid line climbs above 1 - noise rate while the dashed one falls, the model is fitting the
 flipped labels; SAM's gain under label noise is resisting that (Foret et al. 2020, section 3.3).
@@ -46,7 +47,7 @@ def view(runs: Runs) -> View:
         chosen_by, note = choice_metric(pool, "final_val_error")
         if note:
             notes.append(f"{cell}: {note}")
-        chosen = best_per_optimizer(pool, chosen_by)
+        chosen = best_per_optimizer(pool, chosen_by, prefer=runs.picked)
         for _, choice in chosen.iterrows():
             run_ids = pool.loc[pool["config_key"] == choice["config_key"], "run_id"]
             epochs = history[history["run_id"].isin(run_ids)]

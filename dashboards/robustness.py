@@ -9,6 +9,11 @@ is known to depend on early stopping. That panel also weighs trials ASHA stopped
 is a configuration no trial of which ran the whole budget, the point is hollow and a note says how
 many epochs it ran.
 
+The final-epoch panel draws the sweep's own picks, the configurations its confirmation stage
+ran again (recorded on each cell's run); for a sweep without them, and in the best-epoch panel,
+a tie goes to the configuration the search suggested first, the rule the sweep picks by. Every
+line is the search's runs (one seed each): the notes set each gain beside the confirmed verdict.
+
 Choosing by validation error, not test error, keeps the comparison honest: the test set only
 reports. Where trials logged no validation error (trained with val_fraction=0), a panel chooses by
 test error instead and a note under the figure says so. The x axis is what the cells vary: the
@@ -24,6 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from samtune.report.answers import verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import (
     best_per_optimizer,
@@ -32,6 +38,7 @@ from samtune.report.table import (
     optimizer_colors,
 )
 from samtune.report.views import View
+from samtune.verdicts import RULES, verdict_rows
 
 ORDER = 10
 
@@ -86,13 +93,15 @@ def view(runs: Runs) -> View:
     colors = optimizer_colors(labels)
     notes = []
 
+    answers = {(row["cell"], row["selection"]): row["verdict"] for row in verdict_rows(verdicts(runs))}
     best_frames = []
     for panel, select_by, reported in PANELS:
         pool = plotted[plotted["status"] == "finished"] if panel == "final" else plotted
         chosen_by, note = choice_metric(pool, select_by)
         if note:
             notes.append(f"{'Final' if panel == 'final' else 'Best'}-epoch panel: {note}")
-        best = best_per_optimizer(pool, chosen_by, report=[reported])
+        # The final-epoch panel draws the sweep's own picks (those the confirmation stage ran again).
+        best = best_per_optimizer(pool, chosen_by, report=[reported], prefer=runs.picked if panel == "final" else ())
         best.insert(0, "epoch", panel)
         # The validation error the choice was made by; NaN where the test error made it.
         chosen = best.pop(chosen_by)
@@ -126,6 +135,8 @@ def view(runs: Runs) -> View:
     points["x"] = points["cell"].map(x_of)
 
     gain = _gain_over_sgd(best)
+    gain["verdict"] = [_verdict_of(answers, row.cell, row.epoch) for row in gain.itertuples()]
+    notes.extend(_single_run_notes(gain, answers))
     if "SGD" not in labels:
         notes.append("No SGD trial: the gain table needs an SGD baseline in the cell.")
     missing = [c for c in cells if c not in set(best.loc[best["epoch"] == "final", "cell"])]
@@ -239,3 +250,29 @@ def _gain_over_sgd(best: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=["epoch", "cell", "optimizer_label", "sgd_test_error", "test_error", "gain"])
+
+
+def _verdict_of(answers: dict[tuple[str, str], str], cell: str, panel: str) -> str:
+    """The confirmed verdict of `cell` under the panel's selection rule ('' without one)."""
+    return answers.get((cell, RULES["final" if panel == "final" else "best_epoch"]), "")
+
+
+def _single_run_notes(gain: pd.DataFrame, answers: dict[tuple[str, str], str]) -> list[str]:
+    """What the lines are (single runs of the search) and, where the confirmation stage ran,
+    the answer beside each gain they show, so a gain of one seed never reads as the verdict."""
+    notes = [
+        "Lines and gains are the search's runs (one seed each, no interval): they show where SAM and SGD "
+        "stand, not whether the difference holds. "
+        + (
+            "The answer is the confirmed verdict, on fresh seeds with an interval (the answer view)."
+            if answers
+            else "This sweep confirmed nothing on fresh seeds (confirm_seeds=0): no verdict can be read here."
+        )
+    ]
+    for row in gain.itertuples():
+        if row.verdict and row.optimizer_label != "SGD":
+            notes.append(
+                f"{'Final' if row.epoch == 'final' else 'Best'}-epoch panel, {row.cell}: single runs differ by "
+                f"{row.test_error - row.sgd_test_error:+.3f} ({row.optimizer_label} - SGD); confirmed: {row.verdict}"
+            )
+    return notes

@@ -46,7 +46,7 @@ from samtune.sweep.store import creating_store
 from samtune.sweep.study import Sweep, apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.validate import parse_trial_value, validate_trial_config
-from samtune.sweep.view import SweepView, print_summary, print_verdicts
+from samtune.sweep.view import SweepView, print_browse, print_summary, print_verdicts
 from samtune.trial.config import TrialConfigError
 from samtune.trial.entry import fit
 
@@ -240,8 +240,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         else:
             print("samtune: interrupted before the sweep started; nothing to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print_verdicts(console, plan, results)
+    # The search's single runs first, the answer (verdicts with intervals) last.
     print_summary(console, plan, summarize(plan, results))
+    print_verdicts(console, plan, results)
+    print_browse(console, plan)
     rows = [row for cell in results for row in cell.trials.values()]
     if rows and all(row.status == "failed" for row in rows):
         # Nothing to compare or report: a sweep that trained nothing has not succeeded.

@@ -38,7 +38,7 @@ from samtune import cli
 from samtune.report.load import load_runs
 from samtune.report.page import build_report, write_report
 from samtune.report.runs import SHARPNESS_SHARED_KEYS, NoFinishedTrialsError, ReportError, TrialRecord
-from samtune.report.table import choice_metric, tabulate
+from samtune.report.table import best_per_optimizer, choice_metric, tabulate
 from samtune.report.views import discover_views, render_views
 from samtune.sharpness.measures import SHARED_KEYS, measure_sharpness
 from samtune.sweep.tracking import Tracker
@@ -534,6 +534,87 @@ def test_a_best_epoch_choice_that_asha_stopped_is_drawn_hollow_and_named(tmp_pat
     assert not best.loc[("best", "SGD"), "stopped_early"]
     notes = [n for n in view.notes if "hollow" in n]
     assert len(notes) == 1 and cell in notes[0] and "SAM" in notes[0] and "1 epoch" in notes[0]
+
+
+def tied_sweep(tmp_path, picks=None, reverse=False):
+    """One 20%-noise cell where two SAM trials tie on final validation error; the one the search
+    suggested second (trial_number 2) has a far worse test error. `reverse` writes the trials in
+    the other order, so that neither the store's order nor the table's decides the tie."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    noise, cell = 0.2, cell_label(0.2)
+    prefix = f"tied/cell-0_noise-{noise}"
+    sam = {"optimizer": "sam", "rho": 0.1, "m": 8}
+    acc = {"acc_noisy": [0.7, 0.8, 0.9], "acc_true": [0.8, 0.85, 0.8]}
+    # Each SAM trial's own accuracy on the true labels, so a view's curve says whose it is.
+    memorizes, resists = {**acc, "acc_true": [0.8, 0.7, 0.6]}, {**acc, "acc_true": [0.8, 0.85, 0.9]}
+    trials = [
+        Trial(
+            f"{prefix}/00002",
+            cell,
+            noise,
+            "finished",
+            {**base_config(noise), **sam, "lr": 0.3, "trial_number": 2},
+            [0.30, 0.25, 0.20],
+            [0.20, 0.10, 0.039],
+            **memorizes,
+        ),
+        Trial(
+            f"{prefix}/00000",
+            cell,
+            noise,
+            "finished",
+            {**base_config(noise), **sam, "lr": 0.03, "trial_number": 0},
+            [0.30, 0.22, 0.20],
+            [0.10, 0.05, 0.008],
+            **resists,
+        ),
+        Trial(
+            f"{prefix}/00001",
+            cell,
+            noise,
+            "finished",
+            {**base_config(noise), "optimizer": "sgd", "lr": 0.1, "trial_number": 1},
+            [0.30, 0.26, 0.24],
+            [0.12, 0.06, 0.03],
+            **acc,
+        ),
+    ]
+    write_sweep(uri, "tied", trials[::-1] if reverse else trials, tmp_path)
+    if picks is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        (cell_run,) = client.search_runs(
+            [client.get_experiment_by_name("tied").experiment_id], filter_string="tags.`samtune.role` = 'cell'"
+        )
+        client.set_tag(cell_run.info.run_id, "samtune.picks", ",".join(f"{k}:{prefix}/{v}" for k, v in picks.items()))
+    built = build_report("tied", tracking_uri=uri, out=tmp_path / "out", strict=True)
+    return {r.spec.name: r.view for r in built.views}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["written-in-order", "written-reversed"])
+def test_a_tie_goes_to_the_trial_the_search_suggested_first_in_every_view(tmp_path, reverse):
+    """The sweep confirms the earlier of two tied trials (`CellResult.best`): the robustness and
+    memorization views must draw that one too, never the other."""
+    views = tied_sweep(tmp_path, reverse=reverse)
+    best = views["robustness"].data["best"].set_index(["epoch", "optimizer_label"])
+    assert best.loc[("final", "SAM"), "lr"] == 0.03 and best.loc[("final", "SAM"), "test_error"] == 0.008
+    curves = views["memorization"].data["curves"]
+    sam_curve = curves[curves["optimizer_label"] == "SAM"].sort_values("epoch")
+    assert list(sam_curve["train_acc_true"]) == pytest.approx([0.8, 0.85, 0.9])
+    # The robustness note sets each single-run gain beside what can be concluded from it.
+    notes = " ".join(views["robustness"].notes)
+    assert "one seed each, no interval" in notes and "confirm_seeds=0" in notes
+
+
+def test_the_views_draw_the_picks_the_sweep_recorded(tmp_path):
+    """A sweep that picked by another metric than the view's (recorded on the cell run) is drawn
+    as it picked: the confirmed configuration, not the view's own choice."""
+    views = tied_sweep(tmp_path, picks={"best_sam": "00002", "best_sgd": "00001"})
+    best = views["robustness"].data["best"].set_index(["epoch", "optimizer_label"])
+    assert best.loc[("final", "SAM"), "lr"] == 0.3 and best.loc[("final", "SAM"), "test_error"] == 0.039
+    # The early-stopping panel chooses by its own rule (best validation epoch), and says so.
+    assert best.loc[("best", "SAM"), "lr"] == 0.03
 
 
 # -- sensitivity ---------------------------------------------------------------------------------
@@ -1070,6 +1151,9 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
         uri,
     )
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    # The search's single runs first, the answer (the verdicts with their intervals) after them.
+    out = sweep.stdout
+    assert out.index("the search's picks per cell") < out.index("SAM vs SGD, test error") < out.index("Browse the runs")
     made = samtune("report", "noisy-digits", "--tracking-uri", uri, "--out", str(tmp_path / "out"))
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     assert f"report written to {tmp_path / 'out' / 'index.html'}" in made.stdout.splitlines()
@@ -1078,8 +1162,26 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
     for name in VIEWS:
         assert len(page.images[name]) == 1, name
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
-    trials = load_runs("noisy-digits", uri).trials
+    runs = load_runs("noisy-digits", uri)
+    trials = runs.trials
     assert len(trials) == 4 and set(trials["cell"]) == {"noise=0", "noise=0.4"}
+    # One pick everywhere: each cell run names its picks, and they are the trials whose settings
+    # the confirmation stage ran again, the ones the robustness view draws.
+    assert set(runs.picks) == {"noise=0", "noise=0.4"}
+    by_key = trials.set_index("trial_key")
+    for cell, picks in runs.picks.items():
+        assert set(picks) == {"best_sgd", "best_sam"} and set(picks.values()) <= set(by_key.index)
+        for name, key in picks.items():
+            confirmed = runs.confirmations[
+                (runs.confirmations["cell"] == cell) & (runs.confirmations["confirms"] == name)
+            ]
+            assert len(confirmed) >= 2 and {float(v) for v in confirmed["lr"]} == {float(by_key.loc[key, "lr"])}
+        drawn = best_per_optimizer(
+            trials[(trials["cell"] == cell) & (trials["status"] == "finished")], "final_val_error", prefer=runs.picked
+        )
+        assert set(drawn["config_key"]) >= {
+            by_key.loc[key, "config_key"] for key in picks.values() if by_key.loc[key, "status"] == "finished"
+        }
     assert set(trials["status"]) <= {"finished", "stopped", "diverged"}
     missing = samtune("report", "nope", "--tracking-uri", uri)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr

@@ -556,7 +556,7 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "best configuration per cell" in proc.stdout and "samtune ui" in proc.stdout
+    assert "the search's picks per cell" in proc.stdout and "samtune ui" in proc.stdout
     # Off a terminal the sweep says where it is in plain lines, the stage's last one when it ends.
     assert re.search(r"^search: 6/6 trials ended, \d+/\d+ epochs, \w+ in, done$", proc.stdout, flags=re.M), proc.stdout[
         -3000:
@@ -980,9 +980,15 @@ def test_the_summary_marks_a_best_pick_that_asha_stopped():
             "diverged": 0,
         },
     ]
-    plan = SimpleNamespace(sweep=SimpleNamespace(name="s", metric="val_error"), tracking_uri="sqlite:///x.db")
+    plan = SimpleNamespace(sweep=SimpleNamespace(name="s", metric="val_error", seed=0), tracking_uri="sqlite:///x.db")
     out = StringIO()
     print_summary(Console(file=out, width=250, color_system=None), plan, rows)
+    # Single runs: said so, and no colour that would read as a win beside the verdicts.
+    assert "one run each on seed 0: no interval, not a verdict" in " ".join(out.getvalue().split())
+    coloured = StringIO()
+    print_summary(Console(file=coloured, width=250, force_terminal=True, color_system="standard"), plan, rows[:1])
+    (line,) = [line for line in coloured.getvalue().splitlines() if "-0.200" in line]
+    assert "\x1b[32m-0.200" not in line and "\x1b[31m" not in line
     lines = out.getvalue().splitlines()
     (finished,) = [line for line in lines if "noise=0.4" in line]
     (stopped,) = [line for line in lines if "noise=0.8" in line]

@@ -408,7 +408,7 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
         in_spool = {step for run_key, step in spooled if run_key == key}
         assert on_server.get(key, set()) | in_spool == set(range(1, 7)), (key, on_server.get(key), in_spool)
     assert max(step for _, step in spooled) == 6
-    assert "best configuration per cell" in out
+    assert "the search's picks per cell" in out
 
 
 def test_a_new_store_and_the_data_cache_are_their_owners_only(tmp_path):

@@ -34,6 +34,9 @@ CONFIRMS_TAG = "samtune.confirms"
 SEED_TAG = "samtune.seed"
 #: On a cell's run: picks its confirmation ran once for two names ("sam_baseline:best_sam,...").
 ALIASES_TAG = "samtune.aliases"
+#: On a cell's run: the search trials its picks are ("best_sgd:<trial key>,best_sam:<trial key>"),
+#: so every view of the report draws the configurations the confirmation stage ran again.
+PICKS_TAG = "samtune.picks"
 #: Read by the MLflow UI: an experiment of this kind opens on its training runs, not on traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from samtune.contract.tags import ALIASES_TAG, CELL_TAG, ROLE_TAG
+from samtune.contract.tags import ALIASES_TAG, CELL_TAG, PICKS_TAG, ROLE_TAG
 from samtune.report.answers import confirmation_frame
-from samtune.report.runs import ReportError, Runs, TrialRecord, design_of
+from samtune.report.runs import ReportError, Runs, TrialRecord, design_of, parse_picks
 from samtune.report.table import tabulate
 
 
@@ -49,10 +49,15 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
     )
     runs.design = design_of(sweeps[-1].data.params) if sweeps else None
     runs.confirmations = confirmation_frame([_trial_record(client, run) for run in reruns])
+    cells = _search_runs(client, exp.experiment_id, "cell")
+    if sweeps and not all_sweeps:
+        # Cell labels repeat from sweep to sweep: only the newest sweep's cells speak for it.
+        cells = [c for c in cells if c.data.tags.get("mlflow.parentRunId") == sweeps[-1].info.run_id]
     runs.aliases = {
-        c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG]
-        for c in _search_runs(client, exp.experiment_id, "cell")
-        if ALIASES_TAG in c.data.tags
+        c.data.tags.get(CELL_TAG, ""): c.data.tags[ALIASES_TAG] for c in cells if ALIASES_TAG in c.data.tags
+    }
+    runs.picks = {
+        c.data.tags.get(CELL_TAG, ""): parse_picks(c.data.tags[PICKS_TAG]) for c in cells if PICKS_TAG in c.data.tags
     }
     return runs
 

@@ -55,6 +55,15 @@ class TrialRecord:
     start_time: int | None = None
 
 
+def parse_picks(text: str) -> dict[str, str]:
+    """A cell run's picks tag as pick name -> trial key.
+
+    >>> parse_picks("best_sgd:s@1/noise-0.4/a1,best_sam:s@1/noise-0.4/b2")
+    {'best_sgd': 's@1/noise-0.4/a1', 'best_sam': 's@1/noise-0.4/b2'}
+    """
+    return dict(part.split(":", 1) for part in text.split(",") if ":" in part)
+
+
 def design_of(params: dict[str, str]) -> Design | None:
     """A sweep's sequential design from its run's params (MLflow keeps them as text); None for
     a sweep from before the design, whose verdicts judged all their seeds at once."""
@@ -93,8 +102,17 @@ class Runs:
     # one) and, by cell, the picks it ran once for two names (the cell run's aliases tag).
     confirmations: pd.DataFrame = field(default_factory=pd.DataFrame)
     aliases: dict[str, str] = field(default_factory=dict)
+    # By cell, the search trials the sweep picked (``best_sgd``, ``best_sam`` -> trial key): the
+    # configurations its confirmation stage ran again (the cell run's picks tag; empty for a
+    # sweep from before it, whose picks the views find by the same rule, `best_per_optimizer`).
+    picks: dict[str, dict[str, str]] = field(default_factory=dict)
     # The verdicts' sequential design, from the sweep run's settings (None: judge all seeds at once).
     design: Design | None = None
+
+    @property
+    def picked(self) -> frozenset[str]:
+        """The trial keys of every cell's picks: what the views draw as each cell's best."""
+        return frozenset(key for picks in self.picks.values() for key in picks.values())
 
     @property
     def plotted(self) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -317,13 +317,20 @@ def choice_metric(trials: pd.DataFrame, column: str) -> tuple[str, str | None]:
     )
 
 
-def best_per_optimizer(trials: pd.DataFrame, select_by: str, report: Sequence[str] = ()) -> pd.DataFrame:
+def best_per_optimizer(
+    trials: pd.DataFrame, select_by: str, report: Sequence[str] = (), prefer: Collection[str] = ()
+) -> pd.DataFrame:
     """Per (cell, optimizer_label): the configuration with the lowest mean `select_by`.
 
-    Seed repeats of one configuration (same `config_key`) are averaged first. Returns one row per
-    (cell, optimizer_label) with config_key, n_seeds, `<select_by>` (the mean), and for every
-    column in `report` its `<col>_mean` and `<col>_std` (std NaN for a single seed). Trials where
-    `select_by` is not finite are ignored; an empty frame comes back if none is left.
+    Seed repeats of one configuration (same `config_key`) are averaged first. A tie goes to the
+    configuration the search suggested first (lowest `trial_number`), the rule the sweep picks
+    by (`samtune.sweep.results.CellResult.best`), so a view never draws one of two tied trials
+    while the confirmation stage ran the other. A configuration one of whose trials is in
+    `prefer` (trial keys: the sweep's recorded picks, `Runs.picked`) is chosen in its group
+    whatever its value. Returns one row per (cell, optimizer_label) with config_key, n_seeds,
+    `<select_by>` (the mean), and for every column in `report` its `<col>_mean` and `<col>_std`
+    (std NaN for a single seed). Trials where `select_by` is not finite are ignored; an empty
+    frame comes back if none is left.
     """
     report = list(report)
     columns = ["cell", "optimizer_label", "config_key", "n_seeds", select_by] + [
@@ -334,7 +341,8 @@ def best_per_optimizer(trials: pd.DataFrame, select_by: str, report: Sequence[st
     usable = trials[np.isfinite(pd.to_numeric(trials[select_by], errors="coerce"))]
     rows = []
     for (cell, label), group in usable.groupby(["cell", "optimizer_label"], sort=False):
-        per_config = []
+        # (not a pick, mean value, first trial number, order seen, the row): the first wins.
+        per_config: list[tuple[bool, float, float, int, dict[str, Any]]] = []
         for config_key, seeds in group.groupby("config_key", sort=False):
             entry = {
                 "cell": cell,
@@ -347,6 +355,9 @@ def best_per_optimizer(trials: pd.DataFrame, select_by: str, report: Sequence[st
                 values = pd.to_numeric(seeds[col], errors="coerce") if col in seeds else pd.Series(dtype=float)
                 entry[f"{col}_mean"] = float(values.mean()) if len(values) else float("nan")
                 entry[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-            per_config.append(entry)
-        rows.append(min(per_config, key=lambda e: e[select_by]))
+            order = pd.to_numeric(seeds["trial_number"], errors="coerce") if "trial_number" in seeds else None
+            first = float(order.min()) if order is not None and order.notna().any() else math.inf
+            picked = "trial_key" in seeds and bool(seeds["trial_key"].isin(list(prefer)).any())
+            per_config.append((not picked, entry[select_by], first, len(per_config), entry))
+        rows.append(min(per_config, key=lambda ranked: ranked[:4])[4])
     return pd.DataFrame(rows, columns=columns)

@@ -29,6 +29,7 @@ from samtune.contract.tags import (
     ALIASES_TAG,
     CELL_TAG,
     CONFIRMS_TAG,
+    PICKS_TAG,
     SEED_TAG,
     STATUS_TAG,
 )
@@ -79,16 +80,21 @@ def confirmation_seeds(sweep: Sweep, look: int = 0) -> list[int]:
 
 #: The picks later rounds add seeds to: the two the verdict compares.
 DECIDING = ("best_sgd", "best_sam")
+#: The optimizers each of them is the best of.
+FAMILIES = {"best_sgd": ("sgd",), "best_sam": ("sam", "asam")}
+
+
+def best_trials(sweep: Sweep, result: CellResult) -> dict[str, TrialRow]:
+    """A cell's best SGD and best SAM-family trial of the search, by the sweep's metric (ties to
+    the trial suggested first, `CellResult.best`): what the confirmation stage runs again."""
+    rows = {name: result.best(sweep.metric, sweep.mode, family) for name, family in FAMILIES.items()}
+    return {name: row for name, row in rows.items() if row is not None}
 
 
 def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[str, dict[str, Any]]:
     """The configurations a cell confirms, by name, as settings over its base config. One that
     another pick already runs is not run twice: `CellResult.aliases` names the pick that runs it."""
-    picks: dict[str, dict[str, Any]] = {}
-    for name, family in (("best_sgd", ("sgd",)), ("best_sam", ("sam", "asam"))):
-        row = result.best(sweep.metric, sweep.mode, family)
-        if row is not None:
-            picks[name] = dict(row.params)
+    picks: dict[str, dict[str, Any]] = {name: dict(row.params) for name, row in best_trials(sweep, result).items()}
     sam = next((dict(b.settings) for b in baselines if b.settings.get("optimizer") in ("sam", "asam")), None)
     if sam is not None:
         picks["sam_baseline"] = sam
@@ -319,6 +325,17 @@ def _confirm_round(
             recorder.on_change = view.tick
     if look == 0:
         for result in results:
+            # Which search trials the picks are: the report draws these as each cell's best.
+            picked = best_trials(sweep, result)
+            if picked:
+                tracker.set_tags(
+                    f"{sweep_key}/{result.cell.slug}",
+                    {
+                        PICKS_TAG: ",".join(
+                            f"{name}:{sweep_key}/{result.cell.slug}/{row.trial_id}" for name, row in picked.items()
+                        )
+                    },
+                )
             if result.aliases:
                 # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
                 tracker.set_tags(

@@ -200,10 +200,15 @@ class SweepView:
 
 
 def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> None:
-    """The end of a sweep: best SGD vs best SAM per cell (trials that ran their whole budget
-    first, see `CellResult.best`), and how to look at the runs."""
+    """The search's picks per cell: best SGD and best SAM (trials that ran their whole budget
+    first, ties to the trial suggested first, see `CellResult.best`), one run each. Printed
+    before the verdicts, which are the answer: a difference of single runs is not one, so it
+    gets no colour that would read as a win."""
     metric = plan.sweep.metric
-    table = Table(title=f"{plan.sweep.name}: best configuration per cell (by {metric})")
+    table = Table(
+        title=f"{plan.sweep.name}: the search's picks per cell (by {metric}, ties to the trial suggested first), "
+        f"one run each on seed {plan.sweep.seed}: no interval, not a verdict"
+    )
     for col in (
         "cell",
         "SGD " + metric,
@@ -227,8 +232,11 @@ def print_summary(console: Console, plan: Plan, rows: list[dict[str, Any]]) -> N
             highlight=False,
             markup=False,
         )
+
+
+def print_browse(console: Console, plan: Plan) -> None:
+    """How to look at the runs (the report, built next by `samtune sweep`, says where it is itself)."""
     uri = plan.tracking_uri
-    # The report (built next by `samtune sweep`) says where it is itself.
     console.print(
         f"Browse the runs:  samtune ui {shlex.quote(plan.sweep.name)} --tracking-uri {shlex.quote(masked(uri))}",
         highlight=False,
@@ -243,8 +251,7 @@ def _summary_cells(r: dict[str, Any], metric: str) -> list[str]:
     sgd, sam = r["sgd"], r["sam"]
     delta = "-"
     if sgd is not None and sam is not None and "test_error" in sgd.metrics and "test_error" in sam.metrics:
-        d = sam.metrics["test_error"] - sgd.metrics["test_error"]
-        delta = f"[{'green' if d < 0 else 'red'}]{d:+.3f}[/]"
+        delta = f"{sam.metrics['test_error'] - sgd.metrics['test_error']:+.3f}"
     settings = (
         " ".join(
             f"{k}={fmt(sam.params.get(k))}"
