@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
+import grpc
 import torch
 
 from samtune.contract.messages import first_line
@@ -238,7 +239,6 @@ def present_token(address: str, source: str) -> None:
 def admits(address: str, token: str | None, timeout_s: float = 5.0) -> bool | None:
     """Whether the Ray cluster at `address` answers a request carrying `token` (None: none):
     True, False when it refuses it as unauthenticated, None when it does not answer either way."""
-    import grpc
     from ray._private.authentication.authentication_constants import (
         AUTHORIZATION_BEARER_PREFIX,
         AUTHORIZATION_HEADER_NAME,
