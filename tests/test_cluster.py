@@ -434,11 +434,10 @@ def ray_start_cluster(tmp_path):
 
 def driver_env(**extra):
     """A driver's environment as a user's shell has it: no Ray auth settings of its own."""
-    e = env(**extra)
+    e = env()
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        if key not in extra:
-            e.pop(key, None)
-    return e
+        e.pop(key, None)
+    return {**e, **extra}  # after env(), which drops RAY_ADDRESS
 
 
 def digits_sweep(tmp_path, *extra):
@@ -634,11 +633,12 @@ def test_the_readme_reuse_example_trains_on_a_ray_start_cluster(tmp_path):
     (tmp_path / "example.py").write_text(example + dump)
     config = re.search(r"config = \{.*?\n\}", example, flags=re.S).group(0)
     asked = eval(config.partition("=")[2], {"workers": 2})  # noqa: S307  the README's own literal
-    with ray_start_head(tmp_path, cpus=2) as address:
+    # "auto" finds the cluster as a user's shell would: the last one `ray start` made here.
+    with ray_start_head(tmp_path, cpus=2):
         proc = subprocess.run(
             [sys.executable, "example.py"],
             cwd=tmp_path,
-            env=driver_env(RAY_ADDRESS=address),
+            env=driver_env(),
             capture_output=True,
             text=True,
             timeout=600,
