@@ -106,7 +106,9 @@ def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--address",
         help="an existing Ray cluster this machine is a node of: auto (the one "
-        "`ray start` runs here, or $RAY_ADDRESS) or its GCS host:port; without it "
+        "`ray start` runs here, or $RAY_ADDRESS; several here: name one) or its GCS host:port; "
+        "a cluster that requires Ray's auth token gets this machine's ($RAY_AUTH_TOKEN, the file "
+        "$RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token). Without --address "
         "the sweep starts a private Ray instance of its own. Ray Client addresses "
         "(ray://) are refused, as the sweep's driver must run here; on several "
         "nodes give a --storage-path every node mounts",

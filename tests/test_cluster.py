@@ -1,8 +1,11 @@
 """Sweeps with Ray Train workers: several cells and workers in one sweep, and worker groups that
 cannot be placed."""
 
+import contextlib
 import csv
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -373,10 +376,11 @@ def cpu_and_outside(resources):
     return {k: resources.get(k) for k in ("CPU", "outside")}
 
 
-@pytest.fixture
-def ray_start_cluster(tmp_path):
-    """`ray start --head`, as a user's own workstation cluster; `--block` keeps its process in
-    front, so stopping that process (by PID) stops the cluster."""
+@contextlib.contextmanager
+def ray_start_head(folder, cpus, resources=None):
+    """`ray start --head`, as a user's own workstation cluster, with token authentication on (as
+    Ray starts one wherever this user holds a token); `--block` keeps its process in front, so
+    stopping that process (by PID) stops the cluster. Yields its host:port."""
     import socket
 
     current = Path("/tmp/ray/ray_current_cluster")
@@ -385,7 +389,10 @@ def ray_start_cluster(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_cli = Path(sys.executable).with_name("ray")
-    log = open(tmp_path / "ray-start.log", "w")
+    # What a first Ray instance on this machine does: keep a token in ~/.ray/auth_token.
+    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
+    log_path = folder / "ray-start.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [
             str(ray_cli),
@@ -393,22 +400,21 @@ def ray_start_cluster(tmp_path):
             "--head",
             "--block",
             f"--port={port}",
-            "--num-cpus=1",
-            '--resources={"outside": 1}',
+            f"--num-cpus={cpus}",
+            *([f"--resources={json.dumps(resources)}"] if resources else []),
             "--include-dashboard=false",
             "--disable-usage-stats",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env(),
+        env=env(RAY_AUTH_MODE="token"),
     )
-    address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        while "Ray runtime started" not in (tmp_path / "ray-start.log").read_text():
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "ray-start.log").read_text()
+        while "Ray runtime started" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()
             time.sleep(0.5)
-        yield address
+        yield f"127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -417,6 +423,21 @@ def ray_start_cluster(tmp_path):
             current.unlink(missing_ok=True)
         else:
             current.write_bytes(before)
+
+
+@pytest.fixture
+def ray_start_cluster(tmp_path):
+    """A `ray start --head` cluster of 1 CPU and a resource of its own, ``outside``."""
+    with ray_start_head(tmp_path, cpus=1, resources={"outside": 1}) as address:
+        yield address
+
+
+def driver_env(**extra):
+    """A driver's environment as a user's shell has it: no Ray auth settings of its own."""
+    e = env()
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        e.pop(key, None)
+    return {**e, **extra}  # after env(), which drops RAY_ADDRESS
 
 
 def digits_sweep(tmp_path, *extra):
@@ -478,20 +499,83 @@ def test_without_address_a_sweep_runs_on_its_own_ray_beside_a_running_cluster(tm
 
 
 @pytest.mark.slow
-def test_with_address_auto_a_sweep_runs_its_trials_on_the_running_cluster(tmp_path, ray_start_cluster):
+@pytest.mark.parametrize("route", ["--address auto", "--address host:port", "RAY_ADDRESS=host:port"])
+def test_each_documented_route_runs_the_sweeps_trials_on_the_running_cluster(tmp_path, ray_start_cluster, route):
+    """The cluster requires Ray's auth token; the driver has no Ray auth setting, and sends the
+    token this machine holds by each route."""
     (node,) = probe()["nodes"]
+    extra = {"--address auto": ["--address", "auto"], "--address host:port": ["--address", ray_start_cluster]}
+    started = time.time()
     proc = subprocess.run(
-        digits_sweep(tmp_path, "--address", "auto"),
+        digits_sweep(tmp_path, "--set", "epochs=1", *extra.get(route, [])),
         cwd=tmp_path,
-        env=env(),
+        env=driver_env(**({"RAY_ADDRESS": ray_start_cluster} if route.startswith("RAY_ADDRESS") else {})),
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "InvalidAuthToken" not in out, out[-4000:]
     _, (trial,) = trial_runs(tmp_path)
     assert trial.data.tags["samtune.status"] == "finished"
     assert trial.data.tags["samtune.placement"] == node
+    print(f"{route}: {time.time() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_refused_auth_token_stops_the_sweep_in_one_line_naming_the_fix(tmp_path, ray_start_cluster, monkeypatch):
+    from samtune.sweep import cluster as sweep_module
+
+    started = time.time()
+    proc = subprocess.run(
+        digits_sweep(tmp_path, "--address", ray_start_cluster),
+        cwd=tmp_path,
+        env=driver_env(RAY_AUTH_TOKEN="not-the-token"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.time() - started
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # Ray alone retried the refusal for 30 s, printing a line a second, then named no cause.
+    assert proc.stdout.strip() == "" and "InvalidAuthToken" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (
+        f"samtune: error: --address {ray_start_cluster}: that Ray cluster refuses the auth token in RAY_AUTH_TOKEN; "
+        f"it accepts the one in {Path.home() / '.ray' / 'auth_token'}: unset RAY_AUTH_TOKEN"
+    )
+    assert not list((tmp_path / "runs").glob("t/trials/*"))
+    print(f"refused after {took:.1f} s (imports and the dataset included)")
+    # No token here at all: what to set, and where the cluster's token comes from.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(sweep_module.SweepError) as refused:
+        sweep_module.check_address(ray_start_cluster)
+    assert str(refused.value) == (
+        f"--address {ray_start_cluster}: that Ray cluster requires an auth token and none was found here "
+        "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); pass the cluster's token as "
+        "RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> (`ray get-auth-token` on its head node prints it)"
+    )
+
+
+def test_address_auto_refuses_to_guess_among_several_clusters(monkeypatch):
+    from samtune.sweep import cluster as sweep_module
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(sweep_module, "local_clusters", lambda: ["10.0.0.1:6379", "10.0.0.1:6380"])
+    with pytest.raises(
+        sweep_module.SweepError,
+        match=r"^--address auto: 2 Ray clusters run on this machine \(10\.0\.0\.1:6379, 10\.0\.0\.1:6380\); "
+        r"say which to join with --address host:port$",
+    ):
+        sweep_module.check_address("auto")
+    monkeypatch.setattr(sweep_module, "local_clusters", lambda: [])
+    with pytest.raises(sweep_module.SweepError, match=r"^--address auto: no Ray cluster runs on this machine; start"):
+        sweep_module.check_address("auto")
+    # Without --address or RAY_ADDRESS, nothing is joined: the sweep starts its own Ray.
+    assert sweep_module.check_address(None) is None
 
 
 def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_path, monkeypatch):
@@ -528,3 +612,78 @@ def test_a_storage_folder_a_node_cannot_read_is_refused_naming_that_node(tmp_pat
     monkeypatch.setattr(ray, "nodes", lambda: nodes[:1])
     monkeypatch.setattr(sweep_module, "read_on_every_node", None)
     sweep_module.check_shared_storage(tmp_path)
+
+
+# ------------------------------------------------------------------------------ reuse in your own cluster
+README = ROOT / "README.md"
+EXAMPLE_MARK = "# (tests/test_cluster.py runs this block as written"
+
+
+def readme_example():
+    """The README's reuse example: the python block that carries the mark."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if b.startswith(EXAMPLE_MARK)]
+    return block
+
+
+@pytest.mark.slow
+def test_the_readme_reuse_example_trains_on_a_ray_start_cluster(tmp_path):
+    example = readme_example()
+    dump = "\nimport json\njson.dump(dict(result.metrics), open('metrics.json', 'w'), default=str)\n"
+    (tmp_path / "example.py").write_text(example + dump)
+    config = re.search(r"config = \{.*?\n\}", example, flags=re.S).group(0)
+    asked = eval(config.partition("=")[2], {"workers": 2})  # noqa: S307  the README's own literal
+    # "auto" finds the cluster as a user's shell would: the last one `ray start` made here.
+    with ray_start_head(tmp_path, cpus=2):
+        proc = subprocess.run(
+            [sys.executable, "example.py"],
+            cwd=tmp_path,
+            env=driver_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epoch"] == asked["epochs"] == 2
+    # Digits has 10 classes: chance is an error of 0.9; two epochs of an MLP get far below it.
+    assert 0.0 <= metrics["test_error"] < 0.3, metrics
+    assert metrics["diverged"] == 0
+    # Both workers trained, each perturbing its own half of the global batch.
+    assert metrics["m_per_worker_batch"] == asked["batch_size"] // 2 and metrics["m_workers"] == 1
+    assert math.isfinite(metrics["sharpness/m_sharpness"])
+    assert "sharpness/hessian_trace" not in metrics
+    assert f"epoch 2: test_error={metrics['test_error']:.3f}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_workers_setting_other_than_the_worker_groups_size_is_refused_before_training(two_cpu_ray, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from samtune.trial.entry import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"dataset": "digits", "model": "mlp", "epochs": 1, "workers": 3, "sharpness_measures": ""},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="mismatch", storage_path=str(tmp_path)),
+    )
+    with pytest.raises(Exception) as failed:
+        trainer.fit()
+    assert (
+        "workers=3 in the trial config, but the worker group has 2 workers (num_workers); "
+        "set workers to 2 or leave it out" in str(failed.value)
+    ), failed.value
+    # Refused before any compute: no epoch was reported, so no checkpoint was written.
+    assert not list(tmp_path.rglob("trial.pt"))
+    # Left out, it is the worker group's size: the global batch of 64 splits 32 + 32.
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"dataset": "digits", "model": "mlp", "epochs": 1, "data_subset": 256, "optimizer": "sam"}
+        | {"sharpness_measures": ""},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="left-out", storage_path=str(tmp_path)),
+    )
+    metrics = trainer.fit().metrics
+    assert metrics["m_per_worker_batch"] == 32 and metrics["m_workers"] == 1 and metrics["epoch"] == 1

@@ -11,14 +11,23 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
+import grpc
 import torch
 
 from samtune.contract.messages import first_line
 from samtune.data.dataset import DataNotFoundError
 from samtune.data.load import load_dataset
 from samtune.sweep.errors import SweepError
-from samtune.sweep.ray_env import apply_ray_env
+from samtune.sweep.ray_env import (
+    AUTH_MODE_VAR,
+    DEFAULT_TOKEN_FILE,
+    TOKEN_PATH_VAR,
+    TOKEN_VAR,
+    apply_ray_env,
+    auth_tokens,
+)
 from samtune.sweep.study import Sweep
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -124,46 +133,143 @@ def _reads_token(path: str, token: str) -> bool:
         return False
 
 
-def check_address(address: str) -> None:
-    """Fail within seconds when a Ray cluster address does not answer (ray.init would hang)."""
-    if address == "auto":
-        return  # ray.init("auto") fails fast by itself when there is no local cluster
-    if address.startswith("ray://"):
+class Cluster(NamedTuple):
+    """The Ray cluster a sweep joins: its GCS host:port, and the setting that named it."""
+
+    address: str
+    source: str
+
+
+def check_address(address: str | None) -> Cluster | None:
+    """The Ray cluster a sweep joins, checked within seconds (ray.init would wait, or retry a
+    refused token for 30 s): `address`, else `RAY_ADDRESS`; ``auto`` means `RAY_ADDRESS`, else the
+    one cluster running on this machine. None: the sweep starts a private Ray instance.
+
+    Raises SweepError, in one line that names the fix, for a Ray Client address, a malformed one,
+    one where nothing answers, ``auto`` with no cluster or several here, and a cluster that
+    requires an auth token this process cannot present (one it can present, Ray is set to send).
+    """
+    if address:
+        source, given = f"--address {address}", address
+        if address == "auto" and os.environ.get("RAY_ADDRESS"):
+            source, given = f"--address auto (RAY_ADDRESS={os.environ['RAY_ADDRESS']})", os.environ["RAY_ADDRESS"]
+    elif os.environ.get("RAY_ADDRESS"):
+        given = os.environ["RAY_ADDRESS"]
+        source = f"RAY_ADDRESS={given}"
+    else:
+        return None
+    if given.startswith("ray://"):
         # Ray Client runs Tune's driver on the cluster: the callbacks that write MLflow, draw the
         # live view and rebuild finished trials from the local sweep folder would run there, not
         # here, and the sweep would record nothing.
         raise SweepError(
-            f"--address {address}: Ray Client (ray://) is not supported, since the sweep's "
+            f"{source}: Ray Client (ray://) is not supported, since the sweep's "
             f"driver must run where samtune runs; run samtune on a node of that cluster with "
             f"--address auto (and a --storage-path every node shares)"
         )
-    host, _, port = address.rpartition(":")
+    target = the_local_cluster(source) if given == "auto" else given
+    host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise SweepError(f"--address {address}: expected auto or host:port of a Ray cluster this machine is a node of")
+        raise SweepError(f"{source}: expected auto or host:port of a Ray cluster this machine is a node of")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise SweepError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+        raise SweepError(f"{source}: no Ray cluster answers there ({exc.strerror or exc})") from None
+    present_token(target, source)
+    return Cluster(target, source)
+
+
+def local_clusters() -> list[str]:
+    """The GCS addresses of the Ray clusters running on this machine (`ray start`, or a Ray
+    instance another process started), found as Ray finds them for ``auto``."""
+    from ray._private.services import find_gcs_addresses
+
+    find_gcs_addresses.cache_clear()  # type: ignore[attr-defined]  # Ray adds it to the function
+    return sorted(find_gcs_addresses())
+
+
+def the_local_cluster(source: str) -> str:
+    """The one Ray cluster on this machine that ``auto`` joins; SweepError when there is none, or
+    several (Ray would take the last one `ray start` made, which may not be the one meant)."""
+    found = local_clusters()
+    if not found:
+        raise SweepError(
+            f"{source}: no Ray cluster runs on this machine; start one with `ray start --head`, "
+            f"or give --address host:port of one"
+        )
+    if len(found) > 1:
+        raise SweepError(
+            f"{source}: {len(found)} Ray clusters run on this machine ({', '.join(found)}); "
+            f"say which to join with --address host:port"
+        )
+    return found[0]
+
+
+def present_token(address: str, source: str) -> None:
+    """Have Ray send this machine's auth token to a cluster that requires one, or raise SweepError
+    saying how to pass the cluster's token. Ray sends a token to an address it is given only when
+    `RAY_AUTH_MODE=token`, and otherwise retries the refusal for 30 s before saying nothing of it."""
+    if admits(address, None) is not False:
+        return  # no token needed, or an answer of another kind that ray.init will explain
+    how = (
+        f"pass the cluster's token as {TOKEN_VAR}=<token> or {TOKEN_PATH_VAR}=<file> "
+        f"(`ray get-auth-token` on its head node prints it)"
+    )
+    tokens = auth_tokens()
+    if not tokens:
+        raise SweepError(
+            f"{source}: that Ray cluster requires an auth token and none was found here "
+            f"({TOKEN_VAR}, {TOKEN_PATH_VAR}, {DEFAULT_TOKEN_FILE}); {how}"
+        )
+    (where, token), *others = tokens
+    if not admits(address, token):
+        accepted = [w for w, t in others if admits(address, t)]
+        if accepted:
+            # Ray sends the first token it finds; the variables set before the accepted one hide it.
+            hiding = [w.partition("=")[0] for w, _ in tokens[: [w for w, _ in tokens].index(accepted[0])]]
+            how = f"it accepts the one in {accepted[0]}: unset {' and '.join(hiding)}"
+        raise SweepError(f"{source}: that Ray cluster refuses the auth token in {where}; {how}")
+    os.environ[AUTH_MODE_VAR] = "token"
+    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled; its stub omits it
+
+    # Ray reads the mode into its cached config at import; this re-reads it, as `ray start` does.
+    Config.initialize("")
+
+
+def admits(address: str, token: str | None, timeout_s: float = 5.0) -> bool | None:
+    """Whether the Ray cluster at `address` answers a request carrying `token` (None: none):
+    True, False when it refuses it as unauthenticated, None when it does not answer either way."""
+    from ray._private.authentication.authentication_constants import (
+        AUTHORIZATION_BEARER_PREFIX,
+        AUTHORIZATION_HEADER_NAME,
+    )
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata = ((AUTHORIZATION_HEADER_NAME, AUTHORIZATION_BEARER_PREFIX + token),) if token else ()
+    request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]  # generated at run time
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(request, timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as exc:
+            return False if exc.code() == grpc.StatusCode.UNAUTHENTICATED else None
+    return True
 
 
 def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` (``auto``: the one `ray start` runs on this machine), else
-    the one `RAY_ADDRESS` names (as inside a Ray job), else start a private local Ray instance,
-    even when another runs here: its resources are this sweep's alone."""
+    """Join the cluster `check_address` names (``--address``, else `RAY_ADDRESS`), else start a
+    private local Ray instance, even when another runs here: its resources are this sweep's alone."""
     import ray
 
     if ray.is_initialized():
         return
-    source = f"--address {address}"
-    if not address and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
-        source = f"RAY_ADDRESS={address}"
+    cluster = check_address(address)
     runtime_env = apply_ray_env()
-    if address:
+    if cluster:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.ERROR)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SweepError(f"{source}: cannot join that Ray cluster ({first_line(exc)})") from None
+            ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.ERROR)
+        except Exception as exc:  # noqa: BLE001  whatever Ray raises, the sweep says which setting led there
+            raise SweepError(f"{cluster.source}: cannot join that Ray cluster ({first_line(exc)})") from None
     else:
         # Explicit resources: what this machine has (or the CPUs this process may use), so Ray
         # neither over- nor under-packs trials. "local" starts a new instance where a bare

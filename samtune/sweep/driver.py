@@ -117,8 +117,7 @@ def prepare(
         store_wait_s()
     except ValueError as exc:
         raise SweepError(str(exc)) from None
-    if address:
-        check_address(address)
+    check_address(address)
     flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
     return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, lock)
 

@@ -74,12 +74,13 @@ def fit(
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: trains this worker's shard, reports every epoch.
 
-    Under `TorchTrainer` the worker count is the trainer's `ScalingConfig(num_workers=...)`
-    (the config's `workers` is overridden by it). Resumes from `ray.train.get_checkpoint()` when
+    Under `TorchTrainer` the worker count is the trainer's `ScalingConfig(num_workers=...)`: the
+    config's `workers` may be left out (it is taken from the worker group), and one that differs
+    is refused before any compute. Resumes from `ray.train.get_checkpoint()` when
     Ray Train restarts the worker group. Outside Ray Train it runs in this process, as one rank of
     an initialised `torch.distributed` group if there is one (torchrun), without reporting.
     Raises `TrialConfigError` for impossible settings (e.g. a batch that does not split over the
-    workers).
+    workers, or `workers` other than the worker group's size).
 
     Under Ray Train: ``TorchTrainer(train_loop_per_worker, train_loop_config=config,
     scaling_config=ScalingConfig(num_workers=2)).fit()``. Outside it, one process trains alone:
@@ -88,4 +89,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ...                        "sharpness_measures": ()})
     """
     session: Session = RaySession(sys.modules["ray.train"]) if in_ray_train() else LocalSession(None, None)
-    train(config, session)
+    train(with_worker_count(config, session.world_size), session)
+
+
+def with_worker_count(config: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """`config` with ``workers`` = the worker group's size; `TrialConfigError` when it names
+    another (the sharding, per-worker batch and m-sharpness all follow ``workers``).
+
+    >>> with_worker_count({"epochs": 1}, 2)
+    {'epochs': 1, 'workers': 2}
+    >>> with_worker_count({"workers": 3}, 2)
+    Traceback (most recent call last):
+    ...
+    samtune.trial.config.TrialConfigError: workers=3 in the trial config, but the worker group has 2 workers (num_workers); set workers to 2 or leave it out
+    """
+    workers = config.get("workers")
+    if workers is not None and workers != world_size:
+        raise TrialConfigError(
+            f"workers={workers!r} in the trial config, but the worker group has {world_size} workers "
+            f"(num_workers); set workers to {world_size} or leave it out"
+        )
+    return {**config, "workers": world_size}
