@@ -94,9 +94,14 @@ HUMAN_NOISE_RATES: dict[str, float] = {
     for mode in ("human", "twin")
 }
 
+# numpy's array rebuilder, which numpy 2 keeps under numpy._core; the files name numpy 1's path.
+_RECONSTRUCT = np._core.multiarray._reconstruct  # type: ignore[attr-defined]
+
 # Each dataset's checked mapping, by label file: the check costs seconds, and a sweep's checks
 # and dataset records ask for it once per cell.
-_ALIGNED: weakref.WeakKeyDictionary[Tensor, dict[str, Tensor]] = weakref.WeakKeyDictionary()
+# By the images' id, with a weak reference to tell a reused id from the same tensor (tensors
+# compare elementwise, so they cannot key a WeakKeyDictionary).
+_ALIGNED: dict[int, tuple[weakref.ref[Tensor], dict[str, Tensor]]] = {}
 
 #: How far above a shuffled mapping the images must agree with the human confusions (z-score).
 MAPPING_MIN_Z = 5.0
@@ -154,11 +159,9 @@ def read_label_file(path: Path, spec: HumanLabelFile) -> dict[str, Tensor]:
             f"{path} is not the published {spec.title} file: its md5 is {digest}, expected {spec.md5}; "
             "it was not unpickled"
         )
-    from numpy._core.multiarray import _reconstruct  # noqa: PLC0415  numpy >= 2 keeps it here
-
     # The file names numpy 1's path for the array rebuilder; only these globals may be built.
     allowed: list[Any] = [
-        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
         np.ndarray,
         np.dtype,
         type(np.dtype("int64")),
@@ -313,7 +316,10 @@ def noisy_train_labels(
             f"classes; this trial's dataset is {dataset.name!r}"
         )
     labels = read_label_file(find_label_file(spec, data_root), spec)
-    known = _ALIGNED.setdefault(dataset.train_x, {})
+    entry = _ALIGNED.get(id(dataset.train_x))
+    if entry is None or entry[0]() is not dataset.train_x:
+        entry = _ALIGNED[id(dataset.train_x)] = (weakref.ref(dataset.train_x), {})
+    known = entry[1]
     if spec.file not in known:
         known[spec.file] = align(dataset, labels, spec)
     position = known[spec.file]

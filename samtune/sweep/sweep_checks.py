@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
 from samtune.contract.values import Setting, SpaceError, choice, suggest
+from samtune.data.human_noise import HUMAN_LABEL_FILES
 from samtune.sweep.validate import TRIAL_SETTINGS, check_metric_reported, validate_trial_config
 
 if TYPE_CHECKING:
@@ -146,8 +147,6 @@ def check_sweep(sweep: Sweep) -> None:
 def check_human_noise(sweep: Sweep) -> None:
     """The cells' rates and human label sets: distinct rates (none needed beside human noise) and
     sets of the sweep's dataset, which must be that dataset whole."""
-    from samtune.data.human_noise import HUMAN_LABEL_FILES
-
     sets = (sweep.human_noise,) if isinstance(sweep.human_noise, str) else sweep.human_noise
     if not isinstance(sets, (list, tuple)) or not all(isinstance(s, str) for s in sets):
         raise SpaceError(f"human_noise={sweep.human_noise!r}: expected a tuple of label sets, e.g. ('aggre', 'worst')")
