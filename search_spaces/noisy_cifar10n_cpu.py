@@ -20,11 +20,13 @@ from samtune.sweep import Sweep
 
 
 def space(trial):
-    """Optuna define-by-run: rho exists only for SAM trials."""
+    """Optuna define-by-run: rho and m exist only for SAM trials."""
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "sam"])
     trial.suggest_float("lr", 0.01, 0.3, log=True)
     if optimizer == "sam":
         trial.suggest_float("rho", 0.02, 0.3, log=True)
+        # m-sharpness group size; None = the whole per-worker batch (classic SAM).
+        trial.suggest_categorical("m", [16, None])
     return {"weight_decay": 5e-4, "momentum": 0.9}
 
 
