@@ -24,7 +24,14 @@ LR_SCHEDULES = ("cosine", "constant", "step")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("gloo", "nccl")
 NORMS = ("batch", "group", "none")
-NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
+SYNTHETIC_NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
+#: The human label sets of CIFAR-10N (aggre, random1-3, worst) and CIFAR-100N (noisy), as
+#: `samtune.data.human_noise` reads them: ``human:<set>`` trains on them, ``twin:<set>`` on
+#: synthetic noise of the same transition matrix.
+HUMAN_LABEL_SETS = ("aggre", "random1", "random2", "random3", "worst", "noisy")
+NOISE_KINDS = (
+    SYNTHETIC_NOISE_KINDS + tuple(f"human:{s}" for s in HUMAN_LABEL_SETS) + tuple(f"twin:{s}" for s in HUMAN_LABEL_SETS)
+)
 SCENARIOS = ("label_noise", "finetune")
 SAM_VARIANTS = ("full", "every_k", "rst", "looksam", "ae_sam", "msam", "sampa")
 RST_SCHEDULES = ("constant", "linear")
@@ -60,8 +67,12 @@ TRIAL_KEYS: dict[str, Setting] = {
     "test_subset": _key("int", None, "test examples used (None: all)", optional=True, low=1),
     "data_seed": _key("int", None, "fixes subset, noise, split (None: seed)", optional=True, low=0),
     "scenario": _choice("label_noise", SCENARIOS, "label_noise, finetune"),
-    "label_noise_rate": _key("float", 0.0, "fraction of flipped labels", **_UNIT),
-    "label_noise_kind": _choice("symmetric", NOISE_KINDS, "symmetric, pairflip, asymmetric (CIFAR-10 class map)"),
+    "label_noise_rate": _key("float", 0.0, "fraction of flipped labels (human:/twin: kinds: the file's)", **_UNIT),
+    "label_noise_kind": _choice(
+        "symmetric",
+        NOISE_KINDS,
+        "symmetric, pairflip, asymmetric (CIFAR-10 class map), human:<set> (CIFAR-10N/100N), twin:<set>",
+    ),
     "val_fraction": _key("float", 0.1, "validation share of training set", **_UNIT),
     "augment": _key("bool", None, "random crop + flip (None: scenario default)", optional=True),
     # -- model

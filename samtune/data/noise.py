@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from samtune.contract.keys import NOISE_KINDS
+from samtune.contract.keys import SYNTHETIC_NOISE_KINDS
 from samtune.data.load import parse_dataset_name
 
 #: Asymmetric (class-dependent) noise maps by base dataset name, as class name -> class name:
@@ -56,8 +56,11 @@ def apply_label_noise(
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"unknown label noise kind {kind!r}; expected one of {NOISE_KINDS}")
+    if kind not in SYNTHETIC_NOISE_KINDS:
+        raise ValueError(
+            f"unknown synthetic label noise kind {kind!r}; expected one of {SYNTHETIC_NOISE_KINDS} "
+            "(human:/twin: kinds come from samtune.data.human_noise)"
+        )
     labels = labels.to(torch.int64)
     n = labels.numel()
     if n and (labels.min() < 0 or labels.max() >= num_classes):

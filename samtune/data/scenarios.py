@@ -4,7 +4,9 @@ A scenario turns a flat trial config into a `Scenario`: tensors already split, n
 study says so, with the normalisation and the starting weights that go with them.
 
 ``label_noise`` (default): a fraction of the training labels is flipped
-(`samtune.data.noise`: symmetric, pairflip or CIFAR-10's asymmetric map). The validation split
+(`samtune.data.noise`: symmetric, pairflip or CIFAR-10's asymmetric map), or the training labels
+are CIFAR-10N/CIFAR-100N's human ones (``human:<set>``) or synthetic noise of their transition
+matrix (``twin:<set>``), both at the file's measured rate (`samtune.data.human_noise`). The validation split
 is drawn from the noisy training set (model selection sees only what a user with noisy data
 would see); the test set stays clean. The scenario keeps which examples flipped
 (``train_flipped``, ``val_flipped``) and the clean validation labels (``val_y_true``).
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 
 from samtune.contract.keys import SCENARIOS
 from samtune.data.dataset import Dataset
+from samtune.data.human_noise import HUMAN_NOISE_RATES, is_human_kind, kind_title, noisy_train_labels
 from samtune.data.load import load_dataset
 from samtune.data.noise import apply_label_noise, asymmetric_class_map
 from samtune.models.heads import freeze_batchnorm_stats
@@ -106,6 +109,8 @@ def _subset_indices(n: int, size: int, seed: int) -> Tensor:
 def _cell_label(config: dict[str, Any]) -> str:
     rate = float(config.get("label_noise_rate", 0.0) or 0.0)
     kind = config.get("label_noise_kind", "symmetric")
+    if is_human_kind(kind):
+        return kind_title(kind)
     return f"noise={rate:g}" if kind == "symmetric" else f"noise={rate:g} {kind}"
 
 
@@ -193,8 +198,8 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
     seed = int(config.get("seed", 0) or 0)
     data_seed = seed if config.get("data_seed") is None else int(config["data_seed"])
     sizes = split_sizes(len(dataset.train_y), dataset.num_classes, config)
-    x, y, test_x, test_y = _subsets(dataset, config, data_seed)
-    noisy, is_flipped = _noisy_labels(dataset, config, y, data_seed)
+    x, y, test_x, test_y, chosen = _subsets(dataset, config, data_seed)
+    noisy, is_flipped = _noisy_labels(dataset, config, y, data_seed, chosen)
 
     n_val = sizes.val
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed * 1000 + _VAL_STREAM))
@@ -228,11 +233,15 @@ def _split(dataset: Dataset, config: dict[str, Any], name: str, cell: str) -> Sc
     )
 
 
-def _subsets(dataset: Dataset, config: dict[str, Any], data_seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _subsets(
+    dataset: Dataset, config: dict[str, Any], data_seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The training and test examples a trial uses: ``data_subset`` and ``test_subset`` drawn at
-    random (in their original order), or all of them."""
+    random (in their original order), or all of them; last, the training subset's indices (None:
+    all)."""
     x, y = dataset.train_x, dataset.train_y
     subset = config.get("data_subset")
+    idx = None
     if subset is not None:
         subset = int(subset)
         if subset < len(y):
@@ -243,15 +252,22 @@ def _subsets(dataset: Dataset, config: dict[str, Any], data_seed: int) -> tuple[
     if test_subset is not None and int(test_subset) < len(test_y):
         if int(test_subset) < 1:
             raise ValueError(f"test_subset must be positive, got {test_subset}")
-        idx = _subset_indices(len(test_y), int(test_subset), data_seed * 1000 + _TEST_STREAM)
-        test_x, test_y = test_x[idx], test_y[idx]
-    return x, y, test_x, test_y
+        test_idx = _subset_indices(len(test_y), int(test_subset), data_seed * 1000 + _TEST_STREAM)
+        test_x, test_y = test_x[test_idx], test_y[test_idx]
+    return x, y, test_x, test_y, idx
 
 
-def _noisy_labels(dataset: Dataset, config: dict[str, Any], y: Tensor, data_seed: int) -> tuple[Tensor, Tensor]:
-    """The labels trained on, and a mask of the examples whose label the noise changed."""
+def _noisy_labels(
+    dataset: Dataset, config: dict[str, Any], y: Tensor, data_seed: int, chosen: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The labels trained on, and a mask of the examples whose label the noise changed.
+    ``chosen``: the training subset's indices into the dataset (None: all of it)."""
     rate = float(config.get("label_noise_rate", 0.0) or 0.0)
     noise_kind = config.get("label_noise_kind", "symmetric") or "symmetric"
+    if is_human_kind(noise_kind):
+        noisy = human_labels(dataset, config, data_seed)
+        noisy = noisy if chosen is None else noisy[chosen]
+        return noisy, noisy != y
     class_map = None
     if noise_kind == "asymmetric":
         class_map = asymmetric_class_map(str(config.get("dataset", dataset.name)), list(dataset.classes))
@@ -261,3 +277,20 @@ def _noisy_labels(dataset: Dataset, config: dict[str, Any], y: Tensor, data_seed
     is_flipped = torch.zeros(len(y), dtype=torch.bool)
     is_flipped[flipped] = True
     return noisy, is_flipped
+
+
+def human_labels(dataset: Dataset, config: dict[str, Any], data_seed: int) -> Tensor:
+    """The whole training set's labels under a ``human:``/``twin:`` kind, in the dataset's order.
+
+    Raises ValueError when ``label_noise_rate`` is set to anything but the kind's measured rate:
+    that rate is the file's, not a setting."""
+    kind = str(config["label_noise_kind"])
+    rate = float(config.get("label_noise_rate", 0.0) or 0.0)
+    measured = HUMAN_NOISE_RATES[kind]
+    if rate and abs(rate - measured) > 1e-9:
+        raise ValueError(
+            f"label_noise_kind={kind!r} trains at its file's measured rate {measured:g}; "
+            f"leave label_noise_rate unset (got {rate:g})"
+        )
+    base = str(config.get("dataset", dataset.name)).strip().lower()
+    return noisy_train_labels(dataset, base, kind, config.get("data_root"), data_seed * 1000 + _NOISE_STREAM)

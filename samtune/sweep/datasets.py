@@ -29,12 +29,12 @@ def cell_dataset(sweep: Sweep, cell: Cell) -> dict[str, Any]:
         "test_examples": int(len(scenario.test_y)),
         "classes": int(scenario.num_classes),
         "label_noise_rate": cell.label_noise_rate,
-        "label_noise_kind": sweep.label_noise_kind,
+        "label_noise_kind": cell.label_noise_kind,
         "flipped_labels": int((scenario.train_y != scenario.train_y_true).sum()),
         "data_seed": config.get("data_seed"),
     }
     return {
-        "name": f"{sweep.dataset} {cell.label}",
+        "name": cell.label if cell.label_noise_kind != sweep.label_noise_kind else f"{sweep.dataset} {cell.label}",
         "digest": digest,
         "source": f"{sweep.dataset} (data_root={config.get('data_root')})",
         "profile": profile,

@@ -325,7 +325,7 @@ def _scheduler(sweep: Sweep, search: CellSearch) -> TrialScheduler:
             mode=sweep.mode,
         )
     return CellScheduler(
-        [c.label_noise_rate for c in cells],
+        [(c.label_noise_kind, c.label_noise_rate) for c in cells],
         [
             ASHAScheduler(
                 time_attr="epoch",

@@ -2,7 +2,8 @@
 
 A sweep's space is checked value by value on sampled trials (`samtune.sweep.check.check_space`);
 this adds what only the dataset's shape decides: a batch larger than a cell's training split,
-label noise on a dataset of one class. The dataset is read once here (from its cache: a fraction
+label noise on a dataset of one class, human label files that are missing, not the published
+ones or not in the order of this copy's images. The dataset is read once here (from its cache: a fraction
 of a second), and each cell's split sized without building it
 (`samtune.data.scenarios.split_sizes`).
 """
@@ -12,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from samtune.contract.messages import first_line
+from samtune.data.dataset import Dataset
+from samtune.data.human_noise import is_human_kind
 from samtune.data.load import load_dataset
-from samtune.data.scenarios import split_sizes
+from samtune.data.scenarios import human_labels, split_sizes
 from samtune.sweep.study import Sweep
 from samtune.trial.config import TrialConfigError, perturbation_plan, resolve_config
 
@@ -35,6 +39,7 @@ def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
         raise PreflightError(f"dataset {sweep.dataset!r}: {exc}") from None
     variants = [dict(p) for p in sampled] or [{}]
     _check_models_fit(sweep, dataset.input_shape, variants)
+    check_human_labels(sweep, dataset)
     for cell in sweep.cells():
         for params in variants:
             config = {**sweep.base_config(cell), **params}
@@ -52,6 +57,18 @@ def check_cells(sweep: Sweep, sampled: Iterable[dict[str, Any]] = ()) -> None:
                     + (f" ({per_worker} per worker)" if cfg["workers"] > 1 else "")
                     + "; lower batch_size or val_fraction"
                 )
+
+
+def check_human_labels(sweep: Sweep, dataset: Dataset) -> None:
+    """Each human noise cell's labels: the file found, its digest the published one, and its order
+    matched to this copy's images (`samtune.data.human_noise`), before any trial."""
+    for cell in sweep.cells():
+        if not is_human_kind(cell.label_noise_kind):
+            continue
+        try:
+            human_labels(dataset, sweep.base_config(cell), sweep.seed)
+        except ValueError as exc:  # a missing file is a DataNotFoundError, reported as missing data
+            raise PreflightError(f"cell {cell.label}: {first_line(exc)}") from None
 
 
 def _check_models_fit(sweep: Sweep, input_shape: tuple[int, int, int], variants: list[dict[str, Any]]) -> None:

@@ -81,7 +81,7 @@ class Recorder:
             {
                 "scenario": sweep.scenario,
                 "label_noise_rate": cell.label_noise_rate,
-                "label_noise_kind": sweep.label_noise_kind,
+                "label_noise_kind": cell.label_noise_kind,
             },
         )
 
@@ -222,7 +222,7 @@ class SweepCallback(Callback):
     def __init__(self, cells: list[Cell], stage: str = ""):
         """`stage`: the prefix of the recorders' names in `recording_to` ("" for the search,
         "confirm:" for the confirmation stage's Tuner)."""
-        self.rates = tuple(c.label_noise_rate for c in cells)
+        self.rates = tuple((c.label_noise_kind, c.label_noise_rate) for c in cells)
         self.slugs = tuple(c.slug for c in cells)
         self.stage = stage
 
@@ -347,7 +347,7 @@ def reconcile(plan: Plan, recorders: Mapping[str, Recorder], folder: str = TUNE_
     except Exception:  # noqa: BLE001  no state written: nothing ended
         return ended
     cells = plan.sweep.cells()
-    rates = [c.label_noise_rate for c in cells]
+    rates = [(c.label_noise_kind, c.label_noise_rate) for c in cells]
     known: dict[str, set[str]] = {slug: set() for slug in recorders}
     frames = None
     for trial in analysis.trials:

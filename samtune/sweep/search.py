@@ -89,13 +89,17 @@ class AshaAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def cell_index(rates: tuple[float, ...] | list[float], config: dict[str, Any]) -> int | None:
-    """The cell a trial config belongs to: the index of its label-noise rate (unique per sweep)."""
+def cell_index(cells: Sequence[float | tuple[str, float]], config: dict[str, Any]) -> int | None:
+    """The cell a trial config belongs to: the index of its ``(label_noise_kind, label_noise_rate)``
+    (unique per sweep; a human noise cell and its twin share a rate). A bare rate, as callbacks
+    saved before noise kinds told cells apart hold, matches on the rate alone."""
     rate = config.get("label_noise_rate")
     if not finite(rate):
         return None
-    for index, other in enumerate(rates):
-        if math.isclose(other, rate, abs_tol=1e-12):
+    kind = config.get("label_noise_kind") or "symmetric"
+    for index, other in enumerate(cells):
+        other_kind, other_rate = other if isinstance(other, tuple) else (kind, other)
+        if other_kind == kind and math.isclose(other_rate, rate, abs_tol=1e-12):
             return index
     return None
 
@@ -231,7 +235,8 @@ class CellScheduler(FIFOScheduler):
     never keeps.
     """
 
-    def __init__(self, rates: Sequence[float], schedulers: Sequence[TrialScheduler], max_t: int):
+    def __init__(self, rates: Sequence[float | tuple[str, float]], schedulers: Sequence[TrialScheduler], max_t: int):
+        """`rates`: each cell's ``(label_noise_kind, label_noise_rate)``, as `cell_index` takes them."""
         super().__init__()
         self.rates = tuple(rates)
         self.schedulers = list(schedulers)

@@ -14,6 +14,7 @@ from typing import Any
 
 from samtune.contract.keys import SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.values import SpaceError, suggest
+from samtune.data.human_noise import HUMAN_NOISE_RATES, kind_title
 from samtune.sequential import Design, looks_between
 from samtune.sweep.assignments import parse_assignments, parse_rates
 from samtune.sweep.sweep_checks import MAX_NAME, SWEEP_SPECS, check_sweep, study_key_error
@@ -39,6 +40,7 @@ class Cell:
     index: int
     label_noise_rate: float
     label: str  # e.g. "noise=0.4": what the user reads and what MLflow tags carry
+    label_noise_kind: str = "symmetric"
 
     @property
     def slug(self) -> str:
@@ -52,7 +54,9 @@ class Sweep:
     """A study: which cells, which model, what budget, what resources, what to optimise.
 
     Cells: one per entry of ``label_noise_rates`` (the finetune scenario uses them too: finetuning
-    under that much noise). Per cell, ``trials`` Optuna trials of ``epochs`` epochs each; ASHA may
+    under that much noise), then for each set of ``human_noise`` (e.g. ``("aggre", "worst")`` on
+    CIFAR-10) a ``human:<set>`` cell at the file's measured rate and, with ``human_noise_twins``,
+    its ``twin:<set>`` cell (`samtune.data.human_noise`). Per cell, ``trials`` Optuna trials of ``epochs`` epochs each; ASHA may
     stop a trial after ``grace_period`` epochs (None: a quarter of the epochs, at least 1).
 
     Resources: ``cpus_per_trial``/``gpus_per_trial`` is what one trial holds when ``workers == 1``;
@@ -83,6 +87,8 @@ class Sweep:
     scenario: str = "label_noise"
     label_noise_rates: tuple[float, ...] = (0.0,)
     label_noise_kind: str = "symmetric"
+    human_noise: tuple[str, ...] = ()
+    human_noise_twins: bool = True
     workers: int = 1
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
@@ -131,17 +137,30 @@ class Sweep:
     def cells(self) -> list[Cell]:
         """The scenario cells, in the order given."""
         suffix = "" if self.label_noise_kind == "symmetric" else f" {self.label_noise_kind}"
-        return [Cell(i, r, f"noise={r:g}{suffix}") for i, r in enumerate(self.label_noise_rates)]
+        cells = [
+            Cell(i, r, f"noise={r:g}{suffix}", self.label_noise_kind) for i, r in enumerate(self.label_noise_rates)
+        ]
+        for name in self.human_noise:
+            for mode in ("human", "twin") if self.human_noise_twins else ("human",):
+                kind = f"{mode}:{name}"
+                cells.append(Cell(len(cells), HUMAN_NOISE_RATES[kind], kind_title(kind), kind))
+        return cells
 
     def cell(self, rate: float | str) -> Cell:
-        """The cell for a noise rate (``0.4`` or ``"0.4"`` or ``"noise=0.4"``); SpaceError if absent."""
+        """The cell for a noise rate (``0.4`` or ``"0.4"`` or ``"noise=0.4"``), or of a human noise
+        kind (``"human:aggre"``, ``"twin:aggre"``); SpaceError if absent."""
+        for cell in self.cells():
+            if str(rate).strip() in (cell.label, cell.label_noise_kind) and cell.label_noise_kind in HUMAN_NOISE_RATES:
+                return cell
         text = str(rate).strip().removeprefix("noise=")
         try:
             value = float(text)
         except ValueError:
             raise SpaceError(f"--cell {rate!r}: expected a label-noise rate such as 0.4") from None
         for cell in self.cells():
-            if math.isclose(cell.label_noise_rate, value, abs_tol=1e-12):
+            if cell.label_noise_kind == self.label_noise_kind and math.isclose(
+                cell.label_noise_rate, value, abs_tol=1e-12
+            ):
                 return cell
         raise SpaceError(
             f"--cell {rate}: this sweep has no such cell; its rates are "
@@ -155,7 +174,7 @@ class Sweep:
             "model": self.model,
             "scenario": self.scenario,
             "label_noise_rate": cell.label_noise_rate,
-            "label_noise_kind": self.label_noise_kind,
+            "label_noise_kind": cell.label_noise_kind,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -190,6 +209,12 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["label_noise_rates"] = list(self.label_noise_rates)
+        if not self.human_noise:
+            # A sweep without human noise records what it did before these fields existed, so a
+            # sweep saved then resumes as the same sweep.
+            del out["human_noise"], out["human_noise_twins"]
+        else:
+            out["human_noise"] = list(self.human_noise)
         return out
 
     @classmethod
@@ -246,6 +271,8 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
                 fixed[sub] = parse_trial_value(sub, raw)
             elif key == "label_noise_rates":
                 changes[key] = parse_rates(key, raw)
+            elif key == "human_noise":
+                changes[key] = tuple(part.strip() for part in raw.split(",") if part.strip())
             elif key == "m_ablation_rates":
                 changes[key] = parse_rates(key, raw)
             elif key == "m_ablation":

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
 from samtune.contract.values import Setting, SpaceError, choice, suggest
+from samtune.data.human_noise import HUMAN_LABEL_FILES
 from samtune.sweep.validate import TRIAL_SETTINGS, check_metric_reported, validate_trial_config
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ SWEEP_SPECS: dict[str, Setting] = {
         doc="SAM and SGD are equivalent when the interval of their difference lies within +/- this",
     ),
     "vary_noise_draw": Setting("bool", doc="confirmation seeds also draw the label noise anew"),
+    "human_noise_twins": Setting("bool", doc="beside each human noise cell, its synthetic twin's"),
 }
 
 
@@ -105,7 +107,7 @@ def check_sweep(sweep: Sweep) -> None:
     if len(sweep.name) > MAX_NAME:
         # It names folders and files (with suffixes), which file systems cap at 255 bytes.
         raise SpaceError(f"name={sweep.name[:20]}...: {len(sweep.name)} characters; at most {MAX_NAME}")
-    object.__setattr__(sweep, "label_noise_rates", validated_rates(sweep.label_noise_rates))
+    check_human_noise(sweep)
     metrics = reported_metrics()
     if sweep.metric not in metrics and not sweep.metric.startswith("sharpness/"):
         raise SpaceError(
@@ -140,6 +142,31 @@ def check_sweep(sweep: Sweep) -> None:
             f"{sweep.confirm_seeds}: the first round already runs that many seeds"
         )
     check_metric_reported(sweep.metric, sweep.base_config(sweep.cells()[0]))
+
+
+def check_human_noise(sweep: Sweep) -> None:
+    """The cells' rates and human label sets: distinct rates (none needed beside human noise) and
+    sets of the sweep's dataset, which must be that dataset whole."""
+    sets = (sweep.human_noise,) if isinstance(sweep.human_noise, str) else sweep.human_noise
+    if not isinstance(sets, (list, tuple)) or not all(isinstance(s, str) for s in sets):
+        raise SpaceError(f"human_noise={sweep.human_noise!r}: expected a tuple of label sets, e.g. ('aggre', 'worst')")
+    sets = tuple(s.strip().removeprefix("human:") for s in sets)
+    if sets:
+        spec = HUMAN_LABEL_FILES.get(sweep.dataset.strip().lower())
+        if spec is None:
+            raise SpaceError(
+                f"human_noise={list(sets)}: human labels exist for {sorted(HUMAN_LABEL_FILES)} (whole, no class "
+                f"selection), not for dataset {sweep.dataset!r}"
+            )
+        unknown = [s for s in sets if s not in spec.sets]
+        if unknown or len(set(sets)) != len(sets):
+            raise SpaceError(
+                f"human_noise={list(sets)}: {spec.title} has the label sets {list(spec.sets)}, each at most once"
+            )
+    object.__setattr__(sweep, "human_noise", sets)
+    rates = sweep.label_noise_rates
+    empty = isinstance(rates, (list, tuple)) and not rates
+    object.__setattr__(sweep, "label_noise_rates", () if empty and sets else validated_rates(rates))
 
 
 def check_answer_fields(sweep: Sweep) -> None:
