@@ -116,6 +116,12 @@ def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--storage-path", help="where trial checkpoints and sweep state live (default ./ray_results)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
     p.add_argument(
+        "--yes",
+        action="store_true",
+        help="start a sweep estimated to take more than two days (or to hold over a million trial-epochs); "
+        "without it such a sweep is refused with its size and estimate",
+    )
+    p.add_argument(
         "--no-report",
         action="store_true",
         help="do not build the report at the end (build it later with `samtune report NAME`)",
@@ -226,9 +232,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         address=args.address,
         storage_path=args.storage_path,
         resume=args.resume,
+        yes=args.yes,
     )
     # Logs and pipes get a wide fixed width; a terminal keeps its own.
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    if plan.estimate is not None:
+        console.print(plan.estimate.text(), highlight=False, markup=False, soft_wrap=True)
     try:
         results = run_sweep(plan, view=SweepView(console))
     except SweepInterrupted as exc:

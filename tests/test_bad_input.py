@@ -455,6 +455,16 @@ CASES = [
         ],
         "'m_sharpness' is not among the measured sharpness_measures ['hessian_trace']",
     ),
+    (
+        "a billion trials",
+        lambda t: ["sweep", space_file(t), "--trials", str(10**9)],
+        "this sweep is too big to start unasked: it may take ",
+    ),
+    (
+        "a million epochs",
+        lambda t: ["sweep", space_file(t), "--set", f"epochs={10**6}"],
+        "or start it anyway with --yes",
+    ),
 ]
 # Cases that reach a network address: refused within seconds, not after a connection timeout.
 FAST = {
@@ -464,6 +474,9 @@ FAST = {
     "unreachable --tracking-uri with a password",
     "ray client --address",
     "report from an unreachable server",
+    # Sized from a short measurement, before Ray or MLflow starts.
+    "a billion trials",
+    "a million epochs",
 }
 
 

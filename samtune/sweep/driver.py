@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from samtune.contract.messages import first_line
 from samtune.contract.tags import DESCRIPTION_TAG
-from samtune.sweep.baselines import baseline_trials
+from samtune.sweep.baselines import Baseline, baseline_trials
 from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
 from samtune.sweep.cluster import (
     check_address,
@@ -43,6 +43,7 @@ from samtune.sweep.confirm import confirm, judged
 from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
+from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
@@ -93,18 +94,31 @@ def prepare(
     address: str | None = None,
     storage_path: str | None = None,
     resume: bool = False,
+    yes: bool = False,
 ) -> Plan:
-    """Load and check everything a sweep needs, creating nothing in MLflow or Ray.
+    """Load and check everything a sweep needs, creating nothing in MLflow or Ray, and size it
+    (`samtune.sweep.estimate`: ``plan.estimate``).
 
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
-    an unreachable tracking server or cluster address, or ``--resume`` with nothing to resume.
+    an unreachable tracking server or cluster address, ``--resume`` with nothing to resume, or a
+    new sweep estimated past two days (or a million trial-epochs) without `yes`.
     """
     # Before the data are read: a storage path that leads nowhere is refused at once.
     storage = storage_folder(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results")
-    sweep, space = _checked_sweep(path, overrides, trials, data_root)
+    sweep, space, sampled, baselines = _checked_sweep(path, overrides, trials, data_root)
+    slots = None
     if (machine := local_resources(address)) is not None:
         # A trial this machine can never hold is refused now, not after Ray has started.
-        trial_resources(sweep, machine)
+        slots = trial_resources(sweep, machine)[2]
+    if sweep.max_concurrent is not None:
+        slots = min(slots or sweep.max_concurrent, sweep.max_concurrent)
+    sam_baseline = any(b.settings.get("optimizer") in ("sam", "asam") for b in baselines)
+    size = estimate(sweep, sampled, slots, sam_baseline)
+    if (why := size.too_big()) and not (yes or resume):
+        raise SweepError(
+            f"this sweep is too big to start unasked: {why} ({size.text()}); shrink it (trials, epochs, cells) "
+            "or start it anyway with --yes"
+        )
     sweep_dir = storage / sweep.name
     lock = _hold(storage, sweep)
     sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
@@ -119,12 +133,14 @@ def prepare(
         raise SweepError(str(exc)) from None
     check_address(address)
     flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
-    return Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, lock)
+    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, lock)
+    plan.estimate = size
+    return plan
 
 
 def _checked_sweep(
     path: str, overrides: Sequence[str], trials: int | None, data_root: str | None
-) -> tuple[Sweep, SpaceFunction]:
+) -> tuple[Sweep, SpaceFunction, list[dict[str, Any]], list[Baseline]]:
     """The space file's sweep with the command line's changes, its space sampled and its data
     read: every trial config it can produce is one its trials accept."""
     sweep, space = load_space(path)
@@ -137,13 +153,13 @@ def _checked_sweep(
         sets.append(f"fixed.data_root={os.path.abspath(data_root)}")
     sweep = apply_overrides(sweep, sets)
     sampled = check_space(sweep, space, with_constants=True)
-    baseline_trials(sweep, space, sampled)  # a baseline the space cannot run is refused now
+    baselines = baseline_trials(sweep, space, sampled)  # a baseline the space cannot run is refused now
     check_data(sweep)
     try:
         check_cells(sweep, sampled)
     except PreflightError as exc:
         raise SweepError(str(exc)) from None
-    return sweep, space
+    return sweep, space, sampled, baselines
 
 
 def _hold(storage: Path, sweep: Sweep) -> DriverLock:

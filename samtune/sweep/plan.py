@@ -31,6 +31,8 @@ class Plan:
     flags: tuple[str, ...] = ()
     # This driver's hold on the sweep (`driver_lock`), for as long as the plan lives.
     lock: Any = field(default=None, repr=False, compare=False)
+    # Its size and duration estimate (`samtune.sweep.estimate.Estimate`), said before it starts.
+    estimate: Any = field(default=None, repr=False, compare=False)
 
     @property
     def sweep_key(self) -> str:

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 
 def duration(seconds: float) -> str:
-    """``45s``, ``3m05s``, ``1h02m``."""
+    """``45s``, ``3m05s``, ``1h02m``, ``3d04h``.
+
+    >>> duration(45), duration(185), duration(3720), duration(3 * 86400 + 4 * 3600)
+    ('45s', '3m05s', '1h02m', '3d04h')
+    """
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -23,7 +27,10 @@ def duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days:,}d{hours:02d}h"
 
 
 @dataclass
