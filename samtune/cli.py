@@ -33,6 +33,7 @@ from samtune.data.dataset import DataNotFoundError, DataUnreadableError
 from samtune.report.landing import experiment_page, sweep_experiment
 from samtune.report.page import build
 from samtune.report.runs import ReportError
+from samtune.sweep.ablations import ablation_text
 from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.driver import prepare, run_sweep
@@ -337,7 +338,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  baseline {b.name}: " + " ".join(f"{k}={v}" for k, v in {**b.point, **b.extras}.items()))
     print(f"  search: {search_label(sweep)}")
     if sweep.confirm_seeds:
-        ablation = {c.label: sweep.ablation_ms(c) for c in sweep.cells() if sweep.ablation_ms(c)}
+        ablation = {c.label: sweep.ablated(c) for c in sweep.cells() if sweep.ablated(c)}
         looks = sweep.design().looks
         more = (
             (
@@ -350,7 +351,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(
             f"  confirmation: best SGD, best SAM and the SAM baseline of each cell on {sweep.confirm_seeds} "
             f"fresh seeds{more}; equivalent means within +/-{sweep.equivalence_margin:g}"
-            + "".join(f"; m ablation in {cell}: m = {', '.join(map(str, ms))}" for cell, ms in ablation.items())
+            + "".join(f"; ablations in {cell}: {ablation_text(settings)}" for cell, settings in ablation.items())
         )
     if unchecked:
         print(unchecked, file=sys.stderr)

@@ -29,9 +29,12 @@ SPACE_FILE_TAG = "samtune.space_file"
 SWEEP_ID_TAG = "samtune.sweep_id"
 #: How the sweep searched: "deterministic (batches of B)" or "asynchronous (depends on timing)".
 SEARCH_TAG = "samtune.search"
-#: A confirmation run's configuration (best_sgd, best_sam, sam_baseline, m=<m>) and its seed.
+#: A confirmation run's configuration (best_sgd, best_sam, sam_baseline, or an ablation's:
+#: m=<m>, rho=<rho>, lr=x<k>, sgd lr=x<k>) and its seed.
 CONFIRMS_TAG = "samtune.confirms"
 SEED_TAG = "samtune.seed"
+#: An ablation run's setting (m, rho or lr): what its curve is a curve of.
+ABLATES_TAG = "samtune.ablates"
 #: On a cell's run: picks its confirmation ran once for two names ("sam_baseline:best_sam,...").
 ALIASES_TAG = "samtune.aliases"
 #: On a cell's run: the search trials its picks are ("best_sgd:<trial key>,best_sam:<trial key>"),

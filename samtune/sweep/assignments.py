@@ -30,3 +30,26 @@ def parse_rates(key: str, raw: str) -> tuple[float, ...]:
         return tuple(float(p) for p in text.split(",") if p.strip())
     except ValueError:
         raise SpaceError(f"{key}={raw}: expected comma-separated rates, e.g. 0.0,0.4") from None
+
+
+def parse_ablation(key: str, raw: str) -> dict[str, tuple[str | float | None, ...] | None]:
+    """``ablations.rho=0.02,0.1`` (``none``: the setting's default grid; lr's multipliers may be
+    written ``x0.5``) as ``{"rho": (0.02, 0.1)}``; the values are checked with the Sweep.
+
+    >>> parse_ablation("ablations.lr", "x0.5,x2"), parse_ablation("ablations.m", "none,16")
+    ({'lr': (0.5, 2.0)}, {'m': (None, 16.0)})
+    """
+    setting = key.split(".", 1)[1]
+    text = raw.strip().strip("[]()")
+    if text.lower() in ("", "none"):
+        return {setting: None}
+    values: list[str | float | None] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() == "none":
+            values.append(None)
+            continue
+        try:
+            values.append(float(part.removeprefix("x")))
+        except ValueError:
+            raise SpaceError(f"--set {key}={raw}: expected comma-separated numbers, e.g. 0.02,0.05") from None
+    return {setting: tuple(values)}

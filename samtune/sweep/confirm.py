@@ -5,14 +5,15 @@ error bar, and the pick itself flatters it (the winner's curse). After every cel
 best SGD configuration, its best SAM-family configuration and its SAM baseline run again on
 ``confirm_seeds`` fresh seeds (``seed + 1``, ``seed + 2``, ...); the seed changes initialisation,
 data order and augmentation, while the cell's label-noise draw stays the one the search saw
-(``data_seed`` is the sweep's seed) unless ``vary_noise_draw`` draws it anew per seed. With an
-``m_ablation``, the best SAM configuration also runs at each m that divides the per-worker batch
-(the SAM paper's m-sharpness question) on the same seeds.
+(``data_seed`` is the sweep's seed) unless ``vary_noise_draw`` draws it anew per seed. With
+``ablations`` (`samtune.sweep.ablations`), the best SAM configuration also runs with one setting
+moved at a time (rho, lr, m: the SAM paper's m-sharpness question among them), and the best SGD
+one with its lr moved, on the first round's seeds.
 
 The runs are one more Tuner of their own (``<sweep>/confirm``), never seen by the searchers, with
 every epoch in full (no ASHA). Each is an MLflow run under its cell's run, tagged
-``samtune.role=confirm`` (``ablation`` for the m ablation), ``samtune.confirms`` (which
-configuration) and ``samtune.seed``, keyed by those two, so a resumed stage continues its runs
+``samtune.role=confirm`` (``ablation`` for the ablations, with ``samtune.ablates=<setting>``),
+``samtune.confirms`` (which configuration) and ``samtune.seed``, keyed by those two, so a resumed stage continues its runs
 instead of adding new ones.
 """
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.search import Searcher
 
 from samtune.contract.tags import (
+    ABLATES_TAG,
     ALIASES_TAG,
     CELL_TAG,
     CONFIRMS_TAG,
@@ -34,6 +36,7 @@ from samtune.contract.tags import (
     STATUS_TAG,
 )
 from samtune.sequential import Design
+from samtune.sweep.ablations import ablated_setting, ablation_picks, space_range
 from samtune.sweep.baselines import Baseline
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
@@ -67,8 +70,8 @@ class Rerun:
 
 
 def role_of(name: str) -> str:
-    """A confirmation run's ``samtune.role``: ``ablation`` for the m ablation's picks."""
-    return "ablation" if name.startswith("m=") else "confirm"
+    """A confirmation run's ``samtune.role``: ``ablation`` for the ablations' configurations."""
+    return "ablation" if ablated_setting(name) else "confirm"
 
 
 def confirmation_seeds(sweep: Sweep, look: int = 0) -> list[int]:
@@ -91,16 +94,22 @@ def best_trials(sweep: Sweep, result: CellResult) -> dict[str, TrialRow]:
     return {name: row for name, row in rows.items() if row is not None}
 
 
-def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[str, dict[str, Any]]:
-    """The configurations a cell confirms, by name, as settings over its base config. One that
-    another pick already runs is not run twice: `CellResult.aliases` names the pick that runs it."""
+def _picks(
+    sweep: Sweep, result: CellResult, baselines: list[Baseline], space: Any = None
+) -> dict[str, dict[str, Any]]:
+    """The configurations a cell confirms, by name, as settings over its base config, then its
+    ablations (`samtune.sweep.ablations.ablation_picks`; rho's default grid over ``space``'s
+    range). One that another pick already runs is not run twice (an ablated value equal to the
+    pick's own is the pick): `CellResult.aliases` names the pick that runs it."""
     picks: dict[str, dict[str, Any]] = {name: dict(row.params) for name, row in best_trials(sweep, result).items()}
     sam = next((dict(b.settings) for b in baselines if b.settings.get("optimizer") in ("sam", "asam")), None)
     if sam is not None:
         picks["sam_baseline"] = sam
-    if "best_sam" in picks:
-        for m in sweep.ablation_ms(result.cell):
-            picks[f"m={m}"] = {**picks["best_sam"], "m": m}
+    ablated = sweep.ablated(result.cell)
+    if "best_sam" not in picks:
+        ablated = {"lr": ablated["lr"]} if "lr" in ablated else {}
+    rho_range = space_range(space, "rho", sweep.seed) if ablated.get("rho", ()) is None else None
+    picks.update(ablation_picks(ablated, picks.get("best_sam"), picks.get("best_sgd"), rho_range))
     unique: dict[str, dict[str, Any]] = {}
     base = sweep.base_config(result.cell)
     for name, settings in picks.items():
@@ -117,10 +126,13 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in set(a) | set(b))
 
 
-def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], look: int = 0) -> list[Rerun]:
+def reruns(
+    sweep: Sweep, results: list[CellResult], baselines: list[Baseline], look: int = 0, space: Any = None
+) -> list[Rerun]:
     """Every confirmation run of round ``look`` of the sweep, cell after cell, configuration
-    after configuration: in round 0 every pick of every cell; in a later round the two picks the
-    verdict compares (`DECIDING`), of the cells whose verdict is still undecided.
+    after configuration: in round 0 every pick and ablation of every cell; in a later round the
+    two picks the verdict compares (`DECIDING`), of the cells whose verdict is still undecided.
+    ``space`` (the sweep's): where rho's default ablation grid comes from.
 
     >>> from samtune.sweep.results import TrialRow
     >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=2, batch_size=32, trials=2,
@@ -138,7 +150,7 @@ def reruns(sweep: Sweep, results: list[CellResult], baselines: list[Baseline], l
         if look and not undecided(sweep, result):
             continue
         base = sweep.base_config(result.cell)
-        for name, settings in _picks(sweep, result, baselines).items():
+        for name, settings in _picks(sweep, result, baselines, space).items():
             if look and name not in DECIDING:
                 continue
             for seed in confirmation_seeds(sweep, look):
@@ -221,12 +233,14 @@ class StageRecorder(Recorder):
 
     def trial_start(self, trial: Trial) -> None:
         name, seed = self._id(trial)
+        ablates = ablated_setting(name)
         self.tracker.declare(
             self._key(trial),
             f"{self.cell.label} {name} seed {seed}",
             role_of(name),
             parent=self.cell_key,
             **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name, SEED_TAG: str(seed), STATUS_TAG: "running"},
+            **({ABLATES_TAG: ablates} if ablates else {}),
         )
         self.tracker.log_params(self._key(trial), trial.config)
         self._row(trial).status = "running"
@@ -289,7 +303,7 @@ def confirm(
     asks for the same runs again and finds the ones that ended in their round's folder."""
     sweep = plan.sweep
     for look in range(len(sweep.design().looks)):
-        runs = reruns(sweep, results, baselines, look)
+        runs = reruns(sweep, results, baselines, look, plan.space)
         if not runs:
             if look:
                 break  # every cell decided

@@ -25,6 +25,7 @@ from samtune.data.load import load_dataset
 from samtune.data.scenarios import split_sizes
 from samtune.models.zoo import build_model
 from samtune.sweep.progress import duration
+from samtune.sweep.ablations import planned_runs
 from samtune.sweep.study import Sweep
 from samtune.trial.config import resolve_config
 
@@ -97,7 +98,8 @@ class Estimate:
 
 def sweep_size(sweep: Sweep, has_sam_baseline: bool = True) -> Size:
     """The trial-epochs of `sweep`: its search run to the end, and its confirmation stage (best
-    SGD, best SAM, the SAM baseline and each ablation m on the first round's seeds; best SGD and
+    SGD, best SAM, the SAM baseline and each ablation's value on the first round's seeds, m=None
+    left out as the best SAM's own; best SGD and
     best SAM on every further seed up to ``max_confirm_seeds``)."""
     cells = sweep.cells()
     search = len(cells) * sweep.trials * sweep.epochs
@@ -105,7 +107,9 @@ def sweep_size(sweep: Sweep, has_sam_baseline: bool = True) -> Size:
     if sweep.confirm_seeds:
         later = max(sweep.design().looks[-1] - sweep.confirm_seeds, 0)
         for cell in cells:
-            picks = 2 + int(has_sam_baseline) + len([m for m in sweep.ablation_ms(cell) if m is not None])
+            ablated = sweep.ablated(cell)
+            own = int(None in (ablated.get("m") or ()))
+            picks = 2 + int(has_sam_baseline) + planned_runs(ablated) - own
             first += picks * sweep.confirm_seeds * sweep.epochs
             most += (picks * sweep.confirm_seeds + 2 * later) * sweep.epochs
     return Size(len(cells), sweep.trials, sweep.epochs, search, first, most)

@@ -16,7 +16,8 @@ from samtune.contract.keys import SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.values import SpaceError, suggest
 from samtune.data.human_noise import HUMAN_NOISE_RATES, kind_title
 from samtune.sequential import Design, looks_between
-from samtune.sweep.assignments import parse_assignments, parse_rates
+from samtune.sweep.ablations import normalised
+from samtune.sweep.assignments import parse_ablation, parse_assignments, parse_rates
 from samtune.sweep.sweep_checks import MAX_NAME, SWEEP_SPECS, check_sweep, study_key_error
 from samtune.sweep.validate import parse_trial_value
 
@@ -66,6 +67,13 @@ class Sweep:
     ``fixed`` adds settings to every trial config (any key of `TRIAL_KEYS` except the ones this
     class already sets). Construction validates everything and raises SpaceError (one line).
 
+    Ablations (`samtune.sweep.ablations`), on the confirmation seeds of the cells whose rate is in
+    ``ablation_rates`` (None: every cell): ``ablations={"rho": None, "lr": (0.5, 2)}`` moves one
+    setting of the cell's best SAM configuration at a time (lr also of its best SGD one): rho to
+    given values (None: a log grid over the space's range), lr by multipliers of the pick's (None:
+    x0.25, x0.5, x2, x4), m to given values (None: 32, 16, 8, 4 and the whole batch).
+    ``m_ablation``/``m_ablation_rates`` are the older spelling of the m entry and its cells.
+
     >>> sweep = Sweep(name="demo", dataset="digits", model="cnn", epochs=8, batch_size=32, trials=4,
     ...               label_noise_rates=(0.0, 0.4), fixed={"weight_decay": 5e-4})
     >>> [cell.label for cell in sweep.cells()], sweep.asha_grace_period
@@ -111,6 +119,8 @@ class Sweep:
     vary_noise_draw: bool = False
     m_ablation: tuple[int | None, ...] = ()
     m_ablation_rates: tuple[float, ...] | None = None
+    ablations: dict[str, Any] = field(default_factory=dict)
+    ablation_rates: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_sweep(self)
@@ -122,17 +132,28 @@ class Sweep:
         return Design(looks=looks_between(self.confirm_seeds, last), margin=self.equivalence_margin)
 
     def ablation_ms(self, cell: Cell | None = None) -> tuple[int | None, ...]:
-        """The m values of the m ablation (of ``cell``: none outside ``m_ablation_rates``) that
-        divide the per-worker batch (None: the whole batch). It runs on the confirmation seeds,
-        so not at all with ``confirm_seeds=0``."""
-        if not self.confirm_seeds or (
-            cell is not None
-            and self.m_ablation_rates is not None
-            and cell.label_noise_rate not in self.m_ablation_rates
-        ):
-            return ()
-        local = self.batch_size // self.workers
-        return tuple(m for m in self.m_ablation if m is None or local % m == 0)
+        """The m values of the m ablation (of ``cell``: none outside its rates) that divide the
+        per-worker batch (None: the whole batch). It runs on the confirmation seeds, so not at
+        all with ``confirm_seeds=0``."""
+        return self.ablated(cell).get("m") or ()
+
+    def ablated(self, cell: Cell | None = None) -> dict[str, tuple[Any, ...] | None]:
+        """The settings ablated (in ``cell``), with their values (`samtune.sweep.ablations`; m
+        only those dividing the per-worker batch, rho None for the grid over the space's range);
+        empty with ``confirm_seeds=0``. m's cells are ``m_ablation_rates`` when given."""
+        if not self.confirm_seeds:
+            return {}
+        out = {}
+        for key, values in normalised(self.ablations, self.m_ablation).items():
+            rates = self.m_ablation_rates if key == "m" and self.m_ablation_rates is not None else self.ablation_rates
+            if cell is not None and rates is not None and cell.label_noise_rate not in rates:
+                continue
+            if key == "m" and values is not None:
+                local = self.batch_size // self.workers
+                values = tuple(m for m in values if m is None or local % m == 0)
+            if values is None or values:
+                out[key] = values
+        return out
 
     def cells(self) -> list[Cell]:
         """The scenario cells, in the order given."""
@@ -215,6 +236,9 @@ class Sweep:
             del out["human_noise"], out["human_noise_twins"]
         else:
             out["human_noise"] = list(self.human_noise)
+        if not self.ablations and self.ablation_rates is None:
+            # Likewise a sweep without the generalised ablations.
+            del out["ablations"], out["ablation_rates"]
         return out
 
     @classmethod
@@ -273,8 +297,12 @@ def apply_overrides(sweep: Sweep, assignments: Sequence[str]) -> Sweep:
                 changes[key] = parse_rates(key, raw)
             elif key == "human_noise":
                 changes[key] = tuple(part.strip() for part in raw.split(",") if part.strip())
-            elif key == "m_ablation_rates":
+            elif key in ("m_ablation_rates", "ablation_rates"):
                 changes[key] = parse_rates(key, raw)
+            elif key == "ablations":
+                changes[key] = tuple(part.strip() for part in raw.split(",") if part.strip())
+            elif key.startswith("ablations."):
+                changes["ablations"] = {**changes.get("ablations", sweep.ablations), **parse_ablation(key, raw)}
             elif key == "m_ablation":
                 changes[key] = tuple(parse_trial_value("m", part.strip()) for part in raw.split(",") if part.strip())
             elif key == "fixed":

@@ -13,6 +13,7 @@ from samtune.contract.keys import STUDY_KEYS, SWEEP_FIELDS, TRIAL_KEYS
 from samtune.contract.metrics import reported_metrics
 from samtune.contract.values import Setting, SpaceError, choice, suggest
 from samtune.data.human_noise import HUMAN_LABEL_FILES
+from samtune.sweep.ablations import normalised
 from samtune.sweep.validate import TRIAL_SETTINGS, check_metric_reported, validate_trial_config
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def check_human_noise(sweep: Sweep) -> None:
 
 
 def check_answer_fields(sweep: Sweep) -> None:
-    """The baselines, their declared settings and the m ablation: trial settings each."""
+    """The baselines, their declared settings and the ablations: trial settings each."""
     if sweep.baselines is not None:
         if not isinstance(sweep.baselines, (list, tuple)) or not all(isinstance(b, dict) for b in sweep.baselines):
             raise SpaceError(
@@ -202,6 +203,10 @@ def check_answer_fields(sweep: Sweep) -> None:
     if sweep.m_ablation_rates is not None:
         # A rate that is no cell (--set label_noise_rates left it out) ablates nothing.
         object.__setattr__(sweep, "m_ablation_rates", validated_rates(sweep.m_ablation_rates))
+    normalised(sweep.ablations, sweep.m_ablation)  # both spellings of m at once is a mistake
+    object.__setattr__(sweep, "ablations", normalised(sweep.ablations))
+    if sweep.ablation_rates is not None:
+        object.__setattr__(sweep, "ablation_rates", validated_rates(sweep.ablation_rates))
 
 
 def validated_rates(rates: Any) -> tuple[float, ...]:
