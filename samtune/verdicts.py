@@ -14,6 +14,7 @@ validation set, which under label noise can change the answer).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ def cell_verdict(
     design: Design | None = None,
 ) -> dict[str, Any]:
     """The verdict of one cell from its confirmation results: estimates per configuration and
-    rule, the SAM - SGD decisions with their intervals, and the m curve (configurations named
-    ``m=<m>``). `design`: the sweep's looks and margin; None judges all the seeds at once (one
+    rule, the SAM - SGD decisions with their intervals, the m curve (configurations named
+    ``m=<m>``) and every ablation's curve with its robust range (`ablation_curves`). `design`: the sweep's looks and margin; None judges all the seeds at once (one
     look, a 95% interval).
 
     >>> v = cell_verdict("noise=0.4", {"best_sgd": {"final": {1: 0.30, 2: 0.32, 3: 0.31}},
@@ -60,6 +61,7 @@ def cell_verdict(
         "decisions": {},
         "rows": {},
         "m_curve": {},
+        "curves": {},
         "design": {"looks": list(design.looks), "alpha": design.alpha, "margin": design.margin},
     }
     for name in sorted(values):
@@ -75,6 +77,7 @@ def cell_verdict(
     out["differences"] = {key: {r: d.interval for r, d in by_rule.items()} for key, by_rule in out["decisions"].items()}
     out["rows"] = _decided_rows(values, out["decisions"].get("best_sam - best_sgd", {}), design)
     out["m_curve"] = _m_curve(values, out["configs"], rules)
+    out["curves"] = ablation_curves(values, out["configs"], rules, design.margin)
     return out
 
 
@@ -112,6 +115,86 @@ def _m_curve(values: SeedValues, configs: dict[str, Any], rules: list[str]) -> d
             configs[own] = configs["best_sam"]
             curve.append(own)
     return {name[2:]: {rule: configs[name][rule] for rule in rules} for name in sorted(curve, key=_m_order)}
+
+
+#: The curves an ablation draws (`samtune.sweep.ablations`): run-name prefix -> the pick it moves.
+CURVES = {"m": "best_sam", "rho": "best_sam", "lr": "best_sam", "sgd lr": "best_sgd"}
+
+
+def ablation_curves(
+    values: SeedValues, configs: dict[str, Any], rules: list[str], margin: float
+) -> dict[str, dict[str, Any]]:
+    """Per curve of `CURVES` with runs (``rho=0.02``, ``lr=x0.5``, ``sgd lr=x2``, ``m=16``): its
+    points in order of the value, each with its estimate per rule and its difference from the
+    optimum (the pick the curve moves, at its own value, a point of its own curve) paired by
+    seed; and its robust range per rule: the values whose difference's 95% upper bound is at
+    most ``margin`` (not detectably worse than the optimum by more than the margin), and the
+    run of such values around the optimum (``robust_range``: its lowest and highest)."""
+    out = {}
+    for key, of in CURVES.items():
+        names = [n for n in values if n.startswith(f"{key}=")]
+        if not names or of not in values:
+            continue
+        points = {_point_value(key, n): n for n in names}
+        own = _own_value(key, configs[of]["params"])
+        points.setdefault(own, of)
+        ordered = sorted(points, key=lambda v: _value_order(key, v))
+        rows = []
+        for value in ordered:
+            name = points[value]
+            row: dict[str, Any] = {"name": name, "value": value, "label": _label(key, value), "optimum": value == own}
+            for rule in rules:
+                row[rule] = mean_interval(_by_seed(values[name].get(rule, {})))
+                diffs = paired(values[name].get(rule, {}), values[of].get(rule, {}))
+                row[f"{rule} difference"] = dataclasses.replace(mean_interval(_by_seed(diffs)), paired=True)
+            rows.append(row)
+        out[key] = {"setting": key.removeprefix("sgd "), "of": of, "optimum": _label(key, own), "points": rows}
+        out[key]["robust"], out[key]["robust_range"] = _robust(rows, rules, margin)
+    return out
+
+
+def _robust(rows: list[dict[str, Any]], rules: list[str], margin: float) -> tuple[dict, dict]:
+    robust, spans = {}, {}
+    for rule in rules:
+        ok = [r["optimum"] or (r[f"{rule} difference"].n >= 2 and r[f"{rule} difference"].high <= margin) for r in rows]
+        robust[rule] = [r["label"] for r, good in zip(rows, ok) if good]
+        at = next(i for i, r in enumerate(rows) if r["optimum"])
+        low = high = at
+        while low > 0 and ok[low - 1]:
+            low -= 1
+        while high < len(rows) - 1 and ok[high + 1]:
+            high += 1
+        spans[rule] = [rows[low]["label"], rows[high]["label"]]
+    return robust, spans
+
+
+def _point_value(key: str, name: str) -> Any:
+    text = name.split("=", 1)[1].removeprefix("x")
+    if key == "m":
+        return None if text == "None" else int(text)
+    return float(text)
+
+
+def _own_value(key: str, params: dict[str, Any]) -> Any:
+    """The pick's own value of a curve's setting: lr x1, rho as it ran (the trainer's 0.05 if
+    unset), m as it ran (None: the whole batch)."""
+    if key.endswith("lr"):
+        return 1.0
+    if key == "rho":
+        return float(params.get("rho") if params.get("rho") is not None else 0.05)
+    m = params.get("m")
+    return None if m in (None, "None", "") else int(m)
+
+
+def _value_order(key: str, value: Any) -> tuple[int, float]:
+    # m as the m curve shows it: the whole batch first, then largest m first.
+    if key == "m":
+        return (0, 0.0) if value is None else (1, -float(value))
+    return (0, float(value))
+
+
+def _label(key: str, value: Any) -> str:
+    return f"x{value:g}" if key.endswith("lr") else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _by_seed(by_seed: dict[int, float]) -> list[float]:

@@ -44,7 +44,7 @@ def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]
 
 
 def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per confirmation (or m-ablation) run: which cell, configuration and seed, how it
+    """One row per confirmation (or ablation) run: which cell, configuration and seed, how it
     ended, its test error at the final epoch and at its best validation epoch, and (finetuning)
     its starting point's test error."""
     rows = []
@@ -71,8 +71,8 @@ def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
 
 def verdicts(runs: Runs) -> list[dict[str, Any]]:
     """The verdict of every cell that has confirmation runs, in the table's cell order. A pick
-    that another pick's runs stand for (the SAM baseline that is also the best SAM, an ablation
-    m that is the best SAM's own) is read from those runs, as the cell run's aliases tag says."""
+    that another pick's runs stand for (the SAM baseline that is also the best SAM, an ablated
+    value that is the best SAM's own) is read from those runs, as the cell run's aliases tag says."""
     frame = runs.confirmations
     if frame.empty:
         return []
@@ -81,7 +81,11 @@ def verdicts(runs: Runs) -> list[dict[str, Any]]:
     for cell in ordered + [c for c in pd.unique(frame["cell"]) if c not in ordered]:
         part = frame[(frame["cell"] == cell) & (frame["status"] == "finished")]
         values: dict[str, dict[str, dict[int, float]]] = {}
-        params = {str(name): {"m": _m(group["m"].iloc[0])} for name, group in part.groupby("confirms")}
+        # What the curves read of a pick: its own m and rho (the lr curve is in multipliers of it).
+        params = {
+            str(name): {"m": _m(group["m"].iloc[0]), "rho": _number(group["rho"].iloc[0])}
+            for name, group in part.groupby("confirms")
+        }
         for name, group in part.groupby("confirms"):
             values[str(name)] = {
                 rule: {
@@ -124,6 +128,15 @@ def _m(value: Any) -> int | None:
     """m as MLflow keeps it (text; "None" or absent: the whole per-worker batch)."""
     text = str(value).strip()
     return int(float(text)) if text not in ("", "None", "nan") else None
+
+
+def _number(value: Any) -> float | None:
+    """A number as MLflow keeps it (text; absent or "None": None)."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _aliases(runs: Runs, cell: str) -> dict[str, str]:

@@ -313,3 +313,36 @@ def print_verdicts(console: Console, plan: Plan, results: list[CellResult]) -> N
                 markup=False,
                 soft_wrap=True,
             )
+    for v in verdicts:
+        for line in curve_lines(v, plan.sweep.equivalence_margin):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+PICK_NAMES = {"best_sam": "best SAM", "best_sgd": "best SGD"}
+
+
+def curve_lines(verdict: dict[str, Any], margin: float) -> list[str]:
+    """One line per ablation curve of a cell's verdict: its optimum and its robust range, under
+    the first selection rule, with how many seeds and what interval decided it.
+
+    >>> from samtune.verdicts import cell_verdict
+    >>> runs = {"best_sam": {"final": {1: 0.20, 2: 0.21, 3: 0.22}}, "rho=0.5": {"final": {1: 0.4, 2: 0.41, 3: 0.43}}}
+    >>> curve_lines(cell_verdict("noise=0.4", runs, {"best_sam": {"rho": 0.05}}), 0.01)[0]  # doctest: +ELLIPSIS
+    'rho curve, noise=0.4 (final epoch, 3 seeds): optimum rho=0.05 (the best SAM pick) 0.210 [...]; robust ...
+    """
+    if not verdict.get("curves") or not verdict["rules"]:
+        return []
+    rule = verdict["rules"][0]
+    lines = []
+    for key, curve in verdict["curves"].items():
+        points = curve["points"]
+        best = next(p for p in points if p["optimum"])
+        low, high = curve["robust_range"][rule]
+        span = f"{key} {low}" if low == high else f"{key} {low} to {high}"
+        lines.append(
+            f"{key} curve, {verdict['cell']} ({RULES[rule]}, {best[rule].n} seeds): optimum {key}={curve['optimum']} "
+            f"(the {PICK_NAMES[curve['of']]} pick) {best[rule].text()}; "
+            f"robust range (95% CI of the paired difference from it below +{margin:g}): {span} "
+            f"({len(curve['robust'][rule])} of {len(points)} values)"
+        )
+    return lines
