@@ -1,20 +1,29 @@
-"""Sensitivity: how validation error moves with rho, m and the learning rate, per cell.
+"""Sensitivity: how the error moves with rho, m and the learning rate, per cell.
 
-One row per cell. First: the lowest final validation error reached in each (rho, m) square among
-SAM trials, binned where a hyperparameter takes many values (each square also gives its trial
-count). Second: final validation error against learning rate, every trial, by optimizer. Third:
-hyperparameter importance for SAM's final validation error in that cell, from Optuna's fANOVA
-and PED-ANOVA evaluators. Fourth: the same across optimizers (every trial of the cell, on the
-optimizer and the hyperparameters all optimizers search). Trials that logged no validation error
+First, where the sweep ran ablations (`samtune.sweep.ablations`): one panel per ablated setting
+and cell, the confirmed pick with that one setting moved, each point the test error's mean over
+the confirmation seeds with its 95% interval; the optimum (the pick itself) starred, the robust
+range shaded (the values whose difference from the optimum, paired by seed, has a 95% upper
+bound within the sweep's equivalence margin), and the SAM paper's default marked (rho = 0.05; m
+the whole batch). A sweep without ablations says what would add them.
+
+Then one row per cell, from the search's trials (one seed each, so no intervals): the lowest
+final validation error reached in each (rho, m) square among SAM trials, binned where a
+hyperparameter takes many values (each square also gives its trial count); final validation
+error against learning rate, every trial, by optimizer; and, only in a cell with at least
+`MIN_FINISHED_FOR_IMPORTANCE` trials that ran their whole budget (else one note says why not),
+hyperparameter importance from Optuna's fANOVA and PED-ANOVA evaluators: for SAM's final
+validation error, and across optimizers (on the optimizer and the hyperparameters all
+optimizers search; never the optimizer alone). Trials that logged no validation error
 (val_fraction=0) are judged by final test error instead, as a note then says.
 
 Importance is computed on the SAM-family trials of a cell (SAM and ASAM; every trial where the
 cell has none) that ran their whole budget (ASHA-stopped trials carry an earlier epoch's error,
-so they are left out), over the hyperparameters that vary there (seed and resources left out),
-by rebuilding an in-memory Optuna study from those trials. `m=None` counts as the per-worker
-batch it stands for. Distributions are inferred from the values seen: numbers become float (or
-int) ranges, log-scaled when positive and spanning a factor of 10 or more; anything else
-categorical.
+so they are left out), over the hyperparameters that vary there (seed, resources and constants
+left out), by rebuilding an in-memory Optuna study from those trials. `m=None` counts as the
+per-worker batch it stands for. Distributions are inferred from the values seen: numbers become
+float (or int) ranges, log-scaled when positive and spanning a factor of 10 or more; anything
+else categorical.
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.contract.keys import STUDY_KEYS
+from samtune.contract.keys import PAPER_BASELINES, STUDY_KEYS
+from samtune.report.answers import verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import cell_order, choice_metric, effective_m, optimizer_colors, searched_hyperparameters
 from samtune.report.views import View
+from samtune.verdicts import RULES
 
 ORDER = 20
 
@@ -40,6 +51,9 @@ OBJECTIVE = "final_val_error"
 MAX_BINS = 6
 # Below this, fANOVA's forest and PED-ANOVA's top quantile hold too few trials to mean much.
 MIN_TRIALS_FOR_IMPORTANCE = 8
+# A cell's finished trials below which no importance is drawn at all: with fewer, the rankings
+# of a few trials move with the seed more than with the settings, and a bar chart would hide it.
+MIN_FINISHED_FOR_IMPORTANCE = 20
 # PED-ANOVA compares the top quantile against all trials; its authors advise >= 5 trials in the
 # top quantile, so the quantile grows for small cells (capped at half).
 PED_ANOVA_TOP_TRIALS = 5
@@ -50,75 +64,38 @@ IMPORTANCE_COLUMNS = ["cell", "scope", "evaluator", "param", "importance", "n_tr
 def view(runs: Runs) -> View:
     plotted = runs.plotted
     cells = cell_order(plotted)
-    colors = optimizer_colors(plotted["optimizer_label"])
-    heatmaps, slices, importances, notes = [], [], [], []
-
-    figure = Figure(figsize=(21, 4.3 * len(cells)), layout="constrained")
-    axes = np.atleast_2d(figure.subplots(len(cells), 4, squeeze=False))
-    objectives = set()
-    for row, cell in zip(axes, cells):
+    curves, curve_notes = _curves(runs)
+    curve_rows = math.ceil(len(curves) / 4) if len(curves) else 0
+    figure = Figure(figsize=(21, 4.3 * (len(cells) + curve_rows)), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(len(cells) + curve_rows, 4, squeeze=False))
+    for ax, (cell, key, curve, rule) in zip(axes[:curve_rows].ravel(), curves):
+        _draw_curve(ax, cell, key, curve, rule)
+    for ax in axes[:curve_rows].ravel()[len(curves) :]:
+        ax.set_axis_off()
+    heatmaps, slices, importances, notes, objectives = [], [], [], list(curve_notes), set()
+    for row, cell in zip(axes[curve_rows:], cells):
         trials = plotted[plotted["cell"] == cell]
         objective, note = choice_metric(trials, OBJECTIVE)
         objectives.add(objective)
         if note:
             notes.append(f"{cell}: {note}")
         family = _sam_family(trials)
-        sam = trials[family]
-
-        heatmap, rho_labels, m_labels = _heatmap(sam, cell, objective)
+        heatmap, rho_labels, m_labels = _heatmap(trials[family], cell, objective)
         heatmaps.append(heatmap)
         _draw_heatmap(row[0], heatmap, rho_labels, m_labels, cell, trials, objective)
-
         slice_ = trials[["cell", "trial_key", "optimizer_label"]].copy()
         slice_["lr"] = pd.to_numeric(trials["lr"], errors="coerce") if "lr" in trials else np.nan
         slice_["val_error"] = pd.to_numeric(trials[objective], errors="coerce")
         slice_["objective"] = objective
         slices.append(slice_)
-        _draw_slice(row[1], slice_, colors, cell, objective)
-
-        # Importance only from trials that ran their whole budget: an ASHA-stopped trial's
-        # error is that of an earlier epoch, and fed in as a finished value it would teach the
-        # evaluators that whatever it was configured with is good (or bad) for no real reason.
-        finished = trials["status"] == "finished"
-        pool = trials[family & finished] if family.any() else trials[finished]
-        scope = "SAM family" if family.any() else "all trials"
-        pool, scope, used = _enough_trials(
-            runs,
-            pool,
-            trials[family] if family.any() else trials,
-            objective,
-            scope,
-            plotted[_sam_family(plotted)] if family.any() else plotted,
-        )
-        importance, note = _importance(runs, pool, cell, used, scope=scope)
-        importances.append(importance)
-        if note:
-            notes.append(note)
-        _draw_importance(row[2], importance, cell, note, used, scope)
-
-        # Across optimizers: SAM-family importance cannot say how much the optimizer itself
-        # matters, so a second importance runs over every finished trial of the cell, on the
-        # hyperparameters every optimizer has.
-        common = _common_hyperparameters(runs, trials[finished], family[finished])
-        if common:
-            pool, scope, used = _enough_trials(runs, trials[finished], trials, objective, "all optimizers", plotted)
-            importance, note = _importance(runs, pool, cell, used, params=common, scope=scope)
-        else:
-            importance, note = (
-                pd.DataFrame(columns=IMPORTANCE_COLUMNS),
-                (
-                    f"{cell}: no importance across optimizers (it needs SAM-family and other "
-                    "trials, and a hyperparameter both search)."
-                ),
-            )
-        importances.append(importance)
-        if note:
-            notes.append(note)
-        _draw_importance(row[3], importance, cell, note, objective, "all optimizers")
-
+        _draw_slice(row[1], slice_, optimizer_colors(plotted["optimizer_label"]), cell, objective)
+        found, found_notes = _cell_importances(runs, trials, family, cell, objective, row[2:])
+        importances += found
+        notes += found_notes
     what = " / ".join(sorted(objectives)) or OBJECTIVE
-    figure.suptitle(f"{runs.experiment}: sensitivity of {what}")
+    figure.suptitle(f"{runs.experiment}: sensitivity of {what}" + (" (ablation curves first)" if curves else ""))
     data = {
+        "curves": _curve_frame(curves),
         "heatmap": _concat(heatmaps),
         "importance": _concat(importances),
         "slice": _concat(slices),
@@ -126,45 +103,45 @@ def view(runs: Runs) -> View:
     return View(figure=figure, data=data, notes=notes)
 
 
-def _enough_trials(
-    runs: Runs, finished: pd.DataFrame, every: pd.DataFrame, objective: str, scope: str, everywhere: pd.DataFrame
-) -> tuple[pd.DataFrame, str, str]:
-    """The trials an importance is computed on, their scope and objective.
-
-    Trials that ran their whole budget when there are enough of them. Otherwise, where ASHA
-    stopped the rest early, every trial at the last epoch all of them reached: an honest
-    comparison (each trial's value at the same epoch), which says which settings make a trial
-    learn fast, not where it ends. A cell with too few trials even so gets the importance of
-    ``everywhere`` (every cell's trials together, each ranked within its own cell, since noise
-    rates shift the errors themselves). The scope says which it is.
-    """
-    if len(finished) >= MIN_TRIALS_FOR_IMPORTANCE:
-        return finished, scope, objective
-    for trials, pooled in ((every, False), (everywhere, True)):
-        found = _at_common_epoch(runs, trials, objective)
-        if found is None:
-            continue
-        pool, column, epoch = found
-        if pooled:
-            pool[column] = pool.groupby("cell")[column].rank(pct=True)
-            return pool, f"{scope}, all cells pooled (rank within cell) at epoch {epoch}", column
-        if len(pool) >= MIN_TRIALS_FOR_IMPORTANCE:
-            return pool, f"{scope}, every trial at epoch {epoch}", column
-    return finished, scope, objective
-
-
-def _at_common_epoch(runs: Runs, trials: pd.DataFrame, objective: str):
-    """``trials`` with a column of the objective's metric at the last epoch all of them reached:
-    (frame, column, epoch), or None where the history does not have it."""
-    metric = objective.removeprefix("final_")
-    if trials.empty or metric not in runs.history:
-        return None
-    epoch = int(trials["epochs_run"].min())
-    history = runs.history
-    at = history[history["run_id"].isin(trials["run_id"]) & (history["epoch"] == epoch)]
-    values = dict(zip(at["run_id"], pd.to_numeric(at[metric], errors="coerce")))
-    column = f"{metric}_at_epoch_{epoch}"
-    return trials.assign(**{column: trials["run_id"].map(values)}), column, epoch
+def _cell_importances(
+    runs: Runs, trials: pd.DataFrame, family: pd.Series, cell: str, objective: str, axes
+) -> tuple[list[pd.DataFrame], list[str]]:
+    """A cell's two importances (SAM family; across optimizers) drawn on ``axes``, only where
+    the cell has `MIN_FINISHED_FOR_IMPORTANCE` trials that ran their whole budget: an
+    ASHA-stopped trial's error is that of an earlier epoch, and fed in as a finished value it
+    would teach the evaluators that whatever it was configured with is good (or bad) for no
+    real reason. Otherwise one note says why they are not drawn."""
+    finished = trials["status"] == "finished"
+    if finished.sum() < MIN_FINISHED_FOR_IMPORTANCE:
+        for ax in axes:
+            ax.set_axis_off()
+        return [], [
+            f"{cell}: no importance panels: {int(finished.sum())} trials ran their whole budget, and "
+            f"fANOVA and PED-ANOVA need at least {MIN_FINISHED_FOR_IMPORTANCE} to rank anything but "
+            "noise (more trials per cell: --set trials=N); the ablation curves are the sensitivity "
+            "with intervals."
+        ]
+    notes = []
+    pool = trials[family & finished] if family.any() else trials[finished]
+    scope = "SAM family" if family.any() else "all trials"
+    sam_family, note = _importance(runs, pool, cell, objective, scope=scope)
+    notes += [note] if note else []
+    _draw_importance(axes[0], sam_family, cell, note, objective, scope)
+    # Across optimizers: SAM-family importance cannot say how much the optimizer itself
+    # matters, so a second importance runs over every finished trial of the cell, on the
+    # hyperparameters every optimizer has.
+    common = _common_hyperparameters(runs, trials[finished], family[finished])
+    if common:
+        across, note = _importance(runs, trials[finished], cell, objective, params=common, scope="all optimizers")
+    else:
+        across = pd.DataFrame(columns=IMPORTANCE_COLUMNS)
+        note = (
+            f"{cell}: no importance across optimizers (it needs SAM-family and other trials, and "
+            "a hyperparameter besides the optimizer that both search)."
+        )
+    notes += [note] if note else []
+    _draw_importance(axes[1], across, cell, note, objective, "all optimizers")
+    return [sam_family, across], notes
 
 
 def _label(objective: str) -> str:
@@ -189,7 +166,9 @@ def _common_hyperparameters(runs: Runs, trials: pd.DataFrame, family: pd.Series)
     in_sam = set(searched_hyperparameters(runs, trials[family]))
     in_other = set(searched_hyperparameters(runs, trials[~family]))
     keep = [p for p in searched if p in ("optimizer", "base_optimizer") or (p in in_sam and p in in_other)]
-    return keep if any(p in ("optimizer", "base_optimizer") for p in keep) else []
+    choice = [p for p in keep if p in ("optimizer", "base_optimizer")]
+    # The optimizer alone would get all the importance there is: a ranking of one.
+    return keep if choice and len(keep) > len(choice) else []
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -456,3 +435,111 @@ def _draw_importance(ax, importance: pd.DataFrame, cell: str, note: str | None, 
     ax.set_yticks(y + height * (len(table.columns) - 1) / 2, table.index)
     ax.set_xlabel("importance (sums to 1 per evaluator)")
     ax.legend(fontsize="small")
+
+
+# -- the ablation curves -------------------------------------------------------------------------
+
+#: The SAM paper's settings, marked on the curves: rho = 0.05, m the whole batch (None).
+PAPER = PAPER_BASELINES[1]
+CURVE_AXES = {
+    "rho": "rho",
+    "lr": "lr, as a multiple of the best SAM pick's",
+    "sgd lr": "lr, as a multiple of the best SGD pick's",
+    "m": "m (examples per perturbation; None = the whole per-worker batch)",
+}
+
+
+def _curves(runs: Runs) -> tuple[list[tuple[str, str, dict, str]], list[str]]:
+    """Every ablation curve of the sweep's verdicts as (cell, curve, curve's dict, selection
+    rule it is drawn under: the first, the final epoch), and a note where there are none."""
+    found = verdicts(runs) if not runs.confirmations.empty else []
+    curves = [(v["cell"], key, curve, v["rules"][0]) for v in found if v["rules"] for key, curve in v["curves"].items()]
+    if curves:
+        return curves, []
+    why = "ran no ablations" if found else "ran no confirmation stage (confirm_seeds=0)"
+    return [], [
+        f"No ablation curves: this sweep {why}. Sweep(confirm_seeds=3, ablations={{'rho': None, 'lr': None, "
+        "'m': None}}) adds, per setting and cell, a curve of the confirmed pick with that one setting "
+        "moved, with 95% intervals over seeds and the range not detectably worse than the optimum."
+    ]
+
+
+def _draw_curve(ax, cell: str, key: str, curve: dict, rule: str) -> None:
+    """One curve: each point's mean with its 95% interval, the optimum starred, the robust range
+    shaded and the paper's default (rho = 0.05, m = the whole batch) marked."""
+    points = curve["points"]
+    numeric = key != "m"
+    x = [p["value"] for p in points] if numeric else list(range(len(points)))
+    means = np.array([p[rule].mean for p in points])
+    err = np.array([[p[rule].mean - p[rule].low for p in points], [p[rule].high - p[rule].mean for p in points]])
+    ax.errorbar(x, means, yerr=np.nan_to_num(err), fmt="o-", capsize=4, color="C0", label="mean, 95% CI")
+    at = next(i for i, p in enumerate(points) if p["optimum"])
+    ax.plot([x[at]], [means[at]], marker="*", markersize=16, color="C3", linestyle="", label="optimum (the pick)")
+    low, high = (x[[p["label"] for p in points].index(label)] for label in curve["robust_range"][rule])
+    if numeric:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.axvspan(low / 1.1, high * 1.1, color="C2", alpha=0.15, label="robust range")
+    else:
+        ax.axvspan(low - 0.4, high + 0.4, color="C2", alpha=0.15, label="robust range")
+        ax.set_xticks(x, [p["label"] for p in points])
+    default = PAPER.get(curve["setting"], "none") if curve["of"] == "best_sam" else "none"
+    if default != "none":
+        where = default if numeric else next((i for i, p in enumerate(points) if p["value"] == default), None)
+        if where is not None:
+            ax.axvline(where, color="gray", linestyle="--", label=f"paper's default ({key}={default})")
+    seeds = max(p[rule].n for p in points)
+    ax.set_title(
+        f"{cell}: {key} ablation, test error at the {RULES[rule]} ({seeds} seeds)",
+        fontsize="medium",
+    )
+    ax.set_xlabel(CURVE_AXES[key])
+    ax.set_ylabel("test error (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+
+
+def _curve_frame(curves: list[tuple[str, str, dict, str]]) -> pd.DataFrame:
+    """The curves' points: value, estimate and paired difference from the optimum per rule."""
+    rows = []
+    for cell, key, curve, _ in curves:
+        for rule in RULES:
+            for p in curve["points"]:
+                if rule not in p:
+                    continue
+                est, diff = p[rule], p[f"{rule} difference"]
+                rows.append(
+                    {
+                        "cell": cell,
+                        "curve": key,
+                        "value": p["label"],
+                        "optimum": p["optimum"],
+                        "selection": RULES[rule],
+                        "mean": est.mean,
+                        "low": est.low,
+                        "high": est.high,
+                        "seeds": est.n,
+                        "difference": diff.mean,
+                        "difference_low": diff.low,
+                        "difference_high": diff.high,
+                        "robust": p["label"] in curve["robust"][rule],
+                    }
+                )
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+CURVE_COLUMNS = [
+    "cell",
+    "curve",
+    "value",
+    "optimum",
+    "selection",
+    "mean",
+    "low",
+    "high",
+    "seeds",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "robust",
+]

@@ -130,7 +130,7 @@ def ablation_curves(
     seed; and its robust range per rule: the values whose difference's 95% upper bound is at
     most ``margin`` (not detectably worse than the optimum by more than the margin), and the
     run of such values around the optimum (``robust_range``: its lowest and highest)."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for key, of in CURVES.items():
         names = [n for n in values if n.startswith(f"{key}=")]
         if not names or of not in values:
@@ -181,7 +181,8 @@ def _own_value(key: str, params: dict[str, Any]) -> Any:
     if key.endswith("lr"):
         return 1.0
     if key == "rho":
-        return float(params.get("rho") if params.get("rho") is not None else 0.05)
+        rho = params.get("rho")
+        return float(rho) if rho is not None else 0.05
     m = params.get("m")
     return None if m in (None, "None", "") else int(m)
 

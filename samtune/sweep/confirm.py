@@ -94,9 +94,7 @@ def best_trials(sweep: Sweep, result: CellResult) -> dict[str, TrialRow]:
     return {name: row for name, row in rows.items() if row is not None}
 
 
-def _picks(
-    sweep: Sweep, result: CellResult, baselines: list[Baseline], space: Any = None
-) -> dict[str, dict[str, Any]]:
+def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline], space: Any = None) -> dict[str, dict[str, Any]]:
     """The configurations a cell confirms, by name, as settings over its base config, then its
     ablations (`samtune.sweep.ablations.ablation_picks`; rho's default grid over ``space``'s
     range). One that another pick already runs is not run twice (an ablated value equal to the

@@ -24,8 +24,8 @@ from torch import nn
 from samtune.data.load import load_dataset
 from samtune.data.scenarios import split_sizes
 from samtune.models.zoo import build_model
-from samtune.sweep.progress import duration
 from samtune.sweep.ablations import planned_runs
+from samtune.sweep.progress import duration
 from samtune.sweep.study import Sweep
 from samtune.trial.config import resolve_config
 
