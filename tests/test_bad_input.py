@@ -118,6 +118,29 @@ def storage_loop(tmp_path):
 
 # (id, how to build the command line from tmp_path, a fragment the one-line error must contain)
 CASES = [
+    (
+        "unknown setting to ablate",
+        lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, ablations={'rhoo': None})"))],
+        "ablations: 'rhoo' is not a setting an ablation moves (did you mean 'rho'?)",
+    ),
+    (
+        "ablated rho a trial refuses",
+        lambda t: ["check", space_file(t, GOOD.replace("trials=2)", "trials=2, ablations={'rho': (0.05, -1)})"))],
+        "ablations['rho']",
+    ),
+    (
+        "ablated lr multiplier not positive, by --set",
+        lambda t: ["sweep", space_file(t), "--set", "ablations.lr=x0.5,x0"],
+        "multipliers of the pick's lr",
+    ),
+    (
+        "m ablated twice",
+        lambda t: [
+            "check",
+            space_file(t, GOOD.replace("trials=2)", "trials=2, m_ablation=(None, 8), ablations={'m': (4,)})")),
+        ],
+        "m_ablation and ablations['m'] both set the m ablation",
+    ),
     ("missing file", lambda t: ["check", str(t / "nope.py")], "no such search space file"),
     ("not python", lambda t: ["check", space_file(t, name="space.txt")], "not a Python file"),
     ("syntax error", lambda t: ["check", space_file(t, "x = (\n")], "space.py:1: syntax error"),
