@@ -1,0 +1,176 @@
+"""Ablations: which runs a cell's ablation asks for (names, aliases, order), and the curves and
+robust ranges the verdicts make of them, checked against the t interval computed here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from samtune.sweep.ablations import rho_grid
+from samtune.sweep.confirm import reruns, role_of
+from samtune.sweep.results import CellResult, TrialRow
+from samtune.sweep.study import Sweep
+from samtune.verdicts import cell_verdict
+
+SEEDS = (1, 2, 3, 4)
+# Seed effects shared by every configuration (what pairing by seed cancels) and a small
+# per-run wobble, so each interval has a width.
+SHARED = {1: 0.00, 2: 0.03, 3: -0.02, 4: 0.01}
+WOBBLE = {1: 0.001, 2: -0.002, 3: 0.0015, 4: -0.0005}
+
+
+def t_interval(xs):
+    xs = np.asarray(xs, dtype=float)
+    half = stats.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
+    return xs.mean() - half, xs.mean() + half
+
+
+def runs(base, shift=0.0, wobble=1.0):
+    return {"final": {s: base + shift + SHARED[s] + wobble * WOBBLE[s] for s in SEEDS}}
+
+
+def synthetic():
+    """rho flat (every value within 0.002 of the optimum's error), lr sharp (every move 0.1
+    worse), SGD's lr curve with one value just worse by less than the margin."""
+    values = {
+        "best_sam": runs(0.20),
+        "best_sgd": runs(0.30),
+        "rho=0.01": runs(0.20, 0.001, -1.0),
+        "rho=0.2": runs(0.20, -0.001, 0.5),
+        "rho=0.5": runs(0.20, 0.002, 2.0),
+        "lr=x0.5": runs(0.20, 0.10),
+        "lr=x2": runs(0.20, 0.12, -1.0),
+        "sgd lr=x0.5": runs(0.30, 0.004, 0.5),
+        "sgd lr=x4": runs(0.30, 0.05),
+    }
+    params = {"best_sam": {"rho": 0.05, "m": None}}
+    return values, params
+
+
+def test_a_flat_setting_is_robust_everywhere_and_a_sharp_one_only_at_the_optimum():
+    values, params = synthetic()
+    curves = cell_verdict("noise=0.4", values, params)["curves"]
+    assert list(curves) == ["rho", "lr", "sgd lr"]
+    rho = curves["rho"]
+    # The pick's own rho (0.05) is a point of its curve, in order of the value.
+    assert [p["label"] for p in rho["points"]] == ["0.01", "0.05", "0.2", "0.5"]
+    assert [p["optimum"] for p in rho["points"]] == [False, True, False, False]
+    assert rho["robust"]["final"] == ["0.01", "0.05", "0.2", "0.5"]
+    assert rho["robust_range"]["final"] == ["0.01", "0.5"]
+    lr = curves["lr"]
+    assert [p["label"] for p in lr["points"]] == ["x0.5", "x1", "x2"]
+    assert lr["robust"]["final"] == ["x1"] and lr["robust_range"]["final"] == ["x1", "x1"]
+    sgd = curves["sgd lr"]
+    assert sgd["of"] == "best_sgd" and sgd["robust"]["final"] == ["x0.5", "x1"]
+    assert sgd["robust_range"]["final"] == ["x0.5", "x1"]
+
+
+def test_curve_points_and_differences_are_the_t_intervals():
+    values, params = synthetic()
+    curves = cell_verdict("noise=0.4", values, params)["curves"]
+    for key, of in (("rho", "best_sam"), ("lr", "best_sam"), ("sgd lr", "best_sgd")):
+        for point in curves[key]["points"]:
+            name = of if point["optimum"] else point["name"]
+            xs = [values[name]["final"][s] for s in SEEDS]
+            est = point["final"]
+            assert (est.mean, est.low, est.high, est.n) == pytest.approx((np.mean(xs), *t_interval(xs), 4))
+            diffs = [values[name]["final"][s] - values[of]["final"][s] for s in SEEDS]
+            diff = point["final difference"]
+            if point["optimum"]:
+                assert diff.mean == 0 and diff.high == 0
+                continue
+            assert diff.paired and (diff.mean, diff.low, diff.high) == pytest.approx(
+                (np.mean(diffs), *t_interval(diffs))
+            )
+            # Robust exactly when the upper bound of that interval is within the margin (0.01).
+            assert (point["label"] in curves[key]["robust"]["final"]) == (t_interval(diffs)[1] <= 0.01)
+
+
+def test_the_m_curve_keeps_its_shape_beside_the_new_curves():
+    values = {"best_sam": runs(0.20), "m=None": runs(0.20), "m=8": runs(0.22)}
+    verdict = cell_verdict("noise=0.4", values, {"best_sam": {"m": None}})
+    assert list(verdict["m_curve"]) == ["None", "8"]
+    assert [p["label"] for p in verdict["curves"]["m"]["points"]] == ["None", "8"]
+    assert verdict["curves"]["m"]["robust"]["final"] == ["None"]
+
+
+def sweep(**changes):
+    base = dict(
+        name="demo",
+        dataset="digits",
+        model="cnn",
+        epochs=2,
+        batch_size=32,
+        trials=2,
+        confirm_seeds=2,
+        label_noise_rates=(0.0, 0.4),
+        ablation_rates=(0.4,),
+    )
+    return Sweep(**{**base, **changes})
+
+
+def searched(cell):
+    result = CellResult(cell)
+    result.trials["a"] = TrialRow(
+        "a", {"optimizer": "sam", "lr": 0.1, "rho": 0.05, "m": 8}, "finished", metrics={"val_error": 0.2}
+    )
+    result.trials["b"] = TrialRow("b", {"optimizer": "sgd", "lr": 0.2}, "finished", metrics={"val_error": 0.3})
+    return result
+
+
+def test_the_plan_moves_one_setting_at_a_time_in_the_named_cells_only():
+    swept = sweep(ablations={"rho": (0.02, 0.05), "lr": (0.5, 2), "m": (None, 8)})
+    results = [searched(c) for c in swept.cells()]
+    planned = reruns(swept, results, [])
+    names = [(r.cell.label, r.name) for r in planned if r.seed == 1]
+    assert names == [
+        ("noise=0", "best_sgd"),
+        ("noise=0", "best_sam"),
+        ("noise=0.4", "best_sgd"),
+        ("noise=0.4", "best_sam"),
+        ("noise=0.4", "m=None"),
+        ("noise=0.4", "rho=0.02"),
+        ("noise=0.4", "lr=x0.5"),
+        ("noise=0.4", "lr=x2"),
+        ("noise=0.4", "sgd lr=x0.5"),
+        ("noise=0.4", "sgd lr=x2"),
+    ]
+    # The pick's own rho and m are the pick: its runs serve both names.
+    assert results[1].aliases == {"m=8": "best_sam", "rho=0.05": "best_sam"} and not results[0].aliases
+    by_name = {r.name: r.config for r in planned if r.seed == 1 and r.cell.label == "noise=0.4"}
+    assert by_name["rho=0.02"] | {"rho": 0.05} == by_name["best_sam"] | {"confirms": "rho=0.02"}
+    assert by_name["lr=x0.5"]["lr"] == pytest.approx(0.05) and by_name["lr=x0.5"]["rho"] == 0.05
+    assert by_name["sgd lr=x2"]["lr"] == pytest.approx(0.4) and by_name["sgd lr=x2"]["optimizer"] == "sgd"
+    assert by_name["m=None"]["m"] is None
+    # Every one on the first round's seeds, as ablation runs; the picks stay confirmation runs.
+    assert {r.seed for r in planned} == {1, 2}
+    assert {role_of(n) for _, n in names[4:]} == {"ablation"} and role_of("best_sam") == "confirm"
+    # The same plan every time: nothing in it depends on timing.
+    again = reruns(swept, [searched(c) for c in swept.cells()], [])
+    assert [(r.name, r.seed, r.config) for r in again] == [(r.name, r.seed, r.config) for r in planned]
+    # Later rounds never rerun an ablation.
+    assert all(r.name in ("best_sgd", "best_sam") for r in reruns(swept, results, [], look=1))
+
+
+def test_rho_default_grid_spans_the_space_range():
+    def space(trial):
+        if trial.suggest_categorical("optimizer", ["sgd", "sam"]) == "sam":
+            trial.suggest_float("rho", 0.01, 0.5, log=True)
+
+    swept = sweep(ablations={"rho": None})
+    result = searched(swept.cells()[1])
+    planned = [r.name for r in reruns(swept, [result], [], space=space) if r.seed == 1]
+    assert planned[2:] == [f"rho={v:g}" for v in rho_grid(0.01, 0.5)]
+    grid = rho_grid(0.01, 0.5)
+    assert grid[0] == 0.01 and grid[-1] == 0.5 and np.allclose(np.diff(np.log(grid)), np.log(50) / 4, rtol=0.01)
+    # Without the space: x0.25 to x4 of the pick's rho.
+    assert [r.name for r in reruns(swept, [searched(swept.cells()[1])], []) if r.seed == 1][2] == "rho=0.0125"
+
+
+def test_the_older_m_ablation_is_the_m_entry():
+    old = sweep(m_ablation=(None, 8), m_ablation_rates=(0.4,), ablation_rates=None)
+    assert old.ablated(old.cells()[0]) == {} and old.ablated(old.cells()[1]) == {"m": (None, 8)}
+    assert "ablations" not in old.to_dict() and Sweep.from_dict(old.to_dict()) == old
