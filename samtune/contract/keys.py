@@ -97,7 +97,7 @@ TRIAL_KEYS: dict[str, Setting] = {
         "str",
         None,
         "set by the sweep on a confirmation run: the configuration it repeats "
-        "(best_sgd, best_sam, sam_baseline, or m=<m> in the m ablation)",
+        "(best_sgd, best_sam, sam_baseline, or an ablation's: m=<m>, rho=<rho>, lr=x<k>, sgd lr=x<k>)",
         optional=True,
     ),
     "cpus_per_worker": _key(

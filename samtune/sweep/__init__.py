@@ -5,7 +5,8 @@ What is run: `study` (the `Sweep`), `space_file` (reading a space file), `valida
 (every trial config the space can produce), `preflight` and `cluster` (the dataset, storage and
 cluster it needs), `estimate` (its size, and its duration measured here). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search`, `ray_env`.
 Recording it and surviving a crash: `recording`, `tracking`, `recovery`, `interrupts`,
-`driver_lock`. What came of it: `results`, `view` (with `progress`: where each stage is), `errors`.
+`driver_lock`. Confirming the picks: `baselines`, `confirm` (with `ablations`: the settings
+moved one at a time around each pick). What came of it: `results`, `view` (with `progress`: where each stage is), `errors`.
 
 Offers: `Sweep`, `Cell`, `apply_overrides`, `parse_assignments` (study), `load_space`
 (space_file), `check_space` (check), `validate_trial_config` (validate), `prepare` and
