@@ -4,6 +4,7 @@ robust ranges the verdicts make of them, checked against the t interval computed
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -174,3 +175,54 @@ def test_the_older_m_ablation_is_the_m_entry():
     old = sweep(m_ablation=(None, 8), m_ablation_rates=(0.4,), ablation_rates=None)
     assert old.ablated(old.cells()[0]) == {} and old.ablated(old.cells()[1]) == {"m": (None, 8)}
     assert "ablations" not in old.to_dict() and Sweep.from_dict(old.to_dict()) == old
+
+
+SPACE = """\
+from samtune.sweep import Sweep
+
+def space(trial):
+    optimizer = trial.suggest_categorical('optimizer', ['sgd', 'sam'])
+    trial.suggest_float('lr', 0.01, 0.5, log=True)
+    if optimizer == 'sam':
+        trial.suggest_float('rho', 0.01, 0.5, log=True)
+
+SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=64, trials=2,
+              label_noise_rates=(0.0, 0.4), confirm_seeds=2, ablation_rates=(0.4,),
+              ablations={'rho': (0.02, 0.2), 'lr': (0.5,)}, fixed={'sharpness_measures': ''})
+"""
+
+
+@pytest.mark.slow
+def test_a_real_sweep_records_its_ablations_and_the_sensitivity_view_draws_them(tmp_path):
+    import subprocess
+    import sys
+
+    from test_confirm import sweep_cmd
+    from test_sweep import env, runs_of
+
+    from samtune.report.load import load_runs
+    from samtune.report.views import discover_views
+
+    (tmp_path / "space.py").write_text(SPACE)
+    done = subprocess.run(sweep_cmd(tmp_path), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^rho curve, noise=0.4 \(final epoch, 2 seeds\): .*robust range", done.stdout, flags=re.M)
+    _, by_role = runs_of(tmp_path)
+    ablation = by_role["ablation"]
+    seen = {
+        (r.data.tags["samtune.cell"], r.data.tags["samtune.confirms"], r.data.tags["samtune.ablates"]) for r in ablation
+    }
+    assert seen == {
+        ("noise=0.4", "rho=0.02", "rho"),
+        ("noise=0.4", "rho=0.2", "rho"),
+        ("noise=0.4", "lr=x0.5", "lr"),
+        ("noise=0.4", "sgd lr=x0.5", "lr"),
+    }
+    assert sorted(r.data.tags["samtune.seed"] for r in ablation) == ["1", "1", "1", "1", "2", "2", "2", "2"]
+    runs = load_runs("t", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    spec = next(s for s in discover_views() if s.name == "sensitivity")
+    shown = spec.function(runs)
+    curves = shown.data["curves"]
+    assert set(curves["curve"]) == {"rho", "lr", "sgd lr"} and set(curves["cell"]) == {"noise=0.4"}
+    assert curves.groupby(["curve", "selection"])["optimum"].sum().eq(1).all()
+    assert shown.figure is not None and any("no importance panels" in n for n in shown.notes)
