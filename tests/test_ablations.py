@@ -195,7 +195,6 @@ SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=64, 
 @pytest.mark.slow
 def test_a_real_sweep_records_its_ablations_and_the_sensitivity_view_draws_them(tmp_path):
     import subprocess
-    import sys
 
     from test_confirm import sweep_cmd
     from test_sweep import env, runs_of
