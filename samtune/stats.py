@@ -297,3 +297,55 @@ def granulated_tau_interval(
     return GranulatedTau(
         _interval(overall[0], overall[1:], len(members), confidence), by_hp, {hp: len(gs) for hp, gs in counted.items()}
     )
+
+
+def contrast_interval(groups: Sequence[Sequence[float]], coefs: Sequence[float], level: float = LEVEL) -> Estimate:
+    """``sum_i c_i mean(groups[i])`` for independent groups, with its Student-t interval on the
+    Welch-Satterthwaite degrees of freedom (e.g. a regression slope through the groups' means:
+    ``c_i = (r_i - mean r) / sum (r_j - mean r)^2``). NaN interval where a group with a non-zero
+    coefficient has fewer than 2 values; ``n`` is the smallest group.
+
+    >>> est = contrast_interval([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [-1.0, 1.0])
+    >>> est.mean, round(est.high - est.mean, 3), est.n
+    (3.0, 2.267, 3)
+    """
+    means = [mean_interval(g, level) for g in groups]
+    used = [(c, e) for c, e in zip(coefs, means) if c != 0]
+    value = sum(c * e.mean for c, e in used)
+    n = min((e.n for _, e in used), default=0)
+    if n < 2:
+        return Estimate(value, math.nan, math.nan, n, math.nan, level)
+    parts = [(c * c * e.sd**2 / e.n, e.n - 1) for c, e in used]
+    var = sum(v for v, _ in parts)
+    if var == 0:
+        return Estimate(value, value, value, n, 0.0, level)
+    dof = var**2 / sum(v**2 / d for v, d in parts)
+    half = _t(level, dof) * math.sqrt(var)
+    return Estimate(value, value - half, value + half, n, math.sqrt(var), level)
+
+
+def tau_difference_interval(
+    x1: Sequence[float],
+    x2: Sequence[float],
+    y: Sequence[float],
+    *,
+    confidence: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> TauInterval:
+    """``tau(x1, y) - tau(x2, y)`` over the trials where all three are finite, with a percentile
+    bootstrap interval from the same resamples of the trials for both taus (their correlation
+    through the shared y cancels). None below MIN_TRIALS_FOR_INTERVAL trials.
+
+    >>> d = tau_difference_interval([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6])
+    >>> d.tau, d.n, d.low > 0
+    (2.0, 6, True)
+    """
+    xs1, ys, finite = _finite_pairs(x1, y)
+    xs2, _, finite2 = _finite_pairs(x2, y)
+    members = np.flatnonzero(finite & finite2)
+    n = len(members)
+    weights = _bootstrap_weights(np.arange(n), n, resamples, seed)
+    sy = signs(ys[members])
+    diff = weighted_taus(signs(xs1[members]), sy, weights) - weighted_taus(signs(xs2[members]), sy, weights)
+    return _interval(diff[0], diff[1:], n, confidence)

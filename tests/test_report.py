@@ -44,7 +44,7 @@ from samtune.sharpness.measures import SHARED_KEYS, measure_sharpness
 from samtune.sweep.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
-VIEWS = ("answer", "robustness", "sensitivity", "sharpness", "memorization")
+VIEWS = ("answer", "claims", "robustness", "sensitivity", "sharpness", "memorization")
 
 EXPERIMENT = "synthetic"
 EPOCHS = 3

@@ -19,6 +19,7 @@ from samtune.sharpness.curvature import (
     top_eig_estimate,
     trace_estimate,
 )
+from samtune.sharpness.density import spectral_density
 from samtune.sharpness.ggn import GGN
 from samtune.sharpness.hvp import HVP, FlatLoss, measuring
 from samtune.sharpness.measures import MEASURES, measure_sharpness
@@ -727,3 +728,81 @@ def test_a_trial_with_a_tiny_sharpness_budget_reports_what_it_skipped():
     last = fit(config)
     assert last["sharpness/hessian_trace/skipped"] == 1.0 and "sharpness/hessian_trace" not in last
     assert "hessian_trace skipped" in last[SHARPNESS_SKIPPED_NOTE]
+
+
+def spectrum_net():
+    """A few hundred parameters, trained a little so the Hessian is not that of the start."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(5, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
+    x = torch.randn(48, 5, generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_top_five_eigenvalues_and_their_spread_match_a_dense_hessian_within_the_residual():
+    model, x, y = spectrum_net()
+    dense = dense_hessian(model, x, y)
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:5].tolist()
+    assert 200 <= dense.shape[0] <= 400
+    logged = measure_sharpness(
+        model, F.cross_entropy, x, y, measures=["hessian_top_eig"], batch=48, hessian_top_eig={"k": 5, "iters": 80}
+    )
+    lams = [logged["sharpness/hessian_top_eig"]] + [logged[f"sharpness/hessian_top_eig_{i}"] for i in range(2, 6)]
+    bound = logged["sharpness/hessian_top_eig/residual"]
+    # Lanczos's residual bound: each Ritz value lies within it of a true eigenvalue; with the
+    # top five converged they are the top five.
+    assert bound <= 1e-3 * lams[0]
+    assert all(abs(lam - r) <= bound + 1e-9 for lam, r in zip(lams, ref)), (lams, ref, bound)
+    assert logged["sharpness/hessian_top_eig_1_over_5"] == pytest.approx(ref[0] / ref[4], rel=4 * bound / ref[4])
+
+
+def test_spectral_density_moments_and_interval_mass_match_the_dense_eigenvalues():
+    model, x, y = spectrum_net()
+    dense = dense_hessian(model, x, y)
+    n = dense.shape[0]
+    eig = torch.linalg.eigvalsh(dense)
+    probes = 8
+    density = spectral_density(model, F.cross_entropy, x, y, probes=probes, steps=n, seed=1, batch=48)
+    assert density.n == n and torch.allclose(density.weights.sum(1), torch.ones(probes, dtype=torch.float64))
+    # Full-length Lanczos: every node carrying weight is a true eigenvalue.
+    heavy = density.nodes[density.weights > 1e-10]
+    assert float((heavy[:, None] - eig[None]).abs().min(1).values.max()) <= 1e-6 * float(eig.abs().max())
+    # Moment p is a Hutchinson estimate of tr(H^p)/n: Rademacher variance 2 sum_{i != j} (H^p)_ij^2
+    # per probe; 4 standard errors over the probes.
+    for p in (1, 2):
+        hp = torch.linalg.matrix_power(dense, p)
+        se = math.sqrt(2 * float((hp**2).sum() - (hp.diagonal() ** 2).sum()) / probes) / n
+        assert abs(density.moment(p) - float(hp.trace()) / n) <= 4 * se + 1e-12
+    # The mass of an interval is ||P v||^2 / n per probe: mean count/n, standard deviation at
+    # most sqrt(2 rank P)/n per probe.
+    for low, high in ((-math.inf, 0.0), (0.0, 1e-3), (1e-3, math.inf), (float(eig[-8]), math.inf)):
+        count = int(((eig >= low) & (eig <= high)).sum())
+        mass = density.mass(low, high)
+        assert abs(mass - count / n) <= 4 * math.sqrt(2 * count / probes) / n + 1e-12, (low, high, mass, count / n)
+    grid = torch.linspace(float(eig[0]) - 1.0, float(eig[-1]) + 1.0, 20001)
+    curve = density.curve(grid, sigma=0.01)
+    assert float(torch.trapezoid(curve, grid)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_m_sharpness_at_several_m_logs_each_and_keeps_the_single_m_key():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    out = measure_sharpness(
+        model, F.cross_entropy, x, y, measures=["m_sharpness"], m_sharpness={"m": 16, "ms": [4, 8, 64]}
+    )
+    # 64 is more than the subset: measured on the whole subset, logged under the m it used.
+    for m in (4, 8, 32):
+        assert out[f"sharpness/m_sharpness_at_m{m}"] == pytest.approx(m_sharpness(model, F.cross_entropy, x, y, m=m))
+    assert "sharpness/m_sharpness_at_m64" not in out and out["sharpness/m_sharpness/ms"] == 3
+    assert out["sharpness/m_sharpness"] == pytest.approx(m_sharpness(model, F.cross_entropy, x, y, m=16))
+    # One-step m-sharpness (rho ||g_B|| to first order) averages per-batch gradient norms, which
+    # shrink as the batches grow: smaller m, larger value.
+    assert out["sharpness/m_sharpness_at_m4"] > out["sharpness/m_sharpness_at_m32"]

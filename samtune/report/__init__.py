@@ -8,7 +8,7 @@ Offers: `build` and `build_report` (page), `load_runs` (load), `Runs`, `TrialRec
 `ReportError`, `NoFinishedTrialsError`, `SHARPNESS_SHARED_KEYS` (runs), `View` and `ViewSpec`
 (views), `cell_order`, `choice_metric`, `best_per_optimizer`, `effective_m`, `optimizer_colors`,
 `searched_hyperparameters`, `tabulate` (table). Kept: the confirmation runs and verdicts read back
-(answers) and the MLflow UI page `samtune ui` opens (landing).
+(answers), the SAM paper's claims tested on them (claims) and the MLflow UI page `samtune ui` opens (landing).
 """
 
 from samtune._lazy import face

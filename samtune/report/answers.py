@@ -3,7 +3,8 @@
 A sweep with ``confirm_seeds`` re-runs each cell's picks on fresh seeds (`samtune.sweep.confirm`):
 runs tagged ``samtune.role=confirm`` (or ``ablation``), ``samtune.confirms`` and ``samtune.seed``,
 under their cell's run. `confirmation_frame` tabulates them, one row per run, with the test error
-under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts.
+under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts (each
+with its values by configuration, rule and seed under ``seed_values``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def verdicts(runs: Runs) -> list[dict[str, Any]]:
             if name in values and alias not in values:
                 values[alias] = values[name]
         verdict = cell_verdict(str(cell), values, params, design=runs.design)
+        verdict["seed_values"] = values  # what further comparisons (the claims table) pair by seed
         if missing := _missing(runs.trials, str(cell)):
             verdict["missing"] = missing
         out.append(verdict)

@@ -12,7 +12,11 @@ sharpness) and Jiang et al. 2019 ("Fantastic generalization measures": the PAC-B
 - curvature (`samtune.sharpness.curvature`): ``hessian_top_eig`` and ``hessian_trace`` of the
   loss, from Hessian-vector products (`samtune.sharpness.hvp`), ``ggn_top_eig`` and
   ``ggn_trace`` of its Gauss-Newton matrix (cross-entropy only; `samtune.sharpness.ggn`), and
-  ``pac_bayes_sigma``, the largest noise level the training error tolerates.
+  ``pac_bayes_sigma``, the largest noise level the training error tolerates; with ``k = 5``
+  the top eigenvalues' spread ``hessian_top_eig_1_over_5`` (lambda_1 / lambda_5);
+- the whole spectrum (`samtune.sharpness.density`): the Hessian's eigenvalue density by
+  stochastic Lanczos quadrature, ``spectral_density``; too costly to take per trial, not a
+  measure of ``measure_sharpness``.
 
 `samtune.sharpness.measures.measure_sharpness` runs a chosen set of them, cheapest first, and
 returns what a trial logs: each value with its seconds, and where the estimator has them its
@@ -26,8 +30,8 @@ chunk, as in training), averaged with the chunk sizes as weights.
 
 Offers: `measure_sharpness`, `check_measures`, `MEASURES`, `SHARED_KEYS` (measures), `FlatLoss`
 (hvp), `m_sharpness`, `adaptive_sharpness`, `avg_sharpness` (worst_case), `hessian_top_eig`,
-`hessian_trace`, `pac_bayes_sigma` (curvature). Kept: the Gauss-Newton products (ggn), the costs
-and time budget (budget) and the value-with-error type the estimators return (estimate).
+`hessian_trace`, `pac_bayes_sigma` (curvature). Kept: the Gauss-Newton products (ggn), the spectral
+density (density), the costs and time budget (budget) and the value-with-error type the estimators return (estimate).
 """
 
 from samtune._lazy import face

@@ -28,7 +28,8 @@ GGN_PRODUCT = 2.5
 
 
 def _ascent(s: dict[str, Any]) -> float:
-    return 1.0 + s["steps"]
+    # One ascent at m, and one more at each further m of ``ms`` (m_sharpness only).
+    return (1.0 + s["steps"]) * (1 + len(s.get("ms", ())))
 
 
 def _average(s: dict[str, Any]) -> float:

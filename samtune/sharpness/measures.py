@@ -6,6 +6,7 @@ themselves are defined in `samtune.sharpness.worst_case` and `samtune.sharpness.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -33,7 +34,9 @@ from samtune.sharpness.worst_case import (
 # name -> (function, default settings (logged, overridable), fixed settings (logged, not
 # overridable: the name says them))
 MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = {
-    "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1}, {}),
+    # ``ms``: further group sizes, each logged as ``m_sharpness_at_m<m>`` (the SAM paper's Figure 3
+    # compares m); the value under the measure's own name stays the one at ``m``.
+    "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1, "ms": ()}, {}),
     # Both adaptive balls (L2 and L-infinity) are among the default measures: each costs two
     # gradient passes over the subset, little next to the Hessian measures' tens of products.
     "adaptive_sharpness": (adaptive_sharpness, {"rho": 0.5, "m": 128, "steps": 1, "eta": 0.0}, {"norm": "l2"}),
@@ -115,7 +118,9 @@ def measure_sharpness(
     """Measure each of ``measures`` on (x, y), cheapest first, and return what to log, all floats:
 
     - ``"sharpness/<measure>"``: the value (``*_top_eig`` with ``k > 1`` adds
-      ``"sharpness/hessian_top_eig_2"``, ... for the next eigenvalues);
+      ``"sharpness/hessian_top_eig_2"``, ... for the next eigenvalues and the spread
+      ``"sharpness/hessian_top_eig_1_over_<k>"``, lambda_1 / lambda_k, `values_logged`;
+      ``m_sharpness`` with ``ms`` adds ``"sharpness/m_sharpness_at_m<m>"`` per m);
     - ``"sharpness/<measure>/<setting>"``: every setting the value depends on, the fixed ones
       included (the ball's ``norm`` of the adaptive measures); booleans as 0/1, a string
       setting as ``"sharpness/<measure>/<setting>/<value>" = 1``;
@@ -145,7 +150,7 @@ def measure_sharpness(
     ...                         m_sharpness={"rho": 0.1})
     >>> sorted(out)  # doctest: +NORMALIZE_WHITESPACE
     ['sharpness/batch', 'sharpness/m_sharpness', 'sharpness/m_sharpness/m',
-     'sharpness/m_sharpness/rho', 'sharpness/m_sharpness/seconds', 'sharpness/m_sharpness/steps',
+     'sharpness/m_sharpness/ms', 'sharpness/m_sharpness/rho', 'sharpness/m_sharpness/seconds', 'sharpness/m_sharpness/steps',
      'sharpness/num_params', 'sharpness/seed', 'sharpness/subset']
     >>> out["sharpness/m_sharpness/m"], out["sharpness/m_sharpness/rho"], out["sharpness/num_params"]
     (16.0, 0.1, 15.0)
@@ -224,6 +229,8 @@ def _settings(name: str, extra: dict[str, Any], subset: int) -> tuple[dict[str, 
     used = {**defaults, **{k: v for k, v in extra.items() if k not in engine}}
     if "m" in used:
         used["m"] = min(int(used["m"]), subset)
+    if "ms" in used:
+        used["ms"] = tuple(sorted({min(int(m), subset) for m in used["ms"]}))
     return used, {k: v for k, v in extra.items() if k in engine}
 
 
@@ -246,21 +253,37 @@ def _measure(
         kwargs["seed"] = seed
     if name in _CHUNKED:
         kwargs["batch"] = batch
+    ms = kwargs.pop("ms", ())
     start = time.perf_counter()
     estimate = fn(model, loss_fn, x, y, **kwargs)
+    out = {f"sharpness/{name}_at_m{m}": float(fn(model, loss_fn, x, y, **{**kwargs, "m": m})) for m in ms}
     seconds = time.perf_counter() - start
     if not isinstance(estimate, Estimate):
         estimate = Estimate(estimate)
-    value, out = estimate.value, {}
-    if isinstance(value, list):
-        for i, v in enumerate(value[1:], start=2):
-            out[f"sharpness/{name}_{i}"] = v
-        value = value[0]
-    out[f"sharpness/{name}"] = float(value)
+    out.update(values_logged(name, estimate.value))
     for key, setting in {**used, **fixed}.items():
         if isinstance(setting, str):
             out[f"sharpness/{name}/{key}/{setting}"] = 1.0
-        else:
-            out[f"sharpness/{name}/{key}"] = float(setting)
+        else:  # ``ms``: how many further m; each m is in its value's key
+            out[f"sharpness/{name}/{key}"] = float(len(setting) if isinstance(setting, tuple) else setting)
     out.update({f"sharpness/{name}/{key}": v for key, v in {**estimate.logged(), "seconds": seconds}.items()})
+    return out
+
+
+def values_logged(name: str, value: float | list[float]) -> dict[str, float]:
+    """A measure's value(s) as logged: ``sharpness/<name>``, and for several eigenvalues
+    (descending) ``sharpness/<name>_2`` ... ``_k`` and the spread ``sharpness/<name>_1_over_k``,
+    lambda_1 / lambda_k (NaN where lambda_k <= 0: the ratio then says nothing about flatness).
+
+    >>> values_logged("hessian_top_eig", [8.0, 4.0, 2.0])  # doctest: +NORMALIZE_WHITESPACE
+    {'sharpness/hessian_top_eig': 8.0, 'sharpness/hessian_top_eig_2': 4.0,
+     'sharpness/hessian_top_eig_3': 2.0, 'sharpness/hessian_top_eig_1_over_3': 4.0}
+    """
+    if not isinstance(value, list):
+        return {f"sharpness/{name}": float(value)}
+    out = {f"sharpness/{name}": float(value[0])}
+    out.update({f"sharpness/{name}_{i}": float(v) for i, v in enumerate(value[1:], start=2)})
+    if len(value) > 1:
+        last = float(value[-1])
+        out[f"sharpness/{name}_1_over_{len(value)}"] = float(value[0]) / last if last > 0 else math.nan
     return out

@@ -1,0 +1,327 @@
+"""The SAM paper's claims (Foret et al. 2020, arXiv 2010.01412) that a sweep's runs can test, one
+row each: the claim, where the paper makes it, what is compared, the measured value with its 95%
+interval, and a verdict by the cells' decision rule (`samtune.sequential`): "holds" or "does not
+hold" where the interval decides, "undecided at n ..." where it does not, "not tested" with what
+would test it where the sweep has no runs for it.
+
+Test errors come from the confirmation runs (fresh seeds, paired by seed), read back by
+`samtune.report.answers`; sharpness from the search trials the sweep picked (one run per
+configuration and cell, so cells are the replicates); Kendall's tau per m from every plotted
+search trial that logged m-sharpness at several m (``sharpness/m_sharpness_at_m<m>``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from samtune.report.answers import verdicts
+from samtune.report.runs import Runs
+from samtune.report.table import best_per_optimizer, choice_metric
+from samtune.sequential import Decision, outcome_of, paired
+from samtune.stats import Estimate, TauInterval, contrast_interval, kendall_tau_interval, mean_interval
+from samtune.stats import tau_difference_interval as tau_difference
+
+COLUMNS = ["claim", "source", "compared", "measured", "verdict", "basis"]
+#: The sharpness a flatness claim compares, by the column a trial logs.
+FLATNESS = {"lambda_max": "sharpness/hessian_top_eig", "lambda_max / lambda_5": "sharpness/hessian_top_eig_1_over_5"}
+AT_M = re.compile(r"^sharpness/m_sharpness_at_m(\d+)$")
+GAP = "final_generalization_gap"
+
+
+def row(claim: str, source: str, compared: str, measured: str, verdict: str, basis: str) -> dict[str, str]:
+    """One claims-table row."""
+    return dict(zip(COLUMNS, (claim, source, compared, measured, verdict, basis)))
+
+
+def judged(outcome: str, holds: str, n: int, unit: str = "seeds") -> str:
+    """A sequential outcome (`samtune.sequential.OUTCOMES`) as the claim's verdict: "holds"
+    where it is the outcome ``holds`` names, "undecided at n <unit>" where undecided, else "does
+    not hold".
+
+    >>> judged("SAM better", "SAM better", 5), judged("equivalent", "SAM better", 5)
+    ('holds', 'does not hold')
+    >>> judged("undecided", "SAM better", 3, "cells")
+    'undecided at 3 cells'
+    """
+    if outcome == "undecided":
+        return f"undecided at {n} {unit}"
+    return "holds" if outcome == holds else "does not hold"
+
+
+def _scenarios(runs: Runs) -> dict[str, tuple[str, float]]:
+    """Each cell's scenario and label-noise rate, from its search trials."""
+    trials = runs.trials
+    if trials.empty or "cell" not in trials:
+        return {}
+    out = {}
+    for cell, group in trials.groupby("cell", sort=False):
+        first = group.iloc[0]
+        rate = pd.to_numeric(pd.Series([first.get("label_noise_rate", 0.0)]), errors="coerce").iloc[0]
+        out[str(cell)] = (str(first.get("scenario", "label_noise")), float(rate) if pd.notna(rate) else 0.0)
+    return out
+
+
+def _per_cell(found: list[dict[str, Any]], cells: set[str], claim: str, source: str) -> list[dict[str, str]]:
+    """SAM against SGD in each of ``cells``: the cell verdict's decision at the final epoch."""
+    rows = []
+    for v in found:
+        decision = v["decisions"].get("best_sam - best_sgd", {}).get("final")
+        if v["cell"] in cells and decision is not None:
+            rows.append(
+                row(
+                    f"{claim} ({v['cell']})",
+                    source,
+                    "best SAM - best SGD, test error at the final epoch, paired by seed",
+                    _interval_text(decision),
+                    judged(decision.outcome, "SAM better", decision.n),
+                    f"confirmation runs, {decision.n} fresh seeds; {decision.where()}",
+                )
+            )
+    return rows
+
+
+def _interval_text(decision: Decision) -> str:
+    d = decision.interval
+    return f"{d.mean:+.3f} ({d.level:.1%} CI {d.low:+.3f} to {d.high:+.3f})"
+
+
+def lowers_error(found: list[dict[str, Any]], scenarios: dict[str, tuple[str, float]]) -> list[dict]:
+    """SAM lowers test error against SGD: one row per label-noise cell (the cell's verdict)."""
+    cells = {c for c, (scenario, _) in scenarios.items() if scenario != "finetune"} or {v["cell"] for v in found}
+    cells -= {c for c, (scenario, _) in scenarios.items() if scenario == "finetune"}
+    rows = _per_cell(found, cells, "SAM lowers test error against SGD", "Tables 1 and 4")
+    if rows:
+        return rows
+    return [
+        row(
+            "SAM lowers test error against SGD",
+            "Tables 1 and 4",
+            "best SAM - best SGD, paired by seed",
+            "-",
+            "not tested",
+            "needs a confirmation stage (confirm_seeds >= 3) for a training-from-scratch cell",
+        )
+    ]
+
+
+def finetuning(found: list[dict[str, Any]], scenarios: dict[str, tuple[str, float]]) -> list[dict]:
+    """SAM lowers test error against SGD when finetuning: one row per finetuning cell."""
+    cells = {c for c, (scenario, _) in scenarios.items() if scenario == "finetune"}
+    rows = _per_cell(found, cells, "SAM lowers test error when finetuning", "Table 3")
+    if rows:
+        return rows
+    return [
+        row(
+            "SAM lowers test error when finetuning",
+            "Table 3",
+            "best SAM - best SGD in finetuning cells, paired by seed",
+            "-",
+            "not tested",
+            "needs a finetuning sweep (scenario=finetune) with a confirmation stage",
+        )
+    ]
+
+
+def robust_default(found: list[dict[str, Any]], aliases: dict[str, str]) -> list[dict]:
+    """rho = 0.05 is a robust default: per cell, the SAM baseline against best SAM (holds when
+    equivalent or lower) and against best SGD (holds when lower), paired by seed."""
+    rows = []
+    for v in found:
+        decisions = v["decisions"]
+        same = "sam_baseline:best_sam" in aliases.get(v["cell"], "")
+        for other, holds, claim in (
+            ("best_sam", ("SAM better", "equivalent"), "rho = 0.05 is as good as the searched rho"),
+            ("best_sgd", ("SAM better",), "rho = 0.05 beats SGD"),
+        ):
+            d = decisions.get(f"sam_baseline - {other}", {}).get("final")
+            if d is None:
+                continue
+            basis = f"confirmation runs, {d.n} fresh seeds; {d.where()}"
+            if same and other == "best_sam":
+                basis = "the search picked rho = 0.05 itself: one set of confirmation runs stands for both"
+            rows.append(
+                row(
+                    f"{claim} ({v['cell']})",
+                    "Section 3 (rho = 0.05 untuned)",
+                    f"SAM baseline (rho 0.05) - {other.replace('_', ' ')}, test error at the final epoch, paired by seed",
+                    _interval_text(d),
+                    judged(d.outcome, d.outcome if d.outcome in holds else holds[0], d.n),
+                    basis,
+                )
+            )
+    return rows or [
+        row(
+            "rho = 0.05 is a robust default",
+            "Section 3 (rho = 0.05 untuned)",
+            "SAM baseline (rho 0.05) against best SAM and best SGD, paired by seed",
+            "-",
+            "not tested",
+            "needs the confirmation stage's sam_baseline runs (confirm_seeds >= 3)",
+        )
+    ]
+
+
+def flatter_minima(runs: Runs) -> list[dict]:
+    """SAM finds flatter minima: per measure, the log10 ratio SAM / SGD of the picked search
+    trials' values, one per cell, with a t interval over cells (holds where it is below 0)."""
+    pool = runs.plotted[runs.plotted["status"] == "finished"] if not runs.plotted.empty else runs.plotted
+    present = {name: col for name, col in FLATNESS.items() if col in pool}
+    rows = []
+    if present:
+        chosen_by, _ = choice_metric(pool, "final_val_error")
+        best = best_per_optimizer(pool, chosen_by, report=list(present.values()), prefer=runs.picked)
+    for name, col in present.items():
+        ratios = []
+        for _, group in best.groupby("cell", sort=False):
+            by = dict(zip(group["optimizer_label"], group[f"{col}_mean"]))
+            sam, sgd = by.get("SAM", math.nan), by.get("SGD", math.nan)
+            if sam > 0 and sgd > 0:
+                ratios.append(math.log10(sam / sgd))
+        est = mean_interval(ratios)
+        outcome = outcome_of(Estimate(est.mean, est.low, est.high, est.n, est.sd), margin=0.0)
+        rows.append(
+            row(
+                f"SAM finds flatter minima ({name})",
+                "Figure 3 (left) and Section 4.2",
+                f"log10({name} of SAM / {name} of SGD), the Hessian's by Lanczos, per cell",
+                est.text() if est.n else "-",
+                judged(outcome, "SAM better", est.n, "cells") if est.n else "not tested",
+                f"search trials the sweep picked: one run per configuration and cell, {est.n} cells as "
+                "the replicates (the confirmation runs' sharpness is not read)",
+            )
+        )
+    return rows or [
+        row(
+            "SAM finds flatter minima (lambda_max, lambda_max / lambda_5)",
+            "Figure 3 (left) and Section 4.2",
+            "the Hessian's top eigenvalue and its spread, SAM against SGD",
+            "-",
+            "not tested",
+            "needs sharpness_measures with hessian_top_eig and sharpness_settings {'hessian_top_eig': {'k': 5}}",
+        )
+    ]
+
+
+def tau_per_m(trials: pd.DataFrame, target: str = GAP) -> dict[int, TauInterval]:
+    """Kendall's tau between m-sharpness at each logged m (``sharpness/m_sharpness_at_m<m>``)
+    and ``target`` over ``trials``, with its bootstrap interval, by m ascending."""
+    if target not in trials:
+        return {}
+    y = pd.to_numeric(trials[target], errors="coerce").to_numpy(float)
+    found = sorted((int(m.group(1)), col) for col in trials.columns if (m := AT_M.match(str(col))))
+    return {m: kendall_tau_interval(pd.to_numeric(trials[col], errors="coerce").to_numpy(float), y) for m, col in found}
+
+
+def smaller_m_predicts(runs: Runs) -> list[dict]:
+    """Smaller m predicts generalization better: tau(smallest m) - tau(largest m) against the
+    generalization gap, over the plotted search trials, with a bootstrap interval."""
+    trials = runs.plotted
+    taus = tau_per_m(trials)
+    if len(taus) < 2:
+        return [
+            row(
+                "smaller m predicts generalization better",
+                "Figure 3 (right)",
+                "Kendall's tau of m-sharpness against the generalization gap, per m",
+                "-",
+                "not tested",
+                "needs m-sharpness at two or more m (sharpness_settings {'m_sharpness': {'ms': [8, 32, 128]}}) "
+                "and a logged generalization gap",
+            )
+        ]
+    small, large = min(taus), max(taus)
+    y = pd.to_numeric(trials[GAP], errors="coerce").to_numpy(float)
+    column = {m: pd.to_numeric(trials[f"sharpness/m_sharpness_at_m{m}"], errors="coerce").to_numpy(float) for m in taus}
+    diff = tau_difference(column[small], column[large], y)
+    outcome = "undecided" if diff.covers_zero else ("SAM better" if diff.low > 0 else "SGD better")
+    measured = "; ".join(f"m={m}: {t.text()}" for m, t in taus.items())
+    return [
+        row(
+            "smaller m predicts generalization better",
+            "Figure 3 (right)",
+            f"tau(m={small}) - tau(m={large}) of m-sharpness against the generalization gap",
+            f"{diff.text()}; {measured}",
+            judged(outcome, "SAM better", diff.n, "trials"),
+            f"every plotted search trial that logged both ({diff.n}); 95% bootstrap over trials",
+        )
+    ]
+
+
+def gain_with_noise(found: list[dict[str, Any]], scenarios: dict[str, tuple[str, float]]) -> list[dict]:
+    """SAM's gain grows with the noise rate: the least-squares slope of the per-cell mean gain
+    (SGD - SAM, paired by seed) over the cells' noise rates, with a Welch-Satterthwaite t interval."""
+    gains, rates = [], []
+    for v in found:
+        scenario, rate = scenarios.get(v["cell"], ("label_noise", math.nan))
+        values = v.get("seed_values", {})
+        if scenario == "label_noise" and math.isfinite(rate) and {"best_sgd", "best_sam"} <= set(values):
+            gains.append(
+                list(paired(values["best_sgd"].get("final", {}), values["best_sam"].get("final", {})).values())
+            )
+            rates.append(rate)
+    if len(set(rates)) < 2:
+        return [
+            row(
+                "SAM's gain grows with the label-noise rate",
+                "Table 4",
+                "slope of (SGD - SAM test error) over the noise rate",
+                "-",
+                "not tested",
+                "needs confirmation runs in label-noise cells at two or more noise rates",
+            )
+        ]
+    r = np.asarray(rates)
+    coefs = (r - r.mean()) / ((r - r.mean()) ** 2).sum()
+    est = contrast_interval(gains, list(coefs))
+    outcome = outcome_of(Estimate(-est.mean, -est.high, -est.low, est.n, est.sd), margin=0.0)
+    return [
+        row(
+            "SAM's gain grows with the label-noise rate",
+            "Table 4",
+            "slope of the gain (SGD - SAM test error, final epoch, paired by seed) per unit noise rate",
+            est.text(),
+            judged(outcome, "SAM better", len(rates), "cells"),
+            f"confirmation runs in {len(rates)} cells (noise {', '.join(f'{x:g}' for x in rates)}), "
+            f"at least {est.n} seeds each; 95% t interval (Welch-Satterthwaite)",
+        )
+    ]
+
+
+NOT_TESTED = [
+    row(
+        "SAM lowers ImageNet error",
+        "Table 2",
+        "SAM against SGD on ImageNet",
+        "-",
+        "not tested",
+        "needs an ImageNet sweep (the sweep's datasets are local, smaller ones)",
+    ),
+]
+
+
+def claims(runs: Runs) -> pd.DataFrame:
+    """The claims table of a sweep's runs (module docstring), one row per claim and cell."""
+    found = verdicts(runs)
+    scenarios = _scenarios(runs)
+    rows = lowers_error(found, scenarios)
+    rows += robust_default(found, runs.aliases)
+    rows += flatter_minima(runs)
+    rows += smaller_m_predicts(runs)
+    rows += gain_with_noise(found, scenarios)
+    rows += finetuning(found, scenarios)
+    rows += NOT_TESTED
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The claims table as markdown."""
+    if table.empty:
+        return ""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in table.to_dict("records")]
+    return "\n".join(lines) + "\n"

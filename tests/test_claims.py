@@ -1,0 +1,192 @@
+"""The claims table, checked on synthetic MLflow stores whose outcomes are known by construction,
+and the statistics behind it against scipy and against a case with a known Kendall tau."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from test_report import CONFIRMED, EXPERIMENT, Trial, base_config, synthetic_trials, write_confirmations, write_sweep
+
+from samtune.report.claims import claims, markdown, tau_per_m
+from samtune.report.load import load_runs
+from samtune.report.page import build_report
+from samtune.stats import contrast_interval, kendall_tau_interval, tau_difference_interval
+from samtune.sweep.tracking import Tracker
+
+# Three label-noise cells and a finetuning cell. Per cell (label, scenario, noise rate):
+CELLS = (("noise=0", "label_noise", 0.0), ("noise=0.2", "label_noise", 0.2), ("noise=0.4", "label_noise", 0.4))
+FINETUNE = ("finetune", "finetune", 0.0)
+SEEDS = (1, 2, 3, 4)
+JITTER = (0.001, -0.001, 0.0005, -0.0005)  # per seed, added to every pick alike: pairs cancel it
+
+
+def confirmed(cell: str, rate: float) -> dict[str, list[float]]:
+    """Final test errors per pick and seed. Gain (SGD - SAM) 0.01 + 0.2 * rate: slope 0.2; the SAM
+    baseline as good as best SAM up to seed noise (equivalent within 0.01); finetuning: SGD lower by 0.05."""
+    if cell == "finetune":
+        sgd, sam, base = 0.20, 0.25, 0.25
+    else:
+        sgd, sam = 0.30 + 0.3 * rate, 0.30 + 0.3 * rate - (0.01 + 0.2 * rate)
+        base = sam
+    wiggle = (0.0, 0.0004, -0.0004, 0.0002)  # the gain's own seed noise, for a finite interval
+    return {
+        "best_sgd": [sgd + j for j in JITTER],
+        "best_sam": [sam + j + w for j, w in zip(JITTER, wiggle)],
+        "sam_baseline": [base + j - w for j, w in zip(JITTER, wiggle)],
+    }
+
+
+def claims_trials() -> list[Trial]:
+    """Per cell two SGD and two SAM trials: SAM's Hessian flatter (lambda_max 4x, spread 2x lower);
+    m-sharpness at m=8 ranks the generalization gap exactly, at m=128 by a fixed shuffle."""
+    trials, shuffle = [], [3, 0, 2, 1]
+    for c, (cell, scenario, rate) in enumerate((*CELLS, FINETUNE)):
+        for j, (optimizer, lr) in enumerate((("sgd", 0.03), ("sgd", 0.1), ("sam", 0.03), ("sam", 0.1))):
+            index = 4 * c + j
+            test = 0.3 + 0.01 * index
+            acc = 0.9 - 0.005 * index * (1 + (j % 2))
+            gap = test - (1 - acc)
+            space = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "rho": 0.05, "m": 8}
+            config = {**base_config(rate), "scenario": scenario, "optimizer": optimizer, **space}
+            sam = optimizer == "sam"
+            sharpness = {
+                "hessian_top_eig": (2.0 if sam else 8.0) * (1 + 0.1 * c),
+                "hessian_top_eig_1_over_5": (1.5 if sam else 3.0) * (1 + 0.05 * c),
+                "m_sharpness_at_m8": 10 * gap,
+                "m_sharpness_at_m128": float(shuffle[(index * 3) % 4] + 4 * (index % 3)),
+            }
+            key = f"claims/cell-{c}_{cell.replace('=', '-')}/{index:05d}"
+            trials.append(
+                Trial(key, cell, rate, "finished", config, [test] * 3, [test] * 3, [acc] * 3, [acc] * 3, sharpness)
+            )
+    return trials
+
+
+def write_claims_confirmations(uri: str, folder) -> None:
+    tracker = Tracker(uri, "claims", folder / "claims-confirm.jsonl")
+    for c, (cell, scenario, rate) in enumerate((*CELLS, FINETUNE)):
+        cell_key = f"claims/cell-{c}_{cell.replace('=', '-')}"
+        tracker.declare(cell_key, cell, "cell", parent="claims", **{"samtune.cell": cell})
+        for name, errors in confirmed(cell, rate).items():
+            for seed, final in zip(SEEDS, errors):
+                key = f"{cell_key}/{name}/seed{seed}"
+                tags = {"samtune.cell": cell, "samtune.confirms": name, "samtune.seed": str(seed)}
+                tracker.declare(key, f"{cell} {name} {seed}", "confirm", parent=cell_key, **tags)
+                optimizer = "sgd" if name == "best_sgd" else "sam"
+                tracker.log_params(key, {**base_config(rate, seed), "scenario": scenario, "optimizer": optimizer})
+                for epoch, test in enumerate((final + 0.1, final), start=1):
+                    tracker.log_metrics(key, {"epoch": epoch, "val_error": test, "test_error": test}, step=epoch)
+                tracker.set_status(key, "finished")
+    assert tracker.close() is None
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("claims")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    write_sweep(uri, "claims", claims_trials(), folder)
+    write_claims_confirmations(uri, folder)
+    write_sweep(uri, EXPERIMENT, synthetic_trials(), folder)
+    write_confirmations(uri, EXPERIMENT, folder)
+    return {"uri": uri, "folder": folder}
+
+
+def verdict_of(table, claim: str) -> str:
+    rows = table[table["claim"] == claim]
+    assert len(rows) == 1, (claim, table["claim"].tolist())
+    return rows.iloc[0]["verdict"]
+
+
+@pytest.mark.slow  # the synthetic stores take about a minute to write
+def test_claims_with_known_outcomes(stores):
+    runs = load_runs("claims", tracking_uri=stores["uri"])
+    table = claims(runs)
+    for cell, _, _ in CELLS:
+        assert verdict_of(table, f"SAM lowers test error against SGD ({cell})") == "holds"
+        assert verdict_of(table, f"rho = 0.05 beats SGD ({cell})") == "holds"
+        assert verdict_of(table, f"rho = 0.05 is as good as the searched rho ({cell})") == "holds"
+    # The finetuning cell is a finetuning claim, where SGD is lower: it does not hold.
+    assert verdict_of(table, "SAM lowers test error when finetuning (finetune)") == "does not hold"
+    assert not table["claim"].str.contains(r"against SGD \(finetune\)").any()
+    assert verdict_of(table, "SAM finds flatter minima (lambda_max)") == "holds"
+    assert verdict_of(table, "SAM finds flatter minima (lambda_max / lambda_5)") == "holds"
+    flat = table[table["claim"] == "SAM finds flatter minima (lambda_max)"].iloc[0]
+    # log10(2 / 8) in every cell: the mean is exact.
+    assert flat["measured"].startswith(f"{math.log10(0.25):.3f}") and "one run per configuration" in flat["basis"]
+    assert verdict_of(table, "smaller m predicts generalization better") == "holds"
+    slope = table[table["claim"] == "SAM's gain grows with the label-noise rate"].iloc[0]
+    assert slope["verdict"] == "holds" and slope["measured"].startswith("0.200")
+    assert verdict_of(table, "SAM lowers ImageNet error") == "not tested"
+    assert "| claim | source |" in markdown(table)
+
+
+@pytest.mark.slow  # the synthetic stores take about a minute to write
+def test_claims_the_sweep_cannot_test_say_what_would(stores):
+    runs = load_runs(EXPERIMENT, tracking_uri=stores["uri"])
+    table = claims(runs)
+    # As CONFIRMED was built: SAM lower at noise 0; the seeds disagree at 0.4.
+    assert verdict_of(table, "SAM lowers test error against SGD (noise=0)") == "holds"
+    assert verdict_of(table, "SAM lowers test error against SGD (noise=0.4)") == "undecided at 3 seeds"
+    # At 0.4 the baseline's errors sit 0.03-0.05 above best SAM's on every seed.
+    assert verdict_of(table, "rho = 0.05 is as good as the searched rho (noise=0.4)") == "does not hold"
+    for claim, needs in (
+        ("SAM finds flatter minima (lambda_max, lambda_max / lambda_5)", "hessian_top_eig"),
+        ("smaller m predicts generalization better", "'ms'"),
+        ("SAM lowers test error when finetuning", "scenario=finetune"),
+    ):
+        row = table[table["claim"] == claim].iloc[0]
+        assert row["verdict"] == "not tested" and needs in row["basis"]
+    gains = [
+        [CONFIRMED[(c, "best_sgd")][i] - CONFIRMED[(c, "best_sam")][i] for i in range(3)]
+        for c in ("noise=0", "noise=0.4")
+    ]
+    expected = (np.mean(gains[1]) - np.mean(gains[0])) / 0.4
+    slope = table[table["claim"] == "SAM's gain grows with the label-noise rate"].iloc[0]
+    assert slope["measured"].startswith(f"{expected:.3f}")
+
+
+@pytest.mark.slow  # the synthetic stores take about a minute to write
+def test_the_claims_view_is_on_the_page_with_its_table(stores, tmp_path):
+    built = build_report("claims", tracking_uri=stores["uri"], out=tmp_path, strict=True, log_artifacts=False)
+    data = {r.spec.name: r.view.data for r in built.views}["claims"]
+    assert set(data) == {"claims", "tau_per_m"} and list(data["tau_per_m"]["m"]) == [8, 128]
+
+
+@pytest.mark.slow  # the synthetic stores take about a minute to write
+def test_tau_per_m_is_scipys_kendall_tau(stores):
+    runs = load_runs("claims", tracking_uri=stores["uri"])
+    taus = tau_per_m(runs.plotted)
+    gap = runs.plotted["final_generalization_gap"].to_numpy(float)
+    for m, est in taus.items():
+        ref = scipy_stats.kendalltau(runs.plotted[f"sharpness/m_sharpness_at_m{m}"].to_numpy(float), gap)
+        assert est.tau == pytest.approx(ref.statistic, abs=1e-12) and est.n == len(gap)
+    assert taus[8].tau == pytest.approx(1.0)
+
+
+def test_tau_bootstrap_interval_covers_a_known_tau_about_95_percent_of_the_time():
+    # Bivariate normal with correlation r: Kendall's tau is (2 / pi) arcsin(r) (Greiner's relation).
+    r, n, reps = 0.5, 40, 200
+    tau = 2 / math.pi * math.asin(r)
+    rng = np.random.default_rng(0)
+    cov = [[1, r], [r, 1]]
+    covered = 0
+    for rep in range(reps):
+        x, y = rng.multivariate_normal([0, 0], cov, size=n).T
+        est = kendall_tau_interval(x, y, resamples=400, seed=rep)
+        covered += est.low <= tau <= est.high
+    # 95% nominal; 200 replications put 3 binomial standard errors at +/-0.046.
+    assert 0.90 <= covered / reps <= 0.995, covered / reps
+
+
+def test_tau_difference_and_contrast_intervals_against_closed_forms():
+    x = np.arange(10.0)
+    d = tau_difference_interval(x, -x, x)
+    assert d.tau == 2.0 and d.low == 2.0
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 6), rng.normal(1, 2, 5)
+    est = contrast_interval([a, b], [-1.0, 1.0])
+    ref = scipy_stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert (est.low, est.high) == pytest.approx((ref.low, ref.high))
