@@ -187,7 +187,7 @@ def flatter_minima(runs: Runs) -> list[dict]:
         rows.append(
             row(
                 f"SAM finds flatter minima ({name})",
-                "Figure 3 (left) and Section 4.2",
+                "Section 4.2 (Hessian spectra)",
                 f"log10({name} of SAM / {name} of SGD), the Hessian's by Lanczos, per cell",
                 est.text() if est.n else "-",
                 judged(outcome, "SAM better", est.n, "cells") if est.n else "not tested",
@@ -198,7 +198,7 @@ def flatter_minima(runs: Runs) -> list[dict]:
     return rows or [
         row(
             "SAM finds flatter minima (lambda_max, lambda_max / lambda_5)",
-            "Figure 3 (left) and Section 4.2",
+            "Section 4.2 (Hessian spectra)",
             "the Hessian's top eigenvalue and its spread, SAM against SGD",
             "-",
             "not tested",
@@ -226,7 +226,7 @@ def smaller_m_predicts(runs: Runs) -> list[dict]:
         return [
             row(
                 "smaller m predicts generalization better",
-                "Figure 3 (right)",
+                "Section 4.2 (m-sharpness)",
                 "Kendall's tau of m-sharpness against the generalization gap, per m",
                 "-",
                 "not tested",
@@ -243,7 +243,7 @@ def smaller_m_predicts(runs: Runs) -> list[dict]:
     return [
         row(
             "smaller m predicts generalization better",
-            "Figure 3 (right)",
+            "Section 4.2 (m-sharpness)",
             f"tau(m={small}) - tau(m={large}) of m-sharpness against the generalization gap",
             f"{diff.text()}; {measured}",
             judged(outcome, "SAM better", diff.n, "trials"),

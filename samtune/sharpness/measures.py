@@ -34,7 +34,7 @@ from samtune.sharpness.worst_case import (
 # name -> (function, default settings (logged, overridable), fixed settings (logged, not
 # overridable: the name says them))
 MEASURES: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = {
-    # ``ms``: further group sizes, each logged as ``m_sharpness_at_m<m>`` (the SAM paper's Figure 3
+    # ``ms``: further group sizes, each logged as ``m_sharpness_at_m<m>`` (the SAM paper's section 4.2
     # compares m); the value under the measure's own name stays the one at ``m``.
     "m_sharpness": (m_sharpness, {"rho": 0.05, "m": 128, "steps": 1, "ms": ()}, {}),
     # Both adaptive balls (L2 and L-infinity) are among the default measures: each costs two
