@@ -25,7 +25,14 @@ from samtune.stats import Estimate, mean_interval
 #: The selection rules, as the tables name them.
 RULES = {"final": "final epoch", "best_epoch": "best validation epoch"}
 # The SAM baseline against best SAM: is the paper's rho = 0.05 as good as the searched rho?
-COMPARED = (("best_sam", "best_sgd"), ("sam_baseline", "best_sgd"), ("sam_baseline", "best_sam"))
+COMPARED = (
+    ("best_sam", "best_sgd"),
+    ("sam_baseline", "best_sgd"),
+    ("sam_baseline", "best_sam"),
+    # The paper's rho with the best SAM configuration's other settings (the rho ablation's point).
+    ("rho=0.05", "best_sgd"),
+    ("rho=0.05", "best_sam"),
+)
 
 
 #: A cell's confirmation results: configuration name -> selection rule -> seed -> value.
