@@ -4,8 +4,9 @@ The size is counted from the sweep alone: trial-epochs of the search (every tria
 end: ASHA only shortens it) and of the confirmation stage (its first round, then every further
 round the verdicts may need, up to ``max_confirm_seeds``). The duration comes from a short
 measurement on this machine: a few training steps of the sweep's model at its batch size, with
-as many threads as a trial gets, and a few evaluation passes. A SAM step is counted as two SGD
-steps (its two forward-backward passes); the end-of-training sharpness measures are not counted.
+as many threads as a trial gets, and a few evaluation passes, plus `RUN_OVERHEAD_S` a run. A SAM
+step is counted as two SGD steps (its two forward-backward passes); the end-of-training sharpness
+measures are not counted.
 A sweep whose longest case passes `LIMIT_S` (or, where nothing can be measured here, whose size
 passes `LIMIT_EPOCHS`) is refused unless the user says ``--yes``: a typo such as
 ``trials=10**9`` should cost a message, not a cluster for a year.
@@ -35,6 +36,10 @@ LIMIT_S = 48 * 3600.0
 LIMIT_EPOCHS = 1_000_000
 #: SAM's cost in SGD steps: a forward-backward pass to climb, one to descend.
 SAM_STEPS = 2.0
+#: What a run costs beyond its epochs: starting its process, reading its data, building its
+#: model, and the gap before the next run starts. Measured on the embedded study on 2 CPU cores
+#: (144 runs: 1.8 s inside each run, 1.2 s between runs); larger models and GPUs pay more.
+RUN_OVERHEAD_S = 3.0
 # Timed steps after one warm-up step (allocations, kernel choice): enough for a stable median.
 TIMED_STEPS = 3
 
@@ -128,8 +133,9 @@ def estimate(sweep: Sweep, sampled: list[dict[str, Any]], slots: int | None, has
     at_once = max(slots or 1, 1)
     # The confirmation stage is SGD and SAM picks in equal measure.
     confirm_epoch = epoch_s * (1.0 + SAM_STEPS) / 2
-    about = (size.search * per_epoch + size.confirm_first * confirm_epoch) / at_once
-    at_most = (size.search * epoch_s * SAM_STEPS + size.confirm_most * confirm_epoch) / at_once
+    runs = RUN_OVERHEAD_S / max(sweep.epochs, 1)  # per trial-epoch
+    about = (size.search * (per_epoch + runs) + size.confirm_first * (confirm_epoch + runs)) / at_once
+    at_most = (size.search * (epoch_s * SAM_STEPS + runs) + size.confirm_most * (confirm_epoch + runs)) / at_once
     return Estimate(size, epoch_s, slots, about, at_most)
 
 
