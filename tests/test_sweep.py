@@ -475,6 +475,18 @@ def test_a_resume_of_a_changed_search_space_is_refused_saying_what_changed(tmp_p
 # ------------------------------------------------------------------------------ end to end (slow)
 
 
+def kill_session(sid):
+    """SIGKILL every process left in session `sid` (a driver started with start_new_session)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == sid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def sweep_cmd(tmp_path, *extra, name="t"):
     return [
         sys.executable,
@@ -716,7 +728,9 @@ def test_an_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     if how == "SIGKILL":
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        # The killed driver's Ray processes, and only those (its session): `ray stop` would also
+        # stop every other Ray instance on the machine, another job's included.
+        kill_session(proc.pid)
     if how == "SIGKILL":
         resume_cmd = sweep_cmd(tmp_path, *args, "--resume", "--no-report")
     resumed = subprocess.run(resume_cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
