@@ -40,6 +40,7 @@ from samtune.sweep.progress import StageProgress
 from samtune.sweep.recording import Recorder, SweepCallback, reconcile, recording_to
 from samtune.sweep.recovery import resumable
 from samtune.sweep.results import CellResult, TrialRow
+from samtune.sweep.run_names import rerun_name
 from samtune.sweep.search import PickledSearcher
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
@@ -84,11 +85,7 @@ DECIDING = ("best_sgd", "best_sam")
 def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline]) -> dict[str, dict[str, Any]]:
     """The configurations a cell confirms, by name, as settings over its base config. One that
     another pick already runs is not run twice: `CellResult.aliases` names the pick that runs it."""
-    picks: dict[str, dict[str, Any]] = {}
-    for name, family in (("best_sgd", ("sgd",)), ("best_sam", ("sam", "asam"))):
-        row = result.best(sweep.metric, sweep.mode, family)
-        if row is not None:
-            picks[name] = dict(row.params)
+    picks = {name: dict(row.params) for name, row in result.picks(sweep.metric, sweep.mode).items()}
     sam = next((dict(b.settings) for b in baselines if b.settings.get("optimizer") in ("sam", "asam")), None)
     if sam is not None:
         picks["sam_baseline"] = sam
@@ -217,7 +214,7 @@ class StageRecorder(Recorder):
         name, seed = self._id(trial)
         self.tracker.declare(
             self._key(trial),
-            f"{self.cell.label} {name} seed {seed}",
+            rerun_name(self.cell, name, seed),
             role_of(name),
             parent=self.cell_key,
             **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name, SEED_TAG: str(seed), STATUS_TAG: "running"},
