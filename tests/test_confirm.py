@@ -153,3 +153,43 @@ def test_confirmation_runs_every_pick_on_every_seed_once_across_an_interrupt(tmp
     verdicts = json.loads(open(local).read())
     assert [v["cell"] for v in verdicts] == ["noise=0", "noise=0.4"]
     assert all(v["configs"]["best_sam"]["final"]["n"] == 2 for v in verdicts)
+    # The runs are named so that a list reads: the sweep with its id, each trial by its cell,
+    # optimizer, searched settings, role and number, each confirmation by its pick and seed.
+    sweep_id = json.loads((tmp_path / "runs" / "t" / "sweep.json").read_text())["sweep_id"]
+    assert sweep_run.info.run_name == f"t {sweep_id}"
+    assert sorted(t.info.run_name for t in by_role["trial"]) == sorted(
+        f"{cell} {name} baseline #{number}"
+        for cell in ("noise=0", "noise=0.4")
+        for number, name in enumerate(("SGD lr=0.05", "SAM lr=0.05 rho=0.07 m=None"))
+    )
+    for r in reruns:
+        tags = r.data.tags
+        assert r.info.run_name == f"{tags['samtune.cell']} {tags['samtune.confirms']} seed {tags['samtune.seed']}"
+    # Each cell's run names its search's picks; each pick's run holds its final weights as an
+    # MLflow model, which computes on a batch what its trial's last checkpoint computes.
+    import mlflow.pytorch
+    import torch
+
+    from samtune.data import load_dataset, to_float
+    from samtune.models import build_model
+
+    digits = load_dataset("digits")
+    batch = to_float(digits.test_x[:32], digits.mean, digits.std)
+    trial_runs = {t.data.tags["samtune.trial_key"]: t for t in by_role["trial"]}
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        for cell_run in by_role["cell"]:
+            picks = dict(pick.split(":", 1) for pick in cell_run.data.tags["samtune.picks"].split(","))
+            assert list(picks) == ["best_sgd", "best_sam"]
+            for name, trial_key in picks.items():
+                run = trial_runs[trial_key]
+                assert run.data.params["optimizer"] == name.removeprefix("best_")
+                trial_id = trial_key.rsplit("/", 1)[1]
+                last = max((tmp_path / "runs" / "t" / "trials").glob(f"*{trial_id}*/checkpoint_*"))
+                trained = build_model("cnn", 10, (1, 8, 8))
+                trained.load_state_dict(torch.load(last / "trial.pt", weights_only=True)["model"])
+                loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+                assert torch.equal(loaded(batch), trained.eval()(batch)), (cell_run.info.run_name, name)
+    finally:
+        mlflow.set_tracking_uri(before)

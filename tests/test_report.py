@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from samtune import cli
+from samtune.contract.metrics import is_sharpness_setting, sharpness_params
 from samtune.report.load import load_runs
 from samtune.report.page import build_report, write_report
 from samtune.report.runs import SHARPNESS_SHARED_KEYS, NoFinishedTrialsError, ReportError, TrialRecord
@@ -240,7 +241,9 @@ def no_validation_trials() -> list[Trial]:
 
 def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path, sweep_key: str | None = None) -> str:
     """Write `trials` the way the sweep driver does; returns the sweep run's id. `sweep_key`
-    (trial keys start with it) names a further sweep under the same experiment name."""
+    (trial keys start with it) names a further sweep under the same experiment name. Every other
+    trial with sharpness measures records their settings as an older sweep did (metric series),
+    the rest as the driver does now (params): the report reads both alike."""
     from mlflow.tracking import MlflowClient
 
     sweep_key = sweep_key or experiment
@@ -254,7 +257,7 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path, sw
         sweep_key, {"name": experiment, "epochs": EPOCHS, "label_noise_rates": sorted({t.noise for t in trials})}
     )
     cells = {}
-    for trial in trials:
+    for index, trial in enumerate(trials):
         cell_key = trial.key.rsplit("/", 1)[0]
         if cell_key not in cells:
             cells[cell_key] = trial.cell
@@ -297,6 +300,9 @@ def write_sweep(uri: str, experiment: str, trials: list[Trial], folder: Path, sw
                 # with everything measure_sharpness logs beside the values: none is a measure.
                 metrics.update({f"sharpness/{k}": v for k, v in trial.sharpness.items()})
                 metrics.update(SHARPNESS_BOOKKEEPING)
+                if index % 2 == 0:  # as the driver records them now: settings are params
+                    tracker.log_params(trial.key, sharpness_params(metrics))
+                    metrics = {k: v for k, v in metrics.items() if not is_sharpness_setting(k)}
             tracker.log_metrics(trial.key, metrics, step=epoch)
         if trial.status != "running":  # an interrupted sweep leaves its trial running
             tracker.set_status(trial.key, trial.status)
@@ -413,6 +419,16 @@ def test_runs_table_reads_the_tracking_layout_back(store, report):
     assert {f"sharpness/{k}" for k in SHARED_KEYS} <= set(SHARPNESS_BOOKKEEPING)
     assert {f"sharpness/{k}" for k in SHARED_KEYS} <= set(runs.trials.columns)
     assert runs.sharpness_measures == sorted(MEASURES)
+    # Settings read back alike from params (this sweep) and from metric series (older sweeps),
+    # as the measurement reported them, and no part of a trial's configuration.
+    settings = {k: v for k, v in SHARPNESS_BOOKKEEPING.items() if is_sharpness_setting(k)}
+    assert "sharpness/adaptive_sharpness/norm/l2" in settings and "sharpness/params/0" in settings
+    measured = table.loc[[t.key for t in trials if t.sharpness]]
+    assert len(measured) > 2
+    for key, value in settings.items():
+        assert measured[key].tolist() == [value] * len(measured), key
+    assert not any(name.startswith("sharpness/") for name in runs.param_names)
+    assert not set(settings) & set(runs.history.columns)
 
 
 def test_the_report_knows_every_key_measure_sharpness_logs_beside_the_measures():

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 import samtune.sweep.driver
 from samtune.sweep.driver import prepare, run_sweep, trial_resources
 from samtune.sweep.errors import SweepError
+from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.recording import Recorder, declare_sweep, write_state
 from samtune.sweep.results import CellResult, TrialRow, load_study, summarize
 from samtune.sweep.search import AshaAwareOptunaSearch
@@ -208,6 +209,17 @@ def test_trials_at_once_follow_the_cpus_and_never_exceed_the_budget():
     assert tune_res == {"cpu": 0.01, "gpu": 0.0} and need == pytest.approx(1.81) and at_once == 1
 
 
+#: The settings a sharpness measurement reports beside its values (`measure_sharpness`'s shape).
+SHARPNESS_SETTINGS = {
+    "sharpness/m_sharpness/rho": 0.05,
+    "sharpness/m_sharpness/m": 128.0,
+    "sharpness/adaptive_sharpness/norm/l2": 1.0,
+    "sharpness/seed": 0.0,
+    "sharpness/subset": 256.0,
+    "sharpness/params/head": 1.0,
+}
+
+
 def fake_trial(trial_id, **params):
     return SimpleNamespace(trial_id=trial_id, config=params)
 
@@ -240,11 +252,13 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
     cell = sweep.cells()[1]
     recorder = Recorder(sweep, cell, tracker, "layout")
     outcomes = {"finished": [0.5, 0.4, 0.3], "stopped": [0.6], "diverged": [0.7, float("nan")]}
-    for name, errors in outcomes.items():
-        trial = fake_trial(name, **sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1}))
+    for number, (name, errors) in enumerate(outcomes.items()):
+        trial = fake_trial(name, **sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1, "trial_number": number}))
         recorder.trial_start(trial)
         for epoch, value in enumerate(errors, start=1):
             diverged = value != value
+            # Sharpness measured every epoch: its settings each time, its value and cost changing.
+            measured = {**SHARPNESS_SETTINGS, "sharpness/m_sharpness": value, "sharpness/m_sharpness/seconds": 0.1}
             recorder.trial_result(
                 trial,
                 {
@@ -253,10 +267,13 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
                     "train_loss": value,
                     "diverged": int(diverged),
                     "done": False,
+                    **({} if diverged else measured),
                 },
             )
         recorder.trial_end(trial, failed=False)
-    crashed = fake_trial("failed", **sweep.trial_config(cell, {"optimizer": "sam", "lr": 0.1, "rho": 0.1}))
+    crashed = fake_trial(
+        "failed", **sweep.trial_config(cell, {"optimizer": "sam", "lr": 0.1, "rho": 0.1, "baseline": True})
+    )
     recorder.trial_start(crashed)
     recorder.trial_end(crashed, failed=True)
     assert tracker.close() is None
@@ -283,6 +300,28 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
         assert run.info.status == ("FAILED" if name == "failed" else "FINISHED")
         assert run.data.params["label_noise_rate"] == "0.4" and run.data.params["epochs"] == "3"
     assert trials["failed"].data.params["rho"] == "0.1"
+    # Named so that a list reads: cell, optimizer, the settings searched, role, place in the search.
+    assert {name: run.info.run_name for name, run in trials.items()} == {
+        "finished": "noise=0.4 SGD lr=0.1 #0",
+        "stopped": "noise=0.4 SGD lr=0.1 #1",
+        "diverged": "noise=0.4 SGD lr=0.1 #2",
+        "failed": "noise=0.4 SAM lr=0.1 rho=0.1 baseline",
+    }
+    assert cell_run.info.run_name == "noise=0.4"
+    # The sharpness settings are params of the trial, once; only the value and its cost are series.
+    finished = trials["finished"].data
+    assert {k: v for k, v in finished.params.items() if k.startswith("sharpness/")} == {
+        "sharpness/m_sharpness/rho": "0.05",
+        "sharpness/m_sharpness/m": "128",
+        "sharpness/adaptive_sharpness/norm": "l2",
+        "sharpness/seed": "0",
+        "sharpness/subset": "256",
+        "sharpness/params/head": "1",
+    }
+    assert {k for k in finished.metrics if k.startswith("sharpness/")} == {
+        "sharpness/m_sharpness",
+        "sharpness/m_sharpness/seconds",
+    }
 
     def steps(run, key):
         return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
@@ -293,6 +332,95 @@ def test_the_driver_records_the_documented_mlflow_layout(tmp_path):
     assert steps(trials["diverged"], "train_loss") == [(1, 0.7)]
     assert steps(trials["diverged"], "diverged") == [(1, 0.0), (2, 1.0)]
     assert "done" not in trials["finished"].data.metrics  # Tune's bookkeeping stays out
+
+
+def test_a_trial_restored_after_its_last_epoch_ends_with_its_last_result(tmp_path):
+    # The driver was killed between the last epoch's report and Tune's save: the resumed Tune runs
+    # the trial again, which restores that epoch's checkpoint and ends without reporting; the
+    # driver sees it start and complete, with the result Tune kept.
+    sweep = Sweep(
+        name="kept", dataset="digits", model="mlp", epochs=3, batch_size=32, trials=2, label_noise_rates=(0.0,)
+    )
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", sweep.name, tmp_path / "spool.jsonl")
+    tracker.declare("kept", "kept", "sweep")
+    (cell,) = sweep.cells()
+    recorder = Recorder(sweep, cell, tracker, "kept")
+    trial = SimpleNamespace(
+        trial_id="sgd",
+        config=sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1, "trial_number": 0}),
+        last_result={"epoch": 3, "val_error": 0.2, "test_error": 0.25, "diverged": 0, "training_iteration": 3},
+    )
+    recorder.trial_start(trial)
+    recorder.trial_end(trial, failed=False)
+    assert tracker.close() is None
+    row = recorder.result.trials["sgd"]
+    assert (row.status, row.epoch, row.metrics["val_error"]) == ("finished", 3, 0.2)
+    assert recorder.result.picks("val_error", "min")["best_sgd"] is row
+
+
+def test_a_picks_model_loads_with_mlflow_and_gives_the_outputs_of_its_checkpoint(tmp_path):
+    import mlflow.pytorch
+    import torch
+    from ray.tune import Checkpoint
+
+    from samtune.models.zoo import build_model
+
+    sweep = Sweep(
+        name="picks", dataset="digits", model="mlp", epochs=1, batch_size=32, trials=2, label_noise_rates=(0.0,)
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, sweep.name, tmp_path / "spool.jsonl")
+    tracker.declare("picks", "picks", "sweep")
+    (cell,) = sweep.cells()
+    recorder = Recorder(sweep, cell, tracker, "picks")
+    trained = {}
+    for number, (optimizer, error) in enumerate((("sgd", 0.3), ("sam", 0.2))):
+        trained[optimizer] = build_model("mlp", 10, (1, 8, 8))
+        folder = tmp_path / "checkpoints" / optimizer
+        folder.mkdir(parents=True)
+        # What a trial's checkpoint holds (`samtune.trial.state.checkpoint`), its weights first.
+        torch.save({"model": trained[optimizer].state_dict(), "epoch": 1}, folder / "trial.pt")
+        trial = SimpleNamespace(
+            trial_id=optimizer,
+            config=sweep.trial_config(cell, {"optimizer": optimizer, "lr": 0.1, "trial_number": number}),
+            checkpoint=Checkpoint.from_directory(str(folder)),
+        )
+        recorder.trial_start(trial)
+        recorder.trial_result(trial, {"epoch": 1, "val_error": error})
+        recorder.trial_end(trial, failed=False)
+    plan = SimpleNamespace(sweep=sweep, sweep_dir=tmp_path / "runs" / "picks")
+    logged = log_pick_models(plan, [recorder.result], tracker, "picks")
+    assert tracker.close() is None
+    assert [(p.name, p.trial_key) for p in logged] == [
+        ("best_sgd", f"picks/{cell.slug}/sgd"),
+        ("best_sam", f"picks/{cell.slug}/sam"),
+    ]
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("picks").experiment_id])
+    (cell_run,) = [r for r in runs if r.data.tags["samtune.role"] == "cell"]
+    assert cell_run.data.tags["samtune.picks"] == f"best_sgd:picks/{cell.slug}/sgd,best_sam:picks/{cell.slug}/sam"
+    by_key = {r.data.tags["samtune.key"]: r.info.run_id for r in runs}
+    batch = torch.randn(5, 1, 8, 8)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for pick in cell_run.data.tags["samtune.picks"].split(","):
+            name, trial_key = pick.split(":", 1)
+            loaded = mlflow.pytorch.load_model(f"runs:/{by_key[trial_key]}/model")
+            weights = trained[trial_key.rsplit("/", 1)[1]].eval()
+            assert not loaded.training and torch.equal(loaded(batch), weights(batch)), name
+    finally:
+        mlflow.set_tracking_uri(before)
+    # A resumed driver finds the saved models and logs them again, without building them again.
+    saved = plan.sweep_dir / "models" / cell.slug / "sam" / "model" / "MLmodel"
+    stamp = saved.stat().st_mtime_ns
+    again = Tracker(uri, sweep.name, tmp_path / "spool.jsonl")
+    again.declare(f"picks/{cell.slug}", cell.label, "cell", parent="picks")
+    for optimizer in trained:
+        again.declare(f"picks/{cell.slug}/{optimizer}", optimizer, "trial", parent=f"picks/{cell.slug}")
+    assert len(log_pick_models(plan, [recorder.result], again, "picks")) == 2
+    assert again.close() is None and saved.stat().st_mtime_ns == stamp
 
 
 class Unreachable:
@@ -382,16 +510,23 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
     assert (resumed.sweep_id, resumed.tracking_uri) == (first.sweep_id, uri)
 
     (cell,) = first.sweep.cells()
+    client = MlflowClient(uri)
     for plan, epochs in ((first, (1,)), (second, (1, 2)), (resumed, (2,))):
         tracker = Tracker(uri, plan.sweep.name, tmp_path / "spool.jsonl")
         recorder = Recorder(plan.sweep, cell, tracker, declare_sweep(plan, tracker))
-        trial = fake_trial("same_00000", **plan.sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1}))
+        trial = fake_trial(
+            "same_00000", **plan.sweep.trial_config(cell, {"optimizer": "sgd", "lr": 0.1, "trial_number": 0})
+        )
         recorder.trial_start(trial)
         for epoch in epochs:  # Tune numbers trials per experiment: the same id in both sweeps
             recorder.trial_result(trial, {"epoch": epoch, "val_error": 0.5})
         assert tracker.close() is None
+        if plan is first:
+            # The first sweep's runs named as samtune named them before: its resume finds them
+            # all the same (by key), and names them as now.
+            for run in client.search_runs([client.get_experiment_by_name("same").experiment_id]):
+                client.update_run(run.info.run_id, name=f"old name {run.info.run_id}")
 
-    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("same").experiment_id])
     by_sweep = {}
     for run in runs:
@@ -405,6 +540,8 @@ def test_a_new_sweep_of_the_same_name_gets_new_runs_and_a_resumed_one_its_own(tm
         (trial_run,) = [r for r in by_sweep[key] if r.data.tags["samtune.role"] == "trial"]
         # The resumed driver continued the first sweep's trial run, not the second's.
         assert epochs_logged(client, trial_run) == [1, 2]
+        assert sweep_run.info.run_name == f"same {plan.sweep_id}"
+        assert trial_run.info.run_name == "noise=0.4 SGD lr=0.1 #0"
 
 
 def test_no_sweep_json_is_written_when_the_tracking_store_cannot_be_opened(tmp_path, monkeypatch):
@@ -598,6 +735,21 @@ def test_sweep_records_every_trial_in_the_documented_layout(tmp_path):
         assert {"val_error", "test_error", "train_acc_true", "train_acc_noisy"} <= set(metrics)
         if tags["samtune.status"] == "finished":
             assert steps[-1] == 2 and "sharpness/m_sharpness" in metrics
+            # Its settings are params, once; the value and its cost are the metrics.
+            assert params["sharpness/m_sharpness/rho"] == "0.05" and params["sharpness/seed"] == "0"
+            assert not {"sharpness/m_sharpness/rho", "sharpness/seed", "sharpness/subset"} & set(metrics)
+            assert "sharpness/m_sharpness/seconds" in metrics
+        # Named so that the UI's list reads: cell, optimizer, what was searched, its number.
+        assert re.fullmatch(r"noise=0(\.4)? (SGD|SAM) lr=\S+( rho=\S+ m=\S+)?( baseline)? #[0-2]", t.info.run_name), (
+            t.info.run_name
+        )
+    # The report, built from these runs, still draws the sharpness view.
+    assert (Path(index).parent / "sharpness.png").is_file()
+    # Each cell's run names its picks, whose runs hold their final weights as MLflow models.
+    trial_keys = {t.data.tags["samtune.trial_key"] for t in trials}
+    for cell in cells:
+        picks = dict(pick.split(":", 1) for pick in cell.data.tags["samtune.picks"].split(","))
+        assert set(picks) == {"best_sgd", "best_sam"} and set(picks.values()) <= trial_keys
     # Every cell carries its own SGD baseline beside SAM.
     for cell in cells:
         kids = [t for t in trials if t.data.tags["mlflow.parentRunId"] == cell.info.run_id]

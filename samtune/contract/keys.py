@@ -14,6 +14,7 @@ names listed here (optimizers, schedules, noise kinds, ...) are the ones the lay
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from samtune.contract.values import Setting
@@ -274,3 +275,19 @@ NUISANCE_KEYS = frozenset(
 
 #: The settings that tell trials apart at a glance: the live view shows these first.
 HEADLINE_KEYS = ("optimizer", "lr", "rho", "m", "weight_decay", "sam_variant")
+
+
+def optimizer_label(config: Mapping[str, Any]) -> str:
+    """A trial's optimizer as the report's legends and the MLflow run names show it: ``SGD``,
+    ``SAM``, ``ASAM``, and with an AdamW base ``AdamW``, ``SAM(AdamW)``, ``ASAM(AdamW)``.
+
+    >>> optimizer_label({"optimizer": "sam"}), optimizer_label({"optimizer": "asam", "base_optimizer": "adamw"})
+    ('SAM', 'ASAM(AdamW)')
+    """
+    optimizer = str(config.get("optimizer", "sgd")).lower()
+    base = str(config.get("base_optimizer", "sgd")).lower()
+    name = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(optimizer, optimizer)
+    if base in ("sgd", "none", ""):
+        return name
+    base_name = {"adamw": "AdamW", "adam": "Adam"}.get(base, base)
+    return base_name if optimizer == "sgd" else f"{name}({base_name})"

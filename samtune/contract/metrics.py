@@ -5,7 +5,10 @@ The trainer reports these every epoch (`samtune.trial`), the sweep records them 
 refuses to optimise a metric that is not reported every epoch (ASHA compares trials at every
 rung, and Tune fails a trial whose result lacks the metric), and the report reads them back.
 Sharpness measures add ``sharpness/<measure>`` (and ``sharpness/<key>`` for what they were
-measured on) at the epochs they are measured; their names belong to `samtune.sharpness`.
+measured on) at the epochs they are measured; their names belong to `samtune.sharpness`. Which of
+those keys are settings of the measurement, fixed for a trial and recorded as MLflow params rather
+than metric series, is said here once (`is_sharpness_setting`, `sharpness_params`,
+`sharpness_settings`).
 
 >>> METRICS["test_error"].optimisable, METRICS["test_error"].when
 (True, 'every epoch')
@@ -15,6 +18,8 @@ False
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -133,3 +138,79 @@ def worst_values(divergence_loss: float) -> dict[str, float]:
 def reported_metrics() -> tuple[str, ...]:
     """The per-epoch metrics a sweep may optimise (`OPTIMISABLE`)."""
     return OPTIMISABLE
+
+
+# -- sharpness settings: params, not metric series -----------------------------------------------
+
+
+def is_sharpness_setting(key: str) -> bool:
+    """Whether a reported ``sharpness/...`` key is a setting of the measurement, fixed for a trial:
+    what it was measured on (``sharpness/<shared key>``, `SHARPNESS_SHARED_KEYS`), the parameter
+    filter (``sharpness/params/<name>``), a measure's number setting (``sharpness/<measure>/<setting>``
+    but for the cost and uncertainty keys, `SHARPNESS_ESTIMATE_KEYS`) or its text setting
+    (``sharpness/<measure>/<setting>/<value>``). A measure's value, its further eigenvalues
+    (``sharpness/<measure>_2``), its cost and uncertainty are not settings.
+
+    >>> [is_sharpness_setting(k) for k in ("sharpness/seed", "sharpness/m_sharpness/rho",
+    ...  "sharpness/adaptive_sharpness/norm/l2", "sharpness/params/head")]
+    [True, True, True, True]
+    >>> [is_sharpness_setting(k) for k in ("sharpness/m_sharpness", "sharpness/hessian_trace/stderr",
+    ...  "sharpness/hessian_top_eig_2", "test_error", "sharpness_subset")]
+    [False, False, False, False, False]
+    """
+    parts = key.split("/")
+    if parts[0] != "sharpness" or len(parts) < 2:
+        return False
+    if len(parts) == 2:
+        return parts[1] in SHARPNESS_SHARED_KEYS
+    return parts[1] == "params" or len(parts) > 3 or parts[2] not in SHARPNESS_ESTIMATE_KEYS
+
+
+def sharpness_params(reported: Mapping[str, float]) -> dict[str, str]:
+    """The settings among what a sharpness measurement reported, as MLflow params (text): a number
+    setting under its own key (``"sharpness/m_sharpness/rho": "0.05"``, whole numbers without a
+    decimal point), a text setting under ``sharpness/<measure>/<setting>`` with its value
+    (``"sharpness/adaptive_sharpness/norm": "l2"``, reported as ``.../norm/l2`` = 1).
+    `sharpness_settings` reads them back.
+
+    >>> sharpness_params({"sharpness/m_sharpness": 0.3, "sharpness/m_sharpness/rho": 0.05,
+    ...                   "sharpness/seed": 0.0, "sharpness/adaptive_sharpness/norm/l2": 1.0})
+    {'sharpness/m_sharpness/rho': '0.05', 'sharpness/seed': '0', 'sharpness/adaptive_sharpness/norm': 'l2'}
+    """
+    params = {}
+    for key, value in reported.items():
+        if not is_sharpness_setting(key):
+            continue
+        parts = key.split("/")
+        if len(parts) > 3 and parts[1] != "params":
+            params["/".join(parts[:3])] = "/".join(parts[3:])
+        else:
+            params[key] = _number_text(float(value))
+    return params
+
+
+def sharpness_settings(params: Mapping[str, str]) -> dict[str, float]:
+    """The sharpness settings among a run's MLflow params, as the measurement reported them (the
+    inverse of `sharpness_params`): numbers as they are, a text setting as
+    ``sharpness/<measure>/<setting>/<value>`` = 1. Other params are left out.
+
+    >>> sharpness_settings({"sharpness/m_sharpness/rho": "0.05", "sharpness/adaptive_sharpness/norm": "l2",
+    ...                     "lr": "0.1"})
+    {'sharpness/m_sharpness/rho': 0.05, 'sharpness/adaptive_sharpness/norm/l2': 1.0}
+    """
+    out = {}
+    for key, text in params.items():
+        if not is_sharpness_setting(key):
+            continue
+        try:
+            out[key] = float(text)
+        except ValueError:
+            out[f"{key}/{text}"] = 1.0
+    return out
+
+
+def _number_text(value: float) -> str:
+    """A number as a param reads best: ``128`` rather than ``128.0``, ``0.05`` as is."""
+    if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)

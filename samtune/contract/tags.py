@@ -37,8 +37,9 @@ SEED_TAG = "samtune.seed"
 ABLATES_TAG = "samtune.ablates"
 #: On a cell's run: picks its confirmation ran once for two names ("sam_baseline:best_sam,...").
 ALIASES_TAG = "samtune.aliases"
-#: On a cell's run: the search trials its picks are ("best_sgd:<trial key>,best_sam:<trial key>"),
-#: so every view of the report draws the configurations the confirmation stage ran again.
+#: On a cell's run: the search trials it picked, by the trial runs' ``samtune.trial_key``
+#: ("best_sgd:<trial_key>,best_sam:<trial_key>"); each pick's run holds its final weights as the
+#: MLflow model ``model``.
 PICKS_TAG = "samtune.picks"
 #: Read by the MLflow UI: an experiment of this kind opens on its training runs, not on traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from samtune.contract.metrics import SHARPNESS_SHARED_KEYS as SHARED_KEYS
+from samtune.contract.metrics import is_sharpness_setting
 from samtune.sequential import Design, looks_between
 
 # Statuses whose numbers mean something: "stopped" is an ASHA early stop, a real but shorter run.
@@ -86,7 +87,10 @@ class Runs:
     numbers, bools, None), `final_<metric>` (value at the trial's last epoch), `best_epoch` (the
     epoch of lowest val_error; of lowest test_error where the trial logged no val_error),
     `best_by` (which of the two chose it) and `best_<metric>` (value at that epoch), and one
-    column per sharpness key `sharpness/<key>` (its last measured value).
+    column per sharpness key `sharpness/<key>` (its last measured value). The measurement's
+    settings (`samtune.contract.metrics.is_sharpness_setting`), MLflow params of the trial run
+    (metric series in runs of older sweeps), are columns as the measurement reported them:
+    `sharpness/<measure>/<setting>` a number, `sharpness/<measure>/<setting>/<value>` = 1.
 
     `history` has one row per (trial, epoch): run_id, trial_key, cell, optimizer_label,
     config_key, epoch and one column per per-epoch metric. Only plotted trials appear in it.
@@ -139,11 +143,7 @@ class Runs:
         """
         names = []
         for col in self.trials.columns:
-            if (
-                col.startswith("sharpness/")
-                and col.count("/") == 1
-                and col.split("/", 1)[1] not in SHARPNESS_SHARED_KEYS
-            ):
+            if col.startswith("sharpness/") and col.count("/") == 1 and not is_sharpness_setting(col):
                 values = pd.to_numeric(self.plotted[col], errors="coerce")
                 if np.isfinite(values).any():
                     names.append(col.split("/", 1)[1])

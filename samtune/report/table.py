@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from samtune.contract.keys import NUISANCE_KEYS
+from samtune.contract.keys import NUISANCE_KEYS, optimizer_label
+from samtune.contract.metrics import is_sharpness_setting, sharpness_settings
 from samtune.contract.tags import CELL_TAG, STATUS_TAG, TRIAL_KEY_TAG
 from samtune.report.runs import PLOTTED_STATUSES, Runs, TrialRecord
 
@@ -59,16 +60,6 @@ def effective_m(trials: pd.DataFrame) -> pd.Series:
     return pd.Series(out, index=trials.index, dtype=float, name="m")
 
 
-def _optimizer_label(params: Mapping[str, Any]) -> str:
-    optimizer = str(params.get("optimizer", "sgd")).lower()
-    base = str(params.get("base_optimizer", "sgd")).lower()
-    name = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(optimizer, optimizer)
-    if base in ("sgd", "none", ""):
-        return name
-    base_name = {"adamw": "AdamW", "adam": "Adam"}.get(base, base)
-    return base_name if optimizer == "sgd" else f"{name}({base_name})"
-
-
 def optimizer_colors(labels: Iterable[str]) -> dict[str, str]:
     """A stable colour per optimizer label (SGD dark grey, SAM blue, ASAM orange...)."""
     colors, extra = {}, iter(_EXTRA_COLORS * 4)
@@ -106,12 +97,16 @@ def tabulate(
     param_names: list[str] = []
     rows, history_rows = [], []
     for record in records:
-        params = {k: _parse_param(v) for k, v in record.params.items()}
+        # The sharpness settings are no trial setting (the config's are `sharpness_*`): columns of
+        # their own, never part of a configuration's identity.
+        params = {k: _parse_param(v) for k, v in record.params.items() if not is_sharpness_setting(k)}
         param_names += [key for key in params if key not in param_names]
         # Later values win for a repeated epoch: the list is in logging order.
         history = {key: dict(points) for key, points in record.history.items()}
         history.pop("epoch", None)  # the step already is the epoch
+        settings = _sharpness_settings(record.params, history)
         row, status = _trial_row(record, params, history)
+        row.update(settings)
         rows.append(row)
         if status in PLOTTED_STATUSES:
             history_rows += _history_points(row, history)
@@ -123,6 +118,17 @@ def tabulate(
         tracking_uri=tracking_uri,
         sweep_run_id=sweep_run_id,
     )
+
+
+def _sharpness_settings(params: Mapping[str, str], history: dict[str, dict[int, float]]) -> dict[str, float]:
+    """A trial's sharpness settings as the measurement reported them, one column each: from its
+    params (`samtune.contract.metrics.sharpness_params`), and for a run of an older sweep, which
+    logged them as metric series, their last value, taken out of `history`."""
+    settings = {key: series[max(series)] for key, series in history.items() if is_sharpness_setting(key) and series}
+    for key in [k for k in history if is_sharpness_setting(k)]:
+        del history[key]
+    settings.update(sharpness_settings(params))
+    return settings
 
 
 def _parse_param(value: str) -> Any:
@@ -153,7 +159,7 @@ def _trial_row(
         "start_time": record.start_time,
     }
     row.update(params)
-    row["optimizer_label"] = _optimizer_label(params)
+    row["optimizer_label"] = optimizer_label(params)
     row["config_key"] = json.dumps({k: params[k] for k in sorted(params) if k != "seed"}, default=str, sort_keys=True)
     epochs = _epochs(history)
     row["epochs_run"] = max(epochs) if epochs else 0

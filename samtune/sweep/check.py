@@ -244,6 +244,12 @@ def space_fingerprint(sweep: Sweep, space: Callable[[Any], Any], samples: int = 
     return dict(sorted(seen.items()))
 
 
+def searched_settings(fingerprint: dict[str, str]) -> frozenset[str]:
+    """The settings a study's space suggests (not the constants it returns), from its
+    `space_fingerprint`."""
+    return frozenset(key for key in fingerprint if not key.startswith("returned "))
+
+
 def fingerprint_changes(before: dict[str, str], now: dict[str, str]) -> list[str]:
     """What differs between two `space_fingerprint`s, one phrase each."""
     changes = [f"{k}: was {before[k]}, now {now[k]}" for k in before if k in now and before[k] != now[k]]

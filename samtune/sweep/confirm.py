@@ -31,7 +31,6 @@ from samtune.contract.tags import (
     ALIASES_TAG,
     CELL_TAG,
     CONFIRMS_TAG,
-    PICKS_TAG,
     SEED_TAG,
     STATUS_TAG,
 )
@@ -44,6 +43,7 @@ from samtune.sweep.progress import StageProgress
 from samtune.sweep.recording import Recorder, SweepCallback, reconcile, recording_to
 from samtune.sweep.recovery import resumable
 from samtune.sweep.results import CellResult, TrialRow
+from samtune.sweep.run_names import rerun_name
 from samtune.sweep.search import PickledSearcher
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
@@ -83,15 +83,6 @@ def confirmation_seeds(sweep: Sweep, look: int = 0) -> list[int]:
 
 #: The picks later rounds add seeds to: the two the verdict compares.
 DECIDING = ("best_sgd", "best_sam")
-#: The optimizers each of them is the best of.
-FAMILIES = {"best_sgd": ("sgd",), "best_sam": ("sam", "asam")}
-
-
-def best_trials(sweep: Sweep, result: CellResult) -> dict[str, TrialRow]:
-    """A cell's best SGD and best SAM-family trial of the search, by the sweep's metric (ties to
-    the trial suggested first, `CellResult.best`): what the confirmation stage runs again."""
-    rows = {name: result.best(sweep.metric, sweep.mode, family) for name, family in FAMILIES.items()}
-    return {name: row for name, row in rows.items() if row is not None}
 
 
 def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline], space: Any = None) -> dict[str, dict[str, Any]]:
@@ -99,7 +90,9 @@ def _picks(sweep: Sweep, result: CellResult, baselines: list[Baseline], space: A
     ablations (`samtune.sweep.ablations.ablation_picks`; rho's default grid over ``space``'s
     range). One that another pick already runs is not run twice (an ablated value equal to the
     pick's own is the pick): `CellResult.aliases` names the pick that runs it."""
-    picks: dict[str, dict[str, Any]] = {name: dict(row.params) for name, row in best_trials(sweep, result).items()}
+    picks: dict[str, dict[str, Any]] = {
+        name: dict(row.params) for name, row in result.picks(sweep.metric, sweep.mode).items()
+    }
     sam = next((dict(b.settings) for b in baselines if b.settings.get("optimizer") in ("sam", "asam")), None)
     if sam is not None:
         picks["sam_baseline"] = sam
@@ -234,7 +227,7 @@ class StageRecorder(Recorder):
         ablates = ablated_setting(name)
         self.tracker.declare(
             self._key(trial),
-            f"{self.cell.label} {name} seed {seed}",
+            rerun_name(self.cell, name, seed),
             role_of(name),
             parent=self.cell_key,
             **{CELL_TAG: self.cell.label, CONFIRMS_TAG: name, SEED_TAG: str(seed), STATUS_TAG: "running"},
@@ -337,17 +330,6 @@ def _confirm_round(
             recorder.on_change = view.tick
     if look == 0:
         for result in results:
-            # Which search trials the picks are: the report draws these as each cell's best.
-            picked = best_trials(sweep, result)
-            if picked:
-                tracker.set_tags(
-                    f"{sweep_key}/{result.cell.slug}",
-                    {
-                        PICKS_TAG: ",".join(
-                            f"{name}:{sweep_key}/{result.cell.slug}/{row.trial_id}" for name, row in picked.items()
-                        )
-                    },
-                )
             if result.aliases:
                 # So a reader of the runs (the report) knows which runs stand for a pick not run itself.
                 tracker.set_tags(

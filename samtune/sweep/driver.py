@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from samtune.contract.messages import first_line
 from samtune.contract.tags import DESCRIPTION_TAG
 from samtune.sweep.baselines import Baseline, baseline_trials
-from samtune.sweep.check import check_space, fingerprint_changes, space_fingerprint
+from samtune.sweep.check import check_space, fingerprint_changes, searched_settings, space_fingerprint
 from samtune.sweep.cluster import (
     check_address,
     check_data,
@@ -45,6 +45,7 @@ from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
+from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.progress import StageProgress
@@ -374,7 +375,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     watch = InterruptWatch().install()
     try:
         cells = sweep.cells()
-        recorders = _recorders(sweep, tracker, sweep_key, view)
+        recorders = _recorders(plan, tracker, sweep_key, view)
         _show_stage(
             view,
             recorders.values(),
@@ -395,6 +396,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
                 f"interrupted in cell {unfinished[0].label}; finish the sweep with: {plan.resume_command}"
             )
         results = [recorders[cell.slug].result for cell in cells]
+        log_pick_models(plan, results, tracker, sweep_key)
         if sweep.confirm_seeds:
             left = confirm(plan, results, baseline_points(plan), tracker, sweep_key, concurrent, resources, watch, view)
             if left:
@@ -462,11 +464,12 @@ def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
     return tracker, resources, concurrent
 
 
-def _recorders(sweep: Sweep, tracker: Tracker, sweep_key: str, view: Any) -> dict[str, Recorder]:
+def _recorders(plan: Plan, tracker: Tracker, sweep_key: str, view: Any) -> dict[str, Recorder]:
     """A recorder per cell, by cell slug, each telling `view` (if any) what changed."""
     recorders: dict[str, Recorder] = {}
-    for cell in sweep.cells():
-        recorder = Recorder(sweep, cell, tracker, sweep_key)
+    searched = searched_settings(space_fingerprint(plan.sweep, plan.space))
+    for cell in plan.sweep.cells():
+        recorder = Recorder(plan.sweep, cell, tracker, sweep_key, searched=searched)
         if view is not None:
             recorder.on_change = functools.partial(view.update, recorder)
             recorder.on_done = functools.partial(view.cell_done, recorder)

@@ -12,14 +12,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from samtune.contract.metrics import METRICS, SHARPNESS_SKIPPED_NOTE
+from samtune.contract.metrics import METRICS, SHARPNESS_SKIPPED_NOTE, is_sharpness_setting, sharpness_params
 from samtune.contract.tags import (
     CELL_TAG,
     ERROR_TAG,
@@ -36,6 +36,7 @@ from samtune.sweep.plan import TUNE_DIR, Plan, jsonable, shown_path
 from samtune.sweep.progress import StageProgress
 from samtune.sweep.recovery import settle_failed_trials
 from samtune.sweep.results import CellResult, TrialRow, finite
+from samtune.sweep.run_names import sweep_run_name, trial_run_name
 from samtune.sweep.search import cell_index
 from samtune.sweep.study import Cell, Sweep
 from samtune.sweep.tracking import Tracker
@@ -58,20 +59,25 @@ class Recorder:
         on_change: Callable[[], None] | None = None,
         on_done: Callable[[], None] | None = None,
         result: CellResult | None = None,
+        searched: Collection[str] | None = None,
     ):
         """`on_change`: after every event; `on_done`: once, when the cell's whole budget ended.
         `result`: the cell's rows so far (a later stage of the sweep adds to them); given, the
-        cell's run exists already and is not declared again."""
+        cell's run exists already and is not declared again. `searched`: the settings the space
+        suggests, which trial run names show (`samtune.sweep.run_names`)."""
         self.sweep, self.cell, self.tracker = sweep, cell, tracker
         self.cell_key = f"{sweep_key}/{cell.slug}"
         self.on_change = on_change or (lambda: None)
         self.on_done = on_done or (lambda: None)
         self.budget: float = sweep.trials  # trials whose end ends the cell
+        self.searched = searched
         self.ended = 0
         self.done = False
         #: The stage this recorder's runs belong to, for the view's done/total and time left.
         self.progress: StageProgress | None = None
         self._placements: dict[str, str] = {}
+        # The sharpness settings each trial's run has as params (logged once, not every epoch).
+        self._settings: dict[str, dict[str, str]] = {}
         self.result = result if result is not None else CellResult(cell)
         if result is not None:
             return
@@ -109,7 +115,7 @@ class Recorder:
         key = self._key(trial)
         self.tracker.declare(
             key,
-            f"{self.cell.label} {trial.trial_id}",
+            trial_run_name(self.sweep, self.cell, trial.config, self.searched),
             "trial",
             parent=self.cell_key,
             **{CELL_TAG: self.cell.label, TRIAL_KEY_TAG: key, STATUS_TAG: "running"},
@@ -124,7 +130,9 @@ class Recorder:
         # back on resume, are neither logged nor shown.
         metrics = {k: v for k, v in result.items() if (k in METRICS or k.startswith("sharpness/")) and finite(v)}
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(self._key(trial), metrics, step=epoch)
+        self._log_settings(trial, sharpness_params(metrics))
+        series = {k: v for k, v in metrics.items() if not is_sharpness_setting(k)}
+        self.tracker.log_metrics(self._key(trial), series, step=epoch)
         skipped = result.get(SHARPNESS_SKIPPED_NOTE)
         if isinstance(skipped, str):  # text: a tag, not a metric
             self.tracker.set_tags(self._key(trial), {SHARPNESS_SKIPPED_TAG: skipped[:5000]})
@@ -143,12 +151,28 @@ class Recorder:
             row.status = "diverged"
         self.on_change()
 
+    def _log_settings(self, trial: Trial, settings: dict[str, str]) -> None:
+        """The sharpness settings a result reports, as params of the trial's run: fixed for the
+        trial, so one param each (a metric series of one repeated value would be the UI's first
+        charts), written when first seen."""
+        logged = self._settings.setdefault(trial.trial_id, {})
+        new = {k: v for k, v in settings.items() if k not in logged}
+        if new:
+            self.tracker.log_params(self._key(trial), new)
+            logged.update(new)
+
     def seen_ending(self, trial_id: str) -> bool:
         row = self.result.trials.get(trial_id)
         return row is not None and row.status in ("finished", "stopped", "diverged", "failed")
 
     def trial_end(self, trial: Trial, failed: bool) -> None:
         row = self._row(trial)
+        last = getattr(trial, "last_result", None) or {}
+        if not failed and finite(last.get("epoch")) and last["epoch"] > row.epoch:
+            # Restored from the checkpoint of its last epoch (the driver was killed between that
+            # epoch's report and Tune's save), it ends without reporting again: its last result,
+            # which Tune kept, is what it came to (its status, and whether it is a pick).
+            self.trial_result(trial, last)
         if failed:
             status = "failed"
             row.error = trial_error(trial)
@@ -163,6 +187,8 @@ class Recorder:
         else:
             status = "finished"
         row.status = status
+        # Its weights, should it be one of its cell's picks (`samtune.sweep.pick_models`).
+        row.checkpoint = getattr(trial, "checkpoint", None) or row.checkpoint
         self.tracker.set_status(self._key(trial), status)
         self.ended += 1
         if self.progress is not None:
@@ -315,7 +341,7 @@ def declare_sweep(plan: Plan, tracker: Tracker) -> str:
     sweep = plan.sweep
     tracker.declare(
         plan.sweep_key,
-        sweep.name,
+        sweep_run_name(sweep.name, plan.sweep_id),
         "sweep",
         **{SPACE_FILE_TAG: plan.space_path, SWEEP_ID_TAG: plan.sweep_id, SEARCH_TAG: search_label(sweep)},
     )

@@ -17,6 +17,10 @@ from samtune.sweep.study import Cell
 
 if TYPE_CHECKING:
     from optuna.study import Study
+    from ray.tune import Checkpoint
+
+#: The picks of a cell's search, by name: the best trial of each optimizer family.
+PICK_FAMILIES = {"best_sgd": ("sgd",), "best_sam": ("sam", "asam")}
 
 
 @dataclass
@@ -36,6 +40,8 @@ class TrialRow:
     number: int | None = None
     # One of its cell's declared baselines: the verdict of a cell that lost one says so.
     baseline: bool = False
+    # Its last Tune checkpoint (a `ray.tune.Checkpoint`) once it ended: a pick's final weights.
+    checkpoint: Checkpoint | None = None
 
     @property
     def optimizer(self) -> str:
@@ -84,6 +90,12 @@ class CellResult:
                 # A tie goes to the trial suggested first: not to whichever happened to end first.
                 return min(rows, key=lambda r: (sign * r.metrics[metric], _order(r)))
         return None
+
+    def picks(self, metric: str, mode: str) -> dict[str, TrialRow]:
+        """The search's picks (`PICK_FAMILIES`): its best SGD and best SAM-family trial by
+        `metric` (`best`), those it has."""
+        found = {name: self.best(metric, mode, family) for name, family in PICK_FAMILIES.items()}
+        return {name: row for name, row in found.items() if row is not None}
 
 
 def _order(row: TrialRow) -> tuple[float, str]:

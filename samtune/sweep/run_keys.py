@@ -107,8 +107,12 @@ class RunKeys:
             # Continue after the last logged epoch: a resumed trial never logs a step twice.
             history = client.get_metric_history(spec.run_id, "epoch")
             spec.last_step = max((m.step for m in history), default=0)
-            if found[0].info.status != "RUNNING":
-                client.update_run(spec.run_id, status="RUNNING")
+            # Reopened if it had ended; renamed if an earlier samtune named it otherwise (the name
+            # is for reading: the key found it).
+            status = "RUNNING" if found[0].info.status != "RUNNING" else None
+            name = spec.name if found[0].info.run_name != spec.name else None
+            if status is not None or name is not None:
+                client.update_run(spec.run_id, status=status, name=name)
             return spec.run_id
         tags = dict(spec.tags)
         if spec.parent is not None:

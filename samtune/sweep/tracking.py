@@ -3,7 +3,7 @@
 Layout (what `samtune.report` reads; one writer, the sweep driver):
 
 - Experiment: the sweep's name (``Sweep.name``, e.g. ``noisy-digits``).
-- Sweep run (one per sweep), run name = the sweep's name. Tags: ``samtune.role=sweep``,
+- Sweep run (one per sweep), run name ``<sweep name> <sweep id>``. Tags: ``samtune.role=sweep``,
   ``samtune.key=<sweep>`` where ``<sweep>`` is ``<sweep name>@<sweep id>`` (the id is made when
   the sweep starts and kept in its ``sweep.json``, so a new sweep of the same name, e.g. with
   another ``--storage-path``, gets new runs while ``--resume`` continues its own),
@@ -12,19 +12,30 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   fixed trial setting. Artifacts: the report (``report/``), written by `samtune.report`.
 - Cell run (one per scenario cell), run name = the cell label (``noise=0.4``; ``noise=0.4
   pairflip`` for non-symmetric noise). Tags: ``samtune.role=cell``, ``samtune.cell=<label>``,
-  ``samtune.key=<sweep>/<cell slug>``, ``samtune.status``, ``mlflow.parentRunId=<sweep run id>``.
+  ``samtune.key=<sweep>/<cell slug>``, ``samtune.status``, ``mlflow.parentRunId=<sweep run id>``,
+  and after its search ``samtune.picks=best_sgd:<trial key>,best_sam:<trial key>``: the trials it
+  picked, each holding its final weights as an MLflow model (below).
   Params: ``scenario``, ``label_noise_rate``, ``label_noise_kind``.
-- Trial run (one per Tune trial, however often it restarts or the sweep resumes), run name
-  ``<cell label> <tune trial id>``. Tags: ``samtune.role=trial``, ``samtune.cell=<label>``,
+- Trial run (one per Tune trial, however often it restarts or the sweep resumes), run name:
+  cell, optimizer, the headline settings its search chose, ``baseline`` for a declared baseline,
+  its number in the cell's search (``noise=0.4 SAM lr=0.12 rho=0.05 m=16 #3``;
+  `samtune.sweep.run_names`). Tags: ``samtune.role=trial``, ``samtune.cell=<label>``,
   ``samtune.trial_key=<sweep>/<cell slug>/<tune trial id>`` (stable; also ``samtune.key``),
   ``mlflow.parentRunId=<cell run id>``, ``samtune.status`` = ``running`` while it trains, then
   ``finished`` (all epochs), ``stopped`` (ASHA ended it early), ``diverged`` (non-finite loss; its
   last result has ``diverged=1`` and ``val_error = test_error = 1``) or ``failed`` (it raised after
   its restarts). Params: every key of the trial config (space values, scenario, cell, model,
-  epochs, seed, dataset, data subset, ...); None is ``"None"``, tuples are JSON lists. Metrics,
-  ``step = epoch`` (1-based), one value per step: every per-epoch metric the trial reports (the
-  names in `samtune.contract.metrics.METRICS`) and ``sharpness/<measure>[/<setting>]`` at the
-  epochs they were measured. Non-finite values are never logged. Tags
+  epochs, seed, dataset, data subset, ...); None is ``"None"``, tuples are JSON lists; and the
+  settings of its sharpness measurement, fixed for the trial
+  (`samtune.contract.metrics.is_sharpness_setting`): ``sharpness/<measure>/<setting>`` (a number,
+  or a text setting's value), ``sharpness/subset|seed|batch|num_params``,
+  ``sharpness/params/<name>=1``. Metrics, ``step = epoch`` (1-based), one value per step: every
+  per-epoch metric the trial reports (the names in `samtune.contract.metrics.METRICS`) and, at the
+  epochs they were measured, ``sharpness/<measure>`` with its cost and uncertainty
+  (``sharpness/<measure>/seconds|products|residual|stderr``, ``.../skipped|expected_s|left_s``).
+  Non-finite values are never logged. A pick of its cell's search (``samtune.picks``) has its last
+  checkpoint's weights as the MLflow model ``model`` (`samtune.sweep.pick_models`):
+  ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")``. Tags
   ``samtune.placement``: the Ray node id of each worker in rank order (the latest start's);
   ``samtune.error`` on a failed trial: its exception's last line; ``samtune.sharpness_skipped``
   where ``sharpness_budget_s`` skipped measures: which, and the seconds each was expected to take.
@@ -32,8 +43,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   between the trial's start and the next save of Tune's state; another trial ran in its place)
   gets ``samtune.role=lost`` and ``samtune.status=lost`` once its cell is finished, its epochs
   kept, so a cell's trial runs are its budget.
-- Confirmation run (`samtune.sweep.confirm`), nested under its cell run, one per pick and seed:
-  ``samtune.role=confirm`` (``ablation`` for the m ablation), ``samtune.confirms=<pick>``,
+- Confirmation run (`samtune.sweep.confirm`), nested under its cell run, one per pick and seed,
+  run name ``<cell label> <pick> seed <seed>`` (``noise=0.4 best_sam seed 2``, ``noise=0.4 m=16
+  seed 2``): ``samtune.role=confirm`` (``ablation`` for the m ablation), ``samtune.confirms=<pick>``,
   ``samtune.seed=<seed>``, params and metrics as a trial's. The cell run's ``samtune.aliases``
   names picks run once for two names, and its dataset input describes the cell's data; the
   sweep run's description (``mlflow.note.content``) holds the verdict table, with
@@ -44,7 +56,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
 
 ``samtune.key`` is the identity a run is found by again: a resumed sweep or a restarted trial
 continues its run instead of starting a second one, and a step already logged is never logged
-twice (the run's ``epoch`` history says which steps exist).
+twice (the run's ``epoch`` history says which steps exist). Run names are for reading only: a
+run found again under another name (an older samtune's) is renamed as this one names it.
+Runs of older sweeps hold their sharpness settings as metric series; the report reads both.
 
 
 Writing is in parts: the runs by key (`samtune.sweep.run_keys`), one record written to its run

@@ -75,7 +75,8 @@ Offers: `fit` and `train_loop_per_worker` (entry), `run_trial` (ray_trial), `res
 `perturbation_plan`, `Perturbation`, `TrialConfigError` (config), `worker_resources`,
 `distributed_backend`, `WorkerPlacementError` (placement), `pretrain` and `pretrained_state`
 (pretrain). Kept: the loop and its steps (loop, state, build, epoch, evaluate, session), the
-finetuning start (probe) and the random streams (seeding).
+finetuning start (probe), the random streams (seeding) and a trained model rebuilt outside its
+trial from a checkpoint (export).
 """
 
 from samtune._lazy import face

@@ -128,6 +128,12 @@ def _load_state(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """The trial state a checkpoint folder holds (what `samtune.trial.state.checkpoint` saved:
+    ``model`` weights, ``optimizer``, ``epoch``, ``metrics``, ...), on the CPU."""
+    return _load_state(os.path.join(folder, _CKPT_FILE))
+
+
 # ----------------------------------------------------------------------------- building blocks
 def in_ray_train() -> bool:
     """Whether this process is a Ray Train worker (without importing Ray where it isn't loaded)."""
