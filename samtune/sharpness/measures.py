@@ -131,8 +131,7 @@ def measure_sharpness(
       pass, which sets the BatchNorm statistics) and ``"sharpness/num_params"`` (parameters
       measured, after the ``params`` filter), the names in ``SHARED_KEYS``;
     - with a ``params`` filter, ``"sharpness/params/<name or prefix>" = 1`` for each of its
-      entries (no such key: every trainable parameter was measured). Settings, what it was
-      measured on and the filter are a sweep's MLflow params (`contract.metrics.is_sharpness_setting`).
+      entries (none: all were measured). Those three kinds are MLflow params (`is_sharpness_setting`).
 
     ``budget_s``: the seconds the whole measurement may take (None: no limit). A gradient pass
     is timed first; a measure whose expected seconds (`samtune.sharpness.budget`) exceed what is
