@@ -141,7 +141,7 @@ def estimate(sweep: Sweep, sampled: list[dict[str, Any]], slots: int | None, has
 
 def measure_epoch(sweep: Sweep, config: dict[str, Any]) -> float:
     """Seconds of one SGD epoch of the sweep's model on this machine: steps over the cell's
-    training split at its batch size, and evaluation passes over its validation and test sets."""
+    training split at its batch size, and evaluation passes over its training, validation and test sets."""
     dataset = load_dataset(sweep.dataset, sweep.fixed.get("data_root"))
     sizes = split_sizes(len(dataset.train_y), dataset.num_classes, config)
     device = torch.device("cuda" if sweep.gpus_per_trial > 0 else "cpu")
@@ -159,7 +159,8 @@ def measure_epoch(sweep: Sweep, config: dict[str, Any]) -> float:
     finally:
         torch.set_num_threads(threads)
     steps = math.ceil(sizes.train / max(int(config["batch_size"]), 1))
-    evaluated = math.ceil((sizes.val + len(dataset.test_y)) / per_worker)
+    # Every epoch evaluates the validation and test sets, and the training set (train_eval_every).
+    evaluated = math.ceil((sizes.train + sizes.val + len(dataset.test_y)) / per_worker)
     return steps * step_s + evaluated * forward_s
 
 
