@@ -324,6 +324,34 @@ def contrast_interval(groups: Sequence[Sequence[float]], coefs: Sequence[float],
     return Estimate(value, value - half, value + half, n, math.sqrt(var), level)
 
 
+def slope_interval(xs: Sequence[float], groups: Sequence[Sequence[float]], level: float = LEVEL) -> Estimate:
+    """The least-squares slope of the groups' means over ``xs``, with the wider of two intervals:
+    the seeds' (`contrast_interval`: how well each mean is known) and the regression's own
+    (residuals about the line, ``len(xs) - 2`` degrees of freedom: how well a line fits). Means
+    known exactly but far off any line give no trend to speak of; the first interval alone would
+    call it one.
+
+    >>> est = slope_interval([0.0, 1.0, 2.0], [[0.0, 0.1], [1.0, 1.1], [2.0, 2.1]])
+    >>> round(float(est.mean), 6), round(float(est.high - est.mean), 3)  # on the line: the seeds decide
+    (1.0, 0.152)
+    >>> wide = slope_interval([0.0, 1.0, 2.0, 3.0], [[0.0, 0.01], [3.0, 3.01], [0.0, 0.01], [3.0, 3.01]])
+    >>> round(float(wide.mean), 6), round(float(wide.high - wide.mean), 3)  # far off a line: the residuals decide
+    (0.6, 3.651)
+    """
+    r = np.asarray([float(x) for x in xs])
+    centred = r - r.mean()
+    sxx = float((centred**2).sum())
+    seeds = contrast_interval(groups, list(centred / sxx), level)
+    if len(r) < 3 or not math.isfinite(seeds.low):
+        return seeds
+    means = np.asarray([mean_interval(g, level).mean for g in groups])
+    residuals = means - means.mean() - seeds.mean * centred
+    half = _t(level, len(r) - 2) * math.sqrt(float((residuals**2).sum()) / (len(r) - 2) / sxx)
+    if half <= seeds.high - seeds.mean:
+        return seeds
+    return Estimate(seeds.mean, seeds.mean - half, seeds.mean + half, seeds.n, half / _t(level, len(r) - 2), level)
+
+
 def tau_difference_interval(
     x1: Sequence[float],
     x2: Sequence[float],

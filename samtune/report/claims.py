@@ -16,14 +16,13 @@ import math
 import re
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from samtune.report.answers import verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import best_per_optimizer, choice_metric
 from samtune.sequential import Decision, outcome_of, paired
-from samtune.stats import Estimate, TauInterval, contrast_interval, kendall_tau_interval, mean_interval
+from samtune.stats import Estimate, TauInterval, kendall_tau_interval, mean_interval, slope_interval
 from samtune.stats import tau_difference_interval as tau_difference
 
 COLUMNS = ["claim", "source", "compared", "measured", "verdict", "basis"]
@@ -268,7 +267,8 @@ def smaller_m_predicts(runs: Runs) -> list[dict]:
 
 def gain_with_noise(found: list[dict[str, Any]], scenarios: dict[str, tuple[str, float]]) -> list[dict]:
     """SAM's gain grows with the noise rate: the least-squares slope of the per-cell mean gain
-    (SGD - SAM, paired by seed) over the cells' noise rates, with a Welch-Satterthwaite t interval."""
+    (SGD - SAM, paired by seed) over the cells' noise rates, with `slope_interval`'s interval (a
+    gain that rises then falls is no trend, however well each cell's gain is known)."""
     gains, rates = [], []
     for v in found:
         scenario, rate = scenarios.get(v["cell"], ("label_noise", math.nan))
@@ -289,9 +289,7 @@ def gain_with_noise(found: list[dict[str, Any]], scenarios: dict[str, tuple[str,
                 "needs confirmation runs in label-noise cells at two or more noise rates",
             )
         ]
-    r = np.asarray(rates)
-    coefs = (r - r.mean()) / ((r - r.mean()) ** 2).sum()
-    est = contrast_interval(gains, list(coefs))
+    est = slope_interval(rates, gains)
     outcome = outcome_of(Estimate(-est.mean, -est.high, -est.low, est.n, est.sd), margin=0.0)
     return [
         row(
@@ -301,7 +299,8 @@ def gain_with_noise(found: list[dict[str, Any]], scenarios: dict[str, tuple[str,
             est.text(),
             judged(outcome, "SAM better", len(rates), "cells"),
             f"confirmation runs in {len(rates)} cells (noise {', '.join(f'{x:g}' for x in rates)}), "
-            f"at least {est.n} seeds each; 95% t interval (Welch-Satterthwaite)",
+            f"at least {est.n} seeds each; 95% t interval, the wider of the seeds' (Welch-Satterthwaite) "
+            "and the residuals' about the line",
         )
     ]
 
