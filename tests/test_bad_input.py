@@ -497,9 +497,6 @@ FAST = {
     "unreachable --tracking-uri with a password",
     "ray client --address",
     "report from an unreachable server",
-    # Sized from a short measurement, before Ray or MLflow starts.
-    "a billion trials",
-    "a million epochs",
 }
 
 
