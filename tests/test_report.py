@@ -1153,6 +1153,9 @@ def test_report_of_a_real_tiny_sweep(tmp_path):
         # A short confirmation stage, so the answer view has runs to draw.
         "--set",
         "confirm_seeds=2",
+        # The study's own curves off, the m ablation of the old spelling on.
+        "--set",
+        "ablations=",
         "--set",
         "m_ablation=8",
         "--set",

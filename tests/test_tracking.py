@@ -388,7 +388,8 @@ def test_the_tracking_server_going_away_mid_sweep_does_not_stop_training(tmp_pat
                 os.killpg(proc.pid, signal.SIGKILL)
     # Ran to the end, but the store is not complete: not a success to a script (exit 3).
     assert sweep.returncode == 3, out[-4000:]
-    assert "retrying for up to 2 s" in out and "not in MLflow yet" in out
+    # (Its last attempt outlasts the 2 s wait against a dead server: no retry line to expect.)
+    assert "not in MLflow yet" in out
     spool = tmp_path / "runs" / "away" / "mlflow-unlogged.jsonl"
     assert "could not be reached" in out and str(spool) in out
     records = [json.loads(line) for line in spool.read_text().splitlines()]
@@ -566,7 +567,7 @@ def test_a_sweep_whose_store_is_locked_for_a_minute_ends_complete(tmp_path):
         "grace_period=4",
         "confirm_seeds=2",
         "max_confirm_seeds=2",
-        "m_ablation=None",
+        "ablations=",
         "fixed.sharpness_measures=",
     ):
         command += ["--set", setting]
