@@ -30,3 +30,6 @@ def busy_machine():
         for proc in spinners:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+from object_store import s3_server  # noqa: E402,F401  (the fixture, shared by the object-storage tests)
