@@ -43,6 +43,7 @@ from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import search_label
 from samtune.sweep.results import summarize
 from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.storage import send_last
 from samtune.sweep.store import creating_store
 from samtune.sweep.study import Sweep, apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
@@ -275,7 +276,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # soft_wrap: a command to paste stays on one line, however long its paths.
         console.print(f"Draw the maps:    {_report_command(plan)}", highlight=False, markup=False, soft_wrap=True)
         return 0
-    return _sweep_report(console, plan)
+    code = _sweep_report(console, plan)
+    if unsent := send_last(plan.mirror, plan.sweep_dir):  # the report, in object storage too
+        print(unsent, file=sys.stderr)
+    return code
 
 
 def _report_command(plan: Plan) -> str:

@@ -1231,11 +1231,11 @@ def test_trials_the_driver_saw_fail_are_saved_as_failed_and_no_other(tmp_path):
         )
     )
     # "a" died on its last allowed failure; "b" is still training; "c" finished.
-    assert settle_failed_trials(tmp_path, {"a", "c"}) == 1
+    assert settle_failed_trials(tmp_path, {"a", "c"}) == state  # the file it changed
     saved = [json.loads(t[0]) for t in json.loads(state.read_text())["trial_data"]]
     assert [(t["trial_id"], t["status"]) for t in saved] == [("a", "ERROR"), ("b", "RUNNING"), ("c", "TERMINATED")]
     assert saved[0]["config"] == {"lr": 0.1}
-    assert settle_failed_trials(tmp_path, {"a"}) == 0  # already settled: the file is left alone
+    assert settle_failed_trials(tmp_path, {"a"}) is None  # already settled: the file is left alone
 
 
 def test_a_sweep_killed_as_its_tuner_started_starts_afresh_on_resume(tmp_path):

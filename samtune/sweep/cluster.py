@@ -16,7 +16,7 @@ from typing import NamedTuple
 import grpc
 import torch
 
-from samtune.contract.messages import first_line
+from samtune.contract.messages import first_line, masked
 from samtune.data.dataset import DataNotFoundError
 from samtune.data.load import load_dataset
 from samtune.sweep.errors import SweepError
@@ -73,13 +73,14 @@ def check_storage(storage: Path) -> None:
         )
 
 
-def check_shared_storage(storage: Path) -> None:
-    """Refuse a storage folder that some node of the connected Ray cluster cannot reach.
+def check_shared_storage(storage: Path | str) -> None:
+    """Refuse storage that some node of the connected Ray cluster cannot reach.
 
     Trials write their checkpoints there and a trial restarted on another node resumes from
-    them, so on a cluster of several nodes the folder must be one every node mounts. Each alive
-    node is asked, by a task pinned to it, to read a file written here; raises SweepError naming
-    the nodes that could not.
+    them, so on a cluster of several nodes the folder must be one every node mounts, or object
+    storage every node has credentials for (``storage`` is then its URI). Each alive node is
+    asked, by a task pinned to it, to read a file written here; raises SweepError naming the
+    nodes that could not.
     """
     import ray
 
@@ -87,21 +88,39 @@ def check_shared_storage(storage: Path) -> None:
     if len(nodes) < 2:
         return
     token = uuid.uuid4().hex
-    probe = storage / f".samtune-shared-{token[:8]}"
-    probe.write_text(token)
+    probe_name = f".samtune-shared-{token[:8]}"
+    remote = isinstance(storage, str) and "://" in storage
+    if remote:
+        import pyarrow.fs as pafs
+
+        base, sep, query = str(storage).partition("?")
+        probe = f"{base.rstrip('/')}/{probe_name}{sep}{query}"
+        fs, where = pafs.FileSystem.from_uri(probe)
+        with fs.open_output_stream(where) as fh:
+            fh.write(token.encode())
+    else:
+        probe = str(Path(storage) / probe_name)
+        Path(probe).write_text(token)
     try:
         blind = [
             f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
-            for n, seen in zip(nodes, read_on_every_node(nodes, str(probe), token))
+            for n, seen in zip(nodes, read_on_every_node(nodes, probe, token))
             if not seen
         ]
     finally:
-        probe.unlink(missing_ok=True)
+        if remote:
+            fs.delete_file(where)
+        else:
+            Path(probe).unlink(missing_ok=True)
     if blind:
+        fix = (
+            "give every node credentials for the bucket"
+            if remote
+            else "every node must reach the same path, so put it on a file system all nodes mount"
+        )
         raise SweepError(
-            f"--storage-path {storage}: {len(blind)} of the Ray cluster's {len(nodes)} nodes cannot "
-            f"reach it ({', '.join(blind)}); every node must reach the same path, so put it on a "
-            f"file system all nodes mount"
+            f"--storage-path {masked(str(storage).partition('?')[0])}: {len(blind)} of the Ray cluster's "
+            f"{len(nodes)} nodes cannot reach it ({', '.join(blind)}); {fix}"
         )
 
 
@@ -127,9 +146,15 @@ def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: floa
 
 def _reads_token(path: str, token: str) -> bool:
     try:
+        if "://" in path:  # object storage: read with the node's own credentials
+            import pyarrow.fs as pafs
+
+            fs, where = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(where) as fh:
+                return bytes(fh.read()).decode() == token
         with open(path) as f:
             return f.read() == token
-    except OSError:
+    except Exception:  # noqa: BLE001  missing, denied, no credentials, no connection: not reached
         return False
 
 

@@ -260,9 +260,8 @@ def _stage_tuner(plan: Plan, folder: str, runs: list[Rerun], concurrent: int, re
     from ray import tune
 
     function = trainable(resources)
-    path = plan.sweep_dir / folder
-    if resumable(path):
-        return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
+    if resumable(plan.tune_copy(folder)):
+        return tune.Tuner.restore(plan.tune_path(folder), function, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         function,
         tune_config=tune.TuneConfig(

@@ -34,17 +34,16 @@ from samtune.sweep.cluster import (
     check_address,
     check_data,
     check_shared_storage,
-    check_storage,
     local_resources,
     start_ray,
     storage_folder,
 )
 from samtune.sweep.confirm import confirm, judged
 from samtune.sweep.datasets import log_cell_datasets
-from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
+from samtune.sweep.object_store import UploadRaceFilter, is_remote
 from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
@@ -72,6 +71,7 @@ from samtune.sweep.search import (
     baseline_points,
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.storage import check_storage_uri, hold, send_last
 from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
@@ -105,7 +105,11 @@ def prepare(
     new sweep estimated past two days (or a million trial-epochs) without `yes`.
     """
     # Before the data are read: a storage path that leads nowhere is refused at once.
-    storage = storage_folder(storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results")
+    storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
+    if is_remote(storage_value):
+        check_storage_uri(storage_value)
+    else:
+        storage_folder(storage_value)
     sweep, space, sampled, baselines = _checked_sweep(path, overrides, trials, data_root)
     slots = None
     if (machine := local_resources(address)) is not None:
@@ -120,8 +124,8 @@ def prepare(
             f"this sweep is too big to start unasked: {why} ({size.text()}); shrink it (trials, epochs, cells) "
             "or start it anyway with --yes"
         )
-    sweep_dir = storage / sweep.name
-    lock = _hold(storage, sweep)
+    held = hold(storage_value, sweep.name)
+    sweep_dir = held.sweep_dir
     sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
     uri = resolve_tracking_uri(tracking_uri)
     try:
@@ -133,9 +137,10 @@ def prepare(
     except ValueError as exc:
         raise SweepError(str(exc)) from None
     check_address(address)
-    flags = _resume_flags(overrides, trials, data_root, storage if storage_path is not None else None, address)
-    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, lock)
-    plan.estimate = size
+    shown_storage = (storage_value if held.bucket is not None else str(held.storage)) if storage_path else None
+    flags = _resume_flags(overrides, trials, data_root, shown_storage, address)
+    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, held.lock)
+    plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
     return plan
 
 
@@ -161,21 +166,6 @@ def _checked_sweep(
     except PreflightError as exc:
         raise SweepError(str(exc)) from None
     return sweep, space, sampled, baselines
-
-
-def _hold(storage: Path, sweep: Sweep) -> DriverLock:
-    """This driver's lock on the sweep, in a storage folder it can write."""
-    check_storage(storage)
-    try:
-        # Before the sweep's state is read: a second driver must not even look at a sweep that
-        # another one is changing.
-        return DriverLock.acquire(storage, sweep.name)
-    except SweepBusy as exc:
-        raise SweepError(str(exc)) from None
-    except OSError as exc:
-        raise SweepError(
-            f"--storage-path {storage}: cannot hold sweep {sweep.name!r} there ({exc.strerror or exc})"
-        ) from None
 
 
 def _sweep_id(
@@ -214,7 +204,7 @@ def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) 
 
 
 def _resume_flags(
-    overrides: Sequence[str], trials: int | None, data_root: str | None, storage: Path | None, address: str | None
+    overrides: Sequence[str], trials: int | None, data_root: str | None, storage: str | None, address: str | None
 ) -> tuple[str, ...]:
     """The command-line flags that made this sweep what it is, for the --resume command."""
     flags = [f for value in overrides for f in ("--set", value)]
@@ -223,7 +213,7 @@ def _resume_flags(
     if data_root is not None:
         flags += ["--data-root", os.path.abspath(data_root)]
     if storage is not None:
-        flags += ["--storage-path", str(storage)]
+        flags += ["--storage-path", storage]
     if address:
         flags += ["--address", address]
     return tuple(flags)
@@ -272,13 +262,12 @@ def _tuner(plan: Plan, concurrent: int, resources: dict[str, float]) -> Tuner:
     sweep = plan.sweep
     cells = sweep.cells()
     function = trainable(resources)
-    path = plan.sweep_dir / TUNE_DIR
     # Optuna warns when a restarted trial reports an epoch again; the view has no room for that.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if plan.resume and resumable(path):
+    if plan.resume and resumable(plan.tune_copy(TUNE_DIR)):
         # A trial that failed (after its own restarts) stays failed: resuming finishes what was
         # interrupted, it does not re-run what already ended.
-        return tune.Tuner.restore(str(path), function, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(plan.tune_path(TUNE_DIR), function, resume_unfinished=True, resume_errored=False)
     search = _cell_search(plan)
     scheduler = _scheduler(sweep, search)
     return tune.Tuner(
@@ -367,6 +356,10 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
     tracker, resources, concurrent = _start(plan)
     # Written once the tracker exists: a sweep that cannot record is no sweep to resume.
     write_state(plan)
+    if plan.mirror is not None:
+        plan.mirror.push()  # sweep.json in the bucket before the first trial: resumable from anywhere
+        plan.mirror.start()
+        UploadRaceFilter().install()
     sweep_key = declare_sweep(plan, tracker)
     results: list[CellResult] = []
     completed = False
@@ -408,7 +401,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
-        _close(tracker, watch, view, completed)
+        _close(plan, tracker, watch, view, completed)
     return results
 
 
@@ -452,7 +445,7 @@ def _start(plan: Plan) -> tuple[Tracker, dict[str, float], int]:
         raise SweepError(f"--tracking-uri {plan.tracking_uri}: MLflow cannot open it ({first_line(exc)})") from None
     try:
         start_ray(plan.address)
-        check_shared_storage(plan.sweep_dir.parent)
+        check_shared_storage(plan.tune_storage if plan.bucket is not None else plan.sweep_dir.parent)
         resources, _need, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
         try:
             tracker.wait_open()
@@ -492,7 +485,7 @@ def _fit(
             quiet.remove()
 
 
-def _close(tracker: Tracker, watch: InterruptWatch, view: Any, completed: bool) -> None:
+def _close(plan: Plan, tracker: Tracker, watch: InterruptWatch, view: Any, completed: bool) -> None:
     """However the sweep ended: runs left open marked KILLED unless it completed, the last
     records written (or where they were saved said), the view stopped."""
     watch.remove()
@@ -503,3 +496,5 @@ def _close(tracker: Tracker, watch: InterruptWatch, view: Any, completed: bool) 
         view.stop()
     if message:
         print(message)
+    if unsent := send_last(plan.mirror, plan.sweep_dir):
+        print(unsent)

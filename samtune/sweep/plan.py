@@ -33,6 +33,11 @@ class Plan:
     lock: Any = field(default=None, repr=False, compare=False)
     # Its size and duration estimate (`samtune.sweep.estimate.Estimate`), said before it starts.
     estimate: Any = field(default=None, repr=False, compare=False)
+    # With --storage-path in object storage: the sweep's folder there (`object_store.Bucket`),
+    # and the `Mirror` that keeps ``sweep_dir`` (then a staging folder on this machine) in step
+    # with it. None for a local or mounted folder.
+    bucket: Any = field(default=None, repr=False, compare=False)
+    mirror: Any = field(default=None, repr=False, compare=False)
 
     @property
     def sweep_key(self) -> str:
@@ -43,6 +48,29 @@ class Plan:
         """Where this sweep's report goes: in its own storage folder, named by its id, so that
         sweeps of one name (in other storage folders or stores, or run again) keep their own."""
         return self.sweep_dir / (f"report-{self.sweep_id}" if self.sweep_id else "report")
+
+    def tune_path(self, folder: str) -> str:
+        """Where Tune keeps experiment ``folder`` of this sweep: in the bucket, else the folder."""
+        return self.bucket.uri_of(folder) if self.bucket is not None else str(self.sweep_dir / folder)
+
+    @property
+    def tune_storage(self) -> str:
+        """Tune's ``storage_path`` for this sweep's experiments."""
+        return self.bucket.uri if self.bucket is not None else str(self.sweep_dir)
+
+    def tune_copy(self, folder: str) -> Path:
+        """A local folder holding Tune's saved state of experiment ``folder``: the folder itself,
+        or, for a sweep in object storage, a copy fetched now (all but the checkpoints, which
+        Tune reads from the bucket)."""
+        local = self.sweep_dir / folder
+        if self.bucket is not None:
+            self.bucket.download(folder, local, skip="checkpoint_")
+        return local
+
+    def tune_state_changed(self, folder: str, path: Path) -> None:
+        """Send back a file of `tune_copy`'s copy that the driver changed (nothing to do locally)."""
+        if self.bucket is not None:
+            self.bucket.write(f"{folder}/{path.relative_to(self.sweep_dir / folder).as_posix()}", path.read_bytes())
 
     @property
     def resume_command(self) -> str:
@@ -74,3 +102,7 @@ def jsonable(value: Any) -> Any:
 # The one Tune experiment folder of a sweep, under its folder: every cell's trials, checkpoints
 # and searcher state.
 TUNE_DIR = "trials"
+
+#: The sweep's folders Tune writes itself (the search's, and each confirmation round's): in object
+#: storage, Tune sends them to the bucket, so the driver's mirror leaves them alone.
+TUNE_FOLDERS = (TUNE_DIR, "confirm")

@@ -367,9 +367,11 @@ def reconcile(plan: Plan, recorders: Mapping[str, Recorder], folder: str = TUNE_
     failed = {
         trial_id for r in recorders.values() for trial_id, row in r.result.trials.items() if row.status == "failed"
     }
-    settle_failed_trials(plan.sweep_dir / folder, failed)
+    local = plan.tune_copy(folder)
+    if settled := settle_failed_trials(local, failed):
+        plan.tune_state_changed(folder, settled)
     try:
-        analysis = ExperimentAnalysis(str(plan.sweep_dir / folder))
+        analysis = ExperimentAnalysis(str(local))
     except Exception:  # noqa: BLE001  no state written: nothing ended
         return ended
     cells = plan.sweep.cells()

@@ -74,9 +74,9 @@ def _whole_json(path: Path) -> bool:
 STATE_BACKUP = "samtune-experiment-state.backup.json"
 
 
-def settle_failed_trials(folder: Path, failed: set[str]) -> int:
+def settle_failed_trials(folder: Path, failed: set[str]) -> Path | None:
     """Mark as ERROR, in Tune's newest saved state in `folder`, the trials of `failed` (ids the
-    driver saw fail) that the state still calls live; returns how many it changed.
+    driver saw fail) that the state still calls live; returns the state file when it changed.
 
     Tune re-saves a trial's state only while its process lives. A trial whose process died on
     its last allowed failure is failed in Tune's memory and in the sweep's records but saved
@@ -85,7 +85,7 @@ def settle_failed_trials(folder: Path, failed: set[str]) -> int:
     """
     states = sorted(folder.glob("experiment_state-*.json"))
     if not failed or not states or not _whole_json(states[-1]):
-        return 0
+        return None
     newest = states[-1]
     state = json.loads(newest.read_text())
     changed = 0
@@ -99,7 +99,7 @@ def settle_failed_trials(folder: Path, failed: set[str]) -> int:
         tmp = newest.with_name(f".{newest.name}.settled.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, newest)
-    return changed
+    return newest if changed else None
 
 
 class StateBackup(Callback):
@@ -151,17 +151,23 @@ class CheckpointPruner(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Checkpoint, **info: Any
     ) -> None:
         fs = getattr(checkpoint, "filesystem", None)
-        if fs is not None and getattr(fs, "type_name", "local") != "local":
-            return  # remote storage: left to its own lifecycle rules
+        remote = getattr(fs, "type_name", "local") != "local"
         manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
         listed = getattr(manager, "_checkpoint_results", None)
         if not isinstance(listed, list):
             return  # a Tune whose bookkeeping differs: keep everything rather than guess
-        newest = Path(checkpoint.path)
         for old in listed[:-1]:
-            path = Path(old.checkpoint.path)
-            if path != newest:
-                shutil.rmtree(path, ignore_errors=True)  # housekeeping: never a reason to stop
+            if old.checkpoint.path == checkpoint.path:
+                continue
+            # Housekeeping: never a reason to stop. In object storage, through Tune's own
+            # filesystem (the same credentials and endpoint Tune wrote it with).
+            if remote and fs is not None:
+                try:
+                    fs.delete_dir(old.checkpoint.path)
+                except OSError:
+                    pass
+            else:
+                shutil.rmtree(old.checkpoint.path, ignore_errors=True)
         del listed[:-1]
 
 

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from ray.tune import RunConfig
 
 
+#: Seconds between Tune's uploads of its experiment state to object storage.
+REMOTE_SYNC_PERIOD_S = 10
+
+
 def reuse_trial_processes(sweep: Sweep) -> bool:
     """Whether a trial process serves the next trial, of any cell.
 
@@ -50,13 +54,19 @@ def run_config(plan: Plan, folder: str, callback: SweepCallback) -> RunConfig:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback
 
-    path = Path(plan.sweep_dir) / folder
+    callbacks = [callback, CSVLoggerCallback(), CheckpointPruner()]
+    if plan.bucket is None:
+        # Tune writes its state file in place on a local disk; an object is replaced whole.
+        callbacks.append(StateBackup(str(Path(plan.sweep_dir) / folder)))
     return tune.RunConfig(
         name=folder,
-        storage_path=str(plan.sweep_dir),
+        storage_path=plan.tune_storage,
         verbose=0,
         # Each trial's progress.csv is what a resumed driver rebuilds finished trials from.
-        callbacks=[callback, CSVLoggerCallback(), CheckpointPruner(), StateBackup(str(path))],
+        callbacks=callbacks,
+        # In object storage, what a driver killed outright can lose of Tune's state is what it
+        # wrote since the last upload: so upload often (an upload is a few small objects).
+        sync_config=tune.SyncConfig(sync_period=REMOTE_SYNC_PERIOD_S),
         # A crashed trial process restarts from its last checkpoint as often as the sweep allows.
         failure_config=tune.FailureConfig(max_failures=int(plan.sweep.fixed.get("max_failures", 2))),
         # All kept by Tune; CheckpointPruner removes those no resume can need.

@@ -43,6 +43,19 @@ def run_trial(config: dict[str, Any]) -> None:
     _run_workers(cfg)
 
 
+def _workers_storage(trial_dir: str) -> dict[str, Any]:
+    """Where the trial's worker group keeps its run: the trial's folder in the sweep's storage,
+    so a trial restarted on another node finds it. In object storage that is the trial's folder
+    in the bucket (the local trial folder is only this node's)."""
+    import ray.tune
+
+    storage = ray.tune.get_context().get_storage()
+    fs = getattr(storage, "storage_filesystem", None)
+    if storage is None or fs is None or getattr(fs, "type_name", "local") == "local":
+        return {"storage_path": os.path.abspath(trial_dir)}
+    return {"storage_path": storage.trial_fs_path, "storage_filesystem": fs}
+
+
 def _run_workers(cfg: dict[str, Any]) -> None:
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -69,7 +82,7 @@ def _run_workers(cfg: dict[str, Any]) -> None:
         run_config=RunConfig(
             name="workers",
             # Inside the trial folder: the same trial restarted finds its run and resumes it.
-            storage_path=os.path.abspath(trial_dir),
+            **_workers_storage(trial_dir),
             failure_config=failure,
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # resuming needs the latest only
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # mypy reads v1's RunConfig; Train v2's runs
