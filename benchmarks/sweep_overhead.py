@@ -17,17 +17,30 @@ leaves. `--noise-rates 0.4 --trials 8` measures one cell, where those fixed cost
 Prints one `name: value` line per figure and ends with `ratios: sweep_wall/trial_compute=X.XX`
 (target: under 1.25 on a 2-core machine at the default concurrency).
 
+`--storage s3` keeps the sweep in object storage (``--storage-path s3://bench/sweeps``) on an S3
+API server this script starts on 127.0.0.1 (moto's server mode, from the test extra) and stops;
+`--storage both` measures the local folder first, then S3, in one run, and adds the ratio of the
+two walls and the bytes each trial writes to the bucket per epoch (its checkpoints, counted from
+their indices since only the two newest are kept, and its result files).
+
     python benchmarks/sweep_overhead.py [--trials 6] [--epochs 16] [--model cnn] [--noise-rates 0.0,0.2,0.4,0.6,0.8]
+        [--storage local|s3|both]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,12 +55,28 @@ def main() -> None:
         default="0.0,0.2,0.4,0.6,0.8",
         help="the cells (default: the embedded study's); 0.4 alone measures one cell",
     )
+    parser.add_argument("--storage", choices=["local", "s3", "both"], default="local")
     args = parser.parse_args()
+    walls = {}
+    for storage in ["local", "s3"] if args.storage == "both" else [args.storage]:
+        print(f"--- storage: {storage}")
+        if storage == "s3":
+            with s3_server() as client:
+                walls[storage] = measure(args, "s3://bench/sweeps")
+                print_bytes_per_epoch(client, args.epochs)
+        else:
+            walls[storage] = measure(args, None)
+    if len(walls) == 2:
+        print(f"ratios: s3_wall/local_wall={walls['s3'] / walls['local']:.2f}")
 
+
+def measure(args: argparse.Namespace, storage: str | None) -> float:
+    """Run the sweep (in a local folder, or at ``storage``), print its figures; its wall."""
     from samtune.sweep.driver import prepare, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="samtune-bench-") as tmp:
         os.chdir(tmp)
+        os.environ["SAMTUNE_STAGING"] = f"{tmp}/staging"
         plan = prepare(
             str(ROOT / "search_spaces" / "noisy_digits.py"),
             [
@@ -59,9 +88,10 @@ def main() -> None:
                 # ASHA would end trials early and measure scheduling, not overhead.
                 f"grace_period={args.epochs}",
                 "fixed.sharpness_measures=",
+                "confirm_seeds=0",
             ],
             tracking_uri=f"sqlite:///{tmp}/mlflow.db",
-            storage_path=f"{tmp}/runs",
+            storage_path=storage or f"{tmp}/runs",
         )
         import ray
 
@@ -81,11 +111,15 @@ def main() -> None:
         start = time.perf_counter()
         cells = run_sweep(plan)
         wall = time.perf_counter() - start
-        ray_start = sum(ray_times)
-
+        samtune.sweep.driver.start_ray = start_ray
         _, _, concurrent = trial_resources(plan.sweep, ray.cluster_resources())
         ray.shutdown()
+        os.chdir(ROOT)
+    report(args, cells, concurrent, wall, sum(ray_times))
+    return wall
 
+
+def report(args: argparse.Namespace, cells: list, concurrent: int, wall: float, ray_start: float) -> None:
     compute = [
         row.metrics["compute_time_s"]
         for cell in cells
@@ -103,6 +137,63 @@ def main() -> None:
     print(f"ray_start_s: {ray_start:.1f}")
     print(f"sweep_wall_after_ray_start/trial_compute: {(wall - ray_start) / ideal:.2f}")
     print(f"ratios: sweep_wall/trial_compute={wall / ideal:.2f}")
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[Any]:
+    """moto's S3 server on a free port of 127.0.0.1 with a bucket ``bench``; this process's
+    environment points at it while it runs, and it is stopped by PID."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        os.environ.update(
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )  # fmt: skip
+        deadline = time.time() + 30
+        while True:
+            try:
+                client = boto3.client("s3")
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001  not listening yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield client
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def print_bytes_per_epoch(client: Any, epochs: int) -> None:
+    """Bytes each trial wrote to the bucket per epoch: a checkpoint each epoch (the newest's size
+    times how many there were, read from their indices) and its result files."""
+    sizes: dict[str, dict[str, int]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix="sweeps/bench/trials/"):
+        for obj in page.get("Contents", []):
+            parts = obj["Key"].split("/")
+            if len(parts) > 4:
+                sizes.setdefault(parts[3], {})["/".join(parts[4:])] = obj["Size"]
+    per_epoch = []
+    for files in sizes.values():
+        index = {int(k.split("/")[0].split("_")[1]) for k in files if k.startswith("checkpoint_")}
+        if not index:
+            continue
+        newest = f"checkpoint_{max(index):06d}/"
+        checkpoint = sum(v for k, v in files.items() if k.startswith(newest))
+        results = sum(v for k, v in files.items() if not k.startswith("checkpoint_"))
+        per_epoch.append(((max(index) + 1) * checkpoint + results) / epochs)
+    if per_epoch:
+        per_epoch.sort()
+        print(f"bucket_bytes_per_trial_epoch: median {per_epoch[len(per_epoch) // 2] / 1024:.1f} KiB")
 
 
 if __name__ == "__main__":

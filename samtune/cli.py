@@ -113,9 +113,13 @@ def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "$RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token). Without --address "
         "the sweep starts a private Ray instance of its own. Ray Client addresses "
         "(ray://) are refused, as the sweep's driver must run here; on several "
-        "nodes give a --storage-path every node mounts",
+        "nodes give a --storage-path every node mounts, or an s3:// one",
     )
-    p.add_argument("--storage-path", help="where trial checkpoints and sweep state live (default ./ray_results)")
+    p.add_argument(
+        "--storage-path",
+        help="where trial checkpoints and sweep state live: a folder (default ./ray_results) or object "
+        "storage, s3://bucket/prefix (credentials from the environment, never in the URI)",
+    )
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
     p.add_argument(
         "--yes",

@@ -66,6 +66,11 @@ def s3_client(bucket: Bucket) -> Any:
     return boto3.client("s3", endpoint_url=endpoint)
 
 
+def stop_this_sweep() -> None:
+    """Stop this driver's sweep the way Ctrl-C does: its state saved, resumable."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def _precondition_failed(exc: Exception) -> bool:
     code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict")
@@ -127,7 +132,7 @@ class DriverLease:
                         "stopping here so that only one driver runs the sweep",
                         self.lease_s,
                     )
-                    os.kill(os.getpid(), signal.SIGINT)  # the sweep's own Ctrl-C path: saved, resumable
+                    stop_this_sweep()
                     return
                 # The bucket away for a moment: renew at the next beat, before the lease lapses.
 
