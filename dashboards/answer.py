@@ -116,7 +116,8 @@ def _human_vs_twin(runs: Runs, found: list[dict]) -> tuple[pd.DataFrame, list[st
     rows = human_minus_twin(runs, found)
     notes = [
         f"Human minus twin, {row['human_cell']} (each cell's confirmed best SAM against its best SGD, "
-        f"test error at the {RULES[row['rule']]}): {row['reading']}"
+        f"test error at the {RULES[row['rule']]}{' (early stopping)' if row['rule'] == 'best_epoch' else ''}): "
+        f"{row['reading']}"
         for row in rows
     ]
     return human_twin_table(rows), notes

@@ -301,7 +301,8 @@ def test_the_report_reads_the_comparison_back_from_mlflow(tmp_path):
     assert sentence in note and "best SAM against its best SGD, test error at the final epoch" in note
     assert any(sentence in n for n in views["robustness"].notes)
     assert any(
-        n.startswith(f"Human minus twin, {WORST} (") and "best validation epoch" in n for n in views["answer"].notes
+        n.startswith(f"Human minus twin, {WORST} (") and "at the best validation epoch (early stopping)" in n
+        for n in views["answer"].notes
     )
     page = (tmp_path / "report" / "index.html").read_text()
     assert sentence.replace("'", "&#x27;") in page and "human_vs_twin" in page
