@@ -13,6 +13,13 @@ linear head fit to the cell's training labels (a dashed line; the same for every
 neither the backbone nor the labels change with it).
 A sweep without a confirmation stage (``confirm_seeds=0``) has only single searched runs: this
 view then says so and draws nothing.
+
+With human label noise cells (CIFAR-10N, CIFAR-100N) beside their synthetic twins, the
+``human_vs_twin`` table and the notes give, per selection rule, SAM's gain over SGD under human
+noise minus its gain under the twin (the same per-class transition matrix, on random images):
+each seed's gain is best SGD's test error minus best SAM's, the two cells' gains are paired by
+seed (the cells confirm on the same seeds), and the difference is their mean with a 95% Student-t
+interval, in percentage points. Where a cell has no confirmation runs to pair, the row says why.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report.answers import verdicts
+from samtune.report.answers import human_minus_twin, human_twin_table, verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import optimizer_colors
 from samtune.report.views import View
@@ -104,16 +111,31 @@ def _draw_starting_points(ax, starts: pd.Series, cells: list[str]) -> None:
             )
 
 
+def _human_vs_twin(runs: Runs, found: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """The human-minus-twin table and its sentences (none without a human noise cell)."""
+    rows = human_minus_twin(runs, found)
+    notes = [
+        f"Human minus twin, {row['human_cell']} (each cell's confirmed best SAM against its best SGD, "
+        f"test error at the {RULES[row['rule']]}{' (early stopping)' if row['rule'] == 'best_epoch' else ''}): "
+        f"{row['reading']}"
+        for row in rows
+    ]
+    return human_twin_table(rows), notes
+
+
 def view(runs: Runs) -> View:
     found = verdicts(runs)
     if not found:
+        human_twin, twin_notes = _human_vs_twin(runs, found)
         return View(
             figure=None,
+            data={"human_vs_twin": human_twin} if twin_notes else {},
             notes=[
                 "This sweep ran no confirmation stage (confirm_seeds=0): every number "
                 "in this report is a single run picked as the best of a search, with "
                 "no error bar. Set confirm_seeds (e.g. 3) for verdicts with intervals."
-            ],
+            ]
+            + twin_notes,
         )
     estimates, curve = _estimates(found), _m_curve(found)
     table = pd.DataFrame(verdict_rows(found))
@@ -154,6 +176,7 @@ def view(runs: Runs) -> View:
         f"training labels, before any finetuning step) has test error {value:.3f}"
         for cell, value in starts.items()
     ]
+    human_twin, twin_notes = _human_vs_twin(runs, found)
     return View(
         figure=figure,
         data={
@@ -161,6 +184,7 @@ def view(runs: Runs) -> View:
             "estimates": estimates,
             "m_curve": curve,
             "starting_points": starts.rename("test_error").reset_index(),
+            **({"human_vs_twin": human_twin} if twin_notes else {}),
         },
-        notes=notes,
+        notes=notes + twin_notes,
     )

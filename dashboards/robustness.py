@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from samtune.report.answers import verdicts
+from samtune.report.answers import human_minus_twin, verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import (
     best_per_optimizer,
@@ -93,7 +93,8 @@ def view(runs: Runs) -> View:
     colors = optimizer_colors(labels)
     notes = []
 
-    answers = {(row["cell"], row["selection"]): row["verdict"] for row in verdict_rows(verdicts(runs))}
+    found = verdicts(runs)
+    answers = {(row["cell"], row["selection"]): row["verdict"] for row in verdict_rows(found)}
     best_frames = []
     for panel, select_by, reported in PANELS:
         pool = plotted[plotted["status"] == "finished"] if panel == "final" else plotted
@@ -137,6 +138,12 @@ def view(runs: Runs) -> View:
     gain = _gain_over_sgd(best)
     gain["verdict"] = [_verdict_of(answers, row.cell, row.epoch) for row in gain.itertuples()]
     notes.extend(_single_run_notes(gain, answers))
+    # A human noise cell and its twin stand side by side here; whether SAM's gain differs
+    # between them is a question for the confirmation seeds, paired (the answer view's table).
+    notes.extend(
+        f"Human minus twin, confirmed, {row['human_cell']} (test error at the {RULES[row['rule']]}): {row['reading']}"
+        for row in human_minus_twin(runs, found)
+    )
     if "SGD" not in labels:
         notes.append("No SGD trial: the gain table needs an SGD baseline in the cell.")
     missing = [c for c in cells if c not in set(best.loc[best["epoch"] == "final", "cell"])]

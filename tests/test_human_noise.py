@@ -207,3 +207,98 @@ def test_sweep_cells_pair_each_human_kind_with_its_twin():
         sweep.replace(human_noise=("noisy",))
     with pytest.raises(SpaceError, match="not for dataset 'digits'"):
         Sweep(name="n", dataset="digits", model="cnn", epochs=1, batch_size=64, trials=2, human_noise=("aggre",))
+
+
+def _tiny_tree(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls, shade in (("a", 40), ("b", 200)):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4), (shade, shade, shade)).save(root / split / cls / "0.png")
+    return root
+
+
+def test_a_dataset_read_through_the_cache_names_its_cache_file_fingerprint_and_digest(tmp_path):
+    import hashlib
+
+    from samtune.data.load import select_classes
+
+    root = _tiny_tree(tmp_path / "tree")
+    first = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
+    source = first.cached_as
+    assert source is not None and source.file.parent == tmp_path / "cache" and source.file.is_file()
+    blob = torch.load(source.file, weights_only=True)
+    assert (blob["fingerprint"], blob["sha256"]) == (source.fingerprint, source.sha256)
+    # The digest is of the tensors, computed here independently of the cache's reader.
+    h = hashlib.sha256()
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(key.encode() + str(tuple(blob[key].shape)).encode() + blob[key].contiguous().numpy().tobytes())
+    h.update(b"a\nb")
+    assert h.hexdigest() == source.sha256
+    # Read back from the cache: the same source; a changed copy: another fingerprint and file.
+    assert load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache").cached_as == source
+    (root / "train" / "a" / "1.png").write_bytes((root / "train" / "a" / "0.png").read_bytes())
+    changed = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache").cached_as
+    assert changed is not None and changed.fingerprint != source.fingerprint and changed.file != source.file
+    assert select_classes(first, [0]).cached_as is None  # other tensors than the cache holds
+
+
+@pytest.mark.slow
+@needs_files
+def test_a_passed_mapping_check_is_recorded_beside_the_cache_and_skipped_after(labels, cifar10, tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from samtune.data import human_noise
+    from samtune.data.dataset import CachedSource
+    from samtune.data.human_noise import align, mapping_record_path
+
+    assert cifar10.cached_as is not None  # the shared tarball is read through the tensor cache
+    spec = HUMAN_LABEL_FILES["cifar10"]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return check_mapping(*args, **kwargs)
+
+    monkeypatch.setattr(human_noise, "check_mapping", counted)
+    # The shared copy's images, as if cached under tmp_path (the record goes beside the cache file).
+    source = CachedSource(tmp_path / "cifar10-0123456789abcdef.samtune.pt", "fp-1", cifar10.cached_as.sha256)
+    copy = dataclasses.replace(cifar10, cached_as=source)
+    expected = torch.argsort(torch.argsort(labels["clean"], stable=True))  # rank within class
+    assert torch.equal(align(copy, labels, spec), expected) and len(calls) == 1
+    record_path = mapping_record_path(copy, spec)
+    assert record_path == tmp_path / "cifar10-0123456789abcdef.CIFAR-10_human-mapping.json"
+    record = json.loads(record_path.read_text())
+    assert record["fingerprint"] == "fp-1" and record["label_file_md5"] == spec.md5 and record["z"] > 8
+    assert record_path.stat().st_mode & 0o077 == 0
+    # A later process (a new Dataset object: nothing in memory) reads the record, not the images.
+    again = dataclasses.replace(cifar10, cached_as=source)
+    assert torch.equal(align(again, labels, spec), expected) and len(calls) == 1
+    # A copy that changed: another fingerprint, or other tensors under the same one, is checked again.
+    moved = dataclasses.replace(cifar10, cached_as=dataclasses.replace(source, fingerprint="fp-2"))
+    assert torch.equal(align(moved, labels, spec), expected) and len(calls) == 2
+    assert json.loads(record_path.read_text())["fingerprint"] == "fp-2"
+    # A damaged record is no record.
+    record_path.write_text("{not json")
+    assert torch.equal(align(moved, labels, spec), expected) and len(calls) == 3
+    # A tree whose files are shuffled within each class folder: other tensors, checked and refused,
+    # and the failure leaves no record that could stand for it.
+    gen = torch.Generator().manual_seed(0)
+    shuffled = cifar10.train_x.clone()
+    for c in range(10):
+        members = (cifar10.train_y == c).nonzero().flatten()
+        shuffled[members] = cifar10.train_x[members[torch.randperm(len(members), generator=gen)]]
+    tree = dataclasses.replace(
+        cifar10, train_x=shuffled, cached_as=CachedSource(tmp_path / "tree-fedcba9876543210.samtune.pt", "fp-3", "s")
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match="do not match CIFAR-10_human.pt's order"):
+            align(tree, labels, spec)
+    assert len(calls) == 5 and not mapping_record_path(tree, spec).exists()
+    # Under the good copy's own key but with the shuffled tensors' digest: still checked, still refused.
+    under_good_name = dataclasses.replace(tree, cached_as=dataclasses.replace(source, fingerprint="fp-2", sha256="s"))
+    with pytest.raises(ValueError, match="do not match"):
+        align(under_good_name, labels, spec)
+    assert len(calls) == 6

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from samtune.data.dataset import samtune_home
+from samtune.data.dataset import CachedSource, samtune_home
 
 CACHE_FORMAT = "samtune-dataset-v1"
 
@@ -71,8 +71,8 @@ def _read_cache(path: Path, fingerprint: str) -> dict | None:
         return None
 
 
-def _write_cache(path: Path, fingerprint: str, tensors: dict) -> None:
-    blob = {"format": CACHE_FORMAT, "fingerprint": fingerprint, **tensors, "sha256": _digest(tensors)}
+def _write_cache(path: Path, fingerprint: str, tensors: dict, digest: str) -> None:
+    blob = {"format": CACHE_FORMAT, "fingerprint": fingerprint, **tensors, "sha256": digest}
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -85,13 +85,16 @@ def _write_cache(path: Path, fingerprint: str, tensors: dict) -> None:
 
 
 def cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict], cache_dir: Path | None) -> dict:
-    """Load ``build()``'s tensors from the cache or build and cache them (one builder at a time)."""
+    """Load ``build()``'s tensors from the cache or build and cache them (one builder at a time).
+
+    The tensors come with ``cached_as``, a `CachedSource` naming the cache file, the fingerprint
+    and the tensors' SHA-256 (also when the file could not be written: then nothing is beside it)."""
     directory = cache_dir if cache_dir is not None else cache_dir_for(source)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:60]
     path = directory / f"{safe}-{fingerprint[:16]}.samtune.pt"
     hit = _read_cache(path, fingerprint)
     if hit is not None:
-        return hit
+        return {**hit, "cached_as": CachedSource(path, fingerprint, hit["sha256"])}
     lock = None
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -100,13 +103,14 @@ def cached(name: str, source: Path, fingerprint: str, build: Callable[[], dict],
         fcntl.flock(lock, fcntl.LOCK_EX)
         hit = _read_cache(path, fingerprint)
         if hit is not None:
-            return hit
+            return {**hit, "cached_as": CachedSource(path, fingerprint, hit["sha256"])}
     except OSError:
         lock = None
     try:
         tensors = build()
-        _write_cache(path, fingerprint, tensors)
-        return tensors
+        digest = _digest(tensors)
+        _write_cache(path, fingerprint, tensors, digest)
+        return {**tensors, "cached_as": CachedSource(path, fingerprint, digest)}
     finally:
         if lock is not None:
             lock.close()

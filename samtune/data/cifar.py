@@ -289,6 +289,7 @@ def _as_cifar_dataset(key: str, tensors: dict) -> Dataset:
         test_x=tensors["test_x"],
         test_y=test_y,
         classes=list(expected),
+        cached_as=tensors.get("cached_as"),
     )
 
 

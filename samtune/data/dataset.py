@@ -1,4 +1,5 @@
-"""The in-memory `Dataset` (uint8 images and int64 labels per split), its errors and data root.
+"""The in-memory `Dataset` (uint8 images and int64 labels per split), its errors and data root,
+and `CachedSource`: the tensor cache file a dataset was read through.
 
 Also the per-channel statistics of the known datasets, used to normalise their batches.
 """
@@ -28,6 +29,17 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 DIGITS_TEST_SIZE = 360  # of 1,797: leaves 1,437 for training (an 80/20 split)
 
 
+@dataclass(frozen=True)
+class CachedSource:
+    """Where a dataset's tensors were read through the decoded-tensor cache (`samtune.data.cache`):
+    the cache file, the fingerprint of the source it was decoded from, and the SHA-256 of the
+    tensors. What is checked on those tensors can be recorded beside the file, keyed by both."""
+
+    file: Path
+    fingerprint: str
+    sha256: str
+
+
 @dataclass
 class Dataset:
     """One dataset, both splits, in memory.
@@ -43,6 +55,8 @@ class Dataset:
     test_y: Tensor
     classes: list[str]
     _stats: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
+    #: Set when the tensors came through the cache; None otherwise (and for a class selection).
+    cached_as: CachedSource | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

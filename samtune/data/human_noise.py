@@ -22,11 +22,19 @@ The labels are in the order of the canonical pickled training set (what torchvis
 give). An ImageFolder copy (``train/<class>/NNNN.jpg``) is mapped by rank within class: canonical
 image ``i`` is the ``r``-th image of its class in the canonical order, and the ``r``-th file of its
 class folder. That mapping is only used after `check_mapping` confirms it from the images.
+
+The check costs about 2 s, and every trial process would pay it. A pass is recorded beside the
+tensor cache file the images were read from (`samtune.data.cache`), keyed by the source's
+fingerprint, the tensors' SHA-256, the label file's md5 and the threshold: a later process with
+the same images skips it, a changed copy (another fingerprint, other tensors) is checked again.
+A failure is not recorded (`record_check` says why).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import weakref
 from dataclasses import dataclass
@@ -38,7 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from samtune.data.dataset import DataNotFoundError, Dataset, DataUnreadableError, default_data_root
+from samtune.data.dataset import (
+    CachedSource,
+    DataNotFoundError,
+    Dataset,
+    DataUnreadableError,
+    default_data_root,
+)
 
 
 @dataclass(frozen=True)
@@ -291,7 +305,11 @@ def align(dataset: Dataset, labels: dict[str, Tensor], spec: HumanLabelFile) -> 
     position = torch.empty_like(order)
     position[order] = torch.arange(TRAIN_SIZE)
     reference = next(iter(spec.sets))
-    check = check_mapping(dataset.train_x[position], clean, labels[reference])
+    check = recorded_check(dataset, spec)
+    if check is None:
+        check = check_mapping(dataset.train_x[position], clean, labels[reference])
+        if check.z >= MAPPING_MIN_Z:
+            record_check(dataset, spec, check)
     if check.z < MAPPING_MIN_Z:
         raise ValueError(
             f"the images of {dataset.name} do not match {spec.file}'s order: with file number r of each "
@@ -300,6 +318,68 @@ def align(dataset: Dataset, labels: dict[str, Tensor], spec: HumanLabelFile) -> 
             f"{MAPPING_MIN_Z:g} expected); use the canonical pickled copy (cifar-10-batches-py/)"
         )
     return position
+
+
+# -- the mapping check's record, beside the tensor cache ------------------------------------------------
+
+#: What a record of a passed mapping check is: a change to the check or its threshold is a new one.
+MAPPING_RECORD_FORMAT = "samtune-mapping-check-v1"
+
+
+def mapping_record_path(dataset: Dataset, spec: HumanLabelFile) -> Path | None:
+    """Where the mapping check of ``dataset`` against ``spec``'s file is recorded: beside the
+    tensor cache file the images were read from (None when they were not read through one)."""
+    source = dataset.cached_as
+    if source is None:
+        return None
+    stem = source.file.name.removesuffix(".samtune.pt")
+    return source.file.with_name(f"{stem}.{Path(spec.file).stem}-mapping.json")
+
+
+def _record_key(source: CachedSource, spec: HumanLabelFile) -> dict[str, Any]:
+    """What a record must match to stand for a check of these images against this file."""
+    return {
+        "format": MAPPING_RECORD_FORMAT,
+        "fingerprint": source.fingerprint,
+        "sha256": source.sha256,
+        "label_file_md5": spec.md5,
+        "min_z": MAPPING_MIN_Z,
+    }
+
+
+def recorded_check(dataset: Dataset, spec: HumanLabelFile) -> MappingCheck | None:
+    """The passed check recorded for these images (same source fingerprint, same tensors, same
+    label file, same check and threshold), or None: no record, or one of another copy."""
+    path = mapping_record_path(dataset, spec)
+    if path is None or dataset.cached_as is None or not path.is_file():
+        return None
+    key = _record_key(dataset.cached_as, spec)
+    try:
+        record = json.loads(path.read_text())
+        if {k: record.get(k) for k in key} != key:
+            return None
+        check = MappingCheck(float(record["statistic"]), float(record["null_mean"]), float(record["null_std"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable or damaged: checked again, and the record rewritten
+    return check if check.z >= MAPPING_MIN_Z else None
+
+
+def record_check(dataset: Dataset, spec: HumanLabelFile, check: MappingCheck) -> None:
+    """Record a passed check beside the tensor cache, so later processes skip it. Only passes are
+    recorded: a copy that fails is refused before any trial, so its check runs once per attempt,
+    and a record can then never refuse a copy the current check would accept."""
+    path = mapping_record_path(dataset, spec)
+    if path is None or dataset.cached_as is None:
+        return
+    record = {**_record_key(dataset.cached_as, spec), **dataclasses.asdict(check), "z": check.z}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # Owner-only, like the cache beside it.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)  # atomic: parallel trial processes write the same record
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache folder: the check runs in every process
 
 
 def noisy_train_labels(

@@ -104,6 +104,7 @@ def _load_digits(cache_dir: Path | None) -> Dataset:
         test_x=tensors["test_x"],
         test_y=tensors["test_y"],
         classes=list(tensors["classes"]),
+        cached_as=tensors.get("cached_as"),
     )
 
 
@@ -245,6 +246,7 @@ def _load_base(
             test_x=tensors["test_x"],
             test_y=tensors["test_y"],
             classes=list(tensors["classes"]),
+            cached_as=tensors.get("cached_as"),
         )
     raise ValueError(
         f"unknown dataset {name!r}; expected 'digits', 'cifar10', 'cifar100' or 'imagefolder:<path>'"

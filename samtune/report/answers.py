@@ -4,7 +4,9 @@ A sweep with ``confirm_seeds`` re-runs each cell's picks on fresh seeds (`samtun
 runs tagged ``samtune.role=confirm`` (or ``ablation``), ``samtune.confirms`` and ``samtune.seed``,
 under their cell's run. `confirmation_frame` tabulates them, one row per run, with the test error
 under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts (each
-with its values by configuration, rule and seed under ``seed_values``).
+with its values by configuration, rule and seed under ``seed_values``). `human_minus_twin` pairs
+each human label noise cell with its synthetic twin: SAM's gain over SGD per seed in each, and
+the difference of the two by seed with its Student-t interval (`human_twin_table` tabulates it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from samtune.contract.keys import HEADLINE_KEYS
 from samtune.contract.tags import CELL_TAG, CONFIRMS_TAG, SEED_TAG, STATUS_TAG
 from samtune.report.runs import Runs, TrialRecord
 from samtune.report.table import cell_order
-from samtune.verdicts import cell_verdict
+from samtune.stats import Estimate, difference, mean_interval
+from samtune.verdicts import RULES, cell_verdict
 
 COLUMNS = [
     "cell",
@@ -145,3 +148,171 @@ def _aliases(runs: Runs, cell: str) -> dict[str, str]:
     """Picks the sweep ran once for two names, from the cell run's ``samtune.aliases`` tag."""
     text = runs.aliases.get(cell, "")
     return dict(part.split(":", 1) for part in text.split(",") if ":" in part)
+
+
+# -- human label noise against its synthetic twin -----------------------------------------------------
+
+
+def human_twin_cells(trials: pd.DataFrame) -> list[tuple[str, str | None]]:
+    """Each cell trained on human labels (``human:<set>``) with the cell of its synthetic twin
+    (``twin:<set>``; None where the sweep has none), from the trials' ``label_noise_kind``."""
+    if trials.empty or "label_noise_kind" not in trials or "cell" not in trials:
+        return []
+    kinds = trials.drop_duplicates("cell").set_index("cell")["label_noise_kind"].astype(str)
+    cell_of_kind = {kind: str(cell) for cell, kind in kinds.items()}
+    return [
+        (str(cell), cell_of_kind.get("twin:" + kind.removeprefix("human:")))
+        for cell, kind in kinds.items()
+        if kind.startswith("human:")
+    ]
+
+
+def seed_gains(verdict: dict[str, Any], rule: str) -> dict[int, float]:
+    """SAM's gain over SGD per seed in one cell: best SGD's test error minus best SAM's, for each
+    seed both ran under ``rule`` (positive: SAM lower)."""
+    values = verdict.get("seed_values", {})
+    sgd, sam = values.get("best_sgd", {}).get(rule, {}), values.get("best_sam", {}).get(rule, {})
+    return {seed: sgd[seed] - sam[seed] for seed in sorted(sgd) if seed in sam}
+
+
+def human_minus_twin(runs: Runs, found: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per human noise cell with a twin and per selection rule: SAM's gain over SGD under human
+    noise minus its gain under the synthetic twin (`seed_gains` of each cell), paired by seed
+    (`samtune.stats.difference`: the seeds both cells ran, two or more; else Welch's interval).
+
+    Each row holds the cells, the rule, both cells' gains and their difference as Estimates (None
+    where there is none), the seeds used and left out, and ``reading``: the plain sentence, or
+    why there is no difference to give. ``found``: the verdicts, if already read (`verdicts`)."""
+    pairs = human_twin_cells(runs.trials)
+    if not pairs:
+        return []
+    by_cell = {v["cell"]: v for v in (verdicts(runs) if found is None else found)}
+    rows = []
+    for human, twin in pairs:
+        both = [by_cell.get(human), by_cell.get(twin)] if twin is not None else []
+        rules = [r for r in RULES if any(r in v["rules"] for v in both if v)] or [next(iter(RULES))]
+        for rule in rules:
+            row: dict[str, Any] = {"human_cell": human, "twin_cell": twin or "", "rule": rule}
+            row.update(human=None, twin=None, difference=None, seeds=[], left_out=[])
+            if twin is None:
+                row["reading"] = "no twin cell in this sweep (human_noise_twins=False): nothing to compare with"
+            elif why := _no_gains(runs, [(human, both[0]), (twin, both[1])], rule):
+                row["reading"] = why
+            else:
+                row.update(_compare(seed_gains(both[0] or {}, rule), seed_gains(both[1] or {}, rule)))
+            rows.append(row)
+    return rows
+
+
+#: Test errors are fractions; the gains read in percentage points.
+POINTS = 100.0
+_PICKS = (("best_sgd", "best SGD"), ("best_sam", "best SAM"))
+
+
+def _no_gains(runs: Runs, cells: list[tuple[str, dict[str, Any] | None]], rule: str) -> str:
+    """Why a human/twin pair has no difference under ``rule`` ("" when both cells have gains)."""
+    if runs.confirmations.empty:
+        return "no comparison: this sweep ran no confirmation stage (confirm_seeds=0), so there are no seeds to pair"
+    reasons = [f"{cell}: {why}" for cell, v in cells if (why := _why_no_gains(runs.confirmations, cell, v, rule))]
+    return "no comparison: " + "; ".join(reasons) if reasons else ""
+
+
+def _why_no_gains(frame: pd.DataFrame, cell: str, verdict: dict[str, Any] | None, rule: str) -> str:
+    """Why ``cell`` has no seed with both a best SGD and a best SAM result under ``rule``."""
+    if verdict is not None and seed_gains(verdict, rule):
+        return ""
+    own = frame[frame["cell"] == cell]
+    values = (verdict or {}).get("seed_values", {})
+    reasons = []
+    for name, label in _PICKS:
+        runs_of = own[own["confirms"] == name]
+        finished = runs_of[runs_of["status"] == "finished"]
+        if values.get(name, {}).get(rule):
+            continue
+        if runs_of.empty:
+            reasons.append(f"no confirmation run of its {label} was recorded")
+        elif finished.empty:
+            statuses = ", ".join(f"{s} {n}" for s, n in runs_of["status"].value_counts().items())
+            reasons.append(f"none of its {label}'s {len(runs_of)} confirmation runs finished ({statuses})")
+        else:
+            reasons.append(f"its {label}'s runs logged no {'test' if rule == 'final' else 'validation'} error")
+    why = "; ".join(reasons) or "its best SGD and best SAM ran no seed in common"
+    missing = (verdict or {}).get("missing")
+    return f"{why} ({missing})" if missing else why
+
+
+def _compare(human: dict[int, float], twin: dict[int, float]) -> dict[str, Any]:
+    """The difference of two cells' gains by seed, both cells' gains on the seeds it used, and
+    the sentence that says it."""
+    est = difference(human, twin)
+    shared = sorted(set(human) & set(twin))
+    used = shared if est.paired else sorted(set(human) | set(twin))
+    return {
+        "human": mean_interval([human[s] for s in used if s in human]),
+        "twin": mean_interval([twin[s] for s in used if s in twin]),
+        "difference": est,
+        "seeds": used,
+        "left_out": sorted(set(human) ^ set(twin)) if est.paired else [],
+        "reading": _reading(est, human, twin, shared),
+    }
+
+
+def _reading(est: Estimate, human: dict[int, float], twin: dict[int, float], shared: list[int]) -> str:
+    """The difference in plain words, in percentage points, with the seeds behind it."""
+    if est.paired:
+        seeds = f"{est.n} seeds, paired"
+        left_out = sorted(set(human) ^ set(twin))
+        if left_out:
+            seeds += f" (seed {', '.join(map(str, left_out))} left out: not run with both SGD and SAM in both cells)"
+    else:
+        seeds = (
+            f"unpaired (Welch): the cells share {len(shared)} seed(s) with both SGD and SAM runs; "
+            f"{len(human)} seed(s) under human noise, {len(twin)} under the twin"
+        )
+    mean, low, high = (POINTS * x for x in (est.mean, est.low, est.high))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        way = "larger" if mean >= 0 else "smaller"
+        return (
+            f"SAM's gain is {abs(mean):.2f} points {way} under human noise than under its synthetic twin "
+            f"(too few seeds for an interval), {seeds}"
+        )
+    if est.covers_zero:
+        return (
+            f"no detectable difference: SAM's gain under human noise minus its gain under the synthetic twin "
+            f"is {mean:+.2f} points [{low:+.2f}, {high:+.2f}], {seeds}"
+        )
+    if mean > 0:
+        return (
+            f"SAM's gain is {mean:.2f} points larger under human noise than under its synthetic twin "
+            f"[{low:.2f}, {high:.2f}], {seeds}"
+        )
+    return (
+        f"SAM's gain is {-mean:.2f} points smaller under human noise than under its synthetic twin "
+        f"[{-high:.2f}, {-low:.2f}], {seeds}"
+    )
+
+
+def human_twin_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """`human_minus_twin`'s rows as the report's table: the gains and their difference in
+    percentage points (mean, low, high: empty where there is none), seeds, and the reading."""
+    out = []
+    for row in rows:
+        record: dict[str, Any] = {
+            "human cell": row["human_cell"],
+            "twin cell": row["twin_cell"],
+            "selection": RULES[row["rule"]],
+        }
+        for key, label in (("human", "SAM gain, human"), ("twin", "SAM gain, twin")):
+            est = row[key]
+            record[f"{label} (points)"] = POINTS * est.mean if est is not None else math.nan
+        est = row["difference"]
+        for part in ("mean", "low", "high"):
+            value = getattr(est, part) if est is not None else math.nan
+            record[f"human - twin {part} (points)"] = POINTS * value
+        record["seeds"] = len(row["seeds"])
+        record["paired"] = bool(est is not None and est.paired)
+        record["reading"] = row["reading"]
+        out.append(record)
+    columns = ["human cell", "twin cell", "selection", "SAM gain, human (points)", "SAM gain, twin (points)"]
+    columns += [f"human - twin {p} (points)" for p in ("mean", "low", "high")] + ["seeds", "paired", "reading"]
+    return pd.DataFrame(out, columns=columns)
