@@ -39,9 +39,10 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint)
 
     def keys(self, prefix: str = "") -> list[str]:
-        """Every object key under `prefix` in the bucket."""
+        """Every object key under `prefix` in the bucket, but the empty folder markers (keys
+        ending in ``/``) that pyarrow writes to keep a folder whose last file it deleted."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        return [obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
 
     def env(self) -> dict[str, str]:
         """The settings a process needs to reach this server."""

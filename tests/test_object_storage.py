@@ -335,3 +335,14 @@ def test_a_trial_that_loses_a_node_resumes_from_its_checkpoint_in_the_bucket(s3_
     column = header.split(",").index("epoch")
     assert [int(r.split(",")[column]) for r in rows] == list(range(1, 11))
     assert not list(tmp_path.glob("runs*"))  # nothing in a local storage folder
+
+
+def test_each_nodes_probe_reads_the_bucket_with_its_own_credentials(s3_server, monkeypatch):
+    from samtune.sweep.cluster import reads_token  # the task each node runs
+
+    s3_server.client().put_object(Bucket="sweeps", Key="probe", Body=b"token-1")
+    assert reads_token("s3://sweeps/probe", "token-1")
+    assert not reads_token("s3://sweeps/probe", "token-2")
+    assert not reads_token("s3://sweeps/missing", "token-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a node that cannot reach the store
+    assert not reads_token("s3://sweeps/probe", "token-1")

@@ -130,7 +130,7 @@ def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: floa
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0)(_reads_token)
+    task = ray.remote(num_cpus=0)(reads_token)
     refs = [
         task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path, token)
         for n in nodes
@@ -144,7 +144,9 @@ def read_on_every_node(nodes: list[dict], path: str, token: str, timeout_s: floa
     return seen
 
 
-def _reads_token(path: str, token: str) -> bool:
+def reads_token(path: str, token: str) -> bool:
+    """Whether `path` (a file, or an object-storage URI) holds `token`, as this node's processes
+    see it: the task each node runs for `check_shared_storage`."""
     try:
         if "://" in path:  # object storage: read with the node's own credentials
             import pyarrow.fs as pafs

@@ -194,7 +194,8 @@ class Mirror:
 
     def _skipped(self, relative: str) -> bool:
         top = relative.split("/", 1)[0]
-        return top.startswith(self.skip) or top.startswith(".") and top.endswith(".tmp")
+        # Temporary files mid-write, and the staging folder's own markers, stay on this machine.
+        return top.startswith(self.skip) or top.startswith(".") and top.endswith(".tmp") or top.startswith(".samtune-")
 
     def pull(self) -> int:
         """Replace the staging folder by the bucket's copy (Tune's folders left out); returns how
