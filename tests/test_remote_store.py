@@ -248,7 +248,7 @@ def test_a_sweep_on_a_remote_server_keeps_its_artifacts_in_object_storage_and_no
         timeout=300,
     )
     assert resumed.returncode == 2, resumed.stdout + resumed.stderr
-    assert resumed.stderr.count("\n") == 1 and "credentials were masked" in resumed.stderr
+    assert resumed.stderr.count("\n") == 1 and "credentials are masked" in resumed.stderr
     assert "MLFLOW_TRACKING_PASSWORD" in resumed.stderr
     assert_no_secret(resumed.stdout + resumed.stderr, "the refused resume's output")
 
@@ -330,7 +330,7 @@ def test_a_saved_masked_uri_is_refused_in_one_line_unless_the_environment_has_it
     assert resolve_tracking_uri(saved) == saved
     with pytest.raises(ValueError) as refused:
         check_tracking_uri(saved)
-    assert "credentials were masked" in str(refused.value) and "\n" not in str(refused.value)
+    assert "credentials are masked" in str(refused.value) and "\n" not in str(refused.value)
     assert PASSWORD not in str(refused.value)
     # The same URI, with its password, in MLflow's own variable: taken from there.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", real)
@@ -387,3 +387,21 @@ def test_refusals_name_the_server_but_no_secret(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert_no_secret(out + err, "a refusal of an s3 URI")
     assert "secret_key=***" in err and re.search(r"^samtune: error: ", err)
+
+
+def test_a_lost_server_with_a_login_is_named_without_it_in_warnings_the_spool_and_the_end(tmp_path, caplog):
+    from samtune.sweep.tracking import Tracker
+
+    uri = f"http://samtune:{PASSWORD}@127.0.0.1:{free_port()}"  # nothing listens there
+    spool = tmp_path / "runs" / "mlflow-unlogged.jsonl"
+    with caplog.at_level("WARNING", logger="samtune.sweep.tracking"):
+        tracker = Tracker(uri, "lost", spool, replay_hint="samtune sweep x.py --resume")
+        tracker.declare("lost@1", "lost 1", "sweep")
+        tracker.log_params("lost@1", {"lr": 0.1})
+        message = tracker.close(wait_s=0)
+    # MLflow names the URL a request failed on; the tracker passes that on, masked.
+    assert message is not None and "http://samtune:***@127.0.0.1" in message, message
+    assert any("http://samtune:***@127.0.0.1" in r.getMessage() for r in caplog.records)
+    assert_no_secret(message + "\n".join(r.getMessage() for r in caplog.records), "the tracker's messages")
+    assert spool.exists()
+    assert_no_secret_in_files(tmp_path)

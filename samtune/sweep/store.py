@@ -102,12 +102,13 @@ def check_tracking_uri(uri: str) -> None:
 
     A local store (``sqlite:``, ``file:``) is judged by its folder, without opening it: opening
     creates it, and a sweep refused for another reason must leave no store behind. Any other
-    scheme is handed to MLflow's client, which knows the installed store plugins.
+    scheme is handed to MLflow's client, which knows the installed store plugins. A URI whose
+    secrets are masked (``***``: as samtune prints and saves it) is refused, saying how to give them.
     """
     if has_masked_secret(uri):
         raise ValueError(
-            f"{uri}: its credentials were masked where it was saved (sweep.json keeps no secret); give "
-            f"the URI with them again (--tracking-uri or MLFLOW_TRACKING_URI), or keep them out of it: "
+            f"{uri}: its credentials are masked (samtune neither prints them nor saves them in sweep.json); "
+            f"give the URI with them again (--tracking-uri or MLFLOW_TRACKING_URI), or keep them out of it: "
             f"MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
         )
     scheme = urlparse(uri).scheme
