@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from samtune.contract.keys import TRIAL_KEYS
-from samtune.contract.messages import masked
+from samtune.contract.messages import masked, without_credentials
 from samtune.contract.metrics import PRINTED
 from samtune.contract.values import SpaceError
 from samtune.data.dataset import DataNotFoundError, DataUnreadableError
@@ -184,7 +184,11 @@ def _add_ui_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """`samtune ui [SWEEP]`: the MLflow UI over the sweep runs, on loopback unless exposed."""
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the sweep runs")
     p.add_argument("sweep", nargs="?", help="the sweep whose runs the printed address opens (default: the newest)")
-    p.add_argument("--tracking-uri", help="the store the sweeps wrote to (default: as for sweep)")
+    p.add_argument(
+        "--tracking-uri",
+        help="the store the sweeps wrote to (default: as for sweep); for a tracking server "
+        "(http(s)://) no UI starts here: the address of the sweep's runs on the server's own is printed",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument(
         "--expose",
@@ -470,13 +474,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI over the store the sweeps write to (the same default as `sweep`)."""
 
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return _server_ui(uri, args.sweep)
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: expected a port number from 1 to 65535")
     _check_listening_address(args.host, args.port, args.expose)
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"{masked(uri)} is an MLflow tracking server: its UI is at that address")
-        return 0
     _existing_store(uri)
     with creating_store(uri):  # a sweep creating this store right now finishes its tables first
         name, experiment_id = sweep_experiment(uri, args.sweep)
@@ -495,11 +498,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
         str(args.workers),
     ]
     base = f"http://{args.host}:{args.port}/"
-    print(f"MLflow UI on {base}  (store {uri}; Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI on {base}  (store {masked(uri)}; Ctrl-C stops it)", flush=True)
     # The address that opens on training runs: the UI's own front page opens on GenAI traces.
     where = f"sweep {name!r}" if name else "the sweeps"
     print(f"{where}: {base}{experiment_page(experiment_id)}", flush=True)
     return serve(cmd)
+
+
+def _server_ui(uri: str, sweep: str | None) -> int:
+    """A tracking server serves the UI itself: print the address of the sweep's training runs
+    on it (without the login the URI may carry: the browser asks for it), once it answers."""
+    try:
+        check_tracking_uri(uri)
+    except (ConnectionError, ValueError) as exc:
+        raise UsageError(f"--tracking-uri: {exc}") from None
+    name, experiment_id = sweep_experiment(uri, sweep)
+    base = without_credentials(uri).rstrip("/") + "/"
+    print(f"MLflow UI of the tracking server {masked(uri)}: {base} (it serves the UI; nothing to start here)")
+    where = f"sweep {name!r}" if name else "the sweeps"
+    print(f"{where}: {base}{experiment_page(experiment_id)}", flush=True)
+    return 0
 
 
 def _check_listening_address(host: str, port: int, expose: bool) -> None:

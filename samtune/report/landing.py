@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from samtune.contract.messages import masked
 from samtune.contract.tags import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from samtune.report.runs import ReportError
 
@@ -48,7 +49,7 @@ def sweep_experiment(tracking_uri: str, name: str | None = None) -> tuple[str | 
         if experiment.name == name:
             return experiment.name, experiment.experiment_id
     known = sorted(e.name for e in sweeps)
-    raise ReportError(f"no sweep named {name!r} at {tracking_uri}; sweeps there: {known or 'none yet'}")
+    raise ReportError(f"no sweep named {name!r} at {masked(tracking_uri)}; sweeps there: {known or 'none yet'}")
 
 
 def _created(experiment: Any) -> int:

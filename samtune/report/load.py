@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from samtune.contract.messages import masked
 from samtune.contract.tags import ALIASES_TAG, CELL_TAG, PICKS_TAG, ROLE_TAG
 from samtune.report.answers import confirmation_frame
 from samtune.report.runs import ReportError, Runs, TrialRecord, design_of, parse_picks
@@ -34,7 +35,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ReportError(f"no MLflow experiment named {experiment!r} at {uri}")
+        raise ReportError(f"no MLflow experiment named {experiment!r} at {masked(uri)}")
     sweeps = sorted(_search_runs(client, exp.experiment_id, "sweep"), key=lambda r: r.info.start_time or 0)
     trials = _search_runs(client, exp.experiment_id, "trial")
     reruns = _search_runs(client, exp.experiment_id, "confirm") + _search_runs(client, exp.experiment_id, "ablation")

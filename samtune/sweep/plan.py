@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samtune.contract.messages import masked
 from samtune.sweep.study import Sweep
 
 
@@ -74,15 +75,18 @@ class Plan:
 
     @property
     def resume_command(self) -> str:
-        """The command that finishes this sweep, ready to paste."""
-        return " ".join(
-            [
-                "samtune",
-                "sweep",
-                shlex.quote(shown_path(self.space_path)),
-                *(shlex.quote(f) for f in self.flags),
-                "--resume",
-            ]
+        """The command that finishes this sweep, ready to paste; an address in it (a storage URI)
+        shows no secret, which the user gives again."""
+        return masked(
+            " ".join(
+                [
+                    "samtune",
+                    "sweep",
+                    shlex.quote(shown_path(self.space_path)),
+                    *(shlex.quote(f) for f in self.flags),
+                    "--resume",
+                ]
+            )
         )
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from samtune.contract.messages import masked
 from samtune.contract.metrics import METRICS, SHARPNESS_SKIPPED_NOTE, is_sharpness_setting, sharpness_params
 from samtune.contract.tags import (
     CELL_TAG,
@@ -315,7 +316,10 @@ def write_state(plan: Plan) -> None:
         "sweep": jsonable(plan.sweep.to_dict()),
         "space_file": plan.space_path,
         "space": space_fingerprint(plan.sweep, plan.space),
-        "tracking_uri": plan.tracking_uri,
+        # Without its secrets: --resume asks for them again (`resolve_tracking_uri` takes them
+        # from MLFLOW_TRACKING_URI), and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD keep them
+        # out of the URI altogether.
+        "tracking_uri": masked(plan.tracking_uri),
         "sweep_id": plan.sweep_id,
         "started": time.time(),
     }

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from samtune.contract.messages import masked
 from samtune.sweep.run_keys import RunKeys
 
 # The tracker's warnings, under its name: one logger says what became of the records.
@@ -34,8 +35,10 @@ class Record:
 
 
 def failure_text(exc: BaseException) -> str:
-    """An exception as a message shows it: its type and the first line of what it says."""
-    lines = str(exc).strip().splitlines()
+    """An exception as a message shows it: its type and the first line of what it says, with the
+    credentials of any address in it masked (MLflow names the URL a request failed on, and a
+    tracking URI may carry a password)."""
+    lines = masked(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from samtune.contract.messages import has_masked_secret, masked, without_credentials
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -28,9 +30,14 @@ def resolve_tracking_uri(uri: str | None) -> str:
     """`uri`, else ``MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in this folder.
 
     The local default is an absolute path so the UI, the report and the Ray workers all open the
-    same store whatever their working directory.
+    same store whatever their working directory. A `uri` whose secrets were masked (``sweep.json``
+    keeps it so, `samtune.contract.messages.masked`) is ``MLFLOW_TRACKING_URI`` where that is the
+    same URI with its secrets; otherwise it stays masked, and `check_tracking_uri` refuses it.
     """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and env and has_masked_secret(uri) and masked(env) == uri:
+        return env
+    uri = uri or env
     if not uri:
         return f"sqlite:///{os.path.abspath('mlflow.db')}"
     if "://" not in uri and not uri.startswith("sqlite:"):
@@ -47,6 +54,10 @@ def fail_fast_environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # MLflow's client prints a "View run ... at: <server URL>" pair of lines for every run it
+    # ends on a server: dozens a sweep, over the live view, and the URL is the tracking URI with
+    # whatever password it carries. The sweep names its runs' address itself, masked.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow logs every failed SQLite statement (a lock another process holds, say) with two
     # tracebacks at ERROR; the tracker says in one line what failed and what became of the
     # records, so those would only bury it.
@@ -68,15 +79,21 @@ def store_wait_s() -> float:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Raise ConnectionError naming `uri` when an http(s) tracking server does not answer."""
+    """Raise ConnectionError naming `uri` (its password masked) when an http(s) tracking server
+    does not answer.
+
+    Asked without the login a URI may carry (``http://user:password@host``): urllib would take
+    ``user:password@host`` for the host name, and any answer, a refusal to log in included, says
+    the server is up.
+    """
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        urllib.request.urlopen(without_credentials(uri).rstrip("/") + "/health", timeout=timeout).read()
     except urllib.error.HTTPError:
         return  # it answered: some servers have no /health, but they are up
     except Exception as exc:  # noqa: BLE001
-        raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({exc})") from None
+        raise ConnectionError(f"MLflow tracking server {masked(uri)} is not reachable ({masked(str(exc))})") from None
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -85,8 +102,15 @@ def check_tracking_uri(uri: str) -> None:
 
     A local store (``sqlite:``, ``file:``) is judged by its folder, without opening it: opening
     creates it, and a sweep refused for another reason must leave no store behind. Any other
-    scheme is handed to MLflow's client, which knows the installed store plugins.
+    scheme is handed to MLflow's client, which knows the installed store plugins. A URI whose
+    secrets are masked (``***``: as samtune prints and saves it) is refused, saying how to give them.
     """
+    if has_masked_secret(uri):
+        raise ValueError(
+            f"{uri}: its credentials are masked (samtune neither prints them nor saves them in sweep.json); "
+            f"give the URI with them again (--tracking-uri or MLFLOW_TRACKING_URI), or keep them out of it: "
+            f"MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         check_reachable(uri)
@@ -114,10 +138,12 @@ def check_tracking_uri(uri: str) -> None:
     except Exception as exc:  # noqa: BLE001  MLflow's registry, a missing driver, a bad host
         if "unsupported URI" in str(exc) or "registered tracking store" in str(exc):
             raise ValueError(
-                f"{uri}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
+                f"{masked(uri)}: not an MLflow tracking URI (scheme {scheme + '://' if scheme else 'missing'}); "
                 f"use sqlite:///path/mlflow.db, a folder, or http(s)://host:port"
             ) from None
-        raise ValueError(f"{uri}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise ValueError(
+            f"{masked(uri)}: {type(exc).__name__}: {masked(str(exc)).strip().splitlines()[0][:200]}"
+        ) from None
 
 
 def private_file(path: str | os.PathLike) -> None:

@@ -77,6 +77,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from samtune.contract.messages import masked
 from samtune.sweep.run_keys import RunKeys
 from samtune.sweep.run_writes import MLFLOW_STATUS, RunWriter
 from samtune.sweep.spool import Record, Spool, failure_text
@@ -132,6 +133,8 @@ class Tracker:
         `wait_open` says whether it could be)."""
         fail_fast_environment()
         self.uri = tracking_uri
+        # What messages name: the URI without its credentials.
+        self.shown_uri = masked(tracking_uri)
         self.experiment = experiment
         self.replay_hint = replay_hint
         self.retry_after_s = retry_after_s
@@ -148,7 +151,7 @@ class Tracker:
             self._spool,
             lambda: self._open_error is None,
             retry_after_s,
-            tracking_uri,
+            self.shown_uri,
             replay_hint,
         )
         self._queue.records.extend(self._spool.load())
@@ -303,21 +306,21 @@ class Tracker:
                 if self._queue.records:
                     self._spool.write(self._queue.records)
             return (
-                f"MLflow at {self.uri} could not be opened ({failure_text(self._open_error)}): "
+                f"MLflow at {self.shown_uri} could not be opened ({failure_text(self._open_error)}): "
                 f"{self.pending} record(s) were not logged; they are saved in {self.spool_path}"
             )
         if self._queue.drain_within(wait_s, self._waiting):
             return rejected
         replay = f"; `{self.replay_hint}` writes them" if self.replay_hint else ""
         return (
-            f"MLflow at {self.uri} could not be reached: {self.pending} record(s) were not "
+            f"MLflow at {self.shown_uri} could not be reached: {self.pending} record(s) were not "
             f"logged; they are saved in {self.spool_path}{replay}" + (f"; {rejected}" if rejected else "")
         )
 
     def _waiting(self, seconds: float, why: str) -> None:
         log.warning(
             "MLflow at %s is not taking the last %d record(s) (%s); retrying for up to %.0f s",
-            self.uri,
+            self.shown_uri,
             self.pending,
             why,
             seconds,

@@ -49,8 +49,8 @@ def is_permanent(exc: Exception) -> bool:
 
 class WriteQueue:
     """Records in the order they were submitted, written by `writer` while `can_write()` holds,
-    kept in `spool` while the store fails. `uri` and `replay_hint` (the command that writes a
-    left-over spool later) are named in the warning."""
+    kept in `spool` while the store fails. `uri` (as messages show it: credentials masked) and
+    `replay_hint` (the command that writes a left-over spool later) are named in the warning."""
 
     def __init__(
         self,
