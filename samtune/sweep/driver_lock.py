@@ -17,6 +17,8 @@ import time
 import weakref
 from pathlib import Path
 
+from samtune.contract.messages import masked
+
 
 class SweepBusy(ValueError):
     """Another live driver holds this sweep."""
@@ -51,7 +53,7 @@ class DriverLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.time(),
-            "command": " ".join(sys.argv),
+            "command": masked(" ".join(sys.argv)),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)

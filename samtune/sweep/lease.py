@@ -26,7 +26,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from samtune.contract.messages import first_line
+from samtune.contract.messages import first_line, masked
 from samtune.sweep.errors import SweepError
 from samtune.sweep.object_store import Bucket, shown
 
@@ -104,7 +104,7 @@ class DriverLease:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.time(),
-            "command": " ".join(sys.argv),
+            "command": masked(" ".join(sys.argv)),
         }
         body = json.dumps(record).encode()
         try:
