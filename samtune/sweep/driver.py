@@ -47,7 +47,7 @@ from samtune.sweep.driver_lock import DriverLock, SweepBusy
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
-from samtune.sweep.optuna_storage import check_optuna_storage, storage_value, study_name
+from samtune.sweep.optuna_storage import check_optuna_storage, resolve_storage, study_name
 from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
@@ -212,7 +212,7 @@ def _optuna_storage(value: str | None, sweep_dir: Path, sweep: Sweep, resume: bo
     journal file in its folder); on --resume the storage it started with (`saved`), which
     already holds the studies once its searcher was saved."""
     if not resume:
-        chosen = storage_value(value, sweep_dir)
+        chosen = resolve_storage(value, sweep_dir)
         check_optuna_storage(chosen, sweep.name, resume=False)
         return chosen
     if saved is None:  # started before storages: its studies are in its saved searcher alone
@@ -222,7 +222,7 @@ def _optuna_storage(value: str | None, sweep_dir: Path, sweep: Sweep, resume: bo
                 "saved searcher; resume it without --optuna-storage"
             )
         return ""
-    if value and storage_value(value, sweep_dir) != saved:
+    if value and resolve_storage(value, sweep_dir) != saved:
         raise SweepError(
             f"--optuna-storage {masked(value)}: this sweep's studies are in {masked(saved)}; resume it with "
             "that storage or without --optuna-storage"

@@ -2,13 +2,13 @@
 
 ``--optuna-storage`` takes an RDB URL (``sqlite:///path``, ``postgresql://...``) or the path of a
 journal file (an Optuna `JournalStorage`); without it, a journal file in the sweep's folder.
-`storage_value` turns the flag into what a `Plan` keeps, `check_optuna_storage` refuses a storage
+`resolve_storage` turns the flag into what a `Plan` keeps, `check_optuna_storage` refuses a storage
 that cannot serve the sweep before anything runs, `open_storage` opens it and `study_name` names a
 cell's study in it. Every message masks an RDB URL's password.
 
->>> storage_value("sqlite:///studies.db", Path("/runs/demo")) == "sqlite:///" + os.path.abspath("studies.db")
+>>> resolve_storage("sqlite:///studies.db", Path("/runs/demo")) == "sqlite:///" + os.path.abspath("studies.db")
 True
->>> storage_value(None, Path("/runs/demo"))
+>>> resolve_storage(None, Path("/runs/demo"))
 '/runs/demo/optuna-journal.log'
 """
 
@@ -37,7 +37,7 @@ def is_url(value: str) -> bool:
     return "://" in value
 
 
-def storage_value(value: str | None, sweep_dir: Path) -> str:
+def resolve_storage(value: str | None, sweep_dir: Path) -> str:
     """What a plan keeps of ``--optuna-storage``: an RDB URL (a relative SQLite path made
     absolute, so that ``--resume`` from another folder finds it) or a journal file's absolute
     path; none given, the journal in the sweep's folder."""
