@@ -120,6 +120,13 @@ def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="where trial checkpoints and sweep state live: a folder (default ./ray_results) or object "
         "storage, s3://bucket/prefix (credentials from the environment, never in the URI)",
     )
+    p.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="where each cell's Optuna study lives, for optuna-dashboard: a database URL (sqlite:///path, "
+        "postgresql://...) or the path of a journal file (default: <storage path>/<sweep name>/optuna-journal.log); "
+        "--resume uses the one the sweep started with",
+    )
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
     p.add_argument(
         "--yes",
@@ -241,6 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         address=args.address,
         storage_path=args.storage_path,
+        optuna_storage=args.optuna_storage,
         resume=args.resume,
         yes=args.yes,
     )

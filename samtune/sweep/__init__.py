@@ -3,7 +3,8 @@ one Ray Tune Tuner), its records in MLflow, and recovery from crashes.
 
 What is run: `study` (the `Sweep`), `space_file` (reading a space file), `validate` and `check`
 (every trial config the space can produce), `preflight` and `cluster` (the dataset, storage and
-cluster it needs), `estimate` (its size, and its duration measured here). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search`, `ray_env`.
+cluster it needs), `estimate` (its size, and its duration measured here). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search` (with
+`optuna_storage`: the Optuna storage each cell's study lives in), `ray_env`.
 Recording it and surviving a crash: `recording`, `tracking` (with `run_names`, what its runs
 are called), `pick_models` (the picks' weights as MLflow models), `recovery`, `interrupts`,
 `driver_lock`; where its files are and this driver's hold on them: `storage` (in a bucket:

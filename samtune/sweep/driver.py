@@ -12,8 +12,10 @@ MLflow (`samtune.sweep.recording`) and shows a live view; Ray's own tables are t
 On disk, under ``<storage_path>/<sweep name>/``: ``sweep.json`` (what was run and the sweep id its
 MLflow runs are keyed by, for ``--resume``), the Tune experiment folder ``trials/`` (trial
 checkpoints, every cell's searcher state) and, if the tracking server failed, the spool of
-records it did not take. ``--resume`` restores the Tuner, so finished trials are not run again and
-each cell's Optuna searcher continues from its saved state.
+records it did not take; by default also the Optuna storage of every cell's study,
+``optuna-journal.log`` (``--optuna-storage``: another). ``--resume`` restores the Tuner, so
+finished trials are not run again and each cell's Optuna searcher continues from its saved state,
+its study loaded from that storage.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from samtune.contract.messages import first_line
+from samtune.contract.messages import first_line, masked
 from samtune.contract.tags import DESCRIPTION_TAG
 from samtune.sweep.baselines import Baseline, baseline_trials
 from samtune.sweep.check import check_space, fingerprint_changes, searched_settings, space_fingerprint
@@ -44,6 +46,7 @@ from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.object_store import UploadRaceFilter, is_remote
+from samtune.sweep.optuna_storage import JOURNAL, check_optuna_storage, is_url, resolve_storage, study_name
 from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
@@ -72,7 +75,7 @@ from samtune.sweep.search import (
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.storage import check_storage_uri, hold, send_last
-from samtune.sweep.study import Sweep, apply_overrides
+from samtune.sweep.study import Cell, Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
 from samtune.trial.config import TrialConfigError, resolve_config
@@ -94,6 +97,7 @@ def prepare(
     tracking_uri: str | None = None,
     address: str | None = None,
     storage_path: str | None = None,
+    optuna_storage: str | None = None,
     resume: bool = False,
     yes: bool = False,
 ) -> Plan:
@@ -101,8 +105,10 @@ def prepare(
     (`samtune.sweep.estimate`: ``plan.estimate``).
 
     Raises `SpaceError` for a bad space file or override and `SweepError` for unusable storage,
-    an unreachable tracking server or cluster address, ``--resume`` with nothing to resume, or a
-    new sweep estimated past two days (or a million trial-epochs) without `yes`.
+    an unreachable tracking server or cluster address, an Optuna storage that cannot hold the
+    cells' studies (`samtune.sweep.optuna_storage`; by default a journal file in the sweep's
+    folder), ``--resume`` with nothing to resume, or a new sweep estimated past two days (or a
+    million trial-epochs) without `yes`.
     """
     # Before the data are read: a storage path that leads nowhere is refused at once.
     storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
@@ -126,7 +132,8 @@ def prepare(
         )
     held = hold(storage_value, sweep.name)
     sweep_dir = held.sweep_dir
-    sweep_id, tracking_uri = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
+    sweep_id, tracking_uri, saved_storage = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
+    studies = _optuna_storage(optuna_storage, sweep_dir, sweep, resume, saved_storage)
     uri = resolve_tracking_uri(tracking_uri)
     try:
         check_tracking_uri(uri)
@@ -140,7 +147,7 @@ def prepare(
     shown_storage = (storage_value if held.bucket is not None else str(held.storage)) if storage_path else None
     flags = _resume_flags(overrides, trials, data_root, shown_storage, address)
     plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, held.lock)
-    plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
+    plan.estimate, plan.bucket, plan.mirror, plan.optuna_storage = size, held.bucket, held.mirror, studies
     return plan
 
 
@@ -170,20 +177,56 @@ def _checked_sweep(
 
 def _sweep_id(
     state_file: Path, sweep: Sweep, space: SpaceFunction, resume: bool, tracking_uri: str | None
-) -> tuple[str, str | None]:
-    """The sweep's id and the tracking URI asked for: a new id for a new sweep; with ``--resume``
-    the saved id (and URI, unless one is given), once the sweep is found unchanged."""
+) -> tuple[str, str | None, str | None]:
+    """The sweep's id, the tracking URI asked for and the Optuna storage its studies are in: a
+    new id (and no storage yet) for a new sweep; with ``--resume`` the saved id, storage (None
+    for a sweep from before storages) and URI (unless one is given), once the sweep is found
+    unchanged."""
     if not resume:
         if state_file.exists():
             raise SweepError(
                 f"sweep {sweep.name!r} already has results in {state_file.parent}; finish it with "
                 f"--resume, or start another with --set name=... or --storage-path"
             )
-        return uuid.uuid4().hex[:8], tracking_uri
+        return uuid.uuid4().hex[:8], tracking_uri, None
     saved = read_state(state_file, sweep)
     _check_unchanged(saved, sweep, space)
     # A sweep.json from before sweep ids: its runs are keyed by the name alone.
-    return str(saved.get("sweep_id") or ""), tracking_uri or saved.get("tracking_uri")
+    sweep_id = str(saved.get("sweep_id") or "")
+    return sweep_id, tracking_uri or saved.get("tracking_uri"), saved.get("optuna_storage")
+
+
+def _optuna_storage(value: str | None, sweep_dir: Path, sweep: Sweep, resume: bool, saved: str | None) -> str:
+    """Where the cells' Optuna studies live, checked: for a new sweep `value` (by default a
+    journal file in its folder); on --resume the storage it started with (`saved`), which
+    already holds the studies once its searcher was saved."""
+    if not resume:
+        chosen = resolve_storage(value, sweep_dir)
+        check_optuna_storage(chosen, sweep.name, resume=False)
+        return chosen
+    if saved is None:  # started before storages: its studies are in its saved searcher alone
+        if value:
+            raise SweepError(
+                f"--optuna-storage {masked(value)}: this sweep started without one and keeps its studies in its "
+                "saved searcher; resume it without --optuna-storage"
+            )
+        return ""
+    if not is_url(saved) and Path(saved).name == JOURNAL and Path(saved).parent.name == sweep.name:
+        # The default journal travels with the sweep's folder: resumed from a bucket on another
+        # machine (another staging folder), or from a folder mounted elsewhere.
+        saved = str(sweep_dir / JOURNAL)
+    if value and resolve_storage(value, sweep_dir) != saved:
+        raise SweepError(
+            f"--optuna-storage {masked(value)}: this sweep's studies are in {masked(saved)}; resume it with "
+            "that storage or without --optuna-storage"
+        )
+    held = check_optuna_storage(saved, sweep.name, resume=True)
+    if not held and any((sweep_dir / TUNE_DIR).glob("searcher-state-*.pkl")):
+        raise SweepError(
+            f"--resume: the Optuna storage {masked(saved)} holds no study of sweep {sweep.name!r}, "
+            "though its searcher was saved; was the storage moved or emptied?"
+        )
+    return saved
 
 
 def _check_unchanged(saved: dict[str, Any], sweep: Sweep, space: SpaceFunction) -> None:
@@ -302,6 +345,9 @@ def _cell_search(plan: Plan) -> CellSearch:
             ),
             points_to_evaluate=[copy.deepcopy(b.point) for b in baselines] or None,
             epochs=sweep.epochs,
+            storage_url=plan.optuna_storage,
+            study_name=study_name(sweep.name, cell) if plan.optuna_storage else None,
+            study_attrs=_study_attrs(plan, cell) if plan.optuna_storage else None,
         )
         for cell in sweep.cells()
     ]
@@ -312,7 +358,24 @@ def _cell_search(plan: Plan) -> CellSearch:
         mode=sweep.mode,
         baselines=[b.extras for b in baselines],
         batch=sweep.search_batch if sweep.deterministic else None,
+        names=[b.name for b in baselines],
     )
+
+
+def _study_attrs(plan: Plan, cell: Cell) -> dict[str, Any]:
+    """What a cell's study in the storage says of itself, beside its trials."""
+    sweep = plan.sweep
+    return {
+        "samtune.sweep": sweep.name,
+        "samtune.sweep_id": plan.sweep_id,
+        "samtune.metric": sweep.metric,
+        "samtune.direction": "minimize" if sweep.mode == "min" else "maximize",
+        "samtune.cell": cell.label,
+        "samtune.scenario": sweep.scenario,
+        "samtune.dataset": sweep.dataset,
+        "samtune.label_noise_kind": cell.label_noise_kind,
+        "samtune.label_noise_rate": cell.label_noise_rate,
+    }
 
 
 def _scheduler(sweep: Sweep, search: CellSearch) -> TrialScheduler:

@@ -30,6 +30,10 @@ class Plan:
     # The flags that made this sweep what it is (--set, --trials, --data-root, --storage-path,
     # --address): --resume must be given them again, so the command it prints repeats them.
     flags: tuple[str, ...] = ()
+    # Where each cell's Optuna study lives (`samtune.sweep.optuna_storage`): an RDB URL or a
+    # journal file's path, kept in sweep.json for --resume; empty: in the searcher's pickle alone,
+    # as sweeps from before storages kept them.
+    optuna_storage: str = ""
     # This driver's hold on the sweep (`driver_lock`), for as long as the plan lives.
     lock: Any = field(default=None, repr=False, compare=False)
     # Its size and duration estimate (`samtune.sweep.estimate.Estimate`), said before it starts.

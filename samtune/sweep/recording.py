@@ -321,9 +321,10 @@ def write_state(plan: Plan) -> None:
         # out of the URI altogether.
         "tracking_uri": masked(plan.tracking_uri),
         "sweep_id": plan.sweep_id,
+        "optuna_storage": plan.optuna_storage,
         "started": time.time(),
     }
-    # Its own user only: the folder holds pickles (Tune's state, the searchers') that a resume loads.
+    # Its own user only: the folder holds pickles (Tune's state, the samplers') that a resume loads.
     plan.sweep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = state_file.with_name(f".sweep.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=2))

@@ -1,10 +1,11 @@
 """What a sweep's trials came to: a row per trial as the driver saw it (`TrialRow`), collected
 per cell (`CellResult`, with its best trial), the best SGD and SAM trial of each cell
-(`summarize`), and a cell's Optuna study as Tune last saved it (`load_study`).
+(`summarize`), and a cell's Optuna study (`load_study`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from samtune.contract.messages import masked
+from samtune.sweep.optuna_storage import open_storage, study_name
 from samtune.sweep.plan import TUNE_DIR, Plan
 from samtune.sweep.study import Cell
 
@@ -103,11 +106,25 @@ def _order(row: TrialRow) -> tuple[float, str]:
 
 
 def load_study(sweep_dir: str | os.PathLike, cell: Cell) -> Study:
-    """The Optuna study of one cell as Tune last saved it (an ``optuna.Study``), e.g. for
-    ``optuna.visualization`` or ``optuna.importance``; its trials are the cell's Tune trials, in
-    order, COMPLETE / PRUNED (stopped by ASHA) / FAIL. The space file must still exist (the
-    saved searcher refers to it). Raises FileNotFoundError when the sweep never started.
+    """The Optuna study of one cell (an ``optuna.Study``), e.g. for ``optuna.visualization`` or
+    ``optuna.importance``; its trials are the cell's Tune trials, in order, COMPLETE / PRUNED
+    (stopped by ASHA) / FAIL. Read from the sweep's Optuna storage (sweep.json names it); for a
+    sweep from before storages, from its searcher as Tune last saved it (the space file must then
+    still exist: the saved searcher refers to it). Raises FileNotFoundError when the sweep never
+    started.
     """
+    state_file = Path(sweep_dir) / "sweep.json"
+    saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if saved.get("optuna_storage"):
+        import optuna
+
+        name = study_name(saved["sweep"]["name"], cell)
+        try:
+            return optuna.load_study(study_name=name, storage=open_storage(saved["optuna_storage"]))
+        except KeyError:
+            raise FileNotFoundError(
+                f"no study {name!r} in the sweep's Optuna storage {masked(saved['optuna_storage'])}"
+            ) from None
     folder = Path(sweep_dir) / TUNE_DIR
     # One file per driver session, named by the session's start time; the newest name is the
     # last session's searcher. Not by mtime: Tune's sync to the storage path rewrites the older

@@ -23,10 +23,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from samtune.sweep.baselines import Baseline, baseline_trials
 from samtune.sweep.check import check_space
+from samtune.sweep.optuna_storage import open_storage
 from samtune.sweep.plan import Plan
 from samtune.sweep.results import finite
 
 if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
     from ray.tune.experiment import Trial
 
 
@@ -59,11 +61,76 @@ class AshaAwareOptunaSearch(OptunaSearch):
     Tune does not pass the result a scheduler stops a trial on to the searcher's
     ``on_trial_result``, only to ``on_trial_complete``; that epoch is reported here, so a pruned
     trial's value is the one ASHA judged it by (and a trial stopped at its first epoch has one).
+
+    Given a `storage_url` (`samtune.sweep.optuna_storage`), its study lives in that storage, and
+    a saved searcher keeps only its sampler (TPE's random state) and which of the study's trials
+    each Tune trial is: a restored one loads its study from the storage.
     """
 
-    def __init__(self, *args: Any, epochs: int, **kwargs: Any):
+    def __init__(
+        self, *args: Any, epochs: int, storage_url: str = "", study_attrs: dict[str, Any] | None = None, **kwargs: Any
+    ):
+        if storage_url:
+            kwargs["storage"] = open_storage(storage_url)
         super().__init__(*args, **kwargs)
         self._epochs = epochs
+        self._storage_url = storage_url
+        for key, value in (study_attrs or {}).items():
+            self.study.set_user_attr(key, value)
+
+    @property
+    def study(self) -> Study:
+        """The cell's Optuna study."""
+        return cast(Study, self._ot_study)  # set up in __init__; Ray's __init__ types it as None
+
+    def mark(self, trial_id: str, attrs: dict[str, Any]) -> None:
+        """Put `attrs` on the study's trial that Tune trial `trial_id` is, as user attrs."""
+        for key, value in attrs.items():
+            self._ot_trials[trial_id].set_user_attr(key, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if state.get("_storage_url"):
+            state.update(_storage=None, _ot_study=None, _ot_trials={k: t.number for k, t in self._ot_trials.items()})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if not state.get("_storage_url"):
+            return  # saved before storages, or in memory: the study came whole
+        import optuna
+
+        storage = open_storage(self._storage_url)
+        self._storage = storage
+        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._sampler)
+        self.__dict__["_ot_study"] = study  # Ray's __init__ types it as None
+        study_id = storage.get_study_id_from_name(self._study_name)
+        self._ot_trials = {
+            key: optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+            for key, number in state["_ot_trials"].items()
+        }
+
+    def settle(self) -> None:
+        """After a restore: agree with what the storage saw before the driver stopped. A trial
+        that ended there after Tune last saved keeps that end (a rerun of it changes nothing), and
+        one the storage started but Tune never saved (it will start another) is FAIL."""
+        if not self._storage_url:
+            return
+        import optuna
+
+        storage = cast("BaseStorage", self._storage)
+        study_id = storage.get_study_id_from_name(self._study_name)
+        known = {t.number: key for key, t in self._ot_trials.items()}
+        for frozen in self.study.get_trials(deepcopy=False):
+            key = known.get(frozen.number)
+            if key is not None and frozen.state.is_finished():
+                self._completed_trials.add(key)
+            elif key is None and frozen.state == TrialState.RUNNING:
+                lost = optuna.trial.Trial(
+                    self.study, storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+                )
+                lost.set_user_attr("samtune.lost", "started as the driver stopped; Tune started another in its place")
+                self.study.tell(lost, state=TrialState.FAIL)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped_early = (
@@ -81,7 +148,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         step = result.get("training_iteration")
-        study = cast(Study, self._ot_study)  # set up before any trial; Ray's __init__ types it as None
+        study = self.study
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == ot_trial.number)
         if finite(result.get(self.metric)) and isinstance(step, int) and step not in frozen.intermediate_values:
             ot_trial.report(result[self.metric], step)
@@ -141,6 +208,7 @@ class CellSearch(PickledSearcher):
     ended: dict[int, set[int]] = {}
     queued: dict[int, list[tuple[str, dict | None]]] = {}
     rungs: dict[int, dict[int, dict[int, float]]] = {}
+    names: list[str] = []
 
     def __init__(
         self,
@@ -150,16 +218,19 @@ class CellSearch(PickledSearcher):
         mode: str,
         baselines: int | Sequence[dict[str, Any]] = (),
         batch: int | None = None,
+        names: Sequence[str] = (),
     ):
         """`baselines`: a cell's first trials are its baselines (its searcher's points to
         evaluate), and their configs carry ``baseline=True``; given as the declared settings the
-        space does not search of each (`Baseline.extras`, added to its config), or as a count."""
+        space does not search of each (`Baseline.extras`, added to its config), or as a count.
+        `names`: the baselines' names, which their Optuna trials carry (``samtune.baseline``)."""
         super().__init__(metric=metric, mode=mode)
         self.searchers = list(searchers)
         self.trials = trials
         self.extras = [{}] * baselines if isinstance(baselines, int) else [dict(e) for e in baselines]
         self.cell_of: dict[str, int] = {}  # Tune trial id -> cell index
         self.batch = batch
+        self.names = list(names)
         self.numbers = {}  # Tune trial id -> (cell index, trial number in the cell)
         self.ended = {i: set() for i in range(len(self.searchers))}  # cell -> numbers ended
         self.queued = {i: [] for i in range(len(self.searchers))}  # cell -> suggested, not issued
@@ -178,6 +249,7 @@ class CellSearch(PickledSearcher):
                 self.cell_of[trial_id] = index
                 self.numbers[trial_id] = (index, number)
                 first = number < len(self.extras)
+                self._mark(index, trial_id, number)
                 return {**config, **(self.extras[number] if first else {}), "baseline": first, "trial_number": number}
             if self.batch is None:
                 return config  # the cell's searcher is not ready: ask again later
@@ -206,6 +278,23 @@ class CellSearch(PickledSearcher):
         if isinstance(owned, dict) and placeholder in owned:
             owned[trial_id] = owned.pop(placeholder)
         return config
+
+    def _mark(self, index: int, trial_id: str, number: int) -> None:
+        """Tie the cell's Optuna trial to its Tune trial and its place in the cell, and name the
+        baseline it is, if it is one."""
+        searcher = self.searchers[index]
+        if not isinstance(searcher, AshaAwareOptunaSearch):
+            return
+        attrs: dict[str, Any] = {"samtune.tune_trial_id": trial_id, "samtune.trial_number": number}
+        if number < len(self.extras):
+            attrs["samtune.baseline"] = self.names[number] if number < len(self.names) else f"baseline {number}"
+        searcher.mark(trial_id, attrs)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        for searcher in self.searchers:
+            if isinstance(searcher, AshaAwareOptunaSearch):
+                searcher.settle()
 
     def _owner(self, trial_id: str) -> Searcher | None:
         index = self.cell_of.get(trial_id)

@@ -1,0 +1,130 @@
+"""Where each cell's Optuna study lives: an Optuna storage that ``optuna-dashboard`` opens.
+
+``--optuna-storage`` takes an RDB URL (``sqlite:///path``, ``postgresql://...``) or the path of a
+journal file (an Optuna `JournalStorage`); without it, a journal file in the sweep's folder.
+`resolve_storage` turns the flag into what a `Plan` keeps, `check_optuna_storage` refuses a storage
+that cannot serve the sweep before anything runs, `open_storage` opens it and `study_name` names a
+cell's study in it. Every message masks an RDB URL's password.
+
+>>> resolve_storage("sqlite:///studies.db", Path("/runs/demo")) == "sqlite:///" + os.path.abspath("studies.db")
+True
+>>> resolve_storage(None, Path("/runs/demo"))
+'/runs/demo/optuna-journal.log'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from samtune.contract.messages import first_line, masked
+from samtune.sweep.errors import SweepError
+from samtune.sweep.study import Cell
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
+
+#: The default storage: a journal file in the sweep's folder.
+JOURNAL = "optuna-journal.log"
+
+
+def is_url(value: str) -> bool:
+    """Whether `value` is an RDB URL (else the path of a journal file)."""
+    return "://" in value
+
+
+def resolve_storage(value: str | None, sweep_dir: Path) -> str:
+    """What a plan keeps of ``--optuna-storage``: an RDB URL (a relative SQLite path made
+    absolute, so that ``--resume`` from another folder finds it) or a journal file's absolute
+    path; none given, the journal in the sweep's folder."""
+    if not value:
+        return str(sweep_dir / JOURNAL)
+    if not is_url(value):
+        return os.path.abspath(os.path.expanduser(value))
+    head, sep, path = value.partition(":///")
+    if sep and head.split("+")[0] == "sqlite" and path and not path.startswith("/") and path != ":memory:":
+        return f"{head}:///{os.path.abspath(path)}"
+    return value
+
+
+def study_name(sweep_name: str, cell: Cell) -> str:
+    """A cell's study in the storage: ``<sweep name>/<cell slug>``."""
+    return f"{sweep_name}/{cell.slug}"
+
+
+def open_storage(value: str) -> BaseStorage:
+    """The Optuna storage `value` names: an `RDBStorage` for a URL, else a `JournalStorage` on
+    that file (its folder made if missing)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if is_url(value):
+        return optuna.storages.RDBStorage(value)
+    Path(value).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(value))
+
+
+def check_optuna_storage(value: str, sweep_name: str, resume: bool) -> list[str]:
+    """Refuse (`SweepError`, one line) a storage that cannot hold the sweep's studies: an unknown
+    URL scheme, a database driver that is not installed, a journal file whose folder cannot be
+    written, a storage that cannot be opened, or, for a new sweep, one that already holds a study
+    of this sweep's name. Returns the names of the sweep's studies it holds."""
+    flag = f"--optuna-storage {masked(value)}"
+    if is_url(value):
+        _check_driver(value, flag)
+    else:
+        _check_journal(Path(value), flag)
+    try:
+        held = _studies_of(value, sweep_name)
+    except Exception as exc:  # noqa: BLE001  any driver's error: the storage is unusable
+        raise SweepError(f"{flag}: Optuna cannot open it ({masked(first_line(exc))})") from None
+    if held and not resume:
+        raise SweepError(
+            f"{flag} already holds study {held[0]!r} of a sweep named {sweep_name!r}; finish that sweep "
+            "with --resume, or start another with --set name=... or another --optuna-storage"
+        )
+    return held
+
+
+def _check_driver(value: str, flag: str) -> None:
+    try:
+        dialect = make_url(value).get_dialect()
+    except ArgumentError:
+        scheme = value.split("://", 1)[0]
+        raise SweepError(
+            f"{flag}: unknown URL scheme {scheme!r}; give a database URL (sqlite:///path, "
+            "postgresql://user:password@host/db, mysql://...) or the path of a journal file"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise SweepError(f"{flag}: its database driver is not installed ({exc}); pip install it") from None
+
+
+def _check_journal(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise SweepError(f"{flag}: a folder; give the path of a journal file (e.g. {path / JOURNAL})")
+    folder = path.parent
+    while not folder.exists():  # made when the sweep starts: its nearest existing folder must take it
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise SweepError(f"{flag}: cannot write a journal file in {folder}")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise SweepError(f"{flag}: cannot read and write {path}")
+
+
+def _studies_of(value: str, sweep_name: str) -> list[str]:
+    """The names of the sweep's studies in the storage; a journal or SQLite file that does not
+    exist yet holds none and is not made here."""
+    if not is_url(value) and not Path(value).exists():
+        return []
+    head, sep, path = value.partition(":///")
+    if sep and head.split("+")[0] == "sqlite" and path != ":memory:" and not Path(path).exists():
+        return []
+    storage = open_storage(value)
+    prefix = f"{sweep_name}/"
+    return sorted(s.study_name for s in storage.get_all_studies() if s.study_name.startswith(prefix))
