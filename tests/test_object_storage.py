@@ -281,6 +281,7 @@ def test_a_killed_sweep_in_a_bucket_is_finished_by_a_driver_elsewhere(s3_server,
     stored = s3_server.keys("sweeps/")
     assert "sweeps/t/verdicts/verdicts.md" in stored and "sweeps/.t.driver.lease" not in stored
     assert any(k.startswith("sweeps/t/confirm/") for k in stored)
+    assert any(k.startswith("sweeps/t/optuna-journal/") for k in stored)  # the cells' studies, in the bucket
     # Each trial keeps at most its two newest checkpoints in the bucket.
     per_trial: dict[str, set[str]] = {}
     for key in stored:
@@ -346,3 +347,28 @@ def test_each_nodes_probe_reads_the_bucket_with_its_own_credentials(s3_server, m
     assert not reads_token("s3://sweeps/missing", "token-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # a node that cannot reach the store
     assert not reads_token("s3://sweeps/probe", "token-1")
+
+
+def test_a_study_in_a_bucket_journal_reads_back_whole_from_another_process_view(s3_server):
+    import optuna
+    from optuna.storages.journal import JournalStorage
+
+    from samtune.sweep.bucket_journal import BucketJournal
+
+    uri = f"s3://{s3_server.bucket}/sweeps/t/optuna-journal"
+    study = optuna.create_study(study_name="t/noise=0.4", storage=JournalStorage(BucketJournal(uri)))
+    for x in (0.1, 0.2, 0.3):
+        trial = study.ask()
+        trial.suggest_float("lr", 0.01, 1.0)
+        trial.report(x, 1)
+        study.tell(trial, x)
+    # Written as each entry came: what a driver on another machine reads, with nothing held over.
+    again = optuna.load_study(study_name="t/noise=0.4", storage=JournalStorage(BucketJournal(uri)))
+    assert [(t.params, t.value, t.intermediate_values) for t in again.trials] == [
+        (t.params, t.value, t.intermediate_values) for t in study.trials
+    ]
+    keys = s3_server.keys("sweeps/t/optuna-journal/")
+    assert keys and all(k.endswith(".jsonl") for k in keys)
+    s3_server.client().delete_object(Bucket="sweeps", Key=keys[1])  # a lost write is named, not skipped
+    with pytest.raises(ValueError, match="lacks entries before"):
+        optuna.load_study(study_name="t/noise=0.4", storage=JournalStorage(BucketJournal(uri)))

@@ -46,7 +46,14 @@ from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.object_store import UploadRaceFilter, is_remote
-from samtune.sweep.optuna_storage import JOURNAL, check_optuna_storage, is_url, resolve_storage, study_name
+from samtune.sweep.optuna_storage import (
+    JOURNAL,
+    JOURNAL_FOLDER,
+    check_optuna_storage,
+    is_url,
+    resolve_storage,
+    study_name,
+)
 from samtune.sweep.pick_models import log_pick_models
 from samtune.sweep.plan import TUNE_DIR, Plan, jsonable
 from samtune.sweep.preflight import PreflightError, check_cells
@@ -133,7 +140,10 @@ def prepare(
     held = hold(storage_value, sweep.name)
     sweep_dir = held.sweep_dir
     sweep_id, tracking_uri, saved_storage = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
-    studies = _optuna_storage(optuna_storage, sweep_dir, sweep, resume, saved_storage)
+    # In a bucket, the journal is written there as results arrive (see `bucket_journal`).
+    default = held.bucket.uri_of(JOURNAL_FOLDER) if held.bucket is not None else None
+    asked = optuna_storage or (None if resume else default)  # a resumed sweep keeps its own
+    studies = _optuna_storage(asked, sweep_dir, sweep, resume, saved_storage)
     uri = resolve_tracking_uri(tracking_uri)
     try:
         check_tracking_uri(uri)
@@ -211,7 +221,12 @@ def _optuna_storage(value: str | None, sweep_dir: Path, sweep: Sweep, resume: bo
                 "saved searcher; resume it without --optuna-storage"
             )
         return ""
-    if not is_url(saved) and Path(saved).name == JOURNAL and Path(saved).parent.name == sweep.name:
+    if (
+        not is_url(saved)
+        and "://" not in saved
+        and Path(saved).name == JOURNAL
+        and Path(saved).parent.name == sweep.name
+    ):
         # The default journal travels with the sweep's folder: resumed from a bucket on another
         # machine (another staging folder), or from a folder mounted elsewhere.
         saved = str(sweep_dir / JOURNAL)

@@ -1,7 +1,8 @@
 """Where each cell's Optuna study lives: an Optuna storage that ``optuna-dashboard`` opens.
 
-``--optuna-storage`` takes an RDB URL (``sqlite:///path``, ``postgresql://...``) or the path of a
-journal file (an Optuna `JournalStorage`); without it, a journal file in the sweep's folder.
+``--optuna-storage`` takes an RDB URL (``sqlite:///path``, ``postgresql://...``), the path of a
+journal file (an Optuna `JournalStorage`) or a journal's folder in object storage
+(`bucket_journal`); without it, a journal in the sweep's folder (in the bucket, for a sweep there).
 `resolve_storage` turns the flag into what a `Plan` keeps, `check_optuna_storage` refuses a storage
 that cannot serve the sweep before anything runs, `open_storage` opens it and `study_name` names a
 cell's study in it. Every message masks an RDB URL's password.
@@ -30,11 +31,26 @@ if TYPE_CHECKING:
 
 #: The default storage: a journal file in the sweep's folder.
 JOURNAL = "optuna-journal.log"
+#: The default for a sweep in object storage: a journal folder in the sweep's folder there.
+JOURNAL_FOLDER = "optuna-journal"
 
 
 def is_url(value: str) -> bool:
-    """Whether `value` is an RDB URL (else the path of a journal file)."""
-    return "://" in value
+    """Whether `value` is an RDB URL (else the path of a journal file, or a journal in a bucket)."""
+    return "://" in value and not in_bucket(value)
+
+
+def in_bucket(value: str) -> bool:
+    """Whether `value` names a journal in object storage (`bucket_journal`).
+
+    >>> in_bucket("s3://b/sweeps/t/optuna-journal"), in_bucket("sqlite:///x.db"), in_bucket("x.log")
+    (True, False, False)
+    """
+    return value.split("://", 1)[0].lower() in OBJECT_SCHEMES if "://" in value else False
+
+
+#: URI schemes of object storage (pyarrow's filesystems), as opposed to databases' URLs.
+OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs")
 
 
 def resolve_storage(value: str | None, sweep_dir: Path) -> str:
@@ -43,6 +59,8 @@ def resolve_storage(value: str | None, sweep_dir: Path) -> str:
     path; none given, the journal in the sweep's folder."""
     if not value:
         return str(sweep_dir / JOURNAL)
+    if in_bucket(value):
+        return value
     if not is_url(value):
         return os.path.abspath(os.path.expanduser(value))
     head, sep, path = value.partition(":///")
@@ -64,6 +82,10 @@ def open_storage(value: str) -> BaseStorage:
 
     if is_url(value):
         return optuna.storages.RDBStorage(value)
+    if in_bucket(value):
+        from samtune.sweep.bucket_journal import BucketJournal
+
+        return JournalStorage(BucketJournal(value))
     Path(value).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(value))
 
@@ -76,7 +98,7 @@ def check_optuna_storage(value: str, sweep_name: str, resume: bool) -> list[str]
     flag = f"--optuna-storage {masked(value)}"
     if is_url(value):
         _check_driver(value, flag)
-    else:
+    elif not in_bucket(value):  # a bucket is probed as the sweep's storage, or by opening it below
         _check_journal(Path(value), flag)
     try:
         held = _studies_of(value, sweep_name)
