@@ -5,7 +5,8 @@ What is run: `study` (the `Sweep`), `space_file` (reading a space file), `valida
 (every trial config the space can produce), `preflight` and `cluster` (the dataset, storage and
 cluster it needs), `estimate` (its size, and its duration measured here). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search`, `ray_env`.
 Recording it and surviving a crash: `recording`, `tracking` (with `run_names`, what its runs
-are called), `pick_models` (the picks' weights as MLflow models), `recovery`, `interrupts`,
+are called), `pick_models` (the picks' weights as MLflow models), `spectra` (one cell's picks'
+Hessian eigenvalue density, for the claims view), `recovery`, `interrupts`,
 `driver_lock`. Confirming the picks: `baselines`, `confirm` (with `ablations`: the settings
 moved one at a time around each pick). What came of it: `results`, `view` (with `progress`: where each stage is), `errors`.
 

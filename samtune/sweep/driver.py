@@ -72,6 +72,7 @@ from samtune.sweep.search import (
     baseline_points,
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.spectra import log_spectral_density
 from samtune.sweep.study import Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
@@ -405,6 +406,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
                     f"sweep with: {plan.resume_command}"
                 )
             _record_verdicts(plan, tracker, sweep_key, results)
+        log_spectral_density(plan, results, tracker, sweep_key)
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:
