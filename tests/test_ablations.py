@@ -225,6 +225,23 @@ def test_a_real_sweep_records_its_ablations_and_the_sensitivity_view_draws_them(
     assert set(curves["curve"]) == {"rho", "lr", "sgd lr"} and set(curves["cell"]) == {"noise=0.4"}
     assert curves.groupby(["curve", "selection"])["optimum"].sum().eq(1).all()
     assert shown.figure is not None and any("no importance panels" in n for n in shown.notes)
+    # The picks' spectral density: measured once, in the ablations' cell, on its run; drawn by the
+    # claims view from that file alone.
+    (cell_run,) = [r for r in by_role["cell"] if r.data.tags["samtune.cell"] == "noise=0.4"]
+    assert cell_run.data.tags["samtune.spectral_density"] == "spectral_density.json"
+    assert all("samtune.spectral_density" not in r.data.tags for r in by_role["cell"] if r is not cell_run)
+    spectrum = runs.spectra["noise=0.4"]
+    picks = dict(part.split(":", 1) for part in cell_run.data.tags["samtune.picks"].split(","))
+    assert {name: f"{picks[name].rsplit('/', 1)[0]}/{p['trial_id']}" for name, p in spectrum["picks"].items()} == picks
+    grid = np.asarray(spectrum["grid"])
+    for name in ("best_sgd", "best_sam"):
+        density = np.asarray(spectrum["density"][name])
+        assert len(density) == len(grid) == spectrum["settings"]["bins"]
+        # Each pick's density is a probability density over the grid: it integrates to 1.
+        assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.02)
+    claims = next(s for s in discover_views() if s.name == "claims").function(runs)
+    assert set(claims.data["spectral_density"]["pick"]) == {"best_sgd", "best_sam"}
+    assert any(ax.get_yscale() == "log" for ax in claims.figure.axes)
 
 
 # -- one rule for the robust range and the rho = 0.05 claim ----------------------------------------
