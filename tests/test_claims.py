@@ -153,7 +153,8 @@ def test_claims_the_sweep_cannot_test_say_what_would(stores):
 def test_the_claims_view_is_on_the_page_with_its_table(stores, tmp_path):
     built = build_report("claims", tracking_uri=stores["uri"], out=tmp_path, strict=True, log_artifacts=False)
     data = {r.spec.name: r.view.data for r in built.views}["claims"]
-    assert set(data) == {"claims", "tau_per_m"} and list(data["tau_per_m"]["m"]) == [8, 128]
+    assert set(data) == {"claims", "tau_per_m", "spectral_density"} and list(data["tau_per_m"]["m"]) == [8, 128]
+    assert data["spectral_density"].empty  # the synthetic sweep measured none
 
 
 @pytest.mark.slow  # the synthetic stores take about a minute to write
