@@ -3,6 +3,7 @@ and the statistics behind it against scipy and against a case with a known Kenda
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -399,3 +400,113 @@ def test_the_report_puts_the_claims_table_in_the_sweep_runs_description(rho_stor
     assert "| rho = 0.05 is as good as the searched rho (noise=0.4) |" in first
     build_report("rho", tracking_uri=rho_store["uri"], out=tmp_path / "b")
     assert client.get_run(report.runs.sweep_run_id).data.tags["mlflow.note.content"] == first
+
+
+# -- the sweep's side: which cell, what is measured, measured once -------------------------------
+
+
+def picked_cell(sweep, cell, tmp_path, optimizers=("sgd", "sam"), classes=10):
+    """A cell's search as the recorder leaves it: one finished trial per optimizer, each with a
+    checkpoint of fresh MLP weights (what a trial's checkpoint holds, its weights first)."""
+    import torch
+    from ray.tune import Checkpoint
+
+    from samtune.models.zoo import build_model
+    from samtune.sweep.results import CellResult, TrialRow
+
+    result = CellResult(cell)
+    for number, optimizer in enumerate(optimizers):
+        folder = tmp_path / cell.slug / optimizer
+        folder.mkdir(parents=True)
+        torch.manual_seed(number)
+        torch.save({"model": build_model("mlp", classes, (1, 8, 8)).state_dict(), "epoch": 1}, folder / "trial.pt")
+        params = {"optimizer": optimizer, "lr": 0.1, **({"rho": 0.05} if optimizer == "sam" else {})}
+        result.trials[f"{cell.slug}-{optimizer}"] = TrialRow(
+            f"{cell.slug}-{optimizer}",
+            params,
+            status="finished",
+            epoch=1,
+            metrics={"val_error": 0.3 if optimizer == "sgd" else 0.2},
+            number=number,
+            checkpoint=Checkpoint.from_directory(str(folder)),
+        )
+    return result
+
+
+def test_the_sweep_measures_the_density_once_in_the_ablations_noisiest_cell(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from samtune.sweep import spectra
+    from samtune.sweep.study import Sweep
+
+    monkeypatch.setitem(spectra.SETTINGS, "steps", 6)
+    monkeypatch.setitem(spectra.SETTINGS, "subset", 64)
+    sweep = Sweep(
+        name="d",
+        dataset="digits",
+        model="mlp",
+        epochs=1,
+        batch_size=32,
+        trials=2,
+        label_noise_rates=(0.0, 0.4, 0.6, 0.8),
+        confirm_seeds=2,
+        ablations={"rho": (0.02,)},
+        ablation_rates=(0.0, 0.4, 0.8),
+    )
+    c0, c4, c6, c8 = sweep.cells()
+    results = [
+        picked_cell(sweep, c0, tmp_path),
+        picked_cell(sweep, c4, tmp_path),
+        picked_cell(sweep, c6, tmp_path),
+        picked_cell(sweep, c8, tmp_path, optimizers=("sgd",)),  # no SAM pick: passed over
+    ]
+    # The noisiest cell with ablations and both picks; without ablations anywhere, the noisiest cell.
+    assert spectra.density_cell(sweep, results).cell == c4
+    assert spectra.density_cell(sweep.replace(ablations={}, ablation_rates=None), results).cell == c6
+    logged = []
+    tracker = SimpleNamespace(
+        log_artifacts=lambda key, folder: logged.append(("artifacts", key, str(folder))),
+        set_tags=lambda key, tags: logged.append(("tags", key, tags)),
+    )
+    plan = SimpleNamespace(sweep=sweep, sweep_dir=tmp_path / "runs" / "d")
+    path = spectra.log_spectral_density(plan, results, tracker, "d")
+    assert path == plan.sweep_dir / "spectra" / c4.slug / "spectral_density.json"
+    assert logged == [
+        ("artifacts", f"d/{c4.slug}", str(path.parent)),
+        ("tags", f"d/{c4.slug}", {"samtune.spectral_density": "spectral_density.json"}),
+    ]
+    found = json.loads(path.read_text())
+    assert found["cell"] == "noise=0.4" and found["settings"]["steps"] == 6 and found["settings"]["subset"] == 64
+    assert found["picks"]["best_sam"] == {"trial_id": f"{c4.slug}-sam", "optimizer": "sam", "lr": 0.1, "rho": 0.05}
+    grid = np.asarray(found["grid"])
+    assert len(grid) == found["settings"]["bins"] and np.all(np.diff(grid) > 0)
+    for name in ("best_sgd", "best_sam"):
+        nodes = np.asarray(found["nodes"][name])
+        assert nodes.shape == (1, 6) and grid[0] < nodes.min() and nodes.max() < grid[-1]
+        assert np.trapezoid(found["density"][name], grid) == pytest.approx(1.0, abs=1e-3)
+    # A resumed driver finds the file and logs it again without measuring.
+    monkeypatch.setattr(spectra, "pick_spectra", lambda *a, **k: pytest.fail("measured again"))
+    assert spectra.log_spectral_density(plan, results, tracker, "d") == path and len(logged) == 4
+
+
+def test_a_finetuning_cells_density_reads_no_starting_weights(tmp_path, monkeypatch):
+    """The weights are the checkpoints': the cell's pretraining source is never read (here it
+    does not exist)."""
+    from samtune.sweep import spectra
+    from samtune.sweep.study import Sweep
+
+    monkeypatch.setitem(spectra.SETTINGS, "steps", 4)
+    monkeypatch.setitem(spectra.SETTINGS, "subset", 32)
+    sweep = Sweep(
+        name="f",
+        dataset="digits[5-9]",
+        model="mlp",
+        epochs=1,
+        batch_size=32,
+        trials=2,
+        scenario="finetune",
+        fixed={"finetune_source": str(tmp_path / "absent.pt")},
+    )
+    (cell,) = sweep.cells()
+    found = spectra.pick_spectra(sweep, picked_cell(sweep, cell, tmp_path, classes=5))
+    assert set(found["density"]) == {"best_sgd", "best_sam"} and found["examples"].startswith("32 training examples")

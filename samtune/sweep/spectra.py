@@ -122,7 +122,8 @@ def pick_spectra(sweep: Sweep, result: CellResult, settings: dict[str, Any] | No
     picks = result.picks(sweep.metric, sweep.mode)
     configs = {name: {**sweep.base_config(result.cell), **picks[name].params} for name in PICKS}
     # Both picks trained on the cell's one noisy dataset: the subset is the same examples for both.
-    scenario = build_scenario(resolve_config(configs["best_sam"]))
+    # The weights are the checkpoints': a finetuning cell's starting weights are not read.
+    scenario = build_scenario(resolve_config(configs["best_sam"]), initial_state={})
     idx = sharpness_indices(len(scenario.train_y), settings["seed"], settings["subset"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x = to_float(scenario.train_x[idx], scenario.mean, scenario.std).to(device)
