@@ -68,10 +68,11 @@ def _density_panel(ax, spectrum: dict) -> None:
             density = np.asarray(spectrum["density"][name], dtype=float)
             ax.semilogy(grid, density + 1e-7, color=color, label=f"best {label} ({shown})" if shown else label)
     s = spectrum.get("settings", {})
+    probes = s.get("probes")
     ax.set_xlabel("eigenvalue of the Hessian")
     ax.set_ylabel("density (log scale)")
     ax.set_title(
-        f"{spectrum.get('cell', '')}: Hessian eigenvalue density, SLQ ({s.get('probes')} probes x "
+        f"{spectrum.get('cell', '')}: Hessian eigenvalue density, SLQ ({probes} probe{'' if probes == 1 else 's'} x "
         f"{s.get('steps')} steps, {s.get('subset')} training examples)",
         fontsize="medium",
     )
