@@ -12,6 +12,12 @@ of d at that look:
 - ``undecided``: neither (or fewer than `MIN_SEEDS` seeds); the cell gets the next round's
   seeds, or, after the last look, the row says "undecided at n seeds".
 
+A value against an optimum it was moved from (an ablation's point against its pick, rho = 0.05
+against the searched rho) asks a one-sided question of the same interval and margin
+(`no_worse`): ``no worse`` where the interval's upper end is at most +margin, ``worse`` where its
+lower end is above +margin, else ``undecided``. Being better than the optimum by more than the
+margin is no failure there, and a value worse by less than the margin is as good as it.
+
 A row keeps the decision of the first look that decides it. Validity under that optional stopping
 comes from spending the error rate over the looks (a group-sequential design with a Bonferroni
 spending function): look j uses a Student-t interval at level ``1 - alpha_j`` with the alphas
@@ -34,7 +40,7 @@ per-seed noise; the union bound's slack covers the heavy-tailed noise the simula
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from samtune.stats import Estimate, mean_interval
@@ -45,6 +51,8 @@ ALPHA = 0.05
 #: exactly one example "decide" at any level).
 MIN_SEEDS = 3
 OUTCOMES = ("SAM better", "SGD better", "equivalent", "undecided")
+#: What `no_worse` decides of a value against the optimum it was moved from.
+NO_WORSE_OUTCOMES = ("no worse", "worse", "undecided")
 
 
 def looks_between(first: int, last: int) -> tuple[int, ...]:
@@ -93,6 +101,8 @@ class Decision:
     look: int
     n: int
     design: Design
+    #: What the differences are of, as the text names them.
+    compared: str = "SAM - SGD"
 
     def text(self) -> str:
         """The verdict in words, with the interval the decision used."""
@@ -100,11 +110,14 @@ class Decision:
         if diff.n < 2 or math.isnan(diff.low):
             return f"not enough seeds for a verdict ({diff.n})"
         ci = f"{diff.level:.1%} CI {diff.low:+.{digits}f} to {diff.high:+.{digits}f}"
+        shown = f"{self.compared} = {diff.mean:+.{digits}f}, {ci}"
         if self.outcome in ("SAM better", "SGD better"):
             return f"{self.outcome}: lower by {abs(diff.mean):.{digits}f} ({ci})"
         if self.outcome == "equivalent":
-            return f"equivalent within +/-{self.design.margin:g} (SAM - SGD = {diff.mean:+.{digits}f}, {ci})"
-        return f"undecided at {self.n} seeds (SAM - SGD = {diff.mean:+.{digits}f}, {ci})"
+            return f"equivalent within +/-{self.design.margin:g} ({shown})"
+        if self.outcome in ("no worse", "worse"):
+            return f"{self.outcome} than the optimum by more than +{self.design.margin:g} ({shown})"
+        return f"undecided at {self.n} seeds ({shown})"
 
     def where(self) -> str:
         """Which look decided it (or was the last), and the level of the interval it used."""
@@ -124,13 +137,38 @@ def outcome_of(interval: Estimate, margin: float) -> str:
     return "undecided"
 
 
-def decide(differences: Mapping[int, float], design: Design, seeds: Sequence[int] | None = None) -> Decision:
+def no_worse(interval: Estimate, margin: float) -> str:
+    """What an interval for a value minus the optimum it was moved from decides (errors: lower is
+    better): "no worse" (upper end within +margin), "worse" (lower end above +margin) or
+    "undecided" (neither, or fewer than `MIN_SEEDS` seeds).
+
+    >>> from samtune.stats import mean_interval
+    >>> no_worse(mean_interval([0.004, 0.005, 0.003]), 0.01), no_worse(mean_interval([0.2, 0.21, 0.22]), 0.01)
+    ('no worse', 'worse')
+    """
+    if interval.n < MIN_SEEDS or math.isnan(interval.low):
+        return "undecided"
+    if interval.high <= margin:
+        return "no worse"
+    if interval.low > margin:
+        return "worse"
+    return "undecided"
+
+
+def decide(
+    differences: Mapping[int, float],
+    design: Design,
+    seeds: Sequence[int] | None = None,
+    judge: Callable[[Estimate, float], str] = outcome_of,
+    compared: str = "SAM - SGD",
+) -> Decision:
     """The decision on one row from its paired differences by seed.
 
     ``seeds``: the confirmation seeds in the order they were added (default: sorted); look j
     sees the differences of the first ``looks[j]`` of them that the row has (a run that failed
     leaves its seed out). The first look that decides wins; with none, the last look's interval,
-    undecided.
+    undecided. ``judge``: what an interval decides (`outcome_of`, or `no_worse` for a value
+    against its optimum); ``compared``: what the differences are of, for the text.
     """
     order = list(seeds) if seeds is not None else sorted(differences)
     decision = None
@@ -140,7 +178,7 @@ def decide(differences: Mapping[int, float], design: Design, seeds: Sequence[int
         interval = Estimate(
             interval.mean, interval.low, interval.high, interval.n, interval.sd, interval.level, paired=True
         )
-        decision = Decision(outcome_of(interval, design.margin), interval, look, interval.n, design)
+        decision = Decision(judge(interval, design.margin), interval, look, interval.n, design, compared)
         if decision.outcome != "undecided":
             return decision
         if len([s for s in order[n:] if s in differences]) == 0:

@@ -14,12 +14,11 @@ validation set, which under label noise can change the answer).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from samtune.sequential import Decision, Design, decide, paired
+from samtune.sequential import Decision, Design, decide, no_worse, paired
 from samtune.stats import Estimate, mean_interval
 
 #: The selection rules, as the tables name them.
@@ -85,19 +84,34 @@ def cell_verdict(
     out["differences"] = {key: {r: d.interval for r, d in by_rule.items()} for key, by_rule in out["decisions"].items()}
     out["rows"] = _decided_rows(values, out["decisions"].get("best_sam - best_sgd", {}), design)
     out["m_curve"] = _m_curve(values, out["configs"], rules)
-    out["curves"] = ablation_curves(values, out["configs"], rules, design.margin)
+    out["curves"] = ablation_curves(values, out["configs"], rules, design)
     return out
 
 
 def _decisions(values: SeedValues, rules: list[str], design: Design) -> dict[str, dict[str, Decision]]:
-    """Per compared pair present (`COMPARED`) and rule, the decision of their difference paired by seed."""
+    """Per compared pair present (`COMPARED`) and rule, the decision of their difference paired by
+    seed: against best SAM, whether the first is no worse than it (`against_optimum`, the rule of
+    the curves' robust ranges), else SAM against SGD."""
     return {
         f"{first} - {second}": {
-            rule: decide(paired(values[first].get(rule, {}), values[second].get(rule, {})), design) for rule in rules
+            rule: against_optimum(values, first, second, rule, design)
+            if second == "best_sam"
+            else decide(paired(values[first].get(rule, {}), values[second].get(rule, {})), design)
+            for rule in rules
         }
         for first, second in COMPARED
         if first in values and second in values
     }
+
+
+def against_optimum(values: SeedValues, name: str, optimum: str, rule: str, design: Design) -> Decision:
+    """Whether configuration ``name`` is no worse than ``optimum`` (the pick it was moved from)
+    by more than the margin, under ``rule``: their difference paired by seed, judged by
+    `samtune.sequential.no_worse` on the verdicts' own intervals (the sequential design's level
+    at the look its seeds reach) and margin. One rule for an ablation curve's robust range and
+    for the claims it answers (rho = 0.05 against the searched rho), so the two cannot disagree."""
+    differences = paired(values[name].get(rule, {}), values[optimum].get(rule, {}))
+    return decide(differences, design, judge=no_worse, compared=f"{name} - {optimum}")
 
 
 def _decided_rows(values: SeedValues, main: dict[str, Decision], design: Design) -> dict[str, dict[str, Estimate]]:
@@ -130,13 +144,14 @@ CURVES = {"m": "best_sam", "rho": "best_sam", "lr": "best_sam", "sgd lr": "best_
 
 
 def ablation_curves(
-    values: SeedValues, configs: dict[str, Any], rules: list[str], margin: float
+    values: SeedValues, configs: dict[str, Any], rules: list[str], design: Design
 ) -> dict[str, dict[str, Any]]:
     """Per curve of `CURVES` with runs (``rho=0.02``, ``lr=x0.5``, ``sgd lr=x2``, ``m=16``): its
-    points in order of the value, each with its estimate per rule and its difference from the
-    optimum (the pick the curve moves, at its own value, a point of its own curve) paired by
-    seed; and its robust range per rule: the values whose difference's 95% upper bound is at
-    most ``margin`` (not detectably worse than the optimum by more than the margin), and the
+    points in order of the value, each with its estimate per rule (95% interval) and its
+    difference from the optimum (the pick the curve moves, at its own value, a point of its own
+    curve) paired by seed, with the decision `against_optimum` makes of it (``<rule> decision``;
+    the difference is that decision's interval, at the verdicts' level); and its robust range per
+    rule: the values decided no worse than the optimum by more than the design's margin, and the
     run of such values around the optimum (``robust_range``: its lowest and highest)."""
     out: dict[str, dict[str, Any]] = {}
     for key, of in CURVES.items():
@@ -153,18 +168,18 @@ def ablation_curves(
             row: dict[str, Any] = {"name": name, "value": value, "label": _label(key, value), "optimum": value == own}
             for rule in rules:
                 row[rule] = mean_interval(_by_seed(values[name].get(rule, {})))
-                diffs = paired(values[name].get(rule, {}), values[of].get(rule, {}))
-                row[f"{rule} difference"] = dataclasses.replace(mean_interval(_by_seed(diffs)), paired=True)
+                row[f"{rule} decision"] = decision = against_optimum(values, name, of, rule, design)
+                row[f"{rule} difference"] = decision.interval
             rows.append(row)
         out[key] = {"setting": key.removeprefix("sgd "), "of": of, "optimum": _label(key, own), "points": rows}
-        out[key]["robust"], out[key]["robust_range"] = _robust(rows, rules, margin)
+        out[key]["robust"], out[key]["robust_range"] = _robust(rows, rules)
     return out
 
 
-def _robust(rows: list[dict[str, Any]], rules: list[str], margin: float) -> tuple[dict, dict]:
+def _robust(rows: list[dict[str, Any]], rules: list[str]) -> tuple[dict, dict]:
     robust, spans = {}, {}
     for rule in rules:
-        ok = [r["optimum"] or (r[f"{rule} difference"].n >= 2 and r[f"{rule} difference"].high <= margin) for r in rows]
+        ok = [r["optimum"] or r[f"{rule} decision"].outcome == "no worse" for r in rows]
         robust[rule] = [r["label"] for r, good in zip(rows, ok) if good]
         at = next(i for i, r in enumerate(rows) if r["optimum"])
         low = high = at

@@ -225,3 +225,111 @@ def test_a_real_sweep_records_its_ablations_and_the_sensitivity_view_draws_them(
     assert set(curves["curve"]) == {"rho", "lr", "sgd lr"} and set(curves["cell"]) == {"noise=0.4"}
     assert curves.groupby(["curve", "selection"])["optimum"].sum().eq(1).all()
     assert shown.figure is not None and any("no importance panels" in n for n in shown.notes)
+    # The picks' spectral density: measured once, in the ablations' cell, on its run; drawn by the
+    # claims view from that file alone.
+    (cell_run,) = [r for r in by_role["cell"] if r.data.tags["samtune.cell"] == "noise=0.4"]
+    assert cell_run.data.tags["samtune.spectral_density"] == "spectral_density.json"
+    assert all("samtune.spectral_density" not in r.data.tags for r in by_role["cell"] if r is not cell_run)
+    spectrum = runs.spectra["noise=0.4"]
+    picks = dict(part.split(":", 1) for part in cell_run.data.tags["samtune.picks"].split(","))
+    assert {name: f"{picks[name].rsplit('/', 1)[0]}/{p['trial_id']}" for name, p in spectrum["picks"].items()} == picks
+    grid = np.asarray(spectrum["grid"])
+    for name in ("best_sgd", "best_sam"):
+        density = np.asarray(spectrum["density"][name])
+        assert len(density) == len(grid) == spectrum["settings"]["bins"]
+        # Each pick's density is a probability density over the grid: it integrates to 1.
+        assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.02)
+    claims = next(s for s in discover_views() if s.name == "claims").function(runs)
+    assert set(claims.data["spectral_density"]["pick"]) == {"best_sgd", "best_sam"}
+    assert any(ax.get_yscale() == "log" for ax in claims.figure.axes)
+
+
+# -- one rule for the robust range and the rho = 0.05 claim ----------------------------------------
+
+
+def rho_cell(rho_005, rho_002=(0.0001, -0.0001, 0.0), rho_02=(0.05, 0.052, 0.048)):
+    """One cell on the first round's 3 seeds: best SAM at rho 0.1, its rho curve at 0.02, 0.05 and
+    0.2 as offsets from it per seed, best SGD well above."""
+    sam = {1: 0.20, 2: 0.21, 3: 0.22}
+
+    def moved(offsets):
+        return {"final": {s: sam[s] + d for s, d in zip(sorted(sam), offsets)}}
+
+    values = {
+        "best_sam": {"final": sam},
+        "best_sgd": {"final": {s: v + 0.1 for s, v in sam.items()}},
+        "rho=0.02": moved(rho_002),
+        "rho=0.05": moved(rho_005),
+        "rho=0.2": moved(rho_02),
+    }
+    return values, {"best_sam": {"rho": 0.1, "m": None}}
+
+
+def test_the_rho_claim_and_the_rho_curve_give_one_answer_where_the_95_percent_range_disagreed():
+    """rho = 0.05 worse than the pick by 0.002 +- 0.002 on 3 seeds: the plain 95% interval's upper
+    end (0.007) is inside the margin, so the old robust range held 0.05, while the verdicts' first
+    look (a 99.2% interval) left the claim undecided. Now both use the verdicts' interval."""
+    from samtune.report.claims import robust_default
+    from samtune.sequential import Design
+
+    values, params = rho_cell((0.002, 0.004, 0.0))
+    design = Design(looks=(3, 6, 10), margin=0.01)
+    verdict = cell_verdict("noise=0.4", values, params, design=design)
+    diffs = [0.002, 0.004, 0.0]
+    assert t_interval(diffs)[1] <= 0.01  # what the old robust range went by: 0.05 robust
+    rho = verdict["curves"]["rho"]
+    point = next(p for p in rho["points"] if p["label"] == "0.05")
+    decision = point["final decision"]
+    # The verdicts' interval: the first look's level, 1 - 0.05 * 3 / 19.
+    half = stats.t.ppf(1 - 0.05 * 3 / 19 / 2, 2) * np.std(diffs, ddof=1) / math.sqrt(3)
+    assert decision.interval.level == pytest.approx(1 - 0.05 * 3 / 19)
+    assert (decision.interval.low, decision.interval.high) == pytest.approx((0.002 - half, 0.002 + half))
+    assert decision.outcome == "undecided" and decision.interval.high > 0.01
+    assert rho["robust"]["final"] == ["0.02", "0.1"] and rho["robust_range"]["final"] == ["0.1", "0.1"]
+    assert [p["final decision"].outcome for p in rho["points"] if not p["optimum"]] == [
+        "no worse",
+        "undecided",
+        "worse",
+    ]
+    row = robust_default([verdict], {})[0]
+    assert row["claim"] == "rho = 0.05 is as good as the searched rho (noise=0.4)"
+    assert row["verdict"] == "undecided at 3 seeds"
+    assert "robust range uses this decision" in row["basis"]
+    assert f"{decision.interval.high:+.3f}" in row["measured"]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_the_rho_claim_holds_exactly_where_its_curve_calls_rho_005_robust(case):
+    """Random offsets of rho = 0.05 from the pick, from far worse to slightly better, under the
+    sequential design and under one look: "holds" exactly where 0.05 is in the robust set, "does
+    not hold" only where its decision says worse by more than the margin."""
+    from samtune.report.claims import robust_default
+    from samtune.sequential import Design
+
+    rng = np.random.default_rng(case)
+    offsets = tuple(rng.normal(rng.choice([-0.005, 0.0, 0.005, 0.012, 0.05]), rng.choice([0.0005, 0.003, 0.01]), 3))
+    values, params = rho_cell(offsets)
+    for design in (Design(looks=(3, 6, 10), margin=0.01), Design(looks=(3,), margin=0.01), None):
+        verdict = cell_verdict("noise=0.4", values, params, design=design)
+        point = next(p for p in verdict["curves"]["rho"]["points"] if p["label"] == "0.05")
+        row = robust_default([verdict], {})[0]
+        robust = "0.05" in verdict["curves"]["rho"]["robust"]["final"]
+        assert (row["verdict"] == "holds") == robust, (offsets, design, row)
+        assert (row["verdict"] == "does not hold") == (point["final decision"].outcome == "worse")
+        assert robust == (point["final decision"].interval.high <= 0.01)
+
+
+def test_a_value_worse_by_less_than_the_margin_is_robust_and_so_is_the_claim():
+    """0.004 +- 0.0005 worse than the pick: detectably worse, but by less than the margin of 0.01.
+    No worse by more than the margin: in the robust range, and the claim holds (the four-way
+    verdict rule would have called it worse)."""
+    from samtune.report.claims import robust_default
+    from samtune.sequential import Design, outcome_of
+
+    values, params = rho_cell((0.004, 0.0045, 0.0035))
+    verdict = cell_verdict("noise=0.4", values, params, design=Design(looks=(3,), margin=0.01))
+    point = next(p for p in verdict["curves"]["rho"]["points"] if p["label"] == "0.05")
+    assert outcome_of(point["final difference"], 0.01) == "SGD better"  # detectably above 0
+    assert point["final decision"].outcome == "no worse"
+    assert "0.05" in verdict["curves"]["rho"]["robust"]["final"]
+    assert robust_default([verdict], {})[0]["verdict"] == "holds"

@@ -3,6 +3,7 @@ and the statistics behind it against scipy and against a case with a known Kenda
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -153,7 +154,8 @@ def test_claims_the_sweep_cannot_test_say_what_would(stores):
 def test_the_claims_view_is_on_the_page_with_its_table(stores, tmp_path):
     built = build_report("claims", tracking_uri=stores["uri"], out=tmp_path, strict=True, log_artifacts=False)
     data = {r.spec.name: r.view.data for r in built.views}["claims"]
-    assert set(data) == {"claims", "tau_per_m"} and list(data["tau_per_m"]["m"]) == [8, 128]
+    assert set(data) == {"claims", "tau_per_m", "spectral_density"} and list(data["tau_per_m"]["m"]) == [8, 128]
+    assert data["spectral_density"].empty  # the synthetic sweep measured none
 
 
 @pytest.mark.slow  # the synthetic stores take about a minute to write
@@ -215,3 +217,296 @@ def test_rho_default_is_judged_on_the_rho_ablation_point_where_a_cell_has_one():
     )
     assert without[0]["claim"].startswith("the paper's SAM default is as good as the searched SAM")
     assert without[0]["verdict"] == "does not hold"
+
+
+# -- a small store: the rho claim beside the rho curve, the spectral density, the description ------
+
+RHO_SEEDS = (1, 2, 3)
+#: Per configuration, final test errors by seed; rho = 0.05 is 0.002 +- 0.002 above the pick (rho
+#: 0.1): inside the margin by a 95% interval, undecided by the verdicts' first look (99.2%).
+RHO_RUNS = {
+    "best_sgd": (0.30, 0.31, 0.32),
+    "best_sam": (0.20, 0.21, 0.22),
+    "rho=0.05": (0.202, 0.214, 0.22),
+    "rho=0.2": (0.25, 0.262, 0.268),
+}
+
+
+def fake_spectrum() -> dict:
+    """A density JSON as `samtune.sweep.spectra` writes it, from two known quadratures."""
+    import torch
+
+    from samtune.sharpness.density import SpectralDensity
+    from samtune.sweep.spectra import SETTINGS, density_grid
+
+    nodes = {"best_sgd": [[-0.5, 0.0, 2.0, 40.0]], "best_sam": [[-0.1, 0.0, 1.0, 10.0]]}
+    weights = {"best_sgd": [[0.1, 0.7, 0.15, 0.05]], "best_sam": [[0.1, 0.75, 0.1, 0.05]]}
+    measured = {n: SpectralDensity(torch.tensor(nodes[n]), torch.tensor(weights[n]), 100) for n in nodes}
+    settings = {**SETTINGS, "bins": 2000}
+    grid, sigma = density_grid([-0.5], [40.0], settings)
+    return {
+        "cell": "noise=0.4",
+        "settings": {**settings, "sigma": sigma},
+        "examples": "256 training examples, the labels trained on",
+        "picks": {
+            "best_sgd": {"optimizer": "sgd", "lr": 0.05},
+            "best_sam": {"optimizer": "sam", "lr": 0.05, "rho": 0.1},
+        },
+        "num_params": {"best_sgd": 100, "best_sam": 100},
+        "grid": grid.tolist(),
+        "density": {n: d.curve(grid, sigma).tolist() for n, d in measured.items()},
+        "nodes": nodes,
+        "weights": weights,
+    }
+
+
+def write_rho_store(uri: str, folder, experiment: str, spectrum: dict | None) -> None:
+    """One cell, its picks and its rho curve confirmed on 3 seeds under the design (3, 6, 10);
+    the sweep run's description the verdict table's stand-in; `spectrum` on the cell's run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    cell, rate = "noise=0.4", 0.4
+    cell_key = f"{experiment}/cell-0_noise-0.4"
+    trials = [
+        Trial(
+            f"{cell_key}/00000",
+            cell,
+            rate,
+            "finished",
+            {**base_config(rate), "optimizer": "sgd", "lr": 0.05},
+            [0.3] * 3,
+            [0.3] * 3,
+        ),
+        Trial(
+            f"{cell_key}/00001",
+            cell,
+            rate,
+            "finished",
+            {**base_config(rate), "optimizer": "sam", "lr": 0.05, "rho": 0.1, "m": 8},
+            [0.2] * 3,
+            [0.2] * 3,
+        ),
+    ]
+    sweep_id = write_sweep(uri, experiment, trials, folder)
+    client = MlflowClient(uri)
+    for key, value in (("equivalence_margin", 0.01), ("confirm_seeds", 3), ("max_confirm_seeds", 10)):
+        client.log_param(sweep_id, key, value)
+    client.set_tag(sweep_id, "mlflow.note.content", "**SAM vs SGD** (the verdict table)")
+    tracker = Tracker(uri, experiment, folder / f"{experiment}-confirm.jsonl")
+    tracker.declare(cell_key, cell, "cell", parent=experiment, **{"samtune.cell": cell})
+    for name, errors in RHO_RUNS.items():
+        ablates = {"samtune.ablates": "rho"} if name.startswith("rho=") else {}
+        rho = float(name.split("=")[1]) if ablates else 0.1
+        for seed, final in zip(RHO_SEEDS, errors):
+            key = f"{cell_key}/{name}/seed{seed}"
+            tags = {"samtune.cell": cell, "samtune.confirms": name, "samtune.seed": str(seed), **ablates}
+            tracker.declare(key, f"{cell} {name} {seed}", "ablation" if ablates else "confirm", parent=cell_key, **tags)
+            sam = name != "best_sgd"
+            tracker.log_params(
+                key, {**base_config(rate, seed), "optimizer": "sam" if sam else "sgd", **({"rho": rho} if sam else {})}
+            )
+            for epoch, test in enumerate((final + 0.1, final), start=1):
+                tracker.log_metrics(key, {"epoch": epoch, "val_error": test, "test_error": test}, step=epoch)
+            tracker.set_status(key, "finished")
+    assert tracker.close() is None
+    if spectrum is not None:
+        cell_run = client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id], f"tags.`samtune.key` = '{cell_key}'"
+        )[0]
+        (folder / experiment).mkdir(exist_ok=True)
+        path = folder / experiment / "spectral_density.json"
+        path.write_text(json.dumps(spectrum))
+        client.log_artifact(cell_run.info.run_id, str(path))
+        client.set_tag(cell_run.info.run_id, "samtune.spectral_density", "spectral_density.json")
+
+
+@pytest.fixture(scope="module")
+def rho_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rho")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    spectrum = fake_spectrum()
+    write_rho_store(uri, folder, "rho", spectrum)
+    write_rho_store(uri, folder, "rho-older", None)
+    return {"uri": uri, "folder": folder, "spectrum": spectrum}
+
+
+@pytest.mark.slow  # two small synthetic stores
+def test_the_claims_row_and_the_rho_curve_agree_in_a_store(rho_store):
+    """Where a plain 95% interval put rho = 0.05 in the robust range and the verdicts' rule left
+    the claim undecided, the claims view and the sensitivity view now say the same, with the
+    same interval."""
+    from samtune.report.views import discover_views
+
+    runs = load_runs("rho", tracking_uri=rho_store["uri"])
+    views = {s.name: s for s in discover_views()}
+    table = views["claims"].function(runs).data["claims"]
+    row = table[table["claim"] == "rho = 0.05 is as good as the searched rho (noise=0.4)"].iloc[0]
+    assert row["verdict"] == "undecided at 3 seeds"
+    curves = views["sensitivity"].function(runs).data["curves"]
+    point = curves[(curves["curve"] == "rho") & (curves["value"] == "0.05") & (curves["selection"] == "final epoch")]
+    assert len(point) == 1 and not point["robust"].iloc[0] and point["decision"].iloc[0] == "undecided"
+    assert point["difference_level"].iloc[0] == pytest.approx(1 - 0.05 * 3 / 19)
+    assert f"{point['difference_high'].iloc[0]:+.3f}" in row["measured"]
+    diffs = np.subtract(RHO_RUNS["rho=0.05"], RHO_RUNS["best_sam"])
+    half = scipy_stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
+    assert diffs.mean() + half <= 0.01  # the plain 95% interval that called it robust before
+    worse = curves[(curves["curve"] == "rho") & (curves["value"] == "0.2") & (curves["selection"] == "final epoch")]
+    assert worse["decision"].iloc[0] == "worse" and not worse["robust"].iloc[0]
+
+
+@pytest.mark.slow  # two small synthetic stores
+def test_the_claims_view_draws_the_logged_spectral_density_and_says_why_where_there_is_none(rho_store):
+    from samtune.report.views import discover_views
+
+    spec = next(s for s in discover_views() if s.name == "claims")
+    runs = load_runs("rho", tracking_uri=rho_store["uri"])
+    assert runs.spectra["noise=0.4"]["grid"] == rho_store["spectrum"]["grid"]
+    shown = spec.function(runs)
+    density = shown.data["spectral_density"].set_index("pick")
+    assert density.loc["best_sgd", "lambda_max"] == 40.0 and density.loc["best_sam", "lambda_max"] == 10.0
+    assert density.loc["best_sgd", "negative mass"] == pytest.approx(0.1)
+    # trace / n is the quadrature's first moment: sum of weight x node.
+    assert density.loc["best_sam", "trace / n"] == pytest.approx(-0.01 + 0.1 + 0.5)
+    panel = next(ax for ax in shown.figure.axes if ax.get_yscale() == "log")
+    lines = {line.get_label().split(" ")[1]: line for line in panel.get_lines()}
+    assert set(lines) == {"SGD", "SAM"}
+    np.testing.assert_allclose(
+        lines["SGD"].get_ydata(), np.asarray(rho_store["spectrum"]["density"]["best_sgd"]) + 1e-7
+    )
+    assert not any("not drawn" in n for n in shown.notes)
+    older = spec.function(load_runs("rho-older", tracking_uri=rho_store["uri"]))
+    assert older.data["spectral_density"].empty
+    assert not any(ax.get_yscale() == "log" for ax in older.figure.axes)
+    assert sum("spectral density is not drawn" in n for n in older.notes) == 1
+
+
+@pytest.mark.slow  # two small synthetic stores
+def test_the_report_puts_the_claims_table_in_the_sweep_runs_description(rho_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from samtune.report.claims import CLAIMS_HEADING
+
+    report = build_report("rho", tracking_uri=rho_store["uri"], out=tmp_path / "a")
+    table = next(r.view for r in report.views if r.spec.name == "claims").data["claims"]
+    client = MlflowClient(rho_store["uri"])
+    first = client.get_run(report.runs.sweep_run_id).data.tags["mlflow.note.content"]
+    assert first.startswith("**SAM vs SGD** (the verdict table)\n\n" + CLAIMS_HEADING)
+    rows = [line for line in first.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert len(rows) == len(table)
+    for line, claim in zip(rows, table.to_dict("records")):
+        assert line == f"| {claim['claim']} | {claim['measured']} | {claim['verdict']} |"
+    assert "| rho = 0.05 is as good as the searched rho (noise=0.4) |" in first
+    build_report("rho", tracking_uri=rho_store["uri"], out=tmp_path / "b")
+    assert client.get_run(report.runs.sweep_run_id).data.tags["mlflow.note.content"] == first
+
+
+# -- the sweep's side: which cell, what is measured, measured once -------------------------------
+
+
+def picked_cell(sweep, cell, tmp_path, optimizers=("sgd", "sam"), classes=10):
+    """A cell's search as the recorder leaves it: one finished trial per optimizer, each with a
+    checkpoint of fresh MLP weights (what a trial's checkpoint holds, its weights first)."""
+    import torch
+    from ray.tune import Checkpoint
+
+    from samtune.models.zoo import build_model
+    from samtune.sweep.results import CellResult, TrialRow
+
+    result = CellResult(cell)
+    for number, optimizer in enumerate(optimizers):
+        folder = tmp_path / cell.slug / optimizer
+        folder.mkdir(parents=True)
+        torch.manual_seed(number)
+        torch.save({"model": build_model("mlp", classes, (1, 8, 8)).state_dict(), "epoch": 1}, folder / "trial.pt")
+        params = {"optimizer": optimizer, "lr": 0.1, **({"rho": 0.05} if optimizer == "sam" else {})}
+        result.trials[f"{cell.slug}-{optimizer}"] = TrialRow(
+            f"{cell.slug}-{optimizer}",
+            params,
+            status="finished",
+            epoch=1,
+            metrics={"val_error": 0.3 if optimizer == "sgd" else 0.2},
+            number=number,
+            checkpoint=Checkpoint.from_directory(str(folder)),
+        )
+    return result
+
+
+def test_the_sweep_measures_the_density_once_in_the_ablations_noisiest_cell(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from samtune.sweep import spectra
+    from samtune.sweep.study import Sweep
+
+    monkeypatch.setitem(spectra.SETTINGS, "steps", 6)
+    monkeypatch.setitem(spectra.SETTINGS, "subset", 64)
+    sweep = Sweep(
+        name="d",
+        dataset="digits",
+        model="mlp",
+        epochs=1,
+        batch_size=32,
+        trials=2,
+        label_noise_rates=(0.0, 0.4, 0.6, 0.8),
+        confirm_seeds=2,
+        ablations={"rho": (0.02,)},
+        ablation_rates=(0.0, 0.4, 0.8),
+    )
+    c0, c4, c6, c8 = sweep.cells()
+    results = [
+        picked_cell(sweep, c0, tmp_path),
+        picked_cell(sweep, c4, tmp_path),
+        picked_cell(sweep, c6, tmp_path),
+        picked_cell(sweep, c8, tmp_path, optimizers=("sgd",)),  # no SAM pick: passed over
+    ]
+    # The noisiest cell with ablations and both picks; without ablations anywhere, the noisiest cell.
+    assert spectra.density_cell(sweep, results).cell == c4
+    assert spectra.density_cell(sweep.replace(ablations={}, ablation_rates=None), results).cell == c6
+    logged = []
+    tracker = SimpleNamespace(
+        log_artifacts=lambda key, folder: logged.append(("artifacts", key, str(folder))),
+        set_tags=lambda key, tags: logged.append(("tags", key, tags)),
+    )
+    plan = SimpleNamespace(sweep=sweep, sweep_dir=tmp_path / "runs" / "d")
+    path = spectra.log_spectral_density(plan, results, tracker, "d")
+    assert path == plan.sweep_dir / "spectra" / c4.slug / "spectral_density.json"
+    assert logged == [
+        ("artifacts", f"d/{c4.slug}", str(path.parent)),
+        ("tags", f"d/{c4.slug}", {"samtune.spectral_density": "spectral_density.json"}),
+    ]
+    found = json.loads(path.read_text())
+    assert found["cell"] == "noise=0.4" and found["settings"]["steps"] == 6 and found["settings"]["subset"] == 64
+    assert found["picks"]["best_sam"] == {"trial_id": f"{c4.slug}-sam", "optimizer": "sam", "lr": 0.1, "rho": 0.05}
+    grid = np.asarray(found["grid"])
+    assert len(grid) == found["settings"]["bins"] and np.all(np.diff(grid) > 0)
+    for name in ("best_sgd", "best_sam"):
+        nodes = np.asarray(found["nodes"][name])
+        assert nodes.shape == (1, 6) and grid[0] < nodes.min() and nodes.max() < grid[-1]
+        assert np.trapezoid(found["density"][name], grid) == pytest.approx(1.0, abs=1e-3)
+    # A resumed driver finds the file and logs it again without measuring.
+    monkeypatch.setattr(spectra, "pick_spectra", lambda *a, **k: pytest.fail("measured again"))
+    assert spectra.log_spectral_density(plan, results, tracker, "d") == path and len(logged) == 4
+
+
+def test_a_finetuning_cells_density_reads_no_starting_weights(tmp_path, monkeypatch):
+    """The weights are the checkpoints': the cell's pretraining source is never read (here it
+    does not exist)."""
+    from samtune.sweep import spectra
+    from samtune.sweep.study import Sweep
+
+    monkeypatch.setitem(spectra.SETTINGS, "steps", 4)
+    monkeypatch.setitem(spectra.SETTINGS, "subset", 32)
+    sweep = Sweep(
+        name="f",
+        dataset="digits[5-9]",
+        model="mlp",
+        epochs=1,
+        batch_size=32,
+        trials=2,
+        scenario="finetune",
+        fixed={"finetune_source": str(tmp_path / "absent.pt")},
+    )
+    (cell,) = sweep.cells()
+    found = spectra.pick_spectra(sweep, picked_cell(sweep, cell, tmp_path, classes=5))
+    assert set(found["density"]) == {"best_sgd", "best_sam"} and found["examples"].startswith("32 training examples")

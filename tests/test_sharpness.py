@@ -806,3 +806,36 @@ def test_m_sharpness_at_several_m_logs_each_and_keeps_the_single_m_key():
     # One-step m-sharpness (rho ||g_B|| to first order) averages per-batch gradient norms, which
     # shrink as the batches grow: smaller m, larger value.
     assert out["sharpness/m_sharpness_at_m4"] > out["sharpness/m_sharpness_at_m32"]
+
+
+def test_the_density_the_sweep_logs_is_pyhessians_and_its_mass_below_a_cut_is_the_dense_spectrums():
+    """`samtune.sweep.spectra` draws the density on PyHessian's grid with PyHessian's widening:
+    the same curve as PyHessian's ``density_generate`` formula (written out here) on the same
+    nodes and weights, and, with full-length Lanczos, its area below any cut between eigenvalues
+    is the dense Hessian's share of eigenvalues there, within the probes' error."""
+    from samtune.sweep.spectra import SETTINGS, density_grid
+
+    model, x, y = spectrum_net()
+    eig = torch.linalg.eigvalsh(dense_hessian(model, x, y)).double()
+    n, probes = len(eig), 8
+    density = spectral_density(model, F.cross_entropy, x, y, probes=probes, steps=n, seed=3, batch=48)
+    settings = {**SETTINGS, "bins": 6000}
+    grid, sigma = density_grid([float(density.nodes.min())], [float(density.nodes.max())], settings)
+    curve = density.curve(grid, sigma).numpy()
+    # PyHessian (density_generate): sigma_squared * max(1, |ends|) is the Gaussians' variance,
+    # the mean over probes normalised by its sum times the bin width.
+    g, nodes, w = grid.numpy(), density.nodes.numpy(), density.weights.numpy()
+    s2 = settings["sigma_squared"] * max(1.0, abs(g[0]), abs(g[-1]))
+    gauss = np.exp(-((g[:, None, None] - nodes[None]) ** 2) / (2 * s2)) / np.sqrt(2 * np.pi * s2)
+    reference = (gauss * w[None]).sum(2).mean(1)
+    reference /= reference.sum() * (g[1] - g[0])
+    np.testing.assert_allclose(curve, reference, rtol=2e-3, atol=1e-9 * reference.max())
+    # Cuts in the widest gaps between eigenvalues, far from any in units of the widening.
+    gaps = sorted(range(n - 1), key=lambda i: float(eig[i + 1] - eig[i]))[-4:]
+    for i in gaps:
+        cut = float(eig[i] + eig[i + 1]) / 2
+        assert float(eig[i + 1] - eig[i]) > 20 * sigma
+        below = i + 1
+        area = float(np.trapezoid(curve[g <= cut], g[g <= cut]))
+        rank = min(below, n - below)
+        assert abs(area - below / n) <= 4 * math.sqrt(2 * rank / probes) / n + 2e-3, (cut, area, below / n)

@@ -41,6 +41,9 @@ ALIASES_TAG = "samtune.aliases"
 #: ("best_sgd:<trial_key>,best_sam:<trial_key>"); each pick's run holds its final weights as the
 #: MLflow model ``model``.
 PICKS_TAG = "samtune.picks"
+#: On a cell's run: the artifact holding its picks' Hessian eigenvalue density
+#: (``spectral_density.json``, `samtune.sweep.spectra`), where the sweep measured one.
+SPECTRAL_DENSITY_TAG = "samtune.spectral_density"
 #: Read by the MLflow UI: an experiment of this kind opens on its training runs, not on traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"

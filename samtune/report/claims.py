@@ -138,24 +138,37 @@ DEFAULTS = (
 )
 
 
+#: Why the row against best SAM and the rho curve's robust range share one rule.
+SAME_RULE = (
+    "the rho curve's robust range uses this decision: no worse than the best SAM by more than the "
+    "margin, on the verdicts' interval"
+)
+
+
 def robust_default(found: list[dict[str, Any]], aliases: dict[str, str]) -> list[dict]:
     """rho = 0.05 is a robust default: per cell, SAM at rho 0.05 (the rho ablation's point where
-    the cell has one, else the SAM baseline) against best SAM (holds when equivalent or lower)
-    and against best SGD (holds when lower), paired by seed."""
+    the cell has one, else the SAM baseline) against best SAM (holds when no worse than it by
+    more than the margin: `samtune.verdicts.against_optimum`, the rule of the rho curve's robust
+    range) and against best SGD (holds when lower), paired by seed."""
     rows = []
     for v in found:
         decisions = v["decisions"]
         first, what, as_good = next((d for d in DEFAULTS if f"{d[0]} - best_sgd" in decisions), DEFAULTS[-1])
         same = f"{first}:best_sam" in aliases.get(v["cell"], "")
         for other, holds, claim in (
-            ("best_sam", ("SAM better", "equivalent"), as_good),
-            ("best_sgd", ("SAM better",), "rho = 0.05 beats SGD"),
+            ("best_sam", "no worse", as_good),
+            ("best_sgd", "SAM better", "rho = 0.05 beats SGD"),
         ):
             d = decisions.get(f"{first} - {other}", {}).get("final")
             if d is None:
                 continue
+            verdict = judged(d.outcome, holds, d.n)
             basis = f"confirmation runs, {d.n} fresh seeds; {d.where()}"
+            if other == "best_sam" and first == "rho=0.05":
+                basis += f"; {SAME_RULE}"
             if same and other == "best_sam":
+                # The optimum of its own curve: robust there by definition, so here too.
+                verdict = "holds"
                 basis = "the search picked rho = 0.05 itself: one set of confirmation runs stands for both"
             rows.append(
                 row(
@@ -163,7 +176,7 @@ def robust_default(found: list[dict[str, Any]], aliases: dict[str, str]) -> list
                     "Section 3 (rho = 0.05 untuned)",
                     f"{what} - {other.replace('_', ' ')}, test error at the final epoch, paired by seed",
                     _interval_text(d),
-                    judged(d.outcome, d.outcome if d.outcome in holds else holds[0], d.n),
+                    verdict,
                     basis,
                 )
             )
@@ -331,10 +344,55 @@ def claims(runs: Runs) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """The claims table as markdown."""
+def markdown(table: pd.DataFrame, columns: list[str] = COLUMNS) -> str:
+    """The claims table as markdown (``columns`` of it)."""
     if table.empty:
         return ""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in table.to_dict("records")]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [
+        "| " + " | ".join(str(r[c]).replace("|", "\\|") for c in columns) + " |" for r in table.to_dict("records")
+    ]
     return "\n".join(lines) + "\n"
+
+
+#: Where the claims section of the sweep run's description starts (all that follows is its own).
+CLAIMS_HEADING = "**The SAM paper's claims**"
+#: What the description shows of each claim: what the claims view shows of it.
+DESCRIPTION_COLUMNS = ["claim", "measured", "verdict"]
+#: MLflow's limit on a tag's value (``mlflow.utils.validation.MAX_TAG_VAL_LENGTH``).
+TAG_LIMIT = 8000
+
+
+def with_claims(description: str, table: pd.DataFrame, limit: int = TAG_LIMIT) -> str:
+    """The sweep run's description (the verdict table) with its claims section: the earlier one,
+    if any, replaced by ``table``'s, one row per claim (claim, measured, verdict, as the claims view
+    shows them); rows that would take it past ``limit`` characters are left to the report, and
+    a line says how many.
+
+    >>> table = pd.DataFrame([row("c", "s", "x", "+0.1", "holds", "b")], columns=COLUMNS)
+    >>> print(with_claims("verdicts", table))
+    verdicts
+    <BLANKLINE>
+    **The SAM paper's claims** (Foret et al. 2020), each with its measured value and verdict (the report's claims view says what is compared and on which runs):
+    <BLANKLINE>
+    | claim | measured | verdict |
+    |---|---|---|
+    | c | +0.1 | holds |
+    <BLANKLINE>
+    >>> with_claims(with_claims("verdicts", table), table) == with_claims("verdicts", table)
+    True
+    """
+    kept = description.split(CLAIMS_HEADING)[0].rstrip()
+    head = (
+        f"{CLAIMS_HEADING} (Foret et al. 2020), each with its measured value and verdict (the report's "
+        "claims view says what is compared and on which runs):\n\n"
+    )
+    start = f"{kept}\n\n{head}" if kept else head
+    rows = len(table)
+    while True:
+        shown = markdown(table.head(rows), DESCRIPTION_COLUMNS)
+        left = len(table) - rows
+        more = f"\n{left} more claim rows in the report's claims view\n" if left else ""
+        if len(start) + len(shown) + len(more) <= limit or rows == 0:
+            return start + shown + more
+        rows -= 1

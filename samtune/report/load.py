@@ -8,13 +8,18 @@ the flat trial config, metrics are logged per epoch with `step=epoch`.
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
 from typing import Any
 
-from samtune.contract.messages import masked
-from samtune.contract.tags import ALIASES_TAG, CELL_TAG, PICKS_TAG, ROLE_TAG
+from samtune.contract.messages import first_line, masked
+from samtune.contract.tags import ALIASES_TAG, CELL_TAG, PICKS_TAG, ROLE_TAG, SPECTRAL_DENSITY_TAG
 from samtune.report.answers import confirmation_frame
 from samtune.report.runs import ReportError, Runs, TrialRecord, design_of, parse_picks
 from samtune.report.table import tabulate
+
+log = logging.getLogger(__name__)
 
 
 def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: bool = False) -> Runs:
@@ -60,7 +65,27 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
     runs.picks = {
         c.data.tags.get(CELL_TAG, ""): parse_picks(c.data.tags[PICKS_TAG]) for c in cells if PICKS_TAG in c.data.tags
     }
+    runs.spectra = {
+        c.data.tags.get(CELL_TAG, ""): found
+        for c in cells
+        if SPECTRAL_DENSITY_TAG in c.data.tags
+        and (found := _spectral_density(client, c.info.run_id, c.data.tags[SPECTRAL_DENSITY_TAG]))
+    }
     return runs
+
+
+def _spectral_density(client: Any, run_id: str, path: str) -> dict[str, Any]:
+    """The JSON a cell run's spectral density tag names (empty, with a log line, where it
+    cannot be read: the report draws the rest without it)."""
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            local = client.download_artifacts(run_id, path, folder)
+            with open(local) as f:
+                found = json.load(f)
+    except Exception as exc:  # noqa: BLE001  a missing or unreadable artifact: drawn without it
+        log.warning("spectral density of run %s not read (%s)", run_id, first_line(exc))
+        return {}
+    return found if isinstance(found, dict) and "grid" in found and "density" in found else {}
 
 
 def _search_runs(client: Any, experiment_id: str, role: str) -> list:

@@ -24,7 +24,8 @@ from typing import Any
 import pandas as pd
 
 from samtune.contract.messages import masked
-from samtune.contract.tags import ROLE_TAG
+from samtune.contract.tags import DESCRIPTION_TAG, ROLE_TAG
+from samtune.report.claims import claims, with_claims
 from samtune.report.load import load_runs
 from samtune.report.runs import NoFinishedTrialsError, Runs
 from samtune.report.table import cell_order
@@ -200,7 +201,8 @@ def build_report(
     one PNG per view with a figure and the tidy tables (trials.csv, history.csv) into `out`
     (default `reports/<experiment>/`), and logs those files, and nothing else of `out`, under
     `report/` as artifacts of the sweep's parent run (the newest run tagged samtune.role=sweep;
-    skipped with a log message where there is none, or when `log_artifacts=False`).
+    skipped with a log message where there is none, or when `log_artifacts=False`), whose
+    description then gets the claims table as its last section (`samtune.report.claims.with_claims`).
 
     Raises:
         ReportError: no experiment of that name, or no views folder.
@@ -227,6 +229,7 @@ def build_report(
     ]
     if log_artifacts:
         _log_to_sweep_run(runs, files)
+        _describe_claims(runs, rendered)
     return Report(runs=runs, views=list(rendered), index=index, files=files)
 
 
@@ -241,6 +244,24 @@ def _log_to_sweep_run(runs: Runs, files: Sequence[Path]) -> None:
     # File by file: `out` may be a folder that holds more than this report.
     for path in files:
         client.log_artifact(runs.sweep_run_id, str(path), artifact_path="report")
+
+
+def _describe_claims(runs: Runs, rendered: Sequence[RenderedView]) -> None:
+    """The claims table as a section of the sweep run's description (`with_claims`): the claims
+    view's own table where it drew one, else computed here."""
+    if runs.sweep_run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    drawn = next((r.view for r in rendered if r.spec.name == "claims" and r.view is not None), None)
+    try:
+        table = drawn.data["claims"] if drawn is not None and "claims" in drawn.data else claims(runs)
+    except Exception as exc:  # noqa: BLE001  the page says what failed; the description keeps its verdicts
+        log.warning("the claims table is not in the sweep run's description: %s", exc)
+        return
+    client = MlflowClient(tracking_uri=runs.tracking_uri)
+    current = client.get_run(runs.sweep_run_id).data.tags.get(DESCRIPTION_TAG, "")
+    client.set_tag(runs.sweep_run_id, DESCRIPTION_TAG, with_claims(current, table))
 
 
 def build(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None, **options: Any) -> Path:

@@ -14,6 +14,7 @@ views that choose by it fall back to the test error where it is missing, through
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -112,6 +113,9 @@ class Runs:
     picks: dict[str, dict[str, str]] = field(default_factory=dict)
     # The verdicts' sequential design, from the sweep run's settings (None: judge all seeds at once).
     design: Design | None = None
+    # By cell, the picks' Hessian eigenvalue density the sweep measured (`samtune.sweep.spectra`:
+    # the cell run's ``spectral_density.json``); empty where it measured none.
+    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def picked(self) -> frozenset[str]:

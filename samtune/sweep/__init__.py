@@ -6,7 +6,8 @@ What is run: `study` (the `Sweep`), `space_file` (reading a space file), `valida
 cluster it needs), `estimate` (its size, and its duration measured here). Running it: `driver` (`prepare`, `run_sweep`), `plan`, `search` (with
 `optuna_storage`: the Optuna storage each cell's study lives in), `ray_env`.
 Recording it and surviving a crash: `recording`, `tracking` (with `run_names`, what its runs
-are called), `pick_models` (the picks' weights as MLflow models), `recovery`, `interrupts`,
+are called), `pick_models` (the picks' weights as MLflow models), `spectra` (one cell's picks'
+Hessian eigenvalue density, for the claims view), `recovery`, `interrupts`,
 `driver_lock`; where its files are and this driver's hold on them: `storage` (in a bucket:
 `object_store`, `lease`, `bucket_journal`). Confirming the picks: `baselines`, `confirm` (with `ablations`: the settings
 moved one at a time around each pick). What came of it: `results`, `view` (with `progress`: where each stage is), `errors`.

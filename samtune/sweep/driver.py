@@ -81,6 +81,7 @@ from samtune.sweep.search import (
     baseline_points,
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
+from samtune.sweep.spectra import log_spectral_density
 from samtune.sweep.storage import check_storage_uri, hold, send_last
 from samtune.sweep.study import Cell, Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
@@ -476,6 +477,7 @@ def run_sweep(plan: Plan, view: Any = None) -> list[CellResult]:
                     f"sweep with: {plan.resume_command}"
                 )
             _record_verdicts(plan, tracker, sweep_key, results)
+        log_spectral_density(plan, results, tracker, sweep_key)
         tracker.set_status(sweep_key, "finished")
         completed = True
     finally:

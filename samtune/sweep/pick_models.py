@@ -98,17 +98,23 @@ def save_pick_model(config: dict[str, Any], row: TrialRow, folder: Path) -> None
     did): whole or not at all, so a killed driver leaves no half model to log."""
     if (folder / MODEL_PATH / "MLmodel").exists():
         return
-    if row.checkpoint is None:
-        raise FileNotFoundError("Tune kept no checkpoint of it")
-    with row.checkpoint.as_directory() as checkpoint:
-        weights = read_checkpoint(checkpoint)["model"]
-    module, inputs = trained_model(config, weights)
+    module, inputs = checkpoint_model(config, row)
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     _save(module, inputs, partial / MODEL_PATH, config)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
+
+
+def checkpoint_model(config: dict[str, Any], row: TrialRow) -> tuple[nn.Module, ModelInputs]:
+    """The network of `row`'s last checkpoint (its final weights), on the CPU in eval mode, and
+    what it takes. Raises FileNotFoundError where Tune kept no checkpoint of it."""
+    if row.checkpoint is None:
+        raise FileNotFoundError("Tune kept no checkpoint of it")
+    with row.checkpoint.as_directory() as checkpoint:
+        weights = read_checkpoint(checkpoint)["model"]
+    return trained_model(config, weights)
 
 
 def _save(module: nn.Module, inputs: ModelInputs, path: Path, config: dict[str, Any]) -> None:

@@ -14,7 +14,9 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   pairflip`` for non-symmetric noise). Tags: ``samtune.role=cell``, ``samtune.cell=<label>``,
   ``samtune.key=<sweep>/<cell slug>``, ``samtune.status``, ``mlflow.parentRunId=<sweep run id>``,
   and after its search ``samtune.picks=best_sgd:<trial key>,best_sam:<trial key>``: the trials it
-  picked, each holding its final weights as an MLflow model (below).
+  picked, each holding its final weights as an MLflow model (below); in the one cell where the
+  sweep measured it (`samtune.sweep.spectra`), ``samtune.spectral_density=spectral_density.json``
+  and that artifact: the picks' Hessian eigenvalue density.
   Params: ``scenario``, ``label_noise_rate``, ``label_noise_kind``.
 - Trial run (one per Tune trial, however often it restarts or the sweep resumes), run name:
   cell, optimizer, the headline settings its search chose, ``baseline`` for a declared baseline,
@@ -49,7 +51,8 @@ Layout (what `samtune.report` reads; one writer, the sweep driver):
   ``samtune.seed=<seed>``, params and metrics as a trial's. The cell run's ``samtune.aliases``
   names picks run once for two names, and its dataset input describes the cell's data; the
   sweep run's description (``mlflow.note.content``) holds the verdict table, with
-  ``verdicts.json``/``verdicts.md`` as its artifacts.
+  ``verdicts.json``/``verdicts.md`` as its artifacts, and, once the report is built, the
+  claims table below it (`samtune.report.claims.with_claims`).
 - MLflow run status: FINISHED for ``finished``/``stopped``/``diverged``, FAILED for ``failed``;
   KILLED for runs left open when a sweep is interrupted (``samtune.status`` stays ``running``; a
   resumed sweep reopens the same runs and finishes them).

@@ -339,10 +339,12 @@ def curve_lines(verdict: dict[str, Any], margin: float) -> list[str]:
         best = next(p for p in points if p["optimum"])
         low, high = curve["robust_range"][rule]
         span = f"{key} {low}" if low == high else f"{key} {low} to {high}"
+        levels = sorted({f"{p[f'{rule} difference'].level:.1%}" for p in points if not p["optimum"]})
         lines.append(
             f"{key} curve, {verdict['cell']} ({RULES[rule]}, {best[rule].n} seeds): optimum {key}={curve['optimum']} "
             f"(the {PICK_NAMES[curve['of']]} pick) {best[rule].text()}; "
-            f"robust range (95% CI of the paired difference from it below +{margin:g}): {span} "
+            f"robust range (no worse than it by more than +{margin:g}, judged as the verdicts are: "
+            f"{' / '.join(levels) or '-'} interval of the paired difference): {span} "
             f"({len(curve['robust'][rule])} of {len(points)} values)"
         )
     return lines
