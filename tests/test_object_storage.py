@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -353,20 +354,25 @@ def test_a_study_in_a_bucket_journal_reads_back_whole_from_another_process_view(
     import optuna
     from optuna.storages.journal import JournalStorage
 
-    from samtune.sweep.bucket_journal import BucketJournal
+    from samtune.sweep.bucket_journal import BucketJournal, journal_at
 
     uri = f"s3://{s3_server.bucket}/sweeps/t/optuna-journal"
-    study = optuna.create_study(study_name="t/noise=0.4", storage=JournalStorage(BucketJournal(uri)))
+    # Two cells' studies through two storages on one journal, as two cells' searchers open it.
+    study = optuna.create_study(study_name="t/noise=0.4", storage=JournalStorage(journal_at(uri)))
+    other = optuna.create_study(study_name="t/noise=0", storage=JournalStorage(journal_at(uri)))
     for x in (0.1, 0.2, 0.3):
-        trial = study.ask()
-        trial.suggest_float("lr", 0.01, 1.0)
-        trial.report(x, 1)
-        study.tell(trial, x)
+        for s in (study, other):
+            trial = s.ask()
+            trial.suggest_float("lr", 0.01, 1.0)
+            trial.report(x, 1)
+            s.tell(trial, x)
     # Written as each entry came: what a driver on another machine reads, with nothing held over.
     again = optuna.load_study(study_name="t/noise=0.4", storage=JournalStorage(BucketJournal(uri)))
     assert [(t.params, t.value, t.intermediate_values) for t in again.trials] == [
         (t.params, t.value, t.intermediate_values) for t in study.trials
     ]
+    assert len(optuna.load_study(study_name="t/noise=0", storage=JournalStorage(BucketJournal(uri))).trials) == 3
+    assert pickle.loads(pickle.dumps(journal_at(uri))) is journal_at(uri)  # a restored searcher shares it
     keys = s3_server.keys("sweeps/t/optuna-journal/")
     assert keys and all(k.endswith(".jsonl") for k in keys)
     s3_server.client().delete_object(Bucket="sweeps", Key=keys[1])  # a lost write is named, not skipped

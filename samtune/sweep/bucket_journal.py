@@ -7,12 +7,15 @@ own object, ``<first entry's number>.jsonl``, written before the call returns: t
 journal is never behind the searcher state Tune saves after it.
 
 Only the sweep's driver (held by its lease) writes a sweep's journal, so entries are read from
-the bucket once, when the journal is opened, and kept in memory after that.
+the bucket once, when the journal is first opened, and kept in memory after that. Every cell's
+searcher opens the same journal: `journal_at` gives them one shared object per URI (unpickled
+searchers too), so their entries are numbered in one sequence.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,14 +23,27 @@ from optuna.storages.journal import BaseJournalBackend
 
 from samtune.sweep.object_store import Bucket
 
+_OPEN: dict[str, BucketJournal] = {}
+_OPENING = threading.Lock()
+
+
+def journal_at(uri: str) -> BucketJournal:
+    """This process's one journal at ``uri``."""
+    with _OPENING:
+        if uri not in _OPEN:
+            _OPEN[uri] = BucketJournal(uri)
+        return _OPEN[uri]
+
 
 class BucketJournal(BaseJournalBackend):
-    """Optuna journal entries as objects under ``uri`` (e.g. ``s3://bucket/sweeps/<sweep>/optuna-journal``)."""
+    """Optuna journal entries as objects under ``uri`` (e.g. ``s3://bucket/sweeps/<sweep>/optuna-journal``);
+    open it with `journal_at`."""
 
     def __init__(self, uri: str):
         self.uri = uri
         self._logs: list[dict[str, Any]] | None = None
         self._opened: Bucket | None = None
+        self._lock = threading.Lock()
 
     def _bucket(self) -> Bucket:
         if self._opened is None:
@@ -53,13 +69,15 @@ class BucketJournal(BaseJournalBackend):
         return self._logs
 
     def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
-        return list(self._loaded()[log_number_from:])
+        with self._lock:
+            return list(self._loaded()[log_number_from:])
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        known = self._loaded()
-        body = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in logs)
-        self._bucket().write(f"{len(known):012d}.jsonl", body.encode())
-        known.extend(logs)
+        with self._lock:
+            known = self._loaded()
+            body = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in logs)
+            self._bucket().write(f"{len(known):012d}.jsonl", body.encode())
+            known.extend(logs)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "_logs": None, "_opened": None}  # read again where it is unpickled
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return journal_at, (self.uri,)  # unpickled as this process's one journal there

@@ -83,9 +83,9 @@ def open_storage(value: str) -> BaseStorage:
     if is_url(value):
         return optuna.storages.RDBStorage(value)
     if in_bucket(value):
-        from samtune.sweep.bucket_journal import BucketJournal
+        from samtune.sweep.bucket_journal import journal_at
 
-        return JournalStorage(BucketJournal(value))
+        return JournalStorage(journal_at(value))
     Path(value).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(value))
 
