@@ -157,8 +157,9 @@ def prepare(
     check_address(address)
     shown_storage = (storage_value if held.bucket is not None else str(held.storage)) if storage_path else None
     flags = _resume_flags(overrides, trials, data_root, shown_storage, address)
-    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags, held.lock)
-    plan.estimate, plan.bucket, plan.mirror, plan.optuna_storage = size, held.bucket, held.mirror, studies
+    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags)
+    plan.lock, plan.optuna_storage = held.lock, studies  # by name: the lock must live as long as the plan
+    plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
     return plan
 
 
