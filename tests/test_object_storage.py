@@ -233,7 +233,8 @@ def test_a_killed_sweep_in_a_bucket_is_finished_by_a_driver_elsewhere(s3_server,
     for machine in (first, second):
         (machine / "home").mkdir(parents=True)
     uri = f"s3://{s3_server.bucket}/sweeps"
-    sets = ("--set", "epochs=3", "--set", "trials=3", "--set", "label_noise_rates=0.0,0.4", "--set", "confirm_seeds=2")
+    sets = ("--set", "epochs=3", "--set", "trials=3", "--set", "label_noise_rates=0.0,0.4")
+    sets += ("--set", "confirm_seeds=2", "--set", "max_confirm_seeds=2")  # one confirmation round
     proc = subprocess.Popen(
         s3_sweep(tmp_path, uri, *sets, "--no-report"),
         cwd=first,
