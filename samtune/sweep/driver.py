@@ -119,11 +119,7 @@ def prepare(
     million trial-epochs) without `yes`.
     """
     # Before the data are read: a storage path that leads nowhere is refused at once.
-    storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
-    if is_remote(storage_value):
-        check_storage_uri(storage_value)
-    else:
-        storage_folder(storage_value)
+    storage_value = _checked_storage(storage_path)
     sweep, space, sampled, baselines = _checked_sweep(path, overrides, trials, data_root)
     slots = None
     if (machine := local_resources(address)) is not None:
@@ -145,6 +141,28 @@ def prepare(
     default = held.bucket.uri_of(JOURNAL_FOLDER) if held.bucket is not None else None
     asked = optuna_storage or (None if resume else default)  # a resumed sweep keeps its own
     studies = _optuna_storage(asked, sweep_dir, sweep, resume, saved_storage)
+    uri = _checked_tracking(tracking_uri)
+    check_address(address)
+    shown_storage = (storage_value if held.bucket is not None else str(held.storage)) if storage_path else None
+    flags = _resume_flags(overrides, trials, data_root, shown_storage, address)
+    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags)
+    plan.lock, plan.optuna_storage = held.lock, studies  # by name: the lock must live as long as the plan
+    plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
+    return plan
+
+
+def _checked_storage(storage_path: str | None) -> str:
+    """The storage path asked for (or the default), refused now if it can lead nowhere."""
+    storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
+    if is_remote(storage_value):
+        check_storage_uri(storage_value)
+    else:
+        storage_folder(storage_value)
+    return storage_value
+
+
+def _checked_tracking(tracking_uri: str | None) -> str:
+    """The MLflow store's URI, reachable, and the store's patience setting, valid; else SweepError."""
     uri = resolve_tracking_uri(tracking_uri)
     try:
         check_tracking_uri(uri)
@@ -154,13 +172,7 @@ def prepare(
         store_wait_s()
     except ValueError as exc:
         raise SweepError(str(exc)) from None
-    check_address(address)
-    shown_storage = (storage_value if held.bucket is not None else str(held.storage)) if storage_path else None
-    flags = _resume_flags(overrides, trials, data_root, shown_storage, address)
-    plan = Plan(sweep, space, str(Path(path).resolve()), sweep_dir, uri, address, resume, sweep_id, flags)
-    plan.lock, plan.optuna_storage = held.lock, studies  # by name: the lock must live as long as the plan
-    plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
-    return plan
+    return uri
 
 
 def _checked_sweep(

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from samtune.contract.messages import first_line, masked
+from samtune.sweep.bucket_journal import journal_at
 from samtune.sweep.errors import SweepError
 from samtune.sweep.study import Cell
 
@@ -83,8 +84,6 @@ def open_storage(value: str) -> BaseStorage:
     if is_url(value):
         return optuna.storages.RDBStorage(value)
     if in_bucket(value):
-        from samtune.sweep.bucket_journal import journal_at
-
         return JournalStorage(journal_at(value))
     Path(value).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(value))
