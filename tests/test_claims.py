@@ -510,3 +510,17 @@ def test_a_finetuning_cells_density_reads_no_starting_weights(tmp_path, monkeypa
     (cell,) = sweep.cells()
     found = spectra.pick_spectra(sweep, picked_cell(sweep, cell, tmp_path, classes=5))
     assert set(found["density"]) == {"best_sgd", "best_sam"} and found["examples"].startswith("32 training examples")
+
+
+def test_the_density_is_measured_only_for_sweeps_that_measure_the_hessian():
+    from samtune.sweep.spectra import measures_hessian
+    from samtune.sweep.study import Sweep
+
+    def sweep(**fixed):
+        return Sweep(name="t", dataset="digits", model="mlp", epochs=2, batch_size=64, trials=2, fixed=fixed)
+
+    assert measures_hessian(sweep())  # the default measures include the Hessian's
+    assert measures_hessian(sweep(sharpness_measures="m_sharpness,hessian_top_eig"))
+    assert measures_hessian(sweep(sharpness_measures=("hessian_trace",)))
+    assert not measures_hessian(sweep(sharpness_measures="m_sharpness,adaptive_sharpness"))
+    assert not measures_hessian(sweep(sharpness_measures=""))

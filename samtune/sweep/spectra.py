@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from samtune.contract.keys import HEADLINE_KEYS
+from samtune.contract.keys import HEADLINE_KEYS, TRIAL_KEYS
 from samtune.contract.messages import first_line
 from samtune.contract.tags import SPECTRAL_DENSITY_TAG
 from samtune.data.scenarios import build_scenario
@@ -85,11 +85,25 @@ def density_cell(sweep: Sweep, results: list[CellResult]) -> CellResult | None:
     return max(pool, key=lambda r: (r.cell.label_noise_rate, -r.cell.index))
 
 
+def measures_hessian(sweep: Sweep) -> bool:
+    """Whether the sweep's trials measure any Hessian quantity (its ``sharpness_measures``)."""
+    measures = sweep.fixed.get("sharpness_measures", TRIAL_KEYS["sharpness_measures"].default)
+    if measures in (None, "default"):
+        measures = TRIAL_KEYS["sharpness_measures"].default
+    names = measures.split(",") if isinstance(measures, str) else list(measures or ())
+    return any(str(name).strip().startswith("hessian") for name in names)
+
+
 def log_spectral_density(plan: Plan, results: list[CellResult], tracker: Tracker, sweep_key: str) -> Path | None:
     """Measure (unless a file from an earlier driver is there) and log the picks' spectral
     density of `density_cell`'s cell on its run; returns the file, None where none was made."""
     result = density_cell(plan.sweep, results)
     if result is None:
+        return None
+    if not measures_hessian(plan.sweep):
+        # A sweep that measures no Hessian asked for no Hessian-vector products (on a CPU and a
+        # large model they take minutes); the claims view says why no density is drawn.
+        log.info("no spectral density: the sweep's sharpness_measures include no Hessian measure")
         return None
     folder = plan.sweep_dir / SPECTRA_DIR / result.cell.slug
     path = folder / ARTIFACT
