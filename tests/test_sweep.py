@@ -1191,9 +1191,12 @@ def test_superseded_checkpoints_go_only_once_no_saved_state_can_name_them(tmp_pa
         assert Path(manager.latest_checkpoint_result.checkpoint.path) == folder
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["checkpoint_000004", "checkpoint_000005", "progress.csv"]
-    # Remote storage is left to its own rules.
-    remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000006"), filesystem=SimpleNamespace(type_name="s3"))
+    # In object storage, the old ones go through the checkpoint's own filesystem, not the local disk.
+    deleted = []
+    bucket = SimpleNamespace(type_name="s3", delete_dir=deleted.append)
+    remote = SimpleNamespace(path=str(tmp_path / "checkpoint_000006"), filesystem=bucket)
     CheckpointPruner().on_checkpoint(6, [], trial, remote)
+    assert deleted == [str(tmp_path / "checkpoint_000004")]
     assert (tmp_path / "checkpoint_000004").exists()
 
 
