@@ -43,18 +43,13 @@ class DriverLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(os.pread(fd, 4096, 0))
+            holder = describe_holder(os.pread(fd, 4096, 0))
             os.close(fd)
             raise SweepBusy(
                 f"sweep {name!r} is already running ({holder}); wait for it to end, or stop it "
                 f"and finish it with --resume"
             ) from None
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "command": masked(" ".join(sys.argv)),
-        }
+        record = holder_record()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         return cls(path, fd)
@@ -63,10 +58,21 @@ class DriverLock:
         self._close()  # once; later calls do nothing
 
 
-def _describe(raw: bytes) -> str:
+def holder_record() -> dict:
+    """What a driver writes of itself where it holds a sweep (a lock file, a lease object)."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.time(),
+        "command": masked(" ".join(sys.argv)),
+    }
+
+
+def describe_holder(raw: bytes, unknown: str = "another driver, starting") -> str:
+    """The driver a `holder_record` names, in words; `unknown` where it cannot be read."""
     try:
         rec = json.loads(raw.decode())
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["started"]))
         return f"driver pid {rec['pid']} on {rec['host']} since {when}"
     except (ValueError, KeyError, TypeError):
-        return "another driver, starting"  # it holds the lock but has not written itself yet
+        return unknown  # e.g. it holds the lock but has not written itself yet

@@ -19,14 +19,12 @@ import json
 import logging
 import os
 import signal
-import socket
-import sys
 import threading
-import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from samtune.contract.messages import first_line, masked
+from samtune.contract.messages import first_line
+from samtune.sweep.driver_lock import describe_holder, holder_record
 from samtune.sweep.errors import SweepError
 from samtune.sweep.object_store import Bucket, shown
 
@@ -100,12 +98,7 @@ class DriverLease:
         client, lease_s = s3_client(bucket), lease_seconds()
         bucket_name, _, prefix = bucket.root.partition("/")
         key = f"{prefix}/.{name}.driver.lease".lstrip("/")
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "command": masked(" ".join(sys.argv)),
-        }
+        record = holder_record()
         body = json.dumps(record).encode()
         try:
             etag = client.put_object(Bucket=bucket_name, Key=key, Body=body, IfNoneMatch="*")["ETag"]
@@ -153,7 +146,7 @@ class DriverLease:
 def _take_over(client: Any, bucket_name: str, key: str, body: bytes, name: str, lease_s: float) -> str:
     """The lease of a driver that stopped renewing it, taken over; SweepError while it lives."""
     head = client.get_object(Bucket=bucket_name, Key=key)
-    holder = _describe(head["Body"].read())
+    holder = describe_holder(head["Body"].read(), unknown="another driver")
     now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
     silent = (now - head["LastModified"]).total_seconds()
     if silent <= lease_s:
@@ -170,12 +163,3 @@ def _take_over(client: Any, bucket_name: str, key: str, body: bytes, name: str, 
         raise
     log.warning("took over sweep %r from %s, silent for %.0f s", name, holder, silent)
     return str(etag)
-
-
-def _describe(raw: bytes) -> str:
-    try:
-        rec = json.loads(raw.decode())
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["started"]))
-        return f"driver pid {rec['pid']} on {rec['host']} since {when}"
-    except (ValueError, KeyError, TypeError):
-        return "another driver"
