@@ -177,6 +177,8 @@ def test_the_older_m_ablation_is_the_m_entry():
     assert "ablations" not in old.to_dict() and Sweep.from_dict(old.to_dict()) == old
 
 
+# A Hessian measure among the trials' sharpness measures: the driver then measures the picks'
+# spectral density (a sweep that asks for none gets none).
 SPACE = """\
 from samtune.sweep import Sweep
 
@@ -188,7 +190,8 @@ def space(trial):
 
 SWEEP = Sweep(name='t', dataset='digits', model='mlp', epochs=2, batch_size=64, trials=2,
               label_noise_rates=(0.0, 0.4), confirm_seeds=2, ablation_rates=(0.4,),
-              ablations={'rho': (0.02, 0.2), 'lr': (0.5,)}, fixed={'sharpness_measures': ''})
+              ablations={'rho': (0.02, 0.2), 'lr': (0.5,)},
+              fixed={'sharpness_measures': 'hessian_top_eig'})
 """
 
 
