@@ -38,6 +38,8 @@ from samtune.sweep.baselines import baseline_trials
 from samtune.sweep.check import check_space, fixed_trial_config
 from samtune.sweep.driver import prepare, run_sweep
 from samtune.sweep.errors import SweepError, SweepInterrupted
+from samtune.sweep.flatness import K as FLATNESS_K
+from samtune.sweep.flatness import measures_hessian
 from samtune.sweep.plan import Plan
 from samtune.sweep.preflight import PreflightError, check_cells
 from samtune.sweep.recording import search_label
@@ -373,6 +375,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"fresh seeds{more}; equivalent means within +/-{sweep.equivalence_margin:g}"
             + "".join(f"; ablations in {cell}: {ablation_text(settings)}" for cell, settings in ablation.items())
         )
+        if ablation and measures_hessian(sweep):
+            print(
+                f"  flatness: the best SGD and best SAM confirmation runs in {', '.join(ablation)} measure the "
+                f"Hessian's top {FLATNESS_K} eigenvalues"
+            )
     if unchecked:
         print(unchecked, file=sys.stderr)
     return 0

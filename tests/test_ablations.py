@@ -244,6 +244,18 @@ def test_a_real_sweep_records_its_ablations_and_the_sensitivity_view_draws_them(
         assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.02)
     claims = next(s for s in discover_views() if s.name == "claims").function(runs)
     assert set(claims.data["spectral_density"]["pick"]) == {"best_sgd", "best_sam"}
+    # The compared picks' confirmation runs in the ablations' cell measured the top 5 eigenvalues;
+    # no other confirmation run measured anything; the flatness rows pair them by seed.
+    measured = {
+        (r.data.tags["samtune.cell"], r.data.tags["samtune.confirms"])
+        for r in by_role["confirm"]
+        if "sharpness/hessian_top_eig_5" in r.data.metrics
+    }
+    assert measured == {("noise=0.4", "best_sgd"), ("noise=0.4", "best_sam")}
+    assert all(not any(k.startswith("sharpness/") for k in r.data.metrics) for r in ablation)
+    table = claims.data["claims"].set_index("claim")
+    flat = table.loc["SAM finds flatter minima (lambda_max, noise=0.4)"]
+    assert "confirmation runs, 2 fresh seeds" in flat["basis"] and flat["verdict"] == "undecided at 2 seeds"
     assert any(ax.get_yscale() == "log" for ax in claims.figure.axes)
 
 

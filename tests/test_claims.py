@@ -513,7 +513,7 @@ def test_a_finetuning_cells_density_reads_no_starting_weights(tmp_path, monkeypa
 
 
 def test_the_density_is_measured_only_for_sweeps_that_measure_the_hessian():
-    from samtune.sweep.spectra import measures_hessian
+    from samtune.sweep.flatness import measures_hessian
     from samtune.sweep.study import Sweep
 
     def sweep(**fixed):
@@ -524,3 +524,105 @@ def test_the_density_is_measured_only_for_sweeps_that_measure_the_hessian():
     assert measures_hessian(sweep(sharpness_measures=("hessian_trace",)))
     assert not measures_hessian(sweep(sharpness_measures="m_sharpness,adaptive_sharpness"))
     assert not measures_hessian(sweep(sharpness_measures=""))
+
+
+# -- flatness of the confirmed picks, paired by seed -------------------------------------------
+
+
+def flatness_records(cell: str, sgd: dict[int, float], sam: dict[int, float], spread: float = 2.0) -> list:
+    """Confirmation runs of one cell's best SGD and best SAM that measured the Hessian: lambda_max
+    per seed as given, lambda_1 / lambda_5 ``spread`` times lower for SAM, residuals 1% of it."""
+    from samtune.report.runs import TrialRecord
+
+    records = []
+    for name, tops in (("best_sgd", sgd), ("best_sam", sam)):
+        for seed, top in tops.items():
+            ratio = 3.0 * (1 + 0.01 * seed) / (spread if name == "best_sam" else 1.0)
+            history = {
+                "test_error": [(1, 0.3), (2, 0.2)],
+                "sharpness/hessian_top_eig": [(2, top)],
+                "sharpness/hessian_top_eig_1_over_5": [(2, ratio)],
+                "sharpness/hessian_top_eig/residual": [(2, 0.01 * top)],
+            }
+            tags = {
+                "samtune.cell": cell,
+                "samtune.confirms": name,
+                "samtune.seed": str(seed),
+                "samtune.status": "finished",
+            }
+            records.append(TrialRecord(f"{cell}-{name}-{seed}", {"seed": str(seed)}, tags, history))
+    return records
+
+
+def test_flatness_is_judged_on_the_confirmed_picks_paired_by_seed_as_scipy_pairs_them():
+    import pandas as pd
+
+    from samtune.report.answers import confirmation_frame
+    from samtune.report.claims import flatter_minima
+    from samtune.report.runs import Runs
+
+    sgd = {1: 8.0, 2: 9.5, 3: 7.0, 4: 8.8}
+    flatter = {1: 2.1, 2: 2.6, 3: 1.6, 4: 2.3}  # about 4x flatter on every seed
+    mixed = {1: 4.0, 2: 19.0, 3: 3.5, 4: 16.0}  # flatter on two seeds, sharper on two
+    records = flatness_records("noise=0.4", sgd, flatter) + flatness_records("noise=0.8", sgd, mixed, spread=0.5)
+    runs = Runs("flat", pd.DataFrame(columns=["cell", "status"]), pd.DataFrame(), ())
+    runs.confirmations = confirmation_frame(records)
+    rows = {r["claim"]: r for r in flatter_minima(runs)}
+    top = rows["SAM finds flatter minima (lambda_max, noise=0.4)"]
+    # The reference: scipy's paired t test on log10 of the same seeds' values, 95% (one look).
+    logs = [np.log10([v[s] for s in sorted(v)]) for v in (flatter, sgd)]
+    ci = scipy_stats.ttest_rel(*logs).confidence_interval(0.95)
+    mean = float(np.mean(logs[0] - logs[1]))
+    assert top["measured"].startswith(f"{mean:+.3f} (95.0% CI {ci.low:+.3f} to {ci.high:+.3f})")
+    assert f"SAM's is x{10**mean:.2f}" in top["measured"]
+    assert (
+        top["verdict"] == "holds" and "4 fresh seeds" in top["basis"] and "at most 1.0% of lambda_max" in top["basis"]
+    )
+    assert rows["SAM finds flatter minima (lambda_max / lambda_5, noise=0.4)"]["verdict"] == "holds"
+    assert rows["SAM finds flatter minima (lambda_max, noise=0.8)"]["verdict"] == "undecided at 4 seeds"
+    # SAM's spread is twice SGD's on every seed at 0.8: the claim does not hold there.
+    assert rows["SAM finds flatter minima (lambda_max / lambda_5, noise=0.8)"]["verdict"] == "does not hold"
+    # Confirmation runs without the Hessian: nothing to pair, the row says what would test it.
+    bare = [r for r in records if r.tags["samtune.confirms"] == "best_sgd"]
+    runs.confirmations = confirmation_frame(bare)
+    (row,) = flatter_minima(runs)
+    assert row["verdict"] == "not tested" and "ablation_rates" in row["basis"]
+
+
+def test_the_confirmation_runs_of_the_compared_picks_measure_the_hessian_only_where_asked():
+    from samtune.sweep.confirm import reruns
+    from samtune.sweep.results import CellResult, TrialRow
+    from samtune.sweep.study import Sweep
+
+    def runs_of(**fixed):
+        sweep = Sweep(
+            name="demo",
+            dataset="digits",
+            model="mlp",
+            epochs=2,
+            batch_size=32,
+            trials=2,
+            label_noise_rates=(0.0, 0.4),
+            confirm_seeds=3,
+            ablations={"lr": (0.5,)},
+            ablation_rates=(0.4,),
+            fixed=fixed,
+        )
+        results = []
+        for cell in sweep.cells():
+            result = CellResult(cell)
+            for key, config in (
+                ("a", {"optimizer": "sgd", "lr": 0.1}),
+                ("b", {"optimizer": "sam", "lr": 0.1, "rho": 0.1}),
+            ):
+                result.trials[key] = TrialRow(key, config, "finished", metrics={"val_error": 0.2})
+            results.append(result)
+        return reruns(sweep, results, [])
+
+    measured = {(r.cell.label, r.name) for r in runs_of() if r.config["sharpness_measures"]}
+    assert measured == {("noise=0.4", "best_sgd"), ("noise=0.4", "best_sam")}
+    settings = {
+        r.config["sharpness_settings"]["hessian_top_eig"]["k"] for r in runs_of() if r.config["sharpness_measures"]
+    }
+    assert settings == {5}
+    assert not [r for r in runs_of(sharpness_measures="m_sharpness") if r.config["sharpness_measures"]]

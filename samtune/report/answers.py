@@ -3,8 +3,9 @@
 A sweep with ``confirm_seeds`` re-runs each cell's picks on fresh seeds (`samtune.sweep.confirm`):
 runs tagged ``samtune.role=confirm`` (or ``ablation``), ``samtune.confirms`` and ``samtune.seed``,
 under their cell's run. `confirmation_frame` tabulates them, one row per run, with the test error
-under both selection rules; `verdicts` turns that table into `samtune.verdicts` verdicts (each
-with its values by configuration, rule and seed under ``seed_values``). `human_minus_twin` pairs
+under both selection rules (and the Hessian's top eigenvalues where a run measured them);
+`verdicts` turns that table into `samtune.verdicts` verdicts (each with its values by
+configuration, rule and seed under ``seed_values``). `human_minus_twin` pairs
 each human label noise cell with its synthetic twin: SAM's gain over SGD per seed in each, and
 the difference of the two by seed with its Student-t interval (`human_twin_table` tabulates it).
 """
@@ -23,6 +24,13 @@ from samtune.report.table import cell_order
 from samtune.stats import Estimate, difference, mean_interval
 from samtune.verdicts import RULES, cell_verdict
 
+#: The sharpness some confirmation runs measure at their last epoch (`samtune.sweep.flatness`):
+#: the Hessian's top eigenvalue, its spread lambda_1 / lambda_5 and their Lanczos residual bound.
+CONFIRMED_SHARPNESS = (
+    "sharpness/hessian_top_eig",
+    "sharpness/hessian_top_eig_1_over_5",
+    "sharpness/hessian_top_eig/residual",
+)
 COLUMNS = [
     "cell",
     "confirms",
@@ -33,8 +41,15 @@ COLUMNS = [
     "best_test_error",
     "best_epoch",
     "pretrained_test_error",
+    *CONFIRMED_SHARPNESS,
     "run_id",
 ]
+
+
+def _last(record: TrialRecord, metric: str) -> float:
+    """``metric`` at the run's last logged epoch; NaN where it logged none."""
+    history = record.history.get(metric, [])
+    return float(max(history)[1]) if history else math.nan
 
 
 def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]:
@@ -67,6 +82,7 @@ def confirmation_frame(records: list[TrialRecord]) -> pd.DataFrame:
                 "best_test_error": best,
                 "best_epoch": epoch,
                 "pretrained_test_error": start[0][1] if start else math.nan,
+                **{key: _last(record, key) for key in CONFIRMED_SHARPNESS},
                 "run_id": record.run_id,
             }
         )

@@ -5,8 +5,9 @@ hold" where the interval decides, "undecided at n ..." where it does not, "not t
 would test it where the sweep has no runs for it.
 
 Test errors come from the confirmation runs (fresh seeds, paired by seed), read back by
-`samtune.report.answers`; sharpness from the search trials the sweep picked (one run per
-configuration and cell, so cells are the replicates); Kendall's tau per m from every plotted
+`samtune.report.answers`; the Hessian's top eigenvalues from the best SGD and best SAM
+confirmation runs that measured them (`samtune.sweep.flatness`), paired by seed, else from the
+search trials the sweep picked (one run per configuration and cell, so cells are the replicates); Kendall's tau per m from every plotted
 search trial that logged m-sharpness at several m (``sharpness/m_sharpness_at_m<m>``).
 """
 
@@ -21,13 +22,14 @@ import pandas as pd
 from samtune.report.answers import verdicts
 from samtune.report.runs import Runs
 from samtune.report.table import best_per_optimizer, choice_metric
-from samtune.sequential import Decision, outcome_of, paired
+from samtune.sequential import Decision, Design, decide, outcome_of, paired
 from samtune.stats import Estimate, TauInterval, kendall_tau_interval, mean_interval, slope_interval
 from samtune.stats import tau_difference_interval as tau_difference
 
 COLUMNS = ["claim", "source", "compared", "measured", "verdict", "basis"]
 #: The sharpness a flatness claim compares, by the column a trial logs.
 FLATNESS = {"lambda_max": "sharpness/hessian_top_eig", "lambda_max / lambda_5": "sharpness/hessian_top_eig_1_over_5"}
+FLATNESS_SOURCE = "Section 4.2 (Hessian spectra)"
 AT_M = re.compile(r"^sharpness/m_sharpness_at_m(\d+)$")
 GAP = "final_generalization_gap"
 
@@ -193,8 +195,67 @@ def robust_default(found: list[dict[str, Any]], aliases: dict[str, str]) -> list
 
 
 def flatter_minima(runs: Runs) -> list[dict]:
-    """SAM finds flatter minima: per measure, the log10 ratio SAM / SGD of the picked search
-    trials' values, one per cell, with a t interval over cells (holds where it is below 0)."""
+    """SAM finds flatter minima: per measure and cell, log10(SAM / SGD) of the confirmed picks'
+    Hessian, paired by seed and judged by the verdicts' sequential rule (holds where the interval
+    lies below 0). A sweep whose confirmation runs measured no Hessian falls back to its picked
+    search trials, one per cell, the cells as the replicates (`searched_flatness`)."""
+    rows = confirmed_flatness(runs)
+    return rows or searched_flatness(runs) or [FLATNESS_NOT_TESTED]
+
+
+FLATNESS_NOT_TESTED = row(
+    "SAM finds flatter minima (lambda_max, lambda_max / lambda_5)",
+    FLATNESS_SOURCE,
+    "the Hessian's top eigenvalue and its spread, SAM against SGD",
+    "-",
+    "not tested",
+    "needs a Hessian measure among sharpness_measures (hessian_top_eig) and ablation_rates naming the "
+    "cells whose best SGD and best SAM confirmation runs measure it",
+)
+
+
+def _by_seed(part: pd.DataFrame, pick: str, column: str) -> dict[int, float]:
+    """log10 of a pick's positive ``column`` by seed."""
+    rows = part[part["confirms"] == pick]
+    return {int(r.seed): math.log10(v) for r, v in zip(rows.itertuples(), rows[column]) if v > 0}
+
+
+def confirmed_flatness(runs: Runs) -> list[dict]:
+    """The flatness rows of the cells whose best SGD and best SAM confirmation runs measured the
+    Hessian (`samtune.sweep.flatness`), one per measure and cell."""
+    frame = runs.confirmations
+    if frame.empty:
+        return []
+    rows = []
+    finished = frame[(frame["status"] == "finished") & frame["confirms"].isin(["best_sgd", "best_sam"])]
+    for cell, part in finished.groupby("cell", sort=False):
+        residual = pd.to_numeric(part["sharpness/hessian_top_eig/residual"], errors="coerce")
+        bound = float((residual / pd.to_numeric(part["sharpness/hessian_top_eig"], errors="coerce")).max())
+        bounded = f"; Lanczos residual bound at most {bound:.1%} of lambda_max" if math.isfinite(bound) else ""
+        for name, column in FLATNESS.items():
+            diffs = paired(_by_seed(part, "best_sam", column), _by_seed(part, "best_sgd", column))
+            if not diffs:
+                continue
+            design = runs.design or Design(looks=(len(diffs),))
+            decision = decide(diffs, Design(design.looks, design.alpha, 0.0), compared="log10 SAM / SGD")
+            d = decision.interval
+            ratio = f"x{10**d.mean:.2f}" + (f" (x{10**d.low:.2f} to x{10**d.high:.2f})" if d.n > 1 else "")
+            rows.append(
+                row(
+                    f"SAM finds flatter minima ({name}, {cell})",
+                    FLATNESS_SOURCE,
+                    f"log10({name} of best SAM / of best SGD), the training loss's Hessian by Lanczos, paired by seed",
+                    f"{_interval_text(decision)}; SAM's is {ratio} SGD's",
+                    judged(decision.outcome, "SAM better", decision.n),
+                    f"confirmation runs, {decision.n} fresh seeds; {decision.where()}{bounded}",
+                )
+            )
+    return rows
+
+
+def searched_flatness(runs: Runs) -> list[dict]:
+    """Per measure, the log10 ratio SAM / SGD of the picked search trials' values, one per cell,
+    with a t interval over cells (holds where it is below 0)."""
     pool = runs.plotted[runs.plotted["status"] == "finished"] if not runs.plotted.empty else runs.plotted
     present = {name: col for name, col in FLATNESS.items() if col in pool}
     rows = []
@@ -213,24 +274,15 @@ def flatter_minima(runs: Runs) -> list[dict]:
         rows.append(
             row(
                 f"SAM finds flatter minima ({name})",
-                "Section 4.2 (Hessian spectra)",
+                FLATNESS_SOURCE,
                 f"log10({name} of SAM / {name} of SGD), the Hessian's by Lanczos, per cell",
                 est.text() if est.n else "-",
                 judged(outcome, "SAM better", est.n, "cells") if est.n else "not tested",
                 f"search trials the sweep picked: one run per configuration and cell, {est.n} cells as "
-                "the replicates (the confirmation runs' sharpness is not read)",
+                "the replicates (no confirmation run measured the Hessian)",
             )
         )
-    return rows or [
-        row(
-            "SAM finds flatter minima (lambda_max, lambda_max / lambda_5)",
-            "Section 4.2 (Hessian spectra)",
-            "the Hessian's top eigenvalue and its spread, SAM against SGD",
-            "-",
-            "not tested",
-            "needs sharpness_measures with hessian_top_eig and sharpness_settings {'hessian_top_eig': {'k': 5}}",
-        )
-    ]
+    return rows
 
 
 def tau_per_m(trials: pd.DataFrame, target: str = GAP) -> dict[int, TauInterval]:

@@ -37,6 +37,7 @@ from samtune.contract.tags import (
 from samtune.sequential import Design
 from samtune.sweep.ablations import ablated_setting, ablation_picks, space_range
 from samtune.sweep.baselines import Baseline
+from samtune.sweep.flatness import flatness_config
 from samtune.sweep.interrupts import InterruptWatch
 from samtune.sweep.plan import Plan
 from samtune.sweep.progress import StageProgress
@@ -157,6 +158,10 @@ def reruns(
                     "baseline": False,
                     "sharpness_measures": "",
                     "train_eval_every": 0,
+                    # ... except the Hessian's top eigenvalues of the two picks the verdict
+                    # compares, in the cells the sweep studies closely: the flatness claim pairs
+                    # them by seed.
+                    **flatness_config(sweep, result.cell, name, base),
                 }
                 if sweep.vary_noise_draw:
                     config["data_seed"] = seed

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from samtune.contract.keys import HEADLINE_KEYS, TRIAL_KEYS
+from samtune.contract.keys import HEADLINE_KEYS
 from samtune.contract.messages import first_line
 from samtune.contract.tags import SPECTRAL_DENSITY_TAG
 from samtune.data.scenarios import build_scenario
 from samtune.data.transforms import to_float
 from samtune.sharpness.density import spectral_density
+from samtune.sweep.flatness import measures_hessian
 from samtune.sweep.pick_models import checkpoint_model
 from samtune.sweep.plan import Plan
 from samtune.sweep.results import CellResult, TrialRow
@@ -83,15 +84,6 @@ def density_cell(sweep: Sweep, results: list[CellResult]) -> CellResult | None:
     if not pool:
         return None
     return max(pool, key=lambda r: (r.cell.label_noise_rate, -r.cell.index))
-
-
-def measures_hessian(sweep: Sweep) -> bool:
-    """Whether the sweep's trials measure any Hessian quantity (its ``sharpness_measures``)."""
-    measures = sweep.fixed.get("sharpness_measures", TRIAL_KEYS["sharpness_measures"].default)
-    if measures in (None, "default"):
-        measures = TRIAL_KEYS["sharpness_measures"].default
-    names = measures.split(",") if isinstance(measures, str) else list(measures or ())
-    return any(str(name).strip().startswith("hessian") for name in names)
 
 
 def log_spectral_density(plan: Plan, results: list[CellResult], tracker: Tracker, sweep_key: str) -> Path | None:
