@@ -169,6 +169,42 @@ def test_tau_per_m_is_scipys_kendall_tau(stores):
     assert taus[8].tau == pytest.approx(1.0)
 
 
+def test_tau_per_m_counts_the_measures_own_m_beside_its_further_ms_as_scipy_does():
+    import pandas as pd
+
+    from samtune.report.claims import smaller_m_predicts
+    from samtune.report.runs import Runs
+
+    rng = np.random.default_rng(1)
+    gap = rng.normal(size=30)
+    trials = pd.DataFrame(
+        {
+            "status": "finished",
+            "cell": "noise=0.4",
+            "final_generalization_gap": gap,
+            "sharpness/m_sharpness_at_m8": gap + 0.1 * rng.normal(size=30),  # ranks the gap almost exactly
+            "sharpness/m_sharpness_at_m32": gap + 1.0 * rng.normal(size=30),
+            "sharpness/m_sharpness": rng.normal(size=30),  # at the measure's own m = 128: unrelated
+            "sharpness/m_sharpness/m": 128.0,
+        }
+    )
+    taus = tau_per_m(trials)
+    assert list(taus) == [8, 32, 128]
+    for m, column in (
+        (8, "sharpness/m_sharpness_at_m8"),
+        (32, "sharpness/m_sharpness_at_m32"),
+        (128, "sharpness/m_sharpness"),
+    ):
+        assert taus[m].tau == pytest.approx(scipy_stats.kendalltau(trials[column], gap).statistic, abs=1e-12)
+    runs = Runs("m", trials, pd.DataFrame(), ())
+    (row,) = smaller_m_predicts(runs)
+    assert "tau(m=8) - tau(m=128)" in row["compared"] and row["verdict"] == "holds"
+    assert row["measured"].startswith("difference ") and "m=128: tau = " in row["measured"]
+    # Trials measured at different own m: that column stands for no single m and is left out.
+    mixed = trials.assign(**{"sharpness/m_sharpness/m": [64.0] * 15 + [128.0] * 15})
+    assert list(tau_per_m(mixed)) == [8, 32]
+
+
 def test_tau_bootstrap_interval_covers_a_known_tau_about_95_percent_of_the_time():
     # Bivariate normal with correlation r: Kendall's tau is (2 / pi) arcsin(r) (Greiner's relation).
     r, n, reps = 0.5, 40, 200

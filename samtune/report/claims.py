@@ -285,14 +285,34 @@ def searched_flatness(runs: Runs) -> list[dict]:
     return rows
 
 
+def m_columns(trials: pd.DataFrame) -> dict[int, str]:
+    """The column of m-sharpness at each m the trials logged, by m ascending: every
+    ``sharpness/m_sharpness_at_m<m>`` (the measure's ``ms``), and ``sharpness/m_sharpness`` at the
+    measure's own m where every trial measured it at the same one (its ``sharpness/m_sharpness/m``).
+
+    >>> m_columns(pd.DataFrame({"sharpness/m_sharpness_at_m8": [0.1], "sharpness/m_sharpness": [0.2],
+    ...                         "sharpness/m_sharpness/m": [128.0]}))
+    {8: 'sharpness/m_sharpness_at_m8', 128: 'sharpness/m_sharpness'}
+    """
+    found = {int(m.group(1)): str(col) for col in trials.columns if (m := AT_M.match(str(col)))}
+    own, setting = "sharpness/m_sharpness", "sharpness/m_sharpness/m"
+    if found and own in trials and setting in trials:
+        ms = pd.to_numeric(trials[setting], errors="coerce").dropna().unique()
+        if len(ms) == 1 and int(ms[0]) not in found:
+            found[int(ms[0])] = own
+    return dict(sorted(found.items()))
+
+
 def tau_per_m(trials: pd.DataFrame, target: str = GAP) -> dict[int, TauInterval]:
-    """Kendall's tau between m-sharpness at each logged m (``sharpness/m_sharpness_at_m<m>``)
-    and ``target`` over ``trials``, with its bootstrap interval, by m ascending."""
+    """Kendall's tau between m-sharpness at each logged m (`m_columns`) and ``target`` over
+    ``trials``, with its bootstrap interval, by m ascending."""
     if target not in trials:
         return {}
     y = pd.to_numeric(trials[target], errors="coerce").to_numpy(float)
-    found = sorted((int(m.group(1)), col) for col in trials.columns if (m := AT_M.match(str(col))))
-    return {m: kendall_tau_interval(pd.to_numeric(trials[col], errors="coerce").to_numpy(float), y) for m, col in found}
+    return {
+        m: kendall_tau_interval(pd.to_numeric(trials[col], errors="coerce").to_numpy(float), y)
+        for m, col in m_columns(trials).items()
+    }
 
 
 def smaller_m_predicts(runs: Runs) -> list[dict]:
@@ -314,7 +334,7 @@ def smaller_m_predicts(runs: Runs) -> list[dict]:
         ]
     small, large = min(taus), max(taus)
     y = pd.to_numeric(trials[GAP], errors="coerce").to_numpy(float)
-    column = {m: pd.to_numeric(trials[f"sharpness/m_sharpness_at_m{m}"], errors="coerce").to_numpy(float) for m in taus}
+    column = {m: pd.to_numeric(trials[col], errors="coerce").to_numpy(float) for m, col in m_columns(trials).items()}
     diff = tau_difference(column[small], column[large], y)
     outcome = "undecided" if diff.covers_zero else ("SAM better" if diff.low > 0 else "SGD better")
     measured = "; ".join(f"m={m}: {t.text()}" for m, t in taus.items())
@@ -323,7 +343,7 @@ def smaller_m_predicts(runs: Runs) -> list[dict]:
             "smaller m predicts generalization better",
             "Section 4.2 (m-sharpness)",
             f"tau(m={small}) - tau(m={large}) of m-sharpness against the generalization gap",
-            f"{diff.text()}; {measured}",
+            f"{diff.text().replace('tau = ', 'difference ', 1)}; {measured}",
             judged(outcome, "SAM better", diff.n, "trials"),
             f"every plotted search trial that logged both ({diff.n}); 95% bootstrap over trials",
         )
