@@ -1,4 +1,4 @@
-"""The ``samtune`` command: sweep, check, train, report, ui.
+"""The ``samtune`` command: sweep, check, train, report, ui, studies.
 
 User mistakes (a bad space file, an unknown ``--set`` key, an unreachable service, nothing to
 resume) print one line ``samtune: error: ...`` and exit with status 2, before any MLflow run or
@@ -47,6 +47,7 @@ from samtune.sweep.results import summarize
 from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.storage import send_last
 from samtune.sweep.store import creating_store
+from samtune.sweep.studies_dashboard import HOST, find_studies, serve_studies
 from samtune.sweep.study import Sweep, apply_overrides, parse_assignments
 from samtune.sweep.tracking import check_tracking_uri, resolve_tracking_uri
 from samtune.sweep.validate import parse_trial_value, validate_trial_config
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_report_command(sub)
     _add_ui_command(sub)
+    _add_studies_command(sub)
     return parser
 
 
@@ -125,9 +127,9 @@ def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--optuna-storage",
         metavar="URL",
-        help="where each cell's Optuna study lives, for optuna-dashboard: a database URL (sqlite:///path, "
-        "postgresql://...) or the path of a journal file (default: <storage path>/<sweep name>/optuna-journal.log); "
-        "--resume uses the one the sweep started with",
+        help="where each cell's Optuna study lives (`samtune studies` serves it in optuna-dashboard): a database "
+        "URL (sqlite:///path, postgresql://...) or the path of a journal file (default: <storage path>/<sweep "
+        "name>/optuna-journal.log); --resume uses the one the sweep started with",
     )
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
     p.add_argument(
@@ -207,6 +209,35 @@ def _add_ui_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="server worker processes (one is plenty for one person's UI)")
+
+
+def _add_studies_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`samtune studies SWEEP`: optuna-dashboard over the sweep's Optuna studies, on loopback."""
+    p = sub.add_parser(
+        "studies",
+        help="open optuna-dashboard on 127.0.0.1 over a sweep's Optuna studies, wherever they are "
+        "(a journal in a bucket too)",
+        description=textwrap.fill(
+            "Serve optuna-dashboard over the Optuna storage of a sweep's cells' studies: the one the sweep "
+            "started with (its sweep.json says which; by default its journal, in its folder or in its bucket), "
+            "found from --storage-path as `samtune sweep --resume` finds it, or the one --optuna-storage names. "
+            "New trials show while the sweep runs. A command of its own, not an option of `samtune ui`: "
+            "the MLflow UI reads the tracking store, the studies live in the sweep's storage."
+        ),
+    )
+    p.add_argument("sweep", help="the sweep's name (its studies are named <sweep>/<cell>)")
+    p.add_argument(
+        "--storage-path",
+        help="where the sweep ran: a folder or s3://bucket/prefix (default: as for sweep, "
+        "$SAMTUNE_STORAGE else ./ray_results)",
+    )
+    p.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="the Optuna storage itself: a database URL, a journal file, or a journal in a bucket "
+        "(s3://bucket/prefix/<sweep>/optuna-journal); default: the one the sweep started with",
+    )
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 to listen on (default 8080)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,7 +635,29 @@ def serve(cmd: list[str]) -> int:
     return code
 
 
-COMMANDS = {"sweep": cmd_sweep, "check": cmd_check, "train": cmd_train, "report": cmd_report, "ui": cmd_ui}
+def cmd_studies(args: argparse.Namespace) -> int:
+    """Serve optuna-dashboard over a sweep's Optuna studies on 127.0.0.1, found as the sweep finds them."""
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected a port number from 1 to 65535")
+    studies = find_studies(args.sweep, args.storage_path, args.optuna_storage)
+    _check_listening_address(HOST, args.port, expose=False)
+    base = f"http://{HOST}:{args.port}/"
+    print(f"optuna-dashboard on {base}  (Optuna storage {masked(studies.where)}; Ctrl-C stops it)", flush=True)
+    for name, study_id in studies.ids.items():
+        print(f"{name}: {base}dashboard/studies/{study_id}", flush=True)
+    serve_studies(studies, args.port)
+    return EXIT_INTERRUPTED  # the server returns only when Ctrl-C stops it
+
+
+COMMANDS = {
+    "sweep": cmd_sweep,
+    "check": cmd_check,
+    "train": cmd_train,
+    "report": cmd_report,
+    "ui": cmd_ui,
+    "studies": cmd_studies,
+}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,19 @@ FLOORS = {
 }
 
 #: Packages a function may import where it is used (heavy, and not needed by every caller).
-HEAVY_OPTIONAL = {"ray", "mlflow", "matplotlib", "optuna", "sklearn", "torchvision", "PIL", "scipy", "pyarrow", "boto3"}
+HEAVY_OPTIONAL = {
+    "ray",
+    "mlflow",
+    "matplotlib",
+    "optuna",
+    "optuna_dashboard",
+    "sklearn",
+    "torchvision",
+    "PIL",
+    "scipy",
+    "pyarrow",
+    "boto3",
+}
 
 
 def modules() -> dict[str, Path]:

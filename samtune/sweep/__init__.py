@@ -9,9 +9,10 @@ Recording it and surviving a crash: `recording`, `tracking` (with `run_names`, w
 are called), `pick_models` (the picks' weights as MLflow models), `spectra` (one cell's picks'
 Hessian eigenvalue density, for the claims view), `recovery`, `interrupts`,
 `driver_lock`; where its files are and this driver's hold on them: `storage` (in a bucket:
-`object_store`, `lease`, `bucket_journal`). Confirming the picks: `baselines`, `confirm` (with `ablations`: the settings
-moved one at a time around each pick; `flatness`: which of its runs measure the Hessian's top
-eigenvalues). What came of it: `results`, `view` (with `progress`: where each stage is), `errors`.
+`object_store`, `lease`, `bucket_journal`); its studies in optuna-dashboard: `studies_dashboard`.
+Confirming the picks: `baselines`, `confirm` (with `ablations`: the settings moved one at a time
+around each pick; `flatness`: which of its runs measure the Hessian's top eigenvalues). What came
+of it: `results`, `view` (with `progress`: where each stage is), `errors`.
 
 Offers: `Sweep`, `Cell`, `apply_overrides`, `parse_assignments` (study), `load_space`
 (space_file), `check_space` (check), `validate_trial_config` (validate), `prepare` and

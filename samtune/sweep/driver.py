@@ -38,20 +38,18 @@ from samtune.sweep.cluster import (
     check_shared_storage,
     local_resources,
     start_ray,
-    storage_folder,
 )
 from samtune.sweep.confirm import confirm, judged
 from samtune.sweep.datasets import log_cell_datasets
 from samtune.sweep.errors import SweepError, SweepInterrupted
 from samtune.sweep.estimate import estimate
 from samtune.sweep.interrupts import InterruptWatch
-from samtune.sweep.object_store import UploadRaceFilter, is_remote
+from samtune.sweep.object_store import UploadRaceFilter
 from samtune.sweep.optuna_storage import (
-    JOURNAL,
-    JOURNAL_FOLDER,
     check_optuna_storage,
-    is_url,
+    default_storage,
     resolve_storage,
+    saved_storage,
     study_name,
 )
 from samtune.sweep.pick_models import log_pick_models
@@ -82,7 +80,7 @@ from samtune.sweep.search import (
 )
 from samtune.sweep.space_file import SpaceFunction, load_space
 from samtune.sweep.spectra import log_spectral_density
-from samtune.sweep.storage import check_storage_uri, hold, send_last
+from samtune.sweep.storage import checked_storage_path, hold, send_last
 from samtune.sweep.study import Cell, Sweep, apply_overrides
 from samtune.sweep.tracking import Tracker, check_tracking_uri, resolve_tracking_uri, store_wait_s
 from samtune.sweep.tuning import reuse_trial_processes, run_config, trainable
@@ -119,7 +117,7 @@ def prepare(
     million trial-epochs) without `yes`.
     """
     # Before the data are read: a storage path that leads nowhere is refused at once.
-    storage_value = _checked_storage(storage_path)
+    storage_value = checked_storage_path(storage_path)
     sweep, space, sampled, baselines = _checked_sweep(path, overrides, trials, data_root)
     slots = None
     if (machine := local_resources(address)) is not None:
@@ -138,7 +136,7 @@ def prepare(
     sweep_dir = held.sweep_dir
     sweep_id, tracking_uri, saved_storage = _sweep_id(sweep_dir / "sweep.json", sweep, space, resume, tracking_uri)
     # In a bucket, the journal is written there as results arrive (see `bucket_journal`).
-    default = held.bucket.uri_of(JOURNAL_FOLDER) if held.bucket is not None else None
+    default = default_storage(held.bucket)
     asked = optuna_storage or (None if resume else default)  # a resumed sweep keeps its own
     studies = _optuna_storage(asked, sweep_dir, sweep, resume, saved_storage)
     uri = _checked_tracking(tracking_uri)
@@ -149,16 +147,6 @@ def prepare(
     plan.lock, plan.optuna_storage = held.lock, studies  # by name: the lock must live as long as the plan
     plan.estimate, plan.bucket, plan.mirror = size, held.bucket, held.mirror
     return plan
-
-
-def _checked_storage(storage_path: str | None) -> str:
-    """The storage path asked for (or the default), refused now if it can lead nowhere."""
-    storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
-    if is_remote(storage_value):
-        check_storage_uri(storage_value)
-    else:
-        storage_folder(storage_value)
-    return storage_value
 
 
 def _checked_tracking(tracking_uri: str | None) -> str:
@@ -235,15 +223,7 @@ def _optuna_storage(value: str | None, sweep_dir: Path, sweep: Sweep, resume: bo
                 "saved searcher; resume it without --optuna-storage"
             )
         return ""
-    if (
-        not is_url(saved)
-        and "://" not in saved
-        and Path(saved).name == JOURNAL
-        and Path(saved).parent.name == sweep.name
-    ):
-        # The default journal travels with the sweep's folder: resumed from a bucket on another
-        # machine (another staging folder), or from a folder mounted elsewhere.
-        saved = str(sweep_dir / JOURNAL)
+    saved = saved_storage(saved, sweep_dir, sweep.name)
     if value and resolve_storage(value, sweep_dir) != saved:
         raise SweepError(
             f"--optuna-storage {masked(value)}: this sweep's studies are in {masked(saved)}; resume it with "

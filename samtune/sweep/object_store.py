@@ -122,28 +122,48 @@ def open_bucket(uri: str) -> Bucket:
     """The object-storage folder ``uri`` names, checked by writing and deleting a probe object
     there; SweepError naming the problem (no such bucket, no credentials, no access, no
     connection) before anything else is done."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except Exception as exc:  # noqa: BLE001  pyarrow raises ArrowInvalid, OSError or ValueError
-        raise SweepError(
-            f"--storage-path {shown(uri)}: not a storage URI pyarrow can open ({first_line(exc)})"
-        ) from None
-    bucket = Bucket(uri, fs, root.rstrip("/"))
+    bucket = _bucket_at(uri, "--storage-path")
     probe = f".samtune-write-test-{os.getpid()}"
     try:
         bucket.write(probe, b"x")
         bucket.delete(probe)
     except Exception as exc:  # noqa: BLE001  any failure here means the sweep could not keep its files
-        raise SweepError(f"--storage-path {shown(uri)}: cannot write there: {_why(first_line(exc), root)}") from None
+        raise SweepError(
+            f"--storage-path {shown(uri)}: cannot write there: {_why(first_line(exc), bucket.root)}"
+        ) from None
     return bucket
+
+
+def read_bucket(uri: str, flag: str = "--storage-path") -> Bucket:
+    """The object-storage folder ``uri`` names, checked by listing it, for a reader that writes
+    nothing there; SweepError naming the problem as `open_bucket` does, the option it came from
+    (`flag`) first. An empty or missing folder in a bucket that answers is no error here."""
+    import pyarrow.fs as pafs
+
+    bucket = _bucket_at(uri, flag)
+    try:
+        bucket.fs.get_file_info(pafs.FileSelector(bucket.root, allow_not_found=False))
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001  any failure here means nothing could be read there
+        raise SweepError(f"{flag} {shown(uri)}: cannot read there: {_why(first_line(exc), bucket.root)}") from None
+    return bucket
+
+
+def _bucket_at(uri: str, flag: str) -> Bucket:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001  pyarrow raises ArrowInvalid, OSError or ValueError
+        raise SweepError(f"{flag} {shown(uri)}: not a storage URI pyarrow can open ({first_line(exc)})") from None
+    return Bucket(uri, fs, root.rstrip("/"))
 
 
 #: What pyarrow's S3 errors say, in the user's words.
 _REASONS = {
     "NO_SUCH_BUCKET": "there is no bucket {bucket!r}",
-    "ACCESS_DENIED": "access denied: this machine's credentials may not write to it",
+    "ACCESS_DENIED": "access denied for this machine's credentials",
     "INVALID_ACCESS_KEY_ID": "the access key is not one the storage knows",
     "SIGNATURE_DOES_NOT_MATCH": "the secret key does not match the access key",
     "NETWORK_CONNECTION": "cannot connect to the storage (its endpoint, AWS_ENDPOINT_URL if set)",

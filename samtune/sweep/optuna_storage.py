@@ -3,9 +3,11 @@
 ``--optuna-storage`` takes an RDB URL (``sqlite:///path``, ``postgresql://...``), the path of a
 journal file (an Optuna `JournalStorage`) or a journal's folder in object storage
 (`bucket_journal`); without it, a journal in the sweep's folder (in the bucket, for a sweep there).
-`resolve_storage` turns the flag into what a `Plan` keeps, `check_optuna_storage` refuses a storage
-that cannot serve the sweep before anything runs, `open_storage` opens it and `study_name` names a
-cell's study in it. Every message masks an RDB URL's password.
+`resolve_storage` turns the flag (or `default_storage`) into what a `Plan` keeps, `saved_storage`
+reads it back from what ``sweep.json`` saved, `check_optuna_storage` refuses a storage that cannot
+serve the sweep before anything runs, `open_storage` opens it (for a writer, or for a reader
+beside a running sweep), `study_name` names a cell's study in it and `sweep_studies` lists a
+sweep's studies there. Every message masks an RDB URL's password.
 
 >>> resolve_storage("sqlite:///studies.db", Path("/runs/demo")) == "sqlite:///" + os.path.abspath("studies.db")
 True
@@ -23,8 +25,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from samtune.contract.messages import first_line, masked
-from samtune.sweep.bucket_journal import journal_at
+from samtune.sweep.bucket_journal import journal_at, watch_journal
 from samtune.sweep.errors import SweepError
+from samtune.sweep.object_store import Bucket
 from samtune.sweep.study import Cell
 
 if TYPE_CHECKING:
@@ -70,23 +73,73 @@ def resolve_storage(value: str | None, sweep_dir: Path) -> str:
     return value
 
 
+def default_storage(bucket: Bucket | None) -> str | None:
+    """What a new sweep without ``--optuna-storage`` gives `resolve_storage`: for a sweep in object
+    storage (`bucket`, its folder there) the journal folder beside its files there; else None,
+    the journal file in its folder."""
+    return bucket.uri_of(JOURNAL_FOLDER) if bucket is not None else None
+
+
+def saved_storage(saved: str, sweep_dir: Path, sweep_name: str) -> str:
+    """The storage a sweep's ``sweep.json`` names (`saved`), as seen from its folder now: the
+    default journal file travels with the sweep's folder (resumed from a bucket on another machine,
+    another staging folder, or from a folder mounted elsewhere).
+
+    >>> saved_storage("/old/mount/t/optuna-journal.log", Path("/runs/t"), "t")
+    '/runs/t/optuna-journal.log'
+    >>> saved_storage("sqlite:///studies.db", Path("/runs/t"), "t")
+    'sqlite:///studies.db'
+    """
+    if "://" not in saved and Path(saved).name == JOURNAL and Path(saved).parent.name == sweep_name:
+        return str(sweep_dir / JOURNAL)
+    return saved
+
+
 def study_name(sweep_name: str, cell: Cell) -> str:
     """A cell's study in the storage: ``<sweep name>/<cell slug>``."""
     return f"{sweep_name}/{cell.slug}"
 
 
-def open_storage(value: str) -> BaseStorage:
+def open_storage(value: str, reading: bool = False) -> BaseStorage:
     """The Optuna storage `value` names: an `RDBStorage` for a URL, else a `JournalStorage` on
-    that file (its folder made if missing)."""
+    that file (its folder made if missing) or bucket journal (`journal_at`, the sweep's writer).
+
+    `reading`: for a reader beside a sweep that may be running, which makes nothing: no tables
+    in a database, no folder, and a bucket journal that refuses to write and sees new entries
+    (`watch_journal`)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if is_url(value):
-        return optuna.storages.RDBStorage(value)
+        return optuna.storages.RDBStorage(value, skip_table_creation=reading)
     if in_bucket(value):
-        return JournalStorage(journal_at(value))
-    Path(value).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(watch_journal(value) if reading else journal_at(value))
+    if not reading:
+        Path(value).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(value))
+
+
+def holds_anything(value: str) -> bool:
+    """Whether the storage may hold studies: not a journal or SQLite file that does not exist yet
+    (opening it would make it).
+
+    >>> holds_anything("/no/such/optuna-journal.log"), holds_anything("sqlite:////no/such.db")
+    (False, False)
+    >>> holds_anything("s3://b/t/optuna-journal"), holds_anything("postgresql://db/studies")
+    (True, True)
+    """
+    if in_bucket(value):
+        return True
+    if not is_url(value):
+        return Path(value).exists()
+    head, sep, path = value.partition(":///")
+    return not (sep and head.split("+")[0] == "sqlite" and path != ":memory:" and not Path(path).exists())
+
+
+def sweep_studies(storage: BaseStorage, sweep_name: str) -> list[str]:
+    """The names of the sweep's studies in `storage` (``<sweep name>/...``), sorted."""
+    prefix = f"{sweep_name}/"
+    return sorted(s.study_name for s in storage.get_all_studies() if s.study_name.startswith(prefix))
 
 
 def check_optuna_storage(value: str, sweep_name: str, resume: bool) -> list[str]:
@@ -141,11 +194,4 @@ def _check_journal(path: Path, flag: str) -> None:
 def _studies_of(value: str, sweep_name: str) -> list[str]:
     """The names of the sweep's studies in the storage; a journal or SQLite file that does not
     exist yet holds none and is not made here."""
-    if not is_url(value) and not Path(value).exists():
-        return []
-    head, sep, path = value.partition(":///")
-    if sep and head.split("+")[0] == "sqlite" and path != ":memory:" and not Path(path).exists():
-        return []
-    storage = open_storage(value)
-    prefix = f"{sweep_name}/"
-    return sorted(s.study_name for s in storage.get_all_studies() if s.study_name.startswith(prefix))
+    return sweep_studies(open_storage(value), sweep_name) if holds_anything(value) else []

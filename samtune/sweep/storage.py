@@ -9,6 +9,7 @@ step with the bucket.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,26 @@ class Held:
     mirror: Mirror | None = None
 
 
-def check_storage_uri(uri: str) -> None:
+def checked_storage_path(storage_path: str | None) -> str:
+    """The storage path asked for (else ``$SAMTUNE_STORAGE``, else ``ray_results``), refused now
+    if it can lead nowhere: a URI that carries credentials, a folder whose links loop."""
+    storage_value = storage_path or os.environ.get("SAMTUNE_STORAGE") or "ray_results"
+    if is_remote(storage_value):
+        check_storage_uri(storage_value)
+    else:
+        storage_folder(storage_value)
+    return storage_value
+
+
+def check_storage_uri(uri: str, flag: str = "--storage-path") -> None:
     """Refuse a storage URI that carries credentials: URIs are printed (the resume command) and
-    saved, credentials never are."""
+    saved, credentials never are. `flag` is the option the URI came from."""
     parts = urlsplit(uri)
     secret = sorted(k for k in parse_qs(parts.query) if k.lower() in SECRET_PARAMS)
     if parts.password is not None or secret:
         what = ", ".join(secret) or "a password"
         raise SweepError(
-            f"--storage-path {shown(uri)}: the URI carries credentials ({what}); samtune prints and saves storage "
+            f"{flag} {shown(uri)}: the URI carries credentials ({what}); samtune prints and saves storage "
             "URIs, so give credentials the way the storage's own tools read them (for S3: AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, a profile, or the node's role)"
         )
