@@ -356,3 +356,12 @@ def test_optuna_dashboard_serves_the_cells_studies(journal_sweep, dashboard):
             logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_error")}
             assert {v["step"]: v["value"] for v in trial["intermediate_values"]} == logged
             assert ("samtune.baseline" in trial_attrs) == (run.data.params["baseline"] == "True")
+
+
+def test_a_bucket_journal_uri_with_credentials_is_refused_before_it_is_opened_or_saved():
+    from samtune.sweep.errors import SweepError
+    from samtune.sweep.optuna_storage import check_optuna_storage
+
+    with pytest.raises(SweepError, match=r"^--optuna-storage .*carries credentials \(secret_key\)") as caught:
+        check_optuna_storage("s3://sweeps/t/optuna-journal?secret_key=hunter2", "t", resume=False)
+    assert "hunter2" not in str(caught.value)

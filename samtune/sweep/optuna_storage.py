@@ -28,6 +28,7 @@ from samtune.contract.messages import first_line, masked
 from samtune.sweep.bucket_journal import journal_at, watch_journal
 from samtune.sweep.errors import SweepError
 from samtune.sweep.object_store import Bucket
+from samtune.sweep.storage import check_storage_uri
 from samtune.sweep.study import Cell
 
 if TYPE_CHECKING:
@@ -152,6 +153,8 @@ def check_optuna_storage(value: str, sweep_name: str, resume: bool) -> list[str]
         _check_driver(value, flag)
     elif not in_bucket(value):  # a bucket is probed as the sweep's storage, or by opening it below
         _check_journal(Path(value), flag)
+    else:  # sweep.json saves the URI and messages print it: no credentials in it
+        check_storage_uri(value, "--optuna-storage")
     try:
         held = _studies_of(value, sweep_name)
     except Exception as exc:  # noqa: BLE001  any driver's error: the storage is unusable
