@@ -31,6 +31,8 @@ CONFIRMED_SHARPNESS = (
     "sharpness/hessian_top_eig_1_over_5",
     "sharpness/hessian_top_eig/residual",
 )
+#: The metrics whose whole history `confirmation_frame` reads (of the others, the latest value).
+HISTORIES = ("test_error", "val_error", "pretrained_test_error")
 COLUMNS = [
     "cell",
     "confirms",
@@ -49,7 +51,7 @@ COLUMNS = [
 def _last(record: TrialRecord, metric: str) -> float:
     """``metric`` at the run's last logged epoch; NaN where it logged none."""
     history = record.history.get(metric, [])
-    return float(max(history)[1]) if history else math.nan
+    return float(max(history)[1]) if history else record.latest.get(metric, math.nan)
 
 
 def _at_best_validation(record: TrialRecord, metric: str) -> tuple[float, float]:

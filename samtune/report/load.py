@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Collection
 from typing import Any
 
 from samtune.contract.messages import first_line, masked
 from samtune.contract.tags import ALIASES_TAG, CELL_TAG, PICKS_TAG, ROLE_TAG, SPECTRAL_DENSITY_TAG
-from samtune.report.answers import confirmation_frame
+from samtune.report.answers import HISTORIES, confirmation_frame
 from samtune.report.runs import ReportError, Runs, TrialRecord, design_of, parse_picks
 from samtune.report.table import tabulate
 
@@ -54,7 +55,9 @@ def load_runs(experiment: str, tracking_uri: str | None = None, *, all_sweeps: b
         sweep_run_id=sweeps[-1].info.run_id if sweeps else None,
     )
     runs.design = design_of(sweeps[-1].data.params) if sweeps else None
-    runs.confirmations = confirmation_frame([_trial_record(client, run) for run in reruns])
+    # A confirmation run's table row needs the history of few metrics (`HISTORIES`) and the
+    # latest value of the rest: one query per metric and run is most of a report's reading time.
+    runs.confirmations = confirmation_frame([_trial_record(client, run, HISTORIES) for run in reruns])
     cells = _search_runs(client, exp.experiment_id, "cell")
     if sweeps and not all_sweeps:
         # Cell labels repeat from sweep to sweep: only the newest sweep's cells speak for it.
@@ -117,10 +120,13 @@ def _nested_under(client: Any, experiment_id: str, sweep_run_id: str, trials: li
     return [t for t in trials if t.data.tags.get("mlflow.parentRunId") in parents]
 
 
-def _trial_record(client: Any, run: Any) -> TrialRecord:
-    """One trial run with the whole history of each of its metrics."""
+def _trial_record(client: Any, run: Any, histories: Collection[str] | None = None) -> TrialRecord:
+    """One trial run with the whole history of each of its metrics (of those in ``histories``
+    where given, the latest value of the others)."""
     history = {}
     for key in run.data.metrics:
+        if histories is not None and key not in histories:
+            continue
         points = client.get_metric_history(run.info.run_id, key)
         # Logging order decides between two values for one epoch (a resumed trial).
         points = sorted(points, key=lambda p: (p.step, p.timestamp))
@@ -132,4 +138,5 @@ def _trial_record(client: Any, run: Any) -> TrialRecord:
         history=history,
         run_status=run.info.status,
         start_time=run.info.start_time,
+        latest={key: float(value) for key, value in run.data.metrics.items()},
     )

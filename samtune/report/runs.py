@@ -55,6 +55,8 @@ class TrialRecord:
     history: dict[str, list[tuple[int, float]]]
     run_status: str = "FINISHED"
     start_time: int | None = None
+    #: Each metric's latest value, where only that was read (a confirmation run's sharpness).
+    latest: dict[str, float] = field(default_factory=dict)
 
 
 def parse_picks(text: str) -> dict[str, str]:
