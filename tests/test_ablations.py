@@ -142,7 +142,11 @@ def test_the_plan_moves_one_setting_at_a_time_in_the_named_cells_only():
     # The pick's own rho and m are the pick: its runs serve both names.
     assert results[1].aliases == {"m=8": "best_sam", "rho=0.05": "best_sam"} and not results[0].aliases
     by_name = {r.name: r.config for r in planned if r.seed == 1 and r.cell.label == "noise=0.4"}
-    assert by_name["rho=0.02"] | {"rho": 0.05} == by_name["best_sam"] | {"confirms": "rho=0.02"}
+    # Only rho moved; the ablation measures no sharpness, the best SAM the Hessian's top eigenvalues
+    # (`samtune.sweep.flatness`).
+    flatness = {"sharpness_measures": "hessian_top_eig", "sharpness_settings": {"hessian_top_eig": {"k": 5}}}
+    assert by_name["rho=0.02"] | {"rho": 0.05} | flatness == by_name["best_sam"] | {"confirms": "rho=0.02"}
+    assert by_name["rho=0.02"]["sharpness_measures"] == ""
     assert by_name["lr=x0.5"]["lr"] == pytest.approx(0.05) and by_name["lr=x0.5"]["rho"] == 0.05
     assert by_name["sgd lr=x2"]["lr"] == pytest.approx(0.4) and by_name["sgd lr=x2"]["optimizer"] == "sgd"
     assert by_name["m=None"]["m"] is None
