@@ -1,4 +1,6 @@
-"""An S3 API server on 127.0.0.1 for the tests that keep a sweep in object storage.
+"""An S3 API server on 127.0.0.1 for the tests that keep a sweep in object storage, and what
+every test that starts a server uses: a free port, reading JSON, waiting for optuna-dashboard
+to serve, stopping a server by PID.
 
 `s3_server` starts moto's server mode on a free port (stopped by PID at the end), creates a
 bucket, and points this process's AWS settings at it through the environment (the standard
@@ -8,13 +10,15 @@ started by the test inherit them too. The keys are dummies moto accepts.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def get_json(url: str) -> object:
+    """The JSON an HTTP GET of ``url`` returns."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for_dashboard(address: str, proc: subprocess.Popen, why: Callable[[], str], timeout: float = 60.0) -> None:
+    """Wait until the optuna-dashboard at ``address`` answers; AssertionError with ``why()`` (its
+    output) when ``proc`` exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            get_json(f"{address}/api/meta")
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the dashboard did not serve: {why()}") from None
+            time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server the test started, by its PID: SIGTERM, then SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,10 +125,5 @@ def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Ser
         server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
         log.close()

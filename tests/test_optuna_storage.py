@@ -5,17 +5,15 @@ default or in a database given by URL, which optuna-dashboard serves."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from object_store import free_port, get_json, stop, wait_for_dashboard
 from optuna.trial import TrialState
 
 from samtune.sweep.baselines import baseline_trials
@@ -290,17 +288,6 @@ def test_a_database_url_holds_the_studies_with_asha_stops_pruned(tmp_path):
     assert json.loads((tmp_path / "runs" / "t" / "sweep.json").read_text())["optuna_storage"] == url
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
 @pytest.fixture
 def dashboard(journal_sweep):
     """optuna-dashboard on 127.0.0.1 over the journal sweep's storage: its address."""
@@ -314,23 +301,10 @@ def dashboard(journal_sweep):
     )
     try:
         address = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_json(f"{address}/api/meta")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"optuna-dashboard did not start: {proc.stderr.read()[-2000:]!r}") from None
-                time.sleep(0.5)
+        wait_for_dashboard(address, proc, lambda: repr(proc.stderr.read()[-2000:]))
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, 9)
-            proc.wait()
+        stop(proc)
 
 
 @pytest.mark.slow

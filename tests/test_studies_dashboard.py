@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
-from object_store import SECRET_KEY, free_port
+from object_store import SECRET_KEY, free_port, get_json, stop, wait_for_dashboard
 from optuna.trial import TrialState
 
 from samtune.cli import main
@@ -73,11 +71,6 @@ FIRST = [([0.5, 0.3], TrialState.COMPLETE), ([0.9], TrialState.PRUNED), ([0.4, 0
 MORE = [([0.8], TrialState.PRUNED), ([0.35, 0.25], TrialState.COMPLETE)]
 
 
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
 @contextmanager
 def studies_command(*args, cwd: Path):
     """`samtune studies ARGS` serving on a free port of 127.0.0.1: its address and the lines it
@@ -94,23 +87,10 @@ def studies_command(*args, cwd: Path):
         )
     try:
         address = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                get_json(f"{address}/api/meta")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"samtune studies did not serve: {err.read_text()[-2000:]}") from None
-                time.sleep(0.5)
+        wait_for_dashboard(address, proc, lambda: err.read_text()[-2000:], timeout=120)
         yield address, out.read_text().splitlines()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     assert SECRET_KEY not in out.read_text() + err.read_text()
 
 
